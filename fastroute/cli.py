@@ -1,0 +1,272 @@
+"""Command line: argument parsing and printing only; the work lives in the modules it calls."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .config import Config, load
+from .errors import ConfigError, FastrouteError
+
+STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load(getattr(args, "config", None))
+
+
+def _spool(cfg: Config):  # type: ignore[no-untyped-def]
+    from .workers import open_spool
+    return open_spool(cfg)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logsetup import setup_logging
+    from .workers import Supervisor
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, cfg.log_format, process="supervisor")
+    print(describe(cfg), file=sys.stderr, flush=True)
+    return Supervisor(cfg).run()
+
+
+def describe(cfg: Config) -> str:
+    """The startup banner: where objects come in, where they are kept, where they go."""
+    lines = [f"fastroute {__version__}: {cfg.source}",
+             f"  listening as AE {cfg.ae_title} on {cfg.host}:{cfg.port} "
+             f"({cfg.listeners} listener process{'es' if cfg.listeners > 1 else ''})",
+             f"  spool: {cfg.spool.resolve()} (max {cfg.spool_max_bytes / 1024**3:.1f} GiB, "
+             f"refuses new objects below {cfg.min_free_bytes / 1024**2:.0f} MiB free disk)"]
+    if cfg.allowed_calling_aes is not None:
+        lines.append(f"  accepts calling AEs: {', '.join(cfg.allowed_calling_aes)}")
+    for d in cfg.destinations.values():
+        lines.append(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port} "
+                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''})")
+    for r in cfg.rules:
+        what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
+        lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
+    if cfg.default:
+        lines.append(f"  objects no rule matches -> {', '.join(cfg.default)}")
+    else:
+        lines.append("  objects no rule matches -> kept in the spool as 'unrouted' (see `fastroute queue`)")
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    from .rules import RuleSet
+    rs = RuleSet.from_config(cfg)
+    print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
+          f"rules read {len(rs.tags)} attribute(s)")
+    print(describe(cfg))
+    return 0
+
+
+def read_part10(path: str | Path) -> tuple[str, bytes]:
+    """(transfer syntax, dataset bytes) of a DICOM Part 10 file, without decoding the dataset."""
+    from pynetdicom.dsutils import split_dataset
+    meta, offset = split_dataset(Path(path))
+    ts = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    data = Path(path).read_bytes()[offset:]
+    return ts, data
+
+
+def cmd_route_test(args: argparse.Namespace) -> int:
+    from .attrs import read_attributes
+    from .receive import INDEX_KEYWORDS
+    from .rules import RuleSet
+
+    cfg = _config(args)
+    rs = RuleSet.from_config(cfg)
+    context = {"calling_ae": args.calling_ae, "called_ae": args.called_ae or cfg.ae_title,
+               "peer_ip": args.peer_ip}
+    for obj in args.objects:
+        ts, data = read_part10(obj)
+        attrs = read_attributes(data, ts, tuple(sorted(set(rs.tags) | set(INDEX_KEYWORDS))))
+        print(f"{obj}: SOP Instance UID {attrs.get(0x00080018, '?')}, Modality {attrs.get(0x00080060, '-')}, "
+              f"transfer syntax {ts}")
+        for trace in rs.explain(attrs, context):
+            print(f"  {trace}")
+        decision = rs.route(attrs, context)
+        where = ", ".join(decision.destinations) or "nowhere: kept in the spool as unrouted"
+        print(f"  => {where}{' (default route)' if decision.default_used else ''}")
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from .schedule import read_state
+
+    cfg = _config(args)
+    spool = _spool(cfg)
+    try:
+        stats = spool.stats(cfg.destinations)
+        if args.json:
+            out = []
+            for s in stats:
+                d = dict(s.__dict__)
+                d["state"] = read_state(cfg.spool, s.destination)
+                out.append(d)
+            print(json.dumps({"queues": out, "usage": spool.usage(), "counters": spool.counters()}, indent=2))
+            return 0
+        print(f"{'destination':<20} {'state':<12} {'pending':>8} {'in flight':>9} {'failed':>7} "
+              f"{'oldest':>7} {'delivered':>9} {'suppressed':>10} {'unknown':>7}")
+        for s in stats:
+            st = read_state(cfg.spool, s.destination) or {}
+            state = str(st.get("state", "-")) if s.destination in cfg.destinations else "-"
+            print(f"{s.destination:<20} {state:<12} {s.pending:>8} {s.in_flight:>9} {s.failed:>7} "
+                  f"{_age(s.oldest_age):>7} {s.delivered:>9} {s.suppressed:>10} {s.unknown_outcomes:>7}")
+            if st.get("last_error") and state != "up":
+                print(f"{'':<20} last error: {st['last_error']}")
+        if args.failed:
+            for e in spool.entries(args.failed, b"F"):
+                print(f"  oid={e.oid} sop_instance_uid={e.meta.get('sop_instance_uid')} "
+                      f"study={e.meta.get('study_instance_uid')} attempts={e.attempts} error={e.error}")
+        return 0
+    finally:
+        spool.close()
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from . import audit
+    from .wakeup import Notifier
+
+    cfg = _config(args)
+    cfg.destination(args.destination)
+    spool = _spool(cfg)
+    try:
+        n = spool.retry_failed(args.destination, args.oid or None)
+        audit.record(spool, "retry", why=args.reason or "", destination=args.destination,
+                     oids=args.oid or "all-failed", count=n)
+    finally:
+        spool.close()
+    notifier = Notifier(cfg.spool)
+    notifier.notify(args.destination)
+    notifier.close()
+    print(f"{n} failed object(s) of {args.destination} queued again")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from . import audit
+    from .spool import UNROUTED
+
+    cfg = _config(args)
+    dest = args.destination
+    if dest != UNROUTED and dest != "unrouted":
+        cfg.destination(dest)
+    if dest == "unrouted":
+        dest = UNROUTED
+    states = [STATES[s] for s in args.state]
+    spool = _spool(cfg)
+    try:
+        removed = spool.purge(dest, states, args.oid or None, reason=args.reason)
+        audit.record(spool, "purge", why=args.reason, destination=dest, states=args.state,
+                     oids=removed, count=len(removed))
+    finally:
+        spool.close()
+    print(f"purged {len(removed)} object reference(s) from {dest} ({', '.join(args.state)}); audited")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from .send import echo
+
+    cfg = _config(args)
+    ok, text = echo(cfg.destination(args.destination), cfg.ae_title)
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    spool = _spool(cfg)
+    try:
+        if args.verify:
+            ok, text = spool.audit_verify()
+            print(text)
+            return 0 if ok else 1
+        for event in spool.audit_events():
+            print(json.dumps(event, ensure_ascii=False))
+        return 0
+    finally:
+        spool.close()
+
+
+def _version() -> str:
+    try:
+        from .native import implementations
+        impl = ", ".join(f"{k}={v}" for k, v in implementations().items())
+    except Exception as exc:   # pragma: no cover
+        impl = f"unknown ({exc})"
+    return f"fastroute {__version__} ({impl})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastroute", description="Durable, high-throughput DICOM router")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, func: Any, help: str, config_required: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", required=config_required,
+                        help="YAML configuration file (default: the embedded default)")
+        sp.set_defaults(func=func)
+        return sp
+
+    cmd("serve", cmd_serve, "run the router (listeners and senders) until SIGTERM/SIGINT")
+    cmd("check", cmd_check, "validate a configuration file", config_required=True)
+    sp = cmd("route-test", cmd_route_test, "show which rules match DICOM files and where they would go")
+    sp.add_argument("objects", nargs="+", help="DICOM Part 10 files")
+    sp.add_argument("--calling-ae", default="", help="calling AE title to assume")
+    sp.add_argument("--called-ae", default="", help="called AE title to assume")
+    sp.add_argument("--peer-ip", default="127.0.0.1", help="peer address to assume")
+    sp = cmd("queue", cmd_queue, "per-destination queue depth, age and failures")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--failed", metavar="DEST", help="also list DEST's failed objects")
+    sp = cmd("retry", cmd_retry, "queue a destination's failed objects again")
+    sp.add_argument("destination")
+    sp.add_argument("--oid", type=int, action="append", help="only this object id (repeatable)")
+    sp.add_argument("--reason", default="", help="recorded in the audit trail")
+    sp = cmd("purge", cmd_purge, "remove objects from a destination's queue (audited)")
+    sp.add_argument("destination", help="destination name, or 'unrouted'")
+    sp.add_argument("--state", action="append", choices=sorted(STATES), required=True,
+                    help="which entries (repeatable)")
+    sp.add_argument("--oid", type=int, action="append", help="only this object id (repeatable)")
+    sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    sp = cmd("echo", cmd_echo, "C-ECHO a configured destination")
+    sp.add_argument("destination")
+    sp = cmd("audit", cmd_audit, "print the audit trail as JSON lines")
+    sp.add_argument("--verify", action="store_true", help="check the hash chain")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FastrouteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

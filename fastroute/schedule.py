@@ -1,0 +1,289 @@
+"""Per-destination scheduling: claim due work, keep associations, back off, decide outcomes.
+
+A destination's sender process runs ``max_associations`` threads, each owning one association
+it reuses across batches. Two kinds of failure are kept apart on purpose:
+
+* destination-level (cannot connect, association rejected): the whole destination backs off
+  with exponential delay and jitter; objects go back to pending *without* spending attempts,
+  so a PACS that is down for hours does not push its queue into the failed state;
+* object-level (transient status, outcome unknown): the object's attempt count grows and it
+  is retried after its own backoff; past ``max_attempts`` or on a permanent status it moves
+  to the failed state, where it is kept and can be retried by command.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, DestinationConfig
+from .errors import SpoolError
+from .send import AssociationFailed, Connection, OutcomeUnknown, classify_status, pairs_of, status_text
+from .spool import Claimed, Outcome, Spool
+from .wakeup import Waker
+
+log = logging.getLogger("fastroute.schedule")
+
+SAFETY_WAKE = 5.0   # re-check the queue this often even without a wake-up (lost datagrams)
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, capped."""
+    base = min(maximum, initial * (2 ** max(0, attempt - 1)))
+    return base / 2 + rng.uniform(0, base / 2)
+
+
+@dataclass
+class DestinationState:
+    """What the management plane shows for a destination; written to ``run/<dest>.state``."""
+
+    destination: str
+    state: str = "idle"                 # idle | up | backing_off | paused | stopped
+    down_since: float | None = None
+    retry_at: float | None = None
+    consecutive_failures: int = 0
+    last_error: str = ""
+    last_success: float | None = None
+    sent: int = 0
+    pid: int = field(default_factory=os.getpid)
+
+    def write(self, spool: Path) -> None:
+        path = spool / "run" / f"{self.destination}.state"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)
+
+
+def read_state(spool: Path, dest: str) -> dict[str, object] | None:
+    try:
+        return json.loads((spool / "run" / f"{dest}.state").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: str, *,
+           unknown: bool, now: float, rng: random.Random) -> Outcome:
+    """The outcome of one attempt at one object (pure: tests drive it with numbers)."""
+    if status is not None and not unknown:
+        kind = classify_status(status)
+        if kind == "delivered":
+            return Outcome(item.oid, "delivered", status=status)
+        if kind == "permanent":
+            return Outcome(item.oid, "failed", status=status, error=error)
+    attempt = item.attempts + 1
+    if attempt >= dest.max_attempts:
+        return Outcome(item.oid, "failed", status=status, unknown=unknown,
+                       error=f"gave up after {attempt} attempts: {error}")
+    # An unknown outcome is resent at once (at-least-once); a transient status waits.
+    delay = 0.0 if unknown else backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
+    return Outcome(item.oid, "retry", status=status, error=error, next_at=now + delay, unknown=unknown)
+
+
+class DestinationSender:
+    """All sending for one destination, inside its own process."""
+
+    def __init__(self, cfg: Config, dest: DestinationConfig, spool: Spool,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.dest = dest
+        self.spool = spool
+        self.rng = rng or random.Random()
+        self.stop_event = threading.Event()
+        self.cv = threading.Condition()
+        self.generation = 0
+        self.down_until = 0.0
+        self.state = DestinationState(dest.name, state="paused" if dest.paused else "idle")
+        self._state_lock = threading.Lock()
+        self.transform: Callable[[Connection, Claimed, bytes], tuple[int, bytes]] | None = None
+
+    # -- wake-ups ----------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        with self.cv:
+            self.generation += 1
+            self.cv.notify_all()
+
+    def _waker_loop(self, waker: Waker) -> None:
+        while not self.stop_event.is_set():
+            if waker.wait(1.0):
+                self.poke()
+
+    def _wait(self, gen: int, timeout: float) -> None:
+        with self.cv:
+            if self.generation == gen and not self.stop_event.is_set():
+                self.cv.wait(max(0.0, timeout))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.poke()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _publish(self, **changes: object) -> None:
+        with self._state_lock:
+            for k, v in changes.items():
+                setattr(self.state, k, v)
+            try:
+                self.state.write(self.cfg.spool)
+            except OSError:
+                pass
+
+    def _destination_failed(self, error: str) -> None:
+        now = time.time()
+        with self._state_lock:
+            self.state.consecutive_failures += 1
+            n = self.state.consecutive_failures
+            down_since = self.state.down_since or now
+        delay = backoff_delay(n, self.dest.backoff_initial, self.dest.backoff_max, self.rng)
+        self.down_until = max(self.down_until, now + delay)
+        log.warning("destination=%s ae=%s: %s; backing off %.1fs (failure %d in a row, down since %s)",
+                    self.dest.name, self.dest.ae_title, error, delay, n,
+                    time.strftime("%H:%M:%S", time.localtime(down_since)))
+        self._publish(state="backing_off", down_since=down_since, retry_at=self.down_until, last_error=error)
+
+    def _destination_ok(self) -> None:
+        if self.state.consecutive_failures or self.state.state != "up":
+            if self.state.down_since:
+                log.info("destination=%s ae=%s is reachable again after %.0fs", self.dest.name,
+                         self.dest.ae_title, time.time() - self.state.down_since)
+            self.down_until = 0.0
+            self._publish(state="up", down_since=None, retry_at=None, consecutive_failures=0)
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until ``stop()``: the waker thread plus one thread per association."""
+        self.spool.reset_inflight(self.dest.name)
+        waker = Waker(self.cfg.spool, self.dest.name)
+        self._publish()
+        threads = [threading.Thread(target=self._waker_loop, args=(waker,), name="waker", daemon=True)]
+        threads += [threading.Thread(target=self._worker, args=(i,), name=f"assoc-{i}", daemon=True)
+                    for i in range(self.dest.max_associations)]
+        for t in threads:
+            t.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        finally:
+            self.poke()
+            for t in threads[1:]:
+                t.join()
+            waker.close()
+            self._publish(state="stopped")
+
+    def _worker(self, index: int) -> None:
+        conn = Connection(self.dest, self.cfg.ae_title)
+        try:
+            while not self.stop_event.is_set():
+                gen = self.generation
+                now = time.time()
+                if self.dest.paused:
+                    self._wait(gen, SAFETY_WAKE)
+                    continue
+                if now < self.down_until:
+                    self._wait(gen, self.down_until - now)
+                    continue
+                try:
+                    batch, earliest = self.spool.claim(self.dest.name, self.dest.batch_size)
+                except SpoolError as exc:
+                    log.error("destination=%s: cannot read the spool: %s", self.dest.name, exc)
+                    self._wait(gen, SAFETY_WAKE)
+                    continue
+                if not batch:
+                    idle = time.monotonic() - conn.last_used
+                    if conn.assoc is not None and idle >= self.dest.idle_release:
+                        conn.release()
+                    timeout = SAFETY_WAKE
+                    if conn.assoc is not None:
+                        timeout = min(timeout, self.dest.idle_release - idle)
+                    if earliest is not None:
+                        timeout = min(timeout, earliest - time.time())
+                    self._wait(gen, timeout)
+                    continue
+                outcomes = self._deliver(conn, batch)
+                self.spool.settle(self.dest.name, outcomes)
+        except Exception:
+            log.exception("destination=%s: sender thread %d crashed; the process will be restarted",
+                          self.dest.name, index)
+            os._exit(70)
+        finally:
+            conn.release()
+
+    def _deliver(self, conn: Connection, batch: list[Claimed]) -> list[Outcome]:
+        try:
+            conn.ensure(pairs_of(batch))
+        except AssociationFailed as exc:
+            self._destination_failed(str(exc))
+            return [Outcome(i.oid, "release") for i in batch]
+        except Exception as exc:   # e.g. DNS failure
+            self._destination_failed(f"cannot associate: {exc}")
+            return [Outcome(i.oid, "release") for i in batch]
+        self._destination_ok()
+        outcomes: list[Outcome] = []
+        for pos, item in enumerate(batch):
+            if self.stop_event.is_set() and pos:
+                outcomes.extend(Outcome(i.oid, "release") for i in batch[pos:])
+                break
+            outcome = self._send_one(conn, item)
+            outcomes.append(outcome)
+            if outcome.unknown or conn.assoc is None:
+                # The association is gone; hand the rest back untouched.
+                outcomes.extend(Outcome(i.oid, "release") for i in batch[pos + 1:])
+                break
+        delivered = sum(1 for o in outcomes if o.kind == "delivered")
+        if delivered:
+            self._publish(sent=self.state.sent + delivered, last_success=time.time())
+        return outcomes
+
+    def _send_one(self, conn: Connection, item: Claimed) -> Outcome:
+        where = f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
+        now = time.time()
+        try:
+            data = self.spool.read(item.oid)
+        except SpoolError as exc:
+            return Outcome(item.oid, "failed", error=str(exc))
+        ts = item.transfer_syntax
+        cx = conn.context_for(item.sop_class_uid, ts)
+        if self.transform is not None:
+            try:
+                cx, data = self.transform(conn, item, data)
+            except Exception as exc:
+                log.error("%s: %s", where, exc)
+                return Outcome(item.oid, "failed", error=str(exc))
+        elif cx is None:
+            accepted = conn.accepted(item.sop_class_uid)
+            msg = (f"destination did not accept SOP class {item.sop_class_uid} in transfer syntax {ts} "
+                   f"(accepted for this class: {', '.join(accepted) or 'none'})")
+            log.error("%s: %s", where, msg)
+            return Outcome(item.oid, "failed", error=msg)
+        try:
+            result = conn.send_raw(cx, item.sop_class_uid, item.sop_instance_uid, data)
+        except OutcomeUnknown as exc:
+            conn.abort()
+            log.warning("%s: outcome unknown (%s); will resend (at-least-once)", where, exc)
+            return decide(item, self.dest, None, str(exc), unknown=True, now=now, rng=self.rng)
+        except AssociationFailed as exc:
+            conn.abort()
+            return Outcome(item.oid, "release", error=str(exc))
+        outcome = decide(item, self.dest, result.status, result.comment, unknown=False, now=now, rng=self.rng)
+        if outcome.kind == "delivered":
+            if result.status != 0:
+                log.warning("%s: delivered with warning %s %s", where, status_text(result.status), result.comment)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: delivered", where)
+        elif outcome.kind == "failed":
+            log.error("%s: failed permanently: %s %s", where, status_text(result.status),
+                      outcome.error or result.comment)
+        else:
+            log.warning("%s: transient failure %s %s; retry %d at %s", where, status_text(result.status),
+                        result.comment, item.attempts + 1, time.strftime("%H:%M:%S", time.localtime(outcome.next_at)))
+        if outcome.kind != "delivered" and not outcome.error:
+            outcome = Outcome(outcome.oid, outcome.kind, outcome.status,
+                              f"{status_text(result.status)} {result.comment}".strip(), outcome.next_at, outcome.unknown)
+        return outcome

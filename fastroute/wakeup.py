@@ -1,0 +1,79 @@
+"""Wake a destination's sender when the receive path queued work for it.
+
+A Unix datagram socket per destination under ``<spool>/run/``: the listener sends one byte
+after each commit; the sender blocks in ``wait`` instead of polling LMDB. A lost datagram
+only delays work until the sender's safety timeout, so sending never blocks or fails.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def socket_path(spool: Path, dest: str) -> Path:
+    return spool / "run" / f"{dest}.wake"
+
+
+class Waker:
+    """Sender side: a bound datagram socket to wait on."""
+
+    def __init__(self, spool: Path, dest: str) -> None:
+        path = socket_path(spool, dest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until woken or ``timeout``; drain queued wake-ups. True if woken."""
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.recv(64)
+        except (TimeoutError, socket.timeout):
+            return False
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.sock.recv(64)
+        except (BlockingIOError, InterruptedError):
+            pass
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class Notifier:
+    """Receive side: fire-and-forget wake-ups."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def notify(self, dest: str) -> None:
+        try:
+            self.sock.sendto(b"!", str(socket_path(self.spool, dest)))
+        except OSError:   # no sender yet, or its queue is full: it will find the work anyway
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run_dir(spool: Path) -> Path:
+    p = spool / "run"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+__all__ = ["Waker", "Notifier", "socket_path", "run_dir"]

@@ -1,0 +1,186 @@
+"""Process supervision: listener and per-destination sender processes around one spool.
+
+Children are *spawned* (not forked) so each opens LMDB and starts its threads fresh; they share
+nothing but the spool on disk. The supervisor restarts a child that dies (with backoff), and on
+SIGTERM/SIGINT asks every child to finish what it has in flight before exiting.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import Config
+from .logsetup import setup_logging
+from .spool import Spool
+
+log = logging.getLogger("fastroute.workers")
+
+EXIT_CONFIG = 78      # EX_CONFIG: restarting cannot help (port in use, bad config)
+
+
+def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Event:
+    setup_logging(cfg.log_level, cfg.log_format, process=name)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, set(cpus))
+        except OSError as exc:
+            log.warning("%s: cannot pin to CPUs %s: %s", name, cpus, exc)
+    return stop
+
+
+def open_spool(cfg: Config) -> Spool:
+    return Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=cfg.min_free_bytes,
+                 duplicate_window=cfg.duplicate_window)
+
+
+def listener_main(cfg: Config, index: int) -> None:
+    from .receive import Committer, Receiver
+    from .rules import RuleSet
+    from .wakeup import Notifier
+
+    cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
+    stop = _child_setup(cfg, f"listener-{index}", cpus)
+    spool = open_spool(cfg)
+    notifier = Notifier(cfg.spool)
+    committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
+    receiver = Receiver(cfg, spool, RuleSet.from_config(cfg), committer)
+    try:
+        receiver.start()
+    except OSError as exc:
+        log.error("listener-%d: cannot listen on %s:%d: %s", index, cfg.host, cfg.port, exc)
+        sys.exit(EXIT_CONFIG)
+    stop.wait()
+    log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
+    receiver.stop(cfg.shutdown_grace)
+    committer.close()
+    notifier.close()
+    spool.close()
+
+
+def sender_main(cfg: Config, dest_name: str) -> None:
+    from .schedule import DestinationSender
+
+    dest = cfg.destinations[dest_name]
+    stop = _child_setup(cfg, f"sender-{dest_name}", dest.cpus)
+    spool = open_spool(cfg)
+    sender = DestinationSender(cfg, dest, spool)
+    threading.Thread(target=lambda: (stop.wait(), sender.stop()), daemon=True).start()
+    sender.run()
+    spool.close()
+
+
+@dataclass
+class _Child:
+    name: str
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    proc: Any = None
+    started: float = 0.0
+    restarts: int = 0
+    restart_at: float = 0.0
+    fatal: bool = False
+
+
+@dataclass
+class Supervisor:
+    cfg: Config
+    children: list[_Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._stopping = False
+        for i in range(self.cfg.listeners):
+            self.children.append(_Child(f"listener-{i}", listener_main, (self.cfg, i)))
+        for name in self.cfg.destinations:
+            self.children.append(_Child(f"sender-{name}", sender_main, (self.cfg, name)))
+
+    def _start(self, child: _Child) -> None:
+        child.proc = self._ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
+        child.proc.start()
+        child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def run(self) -> int:
+        # Create the spool (and its sub-databases) once before any child opens it.
+        spool = open_spool(self.cfg)
+        spool.close()
+        (self.cfg.spool / "run").mkdir(parents=True, exist_ok=True)
+        rsock, wsock = socket.socketpair()
+        wsock.setblocking(False)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        for child in self.children:
+            self._start(child)
+        code = 0
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                sentinels = [c.proc.sentinel for c in self.children if c.proc is not None]
+                waits = [c.restart_at - now for c in self.children if c.proc is None]
+                timeout = max(0.0, min(waits)) if waits else None
+                ready = multiprocessing.connection.wait([*sentinels, rsock], timeout)
+                if rsock in ready:
+                    try:
+                        rsock.recv(64)
+                    except BlockingIOError:
+                        pass
+                if self._stopping:
+                    break
+                for child in self.children:
+                    if child.proc is not None and not child.proc.is_alive():
+                        code = self._reap(child)
+                        if code:
+                            self._stopping = True
+                    elif child.proc is None and time.monotonic() >= child.restart_at:
+                        self._start(child)
+        finally:
+            self.shutdown()
+            signal.set_wakeup_fd(-1)
+            rsock.close()
+            wsock.close()
+        return code
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self._stopping:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _reap(self, child: _Child) -> int:
+        exitcode = child.proc.exitcode
+        child.proc.join()
+        child.proc = None
+        if exitcode == EXIT_CONFIG:
+            log.error("%s exited with a configuration error (code %d); stopping fastroute", child.name, exitcode)
+            return 2
+        uptime = time.monotonic() - child.started
+        child.restarts = 0 if uptime > 60 else child.restarts + 1
+        delay = min(30.0, 0.5 * (2 ** child.restarts)) if child.restarts else 0.5
+        child.restart_at = time.monotonic() + delay
+        log.error("%s died (exit code %s) after %.1fs; restarting in %.1fs", child.name, exitcode, uptime, delay)
+        return 0
+
+    def shutdown(self) -> None:
+        alive = [c for c in self.children if c.proc is not None and c.proc.is_alive()]
+        for c in alive:
+            c.proc.terminate()       # SIGTERM: children finish in-flight work
+        deadline = time.monotonic() + self.cfg.shutdown_grace + 10
+        for c in alive:
+            c.proc.join(max(0.0, deadline - time.monotonic()))
+            if c.proc.is_alive():
+                log.error("%s did not stop within the grace period; killing it", c.name)
+                c.proc.kill()
+                c.proc.join()
+        log.info("all processes stopped")
