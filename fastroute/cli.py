@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     setup_logging(cfg.log_level, cfg.log_format, process="supervisor")
     print(describe(cfg), file=sys.stderr, flush=True)
-    return Supervisor(cfg).run()
+    return Supervisor(cfg, getattr(args, "config", None)).run()
 
 
 def describe(cfg: Config) -> str:

@@ -183,9 +183,13 @@ class DestinationSender:
             while not self.stop_event.is_set():
                 gen = self.generation
                 now = time.time()
-                if self.dest.paused:
+                if self.dest.paused or self.spool.is_paused(self.dest.name):
+                    if self.state.state != "paused":
+                        self._publish(state="paused")
                     self._wait(gen, SAFETY_WAKE)
                     continue
+                if self.state.state == "paused":
+                    self._publish(state="idle")
                 if now < self.down_until:
                     self._wait(gen, self.down_until - now)
                     continue

@@ -182,7 +182,8 @@ class Spool:
 
     def counters(self) -> dict[str, int]:
         with self.env.begin(db=self._info) as txn:
-            return {bytes(k).decode(): _U64.unpack(bytes(v))[0] for k, v in txn.cursor() if len(v) == 8}
+            return {bytes(k).decode(): _U64.unpack(bytes(v))[0] for k, v in txn.cursor()
+                    if len(v) == 8 and not bytes(k).startswith(b"paused:")}
 
     # -- free-space guard ------------------------------------------------------------------
 
@@ -435,6 +436,19 @@ class Spool:
                 "sop_instance_uid": meta["sop_instance_uid"],
                 "study_instance_uid": meta.get("study_instance_uid", ""),
                 "calling_ae": meta.get("calling_ae", ""), "oid": oid}, now)
+
+    # -- runtime pause (operator), read by the destination's sender on every round ------------
+
+    def set_paused(self, dest: str, paused: bool) -> None:
+        with self.env.begin(write=True, db=self._info) as txn:
+            if paused:
+                txn.put(f"paused:{dest}".encode(), b"1")
+            else:
+                txn.delete(f"paused:{dest}".encode())
+
+    def is_paused(self, dest: str) -> bool:
+        with self.env.begin(db=self._info) as txn:
+            return txn.get(f"paused:{dest}".encode()) is not None
 
     # -- latency histogram (received -> delivered), counters readable by any process ----------
 

@@ -93,18 +93,53 @@ class _Child:
     fatal: bool = False
 
 
+def http_main(cfg: Config, config_path: str | None) -> None:
+    from .api import http_main as run
+    run(cfg, config_path)
+
+
 @dataclass
 class Supervisor:
     cfg: Config
+    config_path: str | None = None
     children: list[_Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._ctx = mp.get_context("spawn")
         self._stopping = False
+        self._reload = False
+        self._plan()
+
+    def _plan(self) -> None:
+        self.children = []
         for i in range(self.cfg.listeners):
             self.children.append(_Child(f"listener-{i}", listener_main, (self.cfg, i)))
         for name in self.cfg.destinations:
             self.children.append(_Child(f"sender-{name}", sender_main, (self.cfg, name)))
+        if self.cfg.http is not None:
+            self.children.append(_Child("http", http_main, (self.cfg, self.config_path)))
+
+    def _do_reload(self) -> None:
+        """SIGHUP: load the file again; a bad file is logged and the running config stays."""
+        from .config import load
+        from .errors import ConfigError
+
+        self._reload = False
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if new.spool.resolve() != self.cfg.spool.resolve():
+            log.error("reload refused: the spool path cannot change while running (%s -> %s)",
+                      self.cfg.spool, new.spool)
+            return
+        log.info("reloading configuration from %s: restarting listeners and senders", self.config_path)
+        self.shutdown()
+        self.cfg = new
+        self._plan()
+        for child in self.children:
+            self._start(child)
 
     def _start(self, child: _Child) -> None:
         child.proc = self._ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
@@ -122,6 +157,9 @@ class Supervisor:
         signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        pidfile = self.cfg.spool / "run" / "supervisor.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
         for child in self.children:
             self._start(child)
         code = 0
@@ -139,6 +177,9 @@ class Supervisor:
                         pass
                 if self._stopping:
                     break
+                if self._reload:
+                    self._do_reload()
+                    continue
                 for child in self.children:
                     if child.proc is not None and not child.proc.is_alive():
                         code = self._reap(child)
@@ -148,6 +189,10 @@ class Supervisor:
                         self._start(child)
         finally:
             self.shutdown()
+            try:
+                pidfile.unlink()
+            except OSError:
+                pass
             signal.set_wakeup_fd(-1)
             rsock.close()
             wsock.close()
@@ -157,6 +202,9 @@ class Supervisor:
         if not self._stopping:
             log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        self._reload = True
 
     def _reap(self, child: _Child) -> int:
         exitcode = child.proc.exitcode
