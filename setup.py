@@ -61,7 +61,13 @@ def extensions() -> list[Extension]:
         "cdivision": True,
         "embedsignature": True,
     }
-    return cythonize(exts, compiler_directives=directives, include_path=["ext"]) if exts else []
+    if not exts:
+        return []
+    try:
+        return cythonize(exts, compiler_directives=directives, include_path=["ext"])
+    except Exception as exc:  # a Cython error must not stop a pure-Python install
+        OptionalBuildExt._fail(exc)
+        return []
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
