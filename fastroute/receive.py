@@ -216,8 +216,10 @@ class Receiver:
     @staticmethod
     def _peer(event: Any) -> tuple[str, str, str]:
         rq = event.assoc.requestor
-        called = rq.primitive.called_ae_title if rq.primitive is not None else ""
-        return str(rq.ae_title).strip(), str(called).strip(), str(rq.address)
+        prim = rq.primitive   # set before negotiation; requestor.ae_title only after it
+        calling = prim.calling_ae_title if prim is not None else rq.ae_title
+        called = prim.called_ae_title if prim is not None else ""
+        return str(calling).strip(), str(called).strip(), str(rq.address)
 
     def _on_requested(self, event: Any) -> None:
         calling, called, ip = self._peer(event)

@@ -24,7 +24,8 @@ from typing import Callable
 
 from .config import Config, DestinationConfig
 from .errors import SpoolError
-from .send import AssociationFailed, Connection, OutcomeUnknown, classify_status, pairs_of, status_text
+from .send import (AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status,
+                   pairs_of, status_text)
 from .spool import Claimed, Outcome, Spool
 from .wakeup import Waker
 
@@ -80,8 +81,9 @@ def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: st
     if attempt >= dest.max_attempts:
         return Outcome(item.oid, "failed", status=status, unknown=unknown,
                        error=f"gave up after {attempt} attempts: {error}")
-    # An unknown outcome is resent at once (at-least-once); a transient status waits.
-    delay = 0.0 if unknown else backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
+    # Both an unknown outcome (resent: at-least-once) and a transient status wait their backoff,
+    # so a peer that aborts on one object cannot spin the sender.
+    delay = backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
     return Outcome(item.oid, "retry", status=status, error=error, next_at=now + delay, unknown=unknown)
 
 
@@ -222,6 +224,17 @@ class DestinationSender:
     def _deliver(self, conn: Connection, batch: list[Claimed]) -> list[Outcome]:
         try:
             conn.ensure(pairs_of(batch))
+        except NoContextAccepted as exc:
+            self._destination_ok()
+            out = []
+            for i in batch:
+                why = exc.rejected.get(i.sop_class_uid, "not accepted")
+                msg = (f"{exc}: SOP class {i.sop_class_uid} in transfer syntax {i.transfer_syntax} "
+                       f"was refused ({why})")
+                log.error("destination=%s ae=%s sop_instance_uid=%s: %s", self.dest.name,
+                          self.dest.ae_title, i.sop_instance_uid, msg)
+                out.append(Outcome(i.oid, "failed", error=msg))
+            return out
         except AssociationFailed as exc:
             self._destination_failed(str(exc))
             return [Outcome(i.oid, "release") for i in batch]
@@ -271,6 +284,7 @@ class DestinationSender:
         except OutcomeUnknown as exc:
             conn.abort()
             log.warning("%s: outcome unknown (%s); will resend (at-least-once)", where, exc)
+            self._destination_failed(f"association lost while sending: {exc}")
             return decide(item, self.dest, None, str(exc), unknown=True, now=now, rng=self.rng)
         except AssociationFailed as exc:
             conn.abort()

@@ -78,6 +78,18 @@ class AssociationFailed(Exception):
     """The destination could not be reached or refused the association (destination-level)."""
 
 
+class NoContextAccepted(Exception):
+    """The peer answered but accepted none of the proposed presentation contexts.
+
+    Not a destination outage: these objects cannot go there as proposed, so they fail
+    (or are converted) rather than backing off the whole destination.
+    """
+
+    def __init__(self, message: str, rejected: dict[str, str]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
 class OutcomeUnknown(Exception):
     """The data left, but no response came (DIMSE timeout or abort): resend, at-least-once."""
 
@@ -133,7 +145,15 @@ class Connection:
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title,
                              max_pdu=self.dest.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
         if not assoc.is_established:
+            rejected = getattr(assoc, "rejected_contexts", None) or []
+            if rejected and not assoc.accepted_contexts:
+                # A rejected context echoes no transfer syntax: key the reason by SOP class.
+                reasons = {str(cx.abstract_syntax): _cx_result(cx.result) for cx in rejected}
+                raise NoContextAccepted(
+                    f"{self.dest.ae_title}@{self.dest.host}:{self.dest.port} accepted none of the "
+                    f"{len(rejected)} presentation context(s) proposed", reasons)
             raise AssociationFailed(_why_failed(assoc, self))
+        _pause_reactor(assoc)
         self.assoc = assoc
         self.proposed = wanted
         self.last_used = time.monotonic()
@@ -163,17 +183,15 @@ class Connection:
         req.AffectedSOPInstanceUID = sop_uid
         req.Priority = 2
         req.DataSet = BytesIO(data)
-        # The reactor must not consume our response (same dance as send_c_store).
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused and assoc.is_established:
-            time.sleep(0.0001)
+        if not assoc.dul.is_alive() or not assoc.dimse.msg_queue.empty():
+            # The peer closed or aborted the association while it was idle: nothing was sent.
+            self.abort()
+            raise AssociationFailed("association closed by the peer while idle")
         try:
             assoc.dimse.send_msg(req, context_id)
             _, rsp = assoc.dimse.get_msg(block=True)
         except Exception as exc:
             raise OutcomeUnknown(f"connection failed while sending: {exc}") from exc
-        finally:
-            assoc._reactor_checkpoint.set()
         self.last_used = time.monotonic()
         if rsp is None:
             assoc._handle_no_response()
@@ -190,6 +208,7 @@ class Connection:
 
     def release(self) -> None:
         if self.assoc is not None:
+            self.assoc._reactor_checkpoint.set()
             try:
                 if self.assoc.is_established:
                     self.assoc.release()
@@ -200,12 +219,43 @@ class Connection:
 
     def abort(self) -> None:
         if self.assoc is not None:
+            self.assoc._reactor_checkpoint.set()
             try:
                 self.assoc.abort()
             except Exception:
                 pass
         self.assoc = None
         self.proposed = set()
+
+
+def _cx_result(result: int | None) -> str:
+    return {1: "user rejection", 2: "no reason (provider rejection)",
+            3: "abstract syntax (SOP class) not supported",
+            4: "transfer syntax not supported"}.get(result or 0, f"result {result}")
+
+
+def _pause_reactor(assoc: Association) -> None:
+    """Park pynetdicom's reactor for as long as we own the association.
+
+    Its reactor polls the DIMSE queue every millisecond; pausing and resuming it around each
+    C-STORE (as ``send_c_store`` does) leaves a window in which it takes our response off the
+    queue ("Received unexpected C-STORE service message") and the send then waits for the DIMSE
+    timeout. Parked once, it cannot race: it only checks for a peer release, which a Storage SCP
+    does not send, and an abort still reaches us through the DIMSE queue as (None, None).
+    """
+    assoc._reactor_checkpoint.clear()
+    # Paused means: seen blocked in its checkpoint for longer than one reactor iteration (1 ms).
+    seen_since: float | None = None
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and assoc.is_established:
+        if assoc._is_paused:
+            now = time.monotonic()
+            seen_since = seen_since or now
+            if now - seen_since > 0.02:
+                return
+        else:
+            seen_since = None
+        time.sleep(0.001)
 
 
 def _why_failed(assoc: Association, conn: Connection) -> str:
@@ -217,7 +267,7 @@ def _why_failed(assoc: Association, conn: Connection) -> str:
             return (f"association rejected by {where}: result={rj.result} source={rj.result_source} "
                     f"reason={rj.diagnostic} ({_reject_reason(rj.result_source, rj.diagnostic)})")
         return f"association rejected by {where}"
-    if assoc.is_aborted:
+    if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return f"association aborted by {where}"
     return f"cannot connect to {where} (connection refused or timed out)"
 

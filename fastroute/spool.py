@@ -342,7 +342,7 @@ class Spool:
                 for key, value in cur:
                     if not key.startswith(prefix) or len(out) + len(moves) >= limit:
                         break
-                    attempts, next_at, _, _ = _REC.unpack(value)
+                    attempts, next_at, _, _ = _REC.unpack_from(value)
                     if next_at > now:
                         earliest = next_at if earliest is None else min(earliest, next_at)
                         continue
@@ -354,7 +354,7 @@ class Spool:
                     continue
                 meta = json.loads(bytes(raw))
                 txn.put(_qkey(dest, INFLIGHT, oid), value, db=self._q)
-                attempts = _REC.unpack(value)[0]
+                attempts = _REC.unpack_from(value)[0]
                 out.append(Claimed(oid, meta["sop_class_uid"], meta["sop_instance_uid"],
                                    meta["transfer_syntax"], attempts, meta["size"],
                                    meta.get("calling_ae", "")))
@@ -385,7 +385,7 @@ class Spool:
                 value = txn.get(ikey, db=self._q)
                 if value is None:       # purged while in flight
                     continue
-                attempts, _, _, unknown = _REC.unpack(value)
+                attempts, _, _, unknown = _REC.unpack_from(value)
                 txn.delete(ikey, db=self._q)
                 if o.unknown:
                     unknown += 1
@@ -542,7 +542,7 @@ class Spool:
 
     def stats(self, dests: Iterable[str] | None = None, now: float | None = None) -> list[QueueStats]:
         now = time.time() if now is None else now
-        names = sorted(set(dests or ()) | set(self.destinations()))
+        names = sorted(set(dests or ()) | set(self.destinations()) | {UNROUTED})
         counters = self.counters()
         out = []
         with self.env.begin() as txn:
@@ -577,13 +577,55 @@ class Spool:
                 if len(out) >= limit:
                     break
                 _, _, oid = _split_qkey(key)
-                attempts, next_at, status, _ = _REC.unpack(value[:_REC.size])
+                attempts, next_at, status, _ = _REC.unpack_from(value)
                 raw = txn.get(oid_key(oid), db=self._meta)
                 out.append(QueueEntry(dest, STATE_NAMES[state], oid, attempts, next_at,
                                       None if status < 0 else status,
                                       value[_REC.size:].decode(errors="replace"),
                                       json.loads(bytes(raw)) if raw else {}))
         return out
+
+    def entry(self, dest: str, oid: int) -> QueueEntry | None:
+        """One object's queue entry at one destination, whatever its state."""
+        with self.env.begin() as txn:
+            for state in (PENDING, INFLIGHT, FAILED, HELD):
+                value = txn.get(_qkey(dest, state, oid), db=self._q)
+                if value is not None:
+                    attempts, next_at, status, _ = _REC.unpack_from(value)
+                    raw = txn.get(oid_key(oid), db=self._meta)
+                    return QueueEntry(dest, STATE_NAMES[state], oid, attempts, next_at,
+                                      None if status < 0 else status,
+                                      bytes(value[_REC.size:]).decode(errors="replace"),
+                                      json.loads(bytes(raw)) if raw else {})
+        return None
+
+    def prune_history(self, before: float, batch: int = 10000) -> int:
+        """Forget finished objects received before ``before`` (their routing records and index
+        entries); objects still outstanding anywhere are never pruned."""
+        n = 0
+        with self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=self._meta)
+            doomed: list[tuple[bytes, dict[str, Any]]] = []
+            for key, raw in cur:
+                meta = json.loads(bytes(raw))
+                if meta["received_at"] >= before:
+                    break
+                if not meta["outstanding"]:
+                    doomed.append((bytes(key), meta))
+                if len(doomed) >= batch:
+                    break
+            for key, meta in doomed:
+                txn.delete(key, db=self._meta)
+                sop = meta["sop_instance_uid"].encode()
+                if txn.get(sop, db=self._sop) == key:
+                    txn.delete(sop, db=self._sop)
+                for prefix, attr in ((b"s", "study_instance_uid"), (b"a", "accession_number"),
+                                     (b"p", "patient_id")):
+                    value = meta.get(attr)
+                    if value:
+                        txn.delete(prefix + str(value).encode()[:400], key, db=self._idx)
+                n += 1
+        return n
 
     def retry_failed(self, dest: str, oids: Iterable[int] | None = None) -> int:
         """Move failed entries back to pending with a fresh attempt count."""
