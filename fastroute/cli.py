@@ -107,77 +107,61 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from .schedule import read_state
+    from . import ops
 
     cfg = _config(args)
     spool = _spool(cfg)
     try:
-        stats = spool.stats(cfg.destinations)
+        queues = ops.destination_status(cfg, spool)
+        failed = ops.entries(cfg, spool, args.failed, "failed", limit=10000) if args.failed else None
         if args.json:
-            out = []
-            for s in stats:
-                d = dict(s.__dict__)
-                d["state"] = read_state(cfg.spool, s.destination)
-                out.append(d)
-            print(json.dumps({"queues": out, "usage": spool.usage(), "counters": spool.counters()}, indent=2))
+            doc: dict[str, Any] = {"queues": queues, "usage": spool.usage(), "counters": spool.counters()}
+            if failed is not None:
+                doc["failed"] = failed
+            print(json.dumps(doc, indent=2))
             return 0
         print(f"{'destination':<20} {'state':<12} {'pending':>8} {'in flight':>9} {'failed':>7} "
               f"{'oldest':>7} {'delivered':>9} {'suppressed':>10} {'unknown':>7}")
-        for s in stats:
-            st = read_state(cfg.spool, s.destination) or {}
-            state = str(st.get("state", "-")) if s.destination in cfg.destinations else "-"
-            print(f"{s.destination:<20} {state:<12} {s.pending:>8} {s.in_flight:>9} {s.failed:>7} "
-                  f"{_age(s.oldest_age):>7} {s.delivered:>9} {s.suppressed:>10} {s.unknown_outcomes:>7}")
-            if st.get("last_error") and state != "up":
-                print(f"{'':<20} last error: {st['last_error']}")
-        if args.failed:
-            for e in spool.entries(args.failed, b"F"):
-                print(f"  oid={e.oid} sop_instance_uid={e.meta.get('sop_instance_uid')} "
-                      f"study={e.meta.get('study_instance_uid')} attempts={e.attempts} error={e.error}")
+        for q in queues:
+            print(f"{q['name']:<20} {q['status']:<12} {q['pending']:>8} {q['in_flight']:>9} {q['failed']:>7} "
+                  f"{_age(q['oldest_age']):>7} {q['delivered']:>9} {q['suppressed']:>10} {q['unknown_outcomes']:>7}")
+            if q["last_error"] and q["status"] != "up":
+                print(f"{'':<20} last error: {q['last_error']}")
+        for e in failed or []:
+            print(f"  oid={e['oid']} sop_instance_uid={e['sop_instance_uid']} study={e['study_instance_uid']} "
+                  f"attempts={e['attempts']} status={e['status_text'] or '-'} error={e['error']}")
         return 0
     finally:
         spool.close()
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from . import audit
-    from .wakeup import Notifier
+    from . import ops
 
     cfg = _config(args)
-    cfg.destination(args.destination)
     spool = _spool(cfg)
     try:
-        n = spool.retry_failed(args.destination, args.oid or None)
-        audit.record(spool, "retry", why=args.reason or "", destination=args.destination,
-                     oids=args.oid or "all-failed", count=n)
+        result = ops.retry(cfg, spool, destination=args.destination or "", study_instance_uid=args.study or "",
+                           oids=args.oid or None, why=args.reason or "")
     finally:
         spool.close()
-    notifier = Notifier(cfg.spool)
-    notifier.notify(args.destination)
-    notifier.close()
-    print(f"{n} failed object(s) of {args.destination} queued again")
+    where = ", ".join(f"{d}: {n}" for d, n in result["retried"].items()) or "nothing to retry"
+    print(f"{result['count']} failed object(s) queued again ({where}); audited")
     return 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from . import audit
-    from .spool import UNROUTED
+    from . import ops
 
     cfg = _config(args)
-    dest = args.destination
-    if dest != UNROUTED and dest != "unrouted":
-        cfg.destination(dest)
-    if dest == "unrouted":
-        dest = UNROUTED
-    states = [STATES[s] for s in args.state]
     spool = _spool(cfg)
     try:
-        removed = spool.purge(dest, states, args.oid or None, reason=args.reason)
-        audit.record(spool, "purge", why=args.reason, destination=dest, states=args.state,
-                     oids=removed, count=len(removed))
+        result = ops.purge(cfg, spool, destination=args.destination, states=args.state, reason=args.reason,
+                           oids=args.oid or None, study_instance_uid=args.study or "")
     finally:
         spool.close()
-    print(f"purged {len(removed)} object reference(s) from {dest} ({', '.join(args.state)}); audited")
+    print(f"purged {result['count']} object reference(s) from {result['destination']} "
+          f"({', '.join(args.state)}); audited")
     return 0
 
 
@@ -191,6 +175,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from . import ops
+
     cfg = _config(args)
     spool = _spool(cfg)
     try:
@@ -198,8 +184,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             ok, text = spool.audit_verify()
             print(text)
             return 0 if ok else 1
-        for event in spool.audit_events():
-            print(json.dumps(event, ensure_ascii=False))
+        since = ops.parse_time(args.since) if args.since else 0.0
+        until = ops.parse_time(args.until, end=True) if args.until else float("inf")
+        ops.audit_export(spool, sys.stdout, fmt=args.format, since=since, until=until,
+                         study_instance_uid=args.study or "")
         return 0
     finally:
         spool.close()
@@ -236,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("queue", cmd_queue, "per-destination queue depth, age and failures")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--failed", metavar="DEST", help="also list DEST's failed objects")
-    sp = cmd("retry", cmd_retry, "queue a destination's failed objects again")
-    sp.add_argument("destination")
+    sp = cmd("retry", cmd_retry, "queue failed objects again (a destination's, or a study's)")
+    sp.add_argument("destination", nargs="?", default="", help="destination name (optional with --study)")
+    sp.add_argument("--study", metavar="UID", help="only this Study Instance UID's failed objects")
     sp.add_argument("--oid", type=int, action="append", help="only this object id (repeatable)")
     sp.add_argument("--reason", default="", help="recorded in the audit trail")
     sp = cmd("purge", cmd_purge, "remove objects from a destination's queue (audited)")
@@ -245,11 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--state", action="append", choices=sorted(STATES), required=True,
                     help="which entries (repeatable)")
     sp.add_argument("--oid", type=int, action="append", help="only this object id (repeatable)")
+    sp.add_argument("--study", metavar="UID", help="only this Study Instance UID's objects")
     sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     sp = cmd("echo", cmd_echo, "C-ECHO a configured destination")
     sp.add_argument("destination")
-    sp = cmd("audit", cmd_audit, "print the audit trail as JSON lines")
+    sp = cmd("audit", cmd_audit, "export the audit trail (JSON lines or CSV) or verify its hash chain")
     sp.add_argument("--verify", action="store_true", help="check the hash chain")
+    sp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
+    sp.add_argument("--since", metavar="ISO", help="from this date/datetime (UTC when no zone)")
+    sp.add_argument("--until", metavar="ISO", help="up to this datetime, or the end of this date")
+    sp.add_argument("--study", metavar="UID", help="only events of this Study Instance UID")
     return p
 
 

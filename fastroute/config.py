@@ -116,6 +116,20 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Thresholds the HTTP process checks; every one is off unless configured."""
+
+    oldest_age: float | None = None                       # seconds, for every destination
+    oldest_age_for: Mapping[str, float] = field(default_factory=dict)   # per-destination overrides
+    consecutive_failures: int | None = None                # destination-level failures in a row
+    spool_min_free: int | None = None                      # bytes free on the spool's disk
+    webhook: str | None = None                             # POSTed JSON on raise and clear
+
+    def oldest_age_limit(self, dest: str) -> float | None:
+        return self.oldest_age_for.get(dest, self.oldest_age)
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = "FASTROUTE"
     host: str = "0.0.0.0"
@@ -140,6 +154,9 @@ class Config:
     rules: tuple[RuleConfig, ...] = ()
     default: tuple[str, ...] = ()
     http: HttpConfig | None = None
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    audit_retention: float | None = None     # prune audit events older than this (None: keep)
+    history_retention: float | None = None   # prune delivered objects' records older than this
     log_level: str = "INFO"
     log_format: str = "text"
     source: str = "<embedded default>"
@@ -327,7 +344,46 @@ _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "shutdown_grace": (parse_duration, "a duration"),
     "log_level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "a log level"),
     "log_format": (_choice("text", "json"), "text or json"),
+    "audit_retention": (parse_duration, "a duration"),
+    "history_retention": (parse_duration, "a duration"),
 }
+
+
+def _url(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
+def _alerts(ctx: _Ctx, node: yaml.Node, dests: Mapping[str, DestinationConfig]) -> AlertsConfig:
+    kw: dict[str, Any] = {}
+    for k, knode, vnode in _mapping(ctx, node, "alerts"):
+        sub = f"alerts.{k}"
+        if k == "oldest_age":
+            if not isinstance(vnode, yaml.MappingNode):
+                kw["oldest_age"] = _scalar(ctx, vnode, sub, parse_duration, "a duration")
+                continue
+            per: dict[str, float] = {}
+            for dname, dknode, dvnode in _mapping(ctx, vnode, sub):
+                value = _scalar(ctx, dvnode, f"{sub}.{dname}", parse_duration, "a duration")
+                if dname == "default":
+                    kw["oldest_age"] = value
+                elif dname in dests:
+                    per[dname] = value
+                else:
+                    raise ctx.error(dknode, f"{sub}.{dname}", f"unknown destination {dname!r}",
+                                    hint=f"use 'default' or one of: {', '.join(sorted(dests)) or 'none defined'}")
+            kw["oldest_age_for"] = per
+        elif k == "consecutive_failures":
+            kw[k] = _scalar(ctx, vnode, sub, _int(1, 1000000), "a number of failures")
+        elif k == "spool_min_free":
+            kw[k] = _scalar(ctx, vnode, sub, parse_size, "a size")
+        elif k == "webhook":
+            kw[k] = _scalar(ctx, vnode, sub, _url, "a webhook URL")
+        else:
+            raise ctx.error(knode, sub, "unknown key",
+                            hint="valid keys: consecutive_failures, oldest_age, spool_min_free, webhook")
+    return AlertsConfig(**kw)
 
 
 def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
@@ -471,9 +527,12 @@ def loads(text: str, source: str = "<string>") -> Config:
                 else:
                     raise ctx.error(hknode, f"http.{hkey}", "unknown key", hint="valid keys: host, port, token")
             kw["http"] = HttpConfig(**hk)
+        elif k == "alerts":
+            if not (isinstance(vnode, yaml.ScalarNode) and _construct(vnode) is None):
+                kw["alerts"] = _alerts(ctx, vnode, dests)
         else:
             valid = sorted([*_TOP_FIELDS, "destinations", "rules", "default", "allowed_calling_aes",
-                            "allowed_peers", "listener_cpus", "http"])
+                            "allowed_peers", "listener_cpus", "http", "alerts"])
             raise ctx.error(knode, k, "unknown key", hint=f"valid keys: {', '.join(valid)}")
     return Config(**kw)
 
@@ -495,6 +554,6 @@ def load(path: str | Path | None) -> Config:
 
 
 __all__ = [
-    "Config", "DestinationConfig", "RuleConfig", "HttpConfig", "load", "loads",
+    "Config", "DestinationConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "parse_size", "parse_duration",
 ]

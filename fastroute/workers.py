@@ -163,11 +163,16 @@ class Supervisor:
         for child in self.children:
             self._start(child)
         code = 0
+        housekeeping_at = time.monotonic() + 60
         try:
             while not self._stopping:
                 now = time.monotonic()
+                if now >= housekeeping_at:
+                    housekeeping_at = now + 3600
+                    self._housekeeping()
                 sentinels = [c.proc.sentinel for c in self.children if c.proc is not None]
                 waits = [c.restart_at - now for c in self.children if c.proc is None]
+                waits.append(housekeeping_at - now)
                 timeout = max(0.0, min(waits)) if waits else None
                 ready = multiprocessing.connection.wait([*sentinels, rsock], timeout)
                 if rsock in ready:
@@ -202,6 +207,20 @@ class Supervisor:
         if not self._stopping:
             log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
+
+    def _housekeeping(self) -> None:
+        """Retention, when no HTTP process (which does it otherwise) is configured."""
+        if self.cfg.http is not None or not (self.cfg.audit_retention or self.cfg.history_retention):
+            return
+        from .ops import apply_retention
+        try:
+            spool = open_spool(self.cfg)
+            try:
+                apply_retention(self.cfg, spool)
+            finally:
+                spool.close()
+        except Exception as exc:   # never let housekeeping take the router down
+            log.error("retention pass failed: %s", exc)
 
     def _on_hup(self, _signum: int, _frame: Any) -> None:
         self._reload = True

@@ -1,0 +1,631 @@
+"""HTTP management plane: dashboard, JSON API and Prometheus metrics (aiohttp on uvloop).
+
+It runs in its own process, started by the supervisor, and only reads and edits the spool like
+the CLI does (through ``ops``), so it never sits on the receive or send path. Spool reads run on
+a small private thread pool, so a long queue scan cannot stall the event loop, and the pool is
+drained before the spool is closed. A monitor task samples the counters (throughput chart),
+evaluates alert thresholds and applies audit retention.
+
+Read-only calls are open; mutating calls need ``Authorization: Bearer <http.token>`` and are
+refused (403) while no token is configured. Every mutating call is audited with who and why.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import hmac
+import io
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+
+from aiohttp import web
+
+from . import __version__, ops
+from .alerts import AlertBook, Reading, Transition, Webhook, evaluate
+from .config import Config, HttpConfig
+from .errors import ConfigError, FastrouteError, SpoolError
+from .metrics import CONTENT_TYPE, make_registry, render
+from .spool import Spool
+
+log = logging.getLogger("fastroute.api")
+
+STATIC_DIR = Path(__file__).parent / "static"
+MONITOR_INTERVAL = 2.0          # seconds between samples (throughput chart, alerts)
+RETENTION_INTERVAL = 3600.0     # seconds between audit/history retention passes
+HISTORY_KEEP = 600.0            # seconds of throughput history kept for the chart
+YAML_TYPES = ("text/plain", "application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Plane:
+    """What the handlers share: configuration, spool, alert state, throughput history."""
+
+    def __init__(self, cfg: Config, spool: Spool, config_path: str | None, monitor_interval: float) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.config_path = config_path
+        self.applied_text = ops.read_config_text(config_path)
+        self.monitor_interval = monitor_interval
+        self.alerts = AlertBook()
+        self.history = ops.ThroughputHistory(HISTORY_KEEP)
+        self.registry = make_registry(cfg, spool, self.alerts)
+        self.webhook = Webhook(cfg.alerts.webhook) if cfg.alerts.webhook else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-spool")
+        self.retention_due = 0.0
+        self.started = time.time()
+
+    async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking spool call on the pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    def _sample(self) -> dict[Any, Any]:
+        """One monitor round's blocking part (on the pool): sample, check, prune."""
+        now = time.time()
+        self.history.add(now, self.spool.counters())
+        readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"])
+                    for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
+        checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"])
+        if now >= self.retention_due:
+            self.retention_due = now + RETENTION_INTERVAL
+            try:
+                ops.apply_retention(self.cfg, self.spool, now)
+            except FastrouteError as exc:
+                log.error("retention pass failed: %s", exc)
+        return checks
+
+    async def tick(self) -> list[Transition]:
+        checks = await self.io(self._sample)
+        transitions = self.alerts.update(checks)   # on the loop: handlers read it here too
+        if self.webhook is not None:
+            self.webhook.send(transitions)
+        return transitions
+
+    async def monitor(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except (FastrouteError, OSError) as exc:
+                log.error("monitor round failed: %s", exc)
+            await asyncio.sleep(self.monitor_interval)   # a period, not a synchronisation
+
+
+PLANE = web.AppKey("plane", Plane)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+def _fail(exc_class: type[web.HTTPException], message: str, hint: str = "", **extra: Any) -> web.HTTPException:
+    body = {"error": message, **({"hint": hint} if hint else {}), **extra}
+    return exc_class(text=json.dumps(body, ensure_ascii=False), content_type="application/json",
+                     headers={"WWW-Authenticate": 'Bearer realm="fastroute"'}
+                     if exc_class is web.HTTPUnauthorized else None)
+
+
+def mutating(handler: Handler) -> Handler:
+    """Mark a handler as changing state: it needs the bearer token."""
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        http = request.app[PLANE].cfg.http or HttpConfig()
+        if not http.token:
+            raise _fail(web.HTTPForbidden, "mutating API calls are disabled because no token is configured",
+                        hint="set http.token in the configuration and send 'Authorization: Bearer <token>'")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), http.token.encode()):
+            log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
+                        request.remote)
+            raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
+                        hint="send 'Authorization: Bearer <http.token>'")
+        return await handler(request)
+    guarded.mutating = True   # type: ignore[attr-defined]
+    return guarded
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """A JSON object body, or {} when there is none."""
+    raw = await request.text() if request.can_read_body else ""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise _fail(web.HTTPBadRequest, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _fail(web.HTTPBadRequest, "the body must be a JSON object")
+    return data
+
+
+async def _yaml_body(request: web.Request) -> tuple[str | None, dict[str, Any]]:
+    """Configuration text posted raw (YAML content types) or as JSON ``{"text": ...}``."""
+    if request.content_type in YAML_TYPES:
+        raw = await request.text() if request.can_read_body else ""
+        return (raw if raw.strip() else None), dict(request.query)
+    body = await _body(request)
+    text = body.get("text")
+    if text is not None and not isinstance(text, str):
+        raise _fail(web.HTTPBadRequest, "'text' must be a string of YAML")
+    return text, {**request.query, **body}
+
+
+def _who(request: web.Request, body: dict[str, Any]) -> str:
+    """The operator named by the client (the token is shared), and where the call came from."""
+    named = str(body.get("who") or request.headers.get("X-Fastroute-Operator", "")).strip()
+    return f"{named} via http {request.remote}" if named else f"http {request.remote}"
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int = 1, hi: int = 100000) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _fail(web.HTTPBadRequest, f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise _fail(web.HTTPBadRequest, f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _oids(value: Any) -> list[int] | None:
+    if value in (None, "", []):
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise _fail(web.HTTPBadRequest, "'oids' must be a list of integers")
+    return value
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map the transport-neutral ops errors to HTTP statuses with a JSON body and a hint."""
+    try:
+        return await handler(request)
+    except ops.NotFound as exc:
+        raise _fail(web.HTTPNotFound, Exception.__str__(exc), exc.hint) from None
+    except ops.BadRequest as exc:
+        raise _fail(web.HTTPBadRequest, Exception.__str__(exc), exc.hint) from None
+    except ops.Conflict as exc:
+        raise _fail(web.HTTPConflict, Exception.__str__(exc), exc.hint) from None
+    except ConfigError as exc:
+        raise _fail(web.HTTPUnprocessableEntity, str(exc), exc.hint, valid=False,
+                    errors=[ops.config_error_view(exc)]) from None
+    except SpoolError as exc:
+        raise _fail(web.HTTPServiceUnavailable, Exception.__str__(exc), exc.hint) from None
+
+
+# -- read-only handlers -------------------------------------------------------------------------
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"ok": True, "version": __version__})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return _json(openapi_spec())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await plane.io(render, plane.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    data = await plane.io(ops.status, plane.cfg, plane.spool)
+    data.update(version=__version__, source=plane.cfg.source, alerts=plane.alerts.snapshot(),
+                http_started=plane.started, token_configured=bool((plane.cfg.http or HttpConfig()).token))
+    return _json(data)
+
+
+async def get_queues(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    return _json({"queues": await plane.io(ops.destination_status, plane.cfg, plane.spool)})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    dest = await plane.io(ops.resolve_destination, plane.cfg, plane.spool, request.match_info["destination"])
+    for q in await plane.io(ops.destination_status, plane.cfg, plane.spool):
+        if q["destination"] == dest:
+            return _json(q)
+    raise ops.NotFound(f"no queue for destination {request.match_info['destination']!r}")
+
+
+async def get_entries(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    rows = await plane.io(ops.entries, plane.cfg, plane.spool, request.match_info["destination"],
+                          request.query.get("state", "failed"), _int_param(request, "limit", 100))
+    return _json({"entries": rows})
+
+
+async def get_failures(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    rows = await plane.io(ops.failures, plane.cfg, plane.spool, request.query.get("destination") or None,
+                          _int_param(request, "limit", 50, hi=1000))
+    return _json({"failures": rows})
+
+
+async def get_throughput(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    return _json({"interval": plane.monitor_interval, **plane.history.series()})
+
+
+async def get_alerts(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    return _json({"alerts": plane.alerts.snapshot(),
+                  "checked": [{"name": n, "destination": d} for n, d in sorted(plane.alerts.checked)]})
+
+
+async def get_lookup(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    q = request.query
+    result = await plane.io(
+        ops.lookup, plane.cfg, plane.spool,
+        study_instance_uid=q.get("study_instance_uid", q.get("study", "")),
+        accession_number=q.get("accession_number", q.get("accession", "")),
+        patient_id=q.get("patient_id", q.get("patient", "")), limit=_int_param(request, "limit", 2000))
+    return _json(result)
+
+
+async def get_study(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    result = await plane.io(ops.lookup, plane.cfg, plane.spool,
+                            study_instance_uid=request.match_info["study_instance_uid"],
+                            limit=_int_param(request, "limit", 2000))
+    if not result["objects"]:
+        raise ops.NotFound(f"no object of study {request.match_info['study_instance_uid']} in the spool")
+    return _json(result)
+
+
+async def get_object(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    try:
+        oid = int(request.match_info["oid"])
+    except ValueError:
+        raise _fail(web.HTTPBadRequest, "oid must be an integer") from None
+    return _json(await plane.io(ops.get_object, plane.spool, oid))
+
+
+async def get_audit(request: web.Request) -> web.StreamResponse:
+    plane = request.app[PLANE]
+    q = request.query
+    since = ops.parse_time(q["since"]) if q.get("since") else 0.0
+    until = ops.parse_time(q["until"], end=True) if q.get("until") else float("inf")
+    study = q.get("study_instance_uid", "")
+    fmt = q.get("format", "json")
+    if fmt in ("csv", "jsonl"):
+        buf = io.StringIO()
+        await plane.io(ops.audit_export, plane.spool, buf, fmt=fmt, since=since, until=until,
+                       study_instance_uid=study)
+        return web.Response(text=buf.getvalue(), content_type="text/csv" if fmt == "csv" else "application/x-ndjson")
+    if fmt != "json":
+        raise ops.BadRequest(f"unknown format {fmt!r} (json, jsonl or csv)")
+    events = await plane.io(ops.audit_events, plane.spool, since=since, until=until,
+                            study_instance_uid=study, limit=_int_param(request, "limit", 1000))
+    return _json({"events": events})
+
+
+async def get_audit_verify(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    ok, text = await plane.io(plane.spool.audit_verify)
+    return _json({"ok": ok, "detail": text}, status=200 if ok else 409)
+
+
+async def post_config_validate(request: web.Request) -> web.Response:
+    text, _ = await _yaml_body(request)
+    if text is None:
+        raise ops.BadRequest("post the YAML configuration as the body (Content-Type: application/yaml) "
+                             "or as JSON {\"text\": ...}")
+    result = ops.validate_config(text)
+    return _json(result, status=200 if result["valid"] else 422)
+
+
+# -- mutating handlers --------------------------------------------------------------------------
+
+@mutating
+async def post_config_reload(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    text, params = await _yaml_body(request)
+    result = await plane.io(ops.reload_config, plane.cfg, plane.spool, plane.config_path, text=text,
+                            applied_text=plane.applied_text, who=_who(request, params),
+                            why=str(params.get("why", "")))
+    return _json(result)
+
+
+@mutating
+async def post_retry(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    result = await plane.io(ops.retry, plane.cfg, plane.spool, destination=request.match_info["destination"],
+                            study_instance_uid=str(body.get("study_instance_uid") or ""),
+                            oids=_oids(body.get("oids")), who=_who(request, body), why=str(body.get("why", "")))
+    return _json(result)
+
+
+@mutating
+async def post_study_retry(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    result = await plane.io(ops.retry, plane.cfg, plane.spool, destination=str(body.get("destination") or ""),
+                            study_instance_uid=request.match_info["study_instance_uid"],
+                            who=_who(request, body), why=str(body.get("why", "")))
+    return _json(result)
+
+
+@mutating
+async def post_purge(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    states = body.get("states")
+    if not isinstance(states, list) or not all(isinstance(s, str) for s in states):
+        raise ops.BadRequest("'states' must be a list naming what to purge: pending, failed and/or unrouted")
+    result = await plane.io(ops.purge, plane.cfg, plane.spool, destination=request.match_info["destination"],
+                            states=states, reason=str(body.get("reason") or ""), oids=_oids(body.get("oids")),
+                            study_instance_uid=str(body.get("study_instance_uid") or ""),
+                            who=_who(request, body))
+    return _json(result)
+
+
+@mutating
+async def post_pause(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    return _json(await plane.io(ops.set_paused, plane.cfg, plane.spool, request.match_info["destination"], True,
+                                who=_who(request, body), why=str(body.get("why", ""))))
+
+
+@mutating
+async def post_resume(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    return _json(await plane.io(ops.set_paused, plane.cfg, plane.spool, request.match_info["destination"], False,
+                                who=_who(request, body), why=str(body.get("why", ""))))
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/", index),
+    ("GET", "/healthz", healthz),
+    ("GET", "/openapi.json", openapi_json),
+    ("GET", "/metrics", metrics),
+    ("GET", "/api/status", get_status),
+    ("GET", "/api/queues", get_queues),
+    ("GET", "/api/queues/{destination}", get_queue),
+    ("GET", "/api/queues/{destination}/entries", get_entries),
+    ("GET", "/api/failures", get_failures),
+    ("GET", "/api/throughput", get_throughput),
+    ("GET", "/api/alerts", get_alerts),
+    ("GET", "/api/lookup", get_lookup),
+    ("GET", "/api/studies/{study_instance_uid}", get_study),
+    ("GET", "/api/objects/{oid}", get_object),
+    ("GET", "/api/audit", get_audit),
+    ("GET", "/api/audit/verify", get_audit_verify),
+    ("POST", "/api/config/validate", post_config_validate),
+    ("POST", "/api/config/reload", post_config_reload),
+    ("POST", "/api/queues/{destination}/retry", post_retry),
+    ("POST", "/api/queues/{destination}/purge", post_purge),
+    ("POST", "/api/queues/{destination}/pause", post_pause),
+    ("POST", "/api/queues/{destination}/resume", post_resume),
+    ("POST", "/api/studies/{study_instance_uid}/retry", post_study_retry),
+)
+
+
+def make_app(cfg: Config, spool: Spool, config_path: str | None, *,
+             monitor_interval: float = MONITOR_INTERVAL) -> web.Application:
+    """The application; the caller owns ``spool`` and closes it after the app's cleanup."""
+    app = web.Application(middlewares=[errors_middleware])
+    plane = Plane(cfg, spool, config_path, monitor_interval)
+    app[PLANE] = plane
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    app.router.add_static("/static/", STATIC_DIR, name="static")
+
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        try:
+            await plane.tick()   # the first page load already has data
+        except (FastrouteError, OSError) as exc:
+            log.error("first monitor round failed: %s", exc)
+        task = asyncio.create_task(plane.monitor())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if plane.webhook is not None:
+            await plane.webhook.close()
+        plane.pool.shutdown(wait=True)   # no spool read may outlive the app
+
+    app.cleanup_ctx.append(background)
+    return app
+
+
+# -- OpenAPI ------------------------------------------------------------------------------------
+
+def _param(name: str, where: str = "query", description: str = "", schema: dict[str, Any] | None = None,
+           required: bool | None = None) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path" if required is None else required,
+            "description": description, "schema": schema or {"type": "string"}}
+
+
+def _op(summary: str, *, params: tuple[dict[str, Any], ...] = (), body: dict[str, Any] | None = None,
+        auth: bool = False, ok: str = "application/json", extra: dict[str, str] | None = None) -> dict[str, Any]:
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {ok: {}}}}
+    for code, text in (extra or {}).items():
+        responses[code] = {"description": text, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Error"}}}}
+    if auth:
+        responses["401"] = {"description": "missing or wrong bearer token"}
+        responses["403"] = {"description": "no http.token configured: mutating calls are disabled"}
+    op: dict[str, Any] = {"summary": summary, "parameters": list(params), "responses": responses}
+    if body is not None:
+        op["requestBody"] = body
+    if auth:
+        op["security"] = [{"bearerAuth": []}]
+    return op
+
+
+def _json_body(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return {"required": bool(required), "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The OpenAPI 3 description of every route (a test holds it equal to the router)."""
+    dest = _param("destination", "path", "destination name ('unrouted' for objects no rule routed)")
+    study = _param("study_instance_uid", "path", "Study Instance UID")
+    why = {"type": "string", "description": "recorded in the audit trail"}
+    who = {"type": "string", "description": "operator name recorded in the audit trail "
+                                            "(or header X-Fastroute-Operator)"}
+    oids = {"type": "array", "items": {"type": "integer"}, "description": "only these object ids"}
+    yaml_body = {"required": False, "content": {
+        "application/yaml": {"schema": {"type": "string"}},
+        "application/json": {"schema": {"type": "object", "properties": {
+            "text": {"type": "string", "description": "YAML configuration"}, "why": why, "who": who}}}}}
+    bad = {"400": "bad request", "404": "unknown destination or object"}
+    paths: dict[str, dict[str, Any]] = {
+        "/": {"get": _op("Dashboard (HTML)", ok="text/html")},
+        "/static/{filename}": {"get": _op("Dashboard assets", ok="application/octet-stream",
+                                          params=(_param("filename", "path"),))},
+        "/healthz": {"get": _op("Liveness of the HTTP process")},
+        "/openapi.json": {"get": _op("This description")},
+        "/metrics": {"get": _op("Prometheus metrics (read from the spool at scrape time)", ok="text/plain")},
+        "/api/status": {"get": _op("Listener, per-destination queues and state, disk and spool usage, "
+                                   "totals and active alerts")},
+        "/api/queues": {"get": _op("Per-destination queue depth, oldest age, totals and sender state")},
+        "/api/queues/{destination}": {"get": _op("One destination's queue and state", params=(dest,),
+                                                 extra={"404": "unknown destination"})},
+        "/api/queues/{destination}/entries": {"get": _op(
+            "Queue entries of one destination in one state", extra=bad, params=(
+                dest, _param("state", description="pending | in_flight | failed | unrouted (default failed)"),
+                _param("limit", schema={"type": "integer", "default": 100})))},
+        "/api/failures": {"get": _op("Recent failed objects with DICOM status codes and their meaning", params=(
+            _param("destination", description="only this destination"),
+            _param("limit", schema={"type": "integer", "default": 50})))},
+        "/api/throughput": {"get": _op("Objects per second received and delivered per destination, "
+                                       "over the last minutes")},
+        "/api/alerts": {"get": _op("Raised alerts and the checks configured")},
+        "/api/lookup": {"get": _op(
+            "Objects by Study Instance UID, Accession Number or Patient ID, with each object's path: "
+            "source, rules matched, deliveries, attempts and errors", extra={"400": "not exactly one key given"},
+            params=(_param("study_instance_uid"), _param("accession_number"), _param("patient_id"),
+                    _param("limit", schema={"type": "integer", "default": 2000})))},
+        "/api/studies/{study_instance_uid}": {"get": _op("One study's objects and their paths", params=(study,),
+                                                         extra={"404": "no such study in the spool"})},
+        "/api/objects/{oid}": {"get": _op("One object and its path", params=(
+            _param("oid", "path", "object id", {"type": "integer"}),), extra=bad)},
+        "/api/audit": {"get": _op("Audit trail events", ok="application/json", extra={"400": "bad time"}, params=(
+            _param("since", description="ISO date or datetime (UTC when no zone)"),
+            _param("until", description="ISO date (end of that day) or datetime"),
+            _param("study_instance_uid"),
+            _param("format", description="json (default), jsonl or csv"),
+            _param("limit", schema={"type": "integer", "default": 1000})))},
+        "/api/audit/verify": {"get": _op("Verify the audit hash chain (409 when broken)",
+                                         extra={"409": "chain broken"})},
+        "/api/config/validate": {"post": _op(
+            "Validate a YAML configuration without applying it; errors name line and key",
+            body=yaml_body, extra={"422": "invalid configuration (errors with line and key)"})},
+        "/api/config/reload": {"post": _op(
+            "Validate the configuration file (or the posted text, then written atomically to it), audit the "
+            "change with a diff, and signal the supervisor (SIGHUP); a bad configuration is rejected and the "
+            "running one kept", body=yaml_body, auth=True,
+            extra={"409": "no supervisor running, or no configuration file", "422": "invalid configuration"})},
+        "/api/queues/{destination}/retry": {"post": _op(
+            "Queue a destination's failed objects again (all, some oids, or one study's)", params=(dest,),
+            auth=True, extra=bad,
+            body=_json_body({"oids": oids, "study_instance_uid": {"type": "string"}, "why": why, "who": who}))},
+        "/api/queues/{destination}/purge": {"post": _op(
+            "Remove queue entries for good (explicit states and a reason are required; audited)", params=(dest,),
+            auth=True, extra=bad, body=_json_body({
+                "states": {"type": "array", "items": {"enum": sorted(ops.STATES)}},
+                "reason": why, "oids": oids, "study_instance_uid": {"type": "string"}, "who": who},
+                required=("states", "reason")))},
+        "/api/queues/{destination}/pause": {"post": _op(
+            "Pause sending to a destination (its queue keeps filling)", params=(dest,), auth=True, extra=bad,
+            body=_json_body({"why": why, "who": who}))},
+        "/api/queues/{destination}/resume": {"post": _op(
+            "Resume sending to a destination and wake its sender", params=(dest,), auth=True, extra=bad,
+            body=_json_body({"why": why, "who": who}))},
+        "/api/studies/{study_instance_uid}/retry": {"post": _op(
+            "Queue a study's failed objects again (every destination, or one)", params=(study,), auth=True,
+            extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "fastroute management API", "version": __version__,
+                 "description": "Read-only calls are open; mutating calls need 'Authorization: Bearer <http.token>' "
+                                "and are refused with 403 while no token is configured."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "properties": {
+                "error": {"type": "string"}, "hint": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "object", "properties": {
+                    "message": {"type": "string"}, "line": {"type": "integer", "nullable": True},
+                    "key": {"type": "string"}, "hint": {"type": "string"}}}}}}},
+        },
+    }
+
+
+# -- process entry point ------------------------------------------------------------------------
+
+async def _serve(cfg: Config, config_path: str | None) -> int:
+    from .workers import EXIT_CONFIG, open_spool
+
+    http = cfg.http or HttpConfig()
+    spool = open_spool(cfg)
+    try:
+        runner = web.AppRunner(make_app(cfg, spool, config_path), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, http.host, http.port).start()
+        except OSError as exc:
+            log.error("http: cannot listen on %s:%d: %s (hint: change http.port or stop what uses it)",
+                      http.host, http.port, exc)
+            await runner.cleanup()
+            return EXIT_CONFIG
+        log.info("http: dashboard and API on http://%s:%d/ (metrics at /metrics)", http.host, http.port)
+        if not http.token:
+            log.warning("http: no http.token configured; mutating API calls are refused (403)")
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        log.info("http: stopping")
+        await runner.cleanup()
+    finally:
+        spool.close()
+    return 0
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:   # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def http_main(cfg: Config, config_path: str | None) -> None:
+    """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
+    from .logsetup import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format, process="http")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
+    code = _run(_serve(cfg, config_path))
+    if code:
+        sys.exit(code)
+
+
+__all__ = ["make_app", "http_main", "openapi_spec", "ROUTES", "PLANE", "Plane"]

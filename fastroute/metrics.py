@@ -1,0 +1,177 @@
+"""Prometheus exposition, multiprocess-correct by construction.
+
+Every counter lives in the spool (LMDB), written by whichever listener or sender process did
+the work, so a custom Collector reads them at scrape time instead of keeping per-process
+``prometheus_client`` values that would need merging (and would reset on restarts). Queue
+depth, destination state, disk usage and alerts are read the same way. A private registry
+keeps the process's default collectors (and anything else imported) out of the output.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .alerts import AlertBook
+from .config import Config
+from .ops import destination_status, display_name
+from .send import status_text
+from .spool import Spool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# spool counter prefix -> (metric name without _total, help, label of the part after the prefix)
+_LABELLED = {
+    "received_from:": ("fastroute_received_from_objects", "Objects received, by calling AE title", "calling_ae"),
+    "delivered:": ("fastroute_delivered_objects", "Objects delivered (success or warning status)", "destination"),
+    "delivered_bytes:": ("fastroute_delivered_bytes", "Bytes of the objects delivered", "destination"),
+    "failed:": ("fastroute_failed_objects", "Objects moved to the failed state", "destination"),
+    "retries:": ("fastroute_retries", "Object-level retries scheduled", "destination"),
+    "suppressed:": ("fastroute_suppressed_objects",
+                    "Identical re-sends not sent again (already delivered within duplicate_window)", "destination"),
+    "superseded:": ("fastroute_superseded_objects",
+                    "Pending copies replaced by a newer copy of the same SOP instance", "destination"),
+    "unknown_outcomes:": ("fastroute_unknown_outcomes",
+                          "Sends whose outcome was unknown (timeout/abort after the data left); resent",
+                          "destination"),
+    "purged:": ("fastroute_purged_objects", "Queue entries purged by an operator", "destination"),
+    "transcoded:": ("fastroute_transcoded_objects", "Objects transcoded before sending", "destination"),
+}
+STATES = ("idle", "up", "backing_off", "paused", "stopped", "unknown", "unconfigured", "unrouted")
+
+
+def _meaning(status: int) -> str:
+    if status < 0:
+        return "no response"
+    text = status_text(status)
+    return text[text.find("(") + 1:-1] if "(" in text else text
+
+
+class SpoolCollector(Collector):
+    """Reads the spool (and the alert book) on every scrape; holds no values itself."""
+
+    def __init__(self, cfg: Config, spool: Spool, alerts: AlertBook | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.alerts = alerts
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.spool.counters()
+        queues = destination_status(self.cfg, self.spool)
+        yield from self._counters(counters)
+        yield self._latency(counters)
+        yield from self._queues(queues)
+        yield from self._usage()
+        if self.alerts is not None:
+            yield self._alerts(self.alerts)
+
+    def _counters(self, counters: dict[str, int]) -> Iterator[Metric]:
+        received = CounterMetricFamily("fastroute_received_objects", "Objects accepted and spooled")
+        received.add_metric([], counters.get("received", 0))
+        yield received
+        received_bytes = CounterMetricFamily("fastroute_received_bytes", "Bytes of the objects accepted")
+        received_bytes.add_metric([], counters.get("received_bytes", 0))
+        yield received_bytes
+        for prefix, (name, doc, label) in _LABELLED.items():
+            fam = CounterMetricFamily(name, doc, labels=[label])
+            values = {k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)}
+            if label == "destination":   # a zero from the start makes rate() work at once
+                for d in self.cfg.destinations:
+                    values.setdefault(d, 0)
+            for key, value in sorted(values.items()):
+                fam.add_metric([display_name(key) if label == "destination" else key], value)
+            yield fam
+        by_status = CounterMetricFamily("fastroute_failed_by_status",
+                                        "Objects failed, by destination and last DICOM status",
+                                        labels=["destination", "status", "meaning"])
+        for key, value in sorted(counters.items()):
+            if key.startswith("failed_status:"):
+                dest, _, code = key[len("failed_status:"):].rpartition(":")
+                try:
+                    status = int(code)
+                except ValueError:
+                    continue
+                by_status.add_metric([display_name(dest), "none" if status < 0 else f"0x{status:04X}",
+                                      _meaning(status)], value)
+        yield by_status
+
+    def _latency(self, counters: dict[str, int]) -> Metric:
+        """Cumulative buckets from the spool's per-bucket counts (which are not cumulative)."""
+        fam = HistogramMetricFamily("fastroute_delivery_latency_seconds",
+                                    "Time from receipt to confirmed delivery", labels=["destination"])
+        names = set(self.cfg.destinations) | {k.split(":")[1] for k in counters if k.startswith("latency_count:")}
+        for dest in sorted(names):
+            cumulative = 0
+            buckets = []
+            for le in Spool.LATENCY_BUCKETS:
+                cumulative += counters.get(f"latency_bucket:{dest}:{le}", 0)
+                buckets.append((floatToGoString(le), float(cumulative)))
+            cumulative += counters.get(f"latency_bucket:{dest}:inf", 0)
+            buckets.append(("+Inf", float(cumulative)))
+            fam.add_metric([display_name(dest)], buckets, counters.get(f"latency_sum_us:{dest}", 0) / 1e6)
+        return fam
+
+    def _queues(self, queues: list[dict[str, Any]]) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("fastroute_queue_objects", "Objects queued, by destination and state",
+                                  labels=["destination", "state"])
+        age = GaugeMetricFamily("fastroute_queue_oldest_age_seconds",
+                                "Age of the oldest object waiting (pending or in flight); 0 when empty",
+                                labels=["destination"])
+        state = GaugeMetricFamily("fastroute_destination_state",
+                                  "1 for the destination's current state (up, backing_off, paused, idle, ...)",
+                                  labels=["destination", "state"])
+        fails = GaugeMetricFamily("fastroute_destination_consecutive_failures",
+                                  "Destination-level failures (connect/associate) in a row", labels=["destination"])
+        paused = GaugeMetricFamily("fastroute_destination_paused", "1 when paused (config or operator)",
+                                   labels=["destination"])
+        for q in queues:
+            name = str(q["name"])
+            for key in ("pending", "in_flight", "failed"):
+                depth.add_metric([name, key], float(q[key]))
+            age.add_metric([name], float(q["oldest_age"] or 0.0))
+            if q["configured"]:
+                for s in STATES:
+                    state.add_metric([name, s], 1.0 if q["status"] == s else 0.0)
+                fails.add_metric([name], float(q["consecutive_failures"]))
+                paused.add_metric([name], 1.0 if q["paused"] else 0.0)
+        yield from (depth, age, state, fails, paused)
+
+    def _usage(self) -> Iterator[Metric]:
+        usage = self.spool.usage()
+        for key, name, doc in (
+                ("used_bytes", "fastroute_spool_used_bytes", "Bytes used by the spool's LMDB map"),
+                ("map_size", "fastroute_spool_max_bytes", "Size limit of the spool (spool_max_bytes)"),
+                ("disk_free_bytes", "fastroute_disk_free_bytes", "Free bytes on the spool's disk"),
+                ("disk_total_bytes", "fastroute_disk_total_bytes", "Size of the spool's disk")):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(usage[key]))
+            yield g
+        floor = GaugeMetricFamily("fastroute_min_free_bytes",
+                                  "Free-space floor below which new objects are refused (0xA700)")
+        floor.add_metric([], float(self.cfg.min_free_bytes))
+        yield floor
+
+    @staticmethod
+    def _alerts(book: AlertBook) -> Metric:
+        fam = GaugeMetricFamily("fastroute_alert", "1 while an alert threshold is crossed, 0 when checked and fine",
+                                labels=["name", "destination"])
+        active = set(book.active)
+        for name, dest in sorted(book.checked | active):
+            fam.add_metric([name, display_name(dest)], 1.0 if (name, dest) in active else 0.0)
+        return fam
+
+
+def make_registry(cfg: Config, spool: Spool, alerts: AlertBook | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SpoolCollector(cfg, spool, alerts))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+__all__ = ["SpoolCollector", "make_registry", "render", "CONTENT_TYPE"]

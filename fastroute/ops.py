@@ -1,0 +1,615 @@
+"""Operator views and actions over the spool, shared by the CLI and the REST API.
+
+One implementation per action, so ``fastroute retry`` and ``POST .../retry`` cannot drift apart:
+each function takes the configuration, an open Spool and who/why, does the work, audits it and
+returns plain data that serialises to JSON as-is. Errors are transport-neutral exceptions
+(``NotFound``, ``BadRequest``, ``Conflict``, ``ConfigError``) that the CLI prints and the API maps
+to HTTP statuses.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import difflib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+from . import audit
+from .config import Config, loads
+from .errors import ConfigError, FastrouteError
+from .schedule import read_state
+from .send import status_text
+from .spool import FAILED, HELD, INFLIGHT, PENDING, UNROUTED, QueueEntry, Spool
+from .wakeup import Notifier
+
+log = logging.getLogger("fastroute.ops")
+
+STATES = {"pending": PENDING, "failed": FAILED, "unrouted": HELD}
+LOOKUP_SCAN_LIMIT = 20000   # queue entries read per destination to find a looked-up object's attempts
+
+
+class OpsError(FastrouteError):
+    """An operator request that cannot be carried out as asked."""
+
+
+class NotFound(OpsError):
+    """The destination, study or object named does not exist."""
+
+
+class BadRequest(OpsError):
+    """The request is incomplete or contradictory (e.g. a purge without a reason)."""
+
+
+class Conflict(OpsError):
+    """The request is valid but the system is not in a state to carry it out."""
+
+
+# -- names --------------------------------------------------------------------------------------
+
+def display_name(dest: str) -> str:
+    return "unrouted" if dest == UNROUTED else dest
+
+
+def resolve_destination(cfg: Config, spool: Spool, name: str, *, configured_only: bool = False) -> str:
+    """A configured destination, or (unless ``configured_only``) one that still has queue entries.
+
+    Entries of a destination removed from the configuration can still be listed and purged.
+    """
+    if name in ("unrouted", UNROUTED):
+        if configured_only:
+            raise BadRequest("'unrouted' is not a destination that can be paused or resumed")
+        return UNROUTED
+    if name in cfg.destinations or (not configured_only and name in spool.destinations()):
+        return name
+    known = ", ".join(sorted(cfg.destinations)) or "none configured"
+    raise NotFound(f"unknown destination {name!r} (configured: {known})",
+                   hint="check the name, or the 'destinations:' section of the configuration")
+
+
+# -- queue and destination status ---------------------------------------------------------------
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _status_word(cfg: Config, dest: str, paused: bool, raw: dict[str, Any] | None) -> str:
+    """One word for the dashboard: up, backing_off, paused, idle, stopped, unknown, ..."""
+    if dest == UNROUTED:
+        return "unrouted"
+    if dest not in cfg.destinations:
+        return "unconfigured"
+    if paused:
+        return "paused"   # shown at once, before the sender notices and republishes
+    if raw is None:
+        return "unknown"
+    word = str(raw.get("state", "unknown"))
+    if word == "paused":   # resumed; the sender republishes on its next round
+        return "idle"
+    if word != "stopped" and not _alive(raw.get("pid")):
+        return "stopped"
+    return word
+
+
+def destination_status(cfg: Config, spool: Spool, now: float | None = None) -> list[dict[str, Any]]:
+    """Per destination: queue depth and age, totals, and the sender's published state."""
+    now = time.time() if now is None else now
+    out = []
+    for s in spool.stats(cfg.destinations, now=now):
+        configured = s.destination in cfg.destinations
+        raw: dict[str, Any] | None = read_state(cfg.spool, s.destination) if configured else None
+        paused = configured and (cfg.destinations[s.destination].paused or spool.is_paused(s.destination))
+        d = dataclasses.asdict(s)
+        d.update({
+            "name": display_name(s.destination), "configured": configured, "paused": paused,
+            "status": _status_word(cfg, s.destination, paused, raw),
+            "down_since": (raw or {}).get("down_since"), "retry_at": (raw or {}).get("retry_at"),
+            "consecutive_failures": int((raw or {}).get("consecutive_failures") or 0),
+            "last_error": (raw or {}).get("last_error") or "",
+            "last_success": (raw or {}).get("last_success"),
+            "state": raw,
+        })
+        if configured:
+            dc = cfg.destinations[s.destination]
+            d["peer"] = {"ae_title": dc.ae_title, "host": dc.host, "port": dc.port,
+                         "max_associations": dc.max_associations}
+        out.append(d)
+    return out
+
+
+def totals(counters: dict[str, int]) -> dict[str, int]:
+    def total(prefix: str) -> int:
+        return sum(v for k, v in counters.items() if k.startswith(prefix))
+    return {"received": counters.get("received", 0), "received_bytes": counters.get("received_bytes", 0),
+            "delivered": total("delivered:"), "delivered_bytes": total("delivered_bytes:"),
+            "failed": total("failed:"), "retries": total("retries:"), "purged": total("purged:")}
+
+
+def status(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, Any]:
+    """Everything the dashboard's top half shows, in one read."""
+    now = time.time() if now is None else now
+    counters = spool.counters()
+    return {
+        "now": now,
+        "listener": {"ae_title": cfg.ae_title, "host": cfg.host, "port": cfg.port,
+                     "processes": cfg.listeners, "max_associations": cfg.max_associations},
+        "destinations": destination_status(cfg, spool, now),
+        "usage": spool.usage(),
+        "min_free_bytes": cfg.min_free_bytes,
+        "totals": totals(counters),
+        "received_from": {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("received_from:")},
+    }
+
+
+def _entry_view(e: QueueEntry) -> dict[str, Any]:
+    m = e.meta
+    return {
+        "destination": display_name(e.destination), "state": e.state, "oid": e.oid,
+        "attempts": e.attempts, "next_at": e.next_at or None, "status": e.last_status,
+        "status_text": status_text(e.last_status) if e.last_status is not None else "",
+        "error": e.error,
+        **{k: m.get(k, "") for k in ("sop_instance_uid", "study_instance_uid", "patient_id",
+                                     "accession_number", "modality", "calling_ae")},
+        "received_at": m.get("received_at"),
+    }
+
+
+def entries(cfg: Config, spool: Spool, destination: str, state: str, limit: int = 100) -> list[dict[str, Any]]:
+    dest = resolve_destination(cfg, spool, destination)
+    codes = {**STATES, "in_flight": INFLIGHT}
+    if state not in codes:
+        raise BadRequest(f"unknown state {state!r} (one of: {', '.join(sorted(codes))})")
+    return [_entry_view(e) for e in spool.entries(dest, codes[state], limit)]
+
+
+def failures(cfg: Config, spool: Spool, destination: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recent failed objects, newest first, with the DICOM status and its meaning.
+
+    A failed entry's ``next_at`` is the time it failed. The spool lists entries in arrival
+    order only, so up to 1000 per destination are read and sorted here.
+    """
+    dests = ([resolve_destination(cfg, spool, destination)] if destination else
+             sorted((set(cfg.destinations) | set(spool.destinations())) - {UNROUTED}))
+    out = []
+    for d in dests:
+        for e in spool.entries(d, FAILED, max(limit, 1000)):
+            view = _entry_view(e)
+            view["failed_at"] = e.next_at
+            out.append(view)
+    out.sort(key=lambda v: v["failed_at"], reverse=True)
+    return out[:limit]
+
+
+# -- study / object lookup ----------------------------------------------------------------------
+
+def _queue_entries(spool: Spool, wanted: dict[str, set[int]]) -> dict[tuple[str, int], QueueEntry]:
+    """Queue entries (attempts, last status) of the objects looked up, per destination."""
+    found: dict[tuple[str, int], QueueEntry] = {}
+    for dest, oids in wanted.items():
+        for oid in oids:
+            e = spool.entry(dest, oid)
+            if e is not None:
+                found[(dest, oid)] = e
+    return found
+
+
+def _path(oid: int, meta: dict[str, Any], queue: dict[tuple[str, int], QueueEntry]) -> list[dict[str, Any]]:
+    """Where one object went: one step per destination it was routed to or dropped from."""
+    delivered = meta.get("delivered") or {}
+    failed = meta.get("failed") or {}
+    dropped = meta.get("dropped") or {}
+    outstanding = meta.get("outstanding") or []
+    suppressed = meta.get("suppressed") or []
+    names = list(dict.fromkeys([*meta.get("routed_to", []), *outstanding, *delivered, *failed, *dropped]))
+    steps = []
+    for dest in names:
+        step: dict[str, Any] = {"destination": display_name(dest), "attempts": None, "at": None,
+                                "status": None, "error": ""}
+        if dest in delivered:
+            at, st = (delivered[dest] + [None, None])[:2]
+            step.update(state="delivered", at=at, status=st)
+        elif dest in outstanding:
+            e = queue.get((dest, oid))
+            step["state"] = "unrouted" if dest == UNROUTED else (e.state if e else "queued")
+            if e is not None:
+                step.update(attempts=e.attempts, status=e.last_status, error=e.error,
+                            next_at=e.next_at or None)
+        elif dest in dropped:
+            rec = list(dropped[dest]) + [None, None, None, None]
+            step.update(state=rec[1], at=rec[0], error=rec[2] or "")
+            if rec[3]:
+                step["by_oid"] = rec[3]
+        elif dest in suppressed:
+            step["state"] = "suppressed"
+            step["error"] = "identical bytes already delivered within duplicate_window"
+        else:
+            step["state"] = "unknown"
+        if dest in failed:
+            at, st, err = (list(failed[dest]) + [None, None, ""])[:3]
+            step["last_failure"] = {"at": at, "status": st, "error": err,
+                                    "status_text": status_text(st) if st is not None else ""}
+            if step["state"] == "failed":
+                step.update(at=at, status=st if step["status"] is None else step["status"],
+                            error=step["error"] or err)
+        step["status_text"] = status_text(step["status"]) if step["status"] is not None else ""
+        steps.append(step)
+    return steps
+
+
+def lookup(cfg: Config, spool: Spool, *, study_instance_uid: str = "", accession_number: str = "",
+           patient_id: str = "", limit: int = 2000) -> dict[str, Any]:
+    """Every object of a study (or accession, or patient) with its path through the router."""
+    query = {"study_instance_uid": study_instance_uid.strip(), "accession_number": accession_number.strip(),
+             "patient_id": patient_id.strip()}
+    if sum(1 for v in query.values() if v) != 1:
+        raise BadRequest("give exactly one of study_instance_uid, accession_number, patient_id")
+    found = spool.lookup(**query, limit=limit + 1)
+    truncated = len(found) > limit
+    found = found[:limit]
+    wanted: dict[str, set[int]] = {}
+    for oid, meta in found:
+        for dest in meta.get("outstanding") or []:
+            wanted.setdefault(dest, set()).add(oid)
+    queue = _queue_entries(spool, wanted)
+    objects = [object_view(oid, meta, queue) for oid, meta in found]
+    objects.sort(key=lambda o: (o["study_instance_uid"], o["received_at"] or 0, o["oid"]))
+    return {"query": {k: v for k, v in query.items() if v}, "count": len(objects),
+            "truncated": truncated, "objects": objects}
+
+
+def object_view(oid: int, meta: dict[str, Any], queue: dict[tuple[str, int], QueueEntry]) -> dict[str, Any]:
+    return {
+        "oid": oid,
+        **{k: meta.get(k, "") for k in ("sop_instance_uid", "sop_class_uid", "study_instance_uid",
+                                        "patient_id", "accession_number", "modality", "transfer_syntax")},
+        "size": meta.get("size"), "received_at": meta.get("received_at"),
+        "received_from": {k: meta.get(k, "") for k in ("calling_ae", "called_ae", "peer")},
+        "rules": meta.get("rules") or [],
+        "routed_to": [display_name(d) for d in meta.get("routed_to") or []],
+        "path": _path(oid, meta, queue),
+    }
+
+
+def get_object(spool: Spool, oid: int) -> dict[str, Any]:
+    meta = spool.meta(oid)
+    if meta is None:
+        raise NotFound(f"no object with oid {oid} (pruned, or never received)")
+    wanted = {d: {oid} for d in meta.get("outstanding") or []}
+    return object_view(oid, meta, _queue_entries(spool, wanted))
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+def _notify(cfg: Config, dests: Iterable[str]) -> None:
+    notifier = Notifier(cfg.spool)
+    try:
+        for d in dests:
+            notifier.notify(d)
+    finally:
+        notifier.close()
+
+
+def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_uid: str = "",
+          oids: Sequence[int] | None = None, who: str | None = None, why: str = "") -> dict[str, Any]:
+    """Queue failed objects again, per destination and/or per study, with fresh attempt counts."""
+    if not destination and not study_instance_uid:
+        raise BadRequest("name a destination or a study to retry")
+    dest = resolve_destination(cfg, spool, destination) if destination else ""
+    per_dest: dict[str, set[int] | None] = {}
+    if study_instance_uid:
+        found = spool.lookup(study_instance_uid=study_instance_uid)
+        if not found:
+            raise NotFound(f"no object of study {study_instance_uid} in the spool")
+        by_dest: dict[str, set[int]] = {}
+        for oid, meta in found:
+            if oids and oid not in oids:
+                continue
+            for d in meta.get("outstanding") or []:
+                if d in (meta.get("failed") or {}) and (not dest or d == dest):
+                    by_dest.setdefault(d, set()).add(oid)
+        per_dest.update(by_dest)
+    else:
+        per_dest[dest] = set(oids) if oids else None
+    counts = {display_name(d): spool.retry_failed(d, wanted) for d, wanted in per_dest.items()}
+    total = sum(counts.values())
+    audit.record(spool, "retry", who=who, why=why, destination=display_name(dest) if dest else "",
+                 study_instance_uid=study_instance_uid, oids=list(oids) if oids else "all-failed",
+                 counts=counts, count=total)
+    log.info("retry by %s: %d failed object(s) queued again (%s)%s", who or audit.whoami(), total,
+             ", ".join(f"{d}={n}" for d, n in counts.items()) or "none",
+             f" study_instance_uid={study_instance_uid}" if study_instance_uid else "")
+    _notify(cfg, [d for d, n in zip(per_dest, counts.values()) if n])
+    return {"retried": counts, "count": total}
+
+
+def purge(cfg: Config, spool: Spool, *, destination: str, states: Sequence[str], reason: str,
+          oids: Sequence[int] | None = None, study_instance_uid: str = "",
+          who: str | None = None) -> dict[str, Any]:
+    """Remove queue entries for good; explicit states and a reason are required (audited)."""
+    if not reason or not reason.strip():
+        raise BadRequest("a purge needs a reason (it is recorded in the audit trail)")
+    if not states:
+        raise BadRequest(f"name the states to purge explicitly (any of: {', '.join(sorted(STATES))})")
+    bad = [s for s in states if s not in STATES]
+    if bad:
+        raise BadRequest(f"unknown state(s) {', '.join(map(repr, bad))} (any of: {', '.join(sorted(STATES))})")
+    dest = resolve_destination(cfg, spool, destination)
+    wanted: set[int] | None = set(oids) if oids else None
+    if study_instance_uid:
+        study_oids = {oid for oid, _ in spool.lookup(study_instance_uid=study_instance_uid)}
+        if not study_oids:
+            raise NotFound(f"no object of study {study_instance_uid} in the spool")
+        wanted = study_oids if wanted is None else wanted & study_oids
+    removed = spool.purge(dest, [STATES[s] for s in states], wanted, reason=reason) if wanted != set() else []
+    audit.record(spool, "purge", who=who, why=reason, destination=display_name(dest), states=list(states),
+                 study_instance_uid=study_instance_uid, oids=removed, count=len(removed))
+    log.warning("purge by %s: %d object reference(s) removed from %s (%s): %s", who or audit.whoami(),
+                len(removed), display_name(dest), ", ".join(states), reason)
+    return {"destination": display_name(dest), "states": list(states), "purged": removed, "count": len(removed)}
+
+
+def set_paused(cfg: Config, spool: Spool, destination: str, paused: bool, *,
+               who: str | None = None, why: str = "") -> dict[str, Any]:
+    """Pause or resume a destination's sending at runtime (its queue keeps filling)."""
+    dest = resolve_destination(cfg, spool, destination, configured_only=True)
+    spool.set_paused(dest, paused)
+    audit.record(spool, "pause" if paused else "resume", who=who, why=why, destination=dest)
+    log.info("destination=%s %s by %s%s", dest, "paused" if paused else "resumed",
+             who or audit.whoami(), f": {why}" if why else "")
+    result: dict[str, Any] = {"destination": dest, "paused": paused}
+    if not paused:
+        _notify(cfg, [dest])
+        if cfg.destinations[dest].paused:
+            result["paused"] = True
+            result["note"] = "still paused by the configuration (paused: true); change it there"
+    return result
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+def config_error_view(exc: ConfigError) -> dict[str, Any]:
+    return {"message": str(exc), "source": exc.source, "line": exc.line, "key": exc.key, "hint": exc.hint}
+
+
+def parse_config(text: str, source: str) -> Config:
+    """``loads`` plus what ``load`` does for a file: a relative spool is relative to it."""
+    cfg = loads(text, source)
+    from .rules import RuleSet
+    RuleSet.from_config(cfg)
+    if source and not source.startswith("<") and not cfg.spool.is_absolute():
+        cfg = dataclasses.replace(cfg, spool=Path(source).parent / cfg.spool)
+    return cfg
+
+
+def validate_config(text: str, source: str = "<posted>") -> dict[str, Any]:
+    """Validate without applying: either a summary or the precise errors (line and key)."""
+    try:
+        cfg = parse_config(text, source)
+    except ConfigError as exc:
+        return {"valid": False, "errors": [config_error_view(exc)]}
+    return {"valid": True, "errors": [],
+            "summary": {"destinations": sorted(cfg.destinations), "rules": [r.name for r in cfg.rules],
+                        "default": list(cfg.default)}}
+
+
+def supervisor_pid(cfg: Config) -> int | None:
+    try:
+        pid = int((cfg.spool / "run" / "supervisor.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o644
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: str | None = None,
+                  applied_text: str = "", who: str | None = None, why: str = "") -> dict[str, Any]:
+    """Validate, (write,) audit with a diff, then SIGHUP the supervisor.
+
+    Validation comes first, so a bad configuration never reaches the file or the supervisor and
+    the running one keeps running; posted text replaces the file atomically (same directory,
+    fsync, rename).
+    """
+    if not config_path:
+        raise Conflict("fastroute runs on the embedded default configuration; there is no file to reload",
+                       hint="start it with `fastroute serve -c FILE`")
+    path = Path(config_path)
+    if text is None:
+        try:
+            new_text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
+    else:
+        new_text = text
+    new = parse_config(new_text, str(path))
+    if new.spool.resolve() != cfg.spool.resolve():
+        raise ConfigError(f"the spool path cannot change while running ({cfg.spool} -> {new.spool})",
+                          source=str(path), key="spool", hint="stop fastroute to move the spool")
+    pid = supervisor_pid(cfg)
+    if pid is None:
+        raise Conflict(f"no running supervisor (no live pid in {cfg.spool / 'run' / 'supervisor.pid'}); "
+                       "nothing was changed", hint="start fastroute with `fastroute serve -c FILE`")
+    diff = "".join(difflib.unified_diff(applied_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
+                                        fromfile=f"{path} (running)", tofile=f"{path} (new)"))
+    if text is not None:
+        _write_atomically(path, new_text)
+    audit.record(spool, "config_change", who=who, why=why, path=str(path), diff=diff,
+                 source="posted" if text is not None else "file")
+    os.kill(pid, signal.SIGHUP)
+    log.warning("configuration reload requested by %s (%s): supervisor pid %d signalled%s",
+                who or audit.whoami(), path, pid, f": {why}" if why else "")
+    return {"applied": True, "supervisor_pid": pid, "changed": bool(diff), "diff": diff}
+
+
+def read_config_text(config_path: str | None) -> str:
+    """The text the running configuration came from (the diff base for reloads)."""
+    if not config_path:
+        from .config import EMBEDDED_DEFAULT_YAML
+        return EMBEDDED_DEFAULT_YAML
+    try:
+        return Path(config_path).read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+# -- audit trail --------------------------------------------------------------------------------
+
+def parse_time(text: str, *, end: bool = False) -> float:
+    """An ISO date or datetime as a POSIX time; without a zone it is UTC.
+
+    A bare date used as an end (``--until 2024-05-31``) means the end of that day.
+    """
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = dt.date.fromisoformat(text)
+            start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
+            return (start + dt.timedelta(days=1)).timestamp() - 1e-6 if end else start.timestamp()
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"expected an ISO date or datetime such as 2024-05-31 or 2024-05-31T14:00:00Z, "
+                         f"got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def iso(t: float | None) -> str:
+    if t is None:
+        return ""
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+AUDIT_CSV_COLUMNS = ("seq", "time", "action", "who", "why", "destination", "study_instance_uid",
+                     "sop_instance_uid", "calling_ae", "status", "error", "count", "details", "prev", "hash")
+
+
+def audit_events(spool: Spool, *, since: float = 0.0, until: float = float("inf"),
+                 study_instance_uid: str = "", limit: int | None = None) -> list[dict[str, Any]]:
+    out = []
+    for ev in spool.audit_events(since, until, study_instance_uid):
+        out.append(ev)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def audit_export(spool: Spool, out: TextIO, *, fmt: str = "jsonl", since: float = 0.0,
+                 until: float = float("inf"), study_instance_uid: str = "") -> int:
+    """Write the trail as JSON lines (lossless) or CSV (for spreadsheets); returns the count."""
+    if fmt not in ("jsonl", "csv"):
+        raise BadRequest(f"unknown format {fmt!r} (jsonl or csv)")
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(AUDIT_CSV_COLUMNS)
+    n = 0
+    for ev in spool.audit_events(since, until, study_instance_uid):
+        n += 1
+        if writer is None:
+            out.write(json.dumps(ev, ensure_ascii=False) + "\n")
+            continue
+        named = set(AUDIT_CSV_COLUMNS)
+        row = [iso(ev.get("time")) if col == "time" else ev.get(col, "") for col in AUDIT_CSV_COLUMNS]
+        extra = {k: v for k, v in ev.items() if k not in named}
+        row[AUDIT_CSV_COLUMNS.index("details")] = json.dumps(extra, ensure_ascii=False, sort_keys=True) if extra else ""
+        writer.writerow(["" if v is None else v for v in row])
+    return n
+
+
+def apply_retention(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, int]:
+    """Prune audit events (and, where the spool supports it, delivered history) past retention.
+
+    Run periodically by the HTTP process. Pruning is itself audited, so the trail says where
+    it starts and why.
+    """
+    now = time.time() if now is None else now
+    done = {"audit_pruned": 0, "history_pruned": 0}
+    if cfg.audit_retention:
+        done["audit_pruned"] = spool.audit_prune(now - cfg.audit_retention)
+    if cfg.history_retention:
+        done["history_pruned"] = spool.prune_history(now - cfg.history_retention)
+    if any(done.values()):
+        audit.record(spool, "retention", who="fastroute", why="retention policy",
+                     audit_retention=cfg.audit_retention, history_retention=cfg.history_retention, **done)
+        log.info("retention: pruned %d audit event(s) and %d delivered record(s)",
+                 done["audit_pruned"], done["history_pruned"])
+    return done
+
+
+# -- throughput history -------------------------------------------------------------------------
+
+class ThroughputHistory:
+    """Recent samples of cumulative counters; rates come from differences between samples.
+
+    The counters live in the spool, so any process can sample them and a restart of a sender
+    does not reset anything. Sampled on a worker thread and read on the event loop: locked.
+    """
+
+    def __init__(self, keep: float = 600.0) -> None:
+        self.keep = keep
+        self.samples: deque[tuple[float, dict[str, int]]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, now: float, counters: dict[str, int]) -> None:
+        wanted = {k: v for k, v in counters.items() if k == "received" or k.startswith("delivered:")}
+        with self._lock:
+            if self.samples and now <= self.samples[-1][0]:
+                return
+            self.samples.append((now, wanted))
+            while self.samples and self.samples[0][0] < now - self.keep:
+                self.samples.popleft()
+
+    def series(self) -> dict[str, Any]:
+        """Objects per second between consecutive samples: ``t`` (end times), received, per destination."""
+        with self._lock:
+            pts = list(self.samples)
+        dests = sorted({k.split(":", 1)[1] for _, c in pts for k in c if k.startswith("delivered:")})
+        out: dict[str, Any] = {"t": [], "received": [], "delivered": {display_name(d): [] for d in dests}}
+        for (t0, c0), (t1, c1) in zip(pts, pts[1:]):
+            span = t1 - t0
+            out["t"].append(t1)
+            out["received"].append(max(0.0, (c1.get("received", 0) - c0.get("received", 0)) / span))
+            for d in dests:
+                key = f"delivered:{d}"
+                out["delivered"][display_name(d)].append(max(0.0, (c1.get(key, 0) - c0.get(key, 0)) / span))
+        return out
+
+
+__all__ = [
+    "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "resolve_destination",
+    "destination_status", "status", "entries", "failures", "lookup", "get_object", "retry", "purge",
+    "set_paused", "validate_config", "reload_config", "parse_config", "audit_export", "audit_events",
+    "apply_retention", "parse_time", "ThroughputHistory",
+]

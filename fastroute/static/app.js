@@ -1,0 +1,316 @@
+// fastroute dashboard: polls the JSON API and renders with plain DOM calls (no build step, no CDN).
+"use strict";
+
+const POLL_MS = 2000;
+const COLORS = ["#1d4ed8", "#15803d", "#b45309", "#7c3aed", "#0e7490", "#be185d", "#4d7c0f", "#9a3412"];
+const STATE_TEXT = { up: "up", backing_off: "backing off", paused: "paused", idle: "idle", stopped: "stopped",
+                     unknown: "unknown", unconfigured: "not configured", unrouted: "unrouted" };
+
+// -- small helpers -------------------------------------------------------------------------------
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 120) return `${Math.round(seconds)}s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)}m`;
+  if (seconds < 172800) return `${(seconds / 3600).toFixed(1)}h`;
+  return `${(seconds / 86400).toFixed(1)}d`;
+}
+
+function when(t) {
+  if (!t) return "–";
+  const d = new Date(t * 1000);
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString() : d.toLocaleString();
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+async function getJSON(path) {
+  const resp = await fetch(path, { cache: "no-store" });
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
+  return body;
+}
+
+function showMessage(text, isError) {
+  const box = document.getElementById("message");
+  box.textContent = text;
+  box.className = isError ? "message error" : "message";
+  box.hidden = false;
+}
+
+// -- actions (need the bearer token) -------------------------------------------------------------
+
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("fastroute-token") || "";
+tokenInput.addEventListener("change", () => sessionStorage.setItem("fastroute-token", tokenInput.value));
+
+async function act(path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (tokenInput.value) headers.Authorization = `Bearer ${tokenInput.value}`;
+  try {
+    const resp = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.error + (data.hint ? ` (${data.hint})` : ""));
+    showMessage(`${path}: ${JSON.stringify(data)}`, false);
+  } catch (err) {
+    showMessage(`${path}: ${err.message}`, true);
+  }
+  refresh();
+}
+
+function actions(q) {
+  if (!q.configured) return "";
+  const name = encodeURIComponent(q.destination);
+  const out = [];
+  out.push(q.paused
+    ? el("button", { class: "resume", onclick: () => act(`/api/queues/${name}/resume`, { why: "dashboard" }) }, "resume")
+    : el("button", { class: "pause", onclick: () => act(`/api/queues/${name}/pause`, { why: "dashboard" }) }, "pause"));
+  if (q.failed) {
+    out.push(" ", el("button", { class: "retry", onclick: () => {
+      const why = prompt(`Retry the ${q.failed} failed object(s) of ${q.name}: why?`, "");
+      if (why !== null) act(`/api/queues/${name}/retry`, { why });
+    } }, "retry failed"));
+  }
+  return out;
+}
+
+// -- rendering -----------------------------------------------------------------------------------
+
+function lastMinuteRate(series, name) {
+  const values = (series.delivered || {})[name] || [];
+  const n = Math.max(1, Math.round(60 / (series.interval || 2)));
+  const recent = values.slice(-n);
+  return recent.length ? recent.reduce((a, b) => a + b, 0) / recent.length : 0;
+}
+
+function stateCell(q) {
+  const badge = el("span", { class: `badge ${q.status}` }, STATE_TEXT[q.status] || q.status);
+  const extra = [];
+  if (q.status === "backing_off" && q.down_since) {
+    extra.push(el("div", { class: "muted" }, `down since ${when(q.down_since)}`,
+      q.retry_at ? `, retry ${when(q.retry_at)}` : "", ` (${q.consecutive_failures} failures)`));
+  }
+  if (q.last_error && q.status !== "up") extra.push(el("div", { class: "muted error-text" }, q.last_error));
+  return el("td", { class: "state" }, badge, extra);
+}
+
+function renderDestinations(queues, series) {
+  const body = document.querySelector("#destinations tbody");
+  body.replaceChildren(...queues.map((q) => el("tr", { "data-destination": q.name },
+    el("td", { class: "name" }, q.name, q.peer ? el("div", { class: "muted" },
+      `${q.peer.ae_title}@${q.peer.host}:${q.peer.port}`) : ""),
+    stateCell(q),
+    el("td", { class: "num pending" }, q.pending),
+    el("td", { class: "num in_flight" }, q.in_flight),
+    el("td", { class: "num failed" }, q.failed),
+    el("td", { class: "num oldest" }, age(q.oldest_age)),
+    el("td", { class: "num delivered" }, q.delivered),
+    el("td", { class: "num rate" }, lastMinuteRate(series, q.name).toFixed(2)),
+    el("td", { class: "actions" }, actions(q)))));
+  if (!queues.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "no destinations configured")));
+  }
+}
+
+function renderAlerts(alerts) {
+  const box = document.getElementById("alerts");
+  box.hidden = !alerts.length;
+  box.replaceChildren(el("strong", {}, `${alerts.length} alert(s)`),
+    el("ul", {}, alerts.map((a) => el("li", { "data-alert": a.name },
+      a.message, el("span", { class: "muted" }, ` (since ${when(a.since)})`)))));
+}
+
+function renderUsage(status) {
+  const u = status.usage;
+  const used = u.used_bytes / u.map_size;
+  const free = u.disk_free_bytes / u.disk_total_bytes;
+  const low = u.disk_free_bytes < 2 * status.min_free_bytes;
+  document.getElementById("usage").replaceChildren(
+    el("div", {}, `spool: ${bytes(u.used_bytes)} of ${bytes(u.map_size)}`),
+    el("div", { class: "bar" }, el("div", { style: `width:${(100 * used).toFixed(1)}%` })),
+    el("div", {}, `disk: ${bytes(u.disk_free_bytes)} free of ${bytes(u.disk_total_bytes)}`,
+      el("span", { class: "muted" }, ` (refuses objects below ${bytes(status.min_free_bytes)})`)),
+    el("div", { class: low ? "bar low" : "bar" }, el("div", { style: `width:${(100 * (1 - free)).toFixed(1)}%` })));
+  const t = status.totals;
+  const rows = [["received", `${t.received} (${bytes(t.received_bytes)})`],
+                ["delivered", `${t.delivered} (${bytes(t.delivered_bytes)})`],
+                ["failed", t.failed], ["retries", t.retries], ["purged", t.purged]];
+  for (const [ae, n] of Object.entries(status.received_from || {})) rows.push([`from ${ae || "(no AE)"}`, n]);
+  document.querySelector("#totals tbody").replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, v))));
+}
+
+function renderFailures(rows) {
+  const body = document.querySelector("#failures tbody");
+  if (!rows.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no failed objects")));
+    return;
+  }
+  body.replaceChildren(...rows.map((f) => el("tr", { "data-oid": f.oid },
+    el("td", {}, when(f.failed_at)), el("td", {}, f.destination),
+    el("td", { class: "status" }, f.status_text || "no DICOM status"),
+    el("td", { class: "uid" }, f.sop_instance_uid),
+    el("td", { class: "uid" }, el("a", { href: "#", onclick: (e) => { e.preventDefault(); search("study_instance_uid", f.study_instance_uid); } }, f.study_instance_uid)),
+    el("td", {}, f.calling_ae), el("td", { class: "num" }, f.attempts),
+    el("td", { class: "error-text" }, f.error))));
+}
+
+// -- the live chart: a hand-written canvas line chart ---------------------------------------------
+
+function drawChart(series) {
+  const canvas = document.getElementById("chart");
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 800;
+  const height = canvas.clientHeight || 220;
+  canvas.width = Math.round(width * ratio);
+  canvas.height = Math.round(height * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+
+  const lines = [{ name: "received", values: series.received || [], color: "#9ca3af", dash: [4, 3] }];
+  Object.entries(series.delivered || {}).forEach(([name, values], i) =>
+    lines.push({ name: `→ ${name}`, values, color: COLORS[i % COLORS.length], dash: [] }));
+  const t = series.t || [];
+  const pad = { left: 44, right: 10, top: 10, bottom: 22 };
+  const w = width - pad.left - pad.right;
+  const h = height - pad.top - pad.bottom;
+  const now = t.length ? t[t.length - 1] : Date.now() / 1000;
+  const span = 600;
+  let max = 0;
+  for (const l of lines) for (const v of l.values) max = Math.max(max, v);
+  const step = niceStep(max || 1);
+  const top = Math.max(step, Math.ceil((max || 1) / step) * step);
+  const x = (ti) => pad.left + w * (1 - (now - ti) / span);
+  const y = (v) => pad.top + h * (1 - v / top);
+
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillStyle = "#6b7280";
+  ctx.strokeStyle = "#e3e6ea";
+  ctx.lineWidth = 1;
+  for (let v = 0; v <= top + 1e-9; v += step) {
+    ctx.beginPath(); ctx.moveTo(pad.left, y(v)); ctx.lineTo(pad.left + w, y(v)); ctx.stroke();
+    ctx.textAlign = "right"; ctx.textBaseline = "middle";
+    ctx.fillText(formatRate(v), pad.left - 6, y(v));
+  }
+  ctx.textAlign = "center"; ctx.textBaseline = "top";
+  for (let m = 10; m >= 0; m -= 2) ctx.fillText(m ? `-${m}m` : "now", pad.left + w * (1 - m * 60 / span), pad.top + h + 6);
+
+  for (const l of lines) {
+    ctx.strokeStyle = l.color; ctx.lineWidth = 2; ctx.setLineDash(l.dash);
+    ctx.beginPath();
+    let started = false;
+    l.values.forEach((v, i) => {
+      if (now - t[i] > span) return;
+      if (!started) { ctx.moveTo(x(t[i]), y(v)); started = true; } else ctx.lineTo(x(t[i]), y(v));
+    });
+    ctx.stroke();
+  }
+  ctx.setLineDash([]);
+  document.getElementById("legend").replaceChildren(...lines.map((l) =>
+    el("span", {}, el("i", { style: `background:${l.color}` }), l.name)));
+}
+
+function niceStep(max) {
+  const raw = max / 4;
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 5, 10]) if (raw <= m * mag) return m * mag;
+  return 10 * mag;
+}
+
+function formatRate(v) { return v === 0 ? "0" : v >= 10 ? v.toFixed(0) : v >= 1 ? v.toFixed(1) : v.toFixed(2); }
+
+// -- study search --------------------------------------------------------------------------------
+
+function stepView(s) {
+  const bits = [el("strong", {}, s.destination), " ", el("span", { class: `badge ${s.state}` }, s.state.replace("_", " "))];
+  if (s.at) bits.push(" ", when(s.at));
+  if (s.status_text) bits.push(" ", el("span", { class: "status" }, s.status_text));
+  if (s.attempts !== null && s.attempts !== undefined) bits.push(el("span", { class: "muted" }, ` · ${s.attempts} attempt(s)`));
+  if (s.next_at && s.state === "pending") bits.push(el("span", { class: "muted" }, ` · next try ${when(s.next_at)}`));
+  if (s.error) bits.push(" ", el("span", { class: "error-text" }, s.error));
+  if (s.last_failure && s.state !== "failed") {
+    bits.push(el("div", { class: "muted" }, `earlier failure ${when(s.last_failure.at)}: ${s.last_failure.status_text} ${s.last_failure.error}`));
+  }
+  return el("li", { class: "step", "data-destination": s.destination, "data-state": s.state }, bits);
+}
+
+function objectView(o) {
+  const src = o.received_from;
+  return el("div", { class: "object", "data-sop": o.sop_instance_uid },
+    el("div", {}, el("span", { class: "uid" }, o.sop_instance_uid), " ",
+      el("span", { class: "muted" }, `${o.modality || "?"} · oid ${o.oid}`)),
+    el("div", { class: "meta received" },
+      `received ${when(o.received_at)} from ${src.calling_ae || "?"} (${src.peer || "?"}) as ${src.called_ae || "?"}`,
+      ` · rules: ${o.rules.length ? o.rules.join(", ") : "none (default route)"}`,
+      ` · patient ${o.patient_id || "–"} · accession ${o.accession_number || "–"}`),
+    el("ul", { class: "path" }, o.path.length ? o.path.map(stepView) : el("li", { class: "muted" }, "routed nowhere")));
+}
+
+async function search(kind, value) {
+  document.getElementById("search-kind").value = kind;
+  document.getElementById("search-value").value = value;
+  const out = document.getElementById("search-results");
+  out.replaceChildren(el("div", { class: "muted" }, "searching…"));
+  try {
+    const r = await getJSON(`/api/lookup?${kind}=${encodeURIComponent(value)}`);
+    const studies = new Set(r.objects.map((o) => o.study_instance_uid));
+    out.replaceChildren(
+      el("div", { class: "summary" }, `${r.count} object(s) in ${studies.size} study(ies)${r.truncated ? " (truncated)" : ""}`),
+      ...r.objects.map(objectView));
+  } catch (err) {
+    out.replaceChildren(el("div", { class: "error-text" }, err.message));
+  }
+}
+
+document.getElementById("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  search(document.getElementById("search-kind").value, document.getElementById("search-value").value.trim());
+});
+
+// -- polling -------------------------------------------------------------------------------------
+
+let timer = null;
+
+async function refresh() {
+  clearTimeout(timer);
+  try {
+    const [status, series, failures] = await Promise.all([
+      getJSON("/api/status"), getJSON("/api/throughput"), getJSON("/api/failures?limit=25")]);
+    const l = status.listener;
+    document.getElementById("listener").textContent =
+      `${status.version} · AE ${l.ae_title} on ${l.host}:${l.port} · ${l.processes} listener process(es)`;
+    renderAlerts(status.alerts);
+    renderDestinations(status.destinations, series);
+    renderUsage(status);
+    renderFailures(failures.failures);
+    drawChart(series);
+    document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    document.body.dataset.loaded = "1";
+  } catch (err) {
+    document.getElementById("updated").textContent = `not reachable: ${err.message}`;
+  }
+  timer = setTimeout(refresh, POLL_MS);
+}
+
+refresh();

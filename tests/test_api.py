@@ -1,0 +1,441 @@
+"""The HTTP management plane against a real spool: every endpoint, auth, config, metrics, alerts."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastroute.api import ROUTES, http_main, make_app, openapi_spec
+from fastroute.config import Config
+from fastroute.schedule import DestinationState
+from fastroute.spool import Outcome, Spool
+
+from test_ops import AGE, STUDY_A, STUDY_B, Hup, fill, make_config
+
+TOKEN = {"Authorization": "Bearer s3cret"}
+Body = Callable[[TestClient, web.Application], Awaitable[None]]   # type: ignore[type-arg]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[Config, Path, Spool, list[int]]]:
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    oids = fill(spool, time.time() - AGE)
+    yield cfg, path, spool, oids
+    spool.close()
+
+
+def serve(cfg: Config, spool: Spool, path: Path | None, body: Body, interval: float = 0.05) -> None:
+    async def main() -> None:
+        app = make_app(cfg, spool, str(path) if path else None, monitor_interval=interval)
+        async with TestClient(TestServer(app)) as client:
+            await body(client, app)
+    asyncio.run(main())
+
+
+async def poll(fetch: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], what: str,
+               timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
+        await asyncio.sleep(0.02)
+
+
+async def get_json(client: TestClient, path: str, status: int = 200) -> Any:   # type: ignore[type-arg]
+    resp = await client.get(path)
+    assert resp.status == status, (path, resp.status, await resp.text())
+    return await resp.json()
+
+
+# -- read-only endpoints --------------------------------------------------------------------------
+
+def test_read_endpoints(env: Any) -> None:
+    cfg, path, spool, oids = env
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        assert (await get_json(c, "/healthz"))["ok"]
+        status = await get_json(c, "/api/status")
+        pacs = {q["name"]: q for q in status["destinations"]}["pacs"]
+        assert (pacs["pending"], pacs["failed"], pacs["delivered"]) == (2, 1, 1)
+        assert status["usage"]["map_size"] == cfg.spool_max_bytes and status["totals"]["received"] == 5
+        assert status["received_from"] == {"CT1": 4, "MR1": 1} and status["token_configured"]
+        assert len((await get_json(c, "/api/queues"))["queues"]) == 3
+        assert (await get_json(c, "/api/queues/vna"))["pending"] == 3
+        assert (await get_json(c, "/api/queues/unrouted"))["pending"] == 1
+        assert "unknown destination" in (await get_json(c, "/api/queues/nope", 404))["error"]
+        entries = (await get_json(c, "/api/queues/pacs/entries?state=failed"))["entries"]
+        assert [e["oid"] for e in entries] == [oids[1]]
+        assert len((await get_json(c, "/api/queues/vna/entries?state=pending&limit=2"))["entries"]) == 2
+        await get_json(c, "/api/queues/pacs/entries?state=bogus", 400)
+        await get_json(c, "/api/queues/pacs/entries?limit=x", 400)
+        failures = (await get_json(c, "/api/failures"))["failures"]
+        assert failures[0]["status_text"].startswith("0xA900")
+        series = await get_json(c, "/api/throughput")
+        assert series["interval"] == 0.05 and "received" in series
+        assert (await get_json(c, "/api/alerts"))["checked"]
+
+        found = await get_json(c, f"/api/lookup?study_instance_uid={STUDY_A}")
+        assert found["count"] == 3 and found["objects"][0]["path"][0]["state"] == "delivered"
+        assert (await get_json(c, "/api/lookup?accession=ACC2"))["objects"][0]["oid"] == oids[3]
+        assert (await get_json(c, "/api/lookup?patient_id=PAT1"))["count"] == 3
+        await get_json(c, "/api/lookup", 400)
+        assert (await get_json(c, f"/api/studies/{STUDY_B}"))["count"] == 1
+        await get_json(c, "/api/studies/9.9.9", 404)
+        assert (await get_json(c, f"/api/objects/{oids[1]}"))["sop_instance_uid"] == f"{STUDY_A}.2"
+        await get_json(c, "/api/objects/x", 400)
+        await get_json(c, "/api/objects/424242", 404)
+
+        events = (await get_json(c, "/api/audit"))["events"]
+        assert [e["action"] for e in events] == ["delivered", "failed"]
+        assert (await get_json(c, f"/api/audit?study_instance_uid={STUDY_B}"))["events"] == []
+        assert (await get_json(c, "/api/audit?until=2000-01-01"))["events"] == []
+        await get_json(c, "/api/audit?since=yesterday", 400)
+        resp = await c.get("/api/audit?format=csv")
+        assert resp.content_type == "text/csv"
+        assert [r["action"] for r in csv.DictReader(io.StringIO(await resp.text()))] == ["delivered", "failed"]
+        resp = await c.get("/api/audit?format=jsonl")
+        assert len((await resp.text()).splitlines()) == 2
+        assert (await get_json(c, "/api/audit/verify"))["ok"]
+
+        resp = await c.get("/")
+        assert resp.status == 200 and "<canvas" in await resp.text()
+        for asset in ("app.js", "style.css"):
+            assert (await c.get(f"/static/{asset}")).status == 200
+
+    serve(cfg, spool, path, body)
+
+
+def test_openapi_describes_every_route(env: Any) -> None:
+    cfg, path, spool, _ = env
+    spec = openapi_spec()
+    assert spec["openapi"].startswith("3.")
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        assert await get_json(c, "/openapi.json") == json.loads(json.dumps(spec))
+        routed: set[tuple[str, str]] = set()
+        for route in app.router.routes():
+            if route.method == "HEAD":
+                continue
+            info = route.resource.get_info() if route.resource else {}
+            p = info.get("path") or info.get("formatter") or f"{info['prefix']}/{{filename}}"
+            routed.add((p, route.method.lower()))
+        documented = {(p, m) for p, ops in spec["paths"].items() for m in ops}
+        assert routed == documented
+        for method, p, handler in ROUTES:
+            op = spec["paths"][p][method.lower()]
+            assert bool(op.get("security")) == bool(getattr(handler, "mutating", False)), (method, p)
+            for param in op["parameters"]:
+                if param["in"] == "path":
+                    assert "{" + param["name"] + "}" in p
+
+    serve(cfg, spool, path, body)
+
+
+# -- auth ---------------------------------------------------------------------------------------
+
+MUTATING = [("POST", p) for m, p, h in ROUTES if getattr(h, "mutating", False)]
+
+
+def concrete(p: str) -> str:
+    return p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A)
+
+
+def test_mutating_calls_need_the_token(env: Any) -> None:
+    cfg, path, spool, _ = env
+    assert len(MUTATING) == 6
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for _, p in MUTATING:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                resp = await c.post(concrete(p), json={"states": ["failed"], "reason": "x"}, headers=headers)
+                assert resp.status == 401, (p, headers)
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                assert "token" in (await resp.json())["error"]
+        assert not spool.is_paused("pacs") and spool.stats(["pacs"])[0].failed == 1
+
+    serve(cfg, spool, path, body)
+
+
+def test_mutating_calls_refused_without_a_configured_token(tmp_path: Path) -> None:
+    cfg, path = make_config(tmp_path, token=None)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for _, p in MUTATING:
+            resp = await c.post(concrete(p), json={}, headers=TOKEN)
+            assert resp.status == 403
+            doc = await resp.json()
+            assert "no token is configured" in doc["error"] and "http.token" in doc["hint"]
+        assert (await c.get("/api/status")).status == 200   # reading stays open
+
+    try:
+        serve(cfg, spool, path, body)
+    finally:
+        spool.close()
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+def test_actions_are_applied_and_audited(env: Any) -> None:
+    cfg, path, spool, oids = env
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        hdrs = {**TOKEN, "X-Fastroute-Operator": "erin"}
+        resp = await c.post("/api/queues/pacs/pause", json={"why": "maintenance"}, headers=hdrs)
+        assert resp.status == 200 and (await resp.json())["paused"]
+        assert spool.is_paused("pacs")
+        assert (await get_json(c, "/api/queues/pacs"))["status"] == "paused"
+        ev = list(spool.audit_events())[-1]
+        assert ev["action"] == "pause" and ev["who"].startswith("erin via http ") and ev["why"] == "maintenance"
+        resp = await c.post("/api/queues/pacs/resume", headers=TOKEN)
+        assert resp.status == 200 and not spool.is_paused("pacs")
+        assert (await c.post("/api/queues/nope/pause", headers=TOKEN)).status == 404
+        assert (await c.post("/api/queues/unrouted/pause", headers=TOKEN)).status == 400
+
+        resp = await c.post(f"/api/studies/{STUDY_A}/retry", json={"why": "fixed"}, headers=TOKEN)
+        assert (await resp.json()) == {"retried": {"pacs": 1}, "count": 1}
+        assert (await c.post("/api/studies/9.9.9/retry", headers=TOKEN)).status == 404
+        resp = await c.post("/api/queues/pacs/retry", json={"oids": "all"}, headers=TOKEN)
+        assert resp.status == 400
+        resp = await c.post("/api/queues/pacs/retry", data="{not json", headers=TOKEN)
+        assert resp.status == 400
+        resp = await c.post("/api/queues/pacs/retry", headers=TOKEN)
+        assert (await resp.json())["count"] == 0
+
+        resp = await c.post("/api/queues/pacs/purge", json={"states": ["pending"]}, headers=TOKEN)
+        assert resp.status == 400 and "reason" in (await resp.json())["error"]
+        resp = await c.post("/api/queues/pacs/purge", json={"reason": "x"}, headers=TOKEN)
+        assert resp.status == 400 and "states" in (await resp.json())["error"]
+        resp = await c.post("/api/queues/pacs/purge", headers=TOKEN, json={
+            "states": ["pending"], "reason": "wrong patient", "study_instance_uid": STUDY_B, "who": "frank"})
+        assert (await resp.json())["purged"] == [oids[3]]
+        ev = list(spool.audit_events())[-1]
+        assert (ev["action"], ev["why"], ev["who"].split()[0]) == ("purge", "wrong patient", "frank")
+
+    serve(cfg, spool, path, body)
+
+
+def test_config_validate_and_reload(env: Any) -> None:
+    cfg, path, spool, _ = env
+    applied = path.read_text()
+    bad = applied.replace("  vna: {ae_title: VNA", "  vna: {ae_title: VNA, colour: blue")
+    bad_line = bad.splitlines().index(next(l for l in bad.splitlines() if "colour" in l)) + 1
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        resp = await c.post("/api/config/validate", data=bad, headers={"Content-Type": "application/yaml"})
+        assert resp.status == 422
+        err = (await resp.json())["errors"][0]
+        assert (err["line"], err["key"]) == (bad_line, "destinations.vna.colour")
+        assert "unknown key" in err["message"] and "valid keys" in err["hint"]
+        resp = await c.post("/api/config/validate", json={"text": applied})
+        assert resp.status == 200 and (await resp.json())["valid"]
+        assert (await c.post("/api/config/validate")).status == 400
+
+        # No supervisor yet: refused, nothing changed.
+        resp = await c.post("/api/config/reload", headers=TOKEN)
+        assert resp.status == 409 and "no running supervisor" in (await resp.json())["error"]
+        (cfg.spool / "run").mkdir(exist_ok=True)
+        (cfg.spool / "run" / "supervisor.pid").write_text(str(os.getpid()))
+        with Hup() as hup:
+            resp = await c.post("/api/config/reload?why=typo", data=bad,
+                                headers={**TOKEN, "Content-Type": "application/yaml"})
+            assert resp.status == 422
+            doc = await resp.json()
+            assert doc["errors"][0]["line"] == bad_line and not doc["valid"]
+            assert path.read_text() == applied and hup.count == 0
+
+            new = applied.replace("port: 11112", "port: 11113")
+            resp = await c.post("/api/config/reload", json={"text": new, "why": "move port", "who": "gina"},
+                                headers=TOKEN)
+            assert resp.status == 200, await resp.text()
+            doc = await resp.json()
+            assert doc["applied"] and "+port: 11113" in doc["diff"]
+            await poll(lambda: asyncio.sleep(0, hup.count), lambda n: n == 1, "SIGHUP")
+            assert path.read_text() == new
+            ev = list(spool.audit_events())[-1]
+            assert (ev["action"], ev["why"], ev["who"].split()[0]) == ("config_change", "move port", "gina")
+
+            resp = await c.post("/api/config/reload", headers=TOKEN)   # re-validate the file as it is
+            assert resp.status == 200
+            await poll(lambda: asyncio.sleep(0, hup.count), lambda n: n == 2, "second SIGHUP")
+
+    serve(cfg, spool, path, body)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(fams: dict[str, Any], family: str, metric: str, /, **labels: str) -> float:
+    for s in fams[family].samples:
+        if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    raise AssertionError(f"no sample {metric}{labels}")
+
+
+def test_metrics_exposition(env: Any) -> None:
+    cfg, path, spool, _ = env
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        resp = await c.get("/metrics")
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        fams = families(await resp.text())
+        assert sample(fams, "fastroute_received_objects", "fastroute_received_objects_total") == 5
+        assert sample(fams, "fastroute_received_from_objects", "fastroute_received_from_objects_total",
+                      calling_ae="CT1") == 4
+        assert sample(fams, "fastroute_delivered_objects", "fastroute_delivered_objects_total",
+                      destination="pacs") == 1
+        assert sample(fams, "fastroute_delivered_objects", "fastroute_delivered_objects_total",
+                      destination="vna") == 0
+        assert sample(fams, "fastroute_failed_by_status", "fastroute_failed_by_status_total", destination="pacs",
+                      status="0xA900", meaning="Error: Data Set does not match SOP Class") == 1
+        assert sample(fams, "fastroute_retries", "fastroute_retries_total", destination="vna") == 1
+        hist = "fastroute_delivery_latency_seconds"
+        assert fams[hist].type == "histogram"
+        assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="1.0") == 0
+        assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="2.5") == 1
+        assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="+Inf") == 1
+        assert sample(fams, hist, f"{hist}_count", destination="pacs") == 1
+        assert sample(fams, hist, f"{hist}_sum", destination="pacs") == pytest.approx(2.0)
+        buckets = [s.value for s in fams[hist].samples if s.name.endswith("_bucket")
+                   and s.labels["destination"] == "pacs"]
+        assert buckets == sorted(buckets)   # cumulative
+        assert sample(fams, "fastroute_queue_objects", "fastroute_queue_objects", destination="pacs",
+                      state="pending") == 2
+        assert sample(fams, "fastroute_queue_objects", "fastroute_queue_objects", destination="unrouted",
+                      state="pending") == 1
+        assert sample(fams, "fastroute_queue_oldest_age_seconds", "fastroute_queue_oldest_age_seconds",
+                      destination="pacs") > AGE - 5
+        assert sample(fams, "fastroute_destination_state", "fastroute_destination_state", destination="pacs",
+                      state="unknown") == 1
+        assert sample(fams, "fastroute_disk_free_bytes", "fastroute_disk_free_bytes") > 0
+        assert sample(fams, "fastroute_spool_max_bytes", "fastroute_spool_max_bytes") == cfg.spool_max_bytes
+        assert sample(fams, "fastroute_alert", "fastroute_alert", name="oldest_age", destination="pacs") == 1
+        assert sample(fams, "fastroute_alert", "fastroute_alert", name="oldest_age", destination="vna") == 0
+        assert not any(n.startswith(("python_", "process_")) for n in fams)   # private registry
+
+    serve(cfg, spool, path, body)
+
+
+# -- alerts -------------------------------------------------------------------------------------
+
+def test_alerts_raise_and_clear_in_api_metrics_log_and_webhook(env: Any, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, path, spool, oids = env
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        hook_app = web.Application()
+        hook_app.router.add_post("/hook", hook)
+        async with TestServer(hook_app) as hook_server:
+            url = str(hook_server.make_url("/hook"))
+            with_hook = dataclasses.replace(cfg, alerts=dataclasses.replace(cfg.alerts, webhook=url))
+            app = make_app(with_hook, spool, str(path), monitor_interval=0.05)
+            async with TestClient(TestServer(app)) as c:
+                async def names() -> set[tuple[str, str]]:
+                    doc = await get_json(c, "/api/alerts")
+                    return {(a["name"], a["destination"]) for a in doc["alerts"]}
+
+                await poll(names, lambda n: n == {("oldest_age", "pacs")}, "oldest_age alert")
+                status = await get_json(c, "/api/status")
+                assert status["alerts"][0]["message"].startswith("destination=pacs: oldest waiting object")
+
+                (cfg.spool / "run").mkdir(exist_ok=True)
+                DestinationState("vna", state="backing_off", consecutive_failures=3,
+                                 down_since=time.time()).write(cfg.spool)
+                await poll(names, lambda n: ("consecutive_failures", "vna") in n, "consecutive failures alert")
+
+                # Deliver what pacs has pending: its oldest age drops to none and the alert clears.
+                claimed, _ = spool.claim("pacs", 10)
+                spool.settle("pacs", [Outcome(x.oid, "delivered", status=0) for x in claimed])
+                await poll(names, lambda n: n == {("consecutive_failures", "vna")}, "oldest_age cleared")
+                fams = families(await (await c.get("/metrics")).text())
+                assert sample(fams, "fastroute_alert", "fastroute_alert", name="oldest_age", destination="pacs") == 0
+                assert sample(fams, "fastroute_alert", "fastroute_alert", name="consecutive_failures",
+                              destination="vna") == 1
+                await poll(lambda: asyncio.sleep(0, [e["event"] for r in received for e in r["events"]]),
+                           lambda ev: ev.count("cleared") == 1, "webhook clear")
+        events = [(e["event"], e["name"], e["destination"]) for r in received for e in r["events"]]
+        assert events == [("raised", "oldest_age", "pacs"), ("raised", "consecutive_failures", "vna"),
+                          ("cleared", "oldest_age", "pacs")]
+
+    with caplog.at_level(logging.INFO, logger="fastroute.alerts"):
+        asyncio.run(main())
+    logged = [r.getMessage() for r in caplog.records if r.name == "fastroute.alerts"]
+    assert sum(m.startswith("alert raised") for m in logged) == 2   # once each, not every poll
+    assert sum(m.startswith("alert cleared") for m in logged) == 1
+
+
+def test_webhook_failure_never_blocks(env: Any, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, path, spool, _ = env
+    with socket.socket() as s:   # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    broken = dataclasses.replace(cfg, alerts=dataclasses.replace(cfg.alerts, webhook=f"http://127.0.0.1:{dead}/x"))
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        await poll(lambda: get_json(c, "/api/alerts"), lambda d: bool(d["alerts"]), "alert")
+        assert (await c.get("/api/status")).status == 200
+
+    with caplog.at_level(logging.WARNING, logger="fastroute.alerts"):
+        serve(broken, spool, path, body)
+    assert any("alert webhook" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
+
+
+# -- the process entry point ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_http_main_serves_until_sigterm(tmp_path: Path) -> None:
+    cfg, path = make_config(tmp_path)
+    port = free_port()
+    cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=port))
+    Spool(cfg.spool, map_size=cfg.spool_max_bytes).close()
+    proc = multiprocessing.get_context("spawn").Process(target=http_main, args=(cfg, str(path)))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                    assert json.load(resp)["ok"]
+                    break
+            except OSError:
+                assert proc.is_alive() and time.monotonic() < deadline, "http process did not come up"
+                time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)   # type: ignore[arg-type]
+        proc.join(10)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

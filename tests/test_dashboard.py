@@ -1,0 +1,156 @@
+"""The dashboard in a real headless browser (Debian chromium + chromium-driver, driven by selenium).
+
+Skipped with the reason when chromium, chromedriver or selenium is missing, except under CI=true,
+where a missing browser must fail the run instead of silently skipping the only UI test.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from aiohttp import web
+
+from fastroute.api import make_app
+from fastroute.config import Config
+from fastroute.spool import Outcome, Spool
+
+from test_ops import AGE, STUDY_A, fill, make_config
+
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def _require(found: Any, reason: str) -> Any:
+    if not found:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (required when CI=true: apt-get install chromium chromium-driver; "
+                        "pip install selenium)")
+        pytest.skip(reason)
+    return found
+
+
+def _which(*names: str) -> str | None:
+    for name in names:
+        path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+        if path:
+            return path
+    return None
+
+
+class LiveServer:
+    """The app on a free loopback port, on its own event loop thread (the browser needs a real socket)."""
+
+    def __init__(self, cfg: Config, spool: Spool, config_path: str) -> None:
+        self.app = make_app(cfg, spool, config_path, monitor_interval=0.5)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="dashboard-server", daemon=True)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.url = ""
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(15)
+        return self
+
+    async def _start(self) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    def __exit__(self, *_: Any) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _require(False, "selenium is not installed (pip install selenium)")
+        raise
+    chromium = _require(_which("chromium", "chromium-browser"), "chromium is not installed")
+    driver_path = _require(_which("chromedriver"), "chromedriver (Debian: chromium-driver) is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1400,1200"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver: Any, predicate: Any, what: str, timeout: float = 10.0) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def check(d: Any) -> Any:
+        try:
+            return predicate(d)
+        except StaleElementReferenceException:   # the table was re-rendered under us
+            return False
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check, message=f"waiting for {what}")
+
+
+def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+
+            def cell(dest: str, col: str) -> str:
+                found = browser.find_elements(By.CSS_SELECTOR, f'tr[data-destination="{dest}"] td.{col}')
+                return str(found[0].text) if found else ""
+
+            wait(browser, lambda d: cell("pacs", "pending") == "2", "the pacs row with 2 pending")
+            assert cell("vna", "pending") == "3" and cell("pacs", "failed") == "1"
+            assert cell("unrouted", "pending") == "1" and cell("pacs", "delivered") == "1"
+            assert cell("pacs", "oldest").endswith("m") or cell("pacs", "oldest").endswith("s")
+            assert "0xA900" in browser.find_element(By.CSS_SELECTOR, "#failures tbody").text
+            assert "oldest waiting object" in browser.find_element(By.ID, "alerts").text
+            assert browser.find_element(By.ID, "chart").size["height"] > 100
+
+            browser.find_element(By.ID, "search-value").send_keys(STUDY_A)
+            browser.find_element(By.ID, "search-button").click()
+            wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results .object")) == 3,
+                 "three objects of the study")
+            first = browser.find_elements(By.CSS_SELECTOR, "#search-results .object")[0]
+            assert "from CT1 (10.0.0.5)" in first.text and "ct-to-pacs" in first.text
+            steps = {s.get_attribute("data-destination"): s for s in first.find_elements(By.CSS_SELECTOR, ".step")}
+            assert steps["pacs"].get_attribute("data-state") == "delivered"
+            assert steps["vna"].get_attribute("data-state") == "pending"
+            assert "0xA700" in steps["vna"].text and "1 attempt(s)" in steps["vna"].text
+
+            # Live: deliver what pacs has pending and watch the row follow.
+            claimed, _ = spool.claim("pacs", 10)
+            spool.settle("pacs", [Outcome(c.oid, "delivered", status=0) for c in claimed])
+            wait(browser, lambda d: cell("pacs", "pending") == "0" and cell("pacs", "delivered") == "3",
+                 "the refreshed pacs row")
+
+            # An action with the token: pause pacs from its row.
+            token = browser.find_element(By.ID, "token")
+            token.send_keys("s3cret")
+            browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", token)
+            browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] button.pause').click()
+            wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused")
+            wait(browser, lambda d: "paused" in d.find_element(
+                By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.state').text, "the paused badge")
+    finally:
+        spool.close()
