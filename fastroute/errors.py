@@ -80,3 +80,13 @@ class DeliveryError(FastrouteError):
 
 class TranscodeError(FastrouteError):
     """A transfer syntax conversion is impossible (no decoder/encoder, or not allowed)."""
+
+
+class NoCodecError(TranscodeError):
+    """No decoder/encoder is installed for a transfer syntax; retrying cannot help.
+
+    ``permanent`` lets the sender fail the object for this destination at once instead of
+    backing off: only installing the named plugin (and restarting) changes the outcome.
+    """
+
+    permanent: bool = True
