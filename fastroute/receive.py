@@ -50,6 +50,17 @@ ACCEPTED_SYNTAXES = [
     "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
     "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",      # RLE Lossless
+    "1.2.840.10008.1.2.4.92",   # JPEG 2000 Part 2 Multi-component Lossless
+    "1.2.840.10008.1.2.4.93",   # JPEG 2000 Part 2 Multi-component
+    "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile / Main Level
+    "1.2.840.10008.1.2.4.101",  # MPEG2 Main Profile / High Level
+    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 High Profile / Level 4.1
+    "1.2.840.10008.1.2.4.103",  # MPEG-4 AVC/H.264 BD-compatible
+    "1.2.840.10008.1.2.4.104",  # MPEG-4 AVC/H.264 High Profile / Level 4.2 2D
+    "1.2.840.10008.1.2.4.105",  # MPEG-4 AVC/H.264 High Profile / Level 4.2 3D
+    "1.2.840.10008.1.2.4.106",  # MPEG-4 AVC/H.264 Stereo
+    "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main Profile
+    "1.2.840.10008.1.2.4.108",  # HEVC/H.265 Main 10 Profile
 ]
 
 # Attributes every object is indexed by, whatever the rules need.

@@ -20,13 +20,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .config import Config, DestinationConfig
-from .errors import SpoolError
-from .send import (AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status,
-                   pairs_of, status_text)
+from .errors import SpoolError, TranscodeError
+from .send import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status, status_text
 from .spool import Claimed, Outcome, Spool
+from .syntax import SyntaxPlanner
+from .transcode import syntax_label
 from .wakeup import Waker
 
 log = logging.getLogger("fastroute.schedule")
@@ -102,7 +102,7 @@ class DestinationSender:
         self.down_until = 0.0
         self.state = DestinationState(dest.name, state="paused" if dest.paused else "idle")
         self._state_lock = threading.Lock()
-        self.transform: Callable[[Connection, Claimed, bytes], tuple[int, bytes]] | None = None
+        self.planner = SyntaxPlanner(dest)
 
     # -- wake-ups ----------------------------------------------------------------------------
 
@@ -222,9 +222,12 @@ class DestinationSender:
             conn.release()
 
     def _deliver(self, conn: Connection, batch: list[Claimed]) -> list[Outcome]:
+        proposed = self.planner.proposals(batch)
         try:
-            conn.ensure(pairs_of(batch))
+            conn.ensure(proposed)
+            self.planner.learn(proposed, conn)
         except NoContextAccepted as exc:
+            self.planner.forget()
             self._destination_ok()
             out = []
             for i in batch:
@@ -236,6 +239,7 @@ class DestinationSender:
                 out.append(Outcome(i.oid, "failed", error=msg))
             return out
         except AssociationFailed as exc:
+            self.planner.forget()
             self._destination_failed(str(exc))
             return [Outcome(i.oid, "release") for i in batch]
         except Exception as exc:   # e.g. DNS failure
@@ -265,20 +269,15 @@ class DestinationSender:
             data = self.spool.read(item.oid)
         except SpoolError as exc:
             return Outcome(item.oid, "failed", error=str(exc))
-        ts = item.transfer_syntax
-        cx = conn.context_for(item.sop_class_uid, ts)
-        if self.transform is not None:
-            try:
-                cx, data = self.transform(conn, item, data)
-            except Exception as exc:
-                log.error("%s: %s", where, exc)
-                return Outcome(item.oid, "failed", error=str(exc))
-        elif cx is None:
-            accepted = conn.accepted(item.sop_class_uid)
-            msg = (f"destination did not accept SOP class {item.sop_class_uid} in transfer syntax {ts} "
-                   f"(accepted for this class: {', '.join(accepted) or 'none'})")
-            log.error("%s: %s", where, msg)
-            return Outcome(item.oid, "failed", error=msg)
+        try:
+            cx, data, sent_ts = self.planner.prepare(conn, item, data)
+        except TranscodeError as exc:
+            # Deterministic for this object and destination: kept as failed, never dropped.
+            log.error("%s: cannot be sent in a syntax the destination accepts: %s", where, exc)
+            return Outcome(item.oid, "failed", error=str(exc))
+        transcoded = sent_ts != item.transfer_syntax
+        if transcoded and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: transcoded %s -> %s", where, syntax_label(item.transfer_syntax), syntax_label(sent_ts))
         try:
             result = conn.send_raw(cx, item.sop_class_uid, item.sop_instance_uid, data)
         except OutcomeUnknown as exc:
@@ -290,6 +289,9 @@ class DestinationSender:
             conn.abort()
             return Outcome(item.oid, "release", error=str(exc))
         outcome = decide(item, self.dest, result.status, result.comment, unknown=False, now=now, rng=self.rng)
+        if transcoded:
+            outcome = Outcome(outcome.oid, outcome.kind, outcome.status, outcome.error, outcome.next_at,
+                              outcome.unknown, transcoded=sent_ts)
         if outcome.kind == "delivered":
             if result.status != 0:
                 log.warning("%s: delivered with warning %s %s", where, status_text(result.status), result.comment)
@@ -303,5 +305,6 @@ class DestinationSender:
                         result.comment, item.attempts + 1, time.strftime("%H:%M:%S", time.localtime(outcome.next_at)))
         if outcome.kind != "delivered" and not outcome.error:
             outcome = Outcome(outcome.oid, outcome.kind, outcome.status,
-                              f"{status_text(result.status)} {result.comment}".strip(), outcome.next_at, outcome.unknown)
+                              f"{status_text(result.status)} {result.comment}".strip(), outcome.next_at,
+                              outcome.unknown, outcome.transcoded)
         return outcome

@@ -110,6 +110,7 @@ class Outcome:
     error: str = ""
     next_at: float = 0.0           # for "retry"
     unknown: bool = False          # outcome unknown (timeout/abort after data sent)
+    transcoded: str = ""           # the syntax it was converted to, when it was
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ class Spool:
         if dest in meta["outstanding"]:
             meta["outstanding"].remove(dest)
         if how == "delivered":
-            meta["delivered"][dest] = [now, status]
+            meta["delivered"][dest] = [now, status] + ([error] if error else [])   # + syntax if converted
         else:   # superseded / purged: kept in the record so lookups can say why
             meta.setdefault("dropped", {})[dest] = [now, how, error] + ([by] if by else [])
         if not meta["outstanding"]:
@@ -391,8 +392,11 @@ class Spool:
                     unknown += 1
                     self._incr(txn, f"unknown_outcomes:{dest}")
                 status = -1 if o.status is None else o.status
+                if o.transcoded:
+                    self._incr(txn, f"transcoded:{dest}")
                 if o.kind == "delivered":
-                    self._drop_dest(txn, o.oid, dest, "delivered", now, status=o.status)
+                    self._drop_dest(txn, o.oid, dest, "delivered", now, status=o.status,
+                                    error=o.transcoded)
                     meta = txn.get(oid_key(o.oid), db=self._meta)
                     if meta is not None:
                         m = json.loads(bytes(meta))
