@@ -15,7 +15,7 @@ STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load(getattr(args, "config", None))
+    return load(getattr(args, "config", None), getattr(args, "profile", None))
 
 
 def _spool(cfg: Config):  # type: ignore[no-untyped-def]
@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     setup_logging(cfg.log_level, cfg.log_format, process="supervisor")
     print(describe(cfg), file=sys.stderr, flush=True)
-    return Supervisor(cfg, getattr(args, "config", None)).run()
+    return Supervisor(cfg, getattr(args, "config", None), getattr(args, "profile", None)).run()
 
 
 def describe(cfg: Config) -> str:
@@ -66,7 +66,7 @@ def describe(cfg: Config) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = load(args.config)
+    cfg = _config(args)
     from .rules import RuleSet
     rs = RuleSet.from_config(cfg)
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    cmd("serve", cmd_serve, "run the router (listeners and senders) until SIGTERM/SIGINT")
-    cmd("check", cmd_check, "validate a configuration file", config_required=True)
+    sp = cmd("serve", cmd_serve, "run the router (listeners and senders) until SIGTERM/SIGINT")
+    sp.add_argument("--profile", help="tuning profile (tuning/*.yaml) under the configuration")
+    sp = cmd("check", cmd_check, "validate a configuration file", config_required=True)
+    sp.add_argument("--profile", help="tuning profile (tuning/*.yaml) under the configuration")
     sp = cmd("route-test", cmd_route_test, "show which rules match DICOM files and where they would go")
     sp.add_argument("objects", nargs="+", help="DICOM Part 10 files")
     sp.add_argument("--calling-ae", default="", help="calling AE title to assume")

@@ -147,6 +147,7 @@ class Config:
     network_timeout: float = 120.0
     listeners: int = 1
     listener_cpus: tuple[int, ...] = ()
+    sender_cpus: tuple[int, ...] = ()       # destinations without their own `cpus` share these
     group_commit_delay: float = 0.002       # how long a commit waits to gather more objects
     duplicate_window: float = 86400.0        # identical re-sends within this window are not resent
     shutdown_grace: float = 30.0
@@ -492,7 +493,7 @@ def loads(text: str, source: str = "<string>") -> Config:
             kw[k] = None if _construct(vnode) is None else _list(ctx, vnode, k, parse_ae, "AE titles")
         elif k == "allowed_peers":
             kw[k] = None if _construct(vnode) is None else _list(ctx, vnode, k, _cidr, "IP addresses or CIDR networks")
-        elif k == "listener_cpus":
+        elif k in ("listener_cpus", "sender_cpus"):
             kw[k] = _list(ctx, vnode, k, _int(0, 4095), "CPU numbers")
         elif k == "rules":
             if isinstance(vnode, yaml.ScalarNode) and _construct(vnode) is None:
@@ -532,21 +533,37 @@ def loads(text: str, source: str = "<string>") -> Config:
                 kw["alerts"] = _alerts(ctx, vnode, dests)
         else:
             valid = sorted([*_TOP_FIELDS, "destinations", "rules", "default", "allowed_calling_aes",
-                            "allowed_peers", "listener_cpus", "http", "alerts"])
+                            "allowed_peers", "listener_cpus", "sender_cpus", "http", "alerts"])
             raise ctx.error(knode, k, "unknown key", hint=f"valid keys: {', '.join(valid)}")
     return Config(**kw)
 
 
-def load(path: str | Path | None) -> Config:
-    """Load a file, or the embedded default when ``path`` is None."""
-    if path is None:
-        return loads(EMBEDDED_DEFAULT_YAML, "<embedded default>")
-    p = Path(path)
+def _read(p: Path) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(p)) from None
-    cfg = loads(text, str(p))
+
+
+def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
+    """Load a file (or the embedded default when ``path`` is None), over an optional tuning
+    profile (tuning/*.yaml): the profile supplies defaults, the file's own keys win.
+
+    Each file is validated on its own first, so errors name the right file and line.
+    """
+    if path is None:
+        text, source, p = EMBEDDED_DEFAULT_YAML, "<embedded default>", None
+    else:
+        p = Path(path)
+        text, source = _read(p), str(p)
+    cfg = loads(text, source)
+    if profile is not None:
+        ptext = _read(Path(profile))
+        loads(ptext, str(profile))
+        merged = {**(yaml.safe_load(ptext) or {}), **(yaml.safe_load(text) or {})}
+        cfg = loads(yaml.safe_dump(merged, sort_keys=False), f"{source} + {profile}")
+    if p is None:
+        return cfg
     # A relative spool path is relative to the configuration file, not the working directory.
     if not cfg.spool.is_absolute():
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))

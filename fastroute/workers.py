@@ -69,11 +69,20 @@ def listener_main(cfg: Config, index: int) -> None:
     spool.close()
 
 
+def sender_cpus(cfg: Config, dest_name: str) -> tuple[int, ...]:
+    """A destination's own `cpus`, else one of the profile's `sender_cpus`, round-robin."""
+    dest = cfg.destinations[dest_name]
+    if dest.cpus or not cfg.sender_cpus:
+        return dest.cpus
+    index = list(cfg.destinations).index(dest_name)
+    return (cfg.sender_cpus[index % len(cfg.sender_cpus)],)
+
+
 def sender_main(cfg: Config, dest_name: str) -> None:
     from .schedule import DestinationSender
 
     dest = cfg.destinations[dest_name]
-    stop = _child_setup(cfg, f"sender-{dest_name}", dest.cpus)
+    stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
     spool = open_spool(cfg)
     sender = DestinationSender(cfg, dest, spool)
     threading.Thread(target=lambda: (stop.wait(), sender.stop()), daemon=True).start()
@@ -102,6 +111,7 @@ def http_main(cfg: Config, config_path: str | None) -> None:
 class Supervisor:
     cfg: Config
     config_path: str | None = None
+    profile: str | None = None
     children: list[_Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -126,7 +136,7 @@ class Supervisor:
 
         self._reload = False
         try:
-            new = load(self.config_path)
+            new = load(self.config_path, self.profile)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return

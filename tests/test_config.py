@@ -1,0 +1,97 @@
+"""Configuration: the issue's schema is accepted; every error names file, line and key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastroute.config import EMBEDDED_DEFAULT_YAML, load, loads, parse_duration, parse_size
+from fastroute.errors import ConfigError
+from fastroute.workers import sender_cpus
+
+ISSUE_SCHEMA = """\
+ae_title: FASTROUTE
+port: 11112
+spool: ./spool
+allowed_calling_aes: [CT1, MR1]
+destinations:
+  pacs:  {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}
+  vna:   {ae_title: VNA, host: 10.0.0.5, port: 104, max_associations: 4,
+          transfer_syntaxes: [1.2.840.10008.1.2.1]}
+rules:
+  - name: ct-to-pacs-and-vna
+    match: {Modality: CT, calling_ae: CT1}
+    send_to: [pacs, vna]
+  - name: mr
+    match: 'Modality == "MR" and StudyDescription matches "*BRAIN*"'
+    send_to: [vna]
+default: []
+"""
+
+
+def test_issue_schema_is_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "router.yaml"
+    f.write_text(ISSUE_SCHEMA)
+    cfg = load(f)
+    assert cfg.allowed_calling_aes == ("CT1", "MR1")
+    assert cfg.destinations["vna"].max_associations == 4
+    assert cfg.destinations["vna"].transfer_syntaxes == ("1.2.840.10008.1.2.1",)
+    assert [r.name for r in cfg.rules] == ["ct-to-pacs-and-vna", "mr"]
+    assert cfg.spool == tmp_path / "spool"      # relative to the file, not the cwd
+
+
+def test_embedded_default() -> None:
+    cfg = loads(EMBEDDED_DEFAULT_YAML)
+    assert (cfg.ae_title, cfg.port, cfg.destinations, cfg.default) == ("FASTROUTE", 11112, {}, ())
+    assert load(None).ae_title == "FASTROUTE"
+
+
+@pytest.mark.parametrize("text,line,key,fragment", [
+    ("port: 70000\n", 1, "port", "between 1 and 65535"),
+    ("ae_title: FASTROUTE\nprot: 11112\n", 2, "prot", "unknown key"),
+    ("destinations:\n  pacs: {ae_title: X, host: h}\n", 2, "destinations.pacs", "missing required key 'port'"),
+    ("destinations:\n  pacs: {ae_title: X, host: h, port: 1}\nrules:\n  - send_to: [nowhere]\n",
+     4, "rules[0].send_to", "unknown destination 'nowhere'"),
+    ("destinations:\n  p: {ae_title: X, host: h, port: 1}\nrules:\n  - name: r\n    match: 'Modalty == \"CT\"'\n"
+     "    send_to: [p]\n", 5, "rules[0].match", "Modality"),
+    ("destinations:\n  p: {ae_title: 'WAY_TOO_LONG_AE_TITLE', host: h, port: 1}\n", 2,
+     "destinations.p.ae_title", "AE title"),
+    ("spool_max_bytes: lots\n", 1, "spool_max_bytes", "size"),
+    ("destinations:\n  p: {ae_title: X, host: h, port: 1, compress: j2k}\n", 2, "destinations.p.compress",
+     "allow_lossy"),
+])
+def test_errors_name_line_and_key(text: str, line: int, key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(text, "router.yaml")
+    err = info.value
+    assert err.line == line and err.key == key, str(err)
+    assert fragment in str(err)
+    assert str(err).startswith(f"router.yaml:{line}: {key}: ")
+
+
+def test_not_yaml_names_the_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads("port: 1\nrules: [\n", "x.yaml")
+    assert "not valid YAML" in str(info.value) and info.value.line is not None
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("512MiB") == 512 * 1024**2 and parse_size("10GB") == 10 * 1000**3
+    assert parse_duration("5m") == 300 and parse_duration("250ms") == 0.25 and parse_duration(3) == 3.0
+    for bad in ("-1", "5 parsecs", True):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_profile_supplies_defaults_and_the_file_wins(tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("listeners: 4\nlistener_cpus: [0, 1, 2, 3]\nsender_cpus: [4, 5]\nport: 9999\n")
+    f = tmp_path / "router.yaml"
+    f.write_text(ISSUE_SCHEMA)
+    cfg = load(f, profile)
+    assert cfg.listeners == 4 and cfg.port == 11112      # the file's own port wins
+    assert sender_cpus(cfg, "pacs") == (4,) and sender_cpus(cfg, "vna") == (5,)
+    profile.write_text("listeners: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load(f, profile)
+    assert str(profile) in str(info.value) and info.value.line == 1

@@ -1,0 +1,184 @@
+"""The spool's contract, driven with bytes: durability states, duplicates, limits, audit chain."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+import pytest
+
+from fastroute.errors import SpoolFullError
+from fastroute.spool import FAILED, HELD, PENDING, UNROUTED, Incoming, Outcome, Spool
+
+TS = "1.2.840.10008.1.2.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def obj(uid: str, dests: tuple[str, ...] = ("a",), data: bytes | None = None, study: str = "9.9") -> Incoming:
+    return Incoming(data or uid.encode() * 10, TS, CT, uid, dests,
+                    {"study_instance_uid": study, "calling_ae": "CT1", "patient_id": "P1"})
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    sp = Spool(tmp_path / "spool", map_size=64 * 1024**2)
+    yield sp
+    sp.close()
+
+
+def test_one_copy_many_queues_and_removal_after_all_delivered(spool: Spool) -> None:
+    [res] = spool.put_many([obj("1.1", ("a", "b"))])
+    assert res.queued == ("a", "b") and spool.object_count() == 1
+    (ca, _), (cb, _) = spool.claim("a", 10), spool.claim("b", 10)
+    spool.settle("a", [Outcome(ca[0].oid, "delivered", 0)])
+    assert spool.object_count() == 1                  # b still needs it
+    spool.settle("b", [Outcome(cb[0].oid, "delivered", 0)])
+    assert spool.object_count() == 0
+    meta = spool.meta(res.oid)
+    assert meta is not None and set(meta["delivered"]) == {"a", "b"} and meta["outstanding"] == []
+
+
+def test_claim_is_fifo_and_skips_not_yet_due(spool: Spool) -> None:
+    spool.put_many([obj(f"1.{i}") for i in range(5)])
+    first, _ = spool.claim("a", 2)
+    assert [c.sop_instance_uid for c in first] == ["1.0", "1.1"]
+    spool.settle("a", [Outcome(first[0].oid, "retry", 0xA700, "busy", next_at=2e9),
+                       Outcome(first[1].oid, "release")])
+    rest, earliest = spool.claim("a", 10, now=1e9)
+    assert [c.sop_instance_uid for c in rest] == ["1.1", "1.2", "1.3", "1.4"]
+    assert earliest == 2e9
+    [st] = [s for s in spool.stats(["a"]) if s.destination == "a"]
+    assert (st.pending, st.in_flight) == (1, 4)
+
+
+def test_restart_returns_in_flight_to_pending(spool: Spool) -> None:
+    spool.put_many([obj("1.1"), obj("1.2")])
+    spool.claim("a", 10)
+    assert spool.reset_inflight("a") == 2
+    claimed, _ = spool.claim("a", 10)
+    assert len(claimed) == 2
+
+
+def test_failed_is_kept_listed_and_retried(spool: Spool) -> None:
+    spool.put_many([obj("1.1")])
+    [c], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(c.oid, "failed", 0xA900, "does not match SOP class")])
+    [e] = spool.entries("a", FAILED)
+    assert e.last_status == 0xA900 and "does not match" in e.error and spool.object_count() == 1
+    assert spool.retry_failed("a") == 1
+    [c2], _ = spool.claim("a", 1)
+    assert c2.oid == c.oid and c2.attempts == 0
+
+
+def test_retry_record_survives_with_its_error(spool: Spool) -> None:
+    spool.put_many([obj("1.1")])
+    [c], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(c.oid, "retry", 0xA700, "out of resources", next_at=0)])
+    [c2], _ = spool.claim("a", 1)
+    assert c2.attempts == 1
+    assert spool.entry("a", c2.oid) is not None
+
+
+def test_resend_while_pending_supersedes(spool: Spool) -> None:
+    [old] = spool.put_many([obj("1.1", data=b"old" * 10)])
+    [new] = spool.put_many([obj("1.1", data=b"new" * 10)])
+    assert new.superseded == (old.oid,)
+    claimed, _ = spool.claim("a", 10)
+    assert [c.oid for c in claimed] == [new.oid]        # one delivery, the newest bytes
+    assert spool.read(new.oid) == b"new" * 10
+    assert spool.object_count() == 1                    # the old bytes are gone
+
+
+def test_identical_resend_after_delivery_is_suppressed_but_a_correction_is_not(spool: Spool) -> None:
+    spool.put_many([obj("1.1", data=b"same" * 10)])
+    [c], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(c.oid, "delivered", 0)])
+    [dup] = spool.put_many([obj("1.1", data=b"same" * 10)])
+    assert dup.suppressed == ("a",) and dup.queued == ()
+    [fix] = spool.put_many([obj("1.1", data=b"fixed" * 10)])
+    assert fix.queued == ("a",)
+
+
+def test_unrouted_is_held_and_purge_is_explicit(spool: Spool) -> None:
+    [res] = spool.put_many([obj("1.1", ())])
+    [st] = [s for s in spool.stats() if s.destination == UNROUTED]
+    assert st.pending == 1
+    assert spool.purge(UNROUTED, (HELD,), reason="test") == [res.oid]
+    assert spool.object_count() == 0
+    assert spool.meta(res.oid)["dropped"][UNROUTED][1] == "purged"
+
+
+def test_map_full_keeps_what_fits(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "small", map_size=1024 * 1024)
+    try:
+        results = sp.put_many([obj(f"1.{i}", data=bytes(200_000)) for i in range(10)])
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        full = [r for r in results if isinstance(r, SpoolFullError)]
+        assert ok and full and len(ok) + len(full) == 10
+        assert sp.object_count() == len(ok)
+    finally:
+        sp.close()
+
+
+def test_free_space_floor(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s", map_size=1 << 26, min_free_bytes=1 << 60)
+    try:
+        [res] = sp.put_many([obj("1.1")])
+        assert isinstance(res, SpoolFullError) and "free-space floor" in str(res)
+        assert sp.object_count() == 0
+    finally:
+        sp.close()
+
+
+def test_lookup_and_history(spool: Spool) -> None:
+    spool.put_many([obj("1.1", study="7.7"), obj("1.2", study="7.7"), obj("1.3", study="8.8")])
+    assert sorted(m["sop_instance_uid"] for _, m in spool.lookup(study_instance_uid="7.7")) == ["1.1", "1.2"]
+    assert len(spool.lookup(patient_id="P1")) == 3
+
+
+def test_audit_chain_detects_tampering(spool: Spool) -> None:
+    spool.put_many([obj("1.1")])
+    [c], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(c.oid, "delivered", 0)])
+    spool.audit_record("purge", who="alice", why="duplicate study")
+    ok, msg = spool.audit_verify()
+    assert ok, msg
+    events = list(spool.audit_events())
+    assert [e["action"] for e in events] == ["delivered", "purge"]
+    # Alter the first event behind the spool's back.
+    env = spool.env
+    db = env.open_db(b"audit")
+    with env.begin(write=True, db=db) as txn:
+        key, raw = next(iter(txn.cursor()))
+        ev = json.loads(bytes(raw))
+        ev["destination"] = "elsewhere"
+        txn.put(key, json.dumps(ev).encode())
+    ok, msg = spool.audit_verify()
+    assert not ok and "altered" in msg
+
+
+def test_counters_and_latency_histogram(spool: Spool) -> None:
+    spool.put_many([obj("1.1")], now=1000.0)
+    [c], _ = spool.claim("a", 1, now=1000.0)
+    spool.settle("a", [Outcome(c.oid, "delivered", 0, transcoded="1.2.840.10008.1.2")], now=1003.0)
+    counters = spool.counters()
+    assert counters["received"] == 1 and counters["delivered:a"] == 1
+    assert counters["latency_bucket:a:5.0"] == 1 and counters["transcoded:a"] == 1
+    assert counters["received_from:CT1"] == 1
+
+
+def test_another_process_sees_the_same_queue(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    a = Spool(tmp_path / "s", map_size=1 << 26)
+    try:
+        a.put_many([obj("1.1")])
+        code = ("import sys; from fastroute.spool import Spool; "
+                "s = Spool(sys.argv[1], map_size=1 << 26); c, _ = s.claim('a', 5); print(len(c))")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        assert out.strip() == "1"
+        [st] = [s for s in a.stats(["a"]) if s.destination == "a"]
+        assert st.in_flight == 1
+    finally:
+        a.close()
