@@ -96,7 +96,7 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     for obj in args.objects:
         ts, data = read_part10(obj)
         attrs = read_attributes(data, ts, tuple(sorted(set(rs.tags) | set(INDEX_KEYWORDS))))
-        print(f"{obj}: SOP Instance UID {attrs.get(0x00080018, '?')}, Modality {attrs.get(0x00080060, '-')}, "
+        print(f"{obj}: SOP Instance UID {attrs.get(0x00080018, '?')!s}, Modality {attrs.get(0x00080060, '-')!s}, "
               f"transfer syntax {ts}")
         for trace in rs.explain(attrs, context):
             print(f"  {trace}")

@@ -181,13 +181,14 @@ class Receiver:
         ae.require_called_aet = self.cfg.require_called_ae
         ae.add_supported_context(Verification, ACCEPTED_SYNTAXES)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES)
         return ae
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> ThreadedAssociationServer:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),

@@ -373,9 +373,10 @@ class Spool:
         cur = txn.cursor(db=db)
         if cur.set_range(prefix):
             for key, value in cur:
+                key = bytes(key)
                 if not key.startswith(prefix):
                     break
-                yield bytes(key), bytes(value)
+                yield key, bytes(value)
 
     def settle(self, dest: str, outcomes: Iterable[Outcome], now: float | None = None) -> None:
         """Record what happened to claimed objects, all in one transaction."""
@@ -575,7 +576,7 @@ class Spool:
         return out
 
     def entries(self, dest: str, state: bytes, limit: int = 1000) -> list[QueueEntry]:
-        out = []
+        out: list[QueueEntry] = []
         with self.env.begin() as txn:
             for key, value in self._iter_prefix(txn, _qprefix(dest, state), self._q):
                 if len(out) >= limit:

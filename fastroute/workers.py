@@ -85,7 +85,11 @@ def sender_main(cfg: Config, dest_name: str) -> None:
     stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
     spool = open_spool(cfg)
     sender = DestinationSender(cfg, dest, spool)
-    threading.Thread(target=lambda: (stop.wait(), sender.stop()), daemon=True).start()
+    def relay_stop() -> None:
+        stop.wait()
+        sender.stop()
+
+    threading.Thread(target=relay_stop, daemon=True).start()
     sender.run()
     spool.close()
 
