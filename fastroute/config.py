@@ -97,6 +97,9 @@ class DestinationConfig:
     max_pdu: int = 262144
     paused: bool = False
     cpus: tuple[int, ...] = ()             # CPU affinity of this destination's sender process
+    # "fast": fastroute's own SCU data path (scu_fast); "pynetdicom": pynetdicom's association
+    # machinery, kept as the reference implementation and a fallback for odd peers.
+    engine: str = "fast"
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class Config:
     dimse_timeout: float = 120.0
     network_timeout: float = 120.0
     listeners: int = 1
+    engine: str = "fast"                   # listener data path: "fast" (scp_fast) or "pynetdicom"
     listener_cpus: tuple[int, ...] = ()
     sender_cpus: tuple[int, ...] = ()       # destinations without their own `cpus` share these
     group_commit_delay: float = 0.002       # how long a commit waits to gather more objects
@@ -172,13 +176,15 @@ class Config:
 
 EMBEDDED_DEFAULT_YAML = """\
 # fastroute embedded default: listen as FASTROUTE on 11112 and keep every object in the spool
-# as 'unrouted' (nothing is sent anywhere until destinations and rules are configured).
+# as 'unrouted' (nothing is sent anywhere until destinations and rules are configured);
+# dashboard and read-only API on http://127.0.0.1:8080/.
 ae_title: FASTROUTE
 port: 11112
 spool: ./fastroute-spool
 destinations: {}
 rules: []
 default: []
+http: {host: 127.0.0.1, port: 8080}
 """
 
 
@@ -324,6 +330,7 @@ _DEST_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "network_timeout": (parse_duration, "a duration"),
     "max_pdu": (_int(0, 2**32 - 1), "a PDU size in bytes"),
     "paused": (_bool, "true or false"),
+    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
 }
 
 _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -340,6 +347,7 @@ _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "dimse_timeout": (parse_duration, "a duration"),
     "network_timeout": (parse_duration, "a duration"),
     "listeners": (_int(1, 256), "a number of listener processes"),
+    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
     "group_commit_delay": (parse_duration, "a duration"),
     "duplicate_window": (parse_duration, "a duration"),
     "shutdown_grace": (parse_duration, "a duration"),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .config import Config, DestinationConfig
 from .errors import SpoolError, TranscodeError
+from .scu_fast import FastConnection
 from .send import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status, status_text
 from .spool import Claimed, Outcome, Spool
 from .syntax import SyntaxPlanner
@@ -32,6 +33,16 @@ from .wakeup import Waker
 log = logging.getLogger("fastroute.schedule")
 
 SAFETY_WAKE = 5.0   # re-check the queue this often even without a wake-up (lost datagrams)
+
+
+AnyConnection = Connection | FastConnection
+
+
+def make_connection(dest: DestinationConfig, calling_ae: str) -> AnyConnection:
+    """The destination's SCU data path: fastroute's own (default) or pynetdicom's."""
+    if dest.engine == "pynetdicom":
+        return Connection(dest, calling_ae)
+    return FastConnection(dest, calling_ae)
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -180,7 +191,7 @@ class DestinationSender:
             self._publish(state="stopped")
 
     def _worker(self, index: int) -> None:
-        conn = Connection(self.dest, self.cfg.ae_title)
+        conn = make_connection(self.dest, self.cfg.ae_title)
         try:
             while not self.stop_event.is_set():
                 gen = self.generation
@@ -221,7 +232,7 @@ class DestinationSender:
         finally:
             conn.release()
 
-    def _deliver(self, conn: Connection, batch: list[Claimed]) -> list[Outcome]:
+    def _deliver(self, conn: AnyConnection, batch: list[Claimed]) -> list[Outcome]:
         proposed = self.planner.proposals(batch)
         try:
             conn.ensure(proposed)
@@ -262,13 +273,17 @@ class DestinationSender:
             self._publish(sent=self.state.sent + delivered, last_success=time.time())
         return outcomes
 
-    def _send_one(self, conn: Connection, item: Claimed) -> Outcome:
-        where = f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
-        now = time.time()
+    def _send_one(self, conn: AnyConnection, item: Claimed) -> Outcome:
         try:
-            data = self.spool.read(item.oid)
+            with self.spool.view(item.oid) as data:
+                return self._send_view(conn, item, data)
         except SpoolError as exc:
             return Outcome(item.oid, "failed", error=str(exc))
+
+    def _send_view(self, conn: AnyConnection, item: Claimed, data: memoryview) -> Outcome:
+        """Send one object from its spool buffer (no copy unless it must be transcoded)."""
+        where = f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
+        now = time.time()
         try:
             cx, data, sent_ts = self.planner.prepare(conn, item, data)
         except TranscodeError as exc:

@@ -171,7 +171,7 @@ class Connection:
         return [str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts
                 if cx.abstract_syntax == sop_class and cx.transfer_syntax]
 
-    def send_raw(self, context_id: int, sop_class: str, sop_uid: str, data: bytes) -> StoreResult:
+    def send_raw(self, context_id: int, sop_class: str, sop_uid: str, data: bytes | memoryview) -> StoreResult:
         """C-STORE already-encoded bytes; raise OutcomeUnknown when no response arrives."""
         assoc = self.assoc
         if assoc is None or not assoc.is_established:

@@ -25,6 +25,7 @@ with different content (a correction) is always delivered.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -367,6 +368,23 @@ class Spool:
             if data is None:
                 raise SpoolError(f"object {oid} has no data in the spool (purged?)")
             return bytes(data)
+
+    @contextlib.contextmanager
+    def view(self, oid: int) -> Iterator[memoryview]:
+        """The object's bytes as a memoryview into the LMDB map, valid inside the block only.
+
+        The send path uses this so an object goes from the map to the socket without a copy;
+        the read transaction it holds only keeps those pages from being reused meanwhile.
+        """
+        with self.env.begin(db=self._obj, buffers=True) as txn:
+            data = txn.get(oid_key(oid))
+            if data is None:
+                raise SpoolError(f"object {oid} has no data in the spool (purged?)")
+            view = memoryview(data)
+            try:
+                yield view
+            finally:
+                view.release()
 
     @staticmethod
     def _iter_prefix(txn: lmdb.Transaction, prefix: bytes, db: Any = None) -> Iterator[tuple[bytes, bytes]]:

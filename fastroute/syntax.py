@@ -68,8 +68,12 @@ class SyntaxPlanner:
     def forget(self) -> None:
         self.learned.clear()
 
-    def prepare(self, conn: Any, item: Claimed, data: bytes) -> tuple[int, bytes, str]:
-        """(context id, bytes to send, syntax) for one object; TranscodeError when impossible."""
+    def prepare(self, conn: Any, item: Claimed,
+                data: bytes | memoryview) -> tuple[int, bytes | memoryview, str]:
+        """(context id, bytes to send, syntax) for one object; TranscodeError when impossible.
+
+        The original is returned as it came (a spool buffer stays a buffer); only a transcode
+        makes new bytes."""
         ts = item.transfer_syntax
         accepted = conn.accepted(item.sop_class_uid)
         dest = self.dest
@@ -86,6 +90,7 @@ class SyntaxPlanner:
             raise TranscodeError(f"no presentation context for {syntax_label(target)}")
         if target == ts:
             return cx, data, ts
+        data = bytes(data)   # the codecs want bytes; this object is being re-encoded anyway
         try:
             out = transcode(data, ts, target, allow_lossy=dest.allow_lossy, lossy_source_ok=False)
         except TranscodeError as first:

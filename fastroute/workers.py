@@ -48,6 +48,7 @@ def open_spool(cfg: Config) -> Spool:
 def listener_main(cfg: Config, index: int) -> None:
     from .receive import Committer, Receiver
     from .rules import RuleSet
+    from .scp_fast import FastReceiver
     from .wakeup import Notifier
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
@@ -55,7 +56,12 @@ def listener_main(cfg: Config, index: int) -> None:
     spool = open_spool(cfg)
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
-    receiver = Receiver(cfg, spool, RuleSet.from_config(cfg), committer)
+    rules = RuleSet.from_config(cfg)
+    receiver: Receiver | FastReceiver
+    if cfg.engine == "fast":
+        receiver = FastReceiver(cfg, spool, rules, committer)
+    else:
+        receiver = Receiver(cfg, spool, rules, committer)
     try:
         receiver.start()
     except OSError as exc:

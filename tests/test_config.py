@@ -44,6 +44,14 @@ def test_embedded_default() -> None:
     cfg = loads(EMBEDDED_DEFAULT_YAML)
     assert (cfg.ae_title, cfg.port, cfg.destinations, cfg.default) == ("FASTROUTE", 11112, {}, ())
     assert load(None).ae_title == "FASTROUTE"
+    assert cfg.engine == "fast"   # the native data path unless a file says otherwise
+
+
+def test_engine_per_listener_and_destination() -> None:
+    cfg = loads("engine: pynetdicom\ndestinations:\n  a: {ae_title: A, host: h, port: 1}\n"
+                "  b: {ae_title: B, host: h, port: 1, engine: pynetdicom}\n")
+    assert cfg.engine == "pynetdicom"
+    assert (cfg.destinations["a"].engine, cfg.destinations["b"].engine) == ("fast", "pynetdicom")
 
 
 @pytest.mark.parametrize("text,line,key,fragment", [
@@ -59,6 +67,9 @@ def test_embedded_default() -> None:
     ("spool_max_bytes: lots\n", 1, "spool_max_bytes", "size"),
     ("destinations:\n  p: {ae_title: X, host: h, port: 1, compress: j2k}\n", 2, "destinations.p.compress",
      "allow_lossy"),
+    ("engine: dcmtk\n", 1, "engine", "fast, pynetdicom"),
+    ("destinations:\n  p: {ae_title: X, host: h, port: 1, engine: twisted}\n", 2, "destinations.p.engine",
+     "fast, pynetdicom"),
 ])
 def test_errors_name_line_and_key(text: str, line: int, key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:

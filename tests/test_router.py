@@ -95,9 +95,14 @@ def _fidelity_inputs(pydicom_data_dir: Path, dest: Path) -> list[Path]:
     return out
 
 
+ENGINES = pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+
+
+@ENGINES
 def test_fidelity_real_files_same_bytes_same_syntax(tmp_path: Path, router: Callable[..., Router],
                                                     storescp: Callable[..., peers.StoreSCP],
-                                                    pydicom_data_dir: Path) -> None:
+                                                    pydicom_data_dir: Path, engine: str) -> None:
+    """Both data paths (fastroute's own and pynetdicom's) forward the received bytes."""
     files = _fidelity_inputs(pydicom_data_dir, tmp_path / "in")
     originals = {pydicom.dcmread(f).SOPInstanceUID: f for f in files}
     # Reference: the same storescu straight into a bit-preserving storescp.
@@ -106,7 +111,8 @@ def test_fidelity_real_files_same_bytes_same_syntax(tmp_path: Path, router: Call
     assert res.returncode == 0, res.stdout + res.stderr
     direct.wait_for(len(originals))
     routed_dest = storescp("PACS", bit_preserving=True)
-    r = router({"destinations": {"pacs": destination(routed_dest.port, "PACS")},
+    r = router({"engine": engine,
+                "destinations": {"pacs": destination(routed_dest.port, "PACS", engine=engine)},
                 "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     res = storescu(r.port, files, propose="original")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -124,12 +130,14 @@ def test_fidelity_real_files_same_bytes_same_syntax(tmp_path: Path, router: Call
     assert (q["pending"], q["in_flight"], q["failed"], q["delivered"]) == (0, 0, 0, len(originals))
 
 
+@ENGINES
 def test_fan_out_exactly_one_copy_each(tmp_path: Path, router: Callable[..., Router],
-                                       storescp: Callable[..., peers.StoreSCP]) -> None:
+                                       storescp: Callable[..., peers.StoreSCP], engine: str) -> None:
     files = synth.make_tiny(tmp_path / "tiny", n=300)
     a, b = storescp("DESTA", fork=True), storescp("DESTB")   # fork: serves 2 associations at once
-    r = router({"destinations": {"a": destination(a.port, "DESTA", max_associations=2),
-                                 "b": destination(b.port, "DESTB")},
+    r = router({"engine": engine,
+                "destinations": {"a": destination(a.port, "DESTA", max_associations=2, engine=engine),
+                                 "b": destination(b.port, "DESTB", engine=engine)},
                 "rules": [{"name": "both", "match": {"Modality": "CT"}, "send_to": ["a", "b"]}]})
     res = storescu(r.port, files)
     assert res.returncode == 0, res.stderr

@@ -182,3 +182,17 @@ def test_another_process_sees_the_same_queue(tmp_path: Path) -> None:
         assert st.in_flight == 1
     finally:
         a.close()
+
+
+def test_view_is_the_stored_bytes_without_a_copy_and_dies_with_its_block(spool: Spool) -> None:
+    from fastroute.errors import SpoolError
+    data = bytes(range(256)) * 64
+    [res] = spool.put_many([obj("1.7", data=data)])
+    with spool.view(res.oid) as view:
+        assert isinstance(view, memoryview) and view.readonly
+        assert view == data and bytes(view) == spool.read(res.oid)
+    with pytest.raises(ValueError):      # released: nothing can read the map after the txn
+        len(view.tobytes())
+    with pytest.raises(SpoolError, match="no data"):
+        with spool.view(res.oid + 1000):
+            pass
