@@ -582,7 +582,7 @@ def openapi_spec() -> dict[str, Any]:
 # -- process entry point ------------------------------------------------------------------------
 
 async def _serve(cfg: Config, config_path: str | None) -> int:
-    from .workers import EXIT_CONFIG, open_spool
+    from .workers import open_spool
 
     http = cfg.http or HttpConfig()
     spool = open_spool(cfg)
@@ -595,7 +595,7 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
             log.error("http: cannot listen on %s:%d: %s (hint: change http.port or stop what uses it)",
                       http.host, http.port, exc)
             await runner.cleanup()
-            return EXIT_CONFIG
+            return 1   # the management plane never stops the data plane: restarted with backoff
         log.info("http: dashboard and API on http://%s:%d/ (metrics at /metrics)", http.host, http.port)
         if not http.token:
             log.warning("http: no http.token configured; mutating API calls are refused (403)")

@@ -58,6 +58,8 @@ def describe(cfg: Config) -> str:
     for r in cfg.rules:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
+    if cfg.http is not None:
+        lines.append(f"  dashboard, REST API and /metrics: http://{cfg.http.host}:{cfg.http.port}/")
     if cfg.default:
         lines.append(f"  objects no rule matches -> {', '.join(cfg.default)}")
     else:
@@ -193,6 +195,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         spool.close()
 
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Thin wrapper: the capacity benchmark lives in bench/ of a source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "cli.py").is_file():
+        print("fastroute bench: the benchmark harness is not part of the installed package; from a "
+              "source checkout run: python -m bench --help", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench.cli import main as bench_main
+    return bench_main(args.args)
+
+
 def _version() -> str:
     try:
         from .native import implementations
@@ -246,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", metavar="ISO", help="from this date/datetime (UTC when no zone)")
     sp.add_argument("--until", metavar="ISO", help="up to this datetime, or the end of this date")
     sp.add_argument("--study", metavar="UID", help="only events of this Study Instance UID")
+    # Every argument goes to bench's own parser: no prefix character, so '--quick' stays a value.
+    sp = sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                        help="capacity benchmark (source checkout only; same as python -m bench)")
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_bench)
     return p
 
 

@@ -280,12 +280,12 @@ class DestinationSender:
         except SpoolError as exc:
             return Outcome(item.oid, "failed", error=str(exc))
 
-    def _send_view(self, conn: AnyConnection, item: Claimed, data: memoryview) -> Outcome:
+    def _send_view(self, conn: AnyConnection, item: Claimed, stored: memoryview) -> Outcome:
         """Send one object from its spool buffer (no copy unless it must be transcoded)."""
         where = f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
         now = time.time()
         try:
-            cx, data, sent_ts = self.planner.prepare(conn, item, data)
+            cx, data, sent_ts = self.planner.prepare(conn, item, stored)
         except TranscodeError as exc:
             # Deterministic for this object and destination: kept as failed, never dropped.
             log.error("%s: cannot be sent in a syntax the destination accepts: %s", where, exc)
