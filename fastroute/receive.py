@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -76,13 +76,21 @@ STATUS_DATASET_MISMATCH = 0xA900
 
 
 class Committer:
-    """Group commit: one thread commits every object queued while the previous commit ran."""
+    """Group commit: one thread commits every object queued while the previous commit ran.
+
+    Objects that arrive during a commit's fsync form the next group by themselves. Waiting
+    ``gather`` seconds for more only pays when other associations are sending at the same
+    time (``siblings() > 1``, like PostgreSQL's commit_siblings): a lone association would
+    wait the full delay on every object, since it sends nothing until it has its response.
+    """
 
     def __init__(self, spool: Spool, notifier: Notifier | None, *, gather: float = 0.0,
-                 max_batch_bytes: int = 256 * 1024**2) -> None:
+                 max_batch_bytes: int = 256 * 1024**2,
+                 siblings: Callable[[], int] | None = None) -> None:
         self.spool = spool
         self.notifier = notifier
         self.gather = gather
+        self.siblings = siblings
         self.max_batch_bytes = max_batch_bytes
         self._q: queue.SimpleQueue[tuple[Incoming, Future[PutResult]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="fastroute-committer", daemon=True)
@@ -107,7 +115,8 @@ class Committer:
                 break
             batch = [first]
             size = len(first[0].data)
-            deadline = time.monotonic() + self.gather
+            gather = self.gather if self.gather > 0 and (self.siblings is None or self.siblings() > 1) else 0.0
+            deadline = time.monotonic() + gather
             while size < self.max_batch_bytes:
                 try:
                     timeout = deadline - time.monotonic()

@@ -220,7 +220,7 @@ def prepare_store(data: bytearray | bytes, transfer_syntax: str, sop_class: str,
     meta: dict[str, Any] = {name: _text(attrs.get(tag)) for tag, name in INDEX_KEYWORDS.items()
                             if tag not in (0x00080016, 0x00080018)}
     meta.update(calling_ae=calling, called_ae=called, peer=ip, rules=list(decision.matched))
-    # bytearray on purpose: LMDB and blake2b take any buffer, so the received bytes are
+    # bytearray on purpose: LMDB and hashlib take any buffer, so the received bytes are
     # copied once (into the bytearray) on their way to the spool.
     return Incoming(data, transfer_syntax, sop_class, sop_uid,  # type: ignore[arg-type]
                     decision.destinations, meta)

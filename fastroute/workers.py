@@ -62,6 +62,7 @@ def listener_main(cfg: Config, index: int) -> None:
         receiver = FastReceiver(cfg, spool, rules, committer)
     else:
         receiver = Receiver(cfg, spool, rules, committer)
+    committer.siblings = receiver.active
     try:
         receiver.start()
     except OSError as exc:
