@@ -6,13 +6,30 @@ only delays work until the sender's safety timeout, so sending never blocks or f
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 from pathlib import Path
+
+# sockaddr_un.sun_path is 108 bytes on Linux (104 on the BSDs), terminating NUL included.
+MAX_UNIX_PATH = 103
 
 
 def socket_path(spool: Path, dest: str) -> Path:
     return spool / "run" / f"{dest}.wake"
+
+
+def socket_address(spool: Path, dest: str) -> str:
+    """Where a destination's sender listens: its file under ``<spool>/run/`` when the path
+    fits in a sockaddr_un, else (a deep spool folder) a Linux abstract-namespace name derived
+    from the absolute path, so both processes arrive at the same one. A wake-up carries no
+    data, so the abstract name's lack of file permissions costs nothing."""
+    path = socket_path(spool, dest)
+    if len(os.fsencode(str(path))) <= MAX_UNIX_PATH or not sys.platform.startswith("linux"):
+        return str(path)
+    key = hashlib.sha256(os.fsencode(str(path.absolute()))).hexdigest()[:32]
+    return f"\0fastroute-wake-{key}"
 
 
 class Waker:
@@ -26,8 +43,9 @@ class Waker:
         except FileNotFoundError:
             pass
         self.path = path
+        self.address = socket_address(spool, dest)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
+        self.sock.bind(self.address)
 
     def wait(self, timeout: float | None) -> bool:
         """Block until woken or ``timeout``; drain queued wake-ups. True if woken."""
@@ -62,7 +80,7 @@ class Notifier:
 
     def notify(self, dest: str) -> None:
         try:
-            self.sock.sendto(b"!", str(socket_path(self.spool, dest)))
+            self.sock.sendto(b"!", socket_address(self.spool, dest))
         except OSError:   # no sender yet, or its queue is full: it will find the work anyway
             pass
 
@@ -76,4 +94,4 @@ def run_dir(spool: Path) -> Path:
     return p
 
 
-__all__ = ["Waker", "Notifier", "socket_path", "run_dir"]
+__all__ = ["Waker", "Notifier", "socket_address", "socket_path", "run_dir"]
