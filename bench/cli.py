@@ -1,0 +1,262 @@
+"""``python -m bench``: argument parsing, then workloads -> rounds (or soak) -> reports."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .procs import REPO, BenchError, stop_all
+
+if TYPE_CHECKING:
+    from .runs import Options, Progress
+    from .workload import Workload
+
+DEFAULT_MIX = "ct=70,mr=20,cr=5,us=5"
+DEFAULTS = {"rounds": 3, "tiny": 500, "studies": 4, "mix": DEFAULT_MIX}
+QUICK = {"rounds": 1, "tiny": 100, "studies": 1, "mix": "ct=100"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .workload import describe_shapes
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Capacity-planning benchmark for fastroute.
+
+            Sends synthetic studies with DCMTK dcmsend straight to a DCMTK receiver (the
+            reference) and through a real `fastroute serve` to the same receiver (routed),
+            alternating the two in every round, and reports instances/s, MB/s, studies/hour,
+            latency percentiles (received -> delivered), CPU seconds and peak RSS per process,
+            and the ratio routed/reference measured in the same run. Writes bench.json (every
+            round's raw figures, the medians and the machine) and report.html (self-contained,
+            inline SVG charts) to --out, and prints a table.
+
+            The default run takes about two minutes on a 2-core machine; --quick is a smoke
+            run of well under a minute. --soak MINUTES instead sends at a steady --rate and
+            reports whether every process's memory stays bounded."""),
+        epilog=textwrap.dedent(f"""\
+            study shapes (uncompressed, Explicit VR Little Endian):
+              {describe_shapes()}
+            tiny objects: 64x64 16-bit CT, ~10 kB each.
+
+            examples:
+              python -m bench --quick
+              python -m bench --senders 4 --associations 4 --mix ct=50,mr=30,cr=10,us=10 --studies 10
+              python -m bench --fanout --orthanc --storescu
+              python -m bench --profile tuning/fast-disk.yaml --listeners 2
+              python -m bench --soak 30 --rate 40
+
+            see bench/README.md for how to read the output."""))
+    w = p.add_argument_group("workload")
+    w.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['rounds']} round, {QUICK['tiny']} tiny objects, "
+                        f"{QUICK['studies']} CT study (options given explicitly still win)")
+    w.add_argument("--tiny", type=int, metavar="N",
+                   help=f"number of ~10 kB objects, measured as their own workload; 0: none (default {DEFAULTS['tiny']})")
+    w.add_argument("--studies", type=int, metavar="N",
+                   help=f"number of studies in the study mix; 0: none (default {DEFAULTS['studies']})")
+    w.add_argument("--mix", metavar="SPEC",
+                   help=f"study mix as modality=weight,... over ct, mr, cr, dx, us (default {DEFAULT_MIX}); "
+                        "study counts are split by largest remainder")
+    w.add_argument("--seed", type=int, default=1, help="seed of the synthetic pixel data (default 1)")
+    r = p.add_argument_group("measurement")
+    r.add_argument("--rounds", type=int, metavar="R",
+                   help=f"rounds; each measures every path once, alternating their order (default {DEFAULTS['rounds']})")
+    r.add_argument("--senders", type=int, default=1, metavar="N",
+                   help="concurrent dcmsend processes, each sending its own share (default 1)")
+    r.add_argument("--storescu", action="store_true",
+                   help="also measure storescu -> storescp --fork as a second reference")
+    r.add_argument("--fanout", action="store_true",
+                   help="routed runs deliver to a second receiver too (every object twice)")
+    r.add_argument("--orthanc", action="store_true",
+                   help="routed runs also deliver to Orthanc (/usr/sbin/Orthanc), and dcmsend -> Orthanc "
+                        "is measured as a reference")
+    r.add_argument("--receiver", choices=("auto", "dcmrecv", "storescp"), default="auto",
+                   help="the DCMTK receiver: dcmrecv (one association at a time) or storescp --fork; "
+                        "auto: dcmrecv unless the router opens more than one association per destination")
+    r.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="give up on a measurement after S seconds (default 600)")
+    r.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
+                   help="give up when nothing progressed for S seconds (default 60)")
+    c = p.add_argument_group("router configuration")
+    c.add_argument("--listeners", type=int, metavar="K", help="router listener processes (config key listeners)")
+    c.add_argument("--associations", type=int, metavar="M",
+                   help="associations per destination (destination key max_associations)")
+    c.add_argument("--profile", type=Path, metavar="FILE",
+                   help="YAML tuning profile merged into the generated router configuration "
+                        "(destination keys under destinations: {'*': ..., dest1: ...})")
+    s = p.add_argument_group("soak")
+    s.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="instead of rounds, send continuously for MINUTES and sample memory")
+    s.add_argument("--rate", type=int, default=20, metavar="N", help="soak: objects per second (default 20)")
+    s.add_argument("--sample-every", type=float, default=5.0, metavar="S",
+                   help="soak: seconds between memory samples (default 5)")
+    s.add_argument("--soak-workload", choices=("tiny", "mix"), default="tiny",
+                   help="soak: which objects to cycle through (default tiny)")
+    o = p.add_argument_group("output")
+    o.add_argument("--work-dir", type=Path, default=REPO / "bench" / "results" / "work", metavar="DIR",
+                   help="generated data (cached between runs) and scratch space (default bench/results/work)")
+    o.add_argument("--out", type=Path, metavar="DIR",
+                   help="where bench.json, report.html and table.txt go (default bench/results/<time>)")
+    o.add_argument("--keep", action="store_true", help="keep spools, received files and logs of every run")
+    o.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    base = QUICK if args.quick else DEFAULTS
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.rounds < 1 or args.senders < 1 or args.tiny < 0 or args.studies < 0:
+        raise SystemExit("bench: --rounds and --senders must be >= 1, --tiny and --studies >= 0")
+    if args.soak is None and args.tiny == 0 and args.studies == 0:
+        raise SystemExit("bench: nothing to send (--tiny 0 and --studies 0)")
+    return vars(args)
+
+
+def _profile(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"bench: cannot read --profile {path}: {exc}")
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SystemExit(f"bench: --profile {path}: expected a YAML mapping of configuration keys")
+    return doc
+
+
+def _associations(args: argparse.Namespace, profile: dict[str, Any]) -> int:
+    if args.associations is not None:
+        return int(args.associations)
+    dests = profile.get("destinations") or {}
+    values = [int((dests.get(k) or {}).get("max_associations", 1)) for k in ("*", "dest1", "dest2")]
+    return max(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _settings(args)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))     # measure this checkout's fastroute
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping every process it started", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"\nbench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import machine, workload
+    from .runs import Options, Progress
+
+    progress = Progress(quiet=args.quiet)
+    profile = _profile(args.profile)
+    started = dt.datetime.now().astimezone()
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO / "bench" / "results" / stamp
+    work = args.work_dir
+    receiver = args.receiver
+    if receiver == "auto":
+        receiver = "storescp" if _associations(args, profile) > 1 else "dcmrecv"
+    opts = Options(senders=args.senders, listeners=args.listeners, associations=args.associations,
+                   receiver=receiver, fanout=args.fanout, orthanc=args.orthanc, storescu=args.storescu,
+                   profile=profile, timeout=args.timeout, stall=args.stall_timeout, keep=args.keep,
+                   run_dir=work / f"run-{stamp}")
+    log = progress.line if progress.tty else (lambda text: None)
+
+    mix = workload.parse_mix(args.mix) if args.studies or args.soak_workload == "mix" else {}
+    workloads = []
+    if args.soak is not None:
+        wl = (workload.tiny_workload(work, max(args.tiny, args.rate * 30), args.seed, log)
+              if args.soak_workload == "tiny" else workload.mix_workload(work, mix, max(args.studies, 1), args.seed, log))
+        workloads.append(wl)
+    else:
+        if args.tiny:
+            workloads.append(workload.tiny_workload(work, args.tiny, args.seed, log))
+        if args.studies:
+            workloads.append(workload.mix_workload(work, mix, args.studies, args.seed, log))
+    biggest = max(w.bytes for w in workloads)
+    copies = 2 + args.fanout + args.orthanc + args.storescu
+    workload.check_disk(work, biggest * copies + 1024**3,
+                        [f"{copies} copies of {biggest / 1e9:.2f} GB", "1 GB for the router's free-space guard"])
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["receiver_used"] = receiver
+    settings["profile_content"] = profile
+    settings["router"] = (f"listeners={args.listeners or profile.get('listeners', 1)}, "
+                          f"associations per destination={_associations(args, profile)}, "
+                          f"profile={args.profile or 'none'}, receiver={receiver}")
+    progress.line(f"machine: probing; output to {out}")
+    doc: dict[str, Any] = {
+        "tool": "fastroute bench", "format": 1, "started": started.isoformat(timespec="seconds"),
+        "machine": machine.describe(work, args.orthanc), "settings": settings,
+        "workloads": {w.name: w.summary() for w in workloads},
+    }
+    try:
+        return _measure(args, doc, opts, workloads, out, progress)
+    finally:
+        stop_all()
+        if not args.keep:
+            shutil.rmtree(opts.run_dir, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, doc: dict[str, Any], opts: "Options", workloads: list["Workload"],
+             out: Path, progress: "Progress") -> int:
+    from . import report
+    from .runs import Bench, run_rounds
+
+    t_start = time.monotonic()
+    bench = Bench(opts, progress)
+    if args.soak is not None:
+        from .soak import soak
+
+        doc["soak"] = soak(opts, workloads[0], args.soak, args.rate, args.sample_every, progress)
+        doc["rounds"], doc["summary"] = [], {}
+        ok = bool(doc["soak"].get("ok"))
+    else:
+        with bench:
+            records = run_rounds(bench, workloads, args.rounds)
+        doc["rounds"] = records
+        doc["summary"] = report.summarise(records, {p: bench.describe(p) for p in bench.paths()})
+        ok = all(r["ok"] for r in records)
+    progress.clear()
+    doc["wall_s"] = round(time.monotonic() - t_start, 1)
+    doc["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out.mkdir(parents=True, exist_ok=True)
+    text = report.table(doc)
+    report.write_json(doc, out / "bench.json")
+    (out / "table.txt").write_text(text + "\n")
+    (out / "report.html").write_text(report.html_report(doc))
+    print(text)
+    print(f"\nwrote {out / 'bench.json'}, {out / 'report.html'} ({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,319 @@
+"""The peers a measurement runs against: DCMTK receivers, Orthanc, and the router itself.
+
+Each is started in its own session through ``procs.Managed`` (so it is stopped by process
+group), polled until it is ready against a deadline, and asked for its PIDs (for CPU and
+memory figures) and for how many objects it holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .procs import (HOST, ORTHANC_BIN, REPO, BenchError, Managed, comm, dcmtk, free_port,
+                    group_listens, group_members, server_env, wait_until)
+
+
+# -- receivers -----------------------------------------------------------------------------------
+
+# DCMTK caps an acceptor profile at 128 presentation contexts; these SOP classes cover the
+# synthetic data (CT, MR, CR, DX, US, US multi-frame, SC) plus the common rest.
+_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2",
+                      "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                      "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+                      "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+                      "1.2.840.10008.1.2.5")
+
+
+def _acceptor_profile(path: Path) -> tuple[Path, str]:
+    from pynetdicom.presentation import StoragePresentationContexts
+
+    classes = [str(cx.abstract_syntax) for cx in StoragePresentationContexts][:120]
+    lines = ["[[TransferSyntaxes]]", "[Accepted]"]
+    lines += [f"TransferSyntax{i} = {ts}" for i, ts in enumerate(_TRANSFER_SYNTAXES, 1)]
+    lines += ["[Verification]", "TransferSyntax1 = 1.2.840.10008.1.2",
+              "TransferSyntax2 = 1.2.840.10008.1.2.1",
+              "[[PresentationContexts]]", "[Contexts]",
+              "PresentationContext1 = 1.2.840.10008.1.1\\Verification"]
+    lines += [f"PresentationContext{i} = {uid}\\Accepted" for i, uid in enumerate(classes, 2)]
+    lines += ["[[Profiles]]", "[Bench]", "PresentationContexts = Contexts", ""]
+    path.write_text("\n".join(lines))
+    return path, "Bench"
+
+
+class Receiver:
+    """A DCMTK storage SCP on 127.0.0.1 writing ``[prefix.]<SOPInstanceUID>.dcm`` files.
+
+    ``kind``: "dcmrecv" (one association at a time) or "storescp" (``--fork``: one child per
+    association, for concurrent associations). ``ignore`` receives without storing (soak).
+    """
+
+    def __init__(self, kind: str, workdir: Path, ae_title: str, *, ignore: bool = False) -> None:
+        if kind not in ("dcmrecv", "storescp"):
+            raise ValueError(f"receiver kind {kind!r}: expected dcmrecv or storescp")
+        self.kind = kind
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.ignore = ignore
+        self.output = workdir / "received"
+        self.port = 0
+        self.proc: Managed | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}{' --fork' if self.kind == 'storescp' else ''} ({self.ae_title})"
+
+    def start(self) -> "Receiver":
+        self.output.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            self.port = free_port()
+            if self.kind == "dcmrecv":
+                cfg, profile = _acceptor_profile(self.workdir / "dcmrecv.cfg")
+                argv = [str(dcmtk("dcmrecv")), "-aet", self.ae_title, "-od", str(self.output),
+                        "-fe", ".dcm", "-dhl", "-xf", str(cfg), profile]
+                argv += ["--ignore"] if self.ignore else []
+            else:
+                argv = [str(dcmtk("storescp")), "-aet", self.ae_title, "-od", str(self.output),
+                        "-uf", "-fe", ".dcm", "-dhl", "+xa", "--fork"]
+                argv += ["--ignore"] if self.ignore else []
+            proc = self.proc = Managed([*argv, str(self.port)], self.kind,
+                                       self.workdir / f"{self.kind}.log", env=server_env(),
+                                       cwd=self.workdir).start()
+            def listening() -> bool:
+                proc.check()
+                return group_listens(proc.pid, self.port)
+            try:
+                wait_until(listening, 15,
+                           message=lambda: f"{self.label} did not listen on {self.port}:\n{proc.log_tail()}")
+                return self
+            except BenchError as exc:
+                proc.kill()
+                if "already in use" not in str(exc) or attempt == 2:
+                    raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(5.0)
+
+    def pids(self) -> dict[int, str]:
+        if self.proc is None or not self.proc.alive():
+            return {}
+        return {pid: f"{self.kind}({self.ae_title})" for pid in group_members(self.proc.pid)}
+
+    def count(self) -> int:
+        """Files present (complete or not): cheap enough to poll."""
+        try:
+            return sum(1 for e in os.scandir(self.output) if e.name.endswith(".dcm"))
+        except FileNotFoundError:
+            return 0
+
+    def settled(self, expected: set[str]) -> bool | str:
+        """True once exactly the ``expected`` SOP instances are stored and no file is still
+        held open by the receiver; False while not yet; a message when some are missing."""
+        if self.proc is not None:
+            prefix = str(self.output)
+            for pid in group_members(self.proc.pid):
+                try:
+                    fds = os.listdir(f"/proc/{pid}/fd")
+                except OSError:
+                    continue
+                for fd in fds:
+                    try:
+                        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                            return False
+                    except OSError:
+                        continue
+        uids = set()
+        for e in os.scandir(self.output):
+            if e.name.endswith(".dcm"):
+                stem = e.name[:-4]
+                if not stem[:1].isdigit():           # a modality prefix such as "CT."
+                    stem = stem.split(".", 1)[-1]
+                uids.add(stem)
+        if uids == expected:
+            return True
+        missing, extra = expected - uids, uids - expected
+        return (f"{self.label}: {len(missing)} of {len(expected)} objects missing"
+                + (f" (e.g. {min(missing)})" if missing else "")
+                + (f", {len(extra)} unexpected" if extra else ""))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.output, ignore_errors=True)
+        self.output.mkdir(parents=True, exist_ok=True)
+
+
+class Orthanc:
+    """A throw-away Orthanc (Debian's /usr/sbin/Orthanc) with its own storage and index."""
+
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.port = 0
+        self.http_port = 0
+        self.proc: Managed | None = None
+        self.label = f"Orthanc ({ae_title})"
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def start(self) -> "Orthanc":
+        if not os.access(ORTHANC_BIN, os.X_OK):
+            raise BenchError(f"Orthanc not found at {ORTHANC_BIN}: install the Debian package "
+                             "'orthanc' (or set FASTROUTE_ORTHANC), or leave out --orthanc")
+        for attempt in range(3):
+            self.port, self.http_port = free_port(), free_port()
+            storage = self.workdir / "storage"
+            shutil.rmtree(storage, ignore_errors=True)
+            config = {
+                "Name": f"fastroute-bench-{self.port}", "StorageDirectory": str(storage),
+                "IndexDirectory": str(storage), "StorageCompression": False, "Plugins": [],
+                "LuaScripts": [], "HttpServerEnabled": True, "HttpPort": self.http_port,
+                "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "SslEnabled": False,
+                "OrthancExplorerEnabled": False, "DicomServerEnabled": True,
+                "DicomAet": self.ae_title, "DicomPort": self.port, "DicomCheckCalledAet": True,
+                "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+                "DicomModalities": {}, "OrthancPeers": {},
+                "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"], "UnknownSopClassAccepted": True,
+                "DicomAssociationCloseDelay": 0, "SaveJobs": False, "OverwriteInstances": True,
+                "MallocArenaMax": 2,
+            }
+            cfg = self.workdir / "orthanc.json"
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            cfg.write_text(json.dumps(config, indent=1))
+            proc = self.proc = Managed([str(ORTHANC_BIN), str(cfg)], "orthanc",
+                                       self.workdir / "orthanc.log", env=server_env(),
+                                       cwd=self.workdir).start()
+
+            def ready() -> bool:
+                proc.check()
+                if not (group_listens(proc.pid, self.port) and group_listens(proc.pid, self.http_port)):
+                    return False
+                try:
+                    return bool(self._get("/system", 1.0))
+                except (OSError, urllib.error.URLError):
+                    return False
+            try:
+                wait_until(ready, 30, 0.1, message=lambda: f"Orthanc did not start:\n{proc.log_tail()}")
+                return self
+            except BenchError as exc:
+                proc.kill()
+                if "already in use" not in str(exc) or attempt == 2:
+                    raise
+        return self
+
+    def _get(self, path: str, timeout: float = 10.0) -> Any:
+        with self._opener.open(f"http://{HOST}:{self.http_port}{path}", timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()   # its state is thrown away; a graceful stop takes seconds
+
+    def pids(self) -> dict[int, str]:
+        if self.proc is None or not self.proc.alive():
+            return {}
+        return {self.proc.pid: f"orthanc({self.ae_title})"}
+
+    def count(self) -> int:
+        try:
+            return int(self._get("/statistics", 5.0)["CountInstances"])
+        except (OSError, ValueError, KeyError, urllib.error.URLError):
+            return 0
+
+    def settled(self, expected: set[str]) -> bool | str:
+        """Orthanc indexes an instance before it answers the C-STORE, so the count is enough
+        (OverwriteInstances: a re-sent object stays one instance)."""
+        n = self.count()
+        return True if n == len(expected) else False if n < len(expected) else \
+            f"{self.label}: {n} instances, {len(expected)} expected"
+
+    def clear(self) -> None:
+        pass          # a fresh Orthanc is started for every run
+
+
+# -- the router ----------------------------------------------------------------------------------
+
+_STARTED = re.compile(r"started (\S+) \(pid (\d+)\)")
+
+
+class Router:
+    """``python -m fastroute serve -c <generated yaml>``, as a process group, from this checkout."""
+
+    def __init__(self, workdir: Path, config: Mapping[str, Any]) -> None:
+        import yaml
+
+        self.workdir = workdir
+        self.config = dict(config)
+        self.port = int(self.config["port"])
+        self.spool = Path(self.config["spool"])
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / "router.yaml"
+        self.path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.proc: Managed | None = None
+
+    def start(self, timeout: float = 90.0) -> "Router":
+        env = {**python_env(), "PYTHONUNBUFFERED": "1"}
+        proc = self.proc = Managed([sys.executable, "-m", "fastroute", "serve", "-c", str(self.path)],
+                                   "fastroute", self.workdir / "router.log", env=env,
+                                   cwd=self.workdir).start()
+        dests = list(self.config.get("destinations") or {})
+        wait_until(lambda: self._ready(dests), timeout, 0.05,
+                   message=lambda: f"router did not become ready:\n{proc.log_tail()}")
+        return self
+
+    def _ready(self, dests: list[str]) -> bool:
+        assert self.proc is not None
+        self.proc.check()
+        if not group_listens(self.proc.pid, self.port):
+            return False
+        for d in dests:
+            try:
+                doc = json.loads((self.spool / "run" / f"{d}.state").read_text())
+            except (OSError, ValueError):
+                return False
+            if doc.get("state") in (None, "stopped") or not Path(f"/proc/{int(doc.get('pid', 0))}").exists():
+                return False
+        return True
+
+    def pids(self) -> dict[int, str]:
+        """{pid: role} of the router's processes: supervisor, listener-N, sender-DEST, ..."""
+        if self.proc is None or not self.proc.alive():
+            return {}
+        roles = {self.proc.pid: "router supervisor"}
+        try:
+            for name, pid in _STARTED.findall(self.proc.log.read_text(errors="replace")):
+                roles[int(pid)] = f"router {name}"
+        except OSError:
+            pass
+        return {pid: roles.get(pid, f"router {comm(pid)}") for pid in group_members(self.proc.pid)}
+
+    def check(self) -> None:
+        if self.proc is not None:
+            self.proc.check()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace=float(self.config.get("shutdown_grace", 5)) + 15)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.proc.log_tail(lines) if self.proc is not None else "(not started)"
+
+
+def python_env() -> dict[str, str]:
+    """This interpreter's environment with the checkout first on PYTHONPATH, so the router
+    and ``fastroute --version`` run the code being measured."""
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def fastroute_version() -> str:
+    out = subprocess.run([sys.executable, "-m", "fastroute", "--version"], capture_output=True,
+                         text=True, timeout=60, env=python_env(), check=False)
+    return (out.stdout or out.stderr).strip() or f"unknown (exit {out.returncode})"
