@@ -75,12 +75,16 @@ class Notifier:
 
     def __init__(self, spool: Path) -> None:
         self.spool = spool
+        self._addresses: dict[str, str] = {}   # notify() runs after every commit
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
 
     def notify(self, dest: str) -> None:
         try:
-            self.sock.sendto(b"!", socket_address(self.spool, dest))
+            address = self._addresses.get(dest)
+            if address is None:
+                address = self._addresses[dest] = socket_address(self.spool, dest)
+            self.sock.sendto(b"!", address)
         except OSError:   # no sender yet, or its queue is full: it will find the work anyway
             pass
 
