@@ -213,9 +213,10 @@ class FastConnection:
         try:
             sock = _connect(d.host, d.port, d.acse_timeout)
         except OSError as exc:
-            log.debug("cannot connect to %s: %s", where, exc)
-            raise AssociationFailed(f"cannot connect to {where} (connection refused or timed "
-                                    "out)") from exc
+            # The OS's own words: refused, timed out, or reset by a peer that accepted and
+            # closed at once (a proxy or load balancer in front of a dead PACS).
+            why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+            raise AssociationFailed(f"cannot connect to {where}: {why}") from exc
         reader_max = max(d.max_pdu or pdu.PduReader().max_pdu_length, MIN_READER_PDU)
         assoc = FastAssociation(sock, pdu.PduReader(reader_max), where, 0)
         deadline = time.monotonic() + d.acse_timeout
