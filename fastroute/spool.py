@@ -10,7 +10,8 @@ Layout (named sub-databases in one LMDB environment):
           references; the state letter in the key lets a sender scan just the pending range
           and lets ``stats`` count states without decoding values.
 ``sop``   SOP Instance UID -> oid of the newest copy (supersede / duplicate policy).
-``dlv``   ``dest 0x00 sop uid`` -> digest + time of the last delivery (duplicate policy).
+``dlv``   ``dest 0x00 sop uid`` -> content digest + time of the last delivery (duplicate
+          policy; not kept when ``duplicate_window`` is 0).
 ``idx``   (dupsort) ``s|a|p`` + Study UID / Accession / Patient ID -> oid, for lookups.
 ``info``  counters (u64) and the oid sequence.
 
@@ -49,6 +50,7 @@ PENDING, INFLIGHT, FAILED, HELD = b"P", b"I", b"F", b"U"
 STATE_NAMES = {PENDING: "pending", INFLIGHT: "in_flight", FAILED: "failed", HELD: "unrouted"}
 _REC = struct.Struct("<IdiI")   # attempts, next_at, last_status (-1 none), unknown_outcomes
 _U64 = struct.Struct(">Q")
+DIGEST_BYTES = 16
 
 
 def oid_key(oid: int) -> bytes:
@@ -80,6 +82,18 @@ class Incoming:
     meta: dict[str, Any] = field(default_factory=dict)   # identifiers, source, rules
 
 
+def content_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The duplicate policy's content key: the first 16 bytes of SHA-256.
+
+    SHA-256 is hardware-accelerated (SHA-NI, ARMv8 SHA2) on current CPUs, yet on a 0.5 MB CT
+    image it was a quarter of a listener's CPU. So it is taken lazily: on the receive path
+    only for a re-send of a SOP Instance UID that a destination confirmed within
+    ``duplicate_window`` (rare), and otherwise by the sender after a delivery, from the
+    spool's own pages, off the modality's critical path (``Outcome.digest``).
+    """
+    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
+
+
 @dataclass(frozen=True)
 class PutResult:
     oid: int
@@ -99,6 +113,7 @@ class Claimed:
     attempts: int
     size: int
     calling_ae: str
+    digest: bytes = b""            # content_digest, when already known (else the sender takes it)
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,7 @@ class Outcome:
     next_at: float = 0.0           # for "retry"
     unknown: bool = False          # outcome unknown (timeout/abort after data sent)
     transcoded: str = ""           # the syntax it was converted to, when it was
+    digest: bytes = b""            # content_digest of the stored bytes, for the duplicate policy
 
 
 @dataclass(frozen=True)
@@ -144,7 +160,13 @@ class Spool:
 
     def __init__(self, path: str | Path, *, map_size: int = 64 * 1024**3,
                  min_free_bytes: int = 0, duplicate_window: float = 86400.0,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, durable: bool = True) -> None:
+        """``durable=False`` (the senders) makes this process's commits skip the second fsync
+        (LMDB's MDB_NOMETASYNC): still atomic and consistent, but an OS crash may undo the
+        last of them. A sender's commits can afford that: a lost claim is undone by
+        ``reset_inflight`` on start anyway, a lost delivery record means one resend
+        (at-least-once). The next fully synced commit (a listener's) makes them durable.
+        Every commit that answers a modality stays fully synced."""
         self.path = Path(path)
         self.min_free_bytes = min_free_bytes
         self.duplicate_window = duplicate_window
@@ -155,7 +177,7 @@ class Spool:
         try:
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=16, max_readers=1024,
                                  subdir=True, readonly=False, lock=True, sync=True,
-                                 metasync=True, readahead=False, meminit=False)
+                                 metasync=durable, readahead=False, meminit=False)
         except lmdb.Error as exc:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._obj = self.env.open_db(b"obj")
@@ -249,9 +271,7 @@ class Spool:
     def _put(self, txn: lmdb.Transaction, item: Incoming, now: float) -> PutResult:
         oid = self._incr(txn, "seq")
         key = oid_key(oid)
-        # SHA-256 (first 16 bytes): hardware-accelerated (SHA-NI, ARMv8 SHA2) on current CPUs,
-        # ~2x blake2b there; on a 0.5 MB CT image this hash is a fifth of the receive cost.
-        digest = hashlib.sha256(item.data).digest()[:16]
+        digest = b""              # taken only to compare with an earlier delivery
         sop = item.sop_instance_uid.encode()
         queued: list[str] = []
         suppressed: list[str] = []
@@ -260,11 +280,13 @@ class Spool:
         old_oid = _U64.unpack(old_raw)[0] if old_raw else None
         for dest in item.destinations:
             last = txn.get(dest.encode() + b"\x00" + sop, db=self._dlv)
-            if last is not None and bytes(last[:16]) == digest and \
-                    now - struct.unpack("<d", bytes(last[16:24]))[0] < self.duplicate_window:
-                suppressed.append(dest)
-                self._incr(txn, f"suppressed:{dest}")
-                continue
+            if last is not None and \
+                    now - struct.unpack_from("<d", last, DIGEST_BYTES)[0] < self.duplicate_window:
+                digest = digest or content_digest(item.data)
+                if last[:DIGEST_BYTES] == digest:
+                    suppressed.append(dest)
+                    self._incr(txn, f"suppressed:{dest}")
+                    continue
             if old_oid is not None and txn.delete(_qkey(dest, PENDING, old_oid), db=self._q):
                 self._drop_dest(txn, old_oid, dest, "superseded", now, by=oid)
                 if old_oid not in superseded:
@@ -297,13 +319,19 @@ class Spool:
         return PutResult(oid, tuple(queued), tuple(superseded), tuple(suppressed))
 
     def _drop_dest(self, txn: lmdb.Transaction, oid: int, dest: str, how: str, now: float,
-                   by: int | None = None, status: int | None = None, error: str = "") -> None:
-        """Remove ``dest`` from an object's outstanding list; drop the bytes when none remain."""
+                   by: int | None = None, status: int | None = None, error: str = "",
+                   digest: bytes = b"") -> dict[str, Any] | None:
+        """Remove ``dest`` from an object's outstanding list; drop the bytes when none remain.
+
+        Returns the updated routing record (None when the object is gone); ``digest`` is
+        recorded in it when it has none yet, so the object's other senders need not hash."""
         key = oid_key(oid)
         raw = txn.get(key, db=self._meta)
         if raw is None:
-            return
+            return None
         meta = json.loads(bytes(raw))
+        if digest and not meta.get("digest"):
+            meta["digest"] = digest.hex()
         if dest in meta["outstanding"]:
             meta["outstanding"].remove(dest)
         if how == "delivered":
@@ -313,6 +341,7 @@ class Spool:
         if not meta["outstanding"]:
             txn.delete(key, db=self._obj)
         txn.put(key, _dumps(meta), db=self._meta)
+        return meta
 
     # -- send side ---------------------------------------------------------------------------
 
@@ -336,32 +365,37 @@ class Spool:
         yet due (so the sender knows how long it may wait), or None.
         """
         now = time.time() if now is None else now
+        with self.env.begin(write=True) as txn:
+            return self._claim(txn, dest, limit, now)
+
+    def _claim(self, txn: lmdb.Transaction, dest: str, limit: int,
+               now: float) -> tuple[list[Claimed], float | None]:
         out: list[Claimed] = []
         earliest: float | None = None
         prefix = _qprefix(dest, PENDING)
-        with self.env.begin(write=True) as txn:
-            cur = txn.cursor(db=self._q)
-            moves: list[tuple[bytes, bytes, int]] = []
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix) or len(out) + len(moves) >= limit:
-                        break
-                    attempts, next_at, _, _ = _REC.unpack_from(value)
-                    if next_at > now:
-                        earliest = next_at if earliest is None else min(earliest, next_at)
-                        continue
-                    moves.append((bytes(key), bytes(value), _U64.unpack(bytes(key[-8:]))[0]))
-            for key, value, oid in moves:
-                raw = txn.get(oid_key(oid), db=self._meta)
-                txn.delete(key, db=self._q)
-                if raw is None:   # purged underneath us
+        cur = txn.cursor(db=self._q)
+        moves: list[tuple[bytes, bytes, int]] = []
+        if cur.set_range(prefix):
+            for raw_key, value in cur:
+                key = bytes(raw_key)
+                if not key.startswith(prefix) or len(moves) >= limit:
+                    break
+                next_at = _REC.unpack_from(value)[1]
+                if next_at > now:
+                    earliest = next_at if earliest is None else min(earliest, next_at)
                     continue
-                meta = json.loads(bytes(raw))
-                txn.put(_qkey(dest, INFLIGHT, oid), value, db=self._q)
-                attempts = _REC.unpack_from(value)[0]
-                out.append(Claimed(oid, meta["sop_class_uid"], meta["sop_instance_uid"],
-                                   meta["transfer_syntax"], attempts, meta["size"],
-                                   meta.get("calling_ae", "")))
+                moves.append((key, bytes(value), _U64.unpack(key[-8:])[0]))
+        for key, value, oid in moves:
+            raw = txn.get(oid_key(oid), db=self._meta)
+            txn.delete(key, db=self._q)
+            if raw is None:   # purged underneath us
+                continue
+            meta = json.loads(bytes(raw))
+            txn.put(_qkey(dest, INFLIGHT, oid), value, db=self._q)
+            attempts = _REC.unpack_from(value)[0]
+            out.append(Claimed(oid, meta["sop_class_uid"], meta["sop_instance_uid"],
+                               meta["transfer_syntax"], attempts, meta["size"],
+                               meta.get("calling_ae", ""), bytes.fromhex(meta.get("digest") or "")))
         return out, earliest
 
     def read(self, oid: int) -> bytes:
@@ -398,55 +432,70 @@ class Spool:
                     break
                 yield key, bytes(value)
 
-    def settle(self, dest: str, outcomes: Iterable[Outcome], now: float | None = None) -> None:
-        """Record what happened to claimed objects, all in one transaction."""
+    def settle(self, dest: str, outcomes: Iterable[Outcome], now: float | None = None, *,
+               claim: int = 0) -> tuple[list[Claimed], float | None]:
+        """Record what happened to claimed objects, all in one transaction.
+
+        With ``claim`` > 0 the same transaction then claims the next batch (as :meth:`claim`,
+        unless the destination is paused): a busy sender pays one commit per batch, not two,
+        and every commit is a turn at the write lock that the listeners' commits wait for.
+        """
         now = time.time() if now is None else now
         with self.env.begin(write=True) as txn:
-            for o in outcomes:
-                ikey = _qkey(dest, INFLIGHT, o.oid)
-                value = txn.get(ikey, db=self._q)
-                if value is None:       # purged while in flight
-                    continue
-                attempts, _, _, unknown = _REC.unpack_from(value)
-                txn.delete(ikey, db=self._q)
-                if o.unknown:
-                    unknown += 1
-                    self._incr(txn, f"unknown_outcomes:{dest}")
-                status = -1 if o.status is None else o.status
-                if o.transcoded:
-                    self._incr(txn, f"transcoded:{dest}")
-                if o.kind == "delivered":
-                    self._drop_dest(txn, o.oid, dest, "delivered", now, status=o.status,
-                                    error=o.transcoded)
-                    meta = txn.get(oid_key(o.oid), db=self._meta)
-                    if meta is not None:
-                        m = json.loads(bytes(meta))
+            self._settle(txn, dest, outcomes, now)
+            if claim > 0 and txn.get(f"paused:{dest}".encode(), db=self._info) is None:
+                return self._claim(txn, dest, claim, now)
+        return [], None
+
+    def _settle(self, txn: lmdb.Transaction, dest: str, outcomes: Iterable[Outcome], now: float) -> None:
+        for o in outcomes:
+            ikey = _qkey(dest, INFLIGHT, o.oid)
+            value = txn.get(ikey, db=self._q)
+            if value is None:       # purged while in flight
+                continue
+            attempts, _, _, unknown = _REC.unpack_from(value)
+            txn.delete(ikey, db=self._q)
+            if o.unknown:
+                unknown += 1
+                self._incr(txn, f"unknown_outcomes:{dest}")
+            status = -1 if o.status is None else o.status
+            if o.transcoded:
+                self._incr(txn, f"transcoded:{dest}")
+            if o.kind == "delivered":
+                digest = o.digest
+                if not digest and self.duplicate_window > 0:   # a caller that did not hash it
+                    stored = txn.get(oid_key(o.oid), db=self._obj)
+                    digest = content_digest(stored) if stored is not None else b""
+                m = self._drop_dest(txn, o.oid, dest, "delivered", now, status=o.status,
+                                    error=o.transcoded, digest=digest)
+                if m is not None:
+                    if m.get("digest"):   # the duplicate policy's record of what this got
                         txn.put(dest.encode() + b"\x00" + m["sop_instance_uid"].encode(),
                                 bytes.fromhex(m["digest"]) + struct.pack("<d", now), db=self._dlv)
-                        self._incr(txn, f"delivered_bytes:{dest}", int(m.get("size", 0)))
-                        self._observe_latency(txn, dest, now - float(m["received_at"]))
-                        self._audit_append(txn, {
-                            "action": "delivered", "destination": dest, "status": o.status,
-                            "sop_instance_uid": m["sop_instance_uid"],
-                            "study_instance_uid": m.get("study_instance_uid", ""),
-                            "calling_ae": m.get("calling_ae", ""), "oid": o.oid}, now)
-                    self._incr(txn, f"delivered:{dest}")
-                elif o.kind == "release":   # not attempted (destination down, shutting down)
-                    txn.put(_qkey(dest, PENDING, o.oid), _REC.pack(attempts, o.next_at, status, unknown), db=self._q)
-                elif o.kind == "retry":
-                    txn.put(_qkey(dest, PENDING, o.oid),
-                            _REC.pack(attempts + 1, o.next_at, status, unknown) + o.error.encode()[:2000],
-                            db=self._q)
-                    self._incr(txn, f"retries:{dest}")
-                elif o.kind == "failed":
-                    txn.put(_qkey(dest, FAILED, o.oid),
-                            _REC.pack(attempts + 1, now, status, unknown) + o.error.encode()[:2000],
-                            db=self._q)
-                    self._record_failure(txn, o.oid, dest, now, o.status, o.error)
-                    self._incr(txn, f"failed:{dest}")
-                    self._incr(txn, f"failed_status:{dest}:{-1 if o.status is None else o.status}")
-                else:
-                    raise ValueError(f"unknown outcome kind {o.kind!r}")
+                    self._incr(txn, f"delivered_bytes:{dest}", int(m.get("size", 0)))
+                    self._observe_latency(txn, dest, now - float(m["received_at"]))
+                    self._audit_append(txn, {
+                        "action": "delivered", "destination": dest, "status": o.status,
+                        "sop_instance_uid": m["sop_instance_uid"],
+                        "study_instance_uid": m.get("study_instance_uid", ""),
+                        "calling_ae": m.get("calling_ae", ""), "oid": o.oid}, now)
+                self._incr(txn, f"delivered:{dest}")
+            elif o.kind == "release":   # not attempted (destination down, shutting down)
+                txn.put(_qkey(dest, PENDING, o.oid), _REC.pack(attempts, o.next_at, status, unknown), db=self._q)
+            elif o.kind == "retry":
+                txn.put(_qkey(dest, PENDING, o.oid),
+                        _REC.pack(attempts + 1, o.next_at, status, unknown) + o.error.encode()[:2000],
+                        db=self._q)
+                self._incr(txn, f"retries:{dest}")
+            elif o.kind == "failed":
+                txn.put(_qkey(dest, FAILED, o.oid),
+                        _REC.pack(attempts + 1, now, status, unknown) + o.error.encode()[:2000],
+                        db=self._q)
+                self._record_failure(txn, o.oid, dest, now, o.status, o.error)
+                self._incr(txn, f"failed:{dest}")
+                self._incr(txn, f"failed_status:{dest}:{-1 if o.status is None else o.status}")
+            else:
+                raise ValueError(f"unknown outcome kind {o.kind!r}")
 
     def _record_failure(self, txn: lmdb.Transaction, oid: int, dest: str, now: float,
                         status: int | None, error: str) -> None:

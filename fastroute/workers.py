@@ -40,9 +40,9 @@ def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Eve
     return stop
 
 
-def open_spool(cfg: Config) -> Spool:
+def open_spool(cfg: Config, *, durable: bool = True) -> Spool:
     return Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=cfg.min_free_bytes,
-                 duplicate_window=cfg.duplicate_window)
+                 duplicate_window=cfg.duplicate_window, durable=durable)
 
 
 def listener_main(cfg: Config, index: int) -> None:
@@ -90,7 +90,7 @@ def sender_main(cfg: Config, dest_name: str) -> None:
 
     dest = cfg.destinations[dest_name]
     stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
-    spool = open_spool(cfg)
+    spool = open_spool(cfg, durable=False)   # claims and delivery records: see Spool
     sender = DestinationSender(cfg, dest, spool)
     def relay_stop() -> None:
         stop.wait()

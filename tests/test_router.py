@@ -204,6 +204,34 @@ def test_unrouted_objects_are_kept(tmp_path: Path, router: Callable[..., Router]
     assert "chain intact" in r.cli("audit", "--verify").stdout
 
 
+@ENGINES
+def test_duplicate_policy_end_to_end(tmp_path: Path, router: Callable[..., Router],
+                                     storescp: Callable[..., peers.StoreSCP], engine: str) -> None:
+    """An identical re-send after delivery is suppressed; a correction (same SOP Instance UID,
+    other content) is delivered. The content digest is taken by the sender after delivery,
+    so this holds the receive and send sides to the same key."""
+    files = synth.make_tiny(tmp_path / "t", n=3)
+    scp = storescp("PACS")
+    r = router({"engine": engine,
+                "destinations": {"pacs": destination(scp.port, "PACS", engine=engine)},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+    assert storescu(r.port, files).returncode == 0
+    scp.wait_for(3, timeout=60)
+    wait_until(lambda: r.queue()["pacs"]["delivered"] == 3, 30, message="not all delivered")
+    assert storescu(r.port, files[:2]).returncode == 0             # identical: accepted, not sent
+    wait_until(lambda: r.queue()["pacs"]["suppressed"] == 2, 30, message="re-sends not suppressed")
+    corrected = tmp_path / "corrected.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.StudyDescription = "CORRECTED"
+    ds.save_as(corrected)
+    assert storescu(r.port, [corrected]).returncode == 0
+    wait_until(lambda: len(scp.receptions()) == 4, 60, message="correction not received")
+    q = r.queue()["pacs"]
+    assert (q["delivered"], q["suppressed"], q["pending"], q["in_flight"]) == (4, 2, 0, 0)
+    stored = scp.file_for(str(ds.SOPInstanceUID))   # storescp names files by SOP Instance UID
+    assert stored is not None and pydicom.dcmread(stored).StudyDescription == "CORRECTED"
+
+
 def test_destination_down_then_up_delivers_everything(tmp_path: Path, router: Callable[..., Router],
                                                       storescp: Callable[..., peers.StoreSCP]) -> None:
     files = synth.make_tiny(tmp_path / "t", n=60)
@@ -271,7 +299,8 @@ def test_free_space_floor_refuses_with_a700_and_keeps_earlier(tmp_path: Path, ro
     assert res.returncode != 0, "storescu saw success for objects that could not be spooled"
     wait_until(lambda: r.log_text().count("-> status 0xA700") >= 1, 10,
                message=lambda: f"refusals not logged with their status:\n{r.log_tail()}")
-    assert r.queue()["pacs"]["pending"] == 10
+    q = r.queue()["pacs"]    # kept: pending, or in flight while the sender tries the dead PACS
+    assert q["pending"] + q["in_flight"] == 10 and q["failed"] == 0
     r.stop()
     r.write_config(min_free_bytes="1MiB")
     r.start()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastroute.errors import SpoolFullError
-from fastroute.spool import FAILED, HELD, PENDING, UNROUTED, Incoming, Outcome, Spool
+from fastroute.spool import FAILED, HELD, PENDING, UNROUTED, Incoming, Outcome, Spool, content_digest
 
 TS = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -196,3 +196,68 @@ def test_view_is_the_stored_bytes_without_a_copy_and_dies_with_its_block(spool: 
     with pytest.raises(SpoolError, match="no data"):
         with spool.view(res.oid + 1000):
             pass
+
+
+def test_settle_claims_the_next_batch_in_the_same_commit(spool: Spool) -> None:
+    spool.put_many([obj(f"1.{i}") for i in range(4)])
+    [first], _ = spool.claim("a", 1)
+    before = spool.env.info()["last_txnid"]
+    nxt, _ = spool.settle("a", [Outcome(first.oid, "delivered", 0)], claim=2)
+    assert spool.env.info()["last_txnid"] == before + 1          # one commit for both
+    assert [c.sop_instance_uid for c in nxt] == ["1.1", "1.2"]
+    [st] = [s for s in spool.stats(["a"]) if s.destination == "a"]
+    assert (st.pending, st.in_flight, st.delivered) == (1, 2, 1)
+    spool.set_paused("a", True)                                   # paused: settle only
+    assert spool.settle("a", [Outcome(c.oid, "release") for c in nxt], claim=5) == ([], None)
+    [st] = [s for s in spool.stats(["a"]) if s.destination == "a"]
+    assert (st.pending, st.in_flight) == (3, 0)
+
+
+def test_content_digest_is_not_taken_on_receive(spool: Spool) -> None:
+    """The hash is the sender's job (after delivery); the receive path only takes it to
+    compare a re-send with an earlier delivery."""
+    data = b"pixels" * 1000
+    [res] = spool.put_many([obj("1.1", ("a", "b"), data=data)])
+    assert spool.meta(res.oid)["digest"] == ""
+    [ca], _ = spool.claim("a", 1)
+    assert ca.digest == b""
+    digest = content_digest(data)
+    spool.settle("a", [Outcome(ca.oid, "delivered", 0, digest=digest)])
+    assert spool.meta(res.oid)["digest"] == digest.hex()
+    [cb], _ = spool.claim("b", 1)                 # the other sender need not hash again
+    assert cb.digest == digest
+    spool.settle("b", [Outcome(cb.oid, "delivered", 0, digest=cb.digest)])
+    [dup] = spool.put_many([obj("1.1", ("a", "b"), data=data)])
+    assert dup.suppressed == ("a", "b") and dup.queued == ()
+
+
+def test_no_duplicate_window_keeps_no_delivery_digests(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s", map_size=1 << 26, duplicate_window=0)
+    try:
+        sp.put_many([obj("1.1", data=b"same" * 10)])
+        [c], _ = sp.claim("a", 1)
+        sp.settle("a", [Outcome(c.oid, "delivered", 0)])
+        with sp.env.begin(db=sp._dlv) as txn:
+            assert txn.stat(sp._dlv)["entries"] == 0
+        [again] = sp.put_many([obj("1.1", data=b"same" * 10)])
+        assert again.queued == ("a",) and again.suppressed == ()
+    finally:
+        sp.close()
+
+
+def test_sender_commits_skip_only_the_meta_sync(tmp_path: Path) -> None:
+    """Listeners answer modalities after their commit: fully synced. Senders' commits keep
+    LMDB's integrity (data synced before the meta page) but not the last one's durability."""
+    from fastroute.config import loads
+    from fastroute.workers import open_spool
+    cfg = loads(f"spool: {tmp_path / 's'}\nspool_max_bytes: 64MiB\n")
+    for durable in (True, False):
+        sp = open_spool(cfg, durable=durable)
+        try:
+            assert sp.env.flags()["sync"] and sp.env.flags()["metasync"] is durable
+        finally:
+            sp.close()
+    import inspect
+    from fastroute import workers
+    assert "open_spool(cfg, durable=False)" in inspect.getsource(workers.sender_main)
+    assert "open_spool(cfg)" in inspect.getsource(workers.listener_main)

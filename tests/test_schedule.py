@@ -1,0 +1,96 @@
+"""A destination's sender loop against a real DCMTK storescp: commits per object, state file."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pydicom
+import pytest
+import yaml
+
+import peers
+import synth
+from fastroute.cli import read_part10
+from fastroute.config import Config, loads
+from fastroute.schedule import PROGRESS_EVERY, DestinationSender
+from fastroute.spool import Incoming, Spool
+from peers import wait_until
+from router import destination
+
+def config(tmp_path: Path, port: int, **dest: Any) -> Config:
+    doc = {"spool": str(tmp_path / "spool"), "spool_max_bytes": "256MiB",
+           "destinations": {"pacs": destination(port, "PACS", **dest)}, "default": ["pacs"]}
+    return loads(yaml.safe_dump(doc))
+
+
+def queue_files(spool: Spool, files: list[Path]) -> None:
+    items = []
+    for f in files:
+        ts, data = read_part10(f)
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        items.append(Incoming(data, ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ("pacs",),
+                              {"calling_ae": "CT1"}))
+    assert all(not isinstance(r, BaseException) for r in spool.put_many(items))
+
+
+@pytest.mark.peers
+def test_each_batch_costs_one_commit(tmp_path: Path,
+                                     storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Settling a batch claims the next one in the same transaction: with one object a
+    batch, N objects take about N commits, not 2N (each is a turn at the write lock the
+    listeners' commits queue for)."""
+    n = 20
+    scp = storescp("PACS")
+    cfg = config(tmp_path, scp.port, batch_size=1)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
+    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
+    thread = threading.Thread(target=sender.run, daemon=True)
+    try:
+        queue_files(spool, synth.make_tiny(tmp_path / "t", n=n))
+        before = spool.env.info()["last_txnid"]
+        thread.start()
+        scp.wait_for(n, timeout=60)
+        wait_until(lambda: spool.counters().get("delivered:pacs", 0) == n, 30,
+                   message="deliveries not recorded")
+        commits = spool.env.info()["last_txnid"] - before
+        assert commits <= n + 3, f"{commits} commits for {n} objects"
+    finally:
+        sender.stop()
+        if thread.ident is not None:
+            thread.join(30)
+        spool.close()
+    assert not thread.is_alive()
+    [st] = [s for s in Spool(cfg.spool, map_size=cfg.spool_max_bytes).stats(["pacs"])
+            if s.destination == "pacs"]
+    assert (st.pending, st.in_flight, st.delivered) == (0, 0, n)
+
+
+def test_state_file_progress_is_throttled(tmp_path: Path) -> None:
+    """Delivery counts reach the state file at most every PROGRESS_EVERY seconds, and an
+    idle sender writes what is left once that interval has passed."""
+    cfg = config(tmp_path, 1)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        (cfg.spool / "run").mkdir()
+        sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
+        state = cfg.spool / "run" / "pacs.state"
+
+        def sent() -> int:
+            return int(json.loads(state.read_text())["sent"])
+
+        sender._progress(1)                      # nothing written for a while: at once
+        assert sent() == 1
+        sender._progress(1)
+        sender._progress(1)
+        assert sent() == 1                       # within the interval: held back
+        wait = sender._flush_progress()
+        assert wait is not None and 0 < wait <= PROGRESS_EVERY
+        sender._progress_written -= PROGRESS_EVERY   # the interval has passed
+        assert sender._flush_progress() is None and sent() == 3
+        assert sender._flush_progress() is None      # nothing left to write
+        sender._publish(state="backing_off")         # a change of state is never held back
+        assert json.loads(state.read_text())["state"] == "backing_off"
+    finally:
+        spool.close()
