@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .procs import (HOST, ORTHANC_BIN, REPO, BenchError, Managed, comm, dcmtk, free_port,
-                    group_listens, group_members, server_env, wait_until)
+from .procs import (HOST, REPO, Managed, PeerUnavailable, comm, dcmtk_tool, fd_targets, free_port,
+                    group_listens, group_members, orthanc_binary, server_env, start_ready, wait_until)
 
 
 # -- receivers -----------------------------------------------------------------------------------
@@ -73,31 +73,23 @@ class Receiver:
 
     def start(self) -> "Receiver":
         self.output.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            self.port = free_port()
+
+        def launch() -> Managed:
+            self.port = free_port()        # a fresh one on every attempt
             if self.kind == "dcmrecv":
                 cfg, profile = _acceptor_profile(self.workdir / "dcmrecv.cfg")
-                argv = [str(dcmtk("dcmrecv")), "-aet", self.ae_title, "-od", str(self.output),
+                argv = [str(dcmtk_tool("dcmrecv")), "-aet", self.ae_title, "-od", str(self.output),
                         "-fe", ".dcm", "-dhl", "-xf", str(cfg), profile]
-                argv += ["--ignore"] if self.ignore else []
             else:
-                argv = [str(dcmtk("storescp")), "-aet", self.ae_title, "-od", str(self.output),
+                argv = [str(dcmtk_tool("storescp")), "-aet", self.ae_title, "-od", str(self.output),
                         "-uf", "-fe", ".dcm", "-dhl", "+xa", "--fork"]
-                argv += ["--ignore"] if self.ignore else []
-            proc = self.proc = Managed([*argv, str(self.port)], self.kind,
-                                       self.workdir / f"{self.kind}.log", env=server_env(),
-                                       cwd=self.workdir).start()
-            def listening() -> bool:
-                proc.check()
-                return group_listens(proc.pid, self.port)
-            try:
-                wait_until(listening, 15,
-                           message=lambda: f"{self.label} did not listen on {self.port}:\n{proc.log_tail()}")
-                return self
-            except BenchError as exc:
-                proc.kill()
-                if "already in use" not in str(exc) or attempt == 2:
-                    raise
+            argv += ["--ignore"] if self.ignore else []
+            self.proc = Managed([*argv, str(self.port)], self.kind, self.workdir / f"{self.kind}.log",
+                                env=server_env(), cwd=self.workdir)
+            return self.proc.start()
+
+        start_ready(launch, lambda proc: group_listens(proc.pid, self.port), 15,
+                    message=lambda proc: f"{self.label} did not listen on {self.port}:\n{proc.log_tail()}")
         return self
 
     def stop(self) -> None:
@@ -105,7 +97,7 @@ class Receiver:
             self.proc.stop(5.0)
 
     def pids(self) -> dict[int, str]:
-        if self.proc is None or not self.proc.alive():
+        if self.proc is None or not self.proc.running():
             return {}
         return {pid: f"{self.kind}({self.ae_title})" for pid in group_members(self.proc.pid)}
 
@@ -122,16 +114,8 @@ class Receiver:
         if self.proc is not None:
             prefix = str(self.output)
             for pid in group_members(self.proc.pid):
-                try:
-                    fds = os.listdir(f"/proc/{pid}/fd")
-                except OSError:
-                    continue
-                for fd in fds:
-                    try:
-                        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
-                            return False
-                    except OSError:
-                        continue
+                if any(target.startswith(prefix) for target in fd_targets(pid) or ()):
+                    return False
         uids = set()
         for e in os.scandir(self.output):
             if e.name.endswith(".dcm"):
@@ -164,11 +148,13 @@ class Orthanc:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def start(self) -> "Orthanc":
-        if not os.access(ORTHANC_BIN, os.X_OK):
-            raise BenchError(f"Orthanc not found at {ORTHANC_BIN}: install the Debian package "
-                             "'orthanc' (or set FASTROUTE_ORTHANC), or leave out --orthanc")
-        for attempt in range(3):
-            self.port, self.http_port = free_port(), free_port()
+        try:
+            binary = orthanc_binary()
+        except PeerUnavailable as exc:
+            raise PeerUnavailable(f"{exc}, or leave out --orthanc") from None
+
+        def launch() -> Managed:
+            self.port, self.http_port = free_port(), free_port()   # fresh ones on every attempt
             storage = self.workdir / "storage"
             shutil.rmtree(storage, ignore_errors=True)
             config = {
@@ -187,25 +173,20 @@ class Orthanc:
             cfg = self.workdir / "orthanc.json"
             self.workdir.mkdir(parents=True, exist_ok=True)
             cfg.write_text(json.dumps(config, indent=1))
-            proc = self.proc = Managed([str(ORTHANC_BIN), str(cfg)], "orthanc",
-                                       self.workdir / "orthanc.log", env=server_env(),
-                                       cwd=self.workdir).start()
+            self.proc = Managed([str(binary), str(cfg)], "orthanc", self.workdir / "orthanc.log",
+                                env=server_env(), cwd=self.workdir)
+            return self.proc.start()
 
-            def ready() -> bool:
-                proc.check()
-                if not (group_listens(proc.pid, self.port) and group_listens(proc.pid, self.http_port)):
-                    return False
-                try:
-                    return bool(self._get("/system", 1.0))
-                except (OSError, urllib.error.URLError):
-                    return False
+        def ready(proc: Managed) -> bool:
+            if not (group_listens(proc.pid, self.port) and group_listens(proc.pid, self.http_port)):
+                return False
             try:
-                wait_until(ready, 30, 0.1, message=lambda: f"Orthanc did not start:\n{proc.log_tail()}")
-                return self
-            except BenchError as exc:
-                proc.kill()
-                if "already in use" not in str(exc) or attempt == 2:
-                    raise
+                return bool(self._get("/system", 1.0))
+            except (OSError, urllib.error.URLError):
+                return False
+
+        start_ready(launch, ready, 30, interval=0.1,
+                    message=lambda proc: f"Orthanc did not start:\n{proc.log_tail()}")
         return self
 
     def _get(self, path: str, timeout: float = 10.0) -> Any:
@@ -217,7 +198,7 @@ class Orthanc:
             self.proc.kill()   # its state is thrown away; a graceful stop takes seconds
 
     def pids(self) -> dict[int, str]:
-        if self.proc is None or not self.proc.alive():
+        if self.proc is None or not self.proc.running():
             return {}
         return {self.proc.pid: f"orthanc({self.ae_title})"}
 
@@ -284,7 +265,7 @@ class Router:
 
     def pids(self) -> dict[int, str]:
         """{pid: role} of the router's processes: supervisor, listener-N, sender-DEST, ..."""
-        if self.proc is None or not self.proc.alive():
+        if self.proc is None or not self.proc.running():
             return {}
         roles = {self.proc.pid: "router supervisor"}
         try:

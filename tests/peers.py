@@ -1,4 +1,4 @@
-"""Real DICOM peers on loopback for integration tests and the benchmark harness.
+"""Real DICOM peers on loopback for integration tests.
 
 Every peer is a child process started in its own session, so it is stopped by its PID (and
 its process group, which holds any children it forks), with a grace period before SIGKILL,
@@ -10,126 +10,41 @@ with the same names (storescu, storescp, echoscu, ...) that shadow DCMTK on PATH
 DCMTK 3.6.7 and Orthanc 1.10 can only listen on all interfaces; when a C compiler is present a
 tiny LD_PRELOAD shim rewrites their wildcard bind() to 127.0.0.1 so nothing is exposed.
 
-No pytest dependency: the benchmark harness imports this module too (put ``tests/`` on
-``sys.path`` and ``import peers``).
+The process plumbing (free ports, polling, process groups, /proc, the shim, DCMTK lookup) is
+the benchmark harness's, ``bench.procs``, re-exported here; ``bench/`` never imports tests/.
+No pytest dependency.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self
 
-HOST = "127.0.0.1"
-
-T = TypeVar("T")
-
-
-class PeerUnavailable(RuntimeError):
-    """A peer program is not installed (or is not the program we expect)."""
-
-
-class PeerFailed(RuntimeError):
-    """A peer exited early or did not become ready; the message carries its log tail."""
-
-
-class PeerLeak(RuntimeError):
-    """A peer process (or one of its children) survived its stop()."""
-
-
-# --------------------------------------------------------------------------------------------
-# Polling
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    timeout: float,
-    interval: float = 0.05,
-    message: str | Callable[[], str] = "condition not met",
-) -> T:
-    """Poll ``predicate`` until it returns something truthy and return that value.
-
-    The one synchronisation primitive of the test suite: a deadline, never a fixed sleep.
-    ``message`` may be a callable so that costly diagnostics (log tails) are built only on
-    failure. Raises TimeoutError.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise TimeoutError(f"{text} (after {timeout:.1f} s)")
-        time.sleep(interval)  # the poll interval, bounded by the deadline above
-
+# Also re-exported for the tests: the exceptions, free_port, issued_ports, wait_until,
+# dcmtk_tool, live_processes (``peers.wait_until`` and ``from peers import free_port`` work).
+from bench.procs import (HOST, Managed, PeerFailed, PeerLeak, PeerUnavailable,  # noqa: F401
+                         WaitTimeout, dcmtk_env, dcmtk_tool, fd_targets, free_port, group_members,
+                         issued_ports, listen_sockets, live_processes, orthanc_binary, server_env,
+                         socket_inodes, start_ready, stat_fields, wait_until)
 
 # --------------------------------------------------------------------------------------------
 # Ports
 
-_issued_ports: set[int] = set()
-_ports_lock = threading.Lock()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago and was not handed out before.
-
-    The kernel picks it (bind to port 0); remembering issued ports avoids handing the same one
-    to two peers of one run, and lets the session check that none is left listening.
-    """
-    with _ports_lock:
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((HOST, 0))
-                port = int(s.getsockname()[1])
-            if port not in _issued_ports:
-                _issued_ports.add(port)
-                return port
-    raise RuntimeError("could not find a fresh free port after 50 tries")
-
-
-def issued_ports() -> frozenset[int]:
-    """Every port free_port() has handed out in this process."""
-    with _ports_lock:
-        return frozenset(_issued_ports)
-
-
-def _proc_net_listen_sockets() -> dict[int, int] | None:
-    """{socket inode: port} of LISTEN sockets from /proc/net/tcp{,6}; None without /proc."""
-    sockets: dict[int, int] = {}
-    found = False
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as fh:
-                next(fh)
-                for line in fh:
-                    fields = line.split()
-                    if fields[3] == "0A":  # TCP_LISTEN
-                        sockets[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
-            found = True
-        except OSError:
-            continue
-    return sockets if found else None
-
 
 def _proc_net_listeners() -> set[int] | None:
     """Ports in LISTEN state; None where /proc is not available."""
-    sockets = _proc_net_listen_sockets()
+    sockets = listen_sockets()
     return None if sockets is None else set(sockets.values())
 
 
@@ -149,31 +64,14 @@ def is_listening(port: int, host: str = HOST) -> bool:
         return False
 
 
-def _socket_inodes(pid: int) -> set[int] | None:
-    """Inodes of the sockets a process holds open; None if /proc cannot tell."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    inodes = set()
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
 def process_listens(pid: int, port: int) -> bool:
     """Whether process ``pid`` itself listens on ``port``.
 
     Stricter than is_listening(): if another process won the race for a port that
     free_port() handed out, that port listens but our peer does not.
     """
-    sockets = _proc_net_listen_sockets()
-    held = _socket_inodes(pid)
+    sockets = listen_sockets()
+    held = socket_inodes(pid)
     if sockets is None or held is None:
         return is_listening(port)
     return any(sockets.get(inode) == port for inode in held)
@@ -198,14 +96,9 @@ def _our_pids() -> set[int]:
     parent: dict[int, int] = {}
     ours = {me}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+        rest = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if rest is None:
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()
         pid, ppid, pgrp = int(entry.name), int(rest[1]), int(rest[2])
         parent[pid] = ppid
         if pgrp in peer_groups:
@@ -228,7 +121,7 @@ def leaked_listeners(ports: Iterable[int]) -> list[int]:
     Without /proc, any listener counts.
     """
     wanted = set(ports)
-    sockets = _proc_net_listen_sockets()
+    sockets = listen_sockets()
     if sockets is None or not os.path.isdir("/proc/self/fd"):
         return listening_ports(wanted)
     inodes = {inode: port for inode, port in sockets.items() if port in wanted}
@@ -236,293 +129,17 @@ def leaked_listeners(ports: Iterable[int]) -> list[int]:
         return []
     leaked: set[int] = set()
     for pid in _our_pids():
-        for inode in _socket_inodes(pid) or ():
+        for inode in socket_inodes(pid) or ():
             if inode in inodes:
                 leaked.add(inodes[inode])
     return sorted(leaked)
 
 
 # --------------------------------------------------------------------------------------------
-# Programs
+# Programs and processes (dcmtk_tool, orthanc_binary, dcmtk_env, server_env, Managed and
+# live_processes come from bench.procs)
 
-_DCMTK_DIR = Path(os.environ.get("FASTROUTE_DCMTK_DIR", "/usr/bin"))
-_ORTHANC_BIN = Path(os.environ.get("FASTROUTE_ORTHANC", "/usr/sbin/Orthanc"))
-_tool_cache: dict[str, Path] = {}
 DCMTK_TOOLS = ("storescp", "storescu", "echoscu", "dcmsend", "dcmrecv")
-
-
-def dcmtk_tool(name: str) -> Path:
-    """Absolute path of a DCMTK program, checked once to really be DCMTK.
-
-    Raises PeerUnavailable with an installation hint, because the same name on PATH is
-    often pynetdicom's Python re-implementation.
-    """
-    cached = _tool_cache.get(name)
-    if cached is not None:
-        return cached
-    path = _DCMTK_DIR / name
-    if not os.access(path, os.X_OK):
-        raise PeerUnavailable(
-            f"DCMTK {name} not found at {path}: install Debian package 'dcmtk' (or set "
-            f"FASTROUTE_DCMTK_DIR); the '{name}' on PATH may be pynetdicom's, not DCMTK's"
-        )
-    out = subprocess.run(
-        [str(path), "--version"], capture_output=True, text=True, timeout=10, check=False
-    )
-    if "dcmtk" not in (out.stdout + out.stderr).lower():
-        raise PeerUnavailable(f"{path} does not look like DCMTK: {out.stdout[:200]!r}")
-    _tool_cache[name] = path
-    return path
-
-
-def orthanc_binary() -> Path:
-    """Absolute path of the Orthanc server; raises PeerUnavailable with a hint."""
-    if not os.access(_ORTHANC_BIN, os.X_OK):
-        raise PeerUnavailable(
-            f"Orthanc not found at {_ORTHANC_BIN}: install Debian package 'orthanc' "
-            "(or set FASTROUTE_ORTHANC)"
-        )
-    return _ORTHANC_BIN
-
-
-def dcmtk_env() -> dict[str, str]:
-    """Environment for DCMTK programs: TCP_NODELAY=1, without which they crawl on loopback
-    (Nagle + delayed ACK: ~20 objects/s)."""
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    return env
-
-
-_SHIM_SOURCE = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <netinet/in.h>
-#include <string.h>
-#include <sys/socket.h>
-
-/* Rewrite wildcard binds to loopback: DCMTK 3.6.7 and Orthanc 1.10 have no bind option. */
-int bind(int fd, const struct sockaddr *addr, socklen_t len) {
-    static int (*real_bind)(int, const struct sockaddr *, socklen_t);
-    if (!real_bind)
-        real_bind = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "bind");
-    if (addr && addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
-        struct sockaddr_in a;
-        memcpy(&a, addr, sizeof a);
-        if (a.sin_addr.s_addr == htonl(INADDR_ANY)) {
-            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-            return real_bind(fd, (const struct sockaddr *)&a, sizeof a);
-        }
-    } else if (addr && addr->sa_family == AF_INET6
-               && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
-        struct sockaddr_in6 a;
-        memcpy(&a, addr, sizeof a);
-        if (memcmp(&a.sin6_addr, &in6addr_any, sizeof a.sin6_addr) == 0) {
-            a.sin6_addr = in6addr_loopback;
-            return real_bind(fd, (const struct sockaddr *)&a, sizeof a);
-        }
-    }
-    return real_bind(fd, addr, len);
-}
-"""
-_shim_lock = threading.Lock()
-_shim_result: list[Path | None] = []
-
-
-def loopback_shim() -> Path | None:
-    """Path of the LD_PRELOAD library that pins wildcard binds to 127.0.0.1, built once.
-
-    Returns None (with a warning) when no C compiler is available; peers then listen on all
-    interfaces, on a random port, for the length of a test.
-    """
-    with _shim_lock:
-        if _shim_result:
-            return _shim_result[0]
-        digest = hashlib.sha256(_SHIM_SOURCE.encode()).hexdigest()[:12]
-        cache = Path(tempfile.gettempdir()) / f"fastroute-tests-{os.getuid()}"
-        lib = cache / f"bind_loopback-{digest}.so"
-        result: Path | None = lib
-        if not lib.exists():
-            cc = shutil.which("cc") or shutil.which("gcc")
-            result = None
-            if cc is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                src = cache / f"bind_loopback-{digest}.c"
-                src.write_text(_SHIM_SOURCE)
-                tmp = cache / f"bind_loopback-{digest}.{os.getpid()}.so"
-                built = subprocess.run(
-                    [cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"],
-                    capture_output=True, text=True, timeout=60, check=False,
-                )
-                if built.returncode == 0:
-                    os.replace(tmp, lib)  # atomic: concurrent builders agree on one file
-                    result = lib
-                else:
-                    warnings.warn(f"loopback bind shim failed to build: {built.stderr[-500:]}")
-            else:
-                warnings.warn("no C compiler: DCMTK/Orthanc peers will listen on all interfaces")
-        _shim_result.append(result)
-        return result
-
-
-def _server_env() -> dict[str, str]:
-    env = dcmtk_env()
-    shim = loopback_shim()
-    if shim is not None:
-        env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
-    return env
-
-
-# --------------------------------------------------------------------------------------------
-# Process lifecycle
-
-_live: set[ManagedProcess] = set()
-_live_lock = threading.Lock()
-
-
-def live_processes() -> list[ManagedProcess]:
-    """Peers started and not yet stopped: the session teardown asserts this is empty."""
-    with _live_lock:
-        return sorted(_live, key=lambda p: p.pid or 0)
-
-
-def _group_members(pgid: int) -> list[tuple[int, str]] | None:
-    """(pid, state) of the processes in a process group, from /proc; None without /proc."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state ppid pgrp ...
-        rest = stat[stat.rfind(")") + 2:].split()
-        if int(rest[2]) == pgid:
-            members.append((int(entry.name), rest[0]))
-    return members
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is left in the group.
-
-    Zombies are ignored: when the container's PID 1 does not reap orphans, the dead children
-    of a killed peer linger as zombies, which hold no port or file.
-    """
-    members = _group_members(pgid)
-    if members is not None:
-        return any(state not in ("Z", "X") for _, state in members)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-class ManagedProcess:
-    """A child process in its own session, logged to a file, stopped by PID with a deadline."""
-
-    def __init__(
-        self,
-        argv: Sequence[str | os.PathLike[str]],
-        *,
-        name: str,
-        log_path: Path,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> None:
-        self.argv = [os.fspath(a) for a in argv]
-        self.name = name
-        self.log_path = log_path
-        self.env = dict(env) if env is not None else None
-        self.cwd = cwd
-        self.popen: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else None
-
-    def start(self) -> None:
-        if self.popen is not None:
-            raise RuntimeError(f"{self.name} already started (pid {self.pid})")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._log_offset = log.tell()  # a restart appends; its tail starts here
-            # A new session makes pid == pgid, so stop() also reaches forked children.
-            self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.cwd, start_new_session=True,
-            )
-        with _live_lock:
-            _live.add(self)
-
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(self._log_offset)
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return "<no log>"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def describe(self) -> str:
-        return f"{self.name} (pid {self.pid}): {shlex.join(self.argv)}"
-
-    def ensure_running(self) -> None:
-        """Raise PeerFailed with the log tail if the process has exited."""
-        if self.popen is None:
-            raise PeerFailed(f"{self.name} was never started")
-        rc = self.popen.poll()
-        if rc is not None:
-            raise PeerFailed(
-                f"{self.describe()} exited with status {rc}; log tail:\n{self.log_tail()}"
-            )
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the group, SIGKILL it after ``grace`` seconds, then verify it is gone.
-
-        Raises PeerLeak if a process of the group survives SIGKILL for 5 s. Idempotent.
-        """
-        popen = self.popen
-        if popen is None:
-            return
-        pgid = popen.pid
-        try:
-            if popen.poll() is None:
-                _signal_group(pgid, signal.SIGTERM)
-                try:
-                    popen.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    _signal_group(pgid, signal.SIGKILL)
-                    popen.wait(timeout=5)
-            if _group_alive(pgid):  # children (forked associations, -xcr shells) may remain
-                _signal_group(pgid, signal.SIGKILL)
-                try:
-                    wait_until(lambda: not _group_alive(pgid), timeout=5,
-                               message=f"process group {pgid} of {self.name} still alive")
-                except TimeoutError as exc:
-                    raise PeerLeak(f"{self.describe()}: {exc}") from None
-        finally:
-            if not _group_alive(pgid):
-                with _live_lock:
-                    _live.discard(self)
-
-    def kill(self) -> None:
-        """Stop without a grace period (crash simulation, or throw-away state)."""
-        self.stop(grace=0.0)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class _Peer:
@@ -537,13 +154,13 @@ class _Peer:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"fastroute-{self.name}-")) \
             if workdir is None else Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process: ManagedProcess | None = None
+        self.process: Managed | None = None
 
     def _argv(self) -> list[str]:
         raise NotImplementedError
 
     def _env(self) -> dict[str, str]:
-        return _server_env()
+        return server_env()
 
     def _ready(self) -> bool:
         raise NotImplementedError
@@ -553,36 +170,23 @@ class _Peer:
         return False
 
     def start(self) -> Self:
-        """Start the program and poll until it is ready (raises PeerFailed otherwise).
+        """Start the program and poll until it is ready: PeerFailed if it exits first,
+        WaitTimeout (a TimeoutError) if it is not ready within ``start_timeout``.
 
         free_port() can only say a port *was* free: if another process grabs it first, the
         peer exits with "Address already in use" and is restarted on fresh ports (twice).
         """
         if self.process is not None and self.process.running():
             return self
-        for attempt in range(3):
-            proc = self.process = ManagedProcess(
-                self._argv(), name=self.name, log_path=self.workdir / f"{self.name}.log",
-                env=self._env(), cwd=self.workdir,
-            )
-            proc.start()
 
-            def ready() -> bool:
-                proc.ensure_running()
-                return self._ready()
+        def launch() -> Managed:
+            self.process = Managed(self._argv(), self.name, self.workdir / f"{self.name}.log",
+                                   env=self._env(), cwd=self.workdir)
+            return self.process.start()
 
-            try:
-                wait_until(ready, self.start_timeout,
-                           message=lambda: f"{proc.describe()} not ready; log:\n{proc.log_tail()}")
-            except PeerFailed as exc:
-                proc.kill()
-                if "already in use" in str(exc) and attempt < 2 and self._reassign_ports():
-                    continue
-                raise
-            except BaseException:
-                proc.kill()
-                raise
-            break
+        start_ready(launch, lambda proc: self._ready(), self.start_timeout,
+                    message=lambda proc: f"{proc.describe()} not ready; log:\n{proc.log_tail()}",
+                    fresh_ports=self._reassign_ports)
         return self
 
     def stop(self) -> None:
@@ -788,21 +392,9 @@ class _Receiver(_Peer):
         """Real paths of the files the receiver's processes hold open; None if unknown."""
         if self.pid is None:
             return set()
-        members = _group_members(self.pid)
-        if members is None:
+        if not os.path.isdir("/proc/self"):
             return None
-        paths: set[str] = set()
-        for pid, _ in members:
-            try:
-                fds = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-                except OSError:
-                    continue
-        return paths
+        return {target for pid in group_members(self.pid) for target in fd_targets(pid) or ()}
 
     def files(self) -> list[Path]:
         """Received files that are complete (every file, where /proc cannot tell)."""
@@ -824,7 +416,7 @@ class _Receiver(_Peer):
         """Poll until at least ``n`` distinct complete files arrived; returns them all."""
         def enough() -> list[Path] | None:
             if self.process is not None:
-                self.process.ensure_running()
+                self.process.check()
             files = self.files()
             if self._open_paths() is None:  # no /proc: also want two equal listings
                 listing = tuple((p.name, p.stat().st_size) for p in files)
