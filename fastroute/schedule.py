@@ -34,6 +34,11 @@ log = logging.getLogger("fastroute.schedule")
 
 SAFETY_WAKE = 5.0   # re-check the queue this often even without a wake-up (lost datagrams)
 PROGRESS_EVERY = 1.0   # the state file's delivery count and last success lag by at most this
+# A sender that has caught up records a delivery together with the next claim, at most this
+# much later: one commit per object instead of two. A crash in between resends what was held
+# (at-least-once, as for any delivery not yet recorded); latency and audit times are the
+# destination's confirmation times (Outcome.at), not the commit's.
+SETTLE_DELAY = 0.05
 
 
 AnyConnection = Connection | FastConnection
@@ -219,21 +224,27 @@ class DestinationSender:
             while not self.stop_event.wait(1.0):
                 pass
         finally:
-            self.poke()
-            for t in threads[1:]:
+            self.stop()
+            for t in threads:         # the waker too: its socket must outlive its last wait
                 t.join()
             waker.close()
             self._publish(state="stopped")
 
     def _worker(self, index: int) -> None:
         conn = make_connection(self.dest, self.cfg.ae_title)
+        name, size = self.dest.name, self.dest.batch_size
         carried: list[Claimed] = []   # claimed by the last settle's own transaction
+        held: list[Outcome] = []      # deliveries not recorded yet (see SETTLE_DELAY)
         try:
             while not self.stop_event.is_set():
                 gen = self.generation
                 now = time.time()
                 if not carried:
-                    if self.dest.paused or self.spool.is_paused(self.dest.name):
+                    paused = self.dest.paused or self.spool.is_paused(name)
+                    if held and (paused or now < self.down_until):
+                        self.spool.settle(name, held)
+                        held = []
+                    if paused:
                         if self.state.state != "paused":
                             self._publish(state="paused")
                         self._wait(gen, SAFETY_WAKE)
@@ -247,9 +258,13 @@ class DestinationSender:
                 earliest: float | None = None
                 if not batch:
                     try:
-                        batch, earliest = self.spool.claim(self.dest.name, self.dest.batch_size)
+                        if held:
+                            batch, earliest = self.spool.settle(name, held, claim=size)
+                            held = []
+                        else:
+                            batch, earliest = self.spool.claim(name, size)
                     except SpoolError as exc:
-                        log.error("destination=%s: cannot read the spool: %s", self.dest.name, exc)
+                        log.error("destination=%s: cannot read the spool: %s", name, exc)
                         self._wait(gen, SAFETY_WAKE)
                         continue
                 if not batch:
@@ -264,17 +279,25 @@ class DestinationSender:
                     self._wait(gen, timeout)
                     continue
                 outcomes = self._deliver(conn, batch)
+                more = (0 if self.stop_event.is_set() or self.dest.paused
+                        or time.time() < self.down_until else size)
+                if more and len(batch) < size and self.generation == gen and \
+                        all(o.kind == "delivered" for o in outcomes):
+                    # Caught up with the listeners: the next object is still on its way in.
+                    # Record these deliveries with its claim, in one commit, when its wake-up
+                    # comes (or after SETTLE_DELAY), instead of one commit each.
+                    held = outcomes
+                    self._wait(gen, SETTLE_DELAY)
+                    continue
                 # Claim the next batch in the same commit while the destination is taking
                 # objects. An empty claim is not carried: the next round claims again after
                 # reading ``generation``, so a wake-up in between is not lost.
-                more = (0 if self.stop_event.is_set() or self.dest.paused
-                        or time.time() < self.down_until else self.dest.batch_size)
-                carried, _ = self.spool.settle(self.dest.name, outcomes, claim=more)
-            if carried:               # stopping with a claimed batch: hand it back untouched
-                self.spool.settle(self.dest.name, [Outcome(i.oid, "release") for i in carried])
+                carried, _ = self.spool.settle(name, outcomes, claim=more)
+            if held or carried:       # stopping: record what was delivered, hand back the rest
+                self.spool.settle(name, held + [Outcome(i.oid, "release") for i in carried])
         except Exception:
             log.exception("destination=%s: sender thread %d crashed; the process will be restarted",
-                          self.dest.name, index)
+                          name, index)
             os._exit(70)
         finally:
             conn.release()
@@ -354,6 +377,7 @@ class DestinationSender:
         if transcoded:
             outcome = replace(outcome, transcoded=sent_ts)
         if outcome.kind == "delivered":
+            outcome = replace(outcome, at=time.time())
             if self.spool.duplicate_window > 0:
                 # The duplicate policy's key, taken here from the spool's pages (the original
                 # bytes, whatever was sent), outside the write lock, rather than on the

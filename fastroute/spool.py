@@ -128,6 +128,7 @@ class Outcome:
     unknown: bool = False          # outcome unknown (timeout/abort after data sent)
     transcoded: str = ""           # the syntax it was converted to, when it was
     digest: bytes = b""            # content_digest of the stored bytes, for the duplicate policy
+    at: float = 0.0                # when the destination confirmed it (0: when settled)
 
 
 @dataclass(frozen=True)
@@ -462,23 +463,24 @@ class Spool:
             if o.transcoded:
                 self._incr(txn, f"transcoded:{dest}")
             if o.kind == "delivered":
+                at = o.at or now
                 digest = o.digest
                 if not digest and self.duplicate_window > 0:   # a caller that did not hash it
                     stored = txn.get(oid_key(o.oid), db=self._obj)
                     digest = content_digest(stored) if stored is not None else b""
-                m = self._drop_dest(txn, o.oid, dest, "delivered", now, status=o.status,
+                m = self._drop_dest(txn, o.oid, dest, "delivered", at, status=o.status,
                                     error=o.transcoded, digest=digest)
                 if m is not None:
                     if m.get("digest"):   # the duplicate policy's record of what this got
                         txn.put(dest.encode() + b"\x00" + m["sop_instance_uid"].encode(),
-                                bytes.fromhex(m["digest"]) + struct.pack("<d", now), db=self._dlv)
+                                bytes.fromhex(m["digest"]) + struct.pack("<d", at), db=self._dlv)
                     self._incr(txn, f"delivered_bytes:{dest}", int(m.get("size", 0)))
-                    self._observe_latency(txn, dest, now - float(m["received_at"]))
+                    self._observe_latency(txn, dest, at - float(m["received_at"]))
                     self._audit_append(txn, {
                         "action": "delivered", "destination": dest, "status": o.status,
                         "sop_instance_uid": m["sop_instance_uid"],
                         "study_instance_uid": m.get("study_instance_uid", ""),
-                        "calling_ae": m.get("calling_ae", ""), "oid": o.oid}, now)
+                        "calling_ae": m.get("calling_ae", ""), "oid": o.oid}, at)
                 self._incr(txn, f"delivered:{dest}")
             elif o.kind == "release":   # not attempted (destination down, shutting down)
                 txn.put(_qkey(dest, PENDING, o.oid), _REC.pack(attempts, o.next_at, status, unknown), db=self._q)
