@@ -15,7 +15,8 @@ import synth
 from fastroute.cli import read_part10
 from fastroute.config import Config, loads
 from fastroute.schedule import PROGRESS_EVERY, DestinationSender
-from fastroute.spool import Incoming, Spool
+from fastroute.spool import PENDING, Incoming, Spool
+from fastroute.wakeup import Notifier
 from peers import wait_until
 from router import destination
 
@@ -65,6 +66,42 @@ def test_each_batch_costs_one_commit(tmp_path: Path,
     [st] = [s for s in Spool(cfg.spool, map_size=cfg.spool_max_bytes).stats(["pacs"])
             if s.destination == "pacs"]
     assert (st.pending, st.in_flight, st.delivered) == (0, 0, n)
+
+
+@pytest.mark.peers
+def test_caught_up_sender_records_each_delivery_with_the_next_claim(
+        tmp_path: Path, storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Objects arriving one at a time (the sender has caught up): each delivery is recorded
+    in the commit that claims the next object, so about one sender commit per object, not
+    two; the last one is recorded within SETTLE_DELAY."""
+    n = 12
+    scp = storescp("PACS")
+    cfg = config(tmp_path, scp.port)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
+    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
+    thread = threading.Thread(target=sender.run, daemon=True)
+    notifier = Notifier(cfg.spool)
+    files = synth.make_tiny(tmp_path / "t", n=n)
+    try:
+        thread.start()
+        wait_until(lambda: (cfg.spool / "run" / "pacs.state").exists(), 10, message="sender not up")
+        before = spool.env.info()["last_txnid"]
+        for f in files:      # the next one arrives while the last delivery is held
+            queue_files(spool, [f])               # one commit, as a listener's
+            notifier.notify("pacs")
+            wait_until(lambda: not spool.entries("pacs", PENDING), 10, interval=0.001,
+                       message="sender did not take the object")
+        scp.wait_for(n, timeout=30)
+        wait_until(lambda: spool.counters().get("delivered:pacs", 0) == n, 10,
+                   message="deliveries not recorded")
+        commits = spool.env.info()["last_txnid"] - before - n     # the sender's own
+        assert commits <= n + 2, f"{commits} sender commits for {n} objects"
+    finally:
+        sender.stop()
+        if thread.ident is not None:
+            thread.join(30)
+        notifier.close()
+        spool.close()
 
 
 def test_state_file_progress_is_throttled(tmp_path: Path) -> None:

@@ -167,6 +167,17 @@ def test_counters_and_latency_histogram(spool: Spool) -> None:
     assert counters["received_from:CT1"] == 1
 
 
+def test_delivery_is_recorded_at_the_destinations_time(spool: Spool) -> None:
+    """A sender may record a delivery after a short hold: times come from Outcome.at."""
+    [res] = spool.put_many([obj("1.1")], now=1000.0)
+    [c], _ = spool.claim("a", 1, now=1000.0)
+    spool.settle("a", [Outcome(c.oid, "delivered", 0, at=1000.2)], now=1003.0)
+    assert spool.meta(res.oid)["delivered"]["a"][0] == 1000.2
+    counters = spool.counters()
+    assert counters["latency_bucket:a:0.25"] == 1 and "latency_bucket:a:5.0" not in counters
+    assert [e["time"] for e in spool.audit_events() if e["action"] == "delivered"] == [1000.2]
+
+
 def test_another_process_sees_the_same_queue(tmp_path: Path) -> None:
     import subprocess
     import sys
