@@ -1,8 +1,10 @@
 """A destination's sender loop against a real DCMTK storescp: commits per object, state file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +38,25 @@ def queue_files(spool: Spool, files: list[Path]) -> None:
     assert all(not isinstance(r, BaseException) for r in spool.put_many(items))
 
 
+@contextlib.contextmanager
+def running_sender(cfg: Config) -> Iterator[tuple[Spool, Notifier]]:
+    """A destination's sender on its own thread, as ``workers.sender_main`` runs it."""
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
+    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
+    thread = threading.Thread(target=sender.run, daemon=True)
+    notifier = Notifier(cfg.spool)
+    thread.start()
+    try:
+        wait_until(lambda: (cfg.spool / "run" / "pacs.state").exists(), 10, message="sender not up")
+        yield spool, notifier
+    finally:
+        sender.stop()
+        thread.join(30)
+        notifier.close()
+        spool.close()
+    assert not thread.is_alive()
+
+
 @pytest.mark.peers
 def test_each_batch_costs_one_commit(tmp_path: Path,
                                      storescp: Callable[..., peers.StoreSCP]) -> None:
@@ -45,27 +66,18 @@ def test_each_batch_costs_one_commit(tmp_path: Path,
     n = 20
     scp = storescp("PACS")
     cfg = config(tmp_path, scp.port, batch_size=1)
-    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
-    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
-    thread = threading.Thread(target=sender.run, daemon=True)
-    try:
-        queue_files(spool, synth.make_tiny(tmp_path / "t", n=n))
+    files = synth.make_tiny(tmp_path / "t", n=n)
+    with running_sender(cfg) as (spool, notifier):
+        queue_files(spool, files)                 # a backlog, in one commit
         before = spool.env.info()["last_txnid"]
-        thread.start()
+        notifier.notify("pacs")
         scp.wait_for(n, timeout=60)
         wait_until(lambda: spool.counters().get("delivered:pacs", 0) == n, 30,
                    message="deliveries not recorded")
         commits = spool.env.info()["last_txnid"] - before
         assert commits <= n + 3, f"{commits} commits for {n} objects"
-    finally:
-        sender.stop()
-        if thread.ident is not None:
-            thread.join(30)
-        spool.close()
-    assert not thread.is_alive()
-    [st] = [s for s in Spool(cfg.spool, map_size=cfg.spool_max_bytes).stats(["pacs"])
-            if s.destination == "pacs"]
-    assert (st.pending, st.in_flight, st.delivered) == (0, 0, n)
+        [st] = [s for s in spool.stats(["pacs"]) if s.destination == "pacs"]
+        assert (st.pending, st.in_flight, st.delivered) == (0, 0, n)
 
 
 @pytest.mark.peers
@@ -77,14 +89,8 @@ def test_caught_up_sender_records_each_delivery_with_the_next_claim(
     n = 12
     scp = storescp("PACS")
     cfg = config(tmp_path, scp.port)
-    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
-    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
-    thread = threading.Thread(target=sender.run, daemon=True)
-    notifier = Notifier(cfg.spool)
     files = synth.make_tiny(tmp_path / "t", n=n)
-    try:
-        thread.start()
-        wait_until(lambda: (cfg.spool / "run" / "pacs.state").exists(), 10, message="sender not up")
+    with running_sender(cfg) as (spool, notifier):
         before = spool.env.info()["last_txnid"]
         for f in files:      # the next one arrives while the last delivery is held
             queue_files(spool, [f])               # one commit, as a listener's
@@ -96,12 +102,6 @@ def test_caught_up_sender_records_each_delivery_with_the_next_claim(
                    message="deliveries not recorded")
         commits = spool.env.info()["last_txnid"] - before - n     # the sender's own
         assert commits <= n + 2, f"{commits} sender commits for {n} objects"
-    finally:
-        sender.stop()
-        if thread.ident is not None:
-            thread.join(30)
-        notifier.close()
-        spool.close()
 
 
 def test_state_file_progress_is_throttled(tmp_path: Path) -> None:
