@@ -49,7 +49,9 @@ def describe(cfg: Config) -> str:
              f"  listening as AE {cfg.ae_title} on {cfg.host}:{cfg.port} "
              f"({cfg.listeners} listener process{'es' if cfg.listeners > 1 else ''})",
              f"  spool: {cfg.spool.resolve()} (max {cfg.spool_max_bytes / 1024**3:.1f} GiB, "
-             f"refuses new objects below {cfg.min_free_bytes / 1024**2:.0f} MiB free disk)"]
+             f"refuses new objects below {cfg.min_free_bytes / 1024**2:.0f} MiB free disk"
+             + (f", {cfg.spool_prealloc / 1024**2:.0f} MiB written ahead" if cfg.spool_prealloc else "")
+             + ")"]
     if cfg.allowed_calling_aes is not None:
         lines.append(f"  accepts calling AEs: {', '.join(cfg.allowed_calling_aes)}")
     for d in cfg.destinations.values():

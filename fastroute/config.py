@@ -140,6 +140,7 @@ class Config:
     spool: Path = Path("./fastroute-spool")
     spool_max_bytes: int = 64 * 1024**3      # LMDB map size: the spool never grows past it
     min_free_bytes: int = 512 * 1024**2      # refuse new objects below this much free disk
+    spool_prealloc: int = 0                  # room written into the spool file before the start
     allowed_calling_aes: tuple[str, ...] | None = None
     allowed_peers: tuple[str, ...] | None = None   # CIDRs / addresses
     require_called_ae: bool = True
@@ -340,6 +341,7 @@ _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "spool": (lambda v: Path(_str(v)), "a folder path"),
     "spool_max_bytes": (parse_size, "a size"),
     "min_free_bytes": (parse_size, "a size"),
+    "spool_prealloc": (parse_size, "a size"),
     "require_called_ae": (_bool, "true or false"),
     "max_pdu": (_int(0, 2**32 - 1), "a PDU size in bytes"),
     "max_associations": (_int(1, 10000), "a number of associations"),

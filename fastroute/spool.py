@@ -229,6 +229,55 @@ class Spool:
                 f"disk holding the spool {self.path} is below its free-space floor "
                 f"({self.min_free_bytes} bytes)")
 
+    # -- preallocation ---------------------------------------------------------------------
+
+    def reusable_bytes(self) -> int:
+        """Bytes of the spool file that hold no live page: LMDB reuses them without growing it."""
+        psize = int(self.env.stat()["psize"])
+        used = 2 + self._pages(self.env.stat())            # two meta pages + the main DB
+        with self.env.begin() as txn:
+            for db in (self._obj, self._meta, self._q, self._sop, self._dlv, self._idx,
+                       self._info, self._audit):
+                used += self._pages(txn.stat(db))
+        return max(0, int(self.env.info()["last_pgno"]) + 1 - used) * psize
+
+    @staticmethod
+    def _pages(stat: Any) -> int:     # lmdb stat dict
+        return int(stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
+
+    def preallocate(self, nbytes: int, chunk: int = 4 * 1024**2) -> int:
+        """Write zeros into the spool file until ``nbytes`` of it are free for reuse; return
+        the bytes added.
+
+        Growing the file is the expensive part of a commit on ext4 and XFS: fdatasync must
+        then journal the new blocks, and a 0.5 MB object's commit took 1.5 ms instead of
+        0.4 ms here (fallocate does not help: its unwritten extents are converted at the same
+        cost). So a new spool is grown once, up front, through LMDB itself (zero-filled
+        values put, then deleted, leaving their pages on LMDB's free list), and the disk
+        space is taken before the first object is accepted. The map size and the free-space
+        floor still bound it."""
+        prefix = b"~prealloc:"
+        with self.env.begin(write=True, db=self._info) as txn:   # left by a crash in between
+            for key, _ in list(self._iter_prefix(txn, prefix)):
+                txn.delete(key)
+        missing = nbytes - self.reusable_bytes()
+        room = self.free_bytes() - self.min_free_bytes - chunk
+        missing = min(missing, room, self.env.info()["map_size"] // 2)
+        if missing <= 0:
+            return 0
+        keys = [prefix + b"%08d" % i for i in range(-(-missing // chunk))]
+        zeros = bytes(chunk)
+        try:
+            with self.env.begin(write=True, db=self._info) as txn:
+                for key in keys:
+                    txn.put(key, zeros)
+        except lmdb.MapFullError:
+            return 0                               # aborted whole: nothing was written
+        with self.env.begin(write=True, db=self._info) as txn:
+            for key in keys:
+                txn.delete(key)
+        return len(keys) * chunk
+
     def usage(self) -> dict[str, int]:
         info = self.env.info()
         stat = self.env.stat()

@@ -169,9 +169,17 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def run(self) -> int:
-        # Create the spool (and its sub-databases) once before any child opens it.
+        # Create the spool (and its sub-databases) once before any child opens it, with room
+        # written ahead (spool_prealloc) so that many objects' commits need not grow the file.
         spool = open_spool(self.cfg)
-        spool.close()
+        try:
+            start = time.monotonic()
+            added = spool.preallocate(self.cfg.spool_prealloc)
+            if added:
+                log.info("spool %s: %d MiB preallocated in %.1fs (spool_prealloc)", self.cfg.spool,
+                         added // 1024**2, time.monotonic() - start)
+        finally:
+            spool.close()
         (self.cfg.spool / "run").mkdir(parents=True, exist_ok=True)
         rsock, wsock = socket.socketpair()
         wsock.setblocking(False)

@@ -24,6 +24,7 @@ class Router:
         self.port = int(config.get("port") or free_port())
         self.config = {"ae_title": ae_title, "host": "127.0.0.1", "port": self.port,
                        "spool": str(workdir / "spool"), "min_free_bytes": "1MiB",
+                       "spool_prealloc": "8MiB",     # the path exercised, cheaply
                        "shutdown_grace": 5, **config}
         self.config["port"] = self.port
         self.path = workdir / "router.yaml"

@@ -193,6 +193,9 @@ def test_rule_selection_and_default_route(tmp_path: Path, router: Callable[..., 
 def test_unrouted_objects_are_kept(tmp_path: Path, router: Callable[..., Router]) -> None:
     files = synth.make_tiny(tmp_path / "t", n=5)
     r = router({})
+    # The test config's spool_prealloc (8 MiB) was written before the listener took objects.
+    assert "MiB preallocated" in r.log_text()
+    assert (r.spool_path / "data.mdb").stat().st_size >= 8 << 20
     assert storescu(r.port, files).returncode == 0
     q = r.queue()
     assert q["~unrouted"]["pending"] == 5

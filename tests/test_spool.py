@@ -272,3 +272,42 @@ def test_sender_commits_skip_only_the_meta_sync(tmp_path: Path) -> None:
     from fastroute import workers
     assert "open_spool(cfg, durable=False)" in inspect.getsource(workers.sender_main)
     assert "open_spool(cfg)" in inspect.getsource(workers.listener_main)
+
+
+def test_preallocation_writes_room_ahead_once(tmp_path: Path) -> None:
+    """A new spool's file is grown up front (zeros through LMDB, then freed), so commits
+    reuse written pages instead of growing the file; a second start adds nothing, and the
+    free-space floor still wins."""
+    sp = Spool(tmp_path / "s", map_size=1 << 30)
+    try:
+        assert sp.reusable_bytes() < 1 << 20
+        added = sp.preallocate(32 << 20, chunk=1 << 20)
+        assert added >= (32 << 20) - sp.reusable_bytes() - (1 << 20)
+        assert sp.reusable_bytes() >= 32 << 20
+        assert (tmp_path / "s" / "data.mdb").stat().st_size >= 32 << 20
+        size = (tmp_path / "s" / "data.mdb").stat().st_size
+        assert sp.preallocate(32 << 20) == 0
+        for i in range(8):                  # one commit each (LMDB places a second large value
+            sp.put_many([obj(f"1.{i}", data=bytes(1 << 20))])   # of one commit at the end)
+        assert (tmp_path / "s" / "data.mdb").stat().st_size <= size + (2 << 20)   # filled room
+        assert sp.reusable_bytes() < 28 << 20 and sp.counters()["received"] == 8
+        assert not [k for k in sp.counters() if "prealloc" in k]
+    finally:
+        sp.close()
+    floor = Spool(tmp_path / "t", map_size=1 << 30, min_free_bytes=1 << 60)
+    try:
+        assert floor.preallocate(32 << 20) == 0
+    finally:
+        floor.close()
+
+
+def test_preallocation_cleans_up_after_a_crash_in_between(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s", map_size=1 << 30)
+    try:
+        with sp.env.begin(write=True, db=sp._info) as txn:      # as if killed before the delete
+            txn.put(b"~prealloc:00000000", bytes(1 << 20))
+        sp.preallocate(0)
+        with sp.env.begin(db=sp._info) as txn:
+            assert txn.get(b"~prealloc:00000000") is None
+    finally:
+        sp.close()
