@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--work-dir", type=Path, default=REPO / "bench" / "results" / "work", metavar="DIR",
                    help="generated data (cached between runs) and scratch space (default bench/results/work)")
+    o.add_argument("--receiver-dir", type=Path, metavar="DIR",
+                   help="where the DCMTK receivers write (default: under --work-dir, i.e. the spool's "
+                        "disk); another disk, or tmpfs, keeps their writes out of the spool's fsyncs, as "
+                        "for a destination on another machine")
     o.add_argument("--out", type=Path, metavar="DIR",
                    help="where bench.json, report.html and table.txt go (default bench/results/<time>)")
     o.add_argument("--keep", action="store_true", help="keep spools, received files and logs of every run")
@@ -186,7 +190,8 @@ def _run(args: argparse.Namespace) -> int:
     opts = Options(senders=args.senders, listeners=args.listeners, associations=args.associations,
                    receiver=receiver, fanout=args.fanout, orthanc=args.orthanc, storescu=args.storescu,
                    profile=profile, timeout=args.timeout, stall=args.stall_timeout, keep=args.keep,
-                   run_dir=work / f"run-{stamp}")
+                   run_dir=work / f"run-{stamp}",
+                   receiver_dir=args.receiver_dir / f"run-{stamp}" if args.receiver_dir else None)
     log = progress.line if progress.tty else (lambda text: None)
 
     mix = workload.parse_mix(args.mix) if args.studies or args.soak_workload == "mix" else {}
@@ -223,6 +228,8 @@ def _run(args: argparse.Namespace) -> int:
         stop_all()
         if not args.keep:
             shutil.rmtree(opts.run_dir, ignore_errors=True)
+            if opts.receiver_dir is not None:
+                shutil.rmtree(opts.receiver_dir, ignore_errors=True)
 
 
 def _measure(args: argparse.Namespace, doc: dict[str, Any], opts: "Options", workloads: list["Workload"],

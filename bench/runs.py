@@ -71,6 +71,7 @@ class Options:
     stall: float = 60.0
     keep: bool = False
     run_dir: Path = Path("bench/results/run")
+    receiver_dir: Path | None = None      # where receivers write; None: run_dir / "peers"
 
 
 class Progress:
@@ -142,7 +143,7 @@ class Bench:
     def __init__(self, opts: Options, progress: Progress) -> None:
         self.opts = opts
         self.progress = progress
-        peers = opts.run_dir / "peers"
+        peers = opts.receiver_dir or opts.run_dir / "peers"
         self.dest1 = Receiver(opts.receiver, peers / "dest1", "DEST1")
         self.dest2 = Receiver(opts.receiver, peers / "dest2", "DEST2") if opts.fanout else None
         self.storescp = Receiver("storescp", peers / "storescp", "STORESCP") if opts.storescu else None

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_quick_bench_delivers_everything_and_reports_ratios(tmp_path: Path, dcmtk: object) -> None:
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "40", "--fanout",
-                          "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+                          "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                          "--receiver-dir", str(tmp_path / "received")],
                          cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -38,3 +39,5 @@ def test_quick_bench_delivers_everything_and_reports_ratios(tmp_path: Path, dcmt
     assert "ratio routed/reference" in res.stdout
     assert (out / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
     assert doc["machine"]
+    assert doc["settings"]["receiver_dir"] == str(tmp_path / "received")
+    assert (tmp_path / "received").is_dir() and not any((tmp_path / "received").iterdir())  # cleaned
