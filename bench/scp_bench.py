@@ -73,6 +73,8 @@ class InProcess:
                           Committer(self.spool, None, gather=cfg.group_commit_delay))
         cls = FastReceiver if engine == "fast" else Receiver
         self.receiver: Any = cls(cfg, self.spool, RuleSet.from_config(cfg), self.committer)
+        if not null:   # as workers.listener_main: a lone association does not wait to gather
+            self.committer.siblings = self.receiver.active
         self.receiver.start()
 
     def count(self) -> int:
@@ -153,10 +155,11 @@ def main() -> None:
     chosen = args.only or list(engines)
     with tempfile.TemporaryDirectory(prefix="fastroute-scp-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        workloads = {
-            f"tiny x{args.tiny}": synth.make_tiny(tmp / "tiny", args.tiny),
-            f"CT 512x512 x{args.ct}": synth.make_study(tmp / "ct", n_instances=args.ct),
-        }
+        workloads = {}       # --tiny 0 / --ct 0 leave a workload out
+        if args.tiny:
+            workloads[f"tiny x{args.tiny}"] = synth.make_tiny(tmp / "tiny", args.tiny)
+        if args.ct:
+            workloads[f"CT 512x512 x{args.ct}"] = synth.make_study(tmp / "ct", n_instances=args.ct)
         how = ("answer without spooling (--null-commit)" if args.null_commit else
                f"commit to LMDB with fsync, group_commit_delay={args.gather}")
         print(f"median of {args.repeat}, objects/s (dcmsend -> receiver; fastroute engines {how})")
