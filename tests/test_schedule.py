@@ -86,7 +86,7 @@ def test_caught_up_sender_records_each_delivery_with_the_next_claim(
     """Objects arriving one at a time (the sender has caught up): each delivery is recorded
     in the commit that claims the next object, so about one sender commit per object, not
     two; the last one is recorded within SETTLE_DELAY."""
-    n = 12
+    n = 20
     scp = storescp("PACS")
     cfg = config(tmp_path, scp.port)
     files = synth.make_tiny(tmp_path / "t", n=n)
@@ -101,7 +101,7 @@ def test_caught_up_sender_records_each_delivery_with_the_next_claim(
         wait_until(lambda: spool.counters().get("delivered:pacs", 0) == n, 10,
                    message="deliveries not recorded")
         commits = spool.env.info()["last_txnid"] - before - n     # the sender's own
-        assert commits <= n + 2, f"{commits} sender commits for {n} objects"
+        assert commits <= n + 5, f"{commits} sender commits for {n} objects"   # ~1.8n without the hold
 
 
 def test_state_file_progress_is_throttled(tmp_path: Path) -> None:
