@@ -106,3 +106,14 @@ def test_profile_supplies_defaults_and_the_file_wins(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(f, profile)
     assert str(profile) in str(info.value) and info.value.line == 1
+
+
+@pytest.mark.parametrize("profile", sorted((Path(__file__).resolve().parent.parent / "tuning").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_tuning_profiles_validate(tmp_path: Path, profile: Path) -> None:
+    f = tmp_path / "router.yaml"
+    f.write_text(ISSUE_SCHEMA)
+    cfg = load(f, profile)
+    assert cfg.listeners >= 1 and cfg.max_pdu > 0
+    if profile.name != "2-cores.yaml":          # a dedicated spool disk: written ahead
+        assert cfg.spool_prealloc >= 1024**3
