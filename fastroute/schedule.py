@@ -377,12 +377,11 @@ class DestinationSender:
         if transcoded:
             outcome = replace(outcome, transcoded=sent_ts)
         if outcome.kind == "delivered":
-            outcome = replace(outcome, at=time.time())
-            if self.spool.duplicate_window > 0:
-                # The duplicate policy's key, taken here from the spool's pages (the original
-                # bytes, whatever was sent), outside the write lock, rather than on the
-                # modality's critical path; once per object, whatever its fan-out.
-                outcome = replace(outcome, digest=item.digest or content_digest(stored))
+            # The duplicate policy's key is taken here from the spool's pages (the original
+            # bytes, whatever was sent), outside the write lock, rather than on the modality's
+            # critical path; once per object, whatever its fan-out.
+            digest = (item.digest or content_digest(stored)) if self.spool.duplicate_window > 0 else b""
+            outcome = replace(outcome, at=time.time(), digest=digest)
             if result.status != 0:
                 log.warning("%s: delivered with warning %s %s", where, status_text(result.status), result.comment)
             elif log.isEnabledFor(logging.DEBUG):

@@ -65,6 +65,11 @@ def _qprefix(dest: str, state: bytes) -> bytes:
     return dest.encode() + b"\x00" + state
 
 
+def _paused_key(dest: str) -> bytes:
+    """The operator's runtime pause of a destination, in ``info``."""
+    return b"paused:" + dest.encode()
+
+
 def _split_qkey(key: bytes) -> tuple[str, bytes, int]:
     dest, rest = bytes(key).split(b"\x00", 1)
     return dest.decode(), rest[:1], _U64.unpack(rest[1:9])[0]
@@ -493,7 +498,7 @@ class Spool:
         now = time.time() if now is None else now
         with self.env.begin(write=True) as txn:
             self._settle(txn, dest, outcomes, now)
-            if claim > 0 and txn.get(f"paused:{dest}".encode(), db=self._info) is None:
+            if claim > 0 and txn.get(_paused_key(dest), db=self._info) is None:
                 return self._claim(txn, dest, claim, now)
         return [], None
 
@@ -567,13 +572,13 @@ class Spool:
     def set_paused(self, dest: str, paused: bool) -> None:
         with self.env.begin(write=True, db=self._info) as txn:
             if paused:
-                txn.put(f"paused:{dest}".encode(), b"1")
+                txn.put(_paused_key(dest), b"1")
             else:
-                txn.delete(f"paused:{dest}".encode())
+                txn.delete(_paused_key(dest))
 
     def is_paused(self, dest: str) -> bool:
         with self.env.begin(db=self._info) as txn:
-            return txn.get(f"paused:{dest}".encode()) is not None
+            return txn.get(_paused_key(dest)) is not None
 
     # -- latency histogram (received -> delivered), counters readable by any process ----------
 
