@@ -13,7 +13,8 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-EXT_MODULES = ["_peek"]
+# native module (dotted name) -> its Cython source in ext/
+EXT_MODULES = {"fastroute.dicom._peek": "_peek"}
 
 
 class OptionalBuildExt(build_ext):
@@ -50,9 +51,9 @@ def extensions() -> list[Extension]:
     debug = os.environ.get("FASTROUTE_DEBUG_BUILD") == "1"
     cflags = ["-O0", "-g"] if debug else ["-O3"]
     exts = [
-        Extension(f"fastroute.{name}", [f"ext/{name}.pyx"], extra_compile_args=cflags)
-        for name in EXT_MODULES
-        if os.path.exists(f"ext/{name}.pyx")
+        Extension(dotted, [f"ext/{src}.pyx"], extra_compile_args=cflags)
+        for dotted, src in EXT_MODULES.items()
+        if os.path.exists(f"ext/{src}.pyx")
     ]
     directives = {
         "language_level": "3",

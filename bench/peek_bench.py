@@ -21,12 +21,12 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fastroute.peek as py_twin  # noqa: E402
-from fastroute.attrs import read_attributes, tags_for  # noqa: E402
+import fastroute.dicom.peek as py_twin  # noqa: E402
+from fastroute.dicom.attrs import read_attributes, tags_for  # noqa: E402
 from fastroute.native import PEEK_IMPL  # noqa: E402
 
 try:
-    import fastroute._peek as native_twin
+    import fastroute.dicom._peek as native_twin
 except ImportError:
     native_twin = None  # type: ignore[assignment]
 

@@ -33,9 +33,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import peers  # noqa: E402
 from bench import synth  # noqa: E402
 from fastroute.config import loads  # noqa: E402
-from fastroute.receive import Committer, Receiver  # noqa: E402
-from fastroute.rules import RuleSet  # noqa: E402
-from fastroute.scp_fast import FastReceiver  # noqa: E402
+from fastroute.dicom.pn_scp import Receiver  # noqa: E402
+from fastroute.spool.commit import Committer  # noqa: E402
+from fastroute.routing.rules import RuleSet  # noqa: E402
+from fastroute.dicom.scp import FastReceiver  # noqa: E402
 from fastroute.spool import Incoming, PutResult, Spool  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Storage SCU throughput: fastroute.scu_fast vs send.Connection (pynetdicom) vs DCMTK storescu.
+"""Storage SCU throughput: fastroute.dicom.scu vs send.Connection (pynetdicom) vs DCMTK storescu.
 
 Not a test. Run: ``python bench/scu_bench.py [--tiny 300] [--ct 60] [--rounds 3]
 [--receiver storescp dcmrecv] [--store]``.
@@ -29,8 +29,8 @@ from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: E402
 
 from bench.synth import make_study, make_tiny  # noqa: E402
 from fastroute.config import DestinationConfig  # noqa: E402
-from fastroute.scu_fast import FastConnection  # noqa: E402
-from fastroute.send import Connection  # noqa: E402
+from fastroute.dicom.scu import FastConnection  # noqa: E402
+from fastroute.dicom.pn_scu import Connection  # noqa: E402
 
 Body = tuple[str, str, str, bytes]
 

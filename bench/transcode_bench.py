@@ -5,7 +5,7 @@ Not a test. Run: ``python bench/transcode_bench.py [--rounds 5] [--objects 20]``
 Each row converts the same encoded dataset (no file meta, as a C-STORE carries it) ``objects``
 times per round and reports the median of ``rounds`` rounds. The reference is the obvious
 pydicom 3 code (parse, ``Dataset.decompress``/``compress``, write), so the ratio shows what
-fastroute.transcode costs or saves on top of the codec, which dominates for JPEG 2000.
+fastroute.routing.transcode costs or saves on top of the codec, which dominates for JPEG 2000.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pydicom.uid import (UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossl
                          generate_uid)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from fastroute.transcode import transcode  # noqa: E402
+from fastroute.routing.transcode import transcode  # noqa: E402
 
 warnings.simplefilter("ignore")
 

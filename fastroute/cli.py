@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .config import Config, load
-from .errors import ConfigError, FastrouteError
+from fastroute import __version__
+from fastroute.config import Config, load
+from fastroute.errors import ConfigError, FastrouteError
 
 STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
 
@@ -19,7 +19,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _spool(cfg: Config):  # type: ignore[no-untyped-def]
-    from .workers import open_spool
+    from fastroute.workers import open_spool
     return open_spool(cfg)
 
 
@@ -34,8 +34,8 @@ def _age(seconds: float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logsetup import setup_logging
-    from .workers import Supervisor
+    from fastroute.logsetup import setup_logging
+    from fastroute.workers import Supervisor
 
     cfg = _config(args)
     setup_logging(cfg.log_level, cfg.log_format, process="supervisor")
@@ -71,7 +71,7 @@ def describe(cfg: Config) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from .rules import RuleSet
+    from fastroute.routing.rules import RuleSet
     rs = RuleSet.from_config(cfg)
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
           f"rules read {len(rs.tags)} attribute(s)")
@@ -89,9 +89,9 @@ def read_part10(path: str | Path) -> tuple[str, bytes]:
 
 
 def cmd_route_test(args: argparse.Namespace) -> int:
-    from .attrs import read_attributes
-    from .receive import INDEX_KEYWORDS
-    from .rules import RuleSet
+    from fastroute.dicom.attrs import read_attributes
+    from fastroute.dicom.pn_scp import INDEX_KEYWORDS
+    from fastroute.routing.rules import RuleSet
 
     cfg = _config(args)
     rs = RuleSet.from_config(cfg)
@@ -111,7 +111,7 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from . import ops
+    from fastroute.ops import actions as ops
 
     cfg = _config(args)
     spool = _spool(cfg)
@@ -140,7 +140,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from . import ops
+    from fastroute.ops import actions as ops
 
     cfg = _config(args)
     spool = _spool(cfg)
@@ -155,7 +155,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from . import ops
+    from fastroute.ops import actions as ops
 
     cfg = _config(args)
     spool = _spool(cfg)
@@ -170,7 +170,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from .send import echo
+    from fastroute.dicom.pn_scu import echo
 
     cfg = _config(args)
     ok, text = echo(cfg.destination(args.destination), cfg.ae_title)
@@ -179,7 +179,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from . import ops
+    from fastroute.ops import actions as ops
 
     cfg = _config(args)
     spool = _spool(cfg)
@@ -212,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _version() -> str:
     try:
-        from .native import implementations
+        from fastroute.native import implementations
         impl = ", ".join(f"{k}={v}" for k, v in implementations().items())
     except Exception as exc:   # pragma: no cover
         impl = f"unknown ({exc})"

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from fastroute.errors import ConfigError
 
 # -- value parsers ------------------------------------------------------------------------------
 
@@ -451,7 +451,7 @@ def _rule(ctx: _Ctx, index: int, node: yaml.Node, dests: Mapping[str, Destinatio
     rule = RuleConfig(name=kw["name"], match=kw.get("match"), send_to=kw["send_to"],
                       stop=kw.get("stop", False), line=kw["line"])
     # Compile now so expression errors carry the file and line of the rule.
-    from .rules import compile_rule
+    from fastroute.routing.rules import compile_rule
     try:
         compile_rule(rule)
     except ConfigError as exc:

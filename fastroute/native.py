@@ -57,7 +57,7 @@ Buffer = bytes | bytearray | memoryview
 Found = dict[int, tuple[str, bytes]]
 
 # One line per native module.
-_peek, PEEK_IMPL = _choose("fastroute._peek", "fastroute.peek")
+_peek, PEEK_IMPL = _choose("fastroute.dicom._peek", "fastroute.dicom.peek")
 
 peek: Callable[[Buffer, Iterable[int], bool, bool], Found] = _peek.peek
 peek_prefix: Callable[[Buffer, Iterable[int], bool, bool], tuple[Found, bool]] = _peek.peek_prefix

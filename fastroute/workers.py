@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import Config
-from .logsetup import setup_logging
-from .spool import Spool
+from fastroute.config import Config
+from fastroute.logsetup import setup_logging
+from fastroute.spool import Spool
 
 log = logging.getLogger("fastroute.workers")
 
@@ -46,10 +46,11 @@ def open_spool(cfg: Config, *, durable: bool = True) -> Spool:
 
 
 def listener_main(cfg: Config, index: int) -> None:
-    from .receive import Committer, Receiver
-    from .rules import RuleSet
-    from .scp_fast import FastReceiver
-    from .wakeup import Notifier
+    from fastroute.dicom.pn_scp import Receiver
+    from fastroute.spool.commit import Committer
+    from fastroute.routing.rules import RuleSet
+    from fastroute.dicom.scp import FastReceiver
+    from fastroute.spool.wakeup import Notifier
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
     stop = _child_setup(cfg, f"listener-{index}", cpus)
@@ -86,7 +87,7 @@ def sender_cpus(cfg: Config, dest_name: str) -> tuple[int, ...]:
 
 
 def sender_main(cfg: Config, dest_name: str) -> None:
-    from .schedule import DestinationSender
+    from fastroute.routing.schedule import DestinationSender
 
     dest = cfg.destinations[dest_name]
     stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
@@ -114,7 +115,7 @@ class _Child:
 
 
 def http_main(cfg: Config, config_path: str | None) -> None:
-    from .api import http_main as run
+    from fastroute.ops.api import http_main as run
     run(cfg, config_path)
 
 
@@ -142,8 +143,8 @@ class Supervisor:
 
     def _do_reload(self) -> None:
         """SIGHUP: load the file again; a bad file is logged and the running config stays."""
-        from .config import load
-        from .errors import ConfigError
+        from fastroute.config import load
+        from fastroute.errors import ConfigError
 
         self._reload = False
         try:
@@ -241,7 +242,7 @@ class Supervisor:
         """Retention, when no HTTP process (which does it otherwise) is configured."""
         if self.cfg.http is not None or not (self.cfg.audit_retention or self.cfg.history_retention):
             return
-        from .ops import apply_retention
+        from fastroute.ops.actions import apply_retention
         try:
             spool = open_spool(self.cfg)
             try:

@@ -21,9 +21,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastroute.api import ROUTES, http_main, make_app, openapi_spec
+from fastroute.ops.api import ROUTES, http_main, make_app, openapi_spec
 from fastroute.config import Config
-from fastroute.schedule import DestinationState
+from fastroute.routing.schedule import DestinationState
 from fastroute.spool import Outcome, Spool
 
 from test_ops import AGE, STUDY_A, STUDY_B, Hup, fill, make_config

@@ -24,13 +24,13 @@ from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-import fastroute.peek as py_twin
+import fastroute.dicom.peek as py_twin
 from fastroute import native
-from fastroute.attrs import read_attributes, tags_for
+from fastroute.dicom.attrs import read_attributes, tags_for
 from fastroute.errors import PeekError
 
 try:
-    import fastroute._peek as native_twin
+    import fastroute.dicom._peek as native_twin
 except ImportError:
     native_twin = None  # type: ignore[assignment]
 
@@ -51,7 +51,7 @@ ROUTING = ("Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"
 def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     mod = py_twin if request.param == "python" else native_twin
     if mod is None:
-        pytest.fail("FASTROUTE_REQUIRE_EXTENSIONS=1 but fastroute._peek is not importable")
+        pytest.fail("FASTROUTE_REQUIRE_EXTENSIONS=1 but fastroute.dicom._peek is not importable")
     monkeypatch.setattr(native, "peek", mod.peek)
     monkeypatch.setattr(native, "peek_prefix", mod.peek_prefix)
     return mod

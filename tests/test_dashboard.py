@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 from aiohttp import web
 
-from fastroute.api import make_app
+from fastroute.ops.api import make_app
 from fastroute.config import Config
 from fastroute.spool import Outcome, Spool
 

@@ -1,4 +1,4 @@
-"""Operator views and actions (fastroute.ops) on a real spool, and the CLI commands sharing them.
+"""Operator views and actions (fastroute.ops.actions) on a real spool, and the CLI commands sharing them.
 
 The spool is filled through its public receive/send API (``put_many``, ``claim``, ``settle``)
 so every view is checked against states the data plane really produces. The helpers here are
@@ -20,14 +20,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from fastroute import ops
-from fastroute.alerts import AlertBook, Reading, evaluate
+from fastroute.ops import actions as ops
+from fastroute.ops.alerts import AlertBook, Reading, evaluate
 from fastroute.cli import main as cli_main
 from fastroute.config import AlertsConfig, Config, load
 from fastroute.errors import ConfigError
-from fastroute.schedule import DestinationState
+from fastroute.routing.schedule import DestinationState
 from fastroute.spool import Incoming, Outcome, Spool
-from fastroute.wakeup import Waker
+from fastroute.spool.wakeup import Waker
 
 STUDY_A = "1.2.826.0.1.3680043.10.1"
 STUDY_B = "1.2.826.0.1.3680043.10.2"

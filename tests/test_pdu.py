@@ -1,4 +1,4 @@
-"""fastroute.pdu against pynetdicom's own encoders, plus fuzzing and fragmentation edges.
+"""fastroute.dicom.pdu against pynetdicom's own encoders, plus fuzzing and fragmentation edges.
 
 pynetdicom is the reference: the DIMSE command sets we encode must be byte-identical to what
 ``dimse_messages`` builds from a primitive, our P-DATA-TF fragments identical to its
@@ -27,7 +27,7 @@ from pynetdicom.pdu_primitives import (A_ABORT, A_ASSOCIATE, ImplementationClass
                                        MaximumLengthNotification, P_DATA)
 from pynetdicom.presentation import PresentationContext
 
-from fastroute import pdu
+from fastroute.dicom import pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 uids = st.lists(st.integers(0, 2**40), min_size=1, max_size=5).map(

@@ -1,4 +1,4 @@
-"""The tag peek: both twins (fastroute.peek, fastroute._peek) against each other and pydicom.
+"""The tag peek: both twins (fastroute.dicom.peek, fastroute.dicom._peek) against each other and pydicom.
 
 Every behaviour runs on both twins; the native one is skipped only when it is not built and
 FASTROUTE_REQUIRE_EXTENSIONS is not 1. Outcomes are compared whole: the same dict, or a
@@ -29,12 +29,12 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-import fastroute.peek as py_twin
-from fastroute.attrs import tags_for
+import fastroute.dicom.peek as py_twin
+from fastroute.dicom.attrs import tags_for
 from fastroute.errors import PeekError
 
 try:
-    import fastroute._peek as native_twin
+    import fastroute.dicom._peek as native_twin
 except ImportError:  # not built
     native_twin = None  # type: ignore[assignment]
 
@@ -60,7 +60,7 @@ def twin(request: pytest.FixtureRequest) -> ModuleType:
     if request.param == "python":
         return py_twin
     if native_twin is None:
-        pytest.fail("FASTROUTE_REQUIRE_EXTENSIONS=1 but fastroute._peek is not importable")
+        pytest.fail("FASTROUTE_REQUIRE_EXTENSIONS=1 but fastroute.dicom._peek is not importable")
     return native_twin
 
 
@@ -331,12 +331,12 @@ def test_peek_prefix(twin: ModuleType) -> None:
 
 # --- the implementation chooser ------------------------------------------------------------
 
-STALE = "import types; sys.modules['fastroute._peek'] = types.ModuleType('fastroute._peek')\n"
+STALE = "import types; sys.modules['fastroute.dicom._peek'] = types.ModuleType('fastroute.dicom._peek')\n"
 
 
 def _chooser(env: dict[str, str], block_native: bool = False,
              stale: bool = False) -> subprocess.CompletedProcess[str]:
-    code = ("import sys\n" + ("sys.modules['fastroute._peek'] = None\n" if block_native else "")
+    code = ("import sys\n" + ("sys.modules['fastroute.dicom._peek'] = None\n" if block_native else "")
             + (STALE if stale else "")
             + "import fastroute.native as n\nprint(n.PEEK_IMPL, n.implementations(),"
             " n.peek.__module__)")
@@ -349,7 +349,7 @@ def _chooser(env: dict[str, str], block_native: bool = False,
 def test_no_extensions_env_forces_python() -> None:
     run = _chooser({"FASTROUTE_NO_EXTENSIONS": "1", "FASTROUTE_REQUIRE_EXTENSIONS": "1"})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split()[0] == "python" and "{'fastroute.peek': 'python'}" in run.stdout
+    assert run.stdout.split()[0] == "python" and "{'fastroute.dicom.peek': 'python'}" in run.stdout
 
 
 def test_require_extensions_env_fails_without_native() -> None:
@@ -370,7 +370,7 @@ def test_native_loaded_when_required() -> None:
         pytest.skip("FASTROUTE_REQUIRE_EXTENSIONS=1 not set")
     import fastroute.native as native
     assert native.PEEK_IMPL == "native"
-    assert native.implementations()["fastroute.peek"] == "native"
+    assert native.implementations()["fastroute.dicom.peek"] == "native"
     assert native_twin is not None and native.peek is native_twin.peek
 
 

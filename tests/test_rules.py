@@ -18,7 +18,7 @@ from pydicom.datadict import tag_for_keyword
 
 from fastroute.config import Config, RuleConfig, loads
 from fastroute.errors import ConfigError, RuleSyntaxError
-from fastroute.rules import (
+from fastroute.routing.rules import (
     NOT_EVALUATED, CompiledRule, RouteDecision, RuleSet, compile_rule,
 )
 

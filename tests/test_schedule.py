@@ -16,9 +16,9 @@ import peers
 import synth
 from fastroute.cli import read_part10
 from fastroute.config import Config, loads
-from fastroute.schedule import PROGRESS_EVERY, DestinationSender
+from fastroute.routing.schedule import PROGRESS_EVERY, DestinationSender
 from fastroute.spool import PENDING, Incoming, Spool
-from fastroute.wakeup import Notifier
+from fastroute.spool.wakeup import Notifier
 from peers import wait_until
 from router import destination
 

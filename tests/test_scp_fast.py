@@ -1,4 +1,4 @@
-"""The asyncio Storage SCP (fastroute.scp_fast) against real peers, raw bytes and its pure core.
+"""The asyncio Storage SCP (fastroute.dicom.scp) against real peers, raw bytes and its pure core.
 
 Each test builds Spool + RuleSet + Committer + FastReceiver in-process (as
 workers.listener_main wires them) on a free port, and reads what was stored back from the
@@ -39,12 +39,13 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 import peers
 import synth
 from dicomcompare import assert_same_dataset
-from fastroute import pdu
+from fastroute.dicom import pdu
 from fastroute.cli import read_part10
 from fastroute.config import Config, loads
-from fastroute.receive import Committer, Receiver
-from fastroute.rules import RuleSet
-from fastroute.scp_fast import (
+from fastroute.dicom.pn_scp import Receiver
+from fastroute.spool.commit import Committer
+from fastroute.routing.rules import RuleSet
+from fastroute.dicom.scp import (
     EchoRequest,
     FastReceiver,
     Incoming,
@@ -136,7 +137,7 @@ def ok(res: Any) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-# -- a raw peer: bytes on a socket, framed with fastroute.pdu ------------------------------------
+# -- a raw peer: bytes on a socket, framed with fastroute.dicom.pdu ------------------------------------
 
 class RawPeer:
     """A scripted association requestor that can send anything, including what it should not."""

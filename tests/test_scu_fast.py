@@ -1,4 +1,4 @@
-"""fastroute.scu_fast.FastConnection against real peers: DCMTK storescp and pynetdicom's SCP.
+"""fastroute.dicom.scu.FastConnection against real peers: DCMTK storescp and pynetdicom's SCP.
 
 What must hold: bytes arrive exactly as sent (storescp +B writes the dataset as received, so
 the file after its meta group must equal the sent bytes), every status and comment comes back
@@ -26,8 +26,8 @@ from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from fastroute.config import DestinationConfig
-from fastroute.scu_fast import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, FastConnection
-from fastroute.send import (AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown,
+from fastroute.dicom.scu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, FastConnection
+from fastroute.dicom.pn_scu import (AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown,
                             StoreResult)
 
 StoreSCPFactory = Callable[..., peers.StoreSCP]

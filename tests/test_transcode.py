@@ -1,4 +1,4 @@
-"""fastroute.transcode: negotiation rules, lossless conversions, lossy policy, clear errors.
+"""fastroute.routing.transcode: negotiation rules, lossless conversions, lossy policy, clear errors.
 
 Reference decoder is pydicom itself: a converted object must decode to exactly the pixels
 pydicom decodes from the original, and every non-pixel element must be unchanged. Elements
@@ -48,7 +48,7 @@ from pydicom.uid import (
 
 from fastroute.config import DestinationConfig
 from fastroute.errors import NoCodecError, TranscodeError
-from fastroute.transcode import (
+from fastroute.routing.transcode import (
     Codecs,
     candidates,
     choose,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fastroute.wakeup import MAX_UNIX_PATH, Notifier, Waker, socket_address
+from fastroute.spool.wakeup import MAX_UNIX_PATH, Notifier, Waker, socket_address
 
 
 @pytest.mark.parametrize("depth", [0, 12])

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import lmdb
 
-from .errors import SpoolError, SpoolFullError
+from fastroute.errors import SpoolError, SpoolFullError
 
 log = logging.getLogger("fastroute.spool")
 

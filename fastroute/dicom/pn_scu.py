@@ -18,60 +18,22 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .config import DestinationConfig
+from fastroute.config import DestinationConfig
+from fastroute.dicom.status import Category, category, describe
 
 log = logging.getLogger("fastroute.send")
 
 MAX_CONTEXTS = 128   # PS3.8: presentation context IDs are odd numbers 1..255
 
-# Status classes, PS3.4 Annex B.2.3 and PS3.7 Annex C.
-WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
-
-
 def classify_status(status: int) -> str:
-    """Map a C-STORE response status to ``delivered``, ``transient`` or ``permanent``.
-
-    Out of resources (0xA7xx), cancel and unknown codes are worth retrying; "data set does not
-    match SOP class" (0xA9xx), "cannot understand" (0xCxxx), refused SOP class / not
-    authorised and protocol errors will fail the same way every time.
-    """
-    if status == 0x0000 or status in WARNING_STATUSES or (status & 0xF000) == 0xB000:
+    """Map a C-STORE response status to ``delivered``, ``transient`` or ``permanent``."""
+    cat = category(status)
+    if cat in (Category.SUCCESS, Category.WARNING):
         return "delivered"
-    if (status & 0xFF00) == 0xA700 or status == 0xFE00 or status == 0x0213:
-        return "transient"
-    if (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000:
-        return "permanent"
-    if status in (0x0122, 0x0124, 0x0117, 0x0210, 0x0211, 0x0212, 0x0110, 0x0105, 0x0106):
-        return "permanent"
-    return "transient"
+    return "permanent" if cat is Category.PERMANENT else "transient"
 
 
-STATUS_MEANINGS = {
-    0x0000: "Success",
-    0xA700: "Refused: Out of Resources",
-    0xA900: "Error: Data Set does not match SOP Class",
-    0xC000: "Error: Cannot understand",
-    0xB000: "Warning: Coercion of Data Elements",
-    0xB006: "Warning: Elements Discarded",
-    0xB007: "Warning: Data Set does not match SOP Class",
-    0x0122: "Refused: SOP Class not supported",
-    0x0124: "Refused: Not authorized",
-    0x0117: "Invalid SOP Instance",
-    0x0110: "Processing failure",
-    0x0210: "Duplicate invocation",
-    0x0211: "Unrecognized operation",
-    0x0212: "Mistyped argument",
-    0x0213: "Resource limitation",
-    0xFE00: "Cancel",
-}
-
-
-def status_text(status: int | None) -> str:
-    if status is None:
-        return "no response"
-    meaning = STATUS_MEANINGS.get(status) or STATUS_MEANINGS.get(status & 0xFF00) or (
-        "Error: Cannot understand" if (status & 0xF000) == 0xC000 else "unknown status")
-    return f"0x{status:04X} ({meaning})"
+status_text = describe
 
 
 class AssociationFailed(Exception):

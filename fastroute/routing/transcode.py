@@ -70,8 +70,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from .config import DestinationConfig
-from .errors import NoCodecError, TranscodeError
+from fastroute.config import DestinationConfig
+from fastroute.errors import NoCodecError, TranscodeError
 
 __all__ = [
     "Codecs", "installed_codecs", "decoders_available", "encoders_available",

@@ -1,4 +1,4 @@
-"""Type stub for the native tag peek built from ext/_peek.pyx (twin of fastroute.peek)."""
+"""Type stub for the native tag peek built from ext/_peek.pyx (twin of fastroute.dicom.peek)."""
 from collections.abc import Iterable
 
 MAX_DEPTH: int

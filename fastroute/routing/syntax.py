@@ -15,11 +15,11 @@ from typing import Any, Iterable
 
 from pydicom.uid import UID
 
-from .attrs import read_attributes
-from .config import DestinationConfig
-from .errors import TranscodeError
-from .spool import Claimed
-from .transcode import candidates, choose, syntax_label, transcode
+from fastroute.dicom.attrs import read_attributes
+from fastroute.config import DestinationConfig
+from fastroute.errors import TranscodeError
+from fastroute.spool import Claimed
+from fastroute.routing.transcode import candidates, choose, syntax_label, transcode
 
 log = logging.getLogger("fastroute.send")
 

@@ -26,12 +26,14 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
 from aiohttp import web
 
-from . import __version__, ops
-from .alerts import AlertBook, Reading, Transition, Webhook, evaluate
-from .config import Config, HttpConfig
-from .errors import ConfigError, FastrouteError, SpoolError
-from .metrics import CONTENT_TYPE, make_registry, render
-from .spool import Spool
+from fastroute import __version__
+
+from fastroute.ops import actions as ops
+from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
+from fastroute.config import Config, HttpConfig
+from fastroute.errors import ConfigError, FastrouteError, SpoolError
+from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
+from fastroute.spool import Spool
 
 log = logging.getLogger("fastroute.api")
 
@@ -582,7 +584,7 @@ def openapi_spec() -> dict[str, Any]:
 # -- process entry point ------------------------------------------------------------------------
 
 async def _serve(cfg: Config, config_path: str | None) -> int:
-    from .workers import open_spool
+    from fastroute.workers import open_spool
 
     http = cfg.http or HttpConfig()
     spool = open_spool(cfg)
@@ -619,7 +621,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 def http_main(cfg: Config, config_path: str | None) -> None:
     """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
-    from .logsetup import setup_logging
+    from fastroute.logsetup import setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format, process="http")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C

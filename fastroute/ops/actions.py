@@ -22,13 +22,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from . import audit
-from .config import Config, loads
-from .errors import ConfigError, FastrouteError
-from .schedule import read_state
-from .send import status_text
-from .spool import FAILED, HELD, INFLIGHT, PENDING, UNROUTED, QueueEntry, Spool
-from .wakeup import Notifier
+from fastroute.ops import audit
+from fastroute.config import Config, loads
+from fastroute.errors import ConfigError, FastrouteError
+from fastroute.routing.schedule import read_state
+from fastroute.dicom.pn_scu import status_text
+from fastroute.spool import FAILED, HELD, INFLIGHT, PENDING, UNROUTED, QueueEntry, Spool
+from fastroute.spool.wakeup import Notifier
 
 log = logging.getLogger("fastroute.ops")
 
@@ -389,7 +389,7 @@ def config_error_view(exc: ConfigError) -> dict[str, Any]:
 def parse_config(text: str, source: str) -> Config:
     """``loads`` plus what ``load`` does for a file: a relative spool is relative to it."""
     cfg = loads(text, source)
-    from .rules import RuleSet
+    from fastroute.routing.rules import RuleSet
     RuleSet.from_config(cfg)
     if source and not source.startswith("<") and not cfg.spool.is_absolute():
         cfg = dataclasses.replace(cfg, spool=Path(source).parent / cfg.spool)
@@ -476,7 +476,7 @@ def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: s
 def read_config_text(config_path: str | None) -> str:
     """The text the running configuration came from (the diff base for reloads)."""
     if not config_path:
-        from .config import EMBEDDED_DEFAULT_YAML
+        from fastroute.config import EMBEDDED_DEFAULT_YAML
         return EMBEDDED_DEFAULT_YAML
     try:
         return Path(config_path).read_text(encoding="utf-8")

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
-from .config import AlertsConfig
+from fastroute.config import AlertsConfig
 
 log = logging.getLogger("fastroute.alerts")
 

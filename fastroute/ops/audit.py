@@ -11,7 +11,7 @@ import getpass
 import os
 from typing import Any
 
-from .spool import Spool
+from fastroute.spool import Spool
 
 
 def whoami() -> str:

@@ -21,14 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import Config, DestinationConfig
-from .errors import SpoolError, TranscodeError
-from .scu_fast import FastConnection
-from .send import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status, status_text
-from .spool import Claimed, Outcome, Spool, content_digest
-from .syntax import SyntaxPlanner
-from .transcode import syntax_label
-from .wakeup import Waker
+from fastroute.config import Config, DestinationConfig
+from fastroute.errors import SpoolError, TranscodeError
+from fastroute.dicom.scu import FastConnection
+from fastroute.dicom.pn_scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status, status_text
+from fastroute.spool import Claimed, Outcome, Spool, content_digest
+from fastroute.routing.syntax import SyntaxPlanner
+from fastroute.routing.transcode import syntax_label
+from fastroute.spool.wakeup import Waker
 
 log = logging.getLogger("fastroute.schedule")
 

@@ -27,9 +27,11 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
                                        MaximumLengthNotification)
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 
-from . import __version__, pdu
-from .config import DestinationConfig
-from .send import (MAX_CONTEXTS, AssociationFailed, NoContextAccepted, OutcomeUnknown,
+from fastroute import __version__
+
+from fastroute.dicom import pdu
+from fastroute.config import DestinationConfig
+from fastroute.dicom.pn_scu import (MAX_CONTEXTS, AssociationFailed, NoContextAccepted, OutcomeUnknown,
                    StoreResult, _cx_result, _reject_reason, status_text)
 
 log = logging.getLogger("fastroute.send")

@@ -15,11 +15,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .alerts import AlertBook
-from .config import Config
-from .ops import destination_status, display_name
-from .send import status_text
-from .spool import Spool
+from fastroute.ops.alerts import AlertBook
+from fastroute.config import Config
+from fastroute.ops.actions import destination_status, display_name
+from fastroute.dicom.pn_scu import status_text
+from fastroute.spool import Spool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

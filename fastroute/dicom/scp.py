@@ -2,7 +2,7 @@
 
 pynetdicom's acceptor waits in 1 ms polling loops and runs every command set through pydicom,
 which caps one association at ~70 tiny objects/s. Here one event loop thread serves every
-association: :mod:`fastroute.pdu` (I/O-free) frames PDUs and encodes command sets,
+association: :mod:`fastroute.dicom.pdu` (I/O-free) frames PDUs and encodes command sets,
 :class:`UpperLayer` (I/O-free) turns bytes into events, and :class:`_Connection` (the thin
 asyncio shell) answers them. pynetdicom is kept where it is good and not hot: the
 A-ASSOCIATE-RQ is decoded into its primitive and the presentation contexts are negotiated by
@@ -44,21 +44,21 @@ from pynetdicom.presentation import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from . import pdu
-from .attrs import read_attributes
-from .config import Config
-from .errors import PeekError, SpoolError, SpoolFullError
-from .receive import (
+from fastroute.dicom import pdu
+from fastroute.dicom.attrs import read_attributes
+from fastroute.config import Config
+from fastroute.errors import PeekError, SpoolError, SpoolFullError
+from fastroute.dicom.pn_scp import (
     ACCEPTED_SYNTAXES,
     INDEX_KEYWORDS,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
-    Committer,
     _text,
 )
-from .rules import RuleSet
-from .spool import Incoming, PutResult, Spool
+from fastroute.routing.rules import RuleSet
+from fastroute.spool import Incoming, PutResult, Spool
+from fastroute.spool.commit import Committer
 
 log = logging.getLogger("fastroute.receive.fast")
 

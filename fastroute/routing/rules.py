@@ -67,11 +67,11 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, Union
 
 from pydicom import datadict
 
-from .config import Config, RuleConfig
-from .errors import RuleSyntaxError
+from fastroute.config import Config, RuleConfig
+from fastroute.errors import RuleSyntaxError
 
 Scalar = Union[str, int, float]      # a literal in a rule
-# A value as fastroute.attrs reads it; a tuple is a multi-valued attribute.
+# A value as fastroute.dicom.attrs reads it; a tuple is a multi-valued attribute.
 Value = Union[str, int, float, bytes, tuple[Union[str, int, float, bytes], ...]]
 Attrs = Mapping[int, Value]
 Context = Mapping[str, str]
