@@ -39,9 +39,16 @@ class Committer:
         self.objects = 0
 
     def submit(self, item: Incoming) -> PutResult:
+        """Queue ``item`` for the next group commit and wait for it."""
+        return self.submit_nowait(item).result()
+
+    def submit_nowait(self, item: Incoming) -> Future[PutResult]:
+        """Queue ``item`` for the next group commit; its future is done after the commit.
+
+        For callers that must not block (the listener's event loop)."""
         fut: Future[PutResult] = Future()
         self._q.put((item, fut))
-        return fut.result()
+        return fut
 
     def close(self) -> None:
         self._q.put(None)
