@@ -1,4 +1,4 @@
-"""Storage SCU throughput: fastroute.dicom.scu vs send.Connection (pynetdicom) vs DCMTK storescu.
+"""Storage SCU throughput: fastroute.dicom.scu.Connection vs DCMTK storescu.
 
 Not a test. Run: ``python bench/scu_bench.py [--tiny 300] [--ct 60] [--rounds 3]
 [--receiver storescp dcmrecv] [--store]``.
@@ -29,8 +29,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: E402
 
 from bench.synth import make_study, make_tiny  # noqa: E402
 from fastroute.config import DestinationConfig  # noqa: E402
-from fastroute.dicom.scu import FastConnection  # noqa: E402
-from fastroute.dicom.pn_scu import Connection  # noqa: E402
+from fastroute.dicom.scu import Connection  # noqa: E402
 
 Body = tuple[str, str, str, bytes]
 
@@ -43,8 +42,7 @@ def c_store_body(path: Path) -> Body:
                 str(meta.TransferSyntaxUID), fp.read())
 
 
-def send_with(cls: type[FastConnection] | type[Connection], port: int, ae_title: str,
-              bodies: list[Body]) -> None:
+def send_with(cls: type[Connection], port: int, ae_title: str, bodies: list[Body]) -> None:
     dest = DestinationConfig(name="bench", ae_title=ae_title, host=peers.HOST, port=port)
     conn = cls(dest, "BENCH")
     conn.ensure({(b[0], b[2]) for b in bodies})
@@ -80,7 +78,6 @@ def main() -> None:
     parser.add_argument("--receiver", nargs="+", default=["storescp", "dcmrecv"],
                         choices=["storescp", "dcmrecv"])
     parser.add_argument("--store", action="store_true", help="receivers write what they get")
-    parser.add_argument("--skip-pynetdicom", action="store_true", help="it is slow; skip it")
     args = parser.parse_args()
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
 
@@ -104,11 +101,8 @@ def main() -> None:
                 try:
                     runs: dict[str, Callable[[], None]] = {
                         "DCMTK": lambda: send_storescu(scp.port, "BENCHSCP", files),
-                        "fastroute": lambda: send_with(FastConnection, scp.port, "BENCHSCP", bodies),
+                        "fastroute": lambda: send_with(Connection, scp.port, "BENCHSCP", bodies),
                     }
-                    if not args.skip_pynetdicom:
-                        runs["pynetdicom"] = lambda: send_with(Connection, scp.port, "BENCHSCP",
-                                                               bodies)
                     reference = None
                     for name, run in runs.items():
                         if args.store:

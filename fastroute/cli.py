@@ -90,7 +90,7 @@ def read_part10(path: str | Path) -> tuple[str, bytes]:
 
 def cmd_route_test(args: argparse.Namespace) -> int:
     from fastroute.dicom.attrs import read_attributes
-    from fastroute.dicom.pn_scp import INDEX_KEYWORDS
+    from fastroute.routing.intake import INDEX_KEYWORDS
     from fastroute.routing.rules import RuleSet
 
     cfg = _config(args)
@@ -170,7 +170,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from fastroute.dicom.pn_scu import echo
+    from fastroute.dicom.scu import echo
 
     cfg = _config(args)
     ok, text = echo(cfg.destination(args.destination), cfg.ae_title)

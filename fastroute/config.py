@@ -7,6 +7,7 @@ are errors: a typo in a router's configuration silently routes patient data else
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import dataclasses
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from fastroute.errors import ConfigError
+
+log = logging.getLogger("fastroute.config")
 
 # -- value parsers ------------------------------------------------------------------------------
 
@@ -97,8 +100,8 @@ class DestinationConfig:
     max_pdu: int = 262144
     paused: bool = False
     cpus: tuple[int, ...] = ()             # CPU affinity of this destination's sender process
-    # "fast": fastroute's own SCU data path (scu_fast); "pynetdicom": pynetdicom's association
-    # machinery, kept as the reference implementation and a fallback for odd peers.
+    # Deprecated: fastroute has one DICOM engine. "pynetdicom" still parses (old configs) but
+    # selects nothing: it is logged and read as "fast".
     engine: str = "fast"
 
 
@@ -150,7 +153,7 @@ class Config:
     dimse_timeout: float = 120.0
     network_timeout: float = 120.0
     listeners: int = 1
-    engine: str = "fast"                   # listener data path: "fast" (scp_fast) or "pynetdicom"
+    engine: str = "fast"                   # deprecated: always "fast" (see DestinationConfig)
     listener_cpus: tuple[int, ...] = ()
     sender_cpus: tuple[int, ...] = ()       # destinations without their own `cpus` share these
     group_commit_delay: float = 0.002       # how long a commit waits to gather more objects
@@ -279,6 +282,19 @@ def _cidr(v: Any) -> str:
     return str(v)
 
 
+def _engine(key: str) -> Callable[[Any], str]:
+    """The deprecated ``engine`` key: "pynetdicom" (the engine that left the product) is
+    accepted so old configs still load, with a warning, and means the built-in engine."""
+    choose = _choice("fast", "pynetdicom")
+
+    def conv(v: Any) -> str:
+        if choose(v) == "pynetdicom":
+            log.warning("config key %s: pynetdicom is deprecated and ignored: fastroute has one "
+                        "DICOM engine, its own; using it. Remove the key.", key)
+        return "fast"
+    return conv
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def conv(v: Any) -> str:
         if v not in options:
@@ -331,7 +347,7 @@ _DEST_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "network_timeout": (parse_duration, "a duration"),
     "max_pdu": (_int(0, 2**32 - 1), "a PDU size in bytes"),
     "paused": (_bool, "true or false"),
-    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
+    "engine": (_engine("destinations.<name>.engine"), "fast (deprecated key)"),
 }
 
 _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -349,7 +365,7 @@ _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "dimse_timeout": (parse_duration, "a duration"),
     "network_timeout": (parse_duration, "a duration"),
     "listeners": (_int(1, 256), "a number of listener processes"),
-    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
+    "engine": (_engine("engine"), "fast (deprecated key)"),
     "group_commit_delay": (parse_duration, "a duration"),
     "duplicate_window": (parse_duration, "a duration"),
     "shutdown_grace": (parse_duration, "a duration"),

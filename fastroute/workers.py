@@ -46,10 +46,11 @@ def open_spool(cfg: Config, *, durable: bool = True) -> Spool:
 
 
 def listener_main(cfg: Config, index: int) -> None:
-    from fastroute.dicom.pn_scp import Receiver
-    from fastroute.spool.commit import Committer
+    from fastroute.dicom.dimse import CommandField
+    from fastroute.dicom.scp import Listener
+    from fastroute.routing.intake import StoreService
     from fastroute.routing.rules import RuleSet
-    from fastroute.dicom.scp import FastReceiver
+    from fastroute.spool.commit import Committer
     from fastroute.spool.wakeup import Notifier
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
@@ -58,11 +59,7 @@ def listener_main(cfg: Config, index: int) -> None:
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
-    receiver: Receiver | FastReceiver
-    if cfg.engine == "fast":
-        receiver = FastReceiver(cfg, spool, rules, committer)
-    else:
-        receiver = Receiver(cfg, spool, rules, committer)
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
     committer.siblings = receiver.active
     try:
         receiver.start()

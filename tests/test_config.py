@@ -1,6 +1,7 @@
 """Configuration: the issue's schema is accepted; every error names file, line and key."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,19 @@ def test_embedded_default() -> None:
     assert cfg.engine == "fast"   # the native data path unless a file says otherwise
 
 
-def test_engine_per_listener_and_destination() -> None:
+def test_engine_pynetdicom_is_deprecated_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """Old configs still load; the key selects nothing (one engine) and says so, by name."""
+    caplog.set_level(logging.WARNING, logger="fastroute.config")
     cfg = loads("engine: pynetdicom\ndestinations:\n  a: {ae_title: A, host: h, port: 1}\n"
                 "  b: {ae_title: B, host: h, port: 1, engine: pynetdicom}\n")
-    assert cfg.engine == "pynetdicom"
-    assert (cfg.destinations["a"].engine, cfg.destinations["b"].engine) == ("fast", "pynetdicom")
+    assert cfg.engine == "fast"
+    assert (cfg.destinations["a"].engine, cfg.destinations["b"].engine) == ("fast", "fast")
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("config key destinations.<name>.engine: pynetdicom is deprecated")
+    assert warnings[1].startswith("config key engine: pynetdicom is deprecated")
+    caplog.clear()
+    assert loads("engine: fast\n").engine == "fast" and not caplog.records
 
 
 @pytest.mark.parametrize("text,line,key,fragment", [

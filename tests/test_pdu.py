@@ -1,4 +1,4 @@
-"""fastroute.dicom.pdu against pynetdicom's own encoders, plus fuzzing and fragmentation edges.
+"""fastroute.dicom.pdu and dimse against pynetdicom's own encoders, plus fuzzing and fragmentation edges.
 
 pynetdicom is the reference: the DIMSE command sets we encode must be byte-identical to what
 ``dimse_messages`` builds from a primitive, our P-DATA-TF fragments identical to its
@@ -27,7 +27,7 @@ from pynetdicom.pdu_primitives import (A_ABORT, A_ASSOCIATE, ImplementationClass
                                        MaximumLengthNotification, P_DATA)
 from pynetdicom.presentation import PresentationContext
 
-from fastroute.dicom import pdu
+from fastroute.dicom import acse, dimse, pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 uids = st.lists(st.integers(0, 2**40), min_size=1, max_size=5).map(
@@ -56,12 +56,12 @@ def test_c_store_rq_matches_pynetdicom(msg_id: int, sop_class: str, sop_uid: str
     p.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
     if originator:
         p.MoveOriginatorApplicationEntityTitle, p.MoveOriginatorMessageID = originator
-    ours = pdu.encode_c_store_rq(msg_id, sop_class, sop_uid, priority,
+    ours = dimse.encode_c_store_rq(msg_id, sop_class, sop_uid, priority,
                                  originator[0] if originator else None,
                                  originator[1] if originator else None)
     assert ours == _pynetdicom_command(C_STORE_RQ(), p)
     decoded = pdu.decode_command(ours)
-    assert decoded[pdu.COMMAND_FIELD] == 0x0001 and pdu.has_dataset(decoded)
+    assert decoded[pdu.COMMAND_FIELD] == 0x0001 and dimse.has_dataset(decoded)
     assert decoded[pdu.AFFECTED_SOP_INSTANCE_UID] == sop_uid
     assert decoded[pdu.AFFECTED_SOP_CLASS_UID] == sop_class
     assert decoded[pdu.MESSAGE_ID] == msg_id and decoded[pdu.PRIORITY] == priority
@@ -82,10 +82,10 @@ def test_c_store_rsp_matches_pynetdicom(msg_id: int, sop_class: str, sop_uid: st
     p.AffectedSOPInstanceUID, p.Status = sop_uid, status
     if comment:
         p.ErrorComment = comment  # type: ignore[assignment]
-    ours = pdu.encode_c_store_rsp(msg_id, sop_class, sop_uid, status, comment)
+    ours = dimse.encode_c_store_rsp(msg_id, sop_class, sop_uid, status, comment)
     assert ours == _pynetdicom_command(C_STORE_RSP(), p)
     decoded = pdu.decode_command(ours)
-    assert decoded[pdu.COMMAND_FIELD] == 0x8001 and not pdu.has_dataset(decoded)
+    assert decoded[pdu.COMMAND_FIELD] == 0x8001 and not dimse.has_dataset(decoded)
     assert decoded[pdu.STATUS] == status and decoded[pdu.MESSAGE_ID_BEING_RESPONDED_TO] == msg_id
     assert decoded.get(pdu.ERROR_COMMENT) == (comment.strip() if comment else None)
 
@@ -93,24 +93,24 @@ def test_c_store_rsp_matches_pynetdicom(msg_id: int, sop_class: str, sop_uid: st
 @given(msg_id=message_ids, status=st.integers(0, 0xFFFF))
 def test_c_echo_matches_pynetdicom(msg_id: int, status: int) -> None:
     rq = C_ECHO()
-    rq.MessageID, rq.AffectedSOPClassUID = msg_id, pdu.VERIFICATION_SOP_CLASS
+    rq.MessageID, rq.AffectedSOPClassUID = msg_id, acse.VERIFICATION_SOP_CLASS
     rsp = C_ECHO()
     rsp.MessageIDBeingRespondedTo, rsp.Status = msg_id, status
-    rsp.AffectedSOPClassUID = pdu.VERIFICATION_SOP_CLASS
-    assert pdu.encode_c_echo_rq(msg_id) == _pynetdicom_command(C_ECHO_RQ(), rq)
-    assert pdu.encode_c_echo_rsp(msg_id, status) == _pynetdicom_command(C_ECHO_RSP(), rsp)
-    assert pdu.decode_command(pdu.encode_c_echo_rq(msg_id))[pdu.COMMAND_FIELD] == 0x0030
-    assert pdu.decode_command(pdu.encode_c_echo_rsp(msg_id, status))[pdu.STATUS] == status
+    rsp.AffectedSOPClassUID = acse.VERIFICATION_SOP_CLASS
+    assert dimse.encode_c_echo_rq(msg_id) == _pynetdicom_command(C_ECHO_RQ(), rq)
+    assert dimse.encode_c_echo_rsp(msg_id, status) == _pynetdicom_command(C_ECHO_RSP(), rsp)
+    assert pdu.decode_command(dimse.encode_c_echo_rq(msg_id))[pdu.COMMAND_FIELD] == 0x0030
+    assert pdu.decode_command(dimse.encode_c_echo_rsp(msg_id, status))[pdu.STATUS] == status
 
 
 def test_pynetdicom_decodes_ours_and_padding() -> None:
-    ours = pdu.encode_c_store_rsp(3, "1.2.3", "1.2.34", 0xB000, "odd")   # odd UID, odd comment
+    ours = dimse.encode_c_store_rsp(3, "1.2.3", "1.2.34", 0xB000, "odd")   # odd UID, odd comment
     ds = decode(BytesIO(ours), True, True)
     assert ds.AffectedSOPClassUID == "1.2.3" and ds.AffectedSOPInstanceUID == "1.2.34"
     assert ds.ErrorComment == "odd" and ds.Status == 0xB000
     assert b"1.2.3\x00" in ours and b"odd " in ours          # UI pads with NUL, LO with space
-    assert len(pdu.encode_c_store_rsp(1, "1.2", "1.2", 0xC000, "x" * 100)) % 2 == 0
-    assert pdu.decode_command(pdu.encode_c_store_rsp(1, "1.2", "1.2", 0xC000, "x" * 100))[
+    assert len(dimse.encode_c_store_rsp(1, "1.2", "1.2", 0xC000, "x" * 100)) % 2 == 0
+    assert pdu.decode_command(dimse.encode_c_store_rsp(1, "1.2", "1.2", 0xC000, "x" * 100))[
         pdu.ERROR_COMMENT] == "x" * 64                       # LO is at most 64 characters
 
 
@@ -159,7 +159,7 @@ def _pynetdicom_pdus(data: bytes, max_pdu: int) -> list[bytes]:
 
 
 def _ours(data: bytes, max_pdu: int) -> list[bytes]:
-    command = pdu.encode_c_store_rq(1, CT, "1.2.3")
+    command = dimse.encode_c_store_rq(1, CT, "1.2.3")
     return [h + bytes(b) for is_cmd, payload in ((True, command), (False, data))
             for h, b in pdu.p_data_tf(3, is_cmd, payload, max_pdu)]
 

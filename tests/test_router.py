@@ -95,14 +95,10 @@ def _fidelity_inputs(pydicom_data_dir: Path, dest: Path) -> list[Path]:
     return out
 
 
-ENGINES = pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-
-
-@ENGINES
 def test_fidelity_real_files_same_bytes_same_syntax(tmp_path: Path, router: Callable[..., Router],
                                                     storescp: Callable[..., peers.StoreSCP],
-                                                    pydicom_data_dir: Path, engine: str) -> None:
-    """Both data paths (fastroute's own and pynetdicom's) forward the received bytes."""
+                                                    pydicom_data_dir: Path) -> None:
+    """The received bytes are forwarded as they came, in their own transfer syntax."""
     files = _fidelity_inputs(pydicom_data_dir, tmp_path / "in")
     originals = {pydicom.dcmread(f).SOPInstanceUID: f for f in files}
     # Reference: the same storescu straight into a bit-preserving storescp.
@@ -111,8 +107,7 @@ def test_fidelity_real_files_same_bytes_same_syntax(tmp_path: Path, router: Call
     assert res.returncode == 0, res.stdout + res.stderr
     direct.wait_for(len(originals))
     routed_dest = storescp("PACS", bit_preserving=True)
-    r = router({"engine": engine,
-                "destinations": {"pacs": destination(routed_dest.port, "PACS", engine=engine)},
+    r = router({"destinations": {"pacs": destination(routed_dest.port, "PACS")},
                 "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     res = storescu(r.port, files, propose="original")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -130,14 +125,12 @@ def test_fidelity_real_files_same_bytes_same_syntax(tmp_path: Path, router: Call
     assert (q["pending"], q["in_flight"], q["failed"], q["delivered"]) == (0, 0, 0, len(originals))
 
 
-@ENGINES
 def test_fan_out_exactly_one_copy_each(tmp_path: Path, router: Callable[..., Router],
-                                       storescp: Callable[..., peers.StoreSCP], engine: str) -> None:
+                                       storescp: Callable[..., peers.StoreSCP]) -> None:
     files = synth.make_tiny(tmp_path / "tiny", n=300)
     a, b = storescp("DESTA", fork=True), storescp("DESTB")   # fork: serves 2 associations at once
-    r = router({"engine": engine,
-                "destinations": {"a": destination(a.port, "DESTA", max_associations=2, engine=engine),
-                                 "b": destination(b.port, "DESTB", engine=engine)},
+    r = router({"destinations": {"a": destination(a.port, "DESTA", max_associations=2),
+                                 "b": destination(b.port, "DESTB")},
                 "rules": [{"name": "both", "match": {"Modality": "CT"}, "send_to": ["a", "b"]}]})
     res = storescu(r.port, files)
     assert res.returncode == 0, res.stderr
@@ -207,16 +200,14 @@ def test_unrouted_objects_are_kept(tmp_path: Path, router: Callable[..., Router]
     assert "chain intact" in r.cli("audit", "--verify").stdout
 
 
-@ENGINES
 def test_duplicate_policy_end_to_end(tmp_path: Path, router: Callable[..., Router],
-                                     storescp: Callable[..., peers.StoreSCP], engine: str) -> None:
+                                     storescp: Callable[..., peers.StoreSCP]) -> None:
     """An identical re-send after delivery is suppressed; a correction (same SOP Instance UID,
     other content) is delivered. The content digest is taken by the sender after delivery,
     so this holds the receive and send sides to the same key."""
     files = synth.make_tiny(tmp_path / "t", n=3)
     scp = storescp("PACS")
-    r = router({"engine": engine,
-                "destinations": {"pacs": destination(scp.port, "PACS", engine=engine)},
+    r = router({"destinations": {"pacs": destination(scp.port, "PACS")},
                 "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     assert storescu(r.port, files).returncode == 0
     scp.wait_for(3, timeout=60)

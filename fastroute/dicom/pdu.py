@@ -2,9 +2,9 @@
 
 Why: pynetdicom's DUL and association reactors poll every millisecond and run every message
 through pydicom, which caps a routed C-STORE stream at ~70 small objects/s. This module only
-frames PDUs, splits P-DATA-TF into PDVs and encodes/decodes command sets, so a blocking socket
-loop (``scu_fast``) or the fast Storage SCP can move dataset bytes without copying or decoding
-them. Association negotiation is rare and intricate, so A-ASSOCIATE-RQ/AC stay pynetdicom's
+frames PDUs, splits P-DATA-TF into PDVs and encodes/decodes command sets, so the SCU's blocking
+socket loop or the SCP's asyncio protocol can move dataset bytes without copying or decoding
+them. DIMSE messages built from these pieces are :mod:`fastroute.dicom.dimse`'s. Association negotiation is rare and intricate, so A-ASSOCIATE-RQ/AC stay pynetdicom's
 (``pynetdicom.pdu``): the helpers here only wrap them and turn their errors into ProtocolError.
 
 Everything is bytes in, values out: tests drive it with bytes, and malformed input raises
@@ -25,12 +25,6 @@ A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RQ, A_RELEA
     1, 2, 3, 4, 5, 6, 7)
 PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF",
              5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}
-
-# DIMSE command fields (0000,0100), PS3.7 Annex E.
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
-NO_DATASET = 0x0101       # CommandDataSetType: anything else means a dataset follows
-DATASET_PRESENT = 0x0001  # what pynetdicom sends (DCMTK sends 0x0102): any value but 0x0101
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 # Command set elements used here (tag = 0x0000eeee).
 COMMAND_GROUP_LENGTH = 0x0000
@@ -369,51 +363,3 @@ def encode_command(elements: Mapping[int, int | str | bytes]) -> bytes:
         parts.append(raw)
     body = b"".join(parts)
     return _ELEMENT.pack(0, COMMAND_GROUP_LENGTH, 4) + _UL.pack(len(body)) + body
-
-
-def encode_c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str,
-                      priority: int = 2, move_originator_ae: str | None = None,
-                      move_originator_id: int | None = None) -> bytes:
-    """C-STORE-RQ command set (PS3.7 9.3.1.1); priority 0 medium, 1 high, 2 low."""
-    elements: dict[int, int | str | bytes] = {
-        AFFECTED_SOP_CLASS_UID: sop_class_uid, COMMAND_FIELD: C_STORE_RQ,
-        MESSAGE_ID: message_id, PRIORITY: priority, COMMAND_DATA_SET_TYPE: DATASET_PRESENT,
-        AFFECTED_SOP_INSTANCE_UID: sop_instance_uid}
-    if move_originator_ae is not None:
-        elements[MOVE_ORIGINATOR_AE_TITLE] = move_originator_ae
-    if move_originator_id is not None:
-        elements[MOVE_ORIGINATOR_MESSAGE_ID] = move_originator_id
-    return encode_command(elements)
-
-
-def encode_c_store_rsp(message_id_responded: int, sop_class_uid: str, sop_instance_uid: str,
-                       status: int, error_comment: str | None = None) -> bytes:
-    """C-STORE-RSP command set (PS3.7 9.3.1.2); the error comment is cut to LO's 64 chars."""
-    elements: dict[int, int | str | bytes] = {
-        AFFECTED_SOP_CLASS_UID: sop_class_uid, COMMAND_FIELD: C_STORE_RSP,
-        MESSAGE_ID_BEING_RESPONDED_TO: message_id_responded,
-        COMMAND_DATA_SET_TYPE: NO_DATASET, STATUS: status,
-        AFFECTED_SOP_INSTANCE_UID: sop_instance_uid}
-    if error_comment:
-        elements[ERROR_COMMENT] = error_comment[:ERROR_COMMENT_MAX]
-    return encode_command(elements)
-
-
-def encode_c_echo_rq(message_id: int) -> bytes:
-    """C-ECHO-RQ command set (PS3.7 9.3.5.1)."""
-    return encode_command({AFFECTED_SOP_CLASS_UID: VERIFICATION_SOP_CLASS,
-                           COMMAND_FIELD: C_ECHO_RQ, MESSAGE_ID: message_id,
-                           COMMAND_DATA_SET_TYPE: NO_DATASET})
-
-
-def encode_c_echo_rsp(message_id_responded: int, status: int = 0) -> bytes:
-    """C-ECHO-RSP command set (PS3.7 9.3.5.2)."""
-    return encode_command({AFFECTED_SOP_CLASS_UID: VERIFICATION_SOP_CLASS,
-                           COMMAND_FIELD: C_ECHO_RSP,
-                           MESSAGE_ID_BEING_RESPONDED_TO: message_id_responded,
-                           COMMAND_DATA_SET_TYPE: NO_DATASET, STATUS: status})
-
-
-def has_dataset(command: Mapping[int, int | str | bytes]) -> bool:
-    """Whether a dataset follows this command (CommandDataSetType other than 0x0101)."""
-    return command.get(COMMAND_DATA_SET_TYPE, NO_DATASET) != NO_DATASET

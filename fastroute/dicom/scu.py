@@ -1,17 +1,20 @@
-"""Storage SCU on a plain blocking socket: the data path of ``send.Connection`` without
-pynetdicom's reactor threads.
+"""The SCU: associations on a plain blocking socket, owned by one sender thread each.
 
 Why: pynetdicom's DUL and association reactors poll every millisecond and encode every
 message through pydicom, which caps a routed stream at ~70 small objects/s. Here the sender
 thread owns its socket: it writes the C-STORE command and the dataset with ``sendmsg``
 straight from the caller's buffer (a memoryview into an LMDB read transaction is fine: nothing
-is copied) and reads the response itself, with a deadline on every wait. Association
-negotiation is still pynetdicom's PDU code (``pdu.encode_associate_rq``/``decode_associate_ac``
-and ``negotiate_as_requestor``). The interface and the exceptions are ``send.Connection``'s,
-so ``schedule`` can use either.
+is copied) and reads the response itself, with a deadline on every wait. The protocol is
+:class:`fastroute.dicom.ul.UpperLayer`'s (requestor role), negotiation :mod:`.acse`'s.
 
-We identify as implementation class UID ``IMPLEMENTATION_CLASS_UID`` (a fixed UID under
-pydicom's root, derived once from the name "fastroute") with version name ``FASTROUTE_010``.
+While it waits for a response the association also serves requests the peer sends on it
+(C-GET's C-STORE sub-operations, storage commitment's N-EVENT-REPORT): each goes to the
+handler registered for its command field in ``Connection.handlers`` and is answered before
+the wait goes on; one without a handler gets 0x0211. A new DIMSE service the SCU *sends* is a
+method here beside :meth:`Connection.send_raw` and :meth:`Connection.echo`.
+
+We identify as ``acse.IMPLEMENTATION_CLASS_UID`` / ``acse.IMPLEMENTATION_VERSION_NAME``, as the
+SCP does.
 """
 from __future__ import annotations
 
@@ -19,32 +22,57 @@ import logging
 import select
 import socket
 import time
+from collections.abc import Mapping
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
-from pydicom.uid import UID
-from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
-                                       ImplementationVersionNameNotification,
-                                       MaximumLengthNotification)
-from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
+from pynetdicom.presentation import PresentationContext
 
-from fastroute import __version__
-
-from fastroute.dicom import pdu
 from fastroute.config import DestinationConfig
-from fastroute.dicom.pn_scu import (MAX_CONTEXTS, AssociationFailed, NoContextAccepted, OutcomeUnknown,
-                   StoreResult, _cx_result, _reject_reason, status_text)
+from fastroute.dicom import acse, pdu
+from fastroute.dicom.acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MAX_CONTEXTS
+from fastroute.dicom.dimse import (CommandField, Handler, Message, Peer, Pending, Reply, command_name,
+                                   encode_c_echo_rq, encode_c_store_rq, encode_response)
+from fastroute.dicom.status import Status, describe
+from fastroute.dicom.ul import (AssociateAccept, AssociateReject, Event, PeerAbort, ReleaseReply,
+                                ReleaseRequest, Role, UnexpectedPdu, UpperLayer)
+
+__all__ = ["Connection", "Association", "AssociationFailed", "NoContextAccepted", "OutcomeUnknown",
+           "StoreResult", "echo", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME"]
 
 log = logging.getLogger("fastroute.send")
 
-APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"   # DICOM application context, PS3.7 A.2.1
-# pydicom.uid.generate_uid(entropy_srcs=["fastroute", "implementation class UID"]), frozen.
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.10887796605032696485799925401341379173"
-IMPLEMENTATION_VERSION_NAME = "FASTROUTE_" + __version__.replace(".", "")[:6]
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_SIZE = 256 * 1024
 IOV_BATCH = 256             # buffers per sendmsg call (Linux IOV_MAX is 1024)
 RELEASE_TIMEOUT = 10.0      # cap on waiting for A-RELEASE-RP: a release must not stall a thread
 MIN_READER_PDU = 1024 * 1024
+
+
+class AssociationFailed(Exception):
+    """The destination could not be reached or refused the association (destination-level)."""
+
+
+class NoContextAccepted(Exception):
+    """The peer answered but accepted none of the proposed presentation contexts.
+
+    Not a destination outage: these objects cannot go there as proposed, so they fail
+    (or are converted) rather than backing off the whole destination.
+    """
+
+    def __init__(self, message: str, rejected: dict[str, str]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class OutcomeUnknown(Exception):
+    """The data left, but no response came (DIMSE timeout or abort): resend, at-least-once."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    status: int
+    comment: str
 
 
 class _Timeout(Exception):
@@ -55,18 +83,19 @@ class _Closed(Exception):
     """The peer closed the TCP connection."""
 
 
-@dataclass
-class FastAssociation:
-    """One established association: its socket, the negotiated contexts and the peer's limits."""
+@dataclass(slots=True)
+class Association:
+    """One established association: its socket, upper layer, negotiated contexts, peer limits."""
 
     sock: socket.socket
-    reader: pdu.PduReader
+    ul: UpperLayer
     where: str                                   # "CALLING -> CALLED@host:port" for messages
     peer_max_pdu: int                            # 0 = unlimited
+    peer: Peer                                   # what a handler is told about the association
     contexts: list[PresentationContext] = field(default_factory=list)   # accepted only
     by_pair: dict[tuple[str, str], int] = field(default_factory=dict)
     peer_implementation: str = ""
-    is_established: bool = True                  # send.Connection's Association has it too
+    is_established: bool = True
 
 
 def _where(calling_ae: str, dest: DestinationConfig) -> str:
@@ -127,12 +156,13 @@ def _send_all(sock: socket.socket, buffers: list[bytes | memoryview], sent: list
             buffers.pop(0)
 
 
-def _read_pdu(assoc: FastAssociation, deadline: float) -> tuple[int, memoryview]:
-    """The next PDU, waiting at most until ``deadline``; _Timeout, _Closed or ProtocolError."""
+def _next_event(assoc: Association, deadline: float) -> Event:
+    """The next upper-layer event, waiting at most until ``deadline``; _Timeout, _Closed or
+    ProtocolError (UnexpectedPdu for a PDU wrong in the state)."""
     while True:
-        item = assoc.reader.next()
-        if item is not None:
-            return item
+        event = assoc.ul.next_event()
+        if event is not None:
+            return event
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Timeout()
@@ -143,28 +173,31 @@ def _read_pdu(assoc: FastAssociation, deadline: float) -> tuple[int, memoryview]
             raise _Timeout() from None
         if not data:
             raise _Closed()
-        assoc.reader.feed(data)
+        assoc.ul.feed(data)
 
 
-class FastConnection:
+class Connection:
     """One association slot to a destination, reused across batches by one sender thread.
 
-    Same contract as ``send.Connection``: ``ensure`` raises AssociationFailed (destination
-    level) or NoContextAccepted; ``send_raw`` raises OutcomeUnknown once any byte of the
-    message may have left, AssociationFailed when the peer had closed an idle association.
+    ``ensure`` raises AssociationFailed (destination level) or NoContextAccepted; ``send_raw``
+    raises OutcomeUnknown once any byte of the message may have left, AssociationFailed when
+    the peer had closed an idle association. ``handlers`` serve requests the peer sends on
+    the association (see the module's docstring).
     """
 
-    def __init__(self, dest: DestinationConfig, calling_ae: str) -> None:
+    def __init__(self, dest: DestinationConfig, calling_ae: str,
+                 handlers: Mapping[int, Handler] | None = None) -> None:
         self.dest = dest
         self.calling_ae = dest.calling_ae or calling_ae
-        self.assoc: FastAssociation | None = None
+        self.handlers: dict[int, Handler] = dict(handlers or {})
+        self.assoc: Association | None = None
         self.proposed: set[tuple[str, str]] = set()
         self.last_used = 0.0
         self.msg_id = 0
 
     # -- association ------------------------------------------------------------------------
 
-    def ensure(self, pairs: set[tuple[str, str]]) -> FastAssociation:
+    def ensure(self, pairs: set[tuple[str, str]]) -> Association:
         """An established association that proposed every (SOP class, syntax) pair needed.
 
         One the peer ended while idle (a PACS idle timeout) is replaced here, before any
@@ -184,34 +217,13 @@ class FastConnection:
         self.last_used = time.monotonic()
         return self.assoc
 
-    def _request(self, pairs: list[tuple[str, str]]) -> tuple[A_ASSOCIATE, list[PresentationContext]]:
-        """The A-ASSOCIATE request primitive: one context per pair, odd IDs from 1."""
-        contexts = []
-        for i, (sop_class, ts) in enumerate(pairs):
-            cx = PresentationContext()
-            cx.context_id = 2 * i + 1
-            cx.abstract_syntax = UID(sop_class)
-            cx.transfer_syntax = [UID(ts)]
-            contexts.append(cx)
-        rq = A_ASSOCIATE()
-        rq.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-        rq.calling_ae_title = self.calling_ae
-        rq.called_ae_title = self.dest.ae_title
-        rq.presentation_context_definition_list = contexts
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.dest.max_pdu
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        impl_name = ImplementationVersionNameNotification()
-        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        rq.user_information = [max_length, impl_uid, impl_name]
-        return rq, contexts
-
-    def _associate(self, pairs: list[tuple[str, str]]) -> FastAssociation:
+    def _associate(self, pairs: list[tuple[str, str]]) -> Association:
         d = self.dest
         where = _where(self.calling_ae, d)
-        rq, rq_contexts = self._request(pairs)
-        encoded = pdu.encode_associate_rq(rq)
+        rq, rq_contexts = acse.request(self.calling_ae, d.ae_title, pairs, d.max_pdu)
+        reader_max = max(d.max_pdu or pdu.PduReader().max_pdu_length, MIN_READER_PDU)
+        ul = UpperLayer(Role.REQUESTOR, max_pdu_in=reader_max)
+        encoded = ul.associate(rq)
         try:
             sock = _connect(d.host, d.port, d.acse_timeout)
         except OSError as exc:
@@ -219,39 +231,30 @@ class FastConnection:
             # closed at once (a proxy or load balancer in front of a dead PACS).
             why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
             raise AssociationFailed(f"cannot connect to {where}: {why}") from exc
-        reader_max = max(d.max_pdu or pdu.PduReader().max_pdu_length, MIN_READER_PDU)
-        assoc = FastAssociation(sock, pdu.PduReader(reader_max), where, 0)
+        assoc = Association(sock, ul, where, 0, Peer(self.calling_ae, d.ae_title, d.host, {}))
         deadline = time.monotonic() + d.acse_timeout
         try:
             sock.settimeout(d.acse_timeout)
             sock.sendall(encoded)
-            pdu_type, body = _read_pdu(assoc, deadline)
+            event = _next_event(assoc, deadline)
         except (OSError, _Timeout, _Closed, pdu.ProtocolError) as exc:
             self._drop(assoc, abort=not isinstance(exc, _Closed))
             why = {_Timeout: f"no answer within the ACSE timeout ({d.acse_timeout:g} s)",
                    _Closed: "the peer closed the connection"}.get(type(exc), str(exc))
             raise AssociationFailed(f"association with {where} failed: {why}") from exc
-        if pdu_type == pdu.A_ASSOCIATE_RJ:
+        if isinstance(event, AssociateReject):
             self._drop(assoc, abort=False)
-            try:
-                result, source, reason = pdu.decode_associate_rj(body)
-            except pdu.ProtocolError as exc:
-                raise AssociationFailed(f"association rejected by {where}: {exc}") from exc
             raise AssociationFailed(
-                f"association rejected by {where}: result={result} source={source} "
-                f"reason={reason} ({_reject_reason(source, reason)})")
-        if pdu_type == pdu.A_ABORT:
+                f"association rejected by {where}: result={event.result} source={event.source} "
+                f"reason={event.reason} ({acse.reject_reason(event.source, event.reason)})")
+        if isinstance(event, PeerAbort):
             self._drop(assoc, abort=False)
             raise AssociationFailed(f"association aborted by {where}")
-        if pdu_type != pdu.A_ASSOCIATE_AC:
-            self._drop(assoc, abort=True)
-            raise AssociationFailed(f"association with {where} failed: unexpected "
-                                    f"{pdu.PDU_NAMES[pdu_type]} in answer to A-ASSOCIATE-RQ")
+        assert isinstance(event, AssociateAccept)   # the only other event in this state
+        ac = event.primitive
         try:
-            ac = pdu.decode_associate_ac(body)
-            results = negotiate_as_requestor(rq_contexts,
-                                             ac.presentation_context_definition_results_list)
-        except (pdu.ProtocolError, ValueError, KeyError) as exc:
+            results = acse.accepted_contexts(rq_contexts, ac)
+        except (ValueError, KeyError) as exc:
             self._drop(assoc, abort=True)
             raise AssociationFailed(f"association with {where} failed: {exc}") from exc
         assoc.peer_max_pdu = int(ac.maximum_length_received or 0)
@@ -264,10 +267,13 @@ class FastConnection:
         if not assoc.contexts:
             self._drop(assoc, abort=True)
             # A rejected context echoes no transfer syntax: key the reason by SOP class.
-            reasons = {str(cx.abstract_syntax): _cx_result(cx.result) for cx in results}
+            reasons = {str(cx.abstract_syntax): acse.context_result(cx.result) for cx in results}
             raise NoContextAccepted(
                 f"{d.ae_title}@{d.host}:{d.port} accepted none of the {len(results)} "
                 "presentation context(s) proposed", reasons)
+        assoc.peer.contexts = {int(cx.context_id or 0): str(cx.transfer_syntax[0])
+                               for cx in assoc.contexts}
+        ul.established(assoc.peer.contexts)
         log.debug("associated %s: %d of %d contexts accepted, peer max PDU %d, implementation %s",
                   where, len(assoc.contexts), len(results), assoc.peer_max_pdu,
                   assoc.peer_implementation)
@@ -282,19 +288,48 @@ class FastConnection:
         return [str(cx.transfer_syntax[0]) for cx in self.assoc.contexts
                 if cx.abstract_syntax == sop_class]
 
-    # -- C-STORE ----------------------------------------------------------------------------
+    # -- C-STORE, C-ECHO --------------------------------------------------------------------
 
     def send_raw(self, context_id: int, sop_class: str, sop_uid: str,
                  data: bytes | memoryview) -> StoreResult:
         """C-STORE already-encoded bytes; OutcomeUnknown when no response arrives."""
+        rsp = self._request(context_id, encode_c_store_rq(self._next_id(), sop_class, sop_uid),
+                            data, sop_uid, CommandField.C_STORE_RSP)
+        status = rsp.status
+        if status is None:
+            assert self.assoc is not None
+            where = self.assoc.where
+            self._drop(self.assoc, abort=True)
+            raise OutcomeUnknown(f"C-STORE response from {where} without a status")
+        comment = rsp.error_comment
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("C-STORE %s sop_class=%s sop_instance_uid=%s bytes=%d context=%d: %s %s",
+                      self.assoc.where if self.assoc else "", sop_class, sop_uid, len(data),
+                      context_id, describe(status), comment)
+        return StoreResult(status, comment)
+
+    def echo(self) -> int | None:
+        """C-ECHO on an association that proposed Verification; the status, None if absent."""
+        assoc = self.assoc
+        context_id = self.context_for(acse.VERIFICATION_SOP_CLASS, acse.IMPLICIT_VR_LITTLE_ENDIAN)
+        if assoc is None or context_id is None:
+            raise AssociationFailed("no association with the Verification context")
+        return self._request(context_id, encode_c_echo_rq(self._next_id()), None, "C-ECHO",
+                             CommandField.C_ECHO_RSP).status
+
+    def _next_id(self) -> int:
+        self.msg_id = (self.msg_id % 65535) + 1
+        return self.msg_id
+
+    def _request(self, context_id: int, command: bytes, data: bytes | memoryview | None,
+                 what: str, rsp_field: CommandField) -> Message:
+        """Send one request (command + optional dataset) and wait for its response."""
         assoc = self.assoc
         if assoc is None:
             raise AssociationFailed("association is not established")
         if self._closed_while_idle(assoc):
             raise AssociationFailed(f"association closed by the peer while idle ({assoc.where})")
-        self.msg_id = (self.msg_id % 65535) + 1
         msg_id = self.msg_id
-        command = pdu.encode_c_store_rq(msg_id, sop_class, sop_uid)
         sent = [0]
         try:
             assoc.sock.settimeout(self.dest.network_timeout)
@@ -306,36 +341,26 @@ class FastConnection:
                 raise AssociationFailed(
                     f"association with {assoc.where} lost before sending: {exc}") from exc
             raise OutcomeUnknown(f"connection to {assoc.where} failed while sending "
-                                 f"{sop_uid}: {exc}") from exc
+                                 f"{what}: {exc}") from exc
         try:
-            rsp = self._response(assoc, msg_id, time.monotonic() + self.dest.dimse_timeout)
-        except OutcomeUnknown:
-            raise
+            rsp = self._response(assoc, msg_id, rsp_field, time.monotonic() + self.dest.dimse_timeout)
         except OSError as exc:
             self._drop(assoc, abort=True)
-            raise OutcomeUnknown(f"connection to {assoc.where} failed waiting for the C-STORE "
-                                 f"response to {sop_uid}: {exc}") from exc
+            raise OutcomeUnknown(f"connection to {assoc.where} failed waiting for the "
+                                 f"{_request_name(rsp_field)} response to {what}: {exc}") from exc
         self.last_used = time.monotonic()
-        status = rsp.get(pdu.STATUS)
-        if not isinstance(status, int):
-            self._drop(assoc, abort=True)
-            raise OutcomeUnknown(f"C-STORE response from {assoc.where} without a status")
-        comment = rsp.get(pdu.ERROR_COMMENT, "")
-        comment = comment if isinstance(comment, str) else ""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("C-STORE %s sop_class=%s sop_instance_uid=%s bytes=%d context=%d: %s %s",
-                      assoc.where, sop_class, sop_uid, len(data), context_id,
-                      status_text(status), comment)
-        return StoreResult(status, comment)
+        return rsp
 
     @staticmethod
-    def _send_message(assoc: FastAssociation, context_id: int, command: bytes,
-                      data: bytes | memoryview, sent: list[int]) -> None:
+    def _send_message(assoc: Association, context_id: int, command: bytes,
+                      data: bytes | memoryview | None, sent: list[int]) -> None:
         """Command then dataset PDUs, IOV_BATCH buffers per sendmsg, payloads never copied.
 
         A stalled peer fails a sendmsg after ``network_timeout`` without progress."""
         batch: list[bytes | memoryview] = []
-        for is_command, payload in ((True, command), (False, data)):
+        parts: tuple[tuple[bool, bytes | memoryview], ...] = (
+            ((True, command),) if data is None else ((True, command), (False, data)))
+        for is_command, payload in parts:
             for header, fragment in pdu.p_data_tf(context_id, is_command, payload,
                                                   assoc.peer_max_pdu):
                 batch.append(header)
@@ -347,11 +372,39 @@ class FastConnection:
         if batch:
             _send_all(assoc.sock, batch, sent)
 
-    def _closed_while_idle(self, assoc: FastAssociation) -> bool:
+    # -- requests from the peer -------------------------------------------------------------
+
+    def _serve(self, assoc: Association, msg: Message) -> None:
+        """Answer a request the peer sent on our association with its handler's reply."""
+        field_ = msg.field
+        handler = self.handlers.get(field_)
+        if handler is None:
+            if field_ == CommandField.C_CANCEL_RQ:
+                return                   # we run nothing the peer could cancel
+            log.warning("%s: the peer sent %s (0x%04X), which is not served -> status %s",
+                        assoc.where, command_name(field_), field_,
+                        describe(Status.UNRECOGNIZED_OPERATION))
+            reply = Reply(Status.UNRECOGNIZED_OPERATION)
+        else:
+            try:
+                answer = handler(assoc.peer, msg)
+                if isinstance(answer, Pending):
+                    wait_futures([answer.future])
+                    answer = answer.finish(answer.future)
+                reply = answer
+            except Exception as exc:
+                log.exception("%s: %s handler failed", assoc.where, command_name(field_))
+                reply = Reply(Status.OUT_OF_RESOURCES, f"internal error: {exc!r}")
+        command = encode_response(msg.command, reply.status, reply.comment, reply.elements,
+                                  reply.dataset is not None)
+        assoc.sock.settimeout(self.dest.network_timeout)
+        self._send_message(assoc, msg.context_id, command, reply.dataset, [0])
+
+    def _closed_while_idle(self, assoc: Association) -> bool:
         """Whether the peer aborted, released or closed while we were not sending.
 
-        A readable socket between messages can only mean that (a Storage SCP sends nothing
-        unasked). Such an association is dropped here, before any byte of the next message.
+        Between our messages a peer may only send requests of its own (served here) or end
+        the association; one that did is dropped here, before any byte of the next message.
         """
         try:
             readable, _, _ = select.select([assoc.sock], [], [], 0)
@@ -359,101 +412,91 @@ class FastConnection:
             readable = [assoc.sock]
         if not readable:
             return False
-        why = "sent data while idle"
+        why = ""
         try:
             assoc.sock.settimeout(0.0)
             data = assoc.sock.recv(RECV_SIZE)
             if not data:
                 why = "closed the connection"
             else:
-                assoc.reader.feed(data)
-                item = assoc.reader.next()
-                if item is not None and item[0] == pdu.A_RELEASE_RQ:
-                    assoc.sock.sendall(pdu.encode_release_rp())
-                    why = "requested release"
-                elif item is not None and item[0] == pdu.A_ABORT:
-                    why = "aborted"
-                elif item is not None:
-                    why = f"sent an unexpected {pdu.PDU_NAMES[item[0]]}"
+                assoc.ul.feed(data)
+                while not why and (event := assoc.ul.next_event()) is not None:
+                    if isinstance(event, ReleaseRequest):
+                        assoc.sock.sendall(assoc.ul.release_reply())
+                        why = "requested release"
+                    elif isinstance(event, PeerAbort):
+                        why = "aborted"
+                    elif isinstance(event, Message) and event.is_request:
+                        self._serve(assoc, event)
+                    else:
+                        why = f"sent an unexpected {type(event).__name__}"
         except (OSError, pdu.ProtocolError) as exc:
             why = f"connection error: {exc}"
+        if not why:
+            return False
         log.info("%s: the peer %s while the association was idle; reassociating",
                  assoc.where, why)
         self._drop(assoc, abort=why.startswith(("sent", "connection")))
         return True
 
-    def _response(self, assoc: FastAssociation, msg_id: int,
-                  deadline: float) -> dict[int, int | str | bytes]:
-        """Read until the C-STORE-RSP to ``msg_id``; anything else ends the association."""
-        command = bytearray()
-        command_done: dict[int, int | str | bytes] | None = None
+    def _response(self, assoc: Association, msg_id: int, rsp_field: CommandField,
+                  deadline: float) -> Message:
+        """Read until the response to ``msg_id``, serving the peer's own requests meanwhile;
+        anything else ends the association."""
         while True:
             try:
-                pdu_type, body = _read_pdu(assoc, deadline)
+                event = _next_event(assoc, deadline)
             except _Timeout:
                 self._drop(assoc, abort=True)
-                raise OutcomeUnknown(f"no C-STORE response from {assoc.where} within the DIMSE "
+                raise OutcomeUnknown(f"no {_request_name(rsp_field)} response from {assoc.where} within the DIMSE "
                                      f"timeout ({self.dest.dimse_timeout:g} s)") from None
             except _Closed:
                 self._drop(assoc, abort=False)
-                raise OutcomeUnknown(f"{assoc.where} closed the connection before the C-STORE "
+                raise OutcomeUnknown(f"{assoc.where} closed the connection before the {_request_name(rsp_field)} "
                                      "response") from None
+            except UnexpectedPdu as exc:
+                self._drop(assoc, abort=True)
+                raise OutcomeUnknown(f"{exc} from {assoc.where} while waiting for the {_request_name(rsp_field)} "
+                                     "response") from exc
             except pdu.ProtocolError as exc:
                 self._drop(assoc, abort=True)
                 raise OutcomeUnknown(f"malformed PDU from {assoc.where}: {exc}") from exc
-            if pdu_type == pdu.P_DATA_TF:
-                try:
-                    for _cx, is_command, is_last, fragment in pdu.iter_pdvs(body):
-                        if not is_command:
-                            if command_done is not None and is_last:
-                                return command_done     # a dataset we never asked for: skipped
-                            continue
-                        command += fragment
-                        if is_last:
-                            rsp = pdu.decode_command(command)
-                            command = bytearray()
-                            field_, answers = (rsp.get(pdu.COMMAND_FIELD),
-                                               rsp.get(pdu.MESSAGE_ID_BEING_RESPONDED_TO))
-                            if field_ != pdu.C_STORE_RSP or answers != msg_id:
-                                raise pdu.ProtocolError(
-                                    f"expected the C-STORE-RSP to message {msg_id}, got command "
-                                    f"field {field_!r} answering message {answers!r}")
-                            if not pdu.has_dataset(rsp):
-                                return rsp
-                            command_done = rsp
-                except pdu.ProtocolError as exc:
+            if isinstance(event, Message):
+                if event.is_request:
+                    self._serve(assoc, event)
+                    continue
+                if event.field != rsp_field or event.responds_to != msg_id:
                     self._drop(assoc, abort=True)
-                    raise OutcomeUnknown(f"bad C-STORE response from {assoc.where}: {exc}") from exc
-                continue
-            if pdu_type == pdu.A_ABORT:
+                    raise OutcomeUnknown(
+                        f"bad {_request_name(rsp_field)} response from {assoc.where}: expected the {_request_name(rsp_field)}-RSP to "
+                        f"message {msg_id}, got {command_name(event.field)} answering message "
+                        f"{event.responds_to}")
+                return event          # a dataset with it, which we never asked for, is ignored
+            if isinstance(event, PeerAbort):
                 self._drop(assoc, abort=False)
+                raise OutcomeUnknown(f"association aborted by {assoc.where} (source={event.source} "
+                                     f"reason={event.reason}) before the {_request_name(rsp_field)} response")
+            if isinstance(event, ReleaseRequest):
                 try:
-                    source, reason = pdu.decode_abort(body)
-                except pdu.ProtocolError:
-                    source = reason = -1
-                raise OutcomeUnknown(f"association aborted by {assoc.where} (source={source} "
-                                     f"reason={reason}) before the C-STORE response")
-            if pdu_type == pdu.A_RELEASE_RQ:
-                try:
-                    assoc.sock.sendall(pdu.encode_release_rp())
+                    assoc.sock.sendall(assoc.ul.release_reply())
                 except OSError:
                     pass
                 self._drop(assoc, abort=False)
                 raise OutcomeUnknown(f"{assoc.where} released the association before the "
-                                     "C-STORE response")
+                                     f"{_request_name(rsp_field)} response")
             self._drop(assoc, abort=True)
-            raise OutcomeUnknown(f"unexpected {pdu.PDU_NAMES[pdu_type]} from {assoc.where} "
-                                 "while waiting for the C-STORE response")
+            raise OutcomeUnknown(f"unexpected {type(event).__name__} from {assoc.where} "
+                                 f"while waiting for the {_request_name(rsp_field)} response")
 
     # -- ending -----------------------------------------------------------------------------
 
-    def _drop(self, assoc: FastAssociation, abort: bool) -> None:
+    def _drop(self, assoc: Association, abort: bool) -> None:
         """Close the socket (after an A-ABORT when asked) and forget the association."""
         assoc.is_established = False
         if abort:
             try:
                 assoc.sock.settimeout(1.0)
-                assoc.sock.sendall(pdu.encode_abort(0, 0))
+                assoc.sock.sendall(assoc.ul.abort(0, 0))
             except OSError:
                 pass
         try:
@@ -475,10 +518,10 @@ class FastConnection:
         abort = False
         try:
             assoc.sock.settimeout(wait)
-            assoc.sock.sendall(pdu.encode_release_rq())
+            assoc.sock.sendall(assoc.ul.release())
             while True:
-                pdu_type, _ = _read_pdu(assoc, deadline)
-                if pdu_type in (pdu.A_RELEASE_RP, pdu.A_RELEASE_RQ, pdu.A_ABORT):
+                event = _next_event(assoc, deadline)
+                if isinstance(event, (ReleaseReply, ReleaseRequest, PeerAbort)):
                     break          # RQ: a release collision (PS3.8 9.2.5), closing is enough
         except _Timeout:
             log.info("%s: no A-RELEASE-RP within %g s; aborting", assoc.where, wait)
@@ -492,3 +535,25 @@ class FastConnection:
             self._drop(self.assoc, abort=True)
         self.proposed = set()
 
+
+def _request_name(rsp_field: int) -> str:
+    """``C-STORE`` for C-STORE-RSP: how messages name the exchange."""
+    return command_name(rsp_field).removesuffix("-RSP")
+
+
+def echo(dest: DestinationConfig, calling_ae: str) -> tuple[bool, str]:
+    """C-ECHO a destination on a fresh association; (ok, what happened in words)."""
+    conn = Connection(dest, calling_ae)
+    head = f"C-ECHO {conn.calling_ae} -> {dest.ae_title}@{dest.host}:{dest.port}"
+    try:
+        conn.ensure({(acse.VERIFICATION_SOP_CLASS, acse.IMPLICIT_VR_LITTLE_ENDIAN)})
+        status = conn.echo()
+    except NoContextAccepted as exc:
+        return False, f"{head}: Verification not accepted ({exc})"
+    except (AssociationFailed, OutcomeUnknown) as exc:
+        return False, str(exc)
+    finally:
+        conn.release()
+    if status == Status.SUCCESS:
+        return True, f"{head}: success"
+    return False, f"{head}: {describe(status)}"

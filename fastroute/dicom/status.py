@@ -96,6 +96,15 @@ def meaning(status: int | None) -> str:
         "Error: Cannot understand" if (status & 0xF000) == 0xC000 else "unknown status")
 
 
+def classify_store(status: int) -> str:
+    """What a C-STORE status means for the object: ``delivered`` (success or warning),
+    ``transient`` (retry it later) or ``permanent`` (it will fail the same way)."""
+    cat = category(status)
+    if cat is Category.SUCCESS or cat is Category.WARNING:
+        return "delivered"
+    return "permanent" if cat is Category.PERMANENT else "transient"
+
+
 def describe(status: int | None) -> str:
     """``0xA700 (Refused: Out of Resources)``: the form every log line and view uses."""
     if status is None or status < 0:

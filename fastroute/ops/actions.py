@@ -26,7 +26,7 @@ from fastroute.ops import audit
 from fastroute.config import Config, loads
 from fastroute.errors import ConfigError, FastrouteError
 from fastroute.routing.schedule import read_state
-from fastroute.dicom.pn_scu import status_text
+from fastroute.dicom.status import describe as status_text
 from fastroute.spool import FAILED, HELD, INFLIGHT, PENDING, UNROUTED, QueueEntry, Spool
 from fastroute.spool.wakeup import Notifier
 

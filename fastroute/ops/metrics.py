@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 from fastroute.ops.alerts import AlertBook
 from fastroute.config import Config
 from fastroute.ops.actions import destination_status, display_name
-from fastroute.dicom.pn_scu import status_text
+from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Spool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from fastroute.config import Config, DestinationConfig
 from fastroute.errors import SpoolError, TranscodeError
-from fastroute.dicom.scu import FastConnection
-from fastroute.dicom.pn_scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown, classify_status, status_text
+from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
+from fastroute.dicom.status import classify_store as classify_status
+from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Claimed, Outcome, Spool, content_digest
 from fastroute.routing.syntax import SyntaxPlanner
 from fastroute.routing.transcode import syntax_label
@@ -41,14 +42,12 @@ PROGRESS_EVERY = 1.0   # the state file's delivery count and last success lag by
 SETTLE_DELAY = 0.05
 
 
-AnyConnection = Connection | FastConnection
+AnyConnection = Connection
 
 
 def make_connection(dest: DestinationConfig, calling_ae: str) -> AnyConnection:
-    """The destination's SCU data path: fastroute's own (default) or pynetdicom's."""
-    if dest.engine == "pynetdicom":
-        return Connection(dest, calling_ae)
-    return FastConnection(dest, calling_ae)
+    """The destination's SCU association slot (fastroute's own engine, the only one)."""
+    return Connection(dest, calling_ae)
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:

@@ -1,9 +1,9 @@
-"""The asyncio Storage SCP (fastroute.dicom.scp) against real peers, raw bytes and its pure core.
+"""The asyncio SCP (fastroute.dicom.scp) against real peers, raw bytes and its pure core.
 
-Each test builds Spool + RuleSet + Committer + FastReceiver in-process (as
+Each test builds Spool + RuleSet + Committer + StoreService + Listener in-process (as
 workers.listener_main wires them) on a free port, and reads what was stored back from the
-spool. References for "the same bytes": the pynetdicom ``receive.Receiver`` fed by the same
-DCMTK send, or a bit-preserving DCMTK storescp (+B).
+spool. References for "the same bytes": the files' own dataset bytes, or a bit-preserving
+DCMTK storescp (+B) fed by the same storescu.
 """
 from __future__ import annotations
 
@@ -39,38 +39,30 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 import peers
 import synth
 from dicomcompare import assert_same_dataset
-from fastroute.dicom import pdu
 from fastroute.cli import read_part10
 from fastroute.config import Config, loads
-from fastroute.dicom.pn_scp import Receiver
-from fastroute.spool.commit import Committer
+from fastroute.dicom import acse, dimse, pdu
+from fastroute.dicom.access import check_access, parse_networks
+from fastroute.dicom.dimse import CommandField, Message, ObjectTooLarge, Peer, Pending, Reply
+from fastroute.dicom.scp import Listener
+from fastroute.dicom.ul import (AssociateAccept, AssociateReject, AssociateRequest, PeerAbort, ReleaseReply,
+                                ReleaseRequest, Role, State, UnexpectedPdu, UpperLayer)
+from fastroute.routing.intake import Refusal, StoreService, prepare_store
 from fastroute.routing.rules import RuleSet
-from fastroute.dicom.scp import (
-    EchoRequest,
-    FastReceiver,
-    Incoming,
-    ObjectTooLarge,
-    Refusal,
-    ReleaseRequest,
-    StoreRequest,
-    UpperLayer,
-    check_access,
-    parse_networks,
-    prepare_store,
-)
-from fastroute.spool import Spool
+from fastroute.spool import Incoming, Spool
+from fastroute.spool.commit import Committer
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-LOGGER = "fastroute.receive.fast"
+LOGGER = "fastroute.scp"
 
 
 # -- fixtures -----------------------------------------------------------------------------------
 
 @dataclass
 class Scp:
-    """A running listener (fast or pynetdicom) and what it wrote to its spool."""
+    """A running listener and what it wrote to its spool."""
 
-    receiver: FastReceiver | Receiver
+    receiver: Listener
     spool: Spool
     committer: Committer
     cfg: Config
@@ -95,12 +87,14 @@ class Scp:
 
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[Callable[..., Scp]]:
-    """Factory: ``scp(engine="fast", **config)`` -> a started listener, stopped at teardown."""
+    """Factory: ``scp(handlers=..., sop_classes=..., **config)`` -> a started listener with the
+    C-STORE service (and any other handlers), stopped at teardown."""
     started: list[Scp] = []
 
-    def make(engine: str = "fast", **config: Any) -> Scp:
+    def make(handlers: dict[int, Any] | None = None, **config: Any) -> Scp:
         port = peers.free_port()
-        limits = {k: config.pop(k) for k in ("max_object_bytes", "pause_at_bytes") if k in config}
+        limits = {k: config.pop(k) for k in ("max_object_bytes", "pause_at_bytes", "sop_classes")
+                  if k in config}
         settings = {"ae_title": "FASTROUTE", "host": "127.0.0.1", "port": port,
                     "spool": str(tmp_path / f"spool{len(started)}"), "min_free_bytes": 0,
                     "spool_max_bytes": "256MiB", **config}
@@ -108,11 +102,8 @@ def scp(tmp_path: Path) -> Iterator[Callable[..., Scp]]:
         spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=cfg.min_free_bytes)
         committer = Committer(spool, None, gather=cfg.group_commit_delay)
         rules = RuleSet.from_config(cfg)
-        receiver: FastReceiver | Receiver
-        if engine == "fast":
-            receiver = FastReceiver(cfg, spool, rules, committer, **limits)
-        else:
-            receiver = Receiver(cfg, spool, rules, committer)
+        services = {CommandField.C_STORE_RQ: StoreService(rules, committer), **(handlers or {})}
+        receiver = Listener(cfg, services, **limits)
         receiver.start()
         s = Scp(receiver, spool, committer, cfg)
         started.append(s)
@@ -124,9 +115,8 @@ def scp(tmp_path: Path) -> Iterator[Callable[..., Scp]]:
         s.committer.close()
         s.spool.close()
         assert not peers.is_listening(s.port), f"port {s.port} still listening after stop()"
-        if isinstance(s.receiver, FastReceiver):
-            assert s.receiver._thread is None and s.receiver.loop.is_closed()
-            assert not s.receiver._conns, "connections left after stop()"
+        assert s.receiver._thread is None and s.receiver.loop.is_closed()
+        assert not s.receiver._conns, "connections left after stop()"
 
 
 def tiny(tmp_path: Path, n: int, name: str = "tiny") -> list[Path]:
@@ -283,10 +273,10 @@ def test_upper_layer_reassembles_any_chunking(tmp_path: Path) -> None:
     stream = _assoc_rq_body([(1, CT, [ExplicitVRLittleEndian])])
     stream += pdv(1, True, False, command[:20]) + pdv(1, True, True, command[20:])
     stream += b"".join(h + bytes(p) for h, p in pdu.p_data_tf(1, False, data, len(data) // 3 + 7))
-    stream += pdv(1, True, True, pdu.encode_c_echo_rq(8))
+    stream += pdv(1, True, True, dimse.encode_c_echo_rq(8))
     stream += pdu.encode_release_rq()
     for chunk in (1, 5, 13, 4096):
-        ul = UpperLayer(max_pdu_in=16384)
+        ul = UpperLayer(Role.ACCEPTOR, max_pdu_in=16384)
         events: list[Any] = []
         for i in range(0, len(stream), chunk):
             ul.feed(stream[i:i + chunk])
@@ -295,18 +285,22 @@ def test_upper_layer_reassembles_any_chunking(tmp_path: Path) -> None:
                 if len(events) == 1:
                     ul.established({1: ExplicitVRLittleEndian})
         kinds = [type(e).__name__ for e in events]
-        assert kinds == ["AssociateRequest", "StoreRequest", "EchoRequest", "ReleaseRequest"], kinds
+        assert kinds == ["AssociateRequest", "Message", "Message", "ReleaseRequest"], kinds
         store = events[1]
-        assert isinstance(store, StoreRequest) and bytes(store.data) == data
-        assert (store.message_id, store.sop_instance_uid, store.sop_class_uid) == (7, uid, CT)
-        assert isinstance(events[2], EchoRequest) and events[2].message_id == 8
+        assert isinstance(store, Message) and isinstance(store.data, bytearray) and store.data == data
+        assert (store.field, store.message_id, store.sop_instance_uid, store.sop_class_uid) == (
+            CommandField.C_STORE_RQ, 7, uid, CT)
+        assert isinstance(events[2], Message) and events[2].message_id == 8
+        assert events[2].field == CommandField.C_ECHO_RQ and events[2].data is None
         assert isinstance(events[3], ReleaseRequest) and ul.buffered == 0
+        assert ul.state is State.RELEASE_REQUESTED
+        assert ul.release_reply() == pdu.encode_release_rp() and ul.state is State.CLOSED
 
 
 @pytest.mark.parametrize("case", ["unaccepted-context", "dataset-first", "store-without-data",
                                   "too-large", "pdata-before-ac", "oversized-pdu", "unknown-type"])
 def test_upper_layer_protocol_errors(case: str) -> None:
-    ul = UpperLayer(max_pdu_in=1024, max_object=100)
+    ul = UpperLayer(Role.ACCEPTOR, max_pdu_in=1024, max_object=100)
     if case not in ("pdata-before-ac",):
         ul.feed(_assoc_rq_body([(1, CT, [ExplicitVRLittleEndian])]))
         assert ul.next_event() is not None
@@ -350,19 +344,19 @@ def test_prepare_store_refusals_and_routing(tmp_path: Path) -> None:
 
 # -- DCMTK peers --------------------------------------------------------------------------------
 
-def test_echo_and_tiny_objects_same_bytes_as_pynetdicom_receiver(
+def test_echo_and_tiny_objects_stored_as_sent(
         tmp_path: Path, dcmtk: Any, scp: Callable[..., Scp], caplog: pytest.LogCaptureFixture) -> None:
+    """DCMTK's dcmsend and storescu into the listener: the spool holds each file's own dataset
+    bytes (the reference the pynetdicom receiver used to be compared with is the file itself)."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     files = tiny(tmp_path, 12)
-    fast, reference = scp("fast"), scp("pynetdicom")
+    fast = scp()
     ok(peers.echoscu(fast.port))
     ok(peers.dcmsend(fast.port, files[:6], single_association=True))
     ok(peers.storescu(fast.port, files[6:]))
-    ok(peers.dcmsend(reference.port, files[:6], single_association=True))
-    ok(peers.storescu(reference.port, files[6:]))
-    got, want = fast.by_uid(), reference.by_uid()
-    assert len(got) == 12 and got == want
-    for path in files:   # and both equal the files' own dataset bytes
+    got = fast.by_uid()
+    assert len(got) == 12
+    for path in files:
         uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert got[uid] == read_part10(path)
     text = caplog.text
@@ -495,7 +489,9 @@ def test_pynetdicom_scu_with_extended_negotiation(tmp_path: Path, scp: Callable[
     role.scu_role, role.scp_role = True, False
     assoc = ae.associate("127.0.0.1", s.port, ae_title="FASTROUTE", ext_neg=[identity, window, role])
     assert assoc.is_established
-    assert assoc.acceptor.implementation_version_name == "FASTROUTE_010"
+    # The SCP announces the SCU's identity: one implementation, one UID and version name.
+    assert assoc.acceptor.implementation_version_name == acse.IMPLEMENTATION_VERSION_NAME == "FASTROUTE_010"
+    assert assoc.acceptor.implementation_class_uid == acse.IMPLEMENTATION_CLASS_UID
     assert assoc.send_c_echo().Status == 0
     status = assoc.send_c_store(ds)
     assoc.release()
@@ -576,7 +572,7 @@ def test_statuses_for_unsupported_mismatch_unreadable(tmp_path: Path, scp: Calla
     assert rsp[0x0900] == 0xC000 and "parsed" in str(rsp[0x0902])
     raw.send_message(1, store_rq(4, uid), data, max_pdu=4096)
     assert raw.response()[0x0900] == 0
-    raw.send_message(1, pdu.encode_c_echo_rq(5))   # C-ECHO on a storage context: answered
+    raw.send_message(1, dimse.encode_c_echo_rq(5))   # C-ECHO on a storage context: answered
     assert raw.response()[0x0900] == 0
     raw.release()
     assert [u for u, _, _ in s.stored()] == [uid]
@@ -646,7 +642,7 @@ def test_pipelined_requests_wait_for_the_commit_and_are_answered_in_order(
     assert raw.associate([(1, CT, [ExplicitVRLittleEndian])])[0] == pdu.A_ASSOCIATE_AC
     for i, (uid, data) in enumerate(objects, 1):
         raw.send_message(1, store_rq(i, uid), data)
-    raw.send_message(1, pdu.encode_c_echo_rq(4))
+    raw.send_message(1, dimse.encode_c_echo_rq(4))
     raw.send(pdu.encode_release_rq())
     answers = [raw.response() for _ in range(4)]
     assert [(a[0x0120], a[0x0900]) for a in answers] == [(1, 0), (2, 0), (3, 0), (4, 0)]

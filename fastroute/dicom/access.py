@@ -1,0 +1,50 @@
+"""Who may associate with the listener: the one place an A-ASSOCIATE-RQ is accepted or refused."""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from fastroute.config import Config
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Rejection(NamedTuple):
+    """An A-ASSOCIATE-RJ (result, source, reason) and why, for the log."""
+
+    result: int
+    source: int
+    reason: int
+    why: str
+
+
+def parse_networks(cfg: Config) -> list[Network] | None:
+    return ([ipaddress.ip_network(p, strict=False) for p in cfg.allowed_peers]
+            if cfg.allowed_peers is not None else None)
+
+
+def check_access(cfg: Config, networks: Sequence[Network] | None,
+                 calling: str, called: str, ip: str, others: int) -> Rejection | None:
+    """Decide an association request; None accepts it.
+
+    ``others`` is the number of associations already established on this listener. The
+    precedence is the one pynetdicom's acceptor had (and DCMTK peers were tested against):
+    peer address, calling AE, then the association limit over the called AE title.
+    """
+    if networks is not None:
+        try:
+            addr = ipaddress.ip_address(ip)
+            allowed = any(addr in net for net in networks)
+        except ValueError:
+            allowed = False
+        if not allowed:
+            return Rejection(0x01, 0x01, 0x01, "peer address not in allowed_peers")
+    if cfg.allowed_calling_aes is not None and calling not in cfg.allowed_calling_aes:
+        return Rejection(0x01, 0x01, 0x03, "calling AE title not in allowed_calling_aes")
+    if others >= cfg.max_associations:
+        return Rejection(0x02, 0x03, 0x02,
+                         f"max_associations ({cfg.max_associations}) reached: local limit exceeded")
+    if cfg.require_called_ae and called != cfg.ae_title:
+        return Rejection(0x01, 0x01, 0x07, f"called AE title {called!r} is not {cfg.ae_title!r}")
+    return None

@@ -1,0 +1,138 @@
+"""The C-STORE service: peek, check, route and hand each received object to the group commit.
+
+The listener (:mod:`fastroute.dicom.scp`) knows DICOM, not the spool or the rules: it is handed
+a :class:`StoreService` as its C-STORE handler (``workers.listener_main`` wires it). Success
+is answered only after the commit, so an aborted association never loses an acknowledged
+object; every failure is a status, never a lost association:
+
+* 0xC000 the dataset cannot be parsed, 0xA900 its SOP Instance UID differs from the command's
+  (the modality's fault: permanent);
+* 0xA700 the spool is full or a write failed, and 0xA700 too when a rule raises: that is our
+  bug, not the modality's, so it is told to retry (with an Error Comment) and the traceback
+  is logged.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any, NamedTuple
+
+from fastroute.dicom.attrs import read_attributes
+from fastroute.dicom.dimse import Message, Peer, Pending, Reply
+from fastroute.dicom.status import Status, describe
+from fastroute.errors import PeekError, SpoolError, SpoolFullError
+from fastroute.routing.rules import RuleSet
+from fastroute.spool import Incoming, PutResult
+from fastroute.spool.commit import Committer
+
+log = logging.getLogger("fastroute.intake")
+
+# Attributes every object is indexed by, whatever the rules need.
+INDEX_KEYWORDS = {
+    0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid", 0x0020000D: "study_instance_uid",
+    0x0020000E: "series_instance_uid", 0x00100020: "patient_id", 0x00080050: "accession_number",
+    0x00080060: "modality",
+}
+
+
+class Refusal(NamedTuple):
+    """A C-STORE answered with a failure status before anything was spooled."""
+
+    status: int
+    comment: str
+    why: str
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return ""
+    return str(value)
+
+
+def prepare_store(data: bytearray | bytes, transfer_syntax: str, sop_class: str, sop_uid: str,
+                  tags: Sequence[int], rules: RuleSet, calling: str, called: str,
+                  ip: str) -> Incoming | Refusal:
+    """Peek, check and route one received dataset, up to the commit.
+
+    Returns the item to commit, or why it is refused (0xC000 unreadable, 0xA900 UID mismatch).
+    A rule that raises propagates (the caller answers 0xA700, see :func:`refusal_for`).
+    """
+    try:
+        attrs = read_attributes(data, transfer_syntax, tags)
+    except PeekError as exc:
+        return Refusal(Status.CANNOT_UNDERSTAND, f"dataset could not be parsed: {exc}"[:64],
+                       f"unreadable dataset ({exc})")
+    ds_sop = attrs.get(0x00080018)
+    if ds_sop is not None and str(ds_sop) != sop_uid:
+        return Refusal(Status.DATASET_MISMATCH, "SOP Instance UID in command and dataset differ",
+                       f"Affected SOP Instance UID {sop_uid} differs from the dataset's {ds_sop!s}")
+    decision = rules.route(attrs, {"calling_ae": calling, "called_ae": called, "peer_ip": ip})
+    meta: dict[str, Any] = {name: _text(attrs.get(tag)) for tag, name in INDEX_KEYWORDS.items()
+                            if tag not in (0x00080016, 0x00080018)}
+    meta.update(calling_ae=calling, called_ae=called, peer=ip, rules=list(decision.matched))
+    # bytearray on purpose: LMDB and hashlib take any buffer, so the received bytes are
+    # copied once (into the bytearray) on their way to the spool.
+    return Incoming(data, transfer_syntax, sop_class, sop_uid,  # type: ignore[arg-type]
+                    decision.destinations, meta)
+
+
+def refusal_for(exc: BaseException) -> Refusal:
+    """The C-STORE status when routing or the commit failed: always 0xA700, so the modality
+    retries (the object is fine; our spool or our rules are not)."""
+    if isinstance(exc, SpoolFullError):
+        return Refusal(Status.OUT_OF_RESOURCES, "spool full or disk below free-space floor",
+                       f"refused: {exc}")
+    if isinstance(exc, (SpoolError, OSError)):
+        return Refusal(Status.OUT_OF_RESOURCES, "spool write failed", f"could not be spooled: {exc}")
+    return Refusal(Status.OUT_OF_RESOURCES, "internal error",
+                   f"could not be spooled (internal error): {exc!r}")
+
+
+class StoreService:
+    """The listener's C-STORE handler (a :data:`fastroute.dicom.dimse.Handler`)."""
+
+    def __init__(self, rules: RuleSet, committer: Committer) -> None:
+        self.rules = rules
+        self.committer = committer
+        self.tags = tuple(sorted(set(rules.tags) | set(INDEX_KEYWORDS)))
+
+    def __call__(self, peer: Peer, msg: Message) -> Reply | Pending:
+        assert msg.data is not None            # the assembler refuses a C-STORE without one
+        sop_uid = msg.sop_instance_uid
+        try:
+            outcome = prepare_store(msg.data, peer.contexts[msg.context_id], msg.sop_class_uid,
+                                    sop_uid, self.tags, self.rules, peer.calling_ae,
+                                    peer.called_ae, peer.ip)
+        except Exception as exc:          # a rule that raises is our bug: the modality retries
+            log.exception("C-STORE from %s@%s to %s sop_instance_uid=%s: routing failed",
+                          peer.calling_ae, peer.ip, peer.called_ae, sop_uid)
+            outcome = refusal_for(exc)
+        if isinstance(outcome, Refusal):
+            return self._refuse(peer, sop_uid, outcome)
+        return Pending(self.committer.submit_nowait(outcome),
+                       lambda fut: self._committed(peer, sop_uid, fut))
+
+    def _committed(self, peer: Peer, sop_uid: str, fut: Future[PutResult]) -> Reply:
+        exc = fut.exception()
+        if exc is not None:
+            return self._refuse(peer, sop_uid, refusal_for(exc))
+        if log.isEnabledFor(logging.DEBUG):
+            result = fut.result()
+            log.debug("C-STORE from %s@%s sop_instance_uid=%s stored oid=%d -> %s%s", peer.calling_ae,
+                      peer.ip, sop_uid, result.oid, ",".join(result.queued) or "unrouted",
+                      f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "")
+        return _SUCCESS
+
+    @staticmethod
+    def _refuse(peer: Peer, sop_uid: str, refusal: Refusal) -> Reply:
+        log.error("C-STORE from %s@%s to %s sop_instance_uid=%s: %s -> status %s", peer.calling_ae,
+                  peer.ip, peer.called_ae, sop_uid, refusal.why, describe(refusal.status))
+        return Reply(refusal.status, refusal.comment)
+
+
+_SUCCESS = Reply(Status.SUCCESS)
