@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -675,3 +676,118 @@ def test_reading_pauses_behind_a_slow_commit_and_resumes(tmp_path: Path, scp: Ca
     assert not conn.paused
     raw.release()
     assert [u for u, _, _ in s.stored()] == [uid for uid, _ in objects]
+
+
+# -- DIMSE dispatch: services other than C-STORE ------------------------------------------------
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+
+
+def test_any_request_goes_to_its_registered_handler(tmp_path: Path, scp: Callable[..., Scp],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A C-FIND and an N-ACTION reach the handlers registered for them, with the association's
+    identity and the request's dataset; a Pending reply (another thread's future) holds the
+    requests behind it until it is sent; C-CANCEL is ignored; unserved requests get 0x0211."""
+    seen: list[tuple[Peer, Message]] = []
+    release = threading.Event()
+
+    def find(peer: Peer, msg: Message) -> Reply:
+        seen.append((peer, msg))
+        return Reply(0xA700, "no index here", elements={0x1020: 0})
+
+    def action(peer: Peer, msg: Message) -> Pending:
+        seen.append((peer, msg))
+        fut: Future[int] = Future()
+        threading.Thread(target=lambda: (release.wait(10), fut.set_result(7))).start()
+        return Pending(fut, lambda f: Reply(0x0000, elements={0x1008: f.result()}))
+
+    s = scp(handlers={CommandField.C_FIND_RQ: find, CommandField.N_ACTION_RQ: action},
+            sop_classes=[STUDY_ROOT_FIND, STORAGE_COMMITMENT])
+    raw = RawPeer(s.port)
+    ac = raw.associate([(1, STUDY_ROOT_FIND, [ExplicitVRLittleEndian]),
+                        (3, STORAGE_COMMITMENT, [ExplicitVRLittleEndian]),
+                        (5, "1.2.840.10008.5.1.4.1.2.2.3", [ExplicitVRLittleEndian])], calling="QR")
+    assert ac[0] == pdu.A_ASSOCIATE_AC
+    identifier = b"\x08\x00\x52\x00\x43\x53\x06\x00STUDY "
+    raw.send_message(1, pdu.encode_command({0x0002: STUDY_ROOT_FIND, 0x0100: 0x0020, 0x0110: 11,
+                                            0x0700: 0, 0x0800: 0x0102}), identifier)
+    rsp = raw.response()
+    assert (rsp[0x0100], rsp[0x0120], rsp[0x0900], rsp[0x0902], rsp[0x1020], rsp[0x0002]) == (
+        0x8020, 11, 0xA700, "no index here", 0, STUDY_ROOT_FIND)
+    peer, msg = seen[0]
+    assert (peer.calling_ae, peer.called_ae, peer.ip) == ("QR", "FASTROUTE", "127.0.0.1")
+    assert peer.contexts[1] == ExplicitVRLittleEndian and 5 not in peer.contexts   # C-GET: not accepted
+    assert msg.field == CommandField.C_FIND_RQ and msg.data == identifier
+
+    # N-ACTION answered later; the C-ECHO and C-CANCEL sent meanwhile wait behind it.
+    raw.send_message(3, pdu.encode_command({0x0003: STORAGE_COMMITMENT, 0x0100: 0x0130, 0x0110: 12,
+                                            0x0800: 0x0101, 0x1001: STORAGE_COMMITMENT + ".1",
+                                            0x1008: 1}))
+    raw.send_message(3, pdu.encode_command({0x0100: 0x0FFF, 0x0120: 12, 0x0800: 0x0101}))
+    raw.send_message(3, pdu.encode_command({0x0100: 0x0120, 0x0110: 13, 0x0800: 0x0101,
+                                            0x0003: STORAGE_COMMITMENT, 0x1001: "1.2.3"}))   # N-SET
+    raw.send_message(1, dimse.encode_c_echo_rq(14))
+    raw.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        raw.sock.recv(1)                 # nothing until the N-ACTION's future is done
+    release.set()
+    answers = [raw.response() for _ in range(3)]
+    assert [(a[0x0100], a[0x0120], a[0x0900]) for a in answers] == [
+        (0x8130, 12, 0), (0x8120, 13, 0x0211), (0x8030, 14, 0)]
+    assert answers[0][0x1008] == 7 and answers[0][0x1000] == STORAGE_COMMITMENT + ".1"
+    raw.release()
+    assert len(seen) == 2 and seen[1][1].field == CommandField.N_ACTION_RQ
+    assert "N-SET-RQ (0x0120) is not served -> status 0x0211" in caplog.text
+
+
+def test_a_handler_that_raises_costs_only_its_request(tmp_path: Path, scp: Callable[..., Scp]) -> None:
+    """0xA700 with an Error Comment, then the association goes on; a rule that raises in the
+    C-STORE service is answered the same way (our bug: the modality should retry)."""
+    def broken(peer: Peer, msg: Message) -> Reply:
+        raise RuntimeError("bug")
+
+    s = scp(handlers={CommandField.C_FIND_RQ: broken}, sop_classes=[STUDY_ROOT_FIND])
+    raw = RawPeer(s.port)
+    assert raw.associate([(1, STUDY_ROOT_FIND, [ExplicitVRLittleEndian])])[0] == pdu.A_ASSOCIATE_AC
+    raw.send_message(1, pdu.encode_command({0x0002: STUDY_ROOT_FIND, 0x0100: 0x0020, 0x0110: 1,
+                                            0x0700: 0, 0x0800: 0x0102}), b"\x08\x00\x52\x00\x43\x53\x00\x00")
+    rsp = raw.response()
+    assert rsp[0x0900] == 0xA700 and "bug" in str(rsp[0x0902])
+    raw.send_message(1, dimse.encode_c_echo_rq(2))
+    assert raw.response()[0x0900] == 0
+    raw.release()
+
+
+def test_a_rule_that_raises_is_answered_out_of_resources(tmp_path: Path, scp: Callable[..., Scp],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    s = scp()
+    uid, data = synth_dataset(tmp_path)
+
+    class Exploding:
+        """A rule set whose evaluation raises, as a buggy rule would."""
+
+        def route(self, *args: Any, **kwargs: Any) -> Any:
+            raise ZeroDivisionError("rule bug")
+
+    service = s.receiver.handlers[CommandField.C_STORE_RQ]
+    assert isinstance(service, StoreService)
+    service.rules = Exploding()           # type: ignore[assignment]
+    raw = RawPeer(s.port)
+    assert raw.associate([(1, CT, [ExplicitVRLittleEndian])])[0] == pdu.A_ASSOCIATE_AC
+    raw.send_message(1, store_rq(1, uid), data)
+    rsp = raw.response()
+    assert (rsp[0x0900], rsp[0x0902]) == (0xA700, "internal error")
+    raw.release()
+    assert s.stored() == []
+    assert "routing failed" in caplog.text and "ZeroDivisionError: rule bug" in caplog.text
+
+
+def test_a_response_sent_to_the_scp_is_a_protocol_error(scp: Callable[..., Scp]) -> None:
+    s = scp()
+    raw = RawPeer(s.port)
+    assert raw.associate([(1, CT, [ExplicitVRLittleEndian])])[0] == pdu.A_ASSOCIATE_AC
+    raw.send_message(1, dimse.encode_c_store_rsp(1, CT, "1.2.3", 0))
+    got = raw.recv_pdu()
+    assert got is not None and got[0] == pdu.A_ABORT and got[1][3] == 2   # unexpected PDU
+    raw.close()

@@ -9,6 +9,7 @@ backoff decisions depend on, and requests the peer sends on our association are 
 from __future__ import annotations
 
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,8 +28,11 @@ from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from fastroute.config import DestinationConfig
+from fastroute.dicom import acse, dimse, pdu
+from fastroute.dicom.dimse import CommandField, Message, Peer, Reply
+from fastroute.dicom.ul import AssociateRequest, ReleaseRequest, Role, UpperLayer
 from fastroute.dicom.scu import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, AssociationFailed,
-                                 Connection, NoContextAccepted, OutcomeUnknown, StoreResult)
+                                 Connection, NoContextAccepted, OutcomeUnknown, StoreResult, echo)
 
 StoreSCPFactory = Callable[..., peers.StoreSCP]
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -334,3 +338,142 @@ def test_peer_ending_an_idle_association(pynetdicom_scp: Callable[..., Pynetdico
         assert assoc.is_released, "our A-RELEASE-RP did not reach the peer"
     assert scp.received == [bodies[0][3], bodies[1][3]]
     conn.release()
+
+
+# -- requests from the peer on our association; C-ECHO ----------------------------------------
+
+
+class ScriptedSCP:
+    """A raw acceptor on a thread (fastroute's own upper layer, bytes on a socket) that accepts
+    one association and then plays ``script``; what it received is kept for the test."""
+
+    def __init__(self, script: Callable[["ScriptedSCP"], None]) -> None:
+        self.server = socket.create_server((peers.HOST, 0))
+        self.port = int(self.server.getsockname()[1])
+        self.script = script
+        self.got: list[Message] = []
+        self.error: BaseException | None = None
+        self.sock: socket.socket | None = None
+        self.ul = UpperLayer(Role.ACCEPTOR, max_pdu_in=0)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.settimeout(10)
+            self.sock, _ = self.server.accept()
+            self.sock.settimeout(10)
+            rq = self._event()
+            assert isinstance(rq, AssociateRequest), rq
+            ac, contexts = acse.negotiate(rq.primitive, acse.supported_contexts([COMMITMENT]), 0)
+            self.sock.sendall(self.ul.accept(ac, contexts))
+            self.script(self)
+        except BaseException as exc:   # reported by join()
+            self.error = exc
+        finally:
+            if self.sock is not None:
+                self.sock.close()
+            self.server.close()
+
+    def _event(self) -> object:
+        assert self.sock is not None
+        while (event := self.ul.next_event()) is None:
+            data = self.sock.recv(65536)
+            assert data, "the SCU closed the connection"
+            self.ul.feed(data)
+        return event
+
+    def message(self) -> Message:
+        event = self._event()
+        assert isinstance(event, Message), event
+        self.got.append(event)
+        return event
+
+    def send(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+        assert self.sock is not None
+        for is_command, payload in ((True, command), (False, dataset)):
+            if payload is not None:
+                for header, fragment in pdu.p_data_tf(context_id, is_command, payload, 0):
+                    self.sock.sendall(header + bytes(fragment))
+
+    def answer_release(self) -> None:
+        assert isinstance(self._event(), ReleaseRequest)
+        assert self.sock is not None
+        self.sock.sendall(self.ul.release_reply())
+
+    def join(self) -> None:
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the scripted SCP did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+COMMITMENT = "1.2.840.10008.1.20.1"
+EVENT_INFO = b"\x08\x00\x50\x00\x53\x48\x04\x00ACC1"   # any dataset: the handler gets its bytes
+
+
+def event_report(msg_id: int) -> bytes:
+    return pdu.encode_command({0x0002: COMMITMENT, 0x0100: CommandField.N_EVENT_REPORT_RQ,
+                               0x0110: msg_id, 0x0800: 0x0001, 0x1000: COMMITMENT + ".1",
+                               0x1002: 1})
+
+
+def test_requests_from_the_peer_are_served_while_waiting_and_while_idle(
+        synth_study: Callable[..., list[Path]]) -> None:
+    """An SCP that sends requests on our association (as storage commitment's N-EVENT-REPORT or
+    C-GET's C-STOREs do) before answering ours, and again between our messages: each goes to
+    its handler or gets 0x0211, and the C-STOREs still complete on the same association."""
+    bodies = [c_store_body(f) for f in synth_study(n_instances=2, tiny=True)]
+    replies: list[dict[int, Any]] = []
+
+    def script(peer: ScriptedSCP) -> None:
+        store1 = peer.message()
+        peer.send(store1.context_id, event_report(77), EVENT_INFO)          # before the response
+        replies.append(peer.message().command)
+        peer.send(store1.context_id, pdu.encode_command({0x0100: 0x0110, 0x0110: 78, 0x0800: 0x0101,
+                                                         0x0003: COMMITMENT, 0x1001: "1.2.3"}))   # N-GET
+        replies.append(peer.message().command)
+        peer.send(store1.context_id, dimse.encode_c_store_rsp(store1.message_id, store1.sop_class_uid,
+                                                              store1.sop_instance_uid, 0))
+        peer.send(store1.context_id, event_report(79), EVENT_INFO)          # while the SCU is idle
+        replies.append(peer.message().command)
+        store2 = peer.message()
+        peer.send(store2.context_id, dimse.encode_c_store_rsp(store2.message_id, store2.sop_class_uid,
+                                                              store2.sop_instance_uid, 0xB000, "coerced"))
+        peer.answer_release()
+
+    served: list[tuple[Peer, Message]] = []
+
+    def on_report(peer: Peer, msg: Message) -> Reply:
+        served.append((peer, msg))
+        return Reply(0x0000, elements={0x1002: 1})
+
+    scp = ScriptedSCP(script)
+    conn = Connection(destination(scp.port), "FASTROUTE",
+                      handlers={CommandField.N_EVENT_REPORT_RQ: on_report})
+    assert store(conn, bodies[0]) == StoreResult(0, "")
+    first = conn.assoc
+    assert first is not None
+    peers.wait_until(lambda: _readable(conn), 5, message="the idle-time request never arrived")
+    assert store(conn, bodies[1]) == StoreResult(0xB000, "coerced")
+    assert conn.assoc is first, "a request while idle must not cost the association"
+    conn.release()
+    scp.join()
+    assert [(r[0x0100], r[0x0120], r[0x0900]) for r in replies] == [
+        (0x8100, 77, 0), (0x8110, 78, 0x0211), (0x8100, 79, 0)]
+    assert replies[0][0x1000] == COMMITMENT + ".1" and replies[0][0x1002] == 1
+    assert [m.message_id for _, m in served] == [77, 79]
+    peer, msg = served[0]
+    assert (peer.calling_ae, peer.called_ae) == ("FASTROUTE", "DEST") and msg.data == EVENT_INFO
+    assert [m.sop_instance_uid for m in scp.got if m.field == CommandField.C_STORE_RQ] == [
+        bodies[0][1], bodies[1][1]]
+
+
+def test_echo_uses_our_own_scu(storescp: StoreSCPFactory) -> None:
+    scp = storescp("DEST", extra_args=["-v"])
+    ok, text = echo(destination(scp.port), "FASTROUTE")
+    assert ok and text == f"C-ECHO FASTROUTE -> DEST@127.0.0.1:{scp.port}: success", text
+    assert peers.wait_until(lambda: "Received Echo Request" in scp.log(), 10)
+    port = peers.free_port()
+    ok, text = echo(destination(port, acse_timeout=2.0), "FASTROUTE")
+    assert not ok and text.startswith(f"cannot connect to FASTROUTE -> DEST@127.0.0.1:{port}"), text
