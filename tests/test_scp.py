@@ -130,6 +130,27 @@ def ok(res: Any) -> None:
 
 # -- a raw peer: bytes on a socket, framed with fastroute.dicom.pdu ------------------------------------
 
+def associate_rq(contexts: Sequence[tuple[int, str, Sequence[str]]], calling: str, called: str,
+                 max_pdu: int) -> bytes:
+    """An A-ASSOCIATE-RQ PDU from a foreign implementation, with any context IDs and syntaxes."""
+    rq = A_ASSOCIATE()
+    rq.application_context_name = "1.2.840.10008.3.1.1.1"
+    rq.calling_ae_title = calling
+    rq.called_ae_title = called
+    cxs = []
+    for cid, abstract, syntaxes in contexts:
+        cx = build_context(abstract, list(syntaxes))
+        cx.context_id = cid
+        cxs.append(cx)
+    rq.presentation_context_definition_list = cxs
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
+    rq.user_information = [ml, impl]
+    return pdu.encode_associate_rq(rq)
+
+
 class RawPeer:
     """A scripted association requestor that can send anything, including what it should not."""
 
@@ -160,22 +181,7 @@ class RawPeer:
 
     def associate(self, contexts: Sequence[tuple[int, str, Sequence[str]]], called: str = "FASTROUTE",
                   calling: str = "RAW", max_pdu: int = 16384) -> tuple[int, bytes]:
-        rq = A_ASSOCIATE()
-        rq.application_context_name = "1.2.840.10008.3.1.1.1"
-        rq.calling_ae_title = calling
-        rq.called_ae_title = called
-        cxs = []
-        for cid, abstract, syntaxes in contexts:
-            cx = build_context(abstract, list(syntaxes))
-            cx.context_id = cid
-            cxs.append(cx)
-        rq.presentation_context_definition_list = cxs
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-        rq.user_information = [ml, impl]
-        self.send(pdu.encode_associate_rq(rq))
+        self.send(associate_rq(contexts, calling, called, max_pdu))
         got = self.recv_pdu()
         assert got is not None, "connection closed instead of an A-ASSOCIATE response"
         return got
@@ -252,19 +258,7 @@ def pdv(ctx: int, is_command: bool, is_last: bool, fragment: bytes) -> bytes:
 
 
 def _assoc_rq_body(contexts: Sequence[tuple[int, str, Sequence[str]]]) -> bytes:
-    rq = A_ASSOCIATE()
-    rq.application_context_name = "1.2.840.10008.3.1.1.1"
-    rq.calling_ae_title, rq.called_ae_title = "UNIT", "FASTROUTE"
-    cxs = []
-    for cid, abstract, syntaxes in contexts:
-        cx = build_context(abstract, list(syntaxes))
-        cx.context_id = cid
-        cxs.append(cx)
-    rq.presentation_context_definition_list = cxs
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 0
-    rq.user_information = [ml]
-    return pdu.encode_associate_rq(rq)
+    return associate_rq(contexts, "UNIT", "FASTROUTE", 0)
 
 
 def test_upper_layer_reassembles_any_chunking(tmp_path: Path) -> None:

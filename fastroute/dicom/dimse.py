@@ -233,17 +233,17 @@ def encode_response(request: Mapping[int, Any], status: int, comment: str = "",
     """The response command set to any request: its field | 0x8000, the message ID it answers,
     the SOP class and instance it named (affected, or requested as in N-ACTION), ``status``
     and, when given, an Error Comment cut to LO's 64 characters."""
-    field = int(request.get(COMMAND_FIELD, 0))
+    get = request.get              # per C-STORE: kept to plain dict lookups
     rsp: dict[int, int | str | bytes] = {
-        COMMAND_FIELD: (field | 0x8000) & 0xFFFF,
-        MESSAGE_ID_BEING_RESPONDED_TO: int(request.get(MESSAGE_ID, 0)),
+        COMMAND_FIELD: (int(get(COMMAND_FIELD, 0)) | 0x8000) & 0xFFFF,
+        MESSAGE_ID_BEING_RESPONDED_TO: get(MESSAGE_ID, 0),
         COMMAND_DATA_SET_TYPE: DATASET_PRESENT if with_dataset else NO_DATASET, STATUS: status}
-    sop_class = request.get(AFFECTED_SOP_CLASS_UID) or request.get(REQUESTED_SOP_CLASS_UID)
+    sop_class = get(AFFECTED_SOP_CLASS_UID) or get(REQUESTED_SOP_CLASS_UID)
     if sop_class:
-        rsp[AFFECTED_SOP_CLASS_UID] = str(sop_class)
-    sop_instance = request.get(AFFECTED_SOP_INSTANCE_UID) or request.get(REQUESTED_SOP_INSTANCE_UID)
+        rsp[AFFECTED_SOP_CLASS_UID] = sop_class
+    sop_instance = get(AFFECTED_SOP_INSTANCE_UID) or get(REQUESTED_SOP_INSTANCE_UID)
     if sop_instance:
-        rsp[AFFECTED_SOP_INSTANCE_UID] = str(sop_instance)
+        rsp[AFFECTED_SOP_INSTANCE_UID] = sop_instance
     if comment:
         rsp[ERROR_COMMENT] = comment[:ERROR_COMMENT_MAX]
     if elements:

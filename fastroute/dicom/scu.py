@@ -295,13 +295,16 @@ class Connection:
         """C-STORE already-encoded bytes; OutcomeUnknown when no response arrives."""
         rsp = self._request(context_id, encode_c_store_rq(self._next_id(), sop_class, sop_uid),
                             data, sop_uid, CommandField.C_STORE_RSP)
-        status = rsp.status
-        if status is None:
+        command = rsp.command              # dict lookups, not properties: once per object
+        status = command.get(pdu.STATUS)
+        if not isinstance(status, int):
             assert self.assoc is not None
             where = self.assoc.where
             self._drop(self.assoc, abort=True)
             raise OutcomeUnknown(f"C-STORE response from {where} without a status")
-        comment = rsp.error_comment
+        comment = command.get(pdu.ERROR_COMMENT, "")
+        if not isinstance(comment, str):
+            comment = ""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("C-STORE %s sop_class=%s sop_instance_uid=%s bytes=%d context=%d: %s %s",
                       self.assoc.where if self.assoc else "", sop_class, sop_uid, len(data),
@@ -461,11 +464,13 @@ class Connection:
             except pdu.ProtocolError as exc:
                 self._drop(assoc, abort=True)
                 raise OutcomeUnknown(f"malformed PDU from {assoc.where}: {exc}") from exc
-            if isinstance(event, Message):
-                if event.is_request:
-                    self._serve(assoc, event)
+            if type(event) is Message:
+                command = event.command
+                if not command.get(pdu.COMMAND_FIELD, 0) & 0x8000:
+                    self._serve(assoc, event)      # the peer's own request, then wait on
                     continue
-                if event.field != rsp_field or event.responds_to != msg_id:
+                if (command.get(pdu.COMMAND_FIELD) != rsp_field
+                        or command.get(pdu.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id):
                     self._drop(assoc, abort=True)
                     raise OutcomeUnknown(
                         f"bad {_request_name(rsp_field)} response from {assoc.where}: expected the {_request_name(rsp_field)}-RSP to "

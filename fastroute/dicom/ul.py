@@ -87,9 +87,6 @@ class PeerAbort:
 Event = Union[AssociateRequest, AssociateAccept, AssociateReject, Message, ReleaseRequest,
               ReleaseReply, PeerAbort]
 
-_DATA_STATES = frozenset({State.ESTABLISHED, State.AWAITING_RELEASE_RP})
-
-
 class UpperLayer:
     """One association: bytes in, events out, the state in :attr:`state`.
 
@@ -127,7 +124,8 @@ class UpperLayer:
     def next_event(self) -> Event | None:
         """The next complete event, or None until more bytes are fed."""
         while not self._events:
-            if self.state in (State.CLOSED, State.RELEASE_REQUESTED):
+            state = self.state          # identity tests: an enum's __hash__/__eq__ cost per PDU
+            if state is State.CLOSED or state is State.RELEASE_REQUESTED:
                 return None
             item = self.reader.next()     # raises for unknown types and oversized PDUs
             if item is None:
@@ -138,7 +136,7 @@ class UpperLayer:
     def _on_pdu(self, kind: int, body: memoryview) -> None:
         state = self.state
         if kind == pdu.P_DATA_TF:
-            if state not in _DATA_STATES:
+            if state is not State.ESTABLISHED and state is not State.AWAITING_RELEASE_RP:
                 raise UnexpectedPdu("P-DATA-TF before the association was established")
             self.assembler.feed(body, self._events)
         elif kind == pdu.A_ASSOCIATE_RQ:
@@ -158,7 +156,7 @@ class UpperLayer:
             self.state = State.CLOSED
             self._events.append(AssociateReject(*pdu.decode_associate_rj(body)))
         elif kind == pdu.A_RELEASE_RQ:
-            if state not in _DATA_STATES:
+            if state is not State.ESTABLISHED and state is not State.AWAITING_RELEASE_RP:
                 raise UnexpectedPdu("A-RELEASE-RQ before the association was established")
             # In Sta7 this is a release collision (PS3.8 9.2.5); answering RP is enough.
             self.state = State.RELEASE_REQUESTED
