@@ -8,6 +8,7 @@ backoff decisions depend on, and requests the peer sends on our association are 
 """
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -389,12 +390,18 @@ class ScriptedSCP:
         self.got.append(event)
         return event
 
-    def send(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+    def send(self, context_id: int, command: bytes, dataset: bytes | None = None,
+             split: bool = False) -> None:
+        """A message as P-DATA-TF PDUs; ``split``: in two TCP writes cut mid-PDU."""
         assert self.sock is not None
-        for is_command, payload in ((True, command), (False, dataset)):
-            if payload is not None:
-                for header, fragment in pdu.p_data_tf(context_id, is_command, payload, 0):
-                    self.sock.sendall(header + bytes(fragment))
+        stream = b"".join(header + bytes(fragment)
+                          for is_command, payload in ((True, command), (False, dataset))
+                          if payload is not None
+                          for header, fragment in pdu.p_data_tf(context_id, is_command, payload, 0))
+        cut = len(stream) // 2 if split else len(stream)
+        self.sock.sendall(stream[:cut])
+        if cut < len(stream):
+            self.sock.sendall(stream[cut:])
 
     def answer_release(self) -> None:
         assert isinstance(self._event(), ReleaseRequest)
@@ -435,7 +442,7 @@ def test_requests_from_the_peer_are_served_while_waiting_and_while_idle(
         replies.append(peer.message().command)
         peer.send(store1.context_id, dimse.encode_c_store_rsp(store1.message_id, store1.sop_class_uid,
                                                               store1.sop_instance_uid, 0))
-        peer.send(store1.context_id, event_report(79), EVENT_INFO)          # while the SCU is idle
+        peer.send(store1.context_id, event_report(79), EVENT_INFO, split=True)   # while the SCU is idle
         replies.append(peer.message().command)
         store2 = peer.message()
         peer.send(store2.context_id, dimse.encode_c_store_rsp(store2.message_id, store2.sop_class_uid,
@@ -477,3 +484,30 @@ def test_echo_uses_our_own_scu(storescp: StoreSCPFactory) -> None:
     port = peers.free_port()
     ok, text = echo(destination(port, acse_timeout=2.0), "FASTROUTE")
     assert not ok and text.startswith(f"cannot connect to FASTROUTE -> DEST@127.0.0.1:{port}"), text
+
+
+def test_an_idle_peer_that_stops_mid_pdu_is_dropped_after_a_bounded_wait(
+        synth_study: Callable[..., list[Path]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastroute.send")
+    [body] = [c_store_body(f) for f in synth_study(n_instances=1, tiny=True)]
+    done = threading.Event()
+
+    def script(peer: ScriptedSCP) -> None:
+        first = peer.message()
+        peer.send(first.context_id, dimse.encode_c_store_rsp(first.message_id, first.sop_class_uid,
+                                                             first.sop_instance_uid, 0))
+        assert peer.sock is not None
+        peer.sock.sendall(b"\x04\x00\x00")        # the start of a PDU header, then nothing
+        done.wait(10)
+
+    scp = ScriptedSCP(script)
+    conn = Connection(destination(scp.port, network_timeout=0.5), "FASTROUTE")
+    assert store(conn, body).status == 0
+    peers.wait_until(lambda: _readable(conn), 5, message="the partial PDU never arrived")
+    start = time.monotonic()
+    with pytest.raises(AssociationFailed, match="closed by the peer while idle"):
+        conn.send_raw(1, body[0], body[1], body[3])
+    assert 0.4 < time.monotonic() - start < 3 and conn.assoc is None
+    assert "sent part of a PDU or message and stopped" in caplog.text
+    done.set()
+    scp.join()

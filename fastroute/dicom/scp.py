@@ -189,18 +189,19 @@ class _Connection(asyncio.Protocol):
             reply = Reply(Status.OUT_OF_RESOURCES, f"internal error: {exc!r}")
         if type(reply) is Pending:
             self.busy = True
-            future = asyncio.wrap_future(reply.future, loop=self.loop)
+            pending = cast(Pending, reply)
+            future = asyncio.wrap_future(pending.future, loop=self.loop)
             self.r._pending.add(future)
-            finish = reply.finish
-            future.add_done_callback(lambda f: self._finished(msg, finish, f))
+            future.add_done_callback(lambda f: self._finished(msg, pending, f))
         else:
             self._respond(msg, cast(Reply, reply))
 
-    def _finished(self, msg: Message, finish: Any, future: asyncio.Future[Any]) -> None:
+    def _finished(self, msg: Message, pending: Pending, future: asyncio.Future[Any]) -> None:
+        """On the loop once the handler's future is done: its reply, then what waited."""
         self.r._pending.discard(future)
         self.busy = False
         try:
-            reply: Reply = finish(future)
+            reply = pending.finish(pending.future)      # done, so this never blocks
         except Exception as exc:
             log.exception("association from %s@%s: finishing %s failed", self.calling, self.ip,
                           command_name(msg.field))

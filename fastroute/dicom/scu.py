@@ -47,6 +47,7 @@ RECV_SIZE = 256 * 1024
 IOV_BATCH = 256             # buffers per sendmsg call (Linux IOV_MAX is 1024)
 RELEASE_TIMEOUT = 10.0      # cap on waiting for A-RELEASE-RP: a release must not stall a thread
 MIN_READER_PDU = 1024 * 1024
+IDLE_REQUEST_TIMEOUT = 10.0  # cap on waiting for the rest of a request the peer began while idle
 
 
 class AssociationFailed(Exception):
@@ -416,6 +417,7 @@ class Connection:
         if not readable:
             return False
         why = ""
+        deadline = time.monotonic() + min(self.dest.network_timeout, IDLE_REQUEST_TIMEOUT)
         try:
             assoc.sock.settimeout(0.0)
             data = assoc.sock.recv(RECV_SIZE)
@@ -423,7 +425,12 @@ class Connection:
                 why = "closed the connection"
             else:
                 assoc.ul.feed(data)
-                while not why and (event := assoc.ul.next_event()) is not None:
+                while not why:
+                    event = assoc.ul.next_event()
+                    if event is None:
+                        if not assoc.ul.buffered and not assoc.ul.in_message():
+                            break        # all the peer sent is served: the association goes on
+                        event = _next_event(assoc, deadline)   # the rest of what it began
                     if isinstance(event, ReleaseRequest):
                         assoc.sock.sendall(assoc.ul.release_reply())
                         why = "requested release"
@@ -433,6 +440,10 @@ class Connection:
                         self._serve(assoc, event)
                     else:
                         why = f"sent an unexpected {type(event).__name__}"
+        except _Timeout:
+            why = "sent part of a PDU or message and stopped"
+        except _Closed:
+            why = "closed the connection"
         except (OSError, pdu.ProtocolError) as exc:
             why = f"connection error: {exc}"
         if not why:
