@@ -18,8 +18,6 @@ import yaml
 
 from fastroute.errors import ConfigError
 
-log = logging.getLogger("fastroute.config")
-
 # -- value parsers ------------------------------------------------------------------------------
 
 _SIZE_UNITS = {
@@ -101,7 +99,7 @@ class DestinationConfig:
     paused: bool = False
     cpus: tuple[int, ...] = ()             # CPU affinity of this destination's sender process
     # Deprecated: fastroute has one DICOM engine. "pynetdicom" still parses (old configs) but
-    # selects nothing: it is logged and read as "fast".
+    # selects nothing; listener and sender processes say so (warn_deprecated_engine) at start.
     engine: str = "fast"
 
 
@@ -153,7 +151,7 @@ class Config:
     dimse_timeout: float = 120.0
     network_timeout: float = 120.0
     listeners: int = 1
-    engine: str = "fast"                   # deprecated: always "fast" (see DestinationConfig)
+    engine: str = "fast"                   # deprecated, as DestinationConfig.engine
     listener_cpus: tuple[int, ...] = ()
     sender_cpus: tuple[int, ...] = ()       # destinations without their own `cpus` share these
     group_commit_delay: float = 0.002       # how long a commit waits to gather more objects
@@ -282,17 +280,13 @@ def _cidr(v: Any) -> str:
     return str(v)
 
 
-def _engine(key: str) -> Callable[[Any], str]:
-    """The deprecated ``engine`` key: "pynetdicom" (the engine that left the product) is
-    accepted so old configs still load, with a warning, and means the built-in engine."""
-    choose = _choice("fast", "pynetdicom")
-
-    def conv(v: Any) -> str:
-        if choose(v) == "pynetdicom":
-            log.warning("config key %s: pynetdicom is deprecated and ignored: fastroute has one "
-                        "DICOM engine, its own; using it. Remove the key.", key)
-        return "fast"
-    return conv
+def warn_deprecated_engine(key: str, value: str) -> None:
+    """Say that an ``engine`` key selects nothing any more (called where it used to, once
+    logging is set up: a warning while parsing would go nowhere in the CLI)."""
+    if value != "fast":
+        logging.getLogger("fastroute.config").warning(
+            "config key %s: %s is deprecated and ignored: fastroute has one DICOM engine, its own, "
+            "and uses it; remove the key", key, value)
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -347,7 +341,7 @@ _DEST_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "network_timeout": (parse_duration, "a duration"),
     "max_pdu": (_int(0, 2**32 - 1), "a PDU size in bytes"),
     "paused": (_bool, "true or false"),
-    "engine": (_engine("destinations.<name>.engine"), "fast (deprecated key)"),
+    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
 }
 
 _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -365,7 +359,7 @@ _TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "dimse_timeout": (parse_duration, "a duration"),
     "network_timeout": (parse_duration, "a duration"),
     "listeners": (_int(1, 256), "a number of listener processes"),
-    "engine": (_engine("engine"), "fast (deprecated key)"),
+    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
     "group_commit_delay": (parse_duration, "a duration"),
     "duplicate_window": (parse_duration, "a duration"),
     "shutdown_grace": (parse_duration, "a duration"),

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fastroute.config import Config
+from fastroute.config import Config, warn_deprecated_engine
 from fastroute.logsetup import setup_logging
 from fastroute.spool import Spool
 
@@ -59,6 +59,7 @@ def listener_main(cfg: Config, index: int) -> None:
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
+    warn_deprecated_engine("engine", cfg.engine)
     receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
     committer.siblings = receiver.active
     try:

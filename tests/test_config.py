@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fastroute.config import EMBEDDED_DEFAULT_YAML, load, loads, parse_duration, parse_size
+from fastroute.config import (EMBEDDED_DEFAULT_YAML, load, loads, parse_duration, parse_size,
+                              warn_deprecated_engine)
 from fastroute.errors import ConfigError
 from fastroute.workers import sender_cpus
 
@@ -49,18 +50,24 @@ def test_embedded_default() -> None:
 
 
 def test_engine_pynetdicom_is_deprecated_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
-    """Old configs still load; the key selects nothing (one engine) and says so, by name."""
-    caplog.set_level(logging.WARNING, logger="fastroute.config")
+    """Old configs still load; the key selects nothing (one engine) and the processes that
+    used to read it say so, naming the key."""
+    from fastroute.dicom.scu import Connection
+    from fastroute.routing.schedule import make_connection
+
     cfg = loads("engine: pynetdicom\ndestinations:\n  a: {ae_title: A, host: h, port: 1}\n"
                 "  b: {ae_title: B, host: h, port: 1, engine: pynetdicom}\n")
-    assert cfg.engine == "fast"
-    assert (cfg.destinations["a"].engine, cfg.destinations["b"].engine) == ("fast", "fast")
-    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
-    assert len(warnings) == 2, warnings
-    assert warnings[0].startswith("config key destinations.<name>.engine: pynetdicom is deprecated")
-    assert warnings[1].startswith("config key engine: pynetdicom is deprecated")
-    caplog.clear()
-    assert loads("engine: fast\n").engine == "fast" and not caplog.records
+    assert cfg.engine == "pynetdicom"
+    assert (cfg.destinations["a"].engine, cfg.destinations["b"].engine) == ("fast", "pynetdicom")
+    caplog.set_level(logging.WARNING, logger="fastroute.config")
+    conns = [make_connection(cfg.destinations[name], cfg.ae_title) for name in ("a", "b", "b")]
+    assert all(type(c) is Connection for c in conns)
+    warn_deprecated_engine("engine", cfg.engine)
+    assert [r.getMessage() for r in caplog.records] == [
+        "config key destinations.b.engine: pynetdicom is deprecated and ignored: fastroute has one "
+        "DICOM engine, its own, and uses it; remove the key",
+        "config key engine: pynetdicom is deprecated and ignored: fastroute has one DICOM engine, "
+        "its own, and uses it; remove the key"]
 
 
 @pytest.mark.parametrize("text,line,key,fragment", [

@@ -204,14 +204,19 @@ def test_duplicate_policy_end_to_end(tmp_path: Path, router: Callable[..., Route
                                      storescp: Callable[..., peers.StoreSCP]) -> None:
     """An identical re-send after delivery is suppressed; a correction (same SOP Instance UID,
     other content) is delivered. The content digest is taken by the sender after delivery,
-    so this holds the receive and send sides to the same key."""
+    so this holds the receive and send sides to the same key. The config is an old one that
+    still names the pynetdicom engine: it runs on the one engine and says so."""
     files = synth.make_tiny(tmp_path / "t", n=3)
     scp = storescp("PACS")
-    r = router({"destinations": {"pacs": destination(scp.port, "PACS")},
+    r = router({"engine": "pynetdicom",
+                "destinations": {"pacs": destination(scp.port, "PACS", engine="pynetdicom")},
                 "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     assert storescu(r.port, files).returncode == 0
     scp.wait_for(3, timeout=60)
     wait_until(lambda: r.queue()["pacs"]["delivered"] == 3, 30, message="not all delivered")
+    log = r.log_text()
+    assert "config key engine: pynetdicom is deprecated and ignored" in log
+    assert "config key destinations.pacs.engine: pynetdicom is deprecated and ignored" in log
     assert storescu(r.port, files[:2]).returncode == 0             # identical: accepted, not sent
     wait_until(lambda: r.queue()["pacs"]["suppressed"] == 2, 30, message="re-sends not suppressed")
     corrected = tmp_path / "corrected.dcm"

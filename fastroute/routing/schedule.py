@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from fastroute.config import Config, DestinationConfig
+from fastroute.config import Config, DestinationConfig, warn_deprecated_engine
 from fastroute.errors import SpoolError, TranscodeError
 from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
 from fastroute.dicom.status import classify_store as classify_status
@@ -45,8 +45,15 @@ SETTLE_DELAY = 0.05
 AnyConnection = Connection
 
 
+_engine_warned: set[str] = set()
+
+
 def make_connection(dest: DestinationConfig, calling_ae: str) -> AnyConnection:
-    """The destination's SCU association slot (fastroute's own engine, the only one)."""
+    """The destination's SCU association slot: fastroute's own engine, the only one (an old
+    ``engine: pynetdicom`` is warned about once per destination and ignored)."""
+    if dest.engine != "fast" and dest.name not in _engine_warned:
+        _engine_warned.add(dest.name)
+        warn_deprecated_engine(f"destinations.{dest.name}.engine", dest.engine)
     return Connection(dest, calling_ae)
 
 
