@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -218,6 +218,22 @@ class Assembler:
                     out.append(Message(ctx, self._command, self._data))
                     self._command = self._data = None
                     self._ctx = None
+
+
+def message_buffers(context_id: int, command: bytes, dataset: bytes | memoryview | None,
+                    max_pdu: int) -> Iterator[bytes | memoryview]:
+    """One message as P-DATA-TF PDUs, in buffers for ``writelines`` / ``sendmsg``: 12-byte
+    headers and payload views of ``command`` and ``dataset`` (never copies). ``max_pdu`` is
+    the peer's maximum PDU length, 0 for unlimited."""
+    for header, fragment in pdu.p_data_tf(context_id, True, command, max_pdu):
+        yield header
+        if fragment:
+            yield fragment
+    if dataset is not None:
+        for header, fragment in pdu.p_data_tf(context_id, False, dataset, max_pdu):
+            yield header
+            if fragment:
+                yield fragment
 
 
 # -- command sets -------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from fastroute.config import Config
 from fastroute.dicom import acse, pdu
 from fastroute.dicom.access import check_access, parse_networks
 from fastroute.dicom.dimse import (MAX_OBJECT_BYTES, CommandField, Handler, Message, ObjectTooLarge,
-                                   Peer, Pending, Reply, command_name, encode_response)
+                                   Peer, Pending, Reply, command_name, encode_response,
+                                   message_buffers)
 from fastroute.dicom.status import Status, describe
 from fastroute.dicom.ul import (AssociateRequest, PeerAbort, ReleaseRequest, Role, State, UnexpectedPdu,
                                 UpperLayer)
@@ -248,13 +249,7 @@ class _Connection(asyncio.Protocol):
     # output and teardown -----------------------------------------------------------------
 
     def _send_command(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
-        parts: list[Any] = []
-        for header, payload in pdu.p_data_tf(context_id, True, command, self.peer_max_pdu):
-            parts += (header, payload)
-        if dataset is not None:
-            for header, payload in pdu.p_data_tf(context_id, False, dataset, self.peer_max_pdu):
-                parts += (header, payload)
-        self._write(parts)
+        self._write(list(message_buffers(context_id, command, dataset, self.peer_max_pdu)))
 
     def _write(self, parts: list[Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():

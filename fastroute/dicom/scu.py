@@ -32,7 +32,8 @@ from fastroute.config import DestinationConfig
 from fastroute.dicom import acse, pdu
 from fastroute.dicom.acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MAX_CONTEXTS
 from fastroute.dicom.dimse import (CommandField, Handler, Message, Peer, Pending, Reply, command_name,
-                                   encode_c_echo_rq, encode_c_store_rq, encode_response)
+                                   encode_c_echo_rq, encode_c_store_rq, encode_response,
+                                   message_buffers)
 from fastroute.dicom.status import Status, describe
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, Event, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, UnexpectedPdu, UpperLayer)
@@ -362,17 +363,11 @@ class Connection:
 
         A stalled peer fails a sendmsg after ``network_timeout`` without progress."""
         batch: list[bytes | memoryview] = []
-        parts: tuple[tuple[bool, bytes | memoryview], ...] = (
-            ((True, command),) if data is None else ((True, command), (False, data)))
-        for is_command, payload in parts:
-            for header, fragment in pdu.p_data_tf(context_id, is_command, payload,
-                                                  assoc.peer_max_pdu):
-                batch.append(header)
-                if fragment:
-                    batch.append(fragment)
-                if len(batch) >= IOV_BATCH:
-                    _send_all(assoc.sock, batch, sent)
-                    batch = []
+        for buffer in message_buffers(context_id, command, data, assoc.peer_max_pdu):
+            batch.append(buffer)
+            if len(batch) >= IOV_BATCH:
+                _send_all(assoc.sock, batch, sent)
+                batch = []
         if batch:
             _send_all(assoc.sock, batch, sent)
 
