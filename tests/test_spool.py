@@ -467,3 +467,46 @@ def test_legacy_spool_opens_reads_and_drains(tmp_path: Path) -> None:
         assert new.oid == 12
     finally:
         sp.close()
+
+
+def test_commit_path_forms_agree_with_the_codec() -> None:
+    """put/claim/settle edit the JSON form directly (no RoutingRecord per object): what they
+    write must decode to what the typed record says."""
+    from fastroute.spool.records import (
+        Delivery,
+        Drop,
+        Failure,
+        RoutingRecord,
+        decode_claim_fields,
+        decode_record,
+        encode_new_record,
+        encode_record,
+        update_record,
+    )
+    meta = {"study_instance_uid": "7.7", "patient_id": "P1", "calling_ae": "CT1", "rules": ["ct"], "custom": 1}
+    raw, keys = encode_new_record(sop_class_uid=CT, sop_instance_uid="1.1", transfer_syntax=TS, size=10,
+                                  received_at=5.0, digest="", outstanding=["a", "b"], routed_to=["a", "b"],
+                                  suppressed=[], meta=meta)
+    expected = RoutingRecord(CT, "1.1", TS, 10, 5.0, outstanding=["a", "b"], routed_to=["a", "b"],
+                             study_instance_uid="7.7", patient_id="P1", calling_ae="CT1", rules=["ct"],
+                             extra={"custom": 1})
+    assert decode_record(raw) == expected and keys == expected.index_keys() == [b"s7.7", b"pP1"]
+    assert decode_claim_fields(raw) == (CT, "1.1", TS, 10, "CT1", b"")
+    raw, facts = update_record(raw, "a", delivery=Delivery(6.0, 0, "1.2.840.10008.1.2"), digest="ab" * 16)
+    raw, _ = update_record(raw, "b", failure=Failure(7.0, 0xA700, "busy"))
+    raw, facts = update_record(raw, "b", drop=Drop(8.0, DropReason.PURGED, "why"))
+    assert facts.finished and facts.digest == "ab" * 16 and facts.received_at == 5.0
+    expected.outstanding = []
+    expected.digest = "ab" * 16
+    expected.delivered = {"a": Delivery(6.0, 0, "1.2.840.10008.1.2")}
+    expected.failed = {"b": Failure(7.0, 0xA700, "busy")}
+    expected.dropped = {"b": Drop(8.0, DropReason.PURGED, "why")}
+    assert decode_record(raw) == expected and decode_record(encode_record(expected)) == expected
+    # a version-1 record is upgraded when it is next updated
+    v1 = json.dumps({"sop_class_uid": CT, "sop_instance_uid": "1.2", "transfer_syntax": TS, "size": 1,
+                     "received_at": 1.0, "outstanding": ["a"], "delivered": {"x": [0.5, 0, "1.2.840.10008.1.2"]},
+                     "failed": {}}).encode()
+    raw, facts = update_record(v1, "a", delivery=Delivery(2.0, 0))
+    doc = json.loads(raw)
+    assert doc["v"] == 2 and doc["delivered"]["x"] == {"at": 0.5, "status": 0, "syntax": "1.2.840.10008.1.2"}
+    assert facts.finished and decode_record(raw).delivered["a"] == Delivery(2.0, 0)

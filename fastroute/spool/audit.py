@@ -21,11 +21,10 @@ from typing import Any, Iterator
 
 import lmdb
 
-from fastroute.spool.counters import CounterKey, CounterKind, incr
+from fastroute.spool.counters import CounterKind, incr
 
 _U64 = struct.Struct(">Q")
 _HEAD = b"audit_head"      # in ``info``: the hash of the last event (64 bytes, not a counter)
-_SEQ = CounterKey(CounterKind.AUDIT_SEQ)
 
 
 def whoami() -> str:
@@ -54,7 +53,7 @@ class AuditChain:
 
     def append(self, txn: lmdb.Transaction, event: dict[str, Any], now: float) -> dict[str, Any]:
         """Append inside the caller's write transaction (commits with the change it records)."""
-        seq = incr(txn, self._info, _SEQ)
+        seq = incr(txn, self._info, CounterKind.AUDIT_SEQ)
         prev_raw = txn.get(_HEAD, db=self._info)
         prev = bytes(prev_raw).decode() if prev_raw else "0" * 64
         body = {"seq": seq, "time": now, **event, "prev": prev}

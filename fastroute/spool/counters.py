@@ -80,16 +80,42 @@ class CounterKey:
 
     @staticmethod
     def latency_bucket(destination: str, le: float | None) -> CounterKey:
-        return CounterKey(CounterKind.LATENCY_BUCKET, destination, "inf" if le is None else str(le))
+        return CounterKey(CounterKind.LATENCY_BUCKET, destination, bucket_label(le))
 
     @staticmethod
     def failed_status(destination: str, status: int | None) -> CounterKey:
-        return CounterKey(CounterKind.FAILED_STATUS, destination, str(-1 if status is None else status))
+        return CounterKey(CounterKind.FAILED_STATUS, destination, status_label(status))
 
 
-def incr(txn: lmdb.Transaction, db: Any, key: CounterKey, by: int = 1) -> int:
+def bucket_label(le: float | None) -> str:
+    """The ``extra`` of a latency bucket: its upper bound as Python prints it, or ``inf``."""
+    return "inf" if le is None else str(le)
+
+
+def status_label(status: int | None) -> str:
+    """The ``extra`` of a failed-by-status counter: the status in decimal, -1 for none."""
+    return str(-1 if status is None else status)
+
+
+_ENCODED: dict[tuple[CounterKind, str, str], bytes] = {}
+
+
+def key_bytes(kind: CounterKind, destination: str = "", extra: str = "") -> bytes:
+    """``CounterKey(...).encode()``, remembered: the commit paths bump several counters per
+    object and the set of keys is small (kinds x destinations x peers)."""
+    t = (kind, destination, extra)
+    raw = _ENCODED.get(t)
+    if raw is None:
+        if len(_ENCODED) > 65536:    # many calling AE titles: stay bounded
+            _ENCODED.clear()
+        raw = _ENCODED[t] = CounterKey(kind, destination, extra).encode()
+    return raw
+
+
+def incr(txn: lmdb.Transaction, db: Any, kind: CounterKind, destination: str = "", extra: str = "",
+         by: int = 1) -> int:
     """Add to a counter inside the caller's write transaction; returns the new value."""
-    raw_key = key.encode()
+    raw_key = _ENCODED.get((kind, destination, extra)) or key_bytes(kind, destination, extra)
     raw = txn.get(raw_key, db=db)
     value = (_U64.unpack(raw)[0] if raw else 0) + by
     txn.put(raw_key, _U64.pack(value), db=db)
@@ -137,4 +163,5 @@ class Counters(dict[str, int]):
         return dict(self._typed)
 
 
-__all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "incr"]
+__all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "incr", "key_bytes", "bucket_label",
+           "status_label"]

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import lmdb
 
 from fastroute.spool.audit import AuditChain
-from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, incr
+from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
 from fastroute.spool.records import (
     NEW_ENTRY,
     Delivery,
@@ -33,10 +33,13 @@ from fastroute.spool.records import (
     OutcomeKind,
     QueueRecord,
     QueueState,
+    RecordFacts,
     RoutingRecord,
+    decode_claim_fields,
     decode_received_at,
     decode_record,
-    encode_record,
+    encode_new_record,
+    update_record,
 )
 
 log = logging.getLogger("fastroute.spool")
@@ -47,6 +50,16 @@ _AT = struct.Struct("<d")
 DIGEST_BYTES = 16
 _P, _I, _F, _U = (s.code for s in (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED,
                                     QueueState.UNROUTED))
+# Enum members as module constants: the commit paths compare and count several per object.
+_DELIVERED, _RETRY, _FAILED_KIND, _RELEASE = (OutcomeKind.DELIVERED, OutcomeKind.RETRY, OutcomeKind.FAILED,
+                                              OutcomeKind.RELEASE)
+(_C_SEQ, _C_RECEIVED, _C_RECEIVED_BYTES, _C_RECEIVED_FROM, _C_DELIVERED, _C_DELIVERED_BYTES, _C_FAILED,
+ _C_FAILED_STATUS, _C_RETRIES, _C_UNKNOWN, _C_TRANSCODED, _C_BUCKET, _C_SUM, _C_COUNT) = (
+    CounterKind.SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES, CounterKind.RECEIVED_FROM,
+    CounterKind.DELIVERED, CounterKind.DELIVERED_BYTES, CounterKind.FAILED, CounterKind.FAILED_STATUS,
+    CounterKind.RETRIES, CounterKind.UNKNOWN_OUTCOMES, CounterKind.TRANSCODED, CounterKind.LATENCY_BUCKET,
+    CounterKind.LATENCY_SUM_US, CounterKind.LATENCY_COUNT)
+_BUCKETS = tuple((le, bucket_label(le)) for le in LATENCY_BUCKETS)
 _ALL_STATES = (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED, QueueState.UNROUTED)
 
 
@@ -180,12 +193,12 @@ class Queues:
         self.duplicate_window = duplicate_window
 
     def _incr(self, txn: lmdb.Transaction, kind: CounterKind, dest: str = "", by: int = 1) -> int:
-        return incr(txn, self._info, CounterKey(kind, dest), by)
+        return incr(txn, self._info, kind, dest, by=by)
 
     # -- receive side ------------------------------------------------------------------------
 
     def put(self, txn: lmdb.Transaction, item: Incoming, now: float) -> PutResult:
-        oid = self._incr(txn, CounterKind.SEQ)
+        oid = self._incr(txn, _C_SEQ)
         key = oid_key(oid)
         digest = b""              # taken only to compare with an earlier delivery
         sop = item.sop_instance_uid.encode()
@@ -203,61 +216,47 @@ class Queues:
                     self._incr(txn, CounterKind.SUPPRESSED, dest)
                     continue
             if old_oid is not None and txn.delete(qkey(dest, _P, old_oid), db=self._q):
-                self._drop_dest(txn, old_oid, dest, now, drop=Drop(now, DropReason.SUPERSEDED, by=oid))
+                self._drop_dest(txn, old_oid, dest, drop=Drop(now, DropReason.SUPERSEDED, by=oid))
                 if old_oid not in superseded:
                     superseded.append(old_oid)
                 self._incr(txn, CounterKind.SUPERSEDED, dest)
             txn.put(qkey(dest, _P, oid), NEW_ENTRY, db=self._q)
             queued.append(dest)
-        m = item.meta
-        rec = RoutingRecord(
-            sop_class_uid=item.sop_class_uid, sop_instance_uid=item.sop_instance_uid,
-            transfer_syntax=item.transfer_syntax, size=len(item.data), received_at=now,
-            digest=digest.hex(), outstanding=queued, routed_to=list(item.destinations),
-            suppressed=suppressed, study_instance_uid=m.get("study_instance_uid") or "",
-            series_instance_uid=m.get("series_instance_uid") or "", patient_id=m.get("patient_id") or "",
-            accession_number=m.get("accession_number") or "", modality=m.get("modality") or "",
-            calling_ae=m.get("calling_ae") or "", called_ae=m.get("called_ae") or "",
-            peer=m.get("peer") or "", rules=list(m.get("rules") or ()),
-            extra={k: v for k, v in m.items() if k not in _INCOMING_NAMED})
+        outstanding = queued if item.destinations else [UNROUTED]
         if not item.destinations:
             txn.put(qkey(UNROUTED, _U, oid), NEW_ENTRY, db=self._q)
-            rec.outstanding = [UNROUTED]
-        if rec.outstanding:
+        if outstanding:
             txn.put(key, item.data, db=self._obj)
-        txn.put(key, encode_record(rec), db=self._meta)
+        raw, index_keys = encode_new_record(
+            sop_class_uid=item.sop_class_uid, sop_instance_uid=item.sop_instance_uid,
+            transfer_syntax=item.transfer_syntax, size=len(item.data), received_at=now, digest=digest.hex(),
+            outstanding=outstanding, routed_to=list(item.destinations), suppressed=suppressed, meta=item.meta)
+        txn.put(key, raw, db=self._meta)
         txn.put(sop, key, db=self._sop)
-        for ikey in rec.index_keys():
+        for ikey in index_keys:
             txn.put(ikey, key, db=self._idx, dupdata=True)
-        self._incr(txn, CounterKind.RECEIVED)
-        self._incr(txn, CounterKind.RECEIVED_BYTES, by=len(item.data))
-        incr(txn, self._info, CounterKey(CounterKind.RECEIVED_FROM, extra=rec.calling_ae))
+        self._incr(txn, _C_RECEIVED)
+        self._incr(txn, _C_RECEIVED_BYTES, by=len(item.data))
+        incr(txn, self._info, _C_RECEIVED_FROM, extra=item.meta.get("calling_ae") or "")
         return PutResult(oid, tuple(queued), tuple(superseded), tuple(suppressed))
 
-    def _drop_dest(self, txn: lmdb.Transaction, oid: int, dest: str, now: float, *,
+    def _drop_dest(self, txn: lmdb.Transaction, oid: int, dest: str, *,
                    delivery: Delivery | None = None, drop: Drop | None = None,
-                   digest: bytes = b"") -> RoutingRecord | None:
+                   digest: bytes = b"") -> RecordFacts | None:
         """Remove ``dest`` from an object's outstanding list; drop the bytes when none remain.
 
-        Returns the updated routing record (None when the object is gone); ``digest`` is
-        recorded in it when it has none yet, so the object's other senders need not hash."""
+        Returns what the caller needs of the updated record (None when the object is gone);
+        ``digest`` is recorded in it when it has none yet, so the object's other senders
+        need not hash."""
         key = oid_key(oid)
         raw = txn.get(key, db=self._meta)
         if raw is None:
             return None
-        rec = decode_record(raw)
-        if digest and not rec.digest:
-            rec.digest = digest.hex()
-        if dest in rec.outstanding:
-            rec.outstanding.remove(dest)
-        if delivery is not None:
-            rec.delivered[dest] = delivery
-        if drop is not None:   # superseded / purged: kept in the record so lookups can say why
-            rec.dropped[dest] = drop
-        if not rec.outstanding:
+        new, facts = update_record(raw, dest, delivery=delivery, drop=drop, digest=digest.hex())
+        if facts.finished:
             txn.delete(key, db=self._obj)
-        txn.put(key, encode_record(rec), db=self._meta)
-        return rec
+        txn.put(key, new, db=self._meta)
+        return facts
 
     # -- send side ---------------------------------------------------------------------------
 
@@ -298,11 +297,10 @@ class Queues:
             txn.delete(key, db=self._q)
             if raw is None:   # purged underneath us
                 continue
-            rec = decode_record(raw)
+            f = decode_claim_fields(raw)
             txn.put(qkey(dest, _I, oid), value, db=self._q)
-            out.append(Claimed(oid, rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax,
-                               QueueRecord.decode(value).attempts, rec.size, rec.calling_ae,
-                               bytes.fromhex(rec.digest)))
+            out.append(Claimed(oid, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax,
+                               QueueRecord.counts_of(value)[0], f.size, f.calling_ae, f.digest))
         return out, earliest
 
     def settle(self, txn: lmdb.Transaction, dest: str, outcomes: Iterable[Outcome], now: float) -> None:
@@ -311,30 +309,28 @@ class Queues:
             value = txn.get(ikey, db=self._q)
             if value is None:       # purged while in flight
                 continue
-            held = QueueRecord.decode(value)
+            attempts, unknown = QueueRecord.counts_of(value)
             txn.delete(ikey, db=self._q)
-            unknown = held.unknown_outcomes
             if o.unknown:
                 unknown += 1
-                self._incr(txn, CounterKind.UNKNOWN_OUTCOMES, dest)
+                self._incr(txn, _C_UNKNOWN, dest)
             if o.transcoded:
-                self._incr(txn, CounterKind.TRANSCODED, dest)
-            if o.kind == OutcomeKind.DELIVERED:
+                self._incr(txn, _C_TRANSCODED, dest)
+            if o.kind == _DELIVERED:
                 self._delivered(txn, dest, o, now)
-            elif o.kind == OutcomeKind.RELEASE:   # not attempted (destination down, shutting down)
-                txn.put(qkey(dest, _P, o.oid),
-                        QueueRecord(held.attempts, o.next_at, o.status, unknown).encode(), db=self._q)
-            elif o.kind == OutcomeKind.RETRY:
-                txn.put(qkey(dest, _P, o.oid),
-                        QueueRecord(held.attempts + 1, o.next_at, o.status, unknown, o.error).encode(),
+            elif o.kind == _RELEASE:   # not attempted (destination down, shutting down)
+                txn.put(qkey(dest, _P, o.oid), QueueRecord.pack(attempts, o.next_at, o.status, unknown),
                         db=self._q)
-                self._incr(txn, CounterKind.RETRIES, dest)
-            elif o.kind == OutcomeKind.FAILED:
+            elif o.kind == _RETRY:
+                txn.put(qkey(dest, _P, o.oid),
+                        QueueRecord.pack(attempts + 1, o.next_at, o.status, unknown, o.error), db=self._q)
+                self._incr(txn, _C_RETRIES, dest)
+            elif o.kind == _FAILED_KIND:
                 txn.put(qkey(dest, _F, o.oid),
-                        QueueRecord(held.attempts + 1, now, o.status, unknown, o.error).encode(), db=self._q)
+                        QueueRecord.pack(attempts + 1, now, o.status, unknown, o.error), db=self._q)
                 self._record_failure(txn, o.oid, dest, now, o.status, o.error)
-                self._incr(txn, CounterKind.FAILED, dest)
-                incr(txn, self._info, CounterKey.failed_status(dest, o.status))
+                self._incr(txn, _C_FAILED, dest)
+                incr(txn, self._info, _C_FAILED_STATUS, dest, status_label(o.status))
             else:
                 raise ValueError(f"unknown outcome kind {o.kind!r}")
 
@@ -344,42 +340,40 @@ class Queues:
         if not digest and self.duplicate_window > 0:   # a caller that did not hash it
             stored = txn.get(oid_key(o.oid), db=self._obj)
             digest = content_digest(stored) if stored is not None else b""
-        rec = self._drop_dest(txn, o.oid, dest, at, delivery=Delivery(at, o.status, o.transcoded),
-                              digest=digest)
+        rec = self._drop_dest(txn, o.oid, dest, delivery=Delivery(at, o.status, o.transcoded), digest=digest)
         if rec is not None:
             if rec.digest:   # the duplicate policy's record of what this got
                 txn.put(dest.encode() + b"\x00" + rec.sop_instance_uid.encode(),
                         bytes.fromhex(rec.digest) + _AT.pack(at), db=self._dlv)
-            self._incr(txn, CounterKind.DELIVERED_BYTES, dest, rec.size)
+            self._incr(txn, _C_DELIVERED_BYTES, dest, rec.size)
             self._observe_latency(txn, dest, at - rec.received_at)
             self.audit.append(txn, {
                 "action": "delivered", "destination": dest, "status": o.status,
                 "sop_instance_uid": rec.sop_instance_uid, "study_instance_uid": rec.study_instance_uid,
                 "calling_ae": rec.calling_ae, "oid": o.oid}, at)
-        self._incr(txn, CounterKind.DELIVERED, dest)
+        self._incr(txn, _C_DELIVERED, dest)
 
     def _record_failure(self, txn: lmdb.Transaction, oid: int, dest: str, now: float,
                         status: int | None, error: str) -> None:
         key = oid_key(oid)
         raw = txn.get(key, db=self._meta)
         if raw is not None:
-            rec = decode_record(raw)
-            rec.failed[dest] = Failure(now, status, error[:500])
-            txn.put(key, encode_record(rec), db=self._meta)
+            new, rec = update_record(raw, dest, failure=Failure(now, status, error[:500]))
+            txn.put(key, new, db=self._meta)
             self.audit.append(txn, {
                 "action": "failed", "destination": dest, "status": status, "error": error[:500],
                 "sop_instance_uid": rec.sop_instance_uid, "study_instance_uid": rec.study_instance_uid,
                 "calling_ae": rec.calling_ae, "oid": oid}, now)
 
     def _observe_latency(self, txn: lmdb.Transaction, dest: str, seconds: float) -> None:
-        for le in LATENCY_BUCKETS:
+        for le, label in _BUCKETS:
             if seconds <= le:
-                incr(txn, self._info, CounterKey.latency_bucket(dest, le))
+                incr(txn, self._info, _C_BUCKET, dest, label)
                 break
         else:
-            incr(txn, self._info, CounterKey.latency_bucket(dest, None))
-        self._incr(txn, CounterKind.LATENCY_SUM_US, dest, int(max(0.0, seconds) * 1e6))
-        self._incr(txn, CounterKind.LATENCY_COUNT, dest)
+            incr(txn, self._info, _C_BUCKET, dest, bucket_label(None))
+        self._incr(txn, _C_SUM, dest, int(max(0.0, seconds) * 1e6))
+        self._incr(txn, _C_COUNT, dest)
 
     # -- operator side -----------------------------------------------------------------------
 
@@ -492,16 +486,12 @@ class Queues:
                     if wanted is not None and oid not in wanted:
                         continue
                     txn.delete(key, db=self._q)
-                    self._drop_dest(txn, oid, dest, now, drop=Drop(now, DropReason.PURGED, reason))
+                    self._drop_dest(txn, oid, dest, drop=Drop(now, DropReason.PURGED, reason))
                     removed.append(oid)
             if removed:
                 self._incr(txn, CounterKind.PURGED, dest, len(removed))
         return removed
 
-
-# Incoming.meta keys that RoutingRecord has fields for (anything else goes to ``extra``).
-_INCOMING_NAMED = frozenset({"study_instance_uid", "series_instance_uid", "patient_id", "accession_number",
-                             "modality", "calling_ae", "called_ae", "peer", "rules"})
 
 __all__ = [
     "UNROUTED", "DIGEST_BYTES", "Incoming", "PutResult", "Claimed", "Outcome", "QueueStats", "QueueEntry",

@@ -20,7 +20,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 RECORD_VERSION = 2
 
@@ -86,10 +86,10 @@ class Drop:
 
 
 # Routing-record keys with a field of their own; any other key read is kept in ``extra``.
-_NAMED = ("sop_class_uid", "sop_instance_uid", "transfer_syntax", "size", "digest", "received_at",
+_NAMED = frozenset(("sop_class_uid", "sop_instance_uid", "transfer_syntax", "size", "digest", "received_at",
           "outstanding", "routed_to", "suppressed", "delivered", "failed", "dropped",
           "study_instance_uid", "series_instance_uid", "patient_id", "accession_number", "modality",
-          "calling_ae", "called_ae", "peer", "rules", "v")
+          "calling_ae", "called_ae", "peer", "rules", "v"))
 
 
 @dataclass(slots=True)
@@ -134,11 +134,12 @@ class RoutingRecord:
             received_at=self.received_at, outstanding=self.outstanding, routed_to=self.routed_to,
             suppressed=self.suppressed,
             delivered={d: _delivery_json(e) for d, e in self.delivered.items()},
-            failed={d: {"at": e.at, "status": e.status, "error": e.error} for d, e in self.failed.items()},
-            dropped={d: _drop_json(e) for d, e in self.dropped.items()},
+            failed={d: _failure_json(e) for d, e in self.failed.items()},
             study_instance_uid=self.study_instance_uid, series_instance_uid=self.series_instance_uid,
             patient_id=self.patient_id, accession_number=self.accession_number, modality=self.modality,
             calling_ae=self.calling_ae, called_ae=self.called_ae, peer=self.peer, rules=self.rules)
+        if self.dropped:   # rare: written only when there is one, as in version 1
+            out["dropped"] = {d: _drop_json(e) for d, e in self.dropped.items()}
         return out
 
 
@@ -147,6 +148,10 @@ def _delivery_json(e: Delivery) -> dict[str, Any]:
     if e.syntax:
         out["syntax"] = e.syntax
     return out
+
+
+def _failure_json(e: Failure) -> dict[str, Any]:
+    return {"at": e.at, "status": e.status, "error": e.error}
 
 
 def _drop_json(e: Drop) -> dict[str, Any]:
@@ -202,8 +207,88 @@ def record_from_json(d: dict[str, Any]) -> RoutingRecord:
         extra={k: v for k, v in d.items() if k not in _NAMED})
 
 
+def _dumps(d: dict[str, Any]) -> bytes:
+    return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def encode_record(rec: RoutingRecord) -> bytes:
-    return json.dumps(rec.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    return _dumps(rec.to_json())
+
+
+# -- the commit paths' forms: the same JSON, without building a RoutingRecord -----------------
+# put, claim and settle run once per object (settle once per destination), so they read and
+# edit the JSON form directly; tests hold them to decode_record/encode_record.
+
+
+
+def encode_new_record(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, size: int,
+                      received_at: float, digest: str, outstanding: list[str], routed_to: list[str],
+                      suppressed: list[str], meta: Mapping[str, Any]) -> tuple[bytes, list[bytes]]:
+    """A new object's record (``meta``: the receive path's identifiers, source and rules;
+    keys without a field are kept as ``extra``), and its ``idx`` keys."""
+    d: dict[str, Any] = dict(meta)    # identifiers, source, rules (absent ones decode as "" / [])
+    d.update(v=RECORD_VERSION, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+             transfer_syntax=transfer_syntax, size=size, digest=digest, received_at=received_at,
+             outstanding=outstanding, routed_to=routed_to, suppressed=suppressed, delivered={}, failed={})
+    keys = [prefix + str(value).encode()[:400] for prefix, value in
+            ((b"s", d.get("study_instance_uid")), (b"a", d.get("accession_number")), (b"p", d.get("patient_id")))
+            if value]
+    return _dumps(d), keys
+
+
+class ClaimFields(NamedTuple):
+    """What a sender needs of a record to send the object."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    size: int
+    calling_ae: str
+    digest: bytes
+
+
+def decode_claim_fields(raw: bytes | memoryview) -> ClaimFields:
+    d = json.loads(bytes(raw))
+    return ClaimFields(d["sop_class_uid"], d["sop_instance_uid"], d["transfer_syntax"], int(d.get("size", 0)),
+                       d.get("calling_ae") or "", bytes.fromhex(d.get("digest") or ""))
+
+
+class RecordFacts(NamedTuple):
+    """What the commit paths need of a record they have just updated."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    calling_ae: str
+    size: int
+    received_at: float
+    digest: str
+    finished: bool          # no destination outstanding: the object's bytes can go
+
+
+def update_record(raw: bytes | memoryview, dest: str, *, delivery: Delivery | None = None,
+                  failure: Failure | None = None, drop: Drop | None = None,
+                  digest: str = "") -> tuple[bytes, RecordFacts]:
+    """Record a delivery, failure or drop at ``dest`` (a delivery or drop also takes it off
+    the outstanding list); ``digest`` is kept when the record has none yet. A version-1
+    record is rewritten in version 2 on the way."""
+    d = json.loads(bytes(raw))
+    if d.get("v") != RECORD_VERSION:
+        d = record_from_json(d).to_json()
+    if digest and not d.get("digest"):
+        d["digest"] = digest
+    if delivery is not None or drop is not None:
+        outstanding = d["outstanding"]
+        if dest in outstanding:
+            outstanding.remove(dest)
+    if delivery is not None:
+        d["delivered"][dest] = _delivery_json(delivery)
+    if failure is not None:
+        d["failed"][dest] = _failure_json(failure)
+    if drop is not None:
+        d.setdefault("dropped", {})[dest] = _drop_json(drop)
+    return _dumps(d), RecordFacts(d["sop_instance_uid"], d.get("study_instance_uid") or "",
+                                  d.get("calling_ae") or "", int(d.get("size", 0)), float(d["received_at"]),
+                                  d.get("digest") or "", not d["outstanding"])
 
 
 def decode_record(raw: bytes | memoryview) -> RoutingRecord:
@@ -232,15 +317,26 @@ class QueueRecord:
     error: str = ""
 
     def encode(self) -> bytes:
-        head = _REC.pack(self.attempts, self.next_at,
-                         -1 if self.last_status is None else self.last_status, self.unknown_outcomes)
-        return head + self.error.encode()[:ERROR_LIMIT] if self.error else head
+        return QueueRecord.pack(self.attempts, self.next_at, self.last_status, self.unknown_outcomes, self.error)
+
+    @staticmethod
+    def pack(attempts: int, next_at: float, last_status: int | None, unknown_outcomes: int,
+             error: str = "") -> bytes:
+        """``QueueRecord(...).encode()`` without the object, for the settle path."""
+        head = _REC.pack(attempts, next_at, -1 if last_status is None else last_status, unknown_outcomes)
+        return head + error.encode()[:ERROR_LIMIT] if error else head
 
     @staticmethod
     def decode(raw: bytes | memoryview) -> QueueRecord:
         attempts, next_at, status, unknown = _REC.unpack_from(raw)
         error = bytes(raw[_REC.size:]).decode(errors="replace")
         return QueueRecord(attempts, next_at, None if status < 0 else status, unknown, error)
+
+    @staticmethod
+    def counts_of(raw: bytes | memoryview) -> tuple[int, int]:
+        """(attempts, unknown_outcomes) alone: what settling reads of the entry it removes."""
+        attempts, _, _, unknown = _REC.unpack_from(raw)
+        return attempts, unknown
 
     @staticmethod
     def next_at_of(raw: bytes | memoryview) -> float:
@@ -253,5 +349,6 @@ NEW_ENTRY = QueueRecord().encode()
 __all__ = [
     "RECORD_VERSION", "QueueState", "OutcomeKind", "DropReason", "Delivery", "Failure", "Drop",
     "RoutingRecord", "record_from_json", "encode_record", "decode_record", "decode_received_at",
+    "encode_new_record", "ClaimFields", "decode_claim_fields", "RecordFacts", "update_record",
     "QueueRecord", "NEW_ENTRY",
 ]
