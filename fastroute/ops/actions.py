@@ -222,6 +222,21 @@ def _queue_entries(spool: Spool, wanted: dict[str, set[int]]) -> dict[tuple[str,
     return found
 
 
+class StepState(enum.StrEnum):
+    """Where an object stands at one destination, in a lookup's path."""
+
+    DELIVERED = "delivered"
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    FAILED = "failed"
+    UNROUTED = "unrouted"
+    QUEUED = "queued"           # outstanding, but its queue entry moved while we read
+    SUPERSEDED = "superseded"
+    PURGED = "purged"
+    SUPPRESSED = "suppressed"   # identical bytes already delivered there
+    UNKNOWN = "unknown"
+
+
 def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]) -> list[dict[str, Any]]:
     """Where one object went: one step per destination it was routed to or dropped from."""
     names = list(dict.fromkeys([*rec.routed_to, *rec.outstanding, *rec.delivered, *rec.failed, *rec.dropped]))
@@ -231,30 +246,31 @@ def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]
                                 "status": None, "error": ""}
         if dest in rec.delivered:
             dl = rec.delivered[dest]
-            step.update(state="delivered", at=dl.at, status=dl.status)
+            step.update(state=StepState.DELIVERED, at=dl.at, status=dl.status)
             if dl.syntax:
                 step["syntax"] = dl.syntax
         elif dest in rec.outstanding:
             e = queue.get((dest, oid))
-            step["state"] = "unrouted" if dest == UNROUTED else (str(e.state) if e else "queued")
+            step["state"] = (StepState.UNROUTED if dest == UNROUTED else
+                             StepState(e.state.value) if e else StepState.QUEUED)
             if e is not None:
                 step.update(attempts=e.attempts, status=e.last_status, error=e.error,
                             next_at=e.next_at or None)
         elif dest in rec.dropped:
             dr = rec.dropped[dest]
-            step.update(state=str(dr.how), at=dr.at, error=dr.reason)
+            step.update(state=StepState(dr.how.value), at=dr.at, error=dr.reason)
             if dr.by:
                 step["by_oid"] = dr.by
         elif dest in rec.suppressed:
-            step["state"] = "suppressed"
+            step["state"] = StepState.SUPPRESSED
             step["error"] = "identical bytes already delivered within duplicate_window"
         else:
-            step["state"] = "unknown"
+            step["state"] = StepState.UNKNOWN
         if dest in rec.failed:
             f = rec.failed[dest]
             step["last_failure"] = {"at": f.at, "status": f.status, "error": f.error,
                                     "status_text": describe(f.status) if f.status is not None else ""}
-            if step["state"] == "failed":
+            if step["state"] == StepState.FAILED:
                 step.update(at=f.at, status=f.status if step["status"] is None else step["status"],
                             error=step["error"] or f.error)
         step["status_text"] = describe(step["status"]) if step["status"] is not None else ""
@@ -620,7 +636,7 @@ class ThroughputHistory:
 
 
 __all__ = [
-    "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "resolve_destination",
+    "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "DestinationStatus", "StepState", "resolve_destination",
     "destination_status", "status", "entries", "failures", "lookup", "get_object", "retry", "purge",
     "set_paused", "validate_config", "reload_config", "parse_config", "audit_export", "audit_events",
     "apply_retention", "parse_time", "ThroughputHistory",
