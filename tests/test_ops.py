@@ -479,3 +479,7 @@ def test_management_plane_imports_no_data_path() -> None:
     forbidden = {"pynetdicom", "fastroute.workers", "fastroute.routing.schedule", "fastroute.spool.commit",
                  "fastroute.dicom.scp", "fastroute.dicom.scu", "fastroute.dicom.pn_scp", "fastroute.dicom.pn_scu"}
     assert not loaded & forbidden, loaded & forbidden
+    allowed = ("fastroute.ops", "fastroute.spool", "fastroute.config", "fastroute.errors", "fastroute.dicom.status",
+               "fastroute.routing.rules")
+    packages = {"fastroute", "fastroute.dicom", "fastroute.routing"}
+    assert {m for m in loaded - packages if not m.startswith(allowed)} == set()
