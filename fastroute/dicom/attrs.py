@@ -110,9 +110,7 @@ def _inflate_all(buf: Buffer, max_bytes: int) -> bytearray:
             pending = inflater.unconsumed_tail
             data += chunk
             if len(data) > max_bytes:
-                raise ObjectTooLarge(
-                    f"deflated dataset of {len(buf)} bytes inflates to more than the limit "
-                    f"of {max_bytes} bytes")
+                raise _too_large(buf, max_bytes)
             if not chunk and not pending:
                 raise PeekError(f"deflated dataset ends inside its deflate stream after "
                                 f"{len(data)} inflated bytes")
@@ -120,6 +118,11 @@ def _inflate_all(buf: Buffer, max_bytes: int) -> bytearray:
         raise PeekError(f"deflated dataset is corrupt after {len(data)} inflated bytes: "
                         f"{exc}") from None
     return data
+
+
+def _too_large(buf: Buffer, max_bytes: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"deflated dataset of {len(buf)} bytes inflates to more than the "
+                          f"limit of {max_bytes} bytes")
 
 
 def read_attributes(buf: Buffer, transfer_syntax_uid: str, tags: Iterable[int],
@@ -154,8 +157,8 @@ def _peek_deflated(buf: Buffer, tags: tuple[int, ...],
     """Inflate only as much of a raw-deflated Explicit VR LE dataset as `tags` need.
 
     The routing tags sit near the start; Pixel Data, which dominates the size, is at the
-    end and is never inflated unless a requested tag lies beyond it. Never holds more than
-    `max_bytes` (+1) inflated bytes: beyond that, ObjectTooLarge.
+    end and is never inflated unless a requested tag lies beyond it. Never inflates more than
+    `max_bytes`: if the tags lie beyond, ObjectTooLarge.
     """
     inflater = zlib.decompressobj(-15)
     data = bytearray()
@@ -165,15 +168,21 @@ def _peek_deflated(buf: Buffer, tags: tuple[int, ...],
     implicit = False
     try:
         while True:
-            data += inflater.decompress(pending, min(limit, max_bytes + 1 - len(data)))
-            pending = inflater.unconsumed_tail
-            done = inflater.eof or not pending
+            # Inflate `limit` more bytes, in steps of at most _INFLATE_STEP so that a step's
+            # output and the growing buffer never add up to twice what the limit allows.
+            if len(data) >= max_bytes:  # the tags need more than the limit allows
+                raise _too_large(buf, max_bytes)
+            target = min(len(data) + limit, max_bytes)
+            done = False
+            while len(data) < target and not done:
+                data += inflater.decompress(
+                    pending, min(_INFLATE_STEP, target - len(data)))
+                pending = inflater.unconsumed_tail
+                done = inflater.eof or not pending
             if done:
                 data += inflater.flush()  # what zlib holds back: a few KiB at most
-            if len(data) > max_bytes:
-                raise ObjectTooLarge(
-                    f"deflated dataset of {len(buf)} bytes inflates to more than the limit "
-                    f"of {max_bytes} bytes")
+                if len(data) > max_bytes:
+                    raise _too_large(buf, max_bytes)
             if not checked and (len(data) >= 6 or done):
                 implicit = _actual_implicit(data, False, "deflated")
                 checked = True
