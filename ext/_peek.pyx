@@ -1,8 +1,10 @@
 # cython: language_level=3
-"""Native twin of fastroute/peek.py: the same walk over raw pointers, no decode.
+"""Native twin of fastroute/dicom/peek.py: the same walks over raw pointers, no decode.
 
 Behaviour, results and PeekError messages are identical to the pure-Python twin (the tests
-compare them); see fastroute/peek.py for the rules. The walk is C over a pinned buffer
+compare them); see fastroute/dicom/peek.py for the rules. Two walks share the header reader:
+the peek's (top level, stops at the largest requested tag) and validate's (vwalk: every
+header to the end, one explicit stack of sequence/item levels, defined lengths included). The walk is C over a pinned buffer
 (the header and sequence walkers are noexcept nogil functions); Python objects are made only
 for a requested tag that was found. Every read is preceded by a hand-written bounds check
 (the build leaves Cython's boundscheck off), and error details travel in a Cursor struct.

@@ -106,7 +106,7 @@ def test_record_is_left_as_logged() -> None:
     as_json = logging.StreamHandler(stream)
     as_json.setFormatter(JsonFormatter("p"))
     keep = logging.Handler()
-    keep.emit = seen.append  # type: ignore[method-assign]
+    keep.emit = seen.append  # type: ignore[method-assign,assignment]
     for handler in (text, as_json, keep):
         logger.addHandler(handler)
     try:
