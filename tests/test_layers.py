@@ -31,10 +31,12 @@ PACKAGE = "fastroute"
 # loading, so expression errors carry the file and line (and the compiled form stays with the
 # Config); it needs nothing from config.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fastroute", "fastroute.errors", "fastroute.native", "fastroute.logsetup"),
+    ("fastroute", "fastroute.errors", "fastroute.logsetup"),
     ("fastroute.rulelang",),
     ("fastroute.config",),
-    ("fastroute.dicom", "fastroute.dicom.*"),        # never imports spool/ or routing/: the
+    # native.py picks the native or Python twin of each accelerated module; all of them are
+    # dicom/'s (the peek and its structure check), so it sits in that layer.
+    ("fastroute.dicom", "fastroute.dicom.*", "fastroute.native"),   # never imports spool/ or routing/: the
     ("fastroute.spool", "fastroute.spool.*"),        # listener is handed its handlers
     ("fastroute.routing", "fastroute.routing.*"),
     # The management plane, beside the data plane: above it so that nothing in the data plane
@@ -68,18 +70,8 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
     ("fastroute.dicom.pn_scp", "fastroute.spool"),
     ("fastroute.dicom.pn_scp", "fastroute.spool.commit"),
     ("fastroute.dicom.pn_scp", "fastroute.spool.wakeup"),
-    # ops/ imports the data path
-    ("fastroute.ops.actions", "fastroute.routing.schedule"),
-    ("fastroute.ops.actions", "fastroute.dicom.pn_scu"),
-    ("fastroute.ops.metrics", "fastroute.dicom.pn_scu"),
-    ("fastroute.ops.api", "fastroute.workers"),                  # also the api <-> workers cycle
-    # native.py, in the bottom layer, picks the peek twins that now live in dicom/ (by
-    # importlib): either the choice moves into dicom/ or native moves up to the dicom layer.
-    ("fastroute.native", "fastroute.dicom.peek"),
-    ("fastroute.native", "fastroute.dicom._peek"),
 })
 KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"fastroute.ops.api", "fastroute.workers"}),       # open_spool; being fixed
 })
 
 # What the HTTP process imports (``fastroute.ops.api`` serves the dashboard, API and metrics).
@@ -276,9 +268,6 @@ _PROBE = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.xfail(strict=True, reason="ops.actions and ops.metrics import dicom.pn_scu (and ops.api "
-                                       "imports workers): being fixed on other branches of issue 10; "
-                                       "remove this marker when they merge")
 def test_the_http_process_does_not_import_pynetdicom() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", _PROBE, *HTTP_PROCESS_MODULES], cwd=REPO, env=env,
