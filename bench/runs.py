@@ -375,13 +375,13 @@ def spool_latencies(spool_path: Path, study_uids: list[str], dests: list[str]) -
         values: list[float] = []
         missing = 0
         for uid in study_uids:
-            for _, meta in spool.lookup(study_instance_uid=uid, limit=10_000_000):
+            for _, rec in spool.lookup(study_instance_uid=uid, limit=10_000_000):
                 for d in dests:
-                    got = (meta.get("delivered") or {}).get(d)
+                    got = rec.delivered.get(d)
                     if got is None:
                         missing += 1
                     else:
-                        values.append(float(got[0]) - float(meta["received_at"]))
+                        values.append(got.at - rec.received_at)
     finally:
         spool.close()
     return values, missing

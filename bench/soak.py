@@ -78,7 +78,7 @@ def soak(opts: Options, wl: Workload, minutes: float, rate: int, sample_every: f
         result["router_config"] = {k: v for k, v in cfg.items() if k not in ("spool", "port")}
         progress.update("starting the router", force=True)
         router = Router(workdir, cfg).start()
-        from fastroute.spool import Spool
+        from fastroute.spool import CounterKind, Spool
         spool = Spool(router.spool, readonly=True)
         data_mdb = router.spool / "data.mdb"
         files = itertools.cycle([f[0] for f in wl.files])
@@ -131,7 +131,7 @@ def soak(opts: Options, wl: Workload, minutes: float, rate: int, sample_every: f
                 max_backlog = max(max_backlog, b)
                 c = spool.counters()
                 progress.update(f"soak {elapsed / 60:.1f}/{minutes} min: sent {submitted}, "
-                                f"received {c.get('received', 0)}, backlog {b}, skipped ticks {skipped}")
+                                f"received {c.of(CounterKind.RECEIVED)}, backlog {b}, skipped ticks {skipped}")
             time.sleep(max(0.0, min(next_tick, next_sample) - time.monotonic()))
         progress.update("soak: waiting for the last senders and the backlog to drain", force=True)
         for j in jobs:
@@ -147,10 +147,10 @@ def soak(opts: Options, wl: Workload, minutes: float, rate: int, sample_every: f
                 break
             time.sleep(0.2)
         counters = spool.counters()
-        delivered = {d: counters.get(f"delivered:{d}", 0) for d in receivers}
-        failed = {d: counters.get(f"failed:{d}", 0) for d in receivers}
-        superseded = {d: counters.get(f"superseded:{d}", 0) for d in receivers}
-        accepted = counters.get("received", 0)
+        delivered = {d: counters.of(CounterKind.DELIVERED, d) for d in receivers}
+        failed = {d: counters.of(CounterKind.FAILED, d) for d in receivers}
+        superseded = {d: counters.of(CounterKind.SUPERSEDED, d) for d in receivers}
+        accepted = counters.of(CounterKind.RECEIVED)
         memory = memory_verdicts(anon, duration)
         for role, v in memory.items():
             rss = samples.get(role, [])

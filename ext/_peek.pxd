@@ -14,6 +14,10 @@ cdef enum:
     ITEM_DELIM = 0xFFFEE00D
     SEQ_DELIM = 0xFFFEE0DD
     VR_UN = 0x554E  # 'U' << 8 | 'N'
+    VR_SQ = 0x5351
+    VR_OB = 0x4F42
+    VR_OW = 0x4F57
+    PIXEL_DATA = 0x7FE00010
 
 
 # Walk outcome; everything from TRUNC_HEADER on is an error described by Cursor.err_*.
@@ -25,6 +29,13 @@ cdef enum Status:
     BAD_ITEM = 4      # err_tag, err_pos
     UNEXPECTED = 5    # err_tag, err_pos
     TOO_DEEP = 6      # err_pos
+    # validate() only:
+    STRAY = 7             # err_tag, err_pos: a delimiter outside any sequence
+    UNTERMINATED_SEQ = 8  # err_tag, err_pos = opening offset, err_aux = where data ends
+    UNTERMINATED_ITEM = 9  # err_pos = opening offset, err_aux = where data ends
+    BAD_FRAGMENT = 10     # err_tag = the encapsulated element, err_pos
+    BAD_UNDEFINED = 11    # err_tag, err_vr, err_pos
+    BAD_LENGTH = 12       # err_tag, err_vr, err_pos, err_len = length, err_aux = value size
 
 
 cdef struct Cursor:
@@ -33,7 +44,9 @@ cdef struct Cursor:
     Py_ssize_t err_pos
     Py_ssize_t err_len
     Py_ssize_t err_left
+    Py_ssize_t err_aux
     uint32_t err_tag
+    uint16_t err_vr
 
 
 cdef struct Header:
@@ -48,3 +61,15 @@ cdef struct Level:
     bint implicit
     bint little
 
+
+
+# One level of validate()'s walk: the top-level dataset, a sequence, an item or an
+# encapsulated value (kind 0..3, as in fastroute/dicom/peek.py).
+cdef struct VLevel:
+    Py_ssize_t end     # where this level's bytes end (the buffer's end when undefined)
+    Py_ssize_t opos    # offset of the opening header, for "not terminated"
+    uint32_t otag
+    uint8_t kind
+    bint implicit
+    bint little
+    bint undefined

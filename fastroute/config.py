@@ -3,20 +3,30 @@
 The configuration is passed explicitly to every component; there is no global. ``load`` reads
 YAML through ``yaml.compose`` so every error can name the line it came from, and unknown keys
 are errors: a typo in a router's configuration silently routes patient data elsewhere.
+
+The schema is written once, as the dataclasses below: each field that is a YAML key carries a
+``Key`` in its metadata (how to read it and what to call it in errors). The loader, the lists of
+valid keys, the did-you-mean hints and the required keys are all derived from those fields.
+Rule expressions are compiled while loading (``fastroute.rulelang``), once, and the compiled
+form travels with the ``RuleConfig`` (also to spawned processes, where it is compiled again on
+unpickling: closures cannot be pickled).
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import ipaddress
 import logging
 import re
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from fastroute.errors import ConfigError
+from fastroute.errors import ConfigError, RuleSyntaxError
+from fastroute.rulelang import ExpressionError, Matcher, compile_match, did_you_mean
 
 # -- value parsers ------------------------------------------------------------------------------
 
@@ -68,137 +78,93 @@ def parse_uid(value: Any) -> str:
         raise ValueError("expected a UID such as 1.2.840.10008.1.2.1")
     return value
 
-
-# -- dataclasses --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DestinationConfig:
-    """A DICOM Storage SCP that fastroute sends to."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    max_associations: int = 1
-    # Narrow (and order) the syntaxes offered; empty means "whatever the peer accepts".
-    transfer_syntaxes: tuple[str, ...] = ()
-    prefer: tuple[str, ...] = ()
-    # Compress on the way out ("rle", "j2k-lossless", "j2k", "jpeg"); None keeps the original.
-    compress: str | None = None
-    allow_lossy: bool = False
-    calling_ae: str | None = None          # our AE title towards this peer (default: ae_title)
-    batch_size: int = 32                   # objects claimed per association round
-    max_attempts: int = 10                 # per object, for object-level transient failures
-    backoff_initial: float = 2.0
-    backoff_max: float = 300.0
-    idle_release: float = 15.0             # release an idle association after this long
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 120.0
-    network_timeout: float = 120.0
-    max_pdu: int = 262144
-    paused: bool = False
-    cpus: tuple[int, ...] = ()             # CPU affinity of this destination's sender process
-    # Deprecated: fastroute has one DICOM engine. "pynetdicom" still parses (old configs) but
-    # selects nothing; listener and sender processes say so (warn_deprecated_engine) at start.
-    engine: str = "fast"
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError("not an integer")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return v
+    return conv
 
 
-@dataclass(frozen=True)
-class RuleConfig:
-    name: str
-    match: Mapping[str, Any] | str | None   # None: always matches
-    send_to: tuple[str, ...]
-    stop: bool = False
-    line: int | None = None
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
 
 
-@dataclass(frozen=True)
-class HttpConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    token: str | None = None
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
 
 
-@dataclass(frozen=True)
-class AlertsConfig:
-    """Thresholds the HTTP process checks; every one is off unless configured."""
-
-    oldest_age: float | None = None                       # seconds, for every destination
-    oldest_age_for: Mapping[str, float] = field(default_factory=dict)   # per-destination overrides
-    consecutive_failures: int | None = None                # destination-level failures in a row
-    spool_min_free: int | None = None                      # bytes free on the spool's disk
-    webhook: str | None = None                             # POSTed JSON on raise and clear
-
-    def oldest_age_limit(self, dest: str) -> float | None:
-        return self.oldest_age_for.get(dest, self.oldest_age)
+def _path(v: Any) -> Path:
+    return Path(_str(v))
 
 
-@dataclass(frozen=True)
-class Config:
-    ae_title: str = "FASTROUTE"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    spool: Path = Path("./fastroute-spool")
-    spool_max_bytes: int = 64 * 1024**3      # LMDB map size: the spool never grows past it
-    min_free_bytes: int = 512 * 1024**2      # refuse new objects below this much free disk
-    spool_prealloc: int = 0                  # room written into the spool file before the start
-    allowed_calling_aes: tuple[str, ...] | None = None
-    allowed_peers: tuple[str, ...] | None = None   # CIDRs / addresses
-    require_called_ae: bool = True
-    max_pdu: int = 262144
-    max_associations: int = 32
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 120.0
-    network_timeout: float = 120.0
-    listeners: int = 1
-    engine: str = "fast"                   # deprecated, as DestinationConfig.engine
-    listener_cpus: tuple[int, ...] = ()
-    sender_cpus: tuple[int, ...] = ()       # destinations without their own `cpus` share these
-    group_commit_delay: float = 0.002       # how long a commit waits to gather more objects
-    duplicate_window: float = 86400.0        # identical re-sends within this window are not resent
-    shutdown_grace: float = 30.0
-    destinations: Mapping[str, DestinationConfig] = field(default_factory=dict)
-    rules: tuple[RuleConfig, ...] = ()
-    default: tuple[str, ...] = ()
-    http: HttpConfig | None = None
-    alerts: AlertsConfig = field(default_factory=AlertsConfig)
-    audit_retention: float | None = None     # prune audit events older than this (None: keep)
-    history_retention: float | None = None   # prune delivered objects' records older than this
-    log_level: str = "INFO"
-    log_format: str = "text"
-    source: str = "<embedded default>"
-
-    def destination(self, name: str) -> DestinationConfig:
-        try:
-            return self.destinations[name]
-        except KeyError:
-            known = ", ".join(sorted(self.destinations)) or "none configured"
-            raise ConfigError(f"unknown destination {name!r} (known: {known})") from None
+def _cidr(v: Any) -> str:
+    ipaddress.ip_network(str(v), strict=False)
+    return str(v)
 
 
-EMBEDDED_DEFAULT_YAML = """\
-# fastroute embedded default: listen as FASTROUTE on 11112 and keep every object in the spool
-# as 'unrouted' (nothing is sent anywhere until destinations and rules are configured);
-# dashboard and read-only API on http://127.0.0.1:8080/.
-ae_title: FASTROUTE
-port: 11112
-spool: ./fastroute-spool
-destinations: {}
-rules: []
-default: []
-http: {host: 127.0.0.1, port: 8080}
-"""
+def _choice(*options: str) -> Callable[[Any], str]:
+    def conv(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return str(v)
+    return conv
 
 
-# -- loading ------------------------------------------------------------------------------------
+def _url(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
+_TS_ALIASES = {
+    "implicit": "1.2.840.10008.1.2",
+    "explicit": "1.2.840.10008.1.2.1",
+    "deflated": "1.2.840.10008.1.2.1.99",
+    "big-endian": "1.2.840.10008.1.2.2",
+    "jpeg-baseline": "1.2.840.10008.1.2.4.50",
+    "jpeg-extended": "1.2.840.10008.1.2.4.51",
+    "jpeg-lossless": "1.2.840.10008.1.2.4.57",
+    "jpeg-lossless-sv1": "1.2.840.10008.1.2.4.70",
+    "jpeg-ls-lossless": "1.2.840.10008.1.2.4.80",
+    "jpeg-ls": "1.2.840.10008.1.2.4.81",
+    "j2k-lossless": "1.2.840.10008.1.2.4.90",
+    "j2k": "1.2.840.10008.1.2.4.91",
+    "htj2k-lossless": "1.2.840.10008.1.2.4.201",
+    "htj2k-lossless-rpcl": "1.2.840.10008.1.2.4.202",
+    "htj2k": "1.2.840.10008.1.2.4.203",
+    "rle": "1.2.840.10008.1.2.5",
+}
+
+
+def _ts(v: Any) -> str:
+    if isinstance(v, str) and v.lower() in _TS_ALIASES:
+        return _TS_ALIASES[v.lower()]
+    return parse_uid(v)
+
+
+# -- reading YAML nodes -------------------------------------------------------------------------
 
 class _Ctx:
+    """One load: the file name for errors, and the destinations once read (rules refer to them)."""
+
     def __init__(self, source: str) -> None:
         self.source = source
+        self.dests: dict[str, DestinationConfig] = {}
 
     def error(self, node: yaml.Node | None, key: str, message: str, hint: str = "") -> ConfigError:
         line = node.start_mark.line + 1 if node is not None else None
         return ConfigError(message, source=self.source, line=line, key=key, hint=hint)
+
+    def unknown_destination(self, node: yaml.Node, key: str, name: str) -> ConfigError:
+        return self.error(node, key, f"unknown destination {name!r}",
+                          hint=f"defined destinations: {', '.join(sorted(self.dests)) or 'none'}")
 
 
 def _construct(node: yaml.Node) -> Any:
@@ -208,6 +174,10 @@ def _construct(node: yaml.Node) -> Any:
         return loader.construct_object(node, deep=True)
     finally:
         loader.dispose()
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and _construct(node) is None
 
 
 def _mapping(ctx: _Ctx, node: yaml.Node, key: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
@@ -253,31 +223,200 @@ def _list(ctx: _Ctx, node: yaml.Node, key: str, conv: Callable[[Any], Any], what
     return tuple(_scalar(ctx, item, f"{key}[{i}]", conv, what) for i, item in enumerate(node.value))
 
 
-def _int(lo: int, hi: int) -> Callable[[Any], int]:
-    def conv(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError("not an integer")
-        if not lo <= v <= hi:
-            raise ValueError(f"must be between {lo} and {hi}")
-        return v
-    return conv
+# -- the schema's vocabulary --------------------------------------------------------------------
+
+class Shape(enum.StrEnum):
+    """How a key's YAML value is shaped."""
+
+    SCALAR = "scalar"       # one value, through ``conv``
+    LIST = "list"           # a list of values, each through ``conv``
+    SECTION = "section"     # a mapping read into the dataclass ``section``
+    CUSTOM = "custom"       # read by ``read``, which returns the fields it sets
 
 
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("expected true or false")
-    return v
+class IfNull(enum.StrEnum):
+    """What an explicit ``key: null`` (or an empty value) means."""
+
+    REJECT = "reject"       # an error like any other wrong value
+    NONE = "none"           # the field is None
+    EMPTY = "empty"         # the field is an empty tuple
+    DEFAULT = "default"     # as if the key were absent
 
 
-def _str(v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise ValueError("expected a non-empty string")
-    return v
+Reader = Callable[[_Ctx, yaml.Node, str], dict[str, Any]]
 
 
-def _cidr(v: Any) -> str:
-    ipaddress.ip_network(str(v), strict=False)
-    return str(v)
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A dataclass field's life as a YAML key; fields without one are not keys.
+
+    ``what`` names the expected value in errors ("expected a TCP port, got 70000: ...").
+    """
+
+    conv: Callable[[Any], Any] | None = None
+    what: str = ""
+    shape: Shape = Shape.SCALAR
+    if_null: IfNull = IfNull.REJECT
+    one_or_list: bool = False          # a LIST that also takes a single bare value
+    destinations: bool = False         # a LIST of names that must be configured destinations
+    section: type | None = None
+    read: Reader | None = None
+    first: bool = False                # read before the other keys of its mapping
+
+    def value(self, ctx: _Ctx, node: yaml.Node, key: str, name: str) -> dict[str, Any]:
+        """The fields this key sets, read from its value ``node`` (``key`` is its dotted path)."""
+        if self.if_null is not IfNull.REJECT and _is_null(node):
+            if self.if_null is IfNull.DEFAULT:
+                return {}
+            return {name: None if self.if_null is IfNull.NONE else ()}
+        if self.shape is Shape.CUSTOM:
+            assert self.read is not None
+            return self.read(ctx, node, key)
+        if self.shape is Shape.SECTION:
+            assert self.section is not None
+            kw: dict[str, Any] = {}
+            _read_fields(ctx, self.section, node, key, kw)
+            return {name: self.section(**kw)}
+        assert self.conv is not None
+        if self.shape is Shape.SCALAR:
+            return {name: _scalar(ctx, node, key, self.conv, self.what)}
+        items = _list(ctx, node, key, self.conv, self.what, allow_scalar=self.one_or_list)
+        if self.destinations:
+            for d in items:
+                if d not in ctx.dests:
+                    raise ctx.unknown_destination(node, key, d)
+        return {name: items}
+
+
+def key(conv: Callable[[Any], Any] | None = None, what: str = "", **how: Any) -> dict[str, Key]:
+    """Field metadata that makes a dataclass field a YAML key."""
+    return {"key": Key(conv, what, **how)}
+
+
+@functools.cache
+def schema(cls: type) -> dict[str, Key]:
+    """A section's YAML keys, in field order."""
+    return {f.name: f.metadata["key"] for f in dataclasses.fields(cls) if "key" in f.metadata}
+
+
+@functools.cache
+def _required(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if "key" in f.metadata
+                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+
+
+def _unknown_key_hint(name: str, cls: type) -> str:
+    valid = sorted(schema(cls))
+    dym = did_you_mean(name, valid, cutoff=0.6)
+    return (f"{dym} " if dym else "") + f"valid keys: {', '.join(valid)}"
+
+
+def _read_fields(ctx: _Ctx, cls: type, node: yaml.Node, key: str,
+                 kw: dict[str, Any]) -> dict[str, yaml.Node]:
+    """Read a mapping into ``kw`` by the fields of ``cls``; return each key's value node."""
+    keys = schema(cls)
+    items = _mapping(ctx, node, key)
+    early = [it for it in items if it[0] in keys and keys[it[0]].first]
+    nodes: dict[str, yaml.Node] = {}
+    for k, knode, vnode in early + [it for it in items if it not in early]:
+        sub = f"{key}.{k}" if key else k
+        spec = keys.get(k)
+        if spec is None:
+            raise ctx.error(knode, sub, "unknown key", hint=_unknown_key_hint(k, cls))
+        nodes[k] = vnode
+        kw.update(spec.value(ctx, vnode, sub, k))
+    for name in _required(cls):
+        if name not in kw:
+            raise ctx.error(node, key, f"missing required key {name!r}")
+    return nodes
+
+
+# -- keys that need more than a converter --------------------------------------------------------
+
+_DEST_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _read_destinations(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    for name, nknode, vnode in _mapping(ctx, node, key):
+        if not _DEST_NAME_RE.fullmatch(name):
+            raise ctx.error(nknode, f"{key}.{name}",
+                            "destination names use letters, digits, '_', '.', '-' (max 64)")
+        ctx.dests[name] = _destination(ctx, name, vnode)
+    return {"destinations": ctx.dests}
+
+
+def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
+    key = f"destinations.{name}"
+    kw: dict[str, Any] = {"name": name}
+    _read_fields(ctx, DestinationConfig, node, key, kw)
+    if kw.get("compress") in ("j2k", "jpeg") and not kw.get("allow_lossy"):
+        raise ctx.error(node, f"{key}.compress",
+                        f"lossy compression {kw['compress']!r} needs allow_lossy: true")
+    return DestinationConfig(**kw)
+
+
+def _read_rules(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    if not isinstance(node, yaml.SequenceNode):
+        raise ctx.error(node, key, f"expected a list of rules, got {_describe(node)}")
+    rules = tuple(_rule(ctx, i, r) for i, r in enumerate(node.value))
+    names = [r.name for r in rules]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ctx.error(node, key, f"duplicate rule names: {', '.join(sorted(dup))}")
+    return {"rules": rules}
+
+
+def _rule(ctx: _Ctx, index: int, node: yaml.Node) -> RuleConfig:
+    key = f"rules[{index}]"
+    kw: dict[str, Any] = {"name": f"rule{index + 1}", "match": None, "line": node.start_mark.line + 1}
+    nodes = _read_fields(ctx, RuleConfig, node, key, kw)
+    # Compiled here, once, so an expression error carries the file and the line of its match.
+    try:
+        matcher = compile_match(kw["match"])
+    except ExpressionError as exc:
+        mnode = nodes.get("match")
+        raise RuleSyntaxError(exc.message, source=ctx.source,
+                              line=mnode.start_mark.line + 1 if mnode is not None else kw["line"],
+                              key=f"{key}.match", hint=exc.hint) from None
+    return RuleConfig(**kw, compiled=matcher)
+
+
+def _read_match(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    value = _construct(node)
+    if value is not None and not isinstance(value, (str, dict)):
+        raise ctx.error(node, key, "expected a mapping of attribute: value(s) or an expression string")
+    return {"match": value}
+
+
+def _read_oldest_age(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    """One duration for every destination, or a mapping of ``default`` and destination names."""
+    if not isinstance(node, yaml.MappingNode):
+        return {"oldest_age": _scalar(ctx, node, key, parse_duration, "a duration")}
+    out: dict[str, Any] = {}
+    per: dict[str, float] = {}
+    for dname, dknode, dvnode in _mapping(ctx, node, key):
+        value = _scalar(ctx, dvnode, f"{key}.{dname}", parse_duration, "a duration")
+        if dname == "default":
+            out["oldest_age"] = value
+        elif dname in ctx.dests:
+            per[dname] = value
+        else:
+            raise ctx.error(dknode, f"{key}.{dname}", f"unknown destination {dname!r}",
+                            hint=f"use 'default' or one of: {', '.join(sorted(ctx.dests)) or 'none defined'}")
+    out["oldest_age_for"] = per
+    return out
+
+
+# -- the schema ---------------------------------------------------------------------------------
+
+_AE = key(parse_ae, "an AE title")
+_PORT = key(_int(1, 65535), "a TCP port")
+_DURATION = key(parse_duration, "a duration")
+_SIZE = key(parse_size, "a size")
+_BOOL = key(_bool, "true or false")
+_PDU = key(_int(0, 2**32 - 1), "a PDU size in bytes")
+_CPUS = key(_int(0, 4095), "CPU numbers", shape=Shape.LIST)
+_ENGINE = key(_choice("fast", "pynetdicom"), "fast or pynetdicom")
 
 
 def warn_deprecated_engine(key: str, value: str) -> None:
@@ -289,195 +428,174 @@ def warn_deprecated_engine(key: str, value: str) -> None:
             "and uses it; remove the key", key, value)
 
 
-def _choice(*options: str) -> Callable[[Any], str]:
-    def conv(v: Any) -> str:
-        if v not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
-        return str(v)
-    return conv
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """A DICOM Storage SCP that fastroute sends to."""
+
+    name: str                              # its key under ``destinations:``
+    ae_title: str = field(metadata=_AE)
+    host: str = field(metadata=key(_str, "a host name or address"))
+    port: int = field(metadata=_PORT)
+    max_associations: int = field(default=1, metadata=key(_int(1, 64), "a number of associations (1-64)"))
+    # Narrow (and order) the syntaxes offered; empty means "whatever the peer accepts".
+    transfer_syntaxes: tuple[str, ...] = field(
+        default=(), metadata=key(_ts, "transfer syntax UIDs or names", shape=Shape.LIST))
+    prefer: tuple[str, ...] = field(
+        default=(), metadata=key(_ts, "transfer syntax UIDs or names", shape=Shape.LIST))
+    # Compress on the way out ("rle", "j2k-lossless", "j2k", "jpeg"); None keeps the original.
+    compress: str | None = field(
+        default=None, metadata=key(_choice("rle", "j2k-lossless", "j2k", "jpeg"), "a compression name"))
+    allow_lossy: bool = field(default=False, metadata=_BOOL)
+    # our AE title towards this peer (default: ae_title)
+    calling_ae: str | None = field(default=None, metadata=_AE)
+    # objects claimed per association round
+    batch_size: int = field(default=32, metadata=key(_int(1, 10000), "a batch size"))
+    # per object, for object-level transient failures
+    max_attempts: int = field(default=10, metadata=key(_int(1, 1000000), "a number of attempts"))
+    backoff_initial: float = field(default=2.0, metadata=_DURATION)
+    backoff_max: float = field(default=300.0, metadata=_DURATION)
+    # release an idle association after this long
+    idle_release: float = field(default=15.0, metadata=_DURATION)
+    acse_timeout: float = field(default=30.0, metadata=_DURATION)
+    dimse_timeout: float = field(default=120.0, metadata=_DURATION)
+    network_timeout: float = field(default=120.0, metadata=_DURATION)
+    max_pdu: int = field(default=262144, metadata=_PDU)
+    paused: bool = field(default=False, metadata=_BOOL)
+    # CPU affinity of this destination's sender process
+    cpus: tuple[int, ...] = field(default=(), metadata=_CPUS)
+    # Deprecated: fastroute has one DICOM engine. "pynetdicom" still parses (old configs) but
+    # selects nothing; listener and sender processes say so (warn_deprecated_engine) at start.
+    engine: str = field(default="fast", metadata=_ENGINE)
 
 
-_TS_ALIASES = {
-    "implicit": "1.2.840.10008.1.2",
-    "explicit": "1.2.840.10008.1.2.1",
-    "deflated": "1.2.840.10008.1.2.1.99",
-    "big-endian": "1.2.840.10008.1.2.2",
-    "jpeg-baseline": "1.2.840.10008.1.2.4.50",
-    "jpeg-extended": "1.2.840.10008.1.2.4.51",
-    "jpeg-lossless": "1.2.840.10008.1.2.4.57",
-    "jpeg-lossless-sv1": "1.2.840.10008.1.2.4.70",
-    "jpeg-ls-lossless": "1.2.840.10008.1.2.4.80",
-    "jpeg-ls": "1.2.840.10008.1.2.4.81",
-    "j2k-lossless": "1.2.840.10008.1.2.4.90",
-    "j2k": "1.2.840.10008.1.2.4.91",
-    "htj2k-lossless": "1.2.840.10008.1.2.4.201",
-    "htj2k-lossless-rpcl": "1.2.840.10008.1.2.4.202",
-    "htj2k": "1.2.840.10008.1.2.4.203",
-    "rle": "1.2.840.10008.1.2.5",
-}
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """One entry of ``rules:``; its ``match`` is compiled when the rule is made.
+
+    ``compiled`` hands over a match the loader has already compiled; without it (a rule built
+    in code), the match is compiled here, and a syntax error is a RuleSyntaxError naming the rule.
+    """
+
+    name: str = field(metadata=key(_str, "a rule name"))
+    match: Mapping[str, Any] | str | None = field(              # None: always matches
+        metadata=key(shape=Shape.CUSTOM, read=_read_match))
+    send_to: tuple[str, ...] = field(metadata=key(
+        _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True))
+    stop: bool = field(default=False, metadata=_BOOL)
+    line: int | None = None
+    compiled: InitVar[Matcher | None] = None
+    matcher: Matcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self, compiled: Matcher | None) -> None:
+        if compiled is None or compiled.match is not self.match:
+            try:
+                compiled = compile_match(self.match)
+            except ExpressionError as exc:
+                raise RuleSyntaxError(exc.message, line=self.line, key=f"rules[{self.name}].match",
+                                      hint=exc.hint) from None
+        object.__setattr__(self, "matcher", compiled)
 
 
-def _ts(v: Any) -> str:
-    if isinstance(v, str) and v.lower() in _TS_ALIASES:
-        return _TS_ALIASES[v.lower()]
-    return parse_uid(v)
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str = field(default="127.0.0.1", metadata=key(_str, "a listen address"))
+    port: int = field(default=8080, metadata=_PORT)
+    token: str | None = field(default=None, metadata=key(_str, "a token string"))
 
 
-_DEST_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "ae_title": (parse_ae, "an AE title"),
-    "host": (_str, "a host name or address"),
-    "port": (_int(1, 65535), "a TCP port"),
-    "max_associations": (_int(1, 64), "a number of associations (1-64)"),
-    "compress": (_choice("rle", "j2k-lossless", "j2k", "jpeg"), "a compression name"),
-    "allow_lossy": (_bool, "true or false"),
-    "calling_ae": (parse_ae, "an AE title"),
-    "batch_size": (_int(1, 10000), "a batch size"),
-    "max_attempts": (_int(1, 1000000), "a number of attempts"),
-    "backoff_initial": (parse_duration, "a duration"),
-    "backoff_max": (parse_duration, "a duration"),
-    "idle_release": (parse_duration, "a duration"),
-    "acse_timeout": (parse_duration, "a duration"),
-    "dimse_timeout": (parse_duration, "a duration"),
-    "network_timeout": (parse_duration, "a duration"),
-    "max_pdu": (_int(0, 2**32 - 1), "a PDU size in bytes"),
-    "paused": (_bool, "true or false"),
-    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
-}
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """Thresholds the HTTP process checks; every one is off unless configured."""
 
-_TOP_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "ae_title": (parse_ae, "an AE title"),
-    "host": (_str, "a listen address"),
-    "port": (_int(1, 65535), "a TCP port"),
-    "spool": (lambda v: Path(_str(v)), "a folder path"),
-    "spool_max_bytes": (parse_size, "a size"),
-    "min_free_bytes": (parse_size, "a size"),
-    "spool_prealloc": (parse_size, "a size"),
-    "require_called_ae": (_bool, "true or false"),
-    "max_pdu": (_int(0, 2**32 - 1), "a PDU size in bytes"),
-    "max_associations": (_int(1, 10000), "a number of associations"),
-    "acse_timeout": (parse_duration, "a duration"),
-    "dimse_timeout": (parse_duration, "a duration"),
-    "network_timeout": (parse_duration, "a duration"),
-    "listeners": (_int(1, 256), "a number of listener processes"),
-    "engine": (_choice("fast", "pynetdicom"), "fast or pynetdicom"),
-    "group_commit_delay": (parse_duration, "a duration"),
-    "duplicate_window": (parse_duration, "a duration"),
-    "shutdown_grace": (parse_duration, "a duration"),
-    "log_level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "a log level"),
-    "log_format": (_choice("text", "json"), "text or json"),
-    "audit_retention": (parse_duration, "a duration"),
-    "history_retention": (parse_duration, "a duration"),
-}
+    # seconds, for every destination (``oldest_age: {default: 1h, pacs: 10m}`` sets both fields)
+    oldest_age: float | None = field(default=None, metadata=key(shape=Shape.CUSTOM, read=_read_oldest_age))
+    oldest_age_for: Mapping[str, float] = field(default_factory=dict)   # per-destination overrides
+    # destination-level failures in a row
+    consecutive_failures: int | None = field(
+        default=None, metadata=key(_int(1, 1000000), "a number of failures"))
+    spool_min_free: int | None = field(default=None, metadata=_SIZE)   # bytes free on the spool's disk
+    webhook: str | None = field(default=None, metadata=key(_url, "a webhook URL"))   # POSTed JSON on raise and clear
+
+    def oldest_age_limit(self, dest: str) -> float | None:
+        return self.oldest_age_for.get(dest, self.oldest_age)
 
 
-def _url(v: Any) -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
-        raise ValueError("expected an http:// or https:// URL")
-    return v
+@dataclass(frozen=True, slots=True)
+class Config:
+    ae_title: str = field(default="FASTROUTE", metadata=_AE)
+    host: str = field(default="0.0.0.0", metadata=key(_str, "a listen address"))
+    port: int = field(default=11112, metadata=_PORT)
+    spool: Path = field(default=Path("./fastroute-spool"), metadata=key(_path, "a folder path"))
+    # LMDB map size: the spool never grows past it
+    spool_max_bytes: int = field(default=64 * 1024**3, metadata=_SIZE)
+    # refuse new objects below this much free disk
+    min_free_bytes: int = field(default=512 * 1024**2, metadata=_SIZE)
+    # room written into the spool file before the start
+    spool_prealloc: int = field(default=0, metadata=_SIZE)
+    allowed_calling_aes: tuple[str, ...] | None = field(
+        default=None, metadata=key(parse_ae, "AE titles", shape=Shape.LIST, if_null=IfNull.NONE))
+    allowed_peers: tuple[str, ...] | None = field(     # CIDRs / addresses
+        default=None, metadata=key(_cidr, "IP addresses or CIDR networks", shape=Shape.LIST,
+                                   if_null=IfNull.NONE))
+    require_called_ae: bool = field(default=True, metadata=_BOOL)
+    max_pdu: int = field(default=262144, metadata=_PDU)
+    max_associations: int = field(default=32, metadata=key(_int(1, 10000), "a number of associations"))
+    acse_timeout: float = field(default=30.0, metadata=_DURATION)
+    dimse_timeout: float = field(default=120.0, metadata=_DURATION)
+    network_timeout: float = field(default=120.0, metadata=_DURATION)
+    listeners: int = field(default=1, metadata=key(_int(1, 256), "a number of listener processes"))
+    # deprecated, as DestinationConfig.engine
+    engine: str = field(default="fast", metadata=_ENGINE)
+    listener_cpus: tuple[int, ...] = field(default=(), metadata=_CPUS)
+    # destinations without their own `cpus` share these
+    sender_cpus: tuple[int, ...] = field(default=(), metadata=_CPUS)
+    # how long a commit waits to gather more objects
+    group_commit_delay: float = field(default=0.002, metadata=_DURATION)
+    # identical re-sends within this window are not resent
+    duplicate_window: float = field(default=86400.0, metadata=_DURATION)
+    shutdown_grace: float = field(default=30.0, metadata=_DURATION)
+    # read first, whatever its place in the file: rules, default and alerts name destinations
+    destinations: Mapping[str, DestinationConfig] = field(default_factory=dict, metadata=key(
+        shape=Shape.CUSTOM, read=_read_destinations, if_null=IfNull.DEFAULT, first=True))
+    rules: tuple[RuleConfig, ...] = field(default=(), metadata=key(
+        shape=Shape.CUSTOM, read=_read_rules, if_null=IfNull.EMPTY))
+    default: tuple[str, ...] = field(default=(), metadata=key(
+        _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True,
+        if_null=IfNull.EMPTY))
+    http: HttpConfig | None = field(default=None, metadata=key(shape=Shape.SECTION, section=HttpConfig))
+    alerts: AlertsConfig = field(default_factory=AlertsConfig, metadata=key(
+        shape=Shape.SECTION, section=AlertsConfig, if_null=IfNull.DEFAULT))
+    # prune audit events older than this (None: keep)
+    audit_retention: float | None = field(default=None, metadata=_DURATION)
+    # prune delivered objects' records older than this
+    history_retention: float | None = field(default=None, metadata=_DURATION)
+    log_level: str = field(default="INFO", metadata=key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), "a log level"))
+    log_format: str = field(default="text", metadata=key(_choice("text", "json"), "text or json"))
+    source: str = "<embedded default>"      # the file it came from, for messages
+
+    def destination(self, name: str) -> DestinationConfig:
+        try:
+            return self.destinations[name]
+        except KeyError:
+            known = ", ".join(sorted(self.destinations)) or "none configured"
+            raise ConfigError(f"unknown destination {name!r} (known: {known})") from None
 
 
-def _alerts(ctx: _Ctx, node: yaml.Node, dests: Mapping[str, DestinationConfig]) -> AlertsConfig:
-    kw: dict[str, Any] = {}
-    for k, knode, vnode in _mapping(ctx, node, "alerts"):
-        sub = f"alerts.{k}"
-        if k == "oldest_age":
-            if not isinstance(vnode, yaml.MappingNode):
-                kw["oldest_age"] = _scalar(ctx, vnode, sub, parse_duration, "a duration")
-                continue
-            per: dict[str, float] = {}
-            for dname, dknode, dvnode in _mapping(ctx, vnode, sub):
-                value = _scalar(ctx, dvnode, f"{sub}.{dname}", parse_duration, "a duration")
-                if dname == "default":
-                    kw["oldest_age"] = value
-                elif dname in dests:
-                    per[dname] = value
-                else:
-                    raise ctx.error(dknode, f"{sub}.{dname}", f"unknown destination {dname!r}",
-                                    hint=f"use 'default' or one of: {', '.join(sorted(dests)) or 'none defined'}")
-            kw["oldest_age_for"] = per
-        elif k == "consecutive_failures":
-            kw[k] = _scalar(ctx, vnode, sub, _int(1, 1000000), "a number of failures")
-        elif k == "spool_min_free":
-            kw[k] = _scalar(ctx, vnode, sub, parse_size, "a size")
-        elif k == "webhook":
-            kw[k] = _scalar(ctx, vnode, sub, _url, "a webhook URL")
-        else:
-            raise ctx.error(knode, sub, "unknown key",
-                            hint="valid keys: consecutive_failures, oldest_age, spool_min_free, webhook")
-    return AlertsConfig(**kw)
+EMBEDDED_DEFAULT_YAML = """\
+# fastroute embedded default: listen as FASTROUTE on 11112 and keep every object in the spool
+# as 'unrouted' (nothing is sent anywhere until destinations and rules are configured);
+# dashboard and read-only API on http://127.0.0.1:8080/.
+ae_title: FASTROUTE
+port: 11112
+spool: ./fastroute-spool
+destinations: {}
+rules: []
+default: []
+http: {host: 127.0.0.1, port: 8080}
+"""
 
 
-def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
-    key = f"destinations.{name}"
-    kw: dict[str, Any] = {"name": name}
-    for k, knode, vnode in _mapping(ctx, node, key):
-        sub = f"{key}.{k}"
-        if k in _DEST_FIELDS:
-            conv, what = _DEST_FIELDS[k]
-            kw[k] = _scalar(ctx, vnode, sub, conv, what)
-        elif k in ("transfer_syntaxes", "prefer"):
-            kw[k] = _list(ctx, vnode, sub, _ts, "transfer syntax UIDs or names")
-        elif k == "cpus":
-            kw[k] = _list(ctx, vnode, sub, _int(0, 4095), "CPU numbers")
-        else:
-            raise ctx.error(knode, sub, "unknown key",
-                            hint=f"valid keys: {', '.join(sorted([*_DEST_FIELDS, 'transfer_syntaxes', 'prefer', 'cpus']))}")
-    for required in ("ae_title", "host", "port"):
-        if required not in kw:
-            raise ctx.error(node, key, f"missing required key {required!r}")
-    if kw.get("compress") in ("j2k", "jpeg") and not kw.get("allow_lossy"):
-        raise ctx.error(node, f"{key}.compress",
-                        f"lossy compression {kw['compress']!r} needs allow_lossy: true")
-    return DestinationConfig(**kw)
-
-
-def _rule(ctx: _Ctx, index: int, node: yaml.Node, dests: Mapping[str, DestinationConfig]) -> RuleConfig:
-    key = f"rules[{index}]"
-    kw: dict[str, Any] = {"line": node.start_mark.line + 1}
-    for k, knode, vnode in _mapping(ctx, node, key):
-        sub = f"{key}.{k}"
-        if k == "name":
-            kw["name"] = _scalar(ctx, vnode, sub, _str, "a rule name")
-        elif k == "match":
-            value = _construct(vnode)
-            if value is not None and not isinstance(value, (str, dict)):
-                raise ctx.error(vnode, sub, "expected a mapping of attribute: value(s) or an expression string")
-            kw["match"] = value
-            kw["_match_node"] = vnode
-        elif k == "send_to":
-            kw["send_to"] = _list(ctx, vnode, sub, _str, "destination names", allow_scalar=True)
-            for d in kw["send_to"]:
-                if d not in dests:
-                    raise ctx.error(vnode, sub, f"unknown destination {d!r}",
-                                    hint=f"defined destinations: {', '.join(sorted(dests)) or 'none'}")
-        elif k == "stop":
-            kw["stop"] = _scalar(ctx, vnode, sub, _bool, "true or false")
-        else:
-            raise ctx.error(knode, sub, "unknown key", hint="valid keys: name, match, send_to, stop")
-    kw.setdefault("name", f"rule{index + 1}")
-    if "send_to" not in kw:
-        raise ctx.error(node, key, "missing required key 'send_to'")
-    match_node = kw.pop("_match_node", None)
-    rule = RuleConfig(name=kw["name"], match=kw.get("match"), send_to=kw["send_to"],
-                      stop=kw.get("stop", False), line=kw["line"])
-    # Compile now so expression errors carry the file and line of the rule.
-    from fastroute.routing.rules import compile_rule
-    try:
-        compile_rule(rule)
-    except ConfigError as exc:
-        line = match_node.start_mark.line + 1 if match_node is not None else rule.line
-        raise ConfigError(_strip_where(exc), source=ctx.source, line=line, key=f"{key}.match", hint=exc.hint) from None
-    return rule
-
-
-def _strip_where(exc: ConfigError) -> str:
-    msg = Exception.__str__(exc)
-    if exc.source or exc.line is not None or exc.key:
-        prefix = (exc.source or "<config>") + (f":{exc.line}" if exc.line is not None else "") + (f": {exc.key}" if exc.key else "") + ": "
-        if msg.startswith(prefix):
-            return msg[len(prefix):]
-    return msg
-
+# -- loading ------------------------------------------------------------------------------------
 
 def loads(text: str, source: str = "<string>") -> Config:
     """Parse and validate configuration text; raise ConfigError naming line and key."""
@@ -491,70 +609,7 @@ def loads(text: str, source: str = "<string>") -> Config:
     if root is None:
         raise ConfigError("empty configuration", source=source)
     kw: dict[str, Any] = {"source": source}
-    items = _mapping(ctx, root, "")
-    by_key = {k: (knode, vnode) for k, knode, vnode in items}
-    dests: dict[str, DestinationConfig] = {}
-    if "destinations" in by_key:
-        _, dnode = by_key["destinations"]
-        if not (isinstance(dnode, yaml.ScalarNode) and _construct(dnode) is None):
-            for name, nknode, vnode in _mapping(ctx, dnode, "destinations"):
-                if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-                    raise ctx.error(nknode, f"destinations.{name}",
-                                    "destination names use letters, digits, '_', '.', '-' (max 64)")
-                dests[name] = _destination(ctx, name, vnode)
-    kw["destinations"] = dests
-    for k, knode, vnode in items:
-        if k in _TOP_FIELDS:
-            conv, what = _TOP_FIELDS[k]
-            kw[k] = _scalar(ctx, vnode, k, conv, what)
-        elif k == "destinations":
-            pass
-        elif k in ("allowed_calling_aes",):
-            kw[k] = None if _construct(vnode) is None else _list(ctx, vnode, k, parse_ae, "AE titles")
-        elif k == "allowed_peers":
-            kw[k] = None if _construct(vnode) is None else _list(ctx, vnode, k, _cidr, "IP addresses or CIDR networks")
-        elif k in ("listener_cpus", "sender_cpus"):
-            kw[k] = _list(ctx, vnode, k, _int(0, 4095), "CPU numbers")
-        elif k == "rules":
-            if isinstance(vnode, yaml.ScalarNode) and _construct(vnode) is None:
-                kw["rules"] = ()
-                continue
-            if not isinstance(vnode, yaml.SequenceNode):
-                raise ctx.error(vnode, k, f"expected a list of rules, got {_describe(vnode)}")
-            rules = tuple(_rule(ctx, i, r, dests) for i, r in enumerate(vnode.value))
-            names = [r.name for r in rules]
-            dup = {n for n in names if names.count(n) > 1}
-            if dup:
-                raise ctx.error(vnode, k, f"duplicate rule names: {', '.join(sorted(dup))}")
-            kw["rules"] = rules
-        elif k == "default":
-            if isinstance(vnode, yaml.ScalarNode) and _construct(vnode) is None:
-                kw["default"] = ()
-                continue
-            kw["default"] = _list(ctx, vnode, k, _str, "destination names", allow_scalar=True)
-            for d in kw["default"]:
-                if d not in dests:
-                    raise ctx.error(vnode, k, f"unknown destination {d!r}",
-                                    hint=f"defined destinations: {', '.join(sorted(dests)) or 'none'}")
-        elif k == "http":
-            hk: dict[str, Any] = {}
-            for hkey, hknode, hvnode in _mapping(ctx, vnode, "http"):
-                if hkey == "host":
-                    hk["host"] = _scalar(ctx, hvnode, "http.host", _str, "a listen address")
-                elif hkey == "port":
-                    hk["port"] = _scalar(ctx, hvnode, "http.port", _int(1, 65535), "a TCP port")
-                elif hkey == "token":
-                    hk["token"] = _scalar(ctx, hvnode, "http.token", _str, "a token string")
-                else:
-                    raise ctx.error(hknode, f"http.{hkey}", "unknown key", hint="valid keys: host, port, token")
-            kw["http"] = HttpConfig(**hk)
-        elif k == "alerts":
-            if not (isinstance(vnode, yaml.ScalarNode) and _construct(vnode) is None):
-                kw["alerts"] = _alerts(ctx, vnode, dests)
-        else:
-            valid = sorted([*_TOP_FIELDS, "destinations", "rules", "default", "allowed_calling_aes",
-                            "allowed_peers", "listener_cpus", "sender_cpus", "http", "alerts"])
-            raise ctx.error(knode, k, "unknown key", hint=f"valid keys: {', '.join(valid)}")
+    _read_fields(ctx, Config, root, "", kw)
     return Config(**kw)
 
 
@@ -592,5 +647,5 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 __all__ = [
     "Config", "DestinationConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
-    "EMBEDDED_DEFAULT_YAML", "parse_size", "parse_duration",
+    "EMBEDDED_DEFAULT_YAML", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

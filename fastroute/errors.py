@@ -42,6 +42,13 @@ class PeekError(ValueError):
     """
 
 
+class ObjectTooLarge(PeekError):
+    """A dataset (or what a deflated one inflates to) exceeds the object size limit.
+
+    Raised before the excess is held in memory, so a deflate bomb costs at most the limit.
+    """
+
+
 class SpoolError(FastrouteError):
     """The spool cannot take or return an object."""
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-__all__ = ["PEEK_IMPL", "implementations", "peek", "peek_prefix"]
+__all__ = ["PEEK_IMPL", "implementations", "peek", "peek_prefix", "validate"]
 
 _LOADED: dict[str, str] = {}
 
@@ -61,3 +61,4 @@ _peek, PEEK_IMPL = _choose("fastroute.dicom._peek", "fastroute.dicom.peek")
 
 peek: Callable[[Buffer, Iterable[int], bool, bool], Found] = _peek.peek
 peek_prefix: Callable[[Buffer, Iterable[int], bool, bool], tuple[Found, bool]] = _peek.peek_prefix
+validate: Callable[[Buffer, bool, bool], None] = _peek.validate

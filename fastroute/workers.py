@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from fastroute.config import Config, warn_deprecated_engine
 from fastroute.logsetup import setup_logging
-from fastroute.spool import Spool
+from fastroute.spool import open_spool
 
 log = logging.getLogger("fastroute.workers")
 
@@ -38,11 +38,6 @@ def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Eve
         except OSError as exc:
             log.warning("%s: cannot pin to CPUs %s: %s", name, cpus, exc)
     return stop
-
-
-def open_spool(cfg: Config, *, durable: bool = True) -> Spool:
-    return Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=cfg.min_free_bytes,
-                 duplicate_window=cfg.duplicate_window, durable=durable)
 
 
 def listener_main(cfg: Config, index: int) -> None:

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastroute.ops.api import ROUTES, http_main, make_app, openapi_spec
 from fastroute.config import Config
-from fastroute.routing.schedule import DestinationState
-from fastroute.spool import Outcome, Spool
+from fastroute.spool.senderstate import DestinationState, SenderState
+from fastroute.spool import Outcome, OutcomeKind, Spool
 
 from test_ops import AGE, STUDY_A, STUDY_B, Hup, fill, make_config
 
@@ -366,13 +366,13 @@ def test_alerts_raise_and_clear_in_api_metrics_log_and_webhook(env: Any, caplog:
                 assert status["alerts"][0]["message"].startswith("destination=pacs: oldest waiting object")
 
                 (cfg.spool / "run").mkdir(exist_ok=True)
-                DestinationState("vna", state="backing_off", consecutive_failures=3,
+                DestinationState("vna", state=SenderState.BACKING_OFF, consecutive_failures=3,
                                  down_since=time.time()).write(cfg.spool)
                 await poll(names, lambda n: ("consecutive_failures", "vna") in n, "consecutive failures alert")
 
                 # Deliver what pacs has pending: its oldest age drops to none and the alert clears.
                 claimed, _ = spool.claim("pacs", 10)
-                spool.settle("pacs", [Outcome(x.oid, "delivered", status=0) for x in claimed])
+                spool.settle("pacs", [Outcome(x.oid, OutcomeKind.DELIVERED, status=0) for x in claimed])
                 await poll(names, lambda n: n == {("consecutive_failures", "vna")}, "oldest_age cleared")
                 fams = families(await (await c.get("/metrics")).text())
                 assert sample(fams, "fastroute_alert", "fastroute_alert", name="oldest_age", destination="pacs") == 0

@@ -1,14 +1,23 @@
 """Configuration: the issue's schema is accepted; every error names file, line and key."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fastroute.config import (EMBEDDED_DEFAULT_YAML, load, loads, parse_duration, parse_size,
-                              warn_deprecated_engine)
+import fastroute.config
+from fastroute.config import (
+    EMBEDDED_DEFAULT_YAML, AlertsConfig, Config, DestinationConfig, HttpConfig, Key, RuleConfig,
+    Shape, load, loads, parse_duration, parse_size, schema, warn_deprecated_engine,
+)
 from fastroute.errors import ConfigError
+from fastroute.routing.rules import RuleSet
 from fastroute.workers import sender_cpus
 
 ISSUE_SCHEMA = """\
@@ -133,3 +142,133 @@ def test_shipped_tuning_profiles_validate(tmp_path: Path, profile: Path) -> None
     assert cfg.listeners >= 1 and cfg.max_pdu > 0
     if profile.name != "2-cores.yaml":          # a dedicated spool disk: written ahead
         assert cfg.spool_prealloc >= 1024**3
+
+
+# -- the schema is the dataclass fields -----------------------------------------------------------
+
+# Fields that are filled in by the loader, not written as keys.
+NOT_KEYS = {DestinationConfig: {"name"}, RuleConfig: {"line", "matcher"},
+            AlertsConfig: {"oldest_age_for"}, HttpConfig: set(), Config: {"source"}}
+
+
+@pytest.mark.parametrize("cls", list(NOT_KEYS), ids=lambda c: c.__name__)
+def test_every_field_is_a_key_or_named_as_not_one(cls: type) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    assert set(schema(cls)) == names - NOT_KEYS[cls]
+    for name, spec in schema(cls).items():
+        assert isinstance(spec, Key)
+        if spec.shape in (Shape.SCALAR, Shape.LIST):
+            assert spec.conv is not None and spec.what, name      # errors can say what is expected
+
+
+@pytest.mark.parametrize("text,key,valid", [
+    ("prot: 1\n", "prot", Config),
+    ("destinations:\n  p: {ae_title: X, host: h, port: 1, colour: red}\n", "destinations.p.colour",
+     DestinationConfig),
+    ("destinations:\n  p: {ae_title: X, host: h, port: 1}\nrules:\n  - {send_to: p, stpo: true}\n",
+     "rules[0].stpo", RuleConfig),
+    ("http: {prot: 1}\n", "http.prot", HttpConfig),
+    ("alerts: {webhok: 'http://x/'}\n", "alerts.webhok", AlertsConfig),
+])
+def test_unknown_key_hint_lists_the_fields(text: str, key: str, valid: type) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(text, "r.yaml")
+    assert info.value.key == key and "unknown key" in str(info.value)
+    assert info.value.hint.endswith("valid keys: " + ", ".join(sorted(schema(valid))))
+
+
+@pytest.mark.parametrize("text,suggestion", [
+    ("prot: 1\n", "did you mean 'port'?"),
+    ("destinations:\n  p: {aetitle: X, host: h, port: 1}\n", "did you mean 'ae_title'?"),
+    ("destinations:\n  p: {ae_title: X, host: h, port: 1}\nrules:\n  - {send_to: p, stpo: true}\n",
+     "did you mean 'stop'?"),
+    ("alerts: {webhok: 'http://x/'}\n", "did you mean 'webhook'?"),
+    ("Listeners: 2\n", "did you mean 'listeners'?"),
+])
+def test_unknown_key_did_you_mean(text: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(text, "r.yaml")
+    assert info.value.hint.startswith(suggestion), info.value.hint
+
+
+def test_no_suggestion_for_a_key_like_none() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads("colour: blue\n", "r.yaml")
+    assert info.value.hint.startswith("valid keys: ")
+
+
+def test_defaults_are_the_dataclass_defaults() -> None:
+    """An empty mapping loads as the dataclass defaults: no second copy of them in the loader."""
+    assert loads("{}\n", "x.yaml") == Config(source="x.yaml")
+    cfg = loads("destinations:\n  p: {ae_title: X, host: h, port: 1}\nhttp: {}\n")
+    assert cfg.destinations["p"] == DestinationConfig("p", "X", "h", 1)
+    assert cfg.http == HttpConfig() and cfg.alerts == AlertsConfig()
+
+
+def test_null_values_mean_what_they_meant() -> None:
+    cfg = loads("destinations:\nrules:\ndefault:\nalerts:\nallowed_calling_aes:\nallowed_peers:\n")
+    assert (cfg.destinations, cfg.rules, cfg.default, cfg.alerts) == ({}, (), (), AlertsConfig())
+    assert cfg.allowed_calling_aes is None and cfg.allowed_peers is None
+    for text, key in (("http:\n", "http"), ("listener_cpus:\n", "listener_cpus"), ("port:\n", "port")):
+        with pytest.raises(ConfigError) as info:
+            loads(text, "r.yaml")
+        assert info.value.key == key and "None" in str(info.value)
+
+
+def test_destinations_are_read_first_wherever_they_are() -> None:
+    cfg = loads("rules:\n  - {name: a, send_to: p}\ndefault: p\nalerts: {oldest_age: {p: 5m}}\n"
+                "destinations:\n  p: {ae_title: X, host: h, port: 1}\n")
+    assert cfg.rules[0].send_to == ("p",) and cfg.default == ("p",)
+    assert cfg.alerts.oldest_age_limit("p") == 300.0 and cfg.alerts.oldest_age_limit("q") is None
+
+
+# -- rules are compiled once, at load -----------------------------------------------------------
+
+def test_rules_are_compiled_once_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    real = fastroute.config.compile_match
+
+    def counting(match: Any) -> Any:
+        calls.append(match)
+        return real(match)
+    monkeypatch.setattr(fastroute.config, "compile_match", counting)
+    monkeypatch.setattr("fastroute.rulelang.compile_match", counting)
+    cfg = loads(ISSUE_SCHEMA)
+    assert len(calls) == 2
+    rs = RuleSet.from_config(cfg)                     # the listeners' and route-test's path
+    from fastroute.ops.actions import parse_config    # the API's validate path
+    parse_config(ISSUE_SCHEMA, "<posted>")
+    assert len(calls) == 4, "RuleSet.from_config compiled again"
+    assert rs.rules[0].matches is cfg.rules[0].matcher.predicate
+    replaced = dataclasses.replace(cfg.rules[1], match='Modality == "CT"')   # a new match compiles
+    assert len(calls) == 5 and replaced.matcher.source == 'Modality == "CT"'
+
+
+def test_a_rule_built_in_code_compiles_when_made() -> None:
+    rule = RuleConfig("r", {"Modality": "CT"}, ("a",))
+    assert rule.matcher.source == 'Modality == "CT"'
+    assert rule.matcher.predicate({0x00080060: "CT"}, {}) is True
+
+
+def _route_in_child(cfg: Config, attrs: dict[int, Any], context: dict[str, str]) -> tuple[Any, ...]:
+    rs = RuleSet.from_config(cfg)
+    return rs.route(attrs, context).destinations, rs.tags
+
+
+def test_config_pickles_with_its_compiled_rules() -> None:
+    cfg = loads(ISSUE_SCHEMA)
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg
+    assert again.rules[1].matcher.predicate is not cfg.rules[1].matcher.predicate   # compiled anew
+    mr = {0x00080060: "MR", 0x00081030: "HEAD BRAIN"}
+    assert RuleSet.from_config(again).route(mr, {}).destinations == ("vna",)
+
+
+def test_config_reaches_a_spawned_process_and_routes_there() -> None:
+    """The supervisor spawns its children with the Config as an argument, as done here."""
+    cfg = loads(ISSUE_SCHEMA)
+    ct = {0x00080060: "CT"}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        dests, tags = pool.submit(_route_in_child, cfg, ct, {"calling_ae": "CT1"}).result(timeout=120)
+    assert dests == ("pacs", "vna")
+    assert tags == RuleSet.from_config(cfg).tags

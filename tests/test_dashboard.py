@@ -18,7 +18,7 @@ from aiohttp import web
 
 from fastroute.ops.api import make_app
 from fastroute.config import Config
-from fastroute.spool import Outcome, Spool
+from fastroute.spool import Outcome, OutcomeKind, Spool
 
 from test_ops import AGE, STUDY_A, fill, make_config
 
@@ -140,7 +140,7 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
 
             # Live: deliver what pacs has pending and watch the row follow.
             claimed, _ = spool.claim("pacs", 10)
-            spool.settle("pacs", [Outcome(c.oid, "delivered", status=0) for c in claimed])
+            spool.settle("pacs", [Outcome(c.oid, OutcomeKind.DELIVERED, status=0) for c in claimed])
             wait(browser, lambda d: cell("pacs", "pending") == "0" and cell("pacs", "delivered") == "3",
                  "the refreshed pacs row")
 

@@ -25,8 +25,8 @@ from fastroute.ops.alerts import AlertBook, Reading, evaluate
 from fastroute.cli import main as cli_main
 from fastroute.config import AlertsConfig, Config, load
 from fastroute.errors import ConfigError
-from fastroute.routing.schedule import DestinationState
-from fastroute.spool import Incoming, Outcome, Spool
+from fastroute.spool import Counters, Incoming, Outcome, OutcomeKind, Spool
+from fastroute.spool.senderstate import DestinationState, SenderState
 from fastroute.spool.wakeup import Waker
 
 STUDY_A = "1.2.826.0.1.3680043.10.1"
@@ -85,10 +85,10 @@ def fill(spool: Spool, t0: float) -> list[int]:
     oids = [r.oid for r in results]   # type: ignore[union-attr]
     claimed, _ = spool.claim("pacs", 2, now=t0 + 1)
     assert [c.oid for c in claimed] == oids[:2]
-    spool.settle("pacs", [Outcome(oids[0], "delivered", status=0),
-                          Outcome(oids[1], "failed", status=0xA900, error="dataset does not match")], now=t0 + 2)
+    spool.settle("pacs", [Outcome(oids[0], OutcomeKind.DELIVERED, status=0),
+                          Outcome(oids[1], OutcomeKind.FAILED, status=0xA900, error="dataset does not match")], now=t0 + 2)
     claimed, _ = spool.claim("vna", 1, now=t0 + 1)
-    spool.settle("vna", [Outcome(oids[0], "retry", status=0xA700, error="out of resources",
+    spool.settle("vna", [Outcome(oids[0], OutcomeKind.RETRY, status=0xA700, error="out of resources",
                                  next_at=t0 + 3600)], now=t0 + 2)
     return oids
 
@@ -129,7 +129,7 @@ def test_destination_status_counts_ages_and_states(env: Any) -> None:
     assert pacs["peer"]["ae_title"] == "PACS"
 
     (cfg.spool / "run").mkdir(exist_ok=True)
-    DestinationState("pacs", state="backing_off", down_since=time.time() - 30, consecutive_failures=4,
+    DestinationState("pacs", state=SenderState.BACKING_OFF, down_since=time.time() - 30, consecutive_failures=4,
                      last_error="connection refused").write(cfg.spool)
     pacs = by_name(ops.destination_status(cfg, spool))["pacs"]
     assert pacs["status"] == "backing_off" and pacs["consecutive_failures"] == 4
@@ -137,7 +137,7 @@ def test_destination_status_counts_ages_and_states(env: Any) -> None:
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    DestinationState("vna", state="up", pid=dead.pid).write(cfg.spool)
+    DestinationState("vna", state=SenderState.UP, pid=dead.pid).write(cfg.spool)
     assert by_name(ops.destination_status(cfg, spool))["vna"]["status"] == "stopped"
 
 
@@ -379,14 +379,14 @@ def test_retention_prunes_old_events_and_keeps_the_chain(tmp_path: Path) -> None
 
 def test_throughput_history_rates() -> None:
     h = ops.ThroughputHistory(keep=10)
-    h.add(100.0, {"received": 0, "delivered:pacs": 0, "failed:pacs": 3})
-    h.add(102.0, {"received": 10, "delivered:pacs": 4})
-    h.add(102.0, {"received": 99})                     # same instant: ignored
-    h.add(104.0, {"received": 10, "delivered:pacs": 10, "delivered:~unrouted": 0})
+    h.add(100.0, Counters.from_text({"received": 0, "delivered:pacs": 0, "failed:pacs": 3}))
+    h.add(102.0, Counters.from_text({"received": 10, "delivered:pacs": 4}))
+    h.add(102.0, Counters.from_text({"received": 99}))                     # same instant: ignored
+    h.add(104.0, Counters.from_text({"received": 10, "delivered:pacs": 10, "delivered:~unrouted": 0}))
     s = h.series()
     assert s["t"] == [102.0, 104.0] and s["received"] == [5.0, 0.0]
     assert s["delivered"]["pacs"] == [2.0, 3.0] and "unrouted" in s["delivered"]
-    h.add(120.0, {"received": 10})
+    h.add(120.0, Counters.from_text({"received": 10}))
     assert len(h.samples) == 1                         # older than ``keep`` dropped
 
 
@@ -464,3 +464,22 @@ def test_alerts_and_retention_config_values(tmp_path: Path) -> None:
     assert cfg.alerts.spool_min_free == 2 * 1024**3 and cfg.alerts.webhook == "http://127.0.0.1:9/hook"
     assert (cfg.audit_retention, cfg.history_retention) == (365 * 86400, 30 * 86400)
     assert ops.parse_config(config_text(tmp_path / "s").split("alerts:")[0], "<test>").alerts == AlertsConfig()
+
+
+def test_management_plane_imports_no_data_path() -> None:
+    """ops/* reads the spool and the configuration; it never loads a DICOM engine, the
+    scheduler, the group commit or the process supervisor (nor pynetdicom)."""
+    import subprocess
+    import sys
+    code = ("import sys, fastroute.ops.api, fastroute.ops.metrics, fastroute.ops.actions, fastroute.ops.alerts\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('fastroute', 'pynetdicom')))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split())
+    assert "fastroute.ops.api" in loaded and "fastroute.spool.store" in loaded
+    forbidden = {"pynetdicom", "fastroute.workers", "fastroute.routing.schedule", "fastroute.spool.commit",
+                 "fastroute.dicom.scp", "fastroute.dicom.scu", "fastroute.dicom.pn_scp", "fastroute.dicom.pn_scu"}
+    assert not loaded & forbidden, loaded & forbidden
+    allowed = ("fastroute.ops", "fastroute.spool", "fastroute.config", "fastroute.errors", "fastroute.dicom.status",
+               "fastroute.routing.rules")
+    packages = {"fastroute", "fastroute.dicom", "fastroute.routing"}
+    assert {m for m in loaded - packages if not m.startswith(allowed)} == set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+import pickle
 import re
 import textwrap
 from typing import Any
@@ -21,6 +22,7 @@ from fastroute.errors import ConfigError, RuleSyntaxError
 from fastroute.routing.rules import (
     NOT_EVALUATED, CompiledRule, RouteDecision, RuleSet, compile_rule,
 )
+from fastroute.rulelang import ExpressionError, compile_match
 
 
 def T(keyword: str) -> int:
@@ -573,6 +575,48 @@ def test_config_unknown_mapping_key_names_the_line() -> None:
 def test_config_yaml_boolean_value_is_an_error() -> None:
     with pytest.raises(ConfigError, match="quote the value"):
         loads(CONFIG.replace("calling_ae: CT1", "calling_ae: on"))
+
+
+def test_config_expression_error_is_a_rule_syntax_error_with_the_match_line() -> None:
+    text = CONFIG.replace("(0009,1001): RESEARCH", "(0009,1001: RESEARCH")
+    with pytest.raises(RuleSyntaxError) as info:
+        loads(text, "router.yaml")
+    assert (info.value.line, info.value.key) == (13, "rules[2].match")
+
+
+# -- the language on its own, and compiling once ------------------------------------------------
+
+def test_language_compiles_without_a_config() -> None:
+    """``fastroute.rulelang`` is below config: it takes a bare match and knows no rule or file."""
+    m = compile_match('Modality in ["CT", "MR"] and (0009,1001) exists')
+    assert m.tags == frozenset({MODALITY, PRIVATE}) and m.source.startswith("Modality in")
+    assert m.predicate({MODALITY: "MR", PRIVATE: "x"}, {}) and not m.predicate({MODALITY: "MR"}, {})
+    with pytest.raises(ExpressionError) as info:
+        compile_match("Modalty == 1")
+    assert info.value.message == "unknown attribute 'Modalty' at column 1: Modalty == 1"
+    assert info.value.hint == "did you mean 'Modality'?"
+
+
+def test_compiled_rule_takes_the_rules_matcher() -> None:
+    cfg = RuleConfig("ct", {"Modality": "CT"}, ("pacs",), line=3)
+    compiled = compile_rule(cfg)
+    assert compiled.matches is cfg.matcher.predicate and compiled.tags == cfg.matcher.tags
+    assert (compiled.source, compiled.line) == ('Modality == "CT"', 3)
+
+
+def test_handed_over_matcher_is_used_only_for_its_own_match() -> None:
+    m = compile_match('Modality == "CT"')
+    assert RuleConfig("r", m.match, ("a",), compiled=m).matcher is m
+    other = RuleConfig("r", 'Modality == "MR"', ("a",), compiled=m)
+    assert other.matcher is not m and other.matcher.predicate({MODALITY: "MR"}, {})
+
+
+def test_matcher_pickles_as_its_match_and_compiles_on_load() -> None:
+    m = compile_match({"Modality": ["CT", "MR"], "peer_ip": "10.0.0.0/8"})
+    again = pickle.loads(pickle.dumps(m))
+    assert again == m and again.predicate is not m.predicate
+    assert again.predicate({MODALITY: "CT"}, {"peer_ip": "10.1.2.3"})
+    assert not again.predicate({MODALITY: "CT"}, {"peer_ip": "192.168.0.1"})
 
 
 # -- property: compiled predicates equal an independent reference -------------------------------

@@ -17,7 +17,7 @@ import synth
 from fastroute.cli import read_part10
 from fastroute.config import Config, loads
 from fastroute.routing.schedule import PROGRESS_EVERY, DestinationSender
-from fastroute.spool import PENDING, Incoming, Spool
+from fastroute.spool import Incoming, QueueState, Spool
 from fastroute.spool.wakeup import Notifier
 from peers import wait_until
 from router import destination
@@ -95,7 +95,7 @@ def test_caught_up_sender_records_each_delivery_with_the_next_claim(
         for f in files:      # the next one arrives while the last delivery is held
             queue_files(spool, [f])               # one commit, as a listener's
             notifier.notify("pacs")
-            wait_until(lambda: not spool.entries("pacs", PENDING), 10, interval=0.001,
+            wait_until(lambda: not spool.entries("pacs", QueueState.PENDING), 10, interval=0.001,
                        message="sender did not take the object")
         scp.wait_for(n, timeout=30)
         wait_until(lambda: spool.counters().get("delivered:pacs", 0) == n, 10,

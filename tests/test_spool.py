@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 from fastroute.errors import SpoolFullError
-from fastroute.spool import FAILED, HELD, PENDING, UNROUTED, Incoming, Outcome, Spool, content_digest
+from fastroute.spool import (
+    UNROUTED,
+    CounterKind,
+    DropReason,
+    Incoming,
+    Outcome,
+    OutcomeKind,
+    QueueState,
+    Spool,
+    content_digest,
+)
 
 TS = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -30,20 +40,20 @@ def test_one_copy_many_queues_and_removal_after_all_delivered(spool: Spool) -> N
     [res] = spool.put_many([obj("1.1", ("a", "b"))])
     assert res.queued == ("a", "b") and spool.object_count() == 1
     (ca, _), (cb, _) = spool.claim("a", 10), spool.claim("b", 10)
-    spool.settle("a", [Outcome(ca[0].oid, "delivered", 0)])
+    spool.settle("a", [Outcome(ca[0].oid, OutcomeKind.DELIVERED, 0)])
     assert spool.object_count() == 1                  # b still needs it
-    spool.settle("b", [Outcome(cb[0].oid, "delivered", 0)])
+    spool.settle("b", [Outcome(cb[0].oid, OutcomeKind.DELIVERED, 0)])
     assert spool.object_count() == 0
-    meta = spool.meta(res.oid)
-    assert meta is not None and set(meta["delivered"]) == {"a", "b"} and meta["outstanding"] == []
+    rec = spool.record(res.oid)
+    assert rec is not None and set(rec.delivered) == {"a", "b"} and rec.outstanding == []
 
 
 def test_claim_is_fifo_and_skips_not_yet_due(spool: Spool) -> None:
     spool.put_many([obj(f"1.{i}") for i in range(5)])
     first, _ = spool.claim("a", 2)
     assert [c.sop_instance_uid for c in first] == ["1.0", "1.1"]
-    spool.settle("a", [Outcome(first[0].oid, "retry", 0xA700, "busy", next_at=2e9),
-                       Outcome(first[1].oid, "release")])
+    spool.settle("a", [Outcome(first[0].oid, OutcomeKind.RETRY, 0xA700, "busy", next_at=2e9),
+                       Outcome(first[1].oid, OutcomeKind.RELEASE)])
     rest, earliest = spool.claim("a", 10, now=1e9)
     assert [c.sop_instance_uid for c in rest] == ["1.1", "1.2", "1.3", "1.4"]
     assert earliest == 2e9
@@ -62,8 +72,8 @@ def test_restart_returns_in_flight_to_pending(spool: Spool) -> None:
 def test_failed_is_kept_listed_and_retried(spool: Spool) -> None:
     spool.put_many([obj("1.1")])
     [c], _ = spool.claim("a", 1)
-    spool.settle("a", [Outcome(c.oid, "failed", 0xA900, "does not match SOP class")])
-    [e] = spool.entries("a", FAILED)
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.FAILED, 0xA900, "does not match SOP class")])
+    [e] = spool.entries("a", QueueState.FAILED)
     assert e.last_status == 0xA900 and "does not match" in e.error and spool.object_count() == 1
     assert spool.retry_failed("a") == 1
     [c2], _ = spool.claim("a", 1)
@@ -73,7 +83,7 @@ def test_failed_is_kept_listed_and_retried(spool: Spool) -> None:
 def test_retry_record_survives_with_its_error(spool: Spool) -> None:
     spool.put_many([obj("1.1")])
     [c], _ = spool.claim("a", 1)
-    spool.settle("a", [Outcome(c.oid, "retry", 0xA700, "out of resources", next_at=0)])
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.RETRY, 0xA700, "out of resources", next_at=0)])
     [c2], _ = spool.claim("a", 1)
     assert c2.attempts == 1
     assert spool.entry("a", c2.oid) is not None
@@ -92,7 +102,7 @@ def test_resend_while_pending_supersedes(spool: Spool) -> None:
 def test_identical_resend_after_delivery_is_suppressed_but_a_correction_is_not(spool: Spool) -> None:
     spool.put_many([obj("1.1", data=b"same" * 10)])
     [c], _ = spool.claim("a", 1)
-    spool.settle("a", [Outcome(c.oid, "delivered", 0)])
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0)])
     [dup] = spool.put_many([obj("1.1", data=b"same" * 10)])
     assert dup.suppressed == ("a",) and dup.queued == ()
     [fix] = spool.put_many([obj("1.1", data=b"fixed" * 10)])
@@ -103,9 +113,11 @@ def test_unrouted_is_held_and_purge_is_explicit(spool: Spool) -> None:
     [res] = spool.put_many([obj("1.1", ())])
     [st] = [s for s in spool.stats() if s.destination == UNROUTED]
     assert st.pending == 1
-    assert spool.purge(UNROUTED, (HELD,), reason="test") == [res.oid]
+    assert spool.purge(UNROUTED, (QueueState.UNROUTED,), reason="test") == [res.oid]
     assert spool.object_count() == 0
-    assert spool.meta(res.oid)["dropped"][UNROUTED][1] == "purged"
+    rec = spool.record(res.oid)
+    assert rec is not None and rec.dropped[UNROUTED].how is DropReason.PURGED
+    assert rec.dropped[UNROUTED].reason == "test"
 
 
 def test_map_full_keeps_what_fits(tmp_path: Path) -> None:
@@ -132,14 +144,14 @@ def test_free_space_floor(tmp_path: Path) -> None:
 
 def test_lookup_and_history(spool: Spool) -> None:
     spool.put_many([obj("1.1", study="7.7"), obj("1.2", study="7.7"), obj("1.3", study="8.8")])
-    assert sorted(m["sop_instance_uid"] for _, m in spool.lookup(study_instance_uid="7.7")) == ["1.1", "1.2"]
+    assert sorted(r.sop_instance_uid for _, r in spool.lookup(study_instance_uid="7.7")) == ["1.1", "1.2"]
     assert len(spool.lookup(patient_id="P1")) == 3
 
 
 def test_audit_chain_detects_tampering(spool: Spool) -> None:
     spool.put_many([obj("1.1")])
     [c], _ = spool.claim("a", 1)
-    spool.settle("a", [Outcome(c.oid, "delivered", 0)])
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0)])
     spool.audit_record("purge", who="alice", why="duplicate study")
     ok, msg = spool.audit_verify()
     assert ok, msg
@@ -160,19 +172,22 @@ def test_audit_chain_detects_tampering(spool: Spool) -> None:
 def test_counters_and_latency_histogram(spool: Spool) -> None:
     spool.put_many([obj("1.1")], now=1000.0)
     [c], _ = spool.claim("a", 1, now=1000.0)
-    spool.settle("a", [Outcome(c.oid, "delivered", 0, transcoded="1.2.840.10008.1.2")], now=1003.0)
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0, transcoded="1.2.840.10008.1.2")], now=1003.0)
     counters = spool.counters()
     assert counters["received"] == 1 and counters["delivered:a"] == 1
     assert counters["latency_bucket:a:5.0"] == 1 and counters["transcoded:a"] == 1
     assert counters["received_from:CT1"] == 1
+    assert counters.of(CounterKind.DELIVERED, "a") == 1 and counters.of(CounterKind.RECEIVED_FROM, extra="CT1") == 1
+    assert counters.per_destination(CounterKind.TRANSCODED) == {"a": 1}
+    assert spool.record(c.oid).delivered["a"].syntax == "1.2.840.10008.1.2"   # type: ignore[union-attr]
 
 
 def test_delivery_is_recorded_at_the_destinations_time(spool: Spool) -> None:
     """A sender may record a delivery after a short hold: times come from Outcome.at."""
     [res] = spool.put_many([obj("1.1")], now=1000.0)
     [c], _ = spool.claim("a", 1, now=1000.0)
-    spool.settle("a", [Outcome(c.oid, "delivered", 0, at=1000.2)], now=1003.0)
-    assert spool.meta(res.oid)["delivered"]["a"][0] == 1000.2
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0, at=1000.2)], now=1003.0)
+    assert spool.record(res.oid).delivered["a"].at == 1000.2   # type: ignore[union-attr]
     counters = spool.counters()
     assert counters["latency_bucket:a:0.25"] == 1 and "latency_bucket:a:5.0" not in counters
     assert [e["time"] for e in spool.audit_events() if e["action"] == "delivered"] == [1000.2]
@@ -213,13 +228,13 @@ def test_settle_claims_the_next_batch_in_the_same_commit(spool: Spool) -> None:
     spool.put_many([obj(f"1.{i}") for i in range(4)])
     [first], _ = spool.claim("a", 1)
     before = spool.env.info()["last_txnid"]
-    nxt, _ = spool.settle("a", [Outcome(first.oid, "delivered", 0)], claim=2)
+    nxt, _ = spool.settle("a", [Outcome(first.oid, OutcomeKind.DELIVERED, 0)], claim=2)
     assert spool.env.info()["last_txnid"] == before + 1          # one commit for both
     assert [c.sop_instance_uid for c in nxt] == ["1.1", "1.2"]
     [st] = [s for s in spool.stats(["a"]) if s.destination == "a"]
     assert (st.pending, st.in_flight, st.delivered) == (1, 2, 1)
     spool.set_paused("a", True)                                   # paused: settle only
-    assert spool.settle("a", [Outcome(c.oid, "release") for c in nxt], claim=5) == ([], None)
+    assert spool.settle("a", [Outcome(c.oid, OutcomeKind.RELEASE) for c in nxt], claim=5) == ([], None)
     [st] = [s for s in spool.stats(["a"]) if s.destination == "a"]
     assert (st.pending, st.in_flight) == (3, 0)
 
@@ -229,15 +244,15 @@ def test_content_digest_is_not_taken_on_receive(spool: Spool) -> None:
     compare a re-send with an earlier delivery."""
     data = b"pixels" * 1000
     [res] = spool.put_many([obj("1.1", ("a", "b"), data=data)])
-    assert spool.meta(res.oid)["digest"] == ""
+    assert spool.record(res.oid).digest == ""   # type: ignore[union-attr]
     [ca], _ = spool.claim("a", 1)
     assert ca.digest == b""
     digest = content_digest(data)
-    spool.settle("a", [Outcome(ca.oid, "delivered", 0, digest=digest)])
-    assert spool.meta(res.oid)["digest"] == digest.hex()
+    spool.settle("a", [Outcome(ca.oid, OutcomeKind.DELIVERED, 0, digest=digest)])
+    assert spool.record(res.oid).digest == digest.hex()   # type: ignore[union-attr]
     [cb], _ = spool.claim("b", 1)                 # the other sender need not hash again
     assert cb.digest == digest
-    spool.settle("b", [Outcome(cb.oid, "delivered", 0, digest=cb.digest)])
+    spool.settle("b", [Outcome(cb.oid, OutcomeKind.DELIVERED, 0, digest=cb.digest)])
     [dup] = spool.put_many([obj("1.1", ("a", "b"), data=data)])
     assert dup.suppressed == ("a", "b") and dup.queued == ()
 
@@ -247,9 +262,9 @@ def test_no_duplicate_window_keeps_no_delivery_digests(tmp_path: Path) -> None:
     try:
         sp.put_many([obj("1.1", data=b"same" * 10)])
         [c], _ = sp.claim("a", 1)
-        sp.settle("a", [Outcome(c.oid, "delivered", 0)])
-        with sp.env.begin(db=sp._dlv) as txn:
-            assert txn.stat(sp._dlv)["entries"] == 0
+        sp.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0)])
+        with sp.env.begin() as txn:
+            assert txn.stat(sp._dbs["dlv"])["entries"] == 0
         [again] = sp.put_many([obj("1.1", data=b"same" * 10)])
         assert again.queued == ("a",) and again.suppressed == ()
     finally:
@@ -260,7 +275,7 @@ def test_sender_commits_skip_only_the_meta_sync(tmp_path: Path) -> None:
     """Listeners answer modalities after their commit: fully synced. Senders' commits keep
     LMDB's integrity (data synced before the meta page) but not the last one's durability."""
     from fastroute.config import loads
-    from fastroute.workers import open_spool
+    from fastroute.spool import open_spool
     cfg = loads(f"spool: {tmp_path / 's'}\nspool_max_bytes: 64MiB\n")
     for durable in (True, False):
         sp = open_spool(cfg, durable=durable)
@@ -311,3 +326,187 @@ def test_preallocation_cleans_up_after_a_crash_in_between(tmp_path: Path) -> Non
             assert txn.get(b"~prealloc:00000000") is None
     finally:
         sp.close()
+
+
+# -- typed records: one codec, old records still read -------------------------------------------
+
+def test_routing_record_round_trip() -> None:
+    from fastroute.spool.records import (
+        Delivery,
+        Drop,
+        Failure,
+        RoutingRecord,
+        decode_record,
+        encode_record,
+    )
+    rec = RoutingRecord(
+        sop_class_uid=CT, sop_instance_uid="1.1", transfer_syntax=TS, size=10, received_at=5.5,
+        digest="ab" * 16, outstanding=["c"], routed_to=["a", "b", "c", "d"], suppressed=["e"],
+        delivered={"a": Delivery(6.0, 0), "b": Delivery(7.0, 0xB000, "1.2.840.10008.1.2.4.80")},
+        failed={"c": Failure(8.0, None, "timeout")},
+        dropped={"d": Drop(9.0, DropReason.SUPERSEDED, by=42), "x": Drop(9.5, DropReason.PURGED, "bad")},
+        study_instance_uid="7.7", patient_id="P1", calling_ae="CT1", rules=["ct"],
+        extra={"future_key": [1, 2]})
+    assert decode_record(encode_record(rec)) == rec
+    doc = json.loads(encode_record(rec))
+    assert doc["v"] == 2 and doc["delivered"]["b"] == {"at": 7.0, "status": 0xB000,
+                                                       "syntax": "1.2.840.10008.1.2.4.80"}
+
+
+def test_routing_record_decodes_the_list_records_of_the_first_format() -> None:
+    from fastroute.spool.records import decode_record
+    legacy = {
+        "study_instance_uid": "7.7", "calling_ae": "CT1", "sop_class_uid": CT, "sop_instance_uid": "1.1",
+        "transfer_syntax": TS, "size": 10, "digest": "", "received_at": 5.0, "outstanding": ["c"],
+        "routed_to": ["a", "b", "c"], "suppressed": [],
+        "delivered": {"a": [6.0, 0], "b": [7.0, 0xB000, "1.2.840.10008.1.2.4.80"]},
+        "failed": {"c": [8.0, None, "timeout"]},
+        "dropped": {"d": [9.0, "superseded", "", 42], "e": [9.5, "purged", "bad"]},
+    }
+    rec = decode_record(json.dumps(legacy).encode())
+    assert rec.delivered["a"].syntax == "" and rec.delivered["b"].syntax == "1.2.840.10008.1.2.4.80"
+    assert rec.delivered["b"].status == 0xB000 and rec.failed["c"].status is None
+    assert rec.failed["c"].error == "timeout"
+    assert rec.dropped["d"].how is DropReason.SUPERSEDED and rec.dropped["d"].by == 42
+    assert rec.dropped["e"].reason == "bad" and rec.dropped["e"].by is None
+    assert rec.extra == {} and rec.study_instance_uid == "7.7"
+
+
+def test_queue_record_codec() -> None:
+    from fastroute.spool.records import QueueRecord
+    q = QueueRecord(3, 12.5, 0xA700, 1, "Refused: Out of Resources")
+    assert QueueRecord.decode(q.encode()) == q and QueueRecord.next_at_of(q.encode()) == 12.5
+    assert QueueRecord.decode(QueueRecord().encode()) == QueueRecord()   # -1 on disk is "no status"
+
+
+def test_counter_keys_encode_and_decode_in_one_place() -> None:
+    from fastroute.spool.counters import CounterKey
+    cases = {
+        "received": CounterKey(CounterKind.RECEIVED),
+        "received_from:CT1": CounterKey(CounterKind.RECEIVED_FROM, extra="CT1"),
+        "received_from:": CounterKey(CounterKind.RECEIVED_FROM),
+        "delivered:pacs": CounterKey(CounterKind.DELIVERED, "pacs"),
+        "failed_status:pacs:-1": CounterKey.failed_status("pacs", None),
+        "failed_status:pacs:43264": CounterKey.failed_status("pacs", 0xA900),
+        "latency_bucket:pacs:0.25": CounterKey.latency_bucket("pacs", 0.25),
+        "latency_bucket:pacs:inf": CounterKey.latency_bucket("pacs", None),
+    }
+    for text, key in cases.items():
+        assert key.encode() == text.encode() and CounterKey.decode(text) == key
+    for other in ("paused:pacs", "audit_head", "received:x", "delivered", "nonsense:x"):
+        assert CounterKey.decode(other) is None
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy_spool.tar.xz"
+JPEG_LS = "1.2.840.10008.1.2.4.80"
+
+
+def test_legacy_spool_opens_reads_and_drains(tmp_path: Path) -> None:
+    """A spool written by the code before the split (tests/data/make_legacy_spool.py)."""
+    import tarfile
+    with tarfile.open(LEGACY) as tar:
+        tar.extractall(tmp_path, filter="data")
+    sp = Spool(tmp_path / "spool", map_size=16 * 1024**2)
+    try:
+        ok, msg = sp.audit_verify()
+        assert ok and msg == "7 events, chain intact"
+        assert [e["action"] for e in sp.audit_events()][-2:] == ["pause", "purge"]
+        c = sp.counters()
+        assert c.of(CounterKind.RECEIVED) == 11 and c.of(CounterKind.RECEIVED_FROM, extra="MR1") == 1
+        assert c.per_destination(CounterKind.DELIVERED) == {"pacs": 2, "vna": 1}
+        assert c.of(CounterKind.FAILED_STATUS, "pacs", "43264") == 1 and c.of(CounterKind.FAILED_STATUS, "pacs", "-1") == 1
+        assert c.per_destination(CounterKind.SUPPRESSED) == {"pacs": 1, "vna": 1}
+        assert c.of(CounterKind.LATENCY_BUCKET, "pacs", "30.0") == 2 and c.of(CounterKind.PURGED, "vna") == 1
+        assert sp.is_paused("vna")
+
+        by_uid = {r.sop_instance_uid: (oid, r) for oid, r in sp.lookup(study_instance_uid="1.2.3.4")}
+        assert len(sp.lookup(patient_id="PAT1")) == 11
+        delivered = by_uid["1.1"][1]     # the suppressed re-send is newer: lookup lists both
+        first = sp.record(1)
+        assert first is not None and first.delivered["pacs"].at == 1_700_000_021.0
+        assert first.delivered["pacs"].syntax == "" and set(first.delivered) == {"pacs", "vna"}
+        assert delivered.suppressed == ["pacs", "vna"] and delivered.outstanding == []
+        transcoded = by_uid["1.2"][1]
+        assert transcoded.delivered["pacs"].syntax == JPEG_LS and transcoded.delivered["pacs"].status == 0xB000
+        assert by_uid["1.3"][1].failed["pacs"].status == 0xA900
+        assert by_uid["1.4"][1].failed["pacs"].status is None
+        assert by_uid["1.7"][1].dropped["vna"].how is DropReason.PURGED
+        assert by_uid["1.7"][1].dropped["vna"].reason == "wrong study"
+        superseded = sp.record(9)
+        assert superseded is not None and superseded.dropped["vna"].how is DropReason.SUPERSEDED
+        assert superseded.dropped["vna"].by == 10
+
+        stats = {s.destination: s for s in sp.stats(["pacs", "vna"])}
+        assert (stats["pacs"].pending, stats["pacs"].in_flight, stats["pacs"].failed) == (1, 1, 2)
+        assert (stats["vna"].pending, stats["vna"].failed, stats[UNROUTED].pending) == (1, 0, 1)
+        [retry] = sp.entries("pacs", QueueState.PENDING)
+        assert retry.attempts == 1 and retry.last_status == 0xA700 and "Out of Resources" in retry.error
+        failed = {e.oid: e for e in sp.entries("pacs", b"F")}       # the old code letters still work
+        assert {e.last_status for e in failed.values()} == {0xA900, None}
+        assert sp.entry("pacs", by_uid["1.5"][0]).state is QueueState.IN_FLIGHT   # type: ignore[union-attr]
+
+        # Drain it all: the crashed sender's in-flight, the retry, the failed ones, vna, unrouted.
+        assert sp.reset_inflight("pacs") == 1 and sp.retry_failed("pacs") == 2
+        claimed, _ = sp.claim("pacs", 10, now=1_800_000_000.0)
+        assert len(claimed) == 4
+        sp.settle("pacs", [Outcome(x.oid, OutcomeKind.DELIVERED, 0, at=1_800_000_001.0) for x in claimed])
+        sp.set_paused("vna", False)
+        [v], _ = sp.claim("vna", 10)
+        assert v.sop_instance_uid == "1.9" and v.oid == 10
+        sp.settle("vna", [Outcome(v.oid, OutcomeKind.DELIVERED, 0)])
+        assert sp.purge(UNROUTED, (QueueState.UNROUTED,), reason="drained") == [8]
+        assert sp.object_count() == 0
+        assert all(s.pending + s.in_flight + s.failed == 0 for s in sp.stats())
+        rec = sp.record(by_uid["1.3"][0])
+        assert rec is not None and rec.delivered["pacs"].status == 0 and rec.failed["pacs"].status == 0xA900
+        assert sp.counters().of(CounterKind.DELIVERED, "pacs") == 6
+        ok, msg = sp.audit_verify()
+        assert ok and msg == "12 events, chain intact"   # 7 + five deliveries
+        # new objects go on after the old sequence
+        [new] = sp.put_many([obj("2.1")])
+        assert new.oid == 12
+    finally:
+        sp.close()
+
+
+def test_commit_path_forms_agree_with_the_codec() -> None:
+    """put/claim/settle edit the JSON form directly (no RoutingRecord per object): what they
+    write must decode to what the typed record says."""
+    from fastroute.spool.records import (
+        Delivery,
+        Drop,
+        Failure,
+        RoutingRecord,
+        decode_claim_fields,
+        decode_record,
+        encode_new_record,
+        encode_record,
+        update_record,
+    )
+    meta = {"study_instance_uid": "7.7", "patient_id": "P1", "calling_ae": "CT1", "rules": ["ct"], "custom": 1}
+    raw, keys = encode_new_record(sop_class_uid=CT, sop_instance_uid="1.1", transfer_syntax=TS, size=10,
+                                  received_at=5.0, digest="", outstanding=["a", "b"], routed_to=["a", "b"],
+                                  suppressed=[], meta=meta)
+    expected = RoutingRecord(CT, "1.1", TS, 10, 5.0, outstanding=["a", "b"], routed_to=["a", "b"],
+                             study_instance_uid="7.7", patient_id="P1", calling_ae="CT1", rules=["ct"],
+                             extra={"custom": 1})
+    assert decode_record(raw) == expected and keys == expected.index_keys() == [b"s7.7", b"pP1"]
+    assert decode_claim_fields(raw) == (CT, "1.1", TS, 10, "CT1", b"")
+    raw, facts = update_record(raw, "a", delivery=Delivery(6.0, 0, "1.2.840.10008.1.2"), digest="ab" * 16)
+    raw, _ = update_record(raw, "b", failure=Failure(7.0, 0xA700, "busy"))
+    raw, facts = update_record(raw, "b", drop=Drop(8.0, DropReason.PURGED, "why"))
+    assert facts.finished and facts.digest == "ab" * 16 and facts.received_at == 5.0
+    expected.outstanding = []
+    expected.digest = "ab" * 16
+    expected.delivered = {"a": Delivery(6.0, 0, "1.2.840.10008.1.2")}
+    expected.failed = {"b": Failure(7.0, 0xA700, "busy")}
+    expected.dropped = {"b": Drop(8.0, DropReason.PURGED, "why")}
+    assert decode_record(raw) == expected and decode_record(encode_record(expected)) == expected
+    # a version-1 record is upgraded when it is next updated
+    v1 = json.dumps({"sop_class_uid": CT, "sop_instance_uid": "1.2", "transfer_syntax": TS, "size": 1,
+                     "received_at": 1.0, "outstanding": ["a"], "delivered": {"x": [0.5, 0, "1.2.840.10008.1.2"]},
+                     "failed": {}}).encode()
+    raw, facts = update_record(v1, "a", delivery=Delivery(2.0, 0))
+    doc = json.loads(raw)
+    assert doc["v"] == 2 and doc["delivered"]["x"] == {"at": 0.5, "status": 0, "syntax": "1.2.840.10008.1.2"}
+    assert facts.finished and decode_record(raw).delivered["a"] == Delivery(2.0, 0)

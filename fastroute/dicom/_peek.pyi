@@ -15,3 +15,8 @@ def peek_prefix(
     implicit_vr: bool,
     little_endian: bool,
 ) -> tuple[dict[int, tuple[str, bytes]], bool]: ...
+def validate(
+    buf: bytes | bytearray | memoryview,
+    implicit_vr: bool,
+    little_endian: bool,
+) -> None: ...

@@ -5,6 +5,10 @@ deflated dataset only as far as the requested tags need, and converts the raw va
 plain Python values (str, int, float, bytes, or a tuple of them when VM > 1) that rules can
 compare. Character sets are pydicom's (``decode_bytes`` / ``convert_encodings``), so text
 matches what pydicom would show; nothing here builds a pydicom Dataset.
+
+:func:`check_structure` is the receive-side gate of issue 11: the whole dataset's element
+structure, walked by the native validator, and the object size limit, which a deflated
+dataset must respect while it is being inflated (a deflate bomb is refused, not built).
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.valuerep import TEXT_VR_DELIMS
 
 from fastroute import native
-from fastroute.errors import PeekError
+from fastroute.errors import ObjectTooLarge, PeekError
 
-__all__ = ["Scalar", "Value", "read_attributes", "tags_for"]
+__all__ = ["MAX_OBJECT_BYTES", "Scalar", "Value", "check_structure", "read_attributes", "tags_for"]
 
 log = logging.getLogger("fastroute.peek")
 
@@ -51,6 +55,9 @@ _IS = re.compile(r"[+-]?[0-9]+")
 _DS = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 _INFLATE_FIRST = 16 * 1024  # bytes of inflated output tried first; doubles per round
+_INFLATE_STEP = 1024 * 1024  # bytes of inflated output per step when inflating it all
+#: Default object size limit; callers pass the configured ``max_object_bytes``.
+MAX_OBJECT_BYTES = 4 * 1024**3
 
 
 def tags_for(keywords: Iterable[str]) -> tuple[int, ...]:
@@ -67,14 +74,66 @@ def tags_for(keywords: Iterable[str]) -> tuple[int, ...]:
     return tuple(sorted(tags))
 
 
-def read_attributes(buf: Buffer, transfer_syntax_uid: str,
-                    tags: Iterable[int]) -> dict[int, Value]:
+def check_structure(buf: Buffer, transfer_syntax_uid: str,
+                    max_bytes: int = MAX_OBJECT_BYTES) -> None:
+    """Refuse a dataset a destination could not parse, before it is acknowledged.
+
+    Walks every element header of `buf` (the encoded dataset in `transfer_syntax_uid`) to
+    the end, sequences and items included, without decoding values; see
+    :func:`fastroute.dicom.peek.validate` for what is rejected. Encapsulated syntaxes are
+    Explicit VR LE; a deflated dataset is inflated step by step and refused as soon as it
+    would exceed `max_bytes`, so at most `max_bytes` is ever held.
+
+    Raises ObjectTooLarge when `buf`, or its inflated form, exceeds `max_bytes`, and
+    PeekError (with offset and tag) for any other malformation. Holds the GIL only for
+    small objects: run it in a thread for large ones to keep an event loop answering.
+    """
+    if len(buf) > max_bytes:
+        raise ObjectTooLarge(f"dataset of {len(buf)} bytes exceeds the limit of {max_bytes}")
+    ts = transfer_syntax_uid.rstrip("\0 ")
+    if ts in DEFLATED:
+        data: Buffer = _inflate_all(buf, max_bytes)
+        native.validate(data, _actual_implicit(data, False, "deflated"), True)
+    else:
+        native.validate(buf, _actual_implicit(buf, ts == IMPLICIT_VR_LE, ts),
+                        ts != EXPLICIT_VR_BE)
+
+
+def _inflate_all(buf: Buffer, max_bytes: int) -> bytearray:
+    """Inflate a raw-deflated dataset in bounded steps; never holds more than `max_bytes` + 1."""
+    inflater = zlib.decompressobj(-15)
+    data = bytearray()
+    pending: Buffer = buf
+    try:
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, min(_INFLATE_STEP, max_bytes + 1 - len(data)))
+            pending = inflater.unconsumed_tail
+            data += chunk
+            if len(data) > max_bytes:
+                raise _too_large(buf, max_bytes)
+            if not chunk and not pending:
+                raise PeekError(f"deflated dataset ends inside its deflate stream after "
+                                f"{len(data)} inflated bytes")
+    except zlib.error as exc:
+        raise PeekError(f"deflated dataset is corrupt after {len(data)} inflated bytes: "
+                        f"{exc}") from None
+    return data
+
+
+def _too_large(buf: Buffer, max_bytes: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"deflated dataset of {len(buf)} bytes inflates to more than the "
+                          f"limit of {max_bytes} bytes")
+
+
+def read_attributes(buf: Buffer, transfer_syntax_uid: str, tags: Iterable[int],
+                    max_bytes: int = MAX_OBJECT_BYTES) -> dict[int, Value]:
     """Return ``{tag: value}`` for the requested top-level tags present in dataset `buf`.
 
     `buf` is the encoded dataset (no preamble or file meta) in `transfer_syntax_uid`.
     Missing tags are absent. Text is decoded with the dataset's (0008,0005), read along
     whenever a requested tag may be text. Raises PeekError for truncated or malformed
-    bytes, including a corrupt deflate stream.
+    bytes, including a corrupt deflate stream, and ObjectTooLarge when a deflated dataset
+    would have to be inflated past `max_bytes` to find the tags.
     """
     ts = transfer_syntax_uid.rstrip("\0 ")
     wanted = frozenset(tags)
@@ -84,7 +143,7 @@ def read_attributes(buf: Buffer, transfer_syntax_uid: str,
     peek_tags = tuple(sorted(query))
     little = ts != EXPLICIT_VR_BE
     if ts in DEFLATED:
-        raw = _peek_deflated(buf, peek_tags)
+        raw = _peek_deflated(buf, peek_tags, max_bytes)
     else:
         implicit = _actual_implicit(buf, ts == IMPLICIT_VR_LE, ts)
         raw = native.peek(buf, peek_tags, implicit, little)
@@ -93,11 +152,13 @@ def read_attributes(buf: Buffer, transfer_syntax_uid: str,
             for tag, (vr, value) in raw.items() if tag in wanted}
 
 
-def _peek_deflated(buf: Buffer, tags: tuple[int, ...]) -> dict[int, tuple[str, bytes]]:
+def _peek_deflated(buf: Buffer, tags: tuple[int, ...],
+                   max_bytes: int = MAX_OBJECT_BYTES) -> dict[int, tuple[str, bytes]]:
     """Inflate only as much of a raw-deflated Explicit VR LE dataset as `tags` need.
 
     The routing tags sit near the start; Pixel Data, which dominates the size, is at the
-    end and is never inflated unless a requested tag lies beyond it.
+    end and is never inflated unless a requested tag lies beyond it. Never inflates more than
+    `max_bytes`: if the tags lie beyond, ObjectTooLarge.
     """
     inflater = zlib.decompressobj(-15)
     data = bytearray()
@@ -107,11 +168,21 @@ def _peek_deflated(buf: Buffer, tags: tuple[int, ...]) -> dict[int, tuple[str, b
     implicit = False
     try:
         while True:
-            data += inflater.decompress(pending, limit)
-            pending = inflater.unconsumed_tail
-            done = inflater.eof or not pending
+            # Inflate `limit` more bytes, in steps of at most _INFLATE_STEP so that a step's
+            # output and the growing buffer never add up to twice what the limit allows.
+            if len(data) >= max_bytes:  # the tags need more than the limit allows
+                raise _too_large(buf, max_bytes)
+            target = min(len(data) + limit, max_bytes)
+            done = False
+            while len(data) < target and not done:
+                data += inflater.decompress(
+                    pending, min(_INFLATE_STEP, target - len(data)))
+                pending = inflater.unconsumed_tail
+                done = inflater.eof or not pending
             if done:
-                data += inflater.flush()
+                data += inflater.flush()  # what zlib holds back: a few KiB at most
+                if len(data) > max_bytes:
+                    raise _too_large(buf, max_bytes)
             if not checked and (len(data) >= 6 or done):
                 implicit = _actual_implicit(data, False, "deflated")
                 checked = True

@@ -17,6 +17,10 @@ searching for delimiter bytes, so fragment data cannot fool the walk.
 Every read is bounds-checked: truncated or malformed input raises
 :class:`~fastroute.errors.PeekError` naming the byte offset. Each step consumes at least
 eight bytes, so the walk always terminates; nesting is capped at :data:`MAX_DEPTH`.
+
+:func:`validate` is the strict sibling: it walks *every* element header to the end of the
+dataset, into sequences and items of defined length too, so a receiver can refuse an object
+a destination would choke on (issue 11) before acknowledging it.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from collections.abc import Iterable
 
 from fastroute.errors import PeekError
 
-__all__ = ["MAX_DEPTH", "peek", "peek_prefix"]
+__all__ = ["MAX_DEPTH", "peek", "peek_prefix", "validate"]
 
 #: Sequences nested deeper than this raise PeekError (real data rarely exceeds 5).
 MAX_DEPTH = 64
@@ -203,6 +207,141 @@ def _skip_undefined(data: bytes | bytearray | memoryview, pos: int, n: int, un: 
                 pos = vpos + length
 
 
+# validate(): the kinds of level on its stack (the top level is a dataset, 0).
+_SEQ, _ITEM_LEVEL, _FRAGMENTS = 1, 2, 3
+# Explicit VRs pydicom unpacks as fixed-size numbers: any other length makes pydicom raise
+# (BytesLengthException) when the value is read, so a destination using it would fail too.
+# OW/OF/OD/OL/OV and AT are not here: pydicom hands those back without such a check.
+_NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, "UV": 8}
+# Explicit VRs that may have an undefined length (PS3.5 7.1.1, 7.5, A.4).
+_UNDEFINED_OK = frozenset({"SQ", "UN", "OB", "OW"})
+# Of undefined length, this holds fragments (PS3.5 A.4) whatever the VR says.
+_PIXEL_DATA = 0x7FE00010
+
+
+def _binary_group(group: int) -> bool:
+    """Pixel, overlay, curve and waveform groups: implicit VR values here are never items,
+    even when their first bytes happen to spell an item tag."""
+    return group == 0x7FE0 or group == 0x5400 or group >> 8 == 0x50 or group >> 8 == 0x60
+
+
+def validate(buf: bytes | bytearray | memoryview, implicit_vr: bool, little_endian: bool) -> None:
+    """Walk every element header of the dataset in `buf` to its end; PeekError if malformed.
+
+    Nothing is decoded. Sequences and items are entered whatever their length (explicit VR
+    SQ; in implicit VR a defined-length value that starts with an item tag), encapsulated
+    fragments are walked as items but not entered. Beyond what :func:`peek` rejects where it
+    reads, this rejects: a value or item running past its enclosing sequence or item, an
+    undefined length on a VR that cannot have one, a number VR whose length is not a whole
+    number of values, a delimiter outside a sequence, a sequence or item that is not
+    terminated, and anything left over at the end that is shorter than an element header.
+    The same tolerances as the peek apply (file meta, implicit items, UN sequences).
+    """
+    data = buf if isinstance(buf, (bytes, bytearray)) else memoryview(buf).cast("B")
+    try:
+        _validate(data, implicit_vr, little_endian)
+    except _Truncated as exc:
+        raise PeekError(str(exc)) from None
+
+
+def _validate(data: bytes | bytearray | memoryview, implicit_vr: bool,
+              little_endian: bool) -> None:
+    n = len(data)
+    meta = n >= 2 and data[0] == 2 and data[1] == 0
+    imp, le = (False, True) if meta else (implicit_vr, little_endian)
+    # (kind, implicit, little_endian, end, undefined length, opening tag, opening offset)
+    stack = [(0, imp, le, n, False, 0, 0)]
+    depth = 0  # open sequences (and encapsulated values), as in the peek
+    pos = 0
+    while True:
+        kind, imp, le, end, undefined, otag, opos = stack[-1]
+        if (kind == 0 and meta
+                and not (n - pos >= 2 and data[pos] == 2 and data[pos + 1] == 0)):
+            meta = False
+            imp, le = implicit_vr, little_endian
+            stack[0] = (0, imp, le, n, False, 0, 0)
+        if pos == end:
+            if kind == 0:
+                return
+            if undefined:
+                raise PeekError(_unterminated(kind == _ITEM_LEVEL, otag, opos, end))
+            stack.pop()
+            if kind != _ITEM_LEVEL:
+                depth -= 1
+            continue
+        left = end - pos
+        if kind == _SEQ or kind == _FRAGMENTS:
+            if left < 8:
+                raise PeekError(_trunc_header(pos, 8, left))
+            group, elem, length = _IMPLICIT[le].unpack_from(data, pos)
+            tag = group << 16 | elem
+            if tag == _SEQ_DELIM and undefined:
+                stack.pop()
+                depth -= 1
+                pos += 8
+            elif tag != _ITEM:
+                raise PeekError(_bad_item(tag, pos))
+            elif length == _UNDEFINED:
+                if kind == _FRAGMENTS:
+                    raise PeekError(_bad_fragment(otag, pos))
+                stack.append((_ITEM_LEVEL, imp or _looks_implicit(data, pos + 8, end, le), le,
+                              end, True, tag, pos))
+                pos += 8
+            else:
+                if length > left - 8:
+                    raise PeekError(_trunc_value(tag, pos + 8, length, left - 8))
+                if kind == _SEQ and length:
+                    stack.append((_ITEM_LEVEL,
+                                  imp or _looks_implicit(data, pos + 8, pos + 8 + length, le),
+                                  le, pos + 8 + length, False, tag, pos))
+                    pos += 8
+                else:
+                    pos += 8 + length
+            continue
+        # A dataset: the top level or an item's.
+        if left < 4:
+            raise PeekError(_trunc_header(pos, 4, left))
+        group, elem = _TAG[le].unpack_from(data, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE:
+            if kind == _ITEM_LEVEL and undefined and tag == _ITEM_DELIM:
+                if left < 8:
+                    raise PeekError(_trunc_header(pos, 8, left))
+                stack.pop()
+                pos += 8
+                continue
+            raise PeekError(_unexpected(tag, pos) if kind else _stray(tag, pos))
+        vr, length, vpos = _header(data, pos, end, group, imp, le)
+        if length == _UNDEFINED:
+            if vr and vr not in _UNDEFINED_OK:
+                raise PeekError(_bad_undefined(tag, vr, pos))
+            if depth >= MAX_DEPTH:
+                raise PeekError(_too_deep(pos))
+            depth += 1
+            if tag == _PIXEL_DATA or vr == "OB" or vr == "OW":
+                stack.append((_FRAGMENTS, imp, le, end, True, tag, pos))
+            elif vr == "UN":
+                stack.append((_SEQ, True, True, end, True, tag, pos))
+            else:
+                stack.append((_SEQ, imp, le, end, True, tag, pos))
+            pos = vpos
+            continue
+        if length > end - vpos:
+            raise PeekError(_trunc_value(tag, vpos, length, end - vpos))
+        size = _NUMBER_SIZES.get(vr, 0)
+        if size and length % size:
+            raise PeekError(_bad_length(tag, vr, pos, length, size))
+        if vr == "SQ" or (not vr and length >= 8 and not _binary_group(group)
+                          and _TAG[le].unpack_from(data, vpos) == (0xFFFE, 0xE000)):
+            if depth >= MAX_DEPTH:
+                raise PeekError(_too_deep(pos))
+            depth += 1
+            stack.append((_SEQ, imp, le, vpos + length, False, tag, pos))
+            pos = vpos
+        else:
+            pos = vpos + length
+
+
 def _looks_implicit(data: bytes | bytearray | memoryview, pos: int, n: int, le: bool) -> bool:
     """pydicom's test for an item written implicit inside an explicit dataset."""
     if n - pos < 6 or _TAG[le].unpack_from(data, pos)[0] == 0xFFFE:
@@ -232,3 +371,29 @@ def _unexpected(tag: int, pos: int) -> str:
 
 def _too_deep(pos: int) -> str:
     return f"sequences nested deeper than {MAX_DEPTH} levels at offset {pos}"
+
+
+def _stray(tag: int, pos: int) -> str:
+    return f"unexpected ({tag >> 16:04X},{tag & 0xFFFF:04X}) outside a sequence at offset {pos}"
+
+
+def _unterminated(item: bool, tag: int, pos: int, end: int) -> str:
+    if item:
+        return f"item at offset {pos} has no item delimiter before offset {end}"
+    return (f"undefined-length ({tag >> 16:04X},{tag & 0xFFFF:04X}) at offset {pos} has no "
+            f"sequence delimiter before offset {end}")
+
+
+def _bad_fragment(tag: int, pos: int) -> str:
+    return (f"undefined-length item inside encapsulated ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
+            f"at offset {pos}")
+
+
+def _bad_undefined(tag: int, vr: str, pos: int) -> str:
+    return (f"undefined length on ({tag >> 16:04X},{tag & 0xFFFF:04X}) with VR {vr} "
+            f"at offset {pos}")
+
+
+def _bad_length(tag: int, vr: str, pos: int, length: int, size: int) -> str:
+    return (f"length {length} of ({tag >> 16:04X},{tag & 0xFFFF:04X}) with VR {vr} "
+            f"at offset {pos} is not a multiple of {size}")

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import datetime as dt
 import difflib
+import enum
 import json
 import logging
 import os
@@ -22,17 +23,18 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from fastroute.ops import audit
 from fastroute.config import Config, loads
+from fastroute.dicom.status import describe
 from fastroute.errors import ConfigError, FastrouteError
-from fastroute.routing.schedule import read_state
-from fastroute.dicom.status import describe as status_text
-from fastroute.spool import FAILED, HELD, INFLIGHT, PENDING, UNROUTED, QueueEntry, Spool
+from fastroute.spool import UNROUTED, CounterKind, Counters, QueueEntry, QueueState, RoutingRecord, Spool
+from fastroute.spool.audit import whoami
+from fastroute.spool.senderstate import DestinationState, SenderState, read_state
 from fastroute.spool.wakeup import Notifier
 
 log = logging.getLogger("fastroute.ops")
 
-STATES = {"pending": PENDING, "failed": FAILED, "unrouted": HELD}
+# The states an operator may purge (in flight belongs to a running sender).
+STATES = {s.value: s for s in (QueueState.PENDING, QueueState.FAILED, QueueState.UNROUTED)}
 LOOKUP_SCAN_LIMIT = 20000   # queue entries read per destination to find a looked-up object's attempts
 
 
@@ -88,22 +90,33 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def _status_word(cfg: Config, dest: str, paused: bool, raw: dict[str, Any] | None) -> str:
-    """One word for the dashboard: up, backing_off, paused, idle, stopped, unknown, ..."""
+class DestinationStatus(enum.StrEnum):
+    """The one word the dashboard and ``/metrics`` show for a destination."""
+
+    IDLE = "idle"
+    UP = "up"
+    BACKING_OFF = "backing_off"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"             # no state file (the sender has not started)
+    UNCONFIGURED = "unconfigured"   # queue entries left for a destination no longer configured
+    UNROUTED = "unrouted"
+
+
+def _status_word(cfg: Config, dest: str, paused: bool, st: DestinationState | None) -> DestinationStatus:
     if dest == UNROUTED:
-        return "unrouted"
+        return DestinationStatus.UNROUTED
     if dest not in cfg.destinations:
-        return "unconfigured"
+        return DestinationStatus.UNCONFIGURED
     if paused:
-        return "paused"   # shown at once, before the sender notices and republishes
-    if raw is None:
-        return "unknown"
-    word = str(raw.get("state", "unknown"))
-    if word == "paused":   # resumed; the sender republishes on its next round
-        return "idle"
-    if word != "stopped" and not _alive(raw.get("pid")):
-        return "stopped"
-    return word
+        return DestinationStatus.PAUSED   # shown at once, before the sender notices and republishes
+    if st is None:
+        return DestinationStatus.UNKNOWN
+    if st.state == SenderState.PAUSED:   # resumed; the sender republishes on its next round
+        return DestinationStatus.IDLE
+    if st.state != SenderState.STOPPED and not _alive(st.pid):
+        return DestinationStatus.STOPPED
+    return DestinationStatus(st.state.value)
 
 
 def destination_status(cfg: Config, spool: Spool, now: float | None = None) -> list[dict[str, Any]]:
@@ -112,17 +125,17 @@ def destination_status(cfg: Config, spool: Spool, now: float | None = None) -> l
     out = []
     for s in spool.stats(cfg.destinations, now=now):
         configured = s.destination in cfg.destinations
-        raw: dict[str, Any] | None = read_state(cfg.spool, s.destination) if configured else None
+        st = read_state(cfg.spool, s.destination) if configured else None
         paused = configured and (cfg.destinations[s.destination].paused or spool.is_paused(s.destination))
         d = dataclasses.asdict(s)
         d.update({
             "name": display_name(s.destination), "configured": configured, "paused": paused,
-            "status": _status_word(cfg, s.destination, paused, raw),
-            "down_since": (raw or {}).get("down_since"), "retry_at": (raw or {}).get("retry_at"),
-            "consecutive_failures": int((raw or {}).get("consecutive_failures") or 0),
-            "last_error": (raw or {}).get("last_error") or "",
-            "last_success": (raw or {}).get("last_success"),
-            "state": raw,
+            "status": _status_word(cfg, s.destination, paused, st),
+            "down_since": st.down_since if st else None, "retry_at": st.retry_at if st else None,
+            "consecutive_failures": st.consecutive_failures if st else 0,
+            "last_error": st.last_error if st else "",
+            "last_success": st.last_success if st else None,
+            "state": dataclasses.asdict(st) if st else None,
         })
         if configured:
             dc = cfg.destinations[s.destination]
@@ -132,12 +145,12 @@ def destination_status(cfg: Config, spool: Spool, now: float | None = None) -> l
     return out
 
 
-def totals(counters: dict[str, int]) -> dict[str, int]:
-    def total(prefix: str) -> int:
-        return sum(v for k, v in counters.items() if k.startswith(prefix))
-    return {"received": counters.get("received", 0), "received_bytes": counters.get("received_bytes", 0),
-            "delivered": total("delivered:"), "delivered_bytes": total("delivered_bytes:"),
-            "failed": total("failed:"), "retries": total("retries:"), "purged": total("purged:")}
+def totals(counters: Counters) -> dict[str, int]:
+    return {"received": counters.of(CounterKind.RECEIVED), "received_bytes": counters.of(CounterKind.RECEIVED_BYTES),
+            "delivered": counters.total(CounterKind.DELIVERED),
+            "delivered_bytes": counters.total(CounterKind.DELIVERED_BYTES),
+            "failed": counters.total(CounterKind.FAILED), "retries": counters.total(CounterKind.RETRIES),
+            "purged": counters.total(CounterKind.PURGED)}
 
 
 def status(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, Any]:
@@ -152,29 +165,30 @@ def status(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, Any
         "usage": spool.usage(),
         "min_free_bytes": cfg.min_free_bytes,
         "totals": totals(counters),
-        "received_from": {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("received_from:")},
+        "received_from": {k.extra: v for k, v in counters.items_of(CounterKind.RECEIVED_FROM)},
     }
 
 
 def _entry_view(e: QueueEntry) -> dict[str, Any]:
-    m = e.meta
+    r = e.record
     return {
-        "destination": display_name(e.destination), "state": e.state, "oid": e.oid,
+        "destination": display_name(e.destination), "state": str(e.state), "oid": e.oid,
         "attempts": e.attempts, "next_at": e.next_at or None, "status": e.last_status,
-        "status_text": status_text(e.last_status) if e.last_status is not None else "",
+        "status_text": describe(e.last_status) if e.last_status is not None else "",
         "error": e.error,
-        **{k: m.get(k, "") for k in ("sop_instance_uid", "study_instance_uid", "patient_id",
-                                     "accession_number", "modality", "calling_ae")},
-        "received_at": m.get("received_at"),
+        "sop_instance_uid": r.sop_instance_uid if r else "",
+        "study_instance_uid": r.study_instance_uid if r else "",
+        "patient_id": r.patient_id if r else "", "accession_number": r.accession_number if r else "",
+        "modality": r.modality if r else "", "calling_ae": r.calling_ae if r else "",
+        "received_at": r.received_at if r else None,
     }
 
 
 def entries(cfg: Config, spool: Spool, destination: str, state: str, limit: int = 100) -> list[dict[str, Any]]:
     dest = resolve_destination(cfg, spool, destination)
-    codes = {**STATES, "in_flight": INFLIGHT}
-    if state not in codes:
-        raise BadRequest(f"unknown state {state!r} (one of: {', '.join(sorted(codes))})")
-    return [_entry_view(e) for e in spool.entries(dest, codes[state], limit)]
+    if state not in QueueState.__members__.values():
+        raise BadRequest(f"unknown state {state!r} (one of: {', '.join(sorted(QueueState))})")
+    return [_entry_view(e) for e in spool.entries(dest, QueueState(state), limit)]
 
 
 def failures(cfg: Config, spool: Spool, destination: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -187,7 +201,7 @@ def failures(cfg: Config, spool: Spool, destination: str | None = None, limit: i
              sorted((set(cfg.destinations) | set(spool.destinations())) - {UNROUTED}))
     out = []
     for d in dests:
-        for e in spool.entries(d, FAILED, max(limit, 1000)):
+        for e in spool.entries(d, QueueState.FAILED, max(limit, 1000)):
             view = _entry_view(e)
             view["failed_at"] = e.next_at
             out.append(view)
@@ -208,45 +222,58 @@ def _queue_entries(spool: Spool, wanted: dict[str, set[int]]) -> dict[tuple[str,
     return found
 
 
-def _path(oid: int, meta: dict[str, Any], queue: dict[tuple[str, int], QueueEntry]) -> list[dict[str, Any]]:
+class StepState(enum.StrEnum):
+    """Where an object stands at one destination, in a lookup's path."""
+
+    DELIVERED = "delivered"
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    FAILED = "failed"
+    UNROUTED = "unrouted"
+    QUEUED = "queued"           # outstanding, but its queue entry moved while we read
+    SUPERSEDED = "superseded"
+    PURGED = "purged"
+    SUPPRESSED = "suppressed"   # identical bytes already delivered there
+    UNKNOWN = "unknown"
+
+
+def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]) -> list[dict[str, Any]]:
     """Where one object went: one step per destination it was routed to or dropped from."""
-    delivered = meta.get("delivered") or {}
-    failed = meta.get("failed") or {}
-    dropped = meta.get("dropped") or {}
-    outstanding = meta.get("outstanding") or []
-    suppressed = meta.get("suppressed") or []
-    names = list(dict.fromkeys([*meta.get("routed_to", []), *outstanding, *delivered, *failed, *dropped]))
+    names = list(dict.fromkeys([*rec.routed_to, *rec.outstanding, *rec.delivered, *rec.failed, *rec.dropped]))
     steps = []
     for dest in names:
         step: dict[str, Any] = {"destination": display_name(dest), "attempts": None, "at": None,
                                 "status": None, "error": ""}
-        if dest in delivered:
-            at, st = (delivered[dest] + [None, None])[:2]
-            step.update(state="delivered", at=at, status=st)
-        elif dest in outstanding:
+        if dest in rec.delivered:
+            dl = rec.delivered[dest]
+            step.update(state=StepState.DELIVERED, at=dl.at, status=dl.status)
+            if dl.syntax:
+                step["syntax"] = dl.syntax
+        elif dest in rec.outstanding:
             e = queue.get((dest, oid))
-            step["state"] = "unrouted" if dest == UNROUTED else (e.state if e else "queued")
+            step["state"] = (StepState.UNROUTED if dest == UNROUTED else
+                             StepState(e.state.value) if e else StepState.QUEUED)
             if e is not None:
                 step.update(attempts=e.attempts, status=e.last_status, error=e.error,
                             next_at=e.next_at or None)
-        elif dest in dropped:
-            rec = list(dropped[dest]) + [None, None, None, None]
-            step.update(state=rec[1], at=rec[0], error=rec[2] or "")
-            if rec[3]:
-                step["by_oid"] = rec[3]
-        elif dest in suppressed:
-            step["state"] = "suppressed"
+        elif dest in rec.dropped:
+            dr = rec.dropped[dest]
+            step.update(state=StepState(dr.how.value), at=dr.at, error=dr.reason)
+            if dr.by:
+                step["by_oid"] = dr.by
+        elif dest in rec.suppressed:
+            step["state"] = StepState.SUPPRESSED
             step["error"] = "identical bytes already delivered within duplicate_window"
         else:
-            step["state"] = "unknown"
-        if dest in failed:
-            at, st, err = (list(failed[dest]) + [None, None, ""])[:3]
-            step["last_failure"] = {"at": at, "status": st, "error": err,
-                                    "status_text": status_text(st) if st is not None else ""}
-            if step["state"] == "failed":
-                step.update(at=at, status=st if step["status"] is None else step["status"],
-                            error=step["error"] or err)
-        step["status_text"] = status_text(step["status"]) if step["status"] is not None else ""
+            step["state"] = StepState.UNKNOWN
+        if dest in rec.failed:
+            f = rec.failed[dest]
+            step["last_failure"] = {"at": f.at, "status": f.status, "error": f.error,
+                                    "status_text": describe(f.status) if f.status is not None else ""}
+            if step["state"] == StepState.FAILED:
+                step.update(at=f.at, status=f.status if step["status"] is None else step["status"],
+                            error=step["error"] or f.error)
+        step["status_text"] = describe(step["status"]) if step["status"] is not None else ""
         steps.append(step)
     return steps
 
@@ -262,35 +289,37 @@ def lookup(cfg: Config, spool: Spool, *, study_instance_uid: str = "", accession
     truncated = len(found) > limit
     found = found[:limit]
     wanted: dict[str, set[int]] = {}
-    for oid, meta in found:
-        for dest in meta.get("outstanding") or []:
+    for oid, rec in found:
+        for dest in rec.outstanding:
             wanted.setdefault(dest, set()).add(oid)
     queue = _queue_entries(spool, wanted)
-    objects = [object_view(oid, meta, queue) for oid, meta in found]
+    objects = [object_view(oid, rec, queue) for oid, rec in found]
     objects.sort(key=lambda o: (o["study_instance_uid"], o["received_at"] or 0, o["oid"]))
     return {"query": {k: v for k, v in query.items() if v}, "count": len(objects),
             "truncated": truncated, "objects": objects}
 
 
-def object_view(oid: int, meta: dict[str, Any], queue: dict[tuple[str, int], QueueEntry]) -> dict[str, Any]:
+def object_view(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]) -> dict[str, Any]:
     return {
         "oid": oid,
-        **{k: meta.get(k, "") for k in ("sop_instance_uid", "sop_class_uid", "study_instance_uid",
-                                        "patient_id", "accession_number", "modality", "transfer_syntax")},
-        "size": meta.get("size"), "received_at": meta.get("received_at"),
-        "received_from": {k: meta.get(k, "") for k in ("calling_ae", "called_ae", "peer")},
-        "rules": meta.get("rules") or [],
-        "routed_to": [display_name(d) for d in meta.get("routed_to") or []],
-        "path": _path(oid, meta, queue),
+        "sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
+        "study_instance_uid": rec.study_instance_uid, "patient_id": rec.patient_id,
+        "accession_number": rec.accession_number, "modality": rec.modality,
+        "transfer_syntax": rec.transfer_syntax,
+        "size": rec.size, "received_at": rec.received_at,
+        "received_from": {"calling_ae": rec.calling_ae, "called_ae": rec.called_ae, "peer": rec.peer},
+        "rules": rec.rules,
+        "routed_to": [display_name(d) for d in rec.routed_to],
+        "path": _path(oid, rec, queue),
     }
 
 
 def get_object(spool: Spool, oid: int) -> dict[str, Any]:
-    meta = spool.meta(oid)
-    if meta is None:
+    rec = spool.record(oid)
+    if rec is None:
         raise NotFound(f"no object with oid {oid} (pruned, or never received)")
-    wanted = {d: {oid} for d in meta.get("outstanding") or []}
-    return object_view(oid, meta, _queue_entries(spool, wanted))
+    wanted = {d: {oid} for d in rec.outstanding}
+    return object_view(oid, rec, _queue_entries(spool, wanted))
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -316,21 +345,21 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
         if not found:
             raise NotFound(f"no object of study {study_instance_uid} in the spool")
         by_dest: dict[str, set[int]] = {}
-        for oid, meta in found:
+        for oid, rec in found:
             if oids and oid not in oids:
                 continue
-            for d in meta.get("outstanding") or []:
-                if d in (meta.get("failed") or {}) and (not dest or d == dest):
+            for d in rec.outstanding:
+                if d in rec.failed and (not dest or d == dest):
                     by_dest.setdefault(d, set()).add(oid)
         per_dest.update(by_dest)
     else:
         per_dest[dest] = set(oids) if oids else None
     counts = {display_name(d): spool.retry_failed(d, wanted) for d, wanted in per_dest.items()}
     total = sum(counts.values())
-    audit.record(spool, "retry", who=who, why=why, destination=display_name(dest) if dest else "",
+    spool.audit_record("retry", who=who, why=why, destination=display_name(dest) if dest else "",
                  study_instance_uid=study_instance_uid, oids=list(oids) if oids else "all-failed",
                  counts=counts, count=total)
-    log.info("retry by %s: %d failed object(s) queued again (%s)%s", who or audit.whoami(), total,
+    log.info("retry by %s: %d failed object(s) queued again (%s)%s", who or whoami(), total,
              ", ".join(f"{d}={n}" for d, n in counts.items()) or "none",
              f" study_instance_uid={study_instance_uid}" if study_instance_uid else "")
     _notify(cfg, [d for d, n in zip(per_dest, counts.values()) if n])
@@ -356,9 +385,9 @@ def purge(cfg: Config, spool: Spool, *, destination: str, states: Sequence[str],
             raise NotFound(f"no object of study {study_instance_uid} in the spool")
         wanted = study_oids if wanted is None else wanted & study_oids
     removed = spool.purge(dest, [STATES[s] for s in states], wanted, reason=reason) if wanted != set() else []
-    audit.record(spool, "purge", who=who, why=reason, destination=display_name(dest), states=list(states),
+    spool.audit_record("purge", who=who, why=reason, destination=display_name(dest), states=list(states),
                  study_instance_uid=study_instance_uid, oids=removed, count=len(removed))
-    log.warning("purge by %s: %d object reference(s) removed from %s (%s): %s", who or audit.whoami(),
+    log.warning("purge by %s: %d object reference(s) removed from %s (%s): %s", who or whoami(),
                 len(removed), display_name(dest), ", ".join(states), reason)
     return {"destination": display_name(dest), "states": list(states), "purged": removed, "count": len(removed)}
 
@@ -368,9 +397,9 @@ def set_paused(cfg: Config, spool: Spool, destination: str, paused: bool, *,
     """Pause or resume a destination's sending at runtime (its queue keeps filling)."""
     dest = resolve_destination(cfg, spool, destination, configured_only=True)
     spool.set_paused(dest, paused)
-    audit.record(spool, "pause" if paused else "resume", who=who, why=why, destination=dest)
+    spool.audit_record("pause" if paused else "resume", who=who, why=why, destination=dest)
     log.info("destination=%s %s by %s%s", dest, "paused" if paused else "resumed",
-             who or audit.whoami(), f": {why}" if why else "")
+             who or whoami(), f": {why}" if why else "")
     result: dict[str, Any] = {"destination": dest, "paused": paused}
     if not paused:
         _notify(cfg, [dest])
@@ -465,11 +494,11 @@ def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: s
                                         fromfile=f"{path} (running)", tofile=f"{path} (new)"))
     if text is not None:
         _write_atomically(path, new_text)
-    audit.record(spool, "config_change", who=who, why=why, path=str(path), diff=diff,
+    spool.audit_record("config_change", who=who, why=why, path=str(path), diff=diff,
                  source="posted" if text is not None else "file")
     os.kill(pid, signal.SIGHUP)
     log.warning("configuration reload requested by %s (%s): supervisor pid %d signalled%s",
-                who or audit.whoami(), path, pid, f": {why}" if why else "")
+                who or whoami(), path, pid, f": {why}" if why else "")
     return {"applied": True, "supervisor_pid": pid, "changed": bool(diff), "diff": diff}
 
 
@@ -561,7 +590,7 @@ def apply_retention(cfg: Config, spool: Spool, now: float | None = None) -> dict
     if cfg.history_retention:
         done["history_pruned"] = spool.prune_history(now - cfg.history_retention)
     if any(done.values()):
-        audit.record(spool, "retention", who="fastroute", why="retention policy",
+        spool.audit_record("retention", who="fastroute", why="retention policy",
                      audit_retention=cfg.audit_retention, history_retention=cfg.history_retention, **done)
         log.info("retention: pruned %d audit event(s) and %d delivered record(s)",
                  done["audit_pruned"], done["history_pruned"])
@@ -579,11 +608,11 @@ class ThroughputHistory:
 
     def __init__(self, keep: float = 600.0) -> None:
         self.keep = keep
-        self.samples: deque[tuple[float, dict[str, int]]] = deque()
+        self.samples: deque[tuple[float, dict[str, int]]] = deque()   # destination ("": received) -> count
         self._lock = threading.Lock()
 
-    def add(self, now: float, counters: dict[str, int]) -> None:
-        wanted = {k: v for k, v in counters.items() if k == "received" or k.startswith("delivered:")}
+    def add(self, now: float, counters: Counters) -> None:
+        wanted = {"": counters.of(CounterKind.RECEIVED), **counters.per_destination(CounterKind.DELIVERED)}
         with self._lock:
             if self.samples and now <= self.samples[-1][0]:
                 return
@@ -595,20 +624,19 @@ class ThroughputHistory:
         """Objects per second between consecutive samples: ``t`` (end times), received, per destination."""
         with self._lock:
             pts = list(self.samples)
-        dests = sorted({k.split(":", 1)[1] for _, c in pts for k in c if k.startswith("delivered:")})
+        dests = sorted({d for _, c in pts for d in c if d})
         out: dict[str, Any] = {"t": [], "received": [], "delivered": {display_name(d): [] for d in dests}}
         for (t0, c0), (t1, c1) in zip(pts, pts[1:]):
             span = t1 - t0
             out["t"].append(t1)
-            out["received"].append(max(0.0, (c1.get("received", 0) - c0.get("received", 0)) / span))
+            out["received"].append(max(0.0, (c1.get("", 0) - c0.get("", 0)) / span))
             for d in dests:
-                key = f"delivered:{d}"
-                out["delivered"][display_name(d)].append(max(0.0, (c1.get(key, 0) - c0.get(key, 0)) / span))
+                out["delivered"][display_name(d)].append(max(0.0, (c1.get(d, 0) - c0.get(d, 0)) / span))
         return out
 
 
 __all__ = [
-    "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "resolve_destination",
+    "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "DestinationStatus", "StepState", "resolve_destination",
     "destination_status", "status", "entries", "failures", "lookup", "get_object", "retry", "purge",
     "set_paused", "validate_config", "reload_config", "parse_config", "audit_export", "audit_events",
     "apply_retention", "parse_time", "ThroughputHistory",

@@ -33,7 +33,7 @@ from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evalua
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
-from fastroute.spool import Spool
+from fastroute.spool import Spool, open_spool
 
 log = logging.getLogger("fastroute.api")
 
@@ -584,8 +584,6 @@ def openapi_spec() -> dict[str, Any]:
 # -- process entry point ------------------------------------------------------------------------
 
 async def _serve(cfg: Config, config_path: str | None) -> int:
-    from fastroute.workers import open_spool
-
     http = cfg.http or HttpConfig()
     spool = open_spool(cfg)
     try:

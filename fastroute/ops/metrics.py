@@ -15,39 +15,36 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from fastroute.ops.alerts import AlertBook
 from fastroute.config import Config
-from fastroute.ops.actions import destination_status, display_name
-from fastroute.dicom.status import describe as status_text
-from fastroute.spool import Spool
+from fastroute.dicom.status import meaning
+from fastroute.ops.actions import DestinationStatus, destination_status, display_name
+from fastroute.ops.alerts import AlertBook
+from fastroute.spool import CounterKey, CounterKind, Counters, Spool
+from fastroute.spool.counters import LATENCY_BUCKETS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# spool counter prefix -> (metric name without _total, help, label of the part after the prefix)
+# counter kind -> (metric name without _total, help, label of the counter's subject)
 _LABELLED = {
-    "received_from:": ("fastroute_received_from_objects", "Objects received, by calling AE title", "calling_ae"),
-    "delivered:": ("fastroute_delivered_objects", "Objects delivered (success or warning status)", "destination"),
-    "delivered_bytes:": ("fastroute_delivered_bytes", "Bytes of the objects delivered", "destination"),
-    "failed:": ("fastroute_failed_objects", "Objects moved to the failed state", "destination"),
-    "retries:": ("fastroute_retries", "Object-level retries scheduled", "destination"),
-    "suppressed:": ("fastroute_suppressed_objects",
-                    "Identical re-sends not sent again (already delivered within duplicate_window)", "destination"),
-    "superseded:": ("fastroute_superseded_objects",
-                    "Pending copies replaced by a newer copy of the same SOP instance", "destination"),
-    "unknown_outcomes:": ("fastroute_unknown_outcomes",
-                          "Sends whose outcome was unknown (timeout/abort after the data left); resent",
-                          "destination"),
-    "purged:": ("fastroute_purged_objects", "Queue entries purged by an operator", "destination"),
-    "transcoded:": ("fastroute_transcoded_objects", "Objects transcoded before sending", "destination"),
+    CounterKind.RECEIVED_FROM: ("fastroute_received_from_objects", "Objects received, by calling AE title",
+                                "calling_ae"),
+    CounterKind.DELIVERED: ("fastroute_delivered_objects", "Objects delivered (success or warning status)",
+                            "destination"),
+    CounterKind.DELIVERED_BYTES: ("fastroute_delivered_bytes", "Bytes of the objects delivered", "destination"),
+    CounterKind.FAILED: ("fastroute_failed_objects", "Objects moved to the failed state", "destination"),
+    CounterKind.RETRIES: ("fastroute_retries", "Object-level retries scheduled", "destination"),
+    CounterKind.SUPPRESSED: ("fastroute_suppressed_objects",
+                             "Identical re-sends not sent again (already delivered within duplicate_window)",
+                             "destination"),
+    CounterKind.SUPERSEDED: ("fastroute_superseded_objects",
+                             "Pending copies replaced by a newer copy of the same SOP instance", "destination"),
+    CounterKind.UNKNOWN_OUTCOMES: ("fastroute_unknown_outcomes",
+                                   "Sends whose outcome was unknown (timeout/abort after the data left); resent",
+                                   "destination"),
+    CounterKind.PURGED: ("fastroute_purged_objects", "Queue entries purged by an operator", "destination"),
+    CounterKind.TRANSCODED: ("fastroute_transcoded_objects", "Objects transcoded before sending", "destination"),
 }
-STATES = ("idle", "up", "backing_off", "paused", "stopped", "unknown", "unconfigured", "unrouted")
-
-
-def _meaning(status: int) -> str:
-    if status < 0:
-        return "no response"
-    text = status_text(status)
-    return text[text.find("(") + 1:-1] if "(" in text else text
+STATES = tuple(s.value for s in DestinationStatus)
 
 
 class SpoolCollector(Collector):
@@ -68,50 +65,50 @@ class SpoolCollector(Collector):
         if self.alerts is not None:
             yield self._alerts(self.alerts)
 
-    def _counters(self, counters: dict[str, int]) -> Iterator[Metric]:
+    def _counters(self, counters: Counters) -> Iterator[Metric]:
         received = CounterMetricFamily("fastroute_received_objects", "Objects accepted and spooled")
-        received.add_metric([], counters.get("received", 0))
+        received.add_metric([], counters.of(CounterKind.RECEIVED))
         yield received
         received_bytes = CounterMetricFamily("fastroute_received_bytes", "Bytes of the objects accepted")
-        received_bytes.add_metric([], counters.get("received_bytes", 0))
+        received_bytes.add_metric([], counters.of(CounterKind.RECEIVED_BYTES))
         yield received_bytes
-        for prefix, (name, doc, label) in _LABELLED.items():
+        for kind, (name, doc, label) in _LABELLED.items():
             fam = CounterMetricFamily(name, doc, labels=[label])
-            values = {k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)}
             if label == "destination":   # a zero from the start makes rate() work at once
-                for d in self.cfg.destinations:
-                    values.setdefault(d, 0)
-            for key, value in sorted(values.items()):
-                fam.add_metric([display_name(key) if label == "destination" else key], value)
+                values = {d: 0 for d in self.cfg.destinations}
+                values.update(counters.per_destination(kind))
+                for dest, value in sorted(values.items()):
+                    fam.add_metric([display_name(dest)], value)
+            else:
+                for key, value in sorted(counters.items_of(kind), key=lambda kv: kv[0].extra):
+                    fam.add_metric([key.extra], value)
             yield fam
         by_status = CounterMetricFamily("fastroute_failed_by_status",
                                         "Objects failed, by destination and last DICOM status",
                                         labels=["destination", "status", "meaning"])
-        for key, value in sorted(counters.items()):
-            if key.startswith("failed_status:"):
-                dest, _, code = key[len("failed_status:"):].rpartition(":")
-                try:
-                    status = int(code)
-                except ValueError:
-                    continue
-                by_status.add_metric([display_name(dest), "none" if status < 0 else f"0x{status:04X}",
-                                      _meaning(status)], value)
+        for key, value in sorted(counters.items_of(CounterKind.FAILED_STATUS),
+                                 key=lambda kv: (kv[0].destination, kv[0].extra)):
+            try:
+                status = int(key.extra)
+            except ValueError:
+                continue
+            by_status.add_metric([display_name(key.destination), "none" if status < 0 else f"0x{status:04X}",
+                                  meaning(status)], value)
         yield by_status
 
-    def _latency(self, counters: dict[str, int]) -> Metric:
+    def _latency(self, counters: Counters) -> Metric:
         """Cumulative buckets from the spool's per-bucket counts (which are not cumulative)."""
         fam = HistogramMetricFamily("fastroute_delivery_latency_seconds",
                                     "Time from receipt to confirmed delivery", labels=["destination"])
-        names = set(self.cfg.destinations) | {k.split(":")[1] for k in counters if k.startswith("latency_count:")}
+        names = set(self.cfg.destinations) | set(counters.per_destination(CounterKind.LATENCY_COUNT))
         for dest in sorted(names):
             cumulative = 0
             buckets = []
-            for le in Spool.LATENCY_BUCKETS:
-                cumulative += counters.get(f"latency_bucket:{dest}:{le}", 0)
-                buckets.append((floatToGoString(le), float(cumulative)))
-            cumulative += counters.get(f"latency_bucket:{dest}:inf", 0)
-            buckets.append(("+Inf", float(cumulative)))
-            fam.add_metric([display_name(dest)], buckets, counters.get(f"latency_sum_us:{dest}", 0) / 1e6)
+            for le in (*LATENCY_BUCKETS, None):
+                key = CounterKey.latency_bucket(dest, le)
+                cumulative += counters.of(key.kind, dest, key.extra)
+                buckets.append(("+Inf" if le is None else floatToGoString(le), float(cumulative)))
+            fam.add_metric([display_name(dest)], buckets, counters.of(CounterKind.LATENCY_SUM_US, dest) / 1e6)
         return fam
 
     def _queues(self, queues: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -12,21 +12,20 @@ it reuses across batches. Two kinds of failure are kept apart on purpose:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 from fastroute.config import Config, DestinationConfig, warn_deprecated_engine
 from fastroute.errors import SpoolError, TranscodeError
 from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
 from fastroute.dicom.status import classify_store as classify_status
 from fastroute.dicom.status import describe as status_text
-from fastroute.spool import Claimed, Outcome, Spool, content_digest
+from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
+from fastroute.spool.senderstate import DestinationState, SenderState
 from fastroute.routing.syntax import SyntaxPlanner
 from fastroute.routing.transcode import syntax_label
 from fastroute.spool.wakeup import Waker
@@ -63,51 +62,23 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
     return base / 2 + rng.uniform(0, base / 2)
 
 
-@dataclass
-class DestinationState:
-    """What the management plane shows for a destination; written to ``run/<dest>.state``."""
-
-    destination: str
-    state: str = "idle"                 # idle | up | backing_off | paused | stopped
-    down_since: float | None = None
-    retry_at: float | None = None
-    consecutive_failures: int = 0
-    last_error: str = ""
-    last_success: float | None = None
-    sent: int = 0
-    pid: int = field(default_factory=os.getpid)
-
-    def write(self, spool: Path) -> None:
-        path = spool / "run" / f"{self.destination}.state"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, path)
-
-
-def read_state(spool: Path, dest: str) -> dict[str, object] | None:
-    try:
-        return json.loads((spool / "run" / f"{dest}.state").read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
-
-
 def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: str, *,
            unknown: bool, now: float, rng: random.Random) -> Outcome:
     """The outcome of one attempt at one object (pure: tests drive it with numbers)."""
     if status is not None and not unknown:
         kind = classify_status(status)
         if kind == "delivered":
-            return Outcome(item.oid, "delivered", status=status)
+            return Outcome(item.oid, OutcomeKind.DELIVERED, status=status)
         if kind == "permanent":
-            return Outcome(item.oid, "failed", status=status, error=error)
+            return Outcome(item.oid, OutcomeKind.FAILED, status=status, error=error)
     attempt = item.attempts + 1
     if attempt >= dest.max_attempts:
-        return Outcome(item.oid, "failed", status=status, unknown=unknown,
+        return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=unknown,
                        error=f"gave up after {attempt} attempts: {error}")
     # Both an unknown outcome (resent: at-least-once) and a transient status wait their backoff,
     # so a peer that aborts on one object cannot spin the sender.
     delay = backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
-    return Outcome(item.oid, "retry", status=status, error=error, next_at=now + delay, unknown=unknown)
+    return Outcome(item.oid, OutcomeKind.RETRY, status=status, error=error, next_at=now + delay, unknown=unknown)
 
 
 class DestinationSender:
@@ -123,7 +94,7 @@ class DestinationSender:
         self.cv = threading.Condition()
         self.generation = 0
         self.down_until = 0.0
-        self.state = DestinationState(dest.name, state="paused" if dest.paused else "idle")
+        self.state = DestinationState(dest.name, state=SenderState.PAUSED if dest.paused else SenderState.IDLE)
         self._state_lock = threading.Lock()
         self._progress_dirty = False
         self._progress_written = 0.0
@@ -204,15 +175,15 @@ class DestinationSender:
         log.warning("destination=%s ae=%s: %s; backing off %.1fs (failure %d in a row, down since %s)",
                     self.dest.name, self.dest.ae_title, error, delay, n,
                     time.strftime("%H:%M:%S", time.localtime(down_since)))
-        self._publish(state="backing_off", down_since=down_since, retry_at=self.down_until, last_error=error)
+        self._publish(state=SenderState.BACKING_OFF, down_since=down_since, retry_at=self.down_until, last_error=error)
 
     def _destination_ok(self) -> None:
-        if self.state.consecutive_failures or self.state.state != "up":
+        if self.state.consecutive_failures or self.state.state != SenderState.UP:
             if self.state.down_since:
                 log.info("destination=%s ae=%s is reachable again after %.0fs", self.dest.name,
                          self.dest.ae_title, time.time() - self.state.down_since)
             self.down_until = 0.0
-            self._publish(state="up", down_since=None, retry_at=None, consecutive_failures=0)
+            self._publish(state=SenderState.UP, down_since=None, retry_at=None, consecutive_failures=0)
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -234,7 +205,7 @@ class DestinationSender:
             for t in threads:         # the waker too: its socket must outlive its last wait
                 t.join()
             waker.close()
-            self._publish(state="stopped")
+            self._publish(state=SenderState.STOPPED)
 
     def _worker(self, index: int) -> None:
         conn = make_connection(self.dest, self.cfg.ae_title)
@@ -251,12 +222,12 @@ class DestinationSender:
                         self.spool.settle(name, held)
                         held = []
                     if paused:
-                        if self.state.state != "paused":
-                            self._publish(state="paused")
+                        if self.state.state != SenderState.PAUSED:
+                            self._publish(state=SenderState.PAUSED)
                         self._wait(gen, SAFETY_WAKE)
                         continue
-                    if self.state.state == "paused":
-                        self._publish(state="idle")
+                    if self.state.state == SenderState.PAUSED:
+                        self._publish(state=SenderState.IDLE)
                     if now < self.down_until:
                         self._wait(gen, self.down_until - now)
                         continue
@@ -288,7 +259,7 @@ class DestinationSender:
                 more = (0 if self.stop_event.is_set() or self.dest.paused
                         or time.time() < self.down_until else size)
                 if more and len(batch) < size and self.generation == gen and \
-                        all(o.kind == "delivered" for o in outcomes):
+                        all(o.kind == OutcomeKind.DELIVERED for o in outcomes):
                     # Caught up with the listeners: the next object is still on its way in.
                     # Record these deliveries with its claim, in one commit, when its wake-up
                     # comes (or after SETTLE_DELAY), instead of one commit each.
@@ -300,7 +271,7 @@ class DestinationSender:
                 # reading ``generation``, so a wake-up in between is not lost.
                 carried, _ = self.spool.settle(name, outcomes, claim=more)
             if held or carried:       # stopping: record what was delivered, hand back the rest
-                self.spool.settle(name, held + [Outcome(i.oid, "release") for i in carried])
+                self.spool.settle(name, held + [Outcome(i.oid, OutcomeKind.RELEASE) for i in carried])
         except Exception:
             log.exception("destination=%s: sender thread %d crashed; the process will be restarted",
                           name, index)
@@ -323,28 +294,28 @@ class DestinationSender:
                        f"was refused ({why})")
                 log.error("destination=%s ae=%s sop_instance_uid=%s: %s", self.dest.name,
                           self.dest.ae_title, i.sop_instance_uid, msg)
-                out.append(Outcome(i.oid, "failed", error=msg))
+                out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg))
             return out
         except AssociationFailed as exc:
             self.planner.forget()
             self._destination_failed(str(exc))
-            return [Outcome(i.oid, "release") for i in batch]
+            return [Outcome(i.oid, OutcomeKind.RELEASE) for i in batch]
         except Exception as exc:   # e.g. DNS failure
             self._destination_failed(f"cannot associate: {exc}")
-            return [Outcome(i.oid, "release") for i in batch]
+            return [Outcome(i.oid, OutcomeKind.RELEASE) for i in batch]
         self._destination_ok()
         outcomes: list[Outcome] = []
         for pos, item in enumerate(batch):
             if self.stop_event.is_set() and pos:
-                outcomes.extend(Outcome(i.oid, "release") for i in batch[pos:])
+                outcomes.extend(Outcome(i.oid, OutcomeKind.RELEASE) for i in batch[pos:])
                 break
             outcome = self._send_one(conn, item)
             outcomes.append(outcome)
             if outcome.unknown or conn.assoc is None:
                 # The association is gone; hand the rest back untouched.
-                outcomes.extend(Outcome(i.oid, "release") for i in batch[pos + 1:])
+                outcomes.extend(Outcome(i.oid, OutcomeKind.RELEASE) for i in batch[pos + 1:])
                 break
-        delivered = sum(1 for o in outcomes if o.kind == "delivered")
+        delivered = sum(1 for o in outcomes if o.kind == OutcomeKind.DELIVERED)
         if delivered:
             self._progress(delivered)
         return outcomes
@@ -354,7 +325,7 @@ class DestinationSender:
             with self.spool.view(item.oid) as data:
                 return self._send_view(conn, item, data)
         except SpoolError as exc:
-            return Outcome(item.oid, "failed", error=str(exc))
+            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc))
 
     def _send_view(self, conn: AnyConnection, item: Claimed, stored: memoryview) -> Outcome:
         """Send one object from its spool buffer (no copy unless it must be transcoded)."""
@@ -365,7 +336,7 @@ class DestinationSender:
         except TranscodeError as exc:
             # Deterministic for this object and destination: kept as failed, never dropped.
             log.error("%s: cannot be sent in a syntax the destination accepts: %s", where, exc)
-            return Outcome(item.oid, "failed", error=str(exc))
+            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc))
         transcoded = sent_ts != item.transfer_syntax
         if transcoded and log.isEnabledFor(logging.DEBUG):
             log.debug("%s: transcoded %s -> %s", where, syntax_label(item.transfer_syntax), syntax_label(sent_ts))
@@ -378,11 +349,11 @@ class DestinationSender:
             return decide(item, self.dest, None, str(exc), unknown=True, now=now, rng=self.rng)
         except AssociationFailed as exc:
             conn.abort()
-            return Outcome(item.oid, "release", error=str(exc))
+            return Outcome(item.oid, OutcomeKind.RELEASE, error=str(exc))
         outcome = decide(item, self.dest, result.status, result.comment, unknown=False, now=now, rng=self.rng)
         if transcoded:
             outcome = replace(outcome, transcoded=sent_ts)
-        if outcome.kind == "delivered":
+        if outcome.kind == OutcomeKind.DELIVERED:
             # The duplicate policy's key is taken here from the spool's pages (the original
             # bytes, whatever was sent), outside the write lock, rather than on the modality's
             # critical path; once per object, whatever its fan-out.
@@ -392,12 +363,12 @@ class DestinationSender:
                 log.warning("%s: delivered with warning %s %s", where, status_text(result.status), result.comment)
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: delivered", where)
-        elif outcome.kind == "failed":
+        elif outcome.kind == OutcomeKind.FAILED:
             log.error("%s: failed permanently: %s %s", where, status_text(result.status),
                       outcome.error or result.comment)
         else:
             log.warning("%s: transient failure %s %s; retry %d at %s", where, status_text(result.status),
                         result.comment, item.attempts + 1, time.strftime("%H:%M:%S", time.localtime(outcome.next_at)))
-        if outcome.kind != "delivered" and not outcome.error:
+        if outcome.kind != OutcomeKind.DELIVERED and not outcome.error:
             outcome = replace(outcome, error=f"{status_text(result.status)} {result.comment}".strip())
         return outcome

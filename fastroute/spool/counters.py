@@ -1,0 +1,167 @@
+"""Counters in the spool's ``info`` database: typed keys, one text encoding, one reader.
+
+Each counter is a u64 under a key such as ``delivered:pacs`` or ``failed_status:pacs:43264``.
+That text is the on-disk format (unchanged, so the counters of an existing spool keep
+counting); :class:`CounterKey` is the only code that writes or splits it, and
+:class:`Counters` is what the views and ``/metrics`` read, by kind and destination.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import lmdb
+
+_U64 = struct.Struct(">Q")
+
+# Delivery latency histogram (received -> delivered), upper bounds in seconds; one counter each.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0)
+
+
+class CounterKind(enum.StrEnum):
+    SEQ = "seq"                            # the oid sequence
+    AUDIT_SEQ = "audit_seq"                # the audit chain's sequence
+    RECEIVED = "received"
+    RECEIVED_BYTES = "received_bytes"
+    RECEIVED_FROM = "received_from"        # extra: the calling AE title
+    DELIVERED = "delivered"
+    DELIVERED_BYTES = "delivered_bytes"
+    FAILED = "failed"
+    FAILED_STATUS = "failed_status"        # extra: the last status, decimal (-1: no response)
+    RETRIES = "retries"
+    SUPPRESSED = "suppressed"
+    SUPERSEDED = "superseded"
+    UNKNOWN_OUTCOMES = "unknown_outcomes"
+    PURGED = "purged"
+    TRANSCODED = "transcoded"
+    LATENCY_BUCKET = "latency_bucket"      # extra: the bucket's upper bound, or "inf"
+    LATENCY_SUM_US = "latency_sum_us"
+    LATENCY_COUNT = "latency_count"
+
+
+_GLOBAL = frozenset({CounterKind.SEQ, CounterKind.AUDIT_SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES})
+_EXTRA_ONLY = frozenset({CounterKind.RECEIVED_FROM})
+_WITH_EXTRA = frozenset({CounterKind.FAILED_STATUS, CounterKind.LATENCY_BUCKET})
+_KINDS = {k.value: k for k in CounterKind}
+
+
+@dataclass(frozen=True, slots=True)
+class CounterKey:
+    """One counter: what it counts, for which destination, and the kind's extra label."""
+
+    kind: CounterKind
+    destination: str = ""
+    extra: str = ""
+
+    def encode(self) -> bytes:
+        if self.kind in _GLOBAL:
+            return self.kind.value.encode()
+        if self.kind in _EXTRA_ONLY:
+            return f"{self.kind.value}:{self.extra}".encode()
+        if self.kind in _WITH_EXTRA:
+            return f"{self.kind.value}:{self.destination}:{self.extra}".encode()
+        return f"{self.kind.value}:{self.destination}".encode()
+
+    @staticmethod
+    def decode(key: str) -> CounterKey | None:
+        """The key of a counter, or None for anything else kept in ``info``."""
+        name, sep, rest = key.partition(":")
+        kind = _KINDS.get(name)
+        if kind is None or (kind in _GLOBAL) == bool(sep):
+            return None
+        if kind in _EXTRA_ONLY:
+            return CounterKey(kind, extra=rest)
+        if kind in _WITH_EXTRA:
+            dest, _, extra = rest.rpartition(":")   # destination names have no ':'
+            return CounterKey(kind, dest, extra) if dest else None
+        return CounterKey(kind, rest)
+
+    @staticmethod
+    def latency_bucket(destination: str, le: float | None) -> CounterKey:
+        return CounterKey(CounterKind.LATENCY_BUCKET, destination, bucket_label(le))
+
+    @staticmethod
+    def failed_status(destination: str, status: int | None) -> CounterKey:
+        return CounterKey(CounterKind.FAILED_STATUS, destination, status_label(status))
+
+
+def bucket_label(le: float | None) -> str:
+    """The ``extra`` of a latency bucket: its upper bound as Python prints it, or ``inf``."""
+    return "inf" if le is None else str(le)
+
+
+def status_label(status: int | None) -> str:
+    """The ``extra`` of a failed-by-status counter: the status in decimal, -1 for none."""
+    return str(-1 if status is None else status)
+
+
+_ENCODED: dict[tuple[CounterKind, str, str], bytes] = {}
+
+
+def key_bytes(kind: CounterKind, destination: str = "", extra: str = "") -> bytes:
+    """``CounterKey(...).encode()``, remembered: the commit paths bump several counters per
+    object and the set of keys is small (kinds x destinations x peers)."""
+    t = (kind, destination, extra)
+    raw = _ENCODED.get(t)
+    if raw is None:
+        if len(_ENCODED) > 65536:    # many calling AE titles: stay bounded
+            _ENCODED.clear()
+        raw = _ENCODED[t] = CounterKey(kind, destination, extra).encode()
+    return raw
+
+
+def incr(txn: lmdb.Transaction, db: Any, kind: CounterKind, destination: str = "", extra: str = "",
+         by: int = 1) -> int:
+    """Add to a counter inside the caller's write transaction; returns the new value."""
+    raw_key = _ENCODED.get((kind, destination, extra)) or key_bytes(kind, destination, extra)
+    raw = txn.get(raw_key, db=db)
+    value = (_U64.unpack(raw)[0] if raw else 0) + by
+    txn.put(raw_key, _U64.pack(value), db=db)
+    return value
+
+
+class Counters(dict[str, int]):
+    """A snapshot of every counter: a plain dict by encoded key (JSON as-is), read by kind
+    and destination through the typed accessors."""
+
+    def __init__(self, values: dict[CounterKey, int]) -> None:
+        super().__init__((k.encode().decode(), v) for k, v in values.items())
+        self._typed = values
+
+    @classmethod
+    def read(cls, txn: lmdb.Transaction, db: Any) -> Counters:
+        values: dict[CounterKey, int] = {}
+        for k, v in txn.cursor(db=db):
+            if len(v) != 8:
+                continue
+            key = CounterKey.decode(bytes(k).decode(errors="replace"))
+            if key is not None:
+                values[key] = _U64.unpack(bytes(v))[0]
+        return cls(values)
+
+    @classmethod
+    def from_text(cls, values: dict[str, int]) -> Counters:
+        """From encoded keys (as ``dict(counters)`` has them); keys that are not counters are left out."""
+        typed = {CounterKey.decode(k): v for k, v in values.items()}
+        return cls({k: v for k, v in typed.items() if k is not None})
+
+    def of(self, kind: CounterKind, destination: str = "", extra: str = "") -> int:
+        return self._typed.get(CounterKey(kind, destination, extra), 0)
+
+    def items_of(self, kind: CounterKind) -> Iterator[tuple[CounterKey, int]]:
+        return ((k, v) for k, v in self._typed.items() if k.kind is kind)
+
+    def per_destination(self, kind: CounterKind) -> dict[str, int]:
+        return {k.destination: v for k, v in self.items_of(kind)}
+
+    def total(self, kind: CounterKind) -> int:
+        return sum(v for _, v in self.items_of(kind))
+
+    def typed(self) -> dict[CounterKey, int]:
+        return dict(self._typed)
+
+
+__all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "incr", "key_bytes", "bucket_label",
+           "status_label"]

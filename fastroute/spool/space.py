@@ -1,0 +1,113 @@
+"""Disk space: the free-space floor checked before a write, and preallocation of the spool file."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import lmdb
+
+from fastroute.errors import SpoolFullError
+
+_PREALLOC = b"~prealloc:"
+
+
+class SpaceGuard:
+    """Refuses objects before they are written when the spool's disk is below its floor."""
+
+    def __init__(self, path: Path, min_free_bytes: int) -> None:
+        self.path = path
+        self.min_free_bytes = min_free_bytes
+        self._checked = 0.0
+        self._ok = True
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def check(self, incoming_bytes: int) -> None:
+        """Raise SpoolFullError below the floor (statvfs at most every 100 ms while fine)."""
+        if self.min_free_bytes <= 0:
+            return
+        now = time.monotonic()
+        if now - self._checked > 0.1 or not self._ok:
+            self._ok = self.free_bytes() - incoming_bytes >= self.min_free_bytes
+            self._checked = now
+        if not self._ok:
+            raise SpoolFullError(
+                f"disk holding the spool {self.path} is below its free-space floor "
+                f"({self.min_free_bytes} bytes)")
+
+    def usage(self, env: lmdb.Environment) -> dict[str, int]:
+        info = env.info()
+        stat = env.stat()
+        return {
+            "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "disk_free_bytes": self.free_bytes(),
+            "disk_total_bytes": shutil.disk_usage(self.path).total,
+        }
+
+
+def _pages(stat: Any) -> int:     # lmdb stat dict
+    return int(stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
+
+
+def reusable_bytes(env: lmdb.Environment, dbs: Iterable[Any]) -> int:
+    """Bytes of the spool file that hold no live page: LMDB reuses them without growing it."""
+    psize = int(env.stat()["psize"])
+    used = 2 + _pages(env.stat())            # two meta pages + the main DB
+    with env.begin() as txn:
+        for db in dbs:
+            used += _pages(txn.stat(db))
+    return max(0, int(env.info()["last_pgno"]) + 1 - used) * psize
+
+
+def _keys(txn: lmdb.Transaction, prefix: bytes) -> Iterator[bytes]:
+    cur = txn.cursor()
+    if cur.set_range(prefix):
+        for key in cur.iternext(keys=True, values=False):
+            key = bytes(key)
+            if not key.startswith(prefix):
+                break
+            yield key
+
+
+def preallocate(env: lmdb.Environment, info_db: Any, dbs: Iterable[Any], guard: SpaceGuard,
+                nbytes: int, chunk: int = 4 * 1024**2) -> int:
+    """Write zeros into the spool file until ``nbytes`` of it are free for reuse; return
+    the bytes added.
+
+    Growing the file is the expensive part of a commit on ext4 (measured here): fdatasync
+    must then journal the new blocks, and a 0.5 MB object's commit took 1.5 ms instead of
+    0.4 ms (fallocate does not help: its unwritten extents are converted at the same
+    cost). So a new spool is grown once, up front, through LMDB itself (zero-filled
+    values put, then deleted, leaving their pages on LMDB's free list), and the disk
+    space is taken before the first object is accepted. The map size and the free-space
+    floor still bound it."""
+    dbs = list(dbs)
+    with env.begin(write=True, db=info_db) as txn:   # left by a crash in between
+        for key in list(_keys(txn, _PREALLOC)):
+            txn.delete(key)
+    missing = nbytes - reusable_bytes(env, dbs)
+    room = guard.free_bytes() - guard.min_free_bytes - chunk
+    missing = min(missing, room, env.info()["map_size"] // 2)
+    if missing <= 0:
+        return 0
+    keys = [_PREALLOC + b"%08d" % i for i in range(-(-missing // chunk))]
+    zeros = bytes(chunk)
+    try:
+        with env.begin(write=True, db=info_db) as txn:
+            for key in keys:
+                txn.put(key, zeros)
+    except lmdb.MapFullError:
+        return 0                               # aborted whole: nothing was written
+    with env.begin(write=True, db=info_db) as txn:
+        for key in keys:
+            txn.delete(key)
+    return len(keys) * chunk
+
+
+__all__ = ["SpaceGuard", "reusable_bytes", "preallocate"]
