@@ -44,7 +44,7 @@ from fastroute.cli import read_part10
 from fastroute.config import Config, loads
 from fastroute.dicom import acse, dimse, pdu
 from fastroute.dicom.access import check_access, parse_networks
-from fastroute.dicom.dimse import CommandField, Message, ObjectTooLarge, Peer, Pending, Reply
+from fastroute.dicom.dimse import CommandField, Message, MessageTooLarge, Peer, Pending, Reply
 from fastroute.dicom.scp import Listener
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, AssociateRequest, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, State, UnexpectedPdu, UpperLayer)
@@ -314,7 +314,7 @@ def test_upper_layer_protocol_errors(case: str) -> None:
         "unknown-type": b"\x09\x00\x00\x00\x00\x02\x00\x00",
     }
     ul.feed(frames[case])
-    expected = ObjectTooLarge if case == "too-large" else pdu.ProtocolError
+    expected = MessageTooLarge if case == "too-large" else pdu.ProtocolError
     with pytest.raises(expected):
         while ul.next_event() is not None:
             pass

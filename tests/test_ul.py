@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.pdu_primitives import ImplementationVersionNameNotification
 
 from fastroute.dicom import acse, dimse, pdu
-from fastroute.dicom.dimse import CommandField, Message, ObjectTooLarge
+from fastroute.dicom.dimse import CommandField, Message, MessageTooLarge
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, AssociateRequest, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, State, UnexpectedPdu, UpperLayer)
 
@@ -129,7 +129,7 @@ def test_established_limits_apply_to_both_roles() -> None:
     for established in pair():
         established.assembler.max_object = 100
         established.feed(frames(1, True, dimse.encode_c_store_rq(1, CT, "1.2.3")) + frames(1, False, b"\0" * 200))
-        with pytest.raises(ObjectTooLarge):
+        with pytest.raises(MessageTooLarge):
             drain(established)
     scu, _ = pair()
     scu.feed(frames(5, True, dimse.encode_c_echo_rq(1)))       # context 5 was never accepted

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastroute.dicom import pdu
 from fastroute.dicom.acse import VERIFICATION_SOP_CLASS
+from fastroute.dicom.attrs import MAX_OBJECT_BYTES   # one dataset larger than this is aborted
 from fastroute.dicom.pdu import (AFFECTED_SOP_CLASS_UID, AFFECTED_SOP_INSTANCE_UID, COMMAND_DATA_SET_TYPE,
                                  COMMAND_FIELD, ERROR_COMMENT, ERROR_COMMENT_MAX, MESSAGE_ID,
                                  MESSAGE_ID_BEING_RESPONDED_TO, MOVE_ORIGINATOR_AE_TITLE,
@@ -30,7 +31,6 @@ REQUESTED_SOP_INSTANCE_UID = 0x1001
 NO_DATASET = 0x0101       # CommandDataSetType: anything else means a dataset follows
 DATASET_PRESENT = 0x0001  # what pynetdicom sends (DCMTK sends 0x0102): any value but 0x0101
 MAX_COMMAND_BYTES = 64 * 1024         # command sets are a few hundred bytes
-MAX_OBJECT_BYTES = 4 * 1024**3        # one dataset larger than this is aborted, not buffered
 
 
 class CommandField(enum.IntEnum):
@@ -69,8 +69,9 @@ def command_name(field: int) -> str:
         return f"command 0x{field:04X}"
 
 
-class ObjectTooLarge(pdu.ProtocolError):
-    """A dataset grew past the per-object cap; the association is aborted, nothing buffered."""
+class MessageTooLarge(pdu.ProtocolError):
+    """A message's dataset grew past the per-object cap while arriving: the association is
+    aborted (unlike ``errors.ObjectTooLarge``, a stored dataset too large to inflate)."""
 
 
 @dataclass(slots=True)
@@ -156,7 +157,7 @@ class Assembler:
     """PDVs in, :class:`Message` s out: command fragments joined, dataset fragments appended.
 
     Limits: a command set of at most ``max_command`` bytes, a dataset of at most ``max_object``
-    (ObjectTooLarge), one message at a time (PS3.8 9.3.5: fragments of two messages do not
+    (MessageTooLarge), one message at a time (PS3.8 9.3.5: fragments of two messages do not
     interleave). ``contexts`` are the accepted presentation context IDs.
     """
 
@@ -213,7 +214,7 @@ class Assembler:
                 else:
                     self._data += fragment
                 if len(self._data) > self.max_object:
-                    raise ObjectTooLarge(f"dataset larger than {self.max_object} bytes")
+                    raise MessageTooLarge(f"dataset larger than {self.max_object} bytes")
                 if is_last:
                     out.append(Message(ctx, self._command, self._data))
                     self._command = self._data = None

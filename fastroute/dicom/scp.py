@@ -29,7 +29,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from fastroute.config import Config
 from fastroute.dicom import acse, pdu
 from fastroute.dicom.access import check_access, parse_networks
-from fastroute.dicom.dimse import (MAX_OBJECT_BYTES, CommandField, Handler, Message, ObjectTooLarge,
+from fastroute.dicom.dimse import (MAX_OBJECT_BYTES, CommandField, Handler, Message, MessageTooLarge,
                                    Peer, Pending, Reply, command_name, encode_response,
                                    message_buffers)
 from fastroute.dicom.status import Status, describe
@@ -125,7 +125,7 @@ class _Connection(asyncio.Protocol):
                 if event is None:
                     break
                 self._handle(event)
-        except ObjectTooLarge as exc:
+        except MessageTooLarge as exc:
             self._abort(f"{exc}: object refused", REASON_NOT_SPECIFIED)
             return
         except UnexpectedPdu as exc:

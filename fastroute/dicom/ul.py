@@ -8,7 +8,7 @@ timers, tests drive this with bytes. DIMSE data is the one thing not sent throug
 shells frame it with :func:`pdu.p_data_tf` straight from the caller's buffer.
 
 Anything a peer must be aborted for raises ``pdu.ProtocolError`` (UnexpectedPdu for a
-well-formed PDU in the wrong state, ObjectTooLarge for a dataset past the cap).
+well-formed PDU in the wrong state, MessageTooLarge for a dataset past the cap).
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from typing import Union
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from fastroute.dicom import pdu
-from fastroute.dicom.dimse import MAX_OBJECT_BYTES, Assembler, Message, ObjectTooLarge
+from fastroute.dicom.dimse import MAX_OBJECT_BYTES, Assembler, Message, MessageTooLarge
 
 MAX_ASSOCIATE_BYTES = 1024 * 1024     # an A-ASSOCIATE-RQ with every context is ~60 kB
 
-__all__ = ["Role", "State", "UpperLayer", "UnexpectedPdu", "ObjectTooLarge", "Event",
+__all__ = ["Role", "State", "UpperLayer", "UnexpectedPdu", "MessageTooLarge", "Event",
            "AssociateRequest", "AssociateAccept", "AssociateReject", "Message", "ReleaseRequest",
            "ReleaseReply", "PeerAbort"]
 
