@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from fastroute.config import DestinationConfig
 from fastroute.dicom import acse, dimse, pdu
-from fastroute.dicom.dimse import CommandField, Message, Peer, Reply
+from fastroute.dicom.dimse import CommandField, Message, Peer, Pending, Reply
 from fastroute.dicom.ul import AssociateRequest, ReleaseRequest, Role, UpperLayer
 from fastroute.dicom.scu import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, AssociationFailed,
                                  Connection, NoContextAccepted, OutcomeUnknown, StoreResult, echo)
@@ -451,9 +452,13 @@ def test_requests_from_the_peer_are_served_while_waiting_and_while_idle(
 
     served: list[tuple[Peer, Message]] = []
 
-    def on_report(peer: Peer, msg: Message) -> Reply:
+    def on_report(peer: Peer, msg: Message) -> Reply | Pending:
         served.append((peer, msg))
-        return Reply(0x0000, elements={0x1002: 1})
+        if msg.message_id == 77:
+            return Reply(0x0000, elements={0x1002: 1})
+        later: Future[int] = Future()               # finished on another thread, as a commit is
+        threading.Thread(target=later.set_result, args=(1,)).start()
+        return Pending(later, lambda f: Reply(0x0000, elements={0x1002: f.result()}))
 
     scp = ScriptedSCP(script)
     conn = Connection(destination(scp.port), "FASTROUTE",
@@ -468,7 +473,7 @@ def test_requests_from_the_peer_are_served_while_waiting_and_while_idle(
     scp.join()
     assert [(r[0x0100], r[0x0120], r[0x0900]) for r in replies] == [
         (0x8100, 77, 0), (0x8110, 78, 0x0211), (0x8100, 79, 0)]
-    assert replies[0][0x1000] == COMMITMENT + ".1" and replies[0][0x1002] == 1
+    assert replies[0][0x1000] == COMMITMENT + ".1" and replies[0][0x1002] == replies[2][0x1002] == 1
     assert [m.message_id for _, m in served] == [77, 79]
     peer, msg = served[0]
     assert (peer.calling_ae, peer.called_ae) == ("FASTROUTE", "DEST") and msg.data == EVENT_INFO

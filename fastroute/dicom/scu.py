@@ -388,8 +388,10 @@ class Connection:
             try:
                 answer = handler(assoc.peer, msg)
                 if isinstance(answer, Pending):
-                    wait_futures([answer.future])
-                    answer = answer.finish(answer.future)
+                    # Bounded like a response we wait for: the peer is waiting for this one.
+                    done, _ = wait_futures([answer.future], timeout=self.dest.dimse_timeout)
+                    answer = (answer.finish(answer.future) if done else Reply(
+                        Status.OUT_OF_RESOURCES, f"not done within {self.dest.dimse_timeout:g} s"))
                 reply = answer
             except Exception as exc:
                 log.exception("%s: %s handler failed", assoc.where, command_name(field_))
