@@ -46,8 +46,7 @@ from fastroute.dicom import acse, dimse, pdu
 from fastroute.dicom.access import check_access, parse_networks
 from fastroute.dicom.dimse import CommandField, Message, MessageTooLarge, Peer, Pending, Reply
 from fastroute.dicom.scp import Listener
-from fastroute.dicom.ul import (AssociateAccept, AssociateReject, AssociateRequest, PeerAbort, ReleaseReply,
-                                ReleaseRequest, Role, State, UnexpectedPdu, UpperLayer)
+from fastroute.dicom.ul import ReleaseRequest, Role, State, UpperLayer
 from fastroute.routing.intake import Refusal, StoreService, prepare_store
 from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, Spool

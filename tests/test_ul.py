@@ -33,9 +33,11 @@ def drain(ul: UpperLayer) -> list[object]:
 
 def pair() -> tuple[UpperLayer, UpperLayer]:
     """A requestor and an acceptor taken to ESTABLISHED by feeding each other's PDUs."""
-    scu, scp = UpperLayer(Role.REQUESTOR, max_pdu_in=16384), UpperLayer(Role.ACCEPTOR, max_pdu_in=16384)
+    scu = UpperLayer(Role.REQUESTOR, max_pdu_in=16384)
+    scp = UpperLayer(Role.ACCEPTOR, max_pdu_in=16384)
     assert (scu.state, scp.state) == (State.IDLE, State.AWAITING_ASSOCIATE_RQ)
-    rq, proposed = acse.request("SCU", "SCP", [(CT, ExplicitVRLittleEndian), (CT, ImplicitVRLittleEndian)], 16384)
+    pairs = [(CT, ExplicitVRLittleEndian), (CT, ImplicitVRLittleEndian)]
+    rq, proposed = acse.request("SCU", "SCP", pairs, 16384)
     scp.feed(scu.associate(rq))
     assert scu.state is State.AWAITING_ASSOCIATE_AC
     [event] = drain(scp)
@@ -128,7 +130,8 @@ def test_pdus_wrong_in_the_state_raise(role: Role, stream: bytes, error: type[Ex
 def test_established_limits_apply_to_both_roles() -> None:
     for established in pair():
         established.assembler.max_object = 100
-        established.feed(frames(1, True, dimse.encode_c_store_rq(1, CT, "1.2.3")) + frames(1, False, b"\0" * 200))
+        established.feed(frames(1, True, dimse.encode_c_store_rq(1, CT, "1.2.3"))
+                         + frames(1, False, b"\0" * 200))
         with pytest.raises(MessageTooLarge):
             drain(established)
     scu, _ = pair()

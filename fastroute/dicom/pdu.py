@@ -4,7 +4,8 @@ Why: pynetdicom's DUL and association reactors poll every millisecond and run ev
 through pydicom, which caps a routed C-STORE stream at ~70 small objects/s. This module only
 frames PDUs, splits P-DATA-TF into PDVs and encodes/decodes command sets, so the SCU's blocking
 socket loop or the SCP's asyncio protocol can move dataset bytes without copying or decoding
-them. DIMSE messages built from these pieces are :mod:`fastroute.dicom.dimse`'s. Association negotiation is rare and intricate, so A-ASSOCIATE-RQ/AC stay pynetdicom's
+them (DIMSE messages built from these pieces are :mod:`fastroute.dicom.dimse`'s).
+Association negotiation is rare and intricate, so A-ASSOCIATE-RQ/AC stay pynetdicom's
 (``pynetdicom.pdu``): the helpers here only wrap them and turn their errors into ProtocolError.
 
 Everything is bytes in, values out: tests drive it with bytes, and malformed input raises

@@ -453,22 +453,22 @@ class Connection:
     def _response(self, assoc: Association, msg_id: int, rsp_field: CommandField,
                   deadline: float) -> Message:
         """Read until the response to ``msg_id``, serving the peer's own requests meanwhile;
-        anything else ends the association."""
+        anything else ends the association (OutcomeUnknown: the request may have been done)."""
         while True:
             try:
                 event = _next_event(assoc, deadline)
             except _Timeout:
                 self._drop(assoc, abort=True)
-                raise OutcomeUnknown(f"no {_request_name(rsp_field)} response from {assoc.where} within the DIMSE "
-                                     f"timeout ({self.dest.dimse_timeout:g} s)") from None
+                raise OutcomeUnknown(f"no {_request_name(rsp_field)} response from {assoc.where} "
+                                     f"within the DIMSE timeout ({self.dest.dimse_timeout:g} s)") from None
             except _Closed:
                 self._drop(assoc, abort=False)
-                raise OutcomeUnknown(f"{assoc.where} closed the connection before the {_request_name(rsp_field)} "
-                                     "response") from None
+                raise OutcomeUnknown(f"{assoc.where} closed the connection before the "
+                                     f"{_request_name(rsp_field)} response") from None
             except UnexpectedPdu as exc:
                 self._drop(assoc, abort=True)
-                raise OutcomeUnknown(f"{exc} from {assoc.where} while waiting for the {_request_name(rsp_field)} "
-                                     "response") from exc
+                raise OutcomeUnknown(f"{exc} from {assoc.where} while waiting for the "
+                                     f"{_request_name(rsp_field)} response") from exc
             except pdu.ProtocolError as exc:
                 self._drop(assoc, abort=True)
                 raise OutcomeUnknown(f"malformed PDU from {assoc.where}: {exc}") from exc
@@ -477,29 +477,29 @@ class Connection:
                 if not command.get(pdu.COMMAND_FIELD, 0) & 0x8000:
                     self._serve(assoc, event)      # the peer's own request, then wait on
                     continue
-                if (command.get(pdu.COMMAND_FIELD) != rsp_field
-                        or command.get(pdu.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id):
-                    self._drop(assoc, abort=True)
-                    raise OutcomeUnknown(
-                        f"bad {_request_name(rsp_field)} response from {assoc.where}: expected the {_request_name(rsp_field)}-RSP to "
-                        f"message {msg_id}, got {command_name(event.field)} answering message "
-                        f"{event.responds_to}")
-                return event          # a dataset with it, which we never asked for, is ignored
+                if (command.get(pdu.COMMAND_FIELD) == rsp_field
+                        and command.get(pdu.MESSAGE_ID_BEING_RESPONDED_TO) == msg_id):
+                    return event      # a dataset with it, which we never asked for, is ignored
+                self._drop(assoc, abort=True)
+                name = _request_name(rsp_field)
+                raise OutcomeUnknown(
+                    f"bad {name} response from {assoc.where}: expected the {name}-RSP to message "
+                    f"{msg_id}, got {command_name(event.field)} answering message {event.responds_to}")
+            name = _request_name(rsp_field)
             if isinstance(event, PeerAbort):
                 self._drop(assoc, abort=False)
                 raise OutcomeUnknown(f"association aborted by {assoc.where} (source={event.source} "
-                                     f"reason={event.reason}) before the {_request_name(rsp_field)} response")
+                                     f"reason={event.reason}) before the {name} response")
             if isinstance(event, ReleaseRequest):
                 try:
                     assoc.sock.sendall(assoc.ul.release_reply())
                 except OSError:
                     pass
                 self._drop(assoc, abort=False)
-                raise OutcomeUnknown(f"{assoc.where} released the association before the "
-                                     f"{_request_name(rsp_field)} response")
+                raise OutcomeUnknown(f"{assoc.where} released the association before the {name} response")
             self._drop(assoc, abort=True)
             raise OutcomeUnknown(f"unexpected {type(event).__name__} from {assoc.where} "
-                                 f"while waiting for the {_request_name(rsp_field)} response")
+                                 f"while waiting for the {name} response")
 
     # -- ending -----------------------------------------------------------------------------
 
