@@ -125,7 +125,7 @@ class Peer:
 
     calling_ae: str
     called_ae: str
-    ip: str
+    ip: str                           # the peer's address (for the SCU: the destination host)
     contexts: dict[int, str]          # accepted presentation context ID -> transfer syntax
 
 
