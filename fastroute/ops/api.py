@@ -281,6 +281,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                   **({"hint": f"the body limit is {MAX_BODY_BYTES} bytes"}
                                      if exc.status == 413 else {})},
                                  status=exc.status, headers=headers)
+    except Exception:   # a bug: logged with its traceback, answered in the API's shape
+        log.exception("internal error on %s %s from %s", request.method, request.path, request.remote)
+        return web.json_response({"error": "internal error (logged by the router)"}, status=500)
 
 
 # -- read-only handlers -------------------------------------------------------------------------
