@@ -130,6 +130,8 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
             wait(browser, lambda d: auth.is_displayed() and "enter it in the token field" in auth.text,
                  "the token-needed message")
             assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-destination="pacs"]')
+            wait(browser, lambda d: d.find_element(By.ID, "updated").text == "waiting for the API token",
+                 "polling paused until a token is entered")
             enter_token("wrong")
             wait(browser, lambda d: "was refused" in auth.text, "the wrong-token message")
             enter_token("s3cret")

@@ -331,8 +331,12 @@ async function refresh() {
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "1";
   } catch (err) {
-    document.getElementById("updated").textContent =
-      document.getElementById("auth").hidden ? `not reachable: ${err.message}` : "waiting for the API token";
+    if (!document.getElementById("auth").hidden) {
+      // Refused for the token: stop polling (no stream of 401s in the router's log) until one is entered.
+      document.getElementById("updated").textContent = "waiting for the API token";
+      return;
+    }
+    document.getElementById("updated").textContent = `not reachable: ${err.message}`;
   }
   timer = setTimeout(refresh, POLL_MS);
 }
