@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hashlib
 import hmac
 import io
 import json
@@ -136,9 +137,11 @@ def is_public(handler: Any) -> bool:
 def _check_token(request: web.Request, token: str) -> None:
     """Raise 401 unless the request carries ``Bearer <token>`` (constant-time comparison)."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # errors="replace": a header with odd characters is a wrong token, not a crash.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
-                                                             token.encode("utf-8", "replace")):
+    # Digests of equal length, so not even the token's length leaks; errors="replace": a header with
+    # odd characters is a wrong token, not a crash.
+    digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(
+            token.encode("utf-8", "replace")).digest()):
         log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
                     request.remote)
         raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
