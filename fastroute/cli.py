@@ -76,6 +76,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
           f"rules read {len(rs.tags)} attribute(s)")
     print(describe(cfg))
+    from fastroute.spool.space import space_warnings
+    for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -84,7 +84,7 @@ class Spool:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
-        self.space = space.SpaceGuard(self.path, min_free_bytes)
+        self.space = space.SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
 
@@ -164,8 +164,11 @@ class Spool:
     def claim(self, dest: str, limit: int, now: float | None = None) -> tuple[list[Claimed], float | None]:
         """Move up to ``limit`` due pending entries to in-flight (see :meth:`Queues.claim`)."""
         now = time.time() if now is None else now
-        with self.env.begin(write=True) as txn:
-            return self.queues.claim(txn, dest, limit, now)
+        try:
+            with self.env.begin(write=True) as txn:
+                return self.queues.claim(txn, dest, limit, now)
+        except lmdb.Error as exc:     # e.g. ENOSPC on commit: nothing changed, the caller retries
+            raise SpoolError(f"spool write failed claiming for {dest}: {exc}") from exc
 
     def settle(self, dest: str, outcomes: Iterable[Outcome], now: float | None = None, *,
                claim: int = 0) -> tuple[list[Claimed], float | None]:
@@ -176,10 +179,13 @@ class Spool:
         and every commit is a turn at the write lock that the listeners' commits wait for.
         """
         now = time.time() if now is None else now
-        with self.env.begin(write=True) as txn:
-            self.queues.settle(txn, dest, outcomes, now)
-            if claim > 0 and txn.get(paused_key(dest), db=self._info) is None:
-                return self.queues.claim(txn, dest, claim, now)
+        try:
+            with self.env.begin(write=True) as txn:
+                self.queues.settle(txn, dest, outcomes, now)
+                if claim > 0 and txn.get(paused_key(dest), db=self._info) is None:
+                    return self.queues.claim(txn, dest, claim, now)
+        except lmdb.Error as exc:     # e.g. ENOSPC on commit: aborted whole, the caller retries
+            raise SpoolError(f"spool write failed settling for {dest}: {exc}") from exc
         return [], None
 
     def read(self, oid: int) -> bytes:
