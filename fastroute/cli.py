@@ -188,9 +188,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     spool = _spool(cfg)
     try:
         if args.verify:
-            ok, text = spool.audit_verify()
-            print(text)
-            return 0 if ok else 1
+            report = spool.audit_report()
+            print(report.text)       # names the failed check; the head is for an off-box record
+            return 0 if report.ok else 1
         since = ops.parse_time(args.since) if args.since else 0.0
         until = ops.parse_time(args.until, end=True) if args.until else float("inf")
         ops.audit_export(spool, sys.stdout, fmt=args.format, since=since, until=until,
