@@ -154,33 +154,51 @@ def test_sender_survives_enospc_in_settle_and_records_later(
         caplog: pytest.LogCaptureFixture) -> None:
     """The issue's crash: ``settle`` raised lmdb.Error (ENOSPC), the sender exited, and on
     restart its in-flight objects, already delivered, were sent again. Now it logs, backs off,
-    keeps the outcomes and records them once the disk has room: each object is sent once."""
+    keeps the outcomes and records them once the disk has room: each object is sent once.
+    (The first claims fail too, and the settles after the first delivered batch.)"""
     n = 12
     scp = storescp("PACS")
     cfg = sender_config(tmp_path, scp.port)
     files = synth.make_tiny(tmp_path / "t", n=n)
     with running(cfg) as (spool, sender, notifier, thread):
-        real = spool.queues.settle
-        failures = {"left": 3, "raised": 0}
+        failures = {"settle": 3, "claim": 2}
 
-        def full_disk(*args: Any, **kw: Any) -> Any:
-            if failures["left"]:
-                failures["left"] -= 1
-                failures["raised"] += 1
-                raise lmdb.Error("mdb_txn_commit: No space left on device")
-            return real(*args, **kw)
+        def full_disk(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+            def write(*args: Any, **kw: Any) -> Any:
+                if failures[name]:
+                    failures[name] -= 1
+                    raise lmdb.Error("mdb_txn_commit: No space left on device")
+                return real(*args, **kw)
+            return write
 
-        spool.queues.settle = full_disk   # type: ignore[method-assign]
+        spool.queues.settle = full_disk("settle", spool.queues.settle)   # type: ignore[method-assign]
+        spool.queues.claim = full_disk("claim", spool.queues.claim)      # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR, logger="fastroute.schedule"):
             queue_files(spool, files)
             notifier.notify("pacs")
             scp.wait_for(n, timeout=60)
             wait_until(lambda: spool.counters().get("delivered:pacs", 0) == n, 60,
                        message="deliveries not recorded after the disk had room again")
-        assert failures["raised"] == 3 and thread.is_alive()
+        assert failures == {"settle": 0, "claim": 0} and thread.is_alive()
         assert sender.state.sent == n                       # nothing was sent twice
         [st] = [s for s in spool.stats(["pacs"]) if s.destination == "pacs"]
         assert (st.pending, st.in_flight, st.failed, st.delivered) == (0, 0, 0, n)
         assert not spool.entries("pacs", QueueState.FAILED)
         errors = [r.getMessage() for r in caplog.records if "spool write failed" in r.getMessage()]
         assert errors and all("destination=pacs ae=PACS" in e and "No space left" in e for e in errors)
+
+
+@pytest.mark.peers
+def test_supervisor_warns_at_start(tmp_path: Path, dcmtk: Any) -> None:
+    """`fastroute serve` says at start that a floor above the disk's size refuses everything."""
+    import shutil
+
+    from router import Router
+    total = shutil.disk_usage(tmp_path).total
+    r = Router(tmp_path / "router", {"min_free_bytes": total + 1, "spool_prealloc": 0})
+    try:
+        r.start()
+        log = r.log_text()
+        assert "WARNING" in log and f"min_free_bytes ({total + 1} bytes) exceeds the size of the disk" in log
+    finally:
+        r.stop()
