@@ -212,6 +212,15 @@ def test_a_forged_prune_anchor_is_detected(tmp_path: Path) -> None:
         sp.close()
 
 
+def test_a_removed_prune_anchor_is_detected(spool: Spool) -> None:
+    spool.audit_prune(raw_events(spool)[2]["time"])
+    _, info = dbs(spool)
+    with spool.env.begin(write=True, db=info) as txn:
+        assert txn.delete(b"audit_anchor")
+    got, text = check(spool)
+    assert got is AuditCheck.MISSING_FIRST and "anchor" in text and "was removed" in text
+
+
 def test_a_legacy_chain_verifies_and_is_keyed_from_the_switch(tmp_path: Path) -> None:
     """A chain written before keys (plain SHA-256, no "alg") still verifies; configuring a key
     on it records an audit_keyed event, keyed, from which on a rewrite is detected."""
@@ -243,6 +252,14 @@ def test_a_chain_pruned_before_anchors_existed_still_verifies(tmp_path: Path) ->
         assert sp.audit_verify()[0], sp.audit_verify()[1]
     finally:
         sp.close()
+    keyed = Spool(tmp_path / "k", map_size=64 * 1024**2, audit_key=KEY)   # a keyed one does not pass
+    try:
+        fill(keyed)
+        keyed.audit_record("retention", who="fastroute", why="retention policy", audit_pruned=2)
+        delete(keyed, 1, 2)
+        assert check(keyed)[0] is AuditCheck.MISSING_FIRST
+    finally:
+        keyed.close()
 
 
 def test_read_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

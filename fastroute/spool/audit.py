@@ -222,8 +222,8 @@ class AuditChain:
                         return fail(AuditCheck.ALTERED, f"event seq={seq}: content was altered")
                 if ev.get("action") == PRUNE_ACTION:
                     last_prune = ev
-                elif ev.get("action") == "retention" and ev.get("audit_pruned"):
-                    legacy_prune = True
+                elif ev.get("action") == "retention" and ev.get("audit_pruned") and not keyed:
+                    legacy_prune = True     # pruned by the code before anchors: start unknown
                 prev, prev_seq = str(claimed), int(seq)
         if bad_hmac is not None:
             bad_seq, plain = bad_hmac
@@ -244,6 +244,9 @@ class AuditChain:
         if first is not None:
             anchor = json.loads(bytes(anchor_raw)) if anchor_raw else None
             start = (first.get("seq"), first.get("prev"))
+            if anchor is None and last_prune is not None:
+                return fail(AuditCheck.MISSING_FIRST, f"the prune anchor recorded by the audit_prune "
+                                                      f"event seq={last_prune.get('seq')} was removed")
             if anchor is not None:
                 if last_prune is None or (last_prune.get("first_seq"), last_prune.get("first_prev")) != \
                         (anchor.get("seq"), anchor.get("prev")):
