@@ -33,10 +33,6 @@ class SpaceGuard:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
 
-    def room_bytes(self) -> int:
-        """Free disk plus the spool file's reusable pages: what new objects can take."""
-        return self.free_bytes() + (self._reusable() if self._reusable is not None else 0)
-
     def check(self, incoming_bytes: int) -> None:
         """Raise SpoolFullError below the floor (statvfs at most every 100 ms while fine).
 
