@@ -370,8 +370,11 @@ def test_retention_prunes_old_events_and_keeps_the_chain(tmp_path: Path) -> None
         ops.retry(cfg, spool, destination="pacs")
         done = ops.apply_retention(cfg, spool)
         assert done["audit_pruned"] == 2
-        assert [e["action"] for e in spool.audit_events()] == ["retry", "retention"]
+        # the prune anchors the chain's new start in an event of its own (issue 11 item 9)
+        assert [e["action"] for e in spool.audit_events()] == ["retry", "audit_prune", "retention"]
         assert spool.audit_verify()[0]
+        report = spool.audit_report()
+        assert report.ok and report.events == 3, report.text
         assert ops.apply_retention(cfg, spool)["audit_pruned"] == 0
     finally:
         spool.close()
