@@ -76,6 +76,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
           f"rules read {len(rs.tags)} attribute(s)")
     print(describe(cfg))
+    from fastroute.spool.space import space_warnings
+    for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
+        print(f"warning: {warning}")
     return 0
 
 
@@ -185,9 +188,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     spool = _spool(cfg)
     try:
         if args.verify:
-            ok, text = spool.audit_verify()
-            print(text)
-            return 0 if ok else 1
+            report = spool.audit_report()
+            print(report.text)       # names the failed check; the head is for an off-box record
+            return 0 if report.ok else 1
         since = ops.parse_time(args.since) if args.since else 0.0
         until = ops.parse_time(args.until, end=True) if args.until else float("inf")
         ops.audit_export(spool, sys.stdout, fmt=args.format, since=since, until=until,

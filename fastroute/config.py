@@ -117,6 +117,14 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return conv
 
 
+def _secret_ref(v: Any) -> str:
+    """``env:NAME`` or ``file:PATH``: where a secret is, never the secret itself (the
+    configuration is shown by the API and diffed into the audit trail)."""
+    if not isinstance(v, str) or not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*|file:\S.*", v):
+        raise ValueError("expected env:NAME (an environment variable) or file:PATH")
+    return v
+
+
 def _url(v: Any) -> str:
     if not isinstance(v, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
         raise ValueError("expected an http:// or https:// URL")
@@ -569,6 +577,9 @@ class Config:
     audit_retention: float | None = field(default=None, metadata=_DURATION)
     # prune delivered objects' records older than this
     history_retention: float | None = field(default=None, metadata=_DURATION)
+    # HMAC key of the audit chain, kept outside the spool (None: plain SHA-256)
+    audit_key: str | None = field(default=None, metadata=key(
+        _secret_ref, "env:NAME or file:PATH", if_null=IfNull.NONE))
     log_level: str = field(default="INFO", metadata=key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), "a log level"))
     log_format: str = field(default="text", metadata=key(_choice("text", "json"), "text or json"))
     source: str = "<embedded default>"      # the file it came from, for messages

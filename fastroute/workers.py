@@ -21,6 +21,7 @@ from typing import Any, Callable
 from fastroute.config import Config, warn_deprecated_engine
 from fastroute.logsetup import setup_logging
 from fastroute.spool import open_spool
+from fastroute.spool.space import space_warnings
 
 log = logging.getLogger("fastroute.workers")
 
@@ -165,6 +166,8 @@ class Supervisor:
     def run(self) -> int:
         # Create the spool (and its sub-databases) once before any child opens it, with room
         # written ahead (spool_prealloc) so that many objects' commits need not grow the file.
+        for warning in space_warnings(self.cfg.spool, self.cfg.min_free_bytes, self.cfg.spool_max_bytes):
+            log.warning("%s", warning)
         spool = open_spool(self.cfg)
         try:
             start = time.monotonic()

@@ -20,8 +20,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
-from fastroute.ops.api import ROUTES, http_main, make_app, openapi_spec
+from fastroute.ops.api import MAX_BODY_BYTES, ROUTES, http_main, is_public, make_app, openapi_spec
 from fastroute.config import Config
 from fastroute.spool.senderstate import DestinationState, SenderState
 from fastroute.spool import Outcome, OutcomeKind, Spool
@@ -41,10 +42,12 @@ def env(tmp_path: Path) -> Iterator[tuple[Config, Path, Spool, list[int]]]:
     spool.close()
 
 
-def serve(cfg: Config, spool: Spool, path: Path | None, body: Body, interval: float = 0.05) -> None:
+def serve(cfg: Config, spool: Spool, path: Path | None, body: Body, interval: float = 0.05, *,
+          token: bool = True) -> None:
+    """Run ``body`` against the app; the client sends the bearer token on every call unless ``token=False``."""
     async def main() -> None:
         app = make_app(cfg, spool, str(path) if path else None, monitor_interval=interval)
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(TestServer(app), headers=TOKEN if token else None) as client:
             await body(client, app)
     asyncio.run(main())
 
@@ -143,7 +146,8 @@ def test_openapi_describes_every_route(env: Any) -> None:
         assert routed == documented
         for method, p, handler in ROUTES:
             op = spec["paths"][p][method.lower()]
-            assert bool(op.get("security")) == bool(getattr(handler, "mutating", False)), (method, p)
+            assert bool(op.get("security")) == (not is_public(handler)), (method, p)
+            assert ("401" in op["responses"]) == (not is_public(handler)), (method, p)
             for param in op["parameters"]:
                 if param["in"] == "path":
                     assert "{" + param["name"] + "}" in p
@@ -173,7 +177,7 @@ def test_mutating_calls_need_the_token(env: Any) -> None:
                 assert "token" in (await resp.json())["error"]
         assert not spool.is_paused("pacs") and spool.stats(["pacs"])[0].failed == 1
 
-    serve(cfg, spool, path, body)
+    serve(cfg, spool, path, body, token=False)
 
 
 def test_mutating_calls_refused_without_a_configured_token(tmp_path: Path) -> None:
@@ -189,9 +193,176 @@ def test_mutating_calls_refused_without_a_configured_token(tmp_path: Path) -> No
         assert (await c.get("/api/status")).status == 200   # reading stays open
 
     try:
-        serve(cfg, spool, path, body)
+        serve(cfg, spool, path, body, token=False)
     finally:
         spool.close()
+
+PUBLIC_PATHS = {"/", "/healthz", "/openapi.json", "/metrics"}   # widening this is a decision, not an accident
+
+
+def concrete_read(p: str, oid: int) -> str:
+    """A GET path that answers 200 with the token (every route placeholder filled)."""
+    p = concrete(p).replace("{oid}", str(oid))
+    assert "{" not in p, f"route {p} has a placeholder this test does not fill: extend concrete_read"
+    return p + ("?patient_id=PAT1" if p == "/api/lookup" else "")
+
+
+def test_every_route_but_the_shell_needs_the_token(env: Any) -> None:
+    """Deny by default: iterate the route table, so a new route cannot slip through unprotected."""
+    cfg, path, spool, oids = env
+    assert {p for _, p, h in ROUTES if is_public(h)} == PUBLIC_PATHS
+    protected = [(m, p) for m, p, h in ROUTES if not is_public(h)]
+    assert ("GET", "/api/lookup") in protected and len(protected) == len(ROUTES) - len(PUBLIC_PATHS)
+    wrong: list[dict[str, str]] = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                                   {"Authorization": "Bearer"}, {"Authorization": "Bearer s3cret2"},
+                                   {"Authorization": "Bearer \u00e9s3cret"}]
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for method, p in protected:
+            url = concrete_read(p, oids[1])
+            for headers in wrong:
+                resp = await c.request(method, url, headers=headers, json={"text": "x"})
+                text = await resp.text()
+                assert resp.status == 401, (method, url, headers, resp.status, text)
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                assert "token" in json.loads(text)["error"]
+                assert "PAT1" not in text and STUDY_A not in text
+            if method == "GET":
+                resp = await c.get(url, headers=TOKEN)
+                assert resp.status == 200, (url, resp.status, await resp.text())
+        found = await (await c.get("/api/lookup?patient_id=PAT1", headers=TOKEN)).json()
+        assert found["count"] == 3 and found["objects"][0]["patient_id"] == "PAT1"
+        resp = await c.post("/api/config/validate", json={"text": path.read_text()}, headers=TOKEN)
+        assert resp.status == 200
+        for p in sorted(PUBLIC_PATHS) + ["/static/app.js", "/static/style.css"]:
+            assert (await c.get(p)).status == 200, p
+        assert (await c.get("/api/nope")).status == 404   # an unknown path says nothing either way
+
+    serve(cfg, spool, path, body, token=False)
+
+
+def test_reads_open_without_a_token_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, path = make_config(tmp_path, token=None)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    fill(spool, time.time() - AGE)
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        assert (await get_json(c, "/api/lookup?patient_id=PAT1"))["count"] == 3
+        assert (await c.get("/api/audit")).status == 200
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastroute.api"):
+            serve(cfg, spool, path, body, token=False)
+    finally:
+        spool.close()
+    warned = [r.getMessage() for r in caplog.records if "WITHOUT authentication" in r.getMessage()]
+    assert len(warned) == 1 and "patient data" in warned[0] and "http.token" in warned[0]
+
+
+async def expect_400(c: TestClient, method: str, url: Any, what: str, status: int = 400,   # type: ignore[type-arg]
+                     **kw: Any) -> dict[str, Any]:
+    resp = await c.request(method, url, **kw)
+    text = await resp.text()
+    assert resp.status == status, (what, resp.status, text[:300])
+    assert resp.content_type == "application/json", (what, resp.content_type)
+    doc: dict[str, Any] = json.loads(text)
+    assert doc["error"], what
+    return doc
+
+
+def test_malformed_requests_get_400_with_json(env: Any) -> None:
+    cfg, path, spool, oids = env
+    yaml_ct = {"Content-Type": "application/yaml"}
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for oid in ("-1", str(2**63), str(2**64), "9" * 30, "1.5", "0x10", "1_0", "%20%31", "%D9%A1"):
+            doc = await expect_400(c, "GET", URL(f"/api/objects/{oid}", encoded=True), f"oid {oid}")
+            assert "oid must be an integer from 0 to 9223372036854775807" in doc["error"]
+        await expect_400(c, "GET", f"/api/objects/{2**63 - 1}", "largest oid", status=404)
+        post = "/api/queues/pacs/retry"
+        doc = await expect_400(c, "POST", post, "non-UTF-8", data=b"{\"why\": \"\xff\xfe\"}",
+                               headers={"Content-Type": "application/json"})
+        assert "not UTF-8" in doc["error"]
+        resp = await c.post(post, data=b"{}", headers={"Content-Type": "application/json; charset=x-bogus-42"})
+        assert resp.status == 200, await resp.text()   # the body is read as UTF-8 whatever the claim
+        await expect_400(c, "POST", "/api/config/validate", "non-UTF-8 YAML", data=b"a: \xff", headers=yaml_ct)
+        for raw in ("[1, 2]", "\"x\"", "42", "null"):
+            assert "JSON object" in (await expect_400(c, "POST", post, raw, data=raw))["error"]
+        doc = await expect_400(c, "POST", post, "deep JSON", data="[" * 100_000)
+        assert "nested too deeply" in doc["error"]
+        await expect_400(c, "POST", post, "deep JSON object", data='{"a":' * 100_000)
+        await expect_400(c, "POST", "/api/config/validate", "deep YAML", data="[" * 100_000, headers=yaml_ct)
+        await expect_400(c, "POST", "/api/config/validate", "deep JSON text", data="[" * 100_000)
+        for oids_value in ([-1], [2**64], [2**63], [True], ["1"]):
+            await expect_400(c, "POST", post, f"oids {oids_value}", json={"oids": oids_value})
+        doc = await expect_400(c, "POST", post, "oversized", data=b" " * (MAX_BODY_BYTES + 1), status=413)
+        assert str(MAX_BODY_BYTES) in doc["hint"]
+        for q in ("limit=-1", "limit=0", f"limit={10**30}", "limit=" + "9" * 5000, "limit=x", "limit="):
+            await expect_400(c, "GET", f"/api/failures?{q}", q)
+        for q in ("since=yesterday", "until=" + "9" * 5000,
+                  "since=2024-13-45", "format=xml", "since=%00"):
+            await expect_400(c, "GET", URL(f"/api/audit?{q}", encoded=True), q)
+        await expect_400(c, "GET", "/api/queues/pacs/entries?state=%FF", "bad state")
+        await expect_400(c, "GET", "/api/lookup?patient_id=a&study=b", "two keys")
+        await expect_400(c, "DELETE", "/api/status", "wrong method", status=405)
+        assert (await c.get("/healthz")).status == 200
+
+    serve(cfg, spool, path, body)
+
+
+NASTY = ["", "-1", "0", str(2**63), str(2**64 + 1), "9" * 400, "1e9", "%00", "%FF%FE", "%C0%AF", "..", "%2e%2e",
+         "%0d%0aX-Injected:%201", "%E2%80%AE", "a" * 2000, "%25", "%", "[", "{", "pacs", "unrouted", STUDY_A,
+         "null", "true", "%F0%9F%92%A9", "\\", "%5C%00"]
+BODIES: list[bytes] = [b"", b"{", b"[" * 50_000, b'{"a":' * 50_000, b"\xff\xfe\x00", b"[]", b"{}", b"null",
+                       b'{"oids": [-1]}', b'{"oids": [1e400]}', b'{"oids": "x"}', b'{"states": [1], "reason": []}',
+                       b'{"text": 5}', b'{"text": "a: [" }', b'{"text": "' + b"[" * 20_000 + b'"}',
+                       b'{"destination": {"x": 1}}', b'{"who": "\\u0000\\n"}', b'{"why": 1e999}', b"\x00" * 64,
+                       b"a: &a [*a]", b"!!python/object/apply:os.system ['true']", b"key: " + b"x" * 10_000,
+                       b'{"oids": [' + b"9" * 5000 + b"]}", b"\xef\xbb\xbf{}"]
+CONTENT_TYPES = ["application/json", "application/yaml", "text/plain; charset=latin-1", "application/json; charset=nope",
+                 "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", ""]
+
+
+def test_fuzz_every_route_no_5xx(env: Any) -> None:
+    """A seeded, bounded fuzz over the route table: malformed params, queries, bodies and headers never
+    give a 5xx, and the server keeps answering. FASTROUTE_API_FUZZ=N runs N requests instead of 600."""
+    import random
+
+    cfg, path, spool, _ = env
+    rng = random.Random(11)
+    count = int(os.environ.get("FASTROUTE_API_FUZZ", "600"))
+    keys = ["limit", "state", "destination", "since", "until", "format", "study_instance_uid", "patient_id",
+            "accession", "study", "why", "oids"]
+
+    def fill_path(p: str) -> str:
+        while "{" in p:
+            a, _, rest = p.partition("{")
+            p = a + rng.choice(NASTY) + rest.partition("}")[2]
+        return p
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        seen: dict[int, int] = {}
+        for i in range(count):
+            method, p, _ = ROUTES[i % len(ROUTES)]
+            url = fill_path(p)
+            if rng.random() < 0.7:
+                url += "?" + "&".join(f"{rng.choice(keys)}={rng.choice(NASTY)}" for _ in range(rng.randint(1, 3)))
+            headers = {"Content-Type": rng.choice(CONTENT_TYPES)} if rng.random() < 0.8 else {}
+            if rng.random() < 0.1:
+                headers["Authorization"] = rng.choice(["Bearer", "Bearer  s3cret", "bearer s3cret", "Bearer s3cr\u00e9t"])
+            data = rng.choice(BODIES) if method == "POST" or rng.random() < 0.2 else None
+            resp = await c.request(method if rng.random() < 0.95 else rng.choice(["PUT", "PATCH", "GET"]),
+                                   URL(url, encoded=True), data=data, headers=headers)
+            text = await resp.text(errors="replace")
+            assert resp.status < 500, (method, url[:200], headers, (data or b"")[:80], resp.status, text[:500])
+            if resp.status >= 400:
+                assert resp.content_type == "application/json", (method, url[:200], resp.status, text[:200])
+            seen[resp.status] = seen.get(resp.status, 0) + 1
+        assert seen.get(400, 0) > count // 10 and seen.get(200, 0) > 0, seen   # it did reach the handlers
+        assert (await get_json(c, "/healthz"))["ok"]
+        assert (await get_json(c, "/api/lookup?patient_id=PAT1"))["count"] == 3
+
+    serve(cfg, spool, path, body)
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -356,7 +527,7 @@ def test_alerts_raise_and_clear_in_api_metrics_log_and_webhook(env: Any, caplog:
             url = str(hook_server.make_url("/hook"))
             with_hook = dataclasses.replace(cfg, alerts=dataclasses.replace(cfg.alerts, webhook=url))
             app = make_app(with_hook, spool, str(path), monitor_interval=0.05)
-            async with TestClient(TestServer(app)) as c:
+            async with TestClient(TestServer(app), headers=TOKEN) as c:
                 async def names() -> set[tuple[str, str]]:
                     doc = await get_json(c, "/api/alerts")
                     return {(a["name"], a["destination"]) for a in doc["alerts"]}

@@ -119,7 +119,26 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
                 found = browser.find_elements(By.CSS_SELECTOR, f'tr[data-destination="{dest}"] td.{col}')
                 return str(found[0].text) if found else ""
 
+            def enter_token(value: str) -> None:
+                box = browser.find_element(By.ID, "token")
+                box.clear()
+                box.send_keys(value)
+                browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", box)
+
+            # A token is configured: the shell loads, the data calls are refused until it is entered.
+            auth = browser.find_element(By.ID, "auth")
+            wait(browser, lambda d: auth.is_displayed() and "enter it in the token field" in auth.text,
+                 "the token-needed message")
+            assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-destination="pacs"]')
+            wait(browser, lambda d: d.find_element(By.ID, "updated").text == "waiting for the API token",
+                 "polling paused until a token is entered")
+            enter_token("wrong")
+            wait(browser, lambda d: "was refused" in auth.text, "the wrong-token message")
+            enter_token("s3cret")
             wait(browser, lambda d: cell("pacs", "pending") == "2", "the pacs row with 2 pending")
+            assert not auth.is_displayed()
+            browser.refresh()   # kept in sessionStorage: entered once per tab
+            wait(browser, lambda d: cell("pacs", "pending") == "2", "the pacs row again after a reload")
             assert cell("vna", "pending") == "3" and cell("pacs", "failed") == "1"
             assert cell("unrouted", "pending") == "1" and cell("pacs", "delivered") == "1"
             assert cell("pacs", "oldest").endswith("m") or cell("pacs", "oldest").endswith("s")
@@ -144,10 +163,7 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
             wait(browser, lambda d: cell("pacs", "pending") == "0" and cell("pacs", "delivered") == "3",
                  "the refreshed pacs row")
 
-            # An action with the token: pause pacs from its row.
-            token = browser.find_element(By.ID, "token")
-            token.send_keys("s3cret")
-            browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", token)
+            # An action with the token already entered: pause pacs from its row.
             browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] button.pause').click()
             wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused")
             wait(browser, lambda d: "paused" in d.find_element(

@@ -6,18 +6,24 @@ a small private thread pool, so a long queue scan cannot stall the event loop, a
 drained before the spool is closed. A monitor task samples the counters (throughput chart),
 evaluates alert thresholds and applies audit retention.
 
-Read-only calls are open; mutating calls need ``Authorization: Bearer <http.token>`` and are
-refused (403) while no token is configured. Every mutating call is audited with who and why.
+Access is deny-by-default: with ``http.token`` configured every route needs
+``Authorization: Bearer <token>`` except the few marked :func:`public` (dashboard shell and assets,
+``/healthz``, ``/openapi.json``, ``/metrics``), because lookups, queue entries, failures and the audit
+trail carry patient identifiers and a new route must not leak them by being forgotten. Without a
+token, reads stay open (a warning is logged at start) and mutating calls are refused (403). Every
+mutating call is audited with who and why. Malformed requests get a 4xx with a JSON error.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import functools
+import hashlib
 import hmac
 import io
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -41,6 +47,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 MONITOR_INTERVAL = 2.0          # seconds between samples (throughput chart, alerts)
 RETENTION_INTERVAL = 3600.0     # seconds between audit/history retention passes
 HISTORY_KEEP = 600.0            # seconds of throughput history kept for the chart
+MAX_BODY_BYTES = 4 << 20        # client_max_size: a configuration file is far smaller
+MAX_OID = 2**63 - 1             # object ids are unsigned 64-bit keys; the API takes the signed range
+OID_RE = re.compile(r"[0-9]{1,19}")
 YAML_TYPES = ("text/plain", "application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 T = TypeVar("T")
@@ -115,34 +124,75 @@ def _fail(exc_class: type[web.HTTPException], message: str, hint: str = "", **ex
                      if exc_class is web.HTTPUnauthorized else None)
 
 
+def public(handler: Handler) -> Handler:
+    """Mark a handler as open even with a token configured (it returns no patient data)."""
+    handler.public = True   # type: ignore[attr-defined]
+    return handler
+
+
+def is_public(handler: Any) -> bool:
+    return bool(getattr(handler, "public", False))
+
+
+def _check_token(request: web.Request, token: str) -> None:
+    """Raise 401 unless the request carries ``Bearer <token>`` (constant-time comparison)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Digests of equal length, so not even the token's length leaks; errors="replace": a header with
+    # odd characters is a wrong token, not a crash.
+    digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(
+            token.encode("utf-8", "replace")).digest()):
+        log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
+                    request.remote)
+        raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
+                    hint="send 'Authorization: Bearer <http.token>'")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Deny by default: every matched route but the :func:`public` ones needs the configured token."""
+    token = (request.app[PLANE].cfg.http or HttpConfig()).token
+    info = request.match_info
+    if token and info.http_exception is None and not is_public(info.handler) \
+            and not isinstance(info.route.resource, web.StaticResource):
+        _check_token(request, token)
+    return await handler(request)
+
+
 def mutating(handler: Handler) -> Handler:
-    """Mark a handler as changing state: it needs the bearer token."""
+    """Mark a handler as changing state: it needs the bearer token, and a configured one."""
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
         http = request.app[PLANE].cfg.http or HttpConfig()
         if not http.token:
             raise _fail(web.HTTPForbidden, "mutating API calls are disabled because no token is configured",
                         hint="set http.token in the configuration and send 'Authorization: Bearer <token>'")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), http.token.encode()):
-            log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
-                        request.remote)
-            raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
-                        hint="send 'Authorization: Bearer <http.token>'")
+        _check_token(request, http.token)   # also checked by auth_middleware; kept should that change
         return await handler(request)
     guarded.mutating = True   # type: ignore[attr-defined]
     return guarded
 
 
+async def _text(request: web.Request) -> str:
+    """The body as UTF-8 text (whatever charset the client claims); 413 beyond client_max_size."""
+    raw = await request.read() if request.can_read_body else b""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(web.HTTPBadRequest, f"the body is not UTF-8 (byte {exc.start})") from None
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     """A JSON object body, or {} when there is none."""
-    raw = await request.text() if request.can_read_body else ""
+    raw = await _text(request)
     if not raw.strip():
         return {}
     try:
         data = json.loads(raw)
     except ValueError:
         raise _fail(web.HTTPBadRequest, "the body is not valid JSON") from None
+    except RecursionError:   # json's C scanner recurses per nesting level
+        raise _fail(web.HTTPBadRequest, "the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise _fail(web.HTTPBadRequest, "the body must be a JSON object")
     return data
@@ -151,7 +201,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 async def _yaml_body(request: web.Request) -> tuple[str | None, dict[str, Any]]:
     """Configuration text posted raw (YAML content types) or as JSON ``{"text": ...}``."""
     if request.content_type in YAML_TYPES:
-        raw = await request.text() if request.can_read_body else ""
+        raw = await _text(request)
         return (raw if raw.strip() else None), dict(request.query)
     body = await _body(request)
     text = body.get("text")
@@ -179,12 +229,30 @@ def _int_param(request: web.Request, name: str, default: int, lo: int = 1, hi: i
     return value
 
 
+def _oid(raw: str) -> int:
+    """An object id from a path: plain decimal digits in 0..2**63-1 (the spool's keys)."""
+    if not OID_RE.fullmatch(raw) or int(raw) > MAX_OID:
+        raise _fail(web.HTTPBadRequest, f"oid must be an integer from 0 to {MAX_OID}, got {raw[:40]!r}")
+    return int(raw)
+
+
 def _oids(value: Any) -> list[int] | None:
     if value in (None, "", []):
         return None
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise _fail(web.HTTPBadRequest, "'oids' must be a list of integers")
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                              and 0 <= v <= MAX_OID for v in value):
+        raise _fail(web.HTTPBadRequest, f"'oids' must be a list of integers from 0 to {MAX_OID}")
     return value
+
+
+def _time_param(request: web.Request, name: str, *, end: bool = False) -> float | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return ops.parse_time(raw, end=end)
+    except (OverflowError, ValueError):   # e.g. year 1 with a positive offset falls before the epoch range
+        raise _fail(web.HTTPBadRequest, f"{name} is out of range: {raw[:40]!r}") from None
 
 
 @web.middleware
@@ -203,22 +271,42 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                     errors=[ops.config_error_view(exc)]) from None
     except SpoolError as exc:
         raise _fail(web.HTTPServiceUnavailable, Exception.__str__(exc), exc.hint) from None
+    except RecursionError:   # YAML or JSON nested beyond what a recursive parser takes
+        log.warning("refused %s %s from %s: input nested too deeply", request.method, request.path,
+                    request.remote)
+        raise _fail(web.HTTPBadRequest, "the request is nested too deeply") from None
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        # aiohttp's own refusals (404, 405, 413 ...) in the same JSON shape as ours.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+        return web.json_response({"error": exc.reason.lower() if exc.reason else f"HTTP {exc.status}",
+                                  **({"hint": f"the body limit is {MAX_BODY_BYTES} bytes"}
+                                     if exc.status == 413 else {})},
+                                 status=exc.status, headers=headers)
+    except Exception:   # a bug: logged with its traceback, answered in the API's shape
+        log.exception("internal error on %s %s from %s", request.method, request.path, request.remote)
+        return web.json_response({"error": "internal error (logged by the router)"}, status=500)
 
 
 # -- read-only handlers -------------------------------------------------------------------------
 
+@public
 async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+@public
 async def healthz(request: web.Request) -> web.Response:
     return _json({"ok": True, "version": __version__})
 
 
+@public
 async def openapi_json(request: web.Request) -> web.Response:
     return _json(openapi_spec())
 
 
+@public
 async def metrics(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
     body = await plane.io(render, plane.registry)
@@ -295,18 +383,16 @@ async def get_study(request: web.Request) -> web.Response:
 
 async def get_object(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
-    try:
-        oid = int(request.match_info["oid"])
-    except ValueError:
-        raise _fail(web.HTTPBadRequest, "oid must be an integer") from None
-    return _json(await plane.io(ops.get_object, plane.spool, oid))
+    return _json(await plane.io(ops.get_object, plane.spool, _oid(request.match_info["oid"])))
 
 
 async def get_audit(request: web.Request) -> web.StreamResponse:
     plane = request.app[PLANE]
     q = request.query
-    since = ops.parse_time(q["since"]) if q.get("since") else 0.0
-    until = ops.parse_time(q["until"], end=True) if q.get("until") else float("inf")
+    since = _time_param(request, "since")
+    until = _time_param(request, "until", end=True)
+    since = 0.0 if since is None else since
+    until = float("inf") if until is None else until
     study = q.get("study_instance_uid", "")
     fmt = q.get("format", "json")
     if fmt in ("csv", "jsonl"):
@@ -428,8 +514,13 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 def make_app(cfg: Config, spool: Spool, config_path: str | None, *,
              monitor_interval: float = MONITOR_INTERVAL) -> web.Application:
     """The application; the caller owns ``spool`` and closes it after the app's cleanup."""
-    app = web.Application(middlewares=[errors_middleware])
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
     plane = Plane(cfg, spool, config_path, monitor_interval)
+    http = cfg.http or HttpConfig()
+    if not http.token:
+        log.warning("http: no http.token configured: patient data (lookups, studies, objects, queue entries, "
+                    "failures) and the audit trail are served WITHOUT authentication to anyone who can reach "
+                    "%s:%d, and mutating calls are refused (403); set http.token", http.host, http.port)
     app[PLANE] = plane
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
@@ -467,13 +558,10 @@ def _op(summary: str, *, params: tuple[dict[str, Any], ...] = (), body: dict[str
         responses[code] = {"description": text, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Error"}}}}
     if auth:
-        responses["401"] = {"description": "missing or wrong bearer token"}
         responses["403"] = {"description": "no http.token configured: mutating calls are disabled"}
     op: dict[str, Any] = {"summary": summary, "parameters": list(params), "responses": responses}
     if body is not None:
         op["requestBody"] = body
-    if auth:
-        op["security"] = [{"bearerAuth": []}]
     return op
 
 
@@ -564,11 +652,19 @@ def openapi_spec() -> dict[str, Any]:
             "Queue a study's failed objects again (every destination, or one)", params=(study,), auth=True,
             extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
     }
+    for method, path, handler in ROUTES:   # the same rule as auth_middleware, so the two cannot drift
+        if not is_public(handler):
+            op = paths[path][method.lower()]
+            op["security"] = [{"bearerAuth": []}]
+            op["responses"]["401"] = {"description": "missing or wrong bearer token (when http.token is set)"}
     return {
         "openapi": "3.0.3",
         "info": {"title": "fastroute management API", "version": __version__,
-                 "description": "Read-only calls are open; mutating calls need 'Authorization: Bearer <http.token>' "
-                                "and are refused with 403 while no token is configured."},
+                 "description": "With http.token configured, every call marked with bearerAuth needs "
+                                "'Authorization: Bearer <http.token>' (they return patient data, the audit trail "
+                                "or change state); without it reads are open and mutating calls are refused "
+                                "with 403. Malformed requests get 400 (413 beyond the body limit) with a JSON "
+                                "error."},
         "paths": paths,
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
@@ -597,8 +693,6 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
             await runner.cleanup()
             return 1   # the management plane never stops the data plane: restarted with backoff
         log.info("http: dashboard and API on http://%s:%d/ (metrics at /metrics)", http.host, http.port)
-        if not http.token:
-            log.warning("http: no http.token configured; mutating API calls are refused (403)")
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()

@@ -99,6 +99,7 @@ class DestinationSender:
         self._progress_dirty = False
         self._progress_written = 0.0
         self.planner = SyntaxPlanner(dest)
+        self._spool_errors = 0        # spool writes failed in a row (a full disk)
 
     # -- wake-ups ----------------------------------------------------------------------------
 
@@ -185,6 +186,16 @@ class DestinationSender:
             self.down_until = 0.0
             self._publish(state=SenderState.UP, down_since=None, retry_at=None, consecutive_failures=0)
 
+    def _spool_failed(self, exc: SpoolError) -> None:
+        """A spool write failed (a full disk: ENOSPC on commit). Nothing it held changed: the
+        claimed objects stay in flight and their outcomes in memory, to be recorded by a later
+        settle; crashing instead would resend what was delivered. Back off, then retry."""
+        self._spool_errors += 1
+        delay = backoff_delay(self._spool_errors, 0.5, 30.0, self.rng)
+        log.error("destination=%s ae=%s: spool write failed (%s); retrying in %.1fs (failure %d in a row)",
+                  self.dest.name, self.dest.ae_title, exc, delay, self._spool_errors)
+        self.stop_event.wait(delay)
+
     # -- the work ----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -219,7 +230,11 @@ class DestinationSender:
                 if not carried:
                     paused = self.dest.paused or self.spool.is_paused(name)
                     if held and (paused or now < self.down_until):
-                        self.spool.settle(name, held)
+                        try:
+                            self.spool.settle(name, held)
+                        except SpoolError as exc:
+                            self._spool_failed(exc)
+                            continue
                         held = []
                     if paused:
                         if self.state.state != SenderState.PAUSED:
@@ -241,9 +256,9 @@ class DestinationSender:
                         else:
                             batch, earliest = self.spool.claim(name, size)
                     except SpoolError as exc:
-                        log.error("destination=%s: cannot read the spool: %s", name, exc)
-                        self._wait(gen, SAFETY_WAKE)
+                        self._spool_failed(exc)
                         continue
+                    self._spool_errors = 0
                 if not batch:
                     idle = time.monotonic() - conn.last_used
                     if conn.assoc is not None and idle >= self.dest.idle_release:
@@ -269,9 +284,17 @@ class DestinationSender:
                 # Claim the next batch in the same commit while the destination is taking
                 # objects. An empty claim is not carried: the next round claims again after
                 # reading ``generation``, so a wake-up in between is not lost.
-                carried, _ = self.spool.settle(name, outcomes, claim=more)
+                try:
+                    carried, _ = self.spool.settle(name, outcomes, claim=more)
+                except SpoolError as exc:
+                    held = outcomes   # kept in flight; recorded by the next round's settle
+                    self._spool_failed(exc)
             if held or carried:       # stopping: record what was delivered, hand back the rest
-                self.spool.settle(name, held + [Outcome(i.oid, OutcomeKind.RELEASE) for i in carried])
+                try:
+                    self.spool.settle(name, held + [Outcome(i.oid, OutcomeKind.RELEASE) for i in carried])
+                except SpoolError as exc:
+                    log.error("destination=%s: %s; %d object(s) stay in flight and are resent after "
+                              "the restart (at-least-once)", name, exc, len(held) + len(carried))
         except Exception:
             log.exception("destination=%s: sender thread %d crashed; the process will be restarted",
                           name, index)

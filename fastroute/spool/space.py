@@ -5,7 +5,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import lmdb
 
@@ -15,11 +15,17 @@ _PREALLOC = b"~prealloc:"
 
 
 class SpaceGuard:
-    """Refuses objects before they are written when the spool's disk is below its floor."""
+    """Refuses objects before they are written when the spool's disk is below its floor.
 
-    def __init__(self, path: Path, min_free_bytes: int) -> None:
+    Free room is the disk's free space plus the spool file's pages LMDB can reuse
+    (``reusable``): the file never shrinks, so once a backlog has drained the disk alone would
+    stay below the floor forever although new objects fit in the file without growing it."""
+
+    def __init__(self, path: Path, min_free_bytes: int, reusable: Callable[[], int] | None = None) -> None:
         self.path = path
         self.min_free_bytes = min_free_bytes
+        self._reusable = reusable
+        self.interval = 0.1          # seconds a fine answer is reused (the receive path asks)
         self._checked = 0.0
         self._ok = True
 
@@ -28,17 +34,23 @@ class SpaceGuard:
         return st.f_bavail * st.f_frsize
 
     def check(self, incoming_bytes: int) -> None:
-        """Raise SpoolFullError below the floor (statvfs at most every 100 ms while fine)."""
+        """Raise SpoolFullError below the floor (statvfs at most every 100 ms while fine).
+
+        Reusable pages are counted only when the disk alone is below the floor (reading
+        them takes a read transaction), so the common case stays one statvfs per 100 ms."""
         if self.min_free_bytes <= 0:
             return
         now = time.monotonic()
-        if now - self._checked > 0.1 or not self._ok:
-            self._ok = self.free_bytes() - incoming_bytes >= self.min_free_bytes
+        if now - self._checked > self.interval or not self._ok:
+            free = self.free_bytes() - incoming_bytes
+            if free < self.min_free_bytes and self._reusable is not None:
+                free += self._reusable()
+            self._ok = free >= self.min_free_bytes
             self._checked = now
         if not self._ok:
             raise SpoolFullError(
                 f"disk holding the spool {self.path} is below its free-space floor "
-                f"({self.min_free_bytes} bytes)")
+                f"({self.min_free_bytes} bytes, counting the spool's reusable pages)")
 
     def usage(self, env: lmdb.Environment) -> dict[str, int]:
         info = env.info()
@@ -49,6 +61,29 @@ class SpaceGuard:
             "disk_free_bytes": self.free_bytes(),
             "disk_total_bytes": shutil.disk_usage(self.path).total,
         }
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def space_warnings(path: Path, min_free_bytes: int, max_bytes: int) -> list[str]:
+    """Limits the spool's disk cannot honour (said at start and by ``fastroute check``): a
+    floor above the disk's size refuses every object; a map larger than the disk can hold
+    ends in ENOSPC, not in the orderly 0xA700 of a full spool."""
+    disk = shutil.disk_usage(_existing(path))
+    data = path / "data.mdb"
+    size = data.stat().st_size if data.exists() else 0
+    out = []
+    if min_free_bytes > disk.total:
+        out.append(f"min_free_bytes ({min_free_bytes} bytes) exceeds the size of the disk holding the "
+                   f"spool {path} ({disk.total} bytes): every object will be refused (0xA700)")
+    if max_bytes > disk.free + size:
+        out.append(f"spool_max_bytes ({max_bytes} bytes) exceeds the free disk plus the spool file "
+                   f"({disk.free} + {size} bytes) at {path}: the disk can fill before the spool does")
+    return out
 
 
 def _pages(stat: Any) -> int:     # lmdb stat dict
@@ -110,4 +145,4 @@ def preallocate(env: lmdb.Environment, info_db: Any, dbs: Iterable[Any], guard: 
     return len(keys) * chunk
 
 
-__all__ = ["SpaceGuard", "reusable_bytes", "preallocate"]
+__all__ = ["SpaceGuard", "reusable_bytes", "preallocate", "space_warnings"]

@@ -27,7 +27,7 @@ import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool import space
-from fastroute.spool.audit import AuditChain, whoami
+from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, Counters
 from fastroute.spool.queues import (
     UNROUTED,
@@ -64,13 +64,15 @@ class Spool:
 
     def __init__(self, path: str | Path, *, map_size: int = 64 * 1024**3,
                  min_free_bytes: int = 0, duplicate_window: float = 86400.0,
-                 readonly: bool = False, durable: bool = True) -> None:
+                 readonly: bool = False, durable: bool = True, audit_key: bytes | None = None) -> None:
         """``durable=False`` (the senders) makes this process's commits skip the second fsync
         (LMDB's MDB_NOMETASYNC): still atomic and consistent, but an OS crash may undo the
         last of them. A sender's commits can afford that: a lost claim is undone by
         ``reset_inflight`` on start anyway, a lost delivery record means one resend
         (at-least-once). The next fully synced commit (a listener's) makes them durable.
-        Every commit that answers a modality stays fully synced."""
+        Every commit that answers a modality stays fully synced.
+
+        ``audit_key`` keys the audit chain (HMAC-SHA256, see :mod:`audit`)."""
         self.path = Path(path)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -84,15 +86,18 @@ class Spool:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
-        self.space = space.SpaceGuard(self.path, min_free_bytes)
-        self.audit = AuditChain(self.env, self._dbs["audit"], self._info)
+        self.space = space.SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
+        self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
+        if audit_key is not None and not readonly:
+            self.audit.ensure_keyed()
 
     @classmethod
     def from_config(cls, cfg: Config, *, durable: bool = True) -> Spool:
         """The spool a configuration names, with its limits (any process may open it)."""
         return cls(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=cfg.min_free_bytes,
-                   duplicate_window=cfg.duplicate_window, durable=durable)
+                   duplicate_window=cfg.duplicate_window, durable=durable,
+                   audit_key=read_key(cfg.audit_key) if cfg.audit_key else None)
 
     @property
     def min_free_bytes(self) -> int:
@@ -164,8 +169,11 @@ class Spool:
     def claim(self, dest: str, limit: int, now: float | None = None) -> tuple[list[Claimed], float | None]:
         """Move up to ``limit`` due pending entries to in-flight (see :meth:`Queues.claim`)."""
         now = time.time() if now is None else now
-        with self.env.begin(write=True) as txn:
-            return self.queues.claim(txn, dest, limit, now)
+        try:
+            with self.env.begin(write=True) as txn:
+                return self.queues.claim(txn, dest, limit, now)
+        except lmdb.Error as exc:     # e.g. ENOSPC on commit: nothing changed, the caller retries
+            raise SpoolError(f"spool write failed claiming for {dest}: {exc}") from exc
 
     def settle(self, dest: str, outcomes: Iterable[Outcome], now: float | None = None, *,
                claim: int = 0) -> tuple[list[Claimed], float | None]:
@@ -176,10 +184,13 @@ class Spool:
         and every commit is a turn at the write lock that the listeners' commits wait for.
         """
         now = time.time() if now is None else now
-        with self.env.begin(write=True) as txn:
-            self.queues.settle(txn, dest, outcomes, now)
-            if claim > 0 and txn.get(paused_key(dest), db=self._info) is None:
-                return self.queues.claim(txn, dest, claim, now)
+        try:
+            with self.env.begin(write=True) as txn:
+                self.queues.settle(txn, dest, outcomes, now)
+                if claim > 0 and txn.get(paused_key(dest), db=self._info) is None:
+                    return self.queues.claim(txn, dest, claim, now)
+        except lmdb.Error as exc:     # e.g. ENOSPC on commit: aborted whole, the caller retries
+            raise SpoolError(f"spool write failed settling for {dest}: {exc}") from exc
         return [], None
 
     def read(self, oid: int) -> bytes:
@@ -231,6 +242,11 @@ class Spool:
         return self.audit.events(since, until, study_instance_uid)
 
     def audit_verify(self) -> tuple[bool, str]:
+        report = self.audit.verify()
+        return report.ok, report.text
+
+    def audit_report(self) -> AuditReport:
+        """``audit_verify`` with the check that failed and the head (see :mod:`audit`)."""
         return self.audit.verify()
 
     def audit_prune(self, before: float) -> int:

@@ -45,10 +45,32 @@ function bytes(n) {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
+// The API token, entered once and kept for this tab only (sessionStorage, never localStorage).
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("fastroute-token") || "";
+
+function authHeaders(extra) {
+  const headers = Object.assign({}, extra || {});
+  if (tokenInput.value) headers.Authorization = `Bearer ${tokenInput.value}`;
+  return headers;
+}
+
+const TOKEN_NEEDED = "This router requires its API token (http.token) to show patient data: enter it in the token field at the top right.";
+const TOKEN_WRONG = "The API token entered was refused: check it against http.token and enter it again.";
+
+function authMessage() { return tokenInput.value ? TOKEN_WRONG : TOKEN_NEEDED; }
+
 async function getJSON(path) {
-  const resp = await fetch(path, { cache: "no-store" });
+  const resp = await fetch(path, { cache: "no-store", headers: authHeaders() });
+  if (resp.status === 401) {
+    const box = document.getElementById("auth");
+    box.textContent = authMessage();
+    box.hidden = false;
+    throw new Error(authMessage());
+  }
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
+  document.getElementById("auth").hidden = true;
   return body;
 }
 
@@ -61,16 +83,17 @@ function showMessage(text, isError) {
 
 // -- actions (need the bearer token) -------------------------------------------------------------
 
-const tokenInput = document.getElementById("token");
-tokenInput.value = sessionStorage.getItem("fastroute-token") || "";
-tokenInput.addEventListener("change", () => sessionStorage.setItem("fastroute-token", tokenInput.value));
+tokenInput.addEventListener("change", () => {
+  sessionStorage.setItem("fastroute-token", tokenInput.value);
+  refresh();
+});
 
 async function act(path, body) {
-  const headers = { "Content-Type": "application/json" };
-  if (tokenInput.value) headers.Authorization = `Bearer ${tokenInput.value}`;
+  const headers = authHeaders({ "Content-Type": "application/json" });
   try {
     const resp = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
     const data = await resp.json();
+    if (resp.status === 401) throw new Error(authMessage());
     if (!resp.ok) throw new Error(data.error + (data.hint ? ` (${data.hint})` : ""));
     showMessage(`${path}: ${JSON.stringify(data)}`, false);
   } catch (err) {
@@ -308,6 +331,11 @@ async function refresh() {
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "1";
   } catch (err) {
+    if (!document.getElementById("auth").hidden) {
+      // Refused for the token: stop polling (no stream of 401s in the router's log) until one is entered.
+      document.getElementById("updated").textContent = "waiting for the API token";
+      return;
+    }
     document.getElementById("updated").textContent = `not reachable: ${err.message}`;
   }
   timer = setTimeout(refresh, POLL_MS);
