@@ -460,6 +460,9 @@ class DestinationConfig:
     batch_size: int = field(default=32, metadata=key(_int(1, 10000), "a batch size"))
     # per object, for object-level transient failures
     max_attempts: int = field(default=10, metadata=key(_int(1, 1000000), "a number of attempts"))
+    # an object whose delivery ends without a response (abort, timeout) this many times in a
+    # row is failed: a peer that aborts on its content would otherwise be sent it forever
+    max_unknown_outcomes: int = field(default=3, metadata=key(_int(1, 1000000), "a number of outcomes"))
     backoff_initial: float = field(default=2.0, metadata=_DURATION)
     backoff_max: float = field(default=300.0, metadata=_DURATION)
     # release an idle association after this long

@@ -350,7 +350,9 @@ def test_outcome_unknown_is_resent(tmp_path: Path, router: Callable[..., Router]
                                    storescp: Callable[..., peers.StoreSCP]) -> None:
     files = synth.make_tiny(tmp_path / "t", n=2)
     aborting = storescp("PACS", abort_after=True)
-    r = router({"destinations": {"pacs": destination(aborting.port, "PACS", backoff_initial=0.2, backoff_max=1)},
+    # Every object is aborted on here: allow enough unknown outcomes to outlast the swap.
+    r = router({"destinations": {"pacs": destination(aborting.port, "PACS", backoff_initial=0.2, backoff_max=1,
+                                                     max_unknown_outcomes=1000)},
                 "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     assert storescu(r.port, files).returncode == 0
     wait_until(lambda: r.queue()["pacs"]["unknown_outcomes"] >= 1, 30, message="no unknown outcome counted")

@@ -9,6 +9,13 @@ it reuses across batches. Two kinds of failure are kept apart on purpose:
 * object-level (transient status, outcome unknown): the object's attempt count grows and it
   is retried after its own backoff; past ``max_attempts`` or on a permanent status it moves
   to the failed state, where it is kept and can be retried by command.
+
+An outcome unknown (the peer aborted or went silent after the data was sent) is the object's
+own: a PACS that aborts on one object's content ("poison") would abort on it forever, so it
+fails after ``max_unknown_outcomes`` such ends in a row, and only that object waits its
+backoff while the destination's other objects keep flowing on a new association. Only when
+*different* objects end that way on their first try with no response in between is the
+destination itself suspect and backed off (a PACS that aborts everything).
 """
 from __future__ import annotations
 
@@ -72,6 +79,9 @@ def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: st
         if kind == "permanent":
             return Outcome(item.oid, OutcomeKind.FAILED, status=status, error=error)
     attempt = item.attempts + 1
+    if unknown and item.unknown + 1 >= dest.max_unknown_outcomes:
+        return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=True,
+                       error=f"outcome unknown {item.unknown + 1} times in a row: {error}")
     if attempt >= dest.max_attempts:
         return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=unknown,
                        error=f"gave up after {attempt} attempts: {error}")
@@ -100,6 +110,7 @@ class DestinationSender:
         self._progress_written = 0.0
         self.planner = SyntaxPlanner(dest)
         self._spool_errors = 0        # spool writes failed in a row (a full disk)
+        self._unknown_run = 0         # objects whose first try ended without a response, in a row
 
     # -- wake-ups ----------------------------------------------------------------------------
 
@@ -367,12 +378,31 @@ class DestinationSender:
             result = conn.send_raw(cx, item.sop_class_uid, item.sop_instance_uid, data)
         except OutcomeUnknown as exc:
             conn.abort()
-            log.warning("%s: outcome unknown (%s); will resend (at-least-once)", where, exc)
-            self._destination_failed(f"association lost while sending: {exc}")
-            return decide(item, self.dest, None, str(exc), unknown=True, now=now, rng=self.rng)
+            with self._state_lock:
+                if not item.unknown:    # a first such end; resends of a suspect object do not count
+                    self._unknown_run += 1
+                run = self._unknown_run
+            outcome = decide(item, self.dest, None, str(exc), unknown=True, now=now, rng=self.rng)
+            if outcome.kind == OutcomeKind.FAILED:
+                log.error("%s: failed: %s", where, outcome.error)
+            else:
+                log.warning("%s: outcome unknown (%s), %d of %d in a row allowed; resent at %s "
+                            "(at-least-once)", where, exc, item.unknown + 1, self.dest.max_unknown_outcomes,
+                            time.strftime("%H:%M:%S", time.localtime(outcome.next_at)))
+            if not item.unknown and run >= self.dest.max_unknown_outcomes:
+                # Several objects in a row, each on its first try, no response in between: the
+                # destination, not one object's content, is suspect; back it off rather than
+                # fail its whole queue. (Resends of poison objects falling due together must
+                # not trigger this: that would block the queue behind them again.)
+                self._destination_failed(f"{run} objects in a row ended without a response on their "
+                                         f"first try; last: {exc}")
+            return outcome
         except AssociationFailed as exc:
             conn.abort()
             return Outcome(item.oid, OutcomeKind.RELEASE, error=str(exc))
+        if self._unknown_run:
+            with self._state_lock:
+                self._unknown_run = 0
         outcome = decide(item, self.dest, result.status, result.comment, unknown=False, now=now, rng=self.rng)
         if transcoded:
             outcome = replace(outcome, transcoded=sent_ts)

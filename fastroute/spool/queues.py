@@ -139,6 +139,7 @@ class Claimed:
     size: int
     calling_ae: str
     digest: bytes = b""            # content_digest, when already known (else the sender takes it)
+    unknown: int = 0               # its deliveries that ended without a response, in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,8 +300,9 @@ class Queues:
                 continue
             f = decode_claim_fields(raw)
             txn.put(qkey(dest, _I, oid), value, db=self._q)
+            attempts, unknown = QueueRecord.counts_of(value)
             out.append(Claimed(oid, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax,
-                               QueueRecord.counts_of(value)[0], f.size, f.calling_ae, f.digest))
+                               attempts, f.size, f.calling_ae, f.digest, unknown))
         return out, earliest
 
     def settle(self, txn: lmdb.Transaction, dest: str, outcomes: Iterable[Outcome], now: float) -> None:
@@ -322,6 +324,8 @@ class Queues:
                 txn.put(qkey(dest, _P, o.oid), QueueRecord.pack(attempts, o.next_at, o.status, unknown),
                         db=self._q)
             elif o.kind == _RETRY:
+                if not o.unknown:   # a response came: the run of unknown outcomes is broken
+                    unknown = 0
                 txn.put(qkey(dest, _P, o.oid),
                         QueueRecord.pack(attempts + 1, o.next_at, o.status, unknown, o.error), db=self._q)
                 self._incr(txn, _C_RETRIES, dest)

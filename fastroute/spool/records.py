@@ -313,6 +313,8 @@ class QueueRecord:
     attempts: int = 0
     next_at: float = 0.0
     last_status: int | None = None
+    # deliveries that ended without a response IN A ROW (a response resets it; the
+    # destination's total is the ``unknown_outcomes`` counter)
     unknown_outcomes: int = 0
     error: str = ""
 
