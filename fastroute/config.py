@@ -562,6 +562,9 @@ class Config:
     sender_cpus: tuple[int, ...] = field(default=(), metadata=_CPUS)
     # how long a commit waits to gather more objects
     group_commit_delay: float = field(default=0.002, metadata=_DURATION)
+    # A dataset larger than this is streamed into the spool in chunks as it arrives instead
+    # of being held in memory: a listener holds at most this much per association.
+    stream_threshold: int = field(default=8 * 1024**2, metadata=_SIZE)
     # identical re-sends within this window are not resent
     duplicate_window: float = field(default=86400.0, metadata=_DURATION)
     shutdown_grace: float = field(default=30.0, metadata=_DURATION)

@@ -56,7 +56,8 @@ def listener_main(cfg: Config, index: int) -> None:
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
     warn_deprecated_engine("engine", cfg.engine)
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)},
+                        stager=committer.stager(cfg.stream_threshold))
     committer.siblings = receiver.active
     try:
         receiver.start()

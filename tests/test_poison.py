@@ -38,7 +38,7 @@ class AbortingSCP:
         self.port = free_port()
         self.ae = AE("PACS")
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_SYNTAXES)
+            self.ae.add_supported_context(str(cx.abstract_syntax), ALL_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.ae.maximum_associations = 4
         server = self.ae.start_server(("127.0.0.1", self.port), block=False,

@@ -8,15 +8,19 @@ commitment's N-EVENT-REPORT). A service is a :data:`Handler`: it gets the associ
 
 The dataset of a message arrives as one ``bytearray`` built from its fragments as they come
 (one copy out of the receive buffer, none after), so C-STORE stays the zero-copy hot path.
+A dataset that grows past a :class:`Stager`'s threshold is handed to a :class:`DatasetSink`
+instead (the spool's staging, issue 11 item 3), so an association holds at most the
+threshold in memory whatever the object's size.
 """
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 from fastroute.dicom import pdu
 from fastroute.dicom.acse import VERIFICATION_SOP_CLASS
@@ -74,13 +78,33 @@ class MessageTooLarge(pdu.ProtocolError):
     aborted (unlike ``errors.ObjectTooLarge``, a stored dataset too large to inflate)."""
 
 
+class DatasetSink(Protocol):
+    """Where a large dataset's fragments go as they arrive (not memory). The handler that
+    gets the message owns it; one never handed over is discarded (association aborted)."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+class Stager(Protocol):
+    """Opens a :class:`DatasetSink` for a dataset that grew past ``threshold`` bytes."""
+
+    threshold: int
+
+    def open(self, head: bytearray) -> DatasetSink: ...
+
+
 @dataclass(slots=True)
 class Message:
-    """One DIMSE message: its presentation context, decoded command set and dataset bytes."""
+    """One DIMSE message: its presentation context, decoded command set and dataset bytes
+    (a :class:`DatasetSink` for a dataset that was streamed out of memory)."""
 
     context_id: int
     command: dict[int, Any]
-    data: bytearray | None = None
+    data: bytearray | DatasetSink | None = None
 
     @property
     def field(self) -> int:
@@ -161,21 +185,31 @@ class Assembler:
     interleave). ``contexts`` are the accepted presentation context IDs.
     """
 
-    __slots__ = ("contexts", "max_object", "max_command", "_cmd", "_ctx", "_command", "_data")
+    __slots__ = ("contexts", "max_object", "max_command", "stager", "_cmd", "_ctx", "_command", "_data",
+                 "_sink")
 
     def __init__(self, *, max_object: int = MAX_OBJECT_BYTES,
                  max_command: int = MAX_COMMAND_BYTES) -> None:
         self.contexts: Mapping[int, str] = {}
         self.max_object = max_object
         self.max_command = max_command
+        self.stager: Stager | None = None    # set by a receiver that streams large datasets
         self._cmd = bytearray()
         self._ctx: int | None = None
         self._command: dict[int, Any] | None = None     # decoded, waiting for its dataset
         self._data: bytearray | None = None
+        self._sink: DatasetSink | None = None
 
     def in_message(self) -> bool:
         """True while part of a message has arrived (a stalled peer mid-object)."""
         return self._ctx is not None
+
+    def discard(self) -> None:
+        """Drop a message that will never complete (the association ended): a streamed
+        dataset's staging is removed now, not at the next start."""
+        sink, self._sink, self._data = self._sink, None, None
+        if sink is not None:
+            sink.discard()
 
     def feed(self, body: memoryview, out: deque[Any]) -> None:
         """Append to ``out`` every message a P-DATA-TF body completes; ProtocolError if bad."""
@@ -209,32 +243,76 @@ class Assembler:
             else:
                 if self._command is None:
                     raise pdu.ProtocolError("dataset fragment without a command")
-                if self._data is None:
-                    self._data = bytearray(fragment)
+                data: bytearray | DatasetSink
+                if self._sink is not None:
+                    self._sink.write(fragment)
+                    data = self._sink
+                elif self._data is None:
+                    data = self._data = bytearray(fragment)
                 else:
                     self._data += fragment
-                if len(self._data) > self.max_object:
+                    data = self._data
+                    stager = self.stager
+                    if stager is not None and len(data) > stager.threshold and not is_last:
+                        # Out of memory from here on: the association holds one threshold.
+                        data = self._sink = stager.open(self._data)
+                        self._data = None
+                if len(data) > self.max_object:
+                    self.discard()
                     raise MessageTooLarge(f"dataset larger than {self.max_object} bytes")
                 if is_last:
-                    out.append(Message(ctx, self._command, self._data))
-                    self._command = self._data = None
+                    out.append(Message(ctx, self._command, data))
+                    self._command = self._data = self._sink = None
                     self._ctx = None
 
 
-def message_buffers(context_id: int, command: bytes, dataset: bytes | memoryview | None,
+def message_buffers(context_id: int, command: bytes,
+                    dataset: bytes | memoryview | Sequence[memoryview] | None,
                     max_pdu: int) -> Iterator[bytes | memoryview]:
     """One message as P-DATA-TF PDUs, in buffers for ``writelines`` / ``sendmsg``: 12-byte
     headers and payload views of ``command`` and ``dataset`` (never copies). ``max_pdu`` is
-    the peer's maximum PDU length, 0 for unlimited."""
+    the peer's maximum PDU length, 0 for unlimited. A dataset given as a list of parts (a
+    chunked spool object's pages) is sent as one: a PDV may span two parts."""
     for header, fragment in pdu.p_data_tf(context_id, True, command, max_pdu):
         yield header
         if fragment:
             yield fragment
-    if dataset is not None:
+    if dataset is None:
+        return
+    if isinstance(dataset, (bytes, bytearray, memoryview)):
         for header, fragment in pdu.p_data_tf(context_id, False, dataset, max_pdu):
             yield header
             if fragment:
                 yield fragment
+        return
+    yield from _parts_buffers(context_id, dataset, max_pdu)
+
+
+def _parts_buffers(context_id: int, parts: Sequence[memoryview], max_pdu: int) -> Iterator[bytes | memoryview]:
+    """P-DATA-TF PDUs of a dataset held in several buffers, one PDV per PDU as ``p_data_tf``
+    makes them; the payloads are views of the parts (a PDV may span two)."""
+    total = sum(len(p) for p in parts)
+    step = max(1, total if not max_pdu else max_pdu - 6)
+    index, offset, sent = 0, 0, 0
+    while True:
+        n = min(step, total - sent)
+        sent += n
+        last = sent >= total
+        yield _PDV.pack(pdu.P_DATA_TF, 0, n + 6, n + 2, context_id, 2 if last else 0)
+        while n:
+            part = parts[index]
+            take = min(n, len(part) - offset)
+            if take:
+                yield part[offset:offset + take]
+            n -= take
+            offset += take
+            if offset == len(part):
+                index, offset = index + 1, 0
+        if last:
+            return
+
+
+_PDV = struct.Struct(">BBIIBB")   # PDU type, reserved, PDU length, PDV length, context, control
 
 
 # -- command sets -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from fastroute.config import Config
 from fastroute.dicom import acse, pdu
 from fastroute.dicom.access import check_access, parse_networks
 from fastroute.dicom.dimse import (MAX_OBJECT_BYTES, CommandField, Handler, Message, MessageTooLarge,
-                                   Peer, Pending, Reply, command_name, encode_response,
+                                   Peer, Pending, Reply, Stager, command_name, encode_response,
                                    message_buffers)
 from fastroute.dicom.status import Status, describe
 from fastroute.dicom.ul import (AssociateRequest, PeerAbort, ReleaseRequest, Role, State, UnexpectedPdu,
@@ -73,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.loop = listener.loop
         self.ul = UpperLayer(Role.ACCEPTOR, max_pdu_in=listener.cfg.max_pdu,
                              max_object=listener.max_object_bytes)
+        self.ul.assembler.stager = listener.stager     # large datasets leave memory as they arrive
         self.transport: asyncio.Transport | None = None
         self.ip = "?"
         self.calling = self.called = "?"
@@ -111,6 +112,7 @@ class _Connection(asyncio.Protocol):
             self.timer = None
         self.r._conns.discard(self)
         self.r._established.discard(self)
+        self.ul.assembler.discard()       # a large object cut off mid-way: its staging goes now
         if not self.outcome and self.ul.state is State.ESTABLISHED:
             partial = " (an unacknowledged object was discarded)" if self.ul.in_message() else ""
             self._finish("aborted", f"connection closed by the peer{partial}", logging.WARNING)
@@ -315,8 +317,10 @@ class Listener:
     """
 
     def __init__(self, cfg: Config, handlers: Mapping[int, Handler], *, sop_classes: Iterable[str] = (),
-                 max_object_bytes: int = MAX_OBJECT_BYTES, pause_at_bytes: int = PAUSE_AT_BYTES) -> None:
+                 max_object_bytes: int = MAX_OBJECT_BYTES, pause_at_bytes: int = PAUSE_AT_BYTES,
+                 stager: Stager | None = None) -> None:
         self.cfg = cfg
+        self.stager = stager              # where datasets past its threshold are streamed
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
         self.max_object_bytes = max_object_bytes
         self.pause_at_bytes = pause_at_bytes

@@ -293,7 +293,7 @@ class Connection:
     # -- C-STORE, C-ECHO --------------------------------------------------------------------
 
     def send_raw(self, context_id: int, sop_class: str, sop_uid: str,
-                 data: bytes | memoryview) -> StoreResult:
+                 data: bytes | memoryview | list[memoryview]) -> StoreResult:
         """C-STORE already-encoded bytes; OutcomeUnknown when no response arrives."""
         rsp = self._request(context_id, encode_c_store_rq(self._next_id(), sop_class, sop_uid),
                             data, sop_uid, CommandField.C_STORE_RSP)
@@ -326,7 +326,7 @@ class Connection:
         self.msg_id = (self.msg_id % 65535) + 1
         return self.msg_id
 
-    def _request(self, context_id: int, command: bytes, data: bytes | memoryview | None,
+    def _request(self, context_id: int, command: bytes, data: bytes | memoryview | list[memoryview] | None,
                  what: str, rsp_field: CommandField) -> Message:
         """Send one request (command + optional dataset) and wait for its response."""
         assoc = self.assoc
@@ -358,7 +358,7 @@ class Connection:
 
     @staticmethod
     def _send_message(assoc: Association, context_id: int, command: bytes,
-                      data: bytes | memoryview | None, sent: list[int]) -> None:
+                      data: bytes | memoryview | list[memoryview] | None, sent: list[int]) -> None:
         """Command then dataset PDUs, IOV_BATCH buffers per sendmsg, payloads never copied.
 
         A stalled peer fails a sendmsg after ``network_timeout`` without progress."""

@@ -16,15 +16,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from fastroute.dicom.attrs import read_attributes
+from fastroute.dicom.attrs import check_structure, read_attributes
 from fastroute.dicom.dimse import Message, Peer, Pending, Reply
 from fastroute.dicom.status import Status, describe
-from fastroute.errors import PeekError, SpoolError, SpoolFullError
+from fastroute.errors import ObjectTooLarge, PeekError, SpoolError, SpoolFullError
 from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, PutResult
 from fastroute.spool.commit import Committer
+from fastroute.spool.staging import StagedFile
 
 log = logging.getLogger("fastroute.intake")
 
@@ -104,8 +105,10 @@ class StoreService:
     def __call__(self, peer: Peer, msg: Message) -> Reply | Pending:
         assert msg.data is not None            # the assembler refuses a C-STORE without one
         sop_uid = msg.sop_instance_uid
+        if isinstance(msg.data, StagedFile):   # a large object, staged: checked off the loop
+            return self._staged(peer, msg, msg.data)
         try:
-            outcome = prepare_store(msg.data, peer.contexts[msg.context_id], msg.sop_class_uid,
+            outcome = prepare_store(cast(bytearray, msg.data), peer.contexts[msg.context_id], msg.sop_class_uid,
                                     sop_uid, self.tags, self.rules, peer.calling_ae,
                                     peer.called_ae, peer.ip)
         except Exception as exc:          # a rule that raises is our bug: the modality retries
@@ -116,6 +119,32 @@ class StoreService:
             return self._refuse(peer, sop_uid, outcome)
         return Pending(self.committer.submit_nowait(outcome),
                        lambda fut: self._committed(peer, sop_uid, fut))
+
+    def _staged(self, peer: Peer, msg: Message, staged: StagedFile) -> Pending:
+        """Hand a staged object to the commit thread: the peek, the whole-dataset structure
+        check (on a read-only map of the staged file) and routing run there, then its
+        commit; the reply is the commit's, or the refusal's."""
+        sop_uid = msg.sop_instance_uid
+        ts = peer.contexts[msg.context_id]
+
+        def prepare(buf: Any) -> Incoming | Refusal:
+            try:
+                check_structure(buf, ts)
+            except (PeekError, ObjectTooLarge) as exc:
+                return Refusal(Status.CANNOT_UNDERSTAND, f"dataset could not be parsed: {exc}"[:64],
+                               f"malformed dataset ({exc})")
+            return prepare_store(buf, ts, msg.sop_class_uid, sop_uid, self.tags, self.rules,
+                                 peer.calling_ae, peer.called_ae, peer.ip)
+
+        def finish(fut: Future[PutResult | Refusal]) -> Reply:
+            exc = fut.exception()
+            if exc is None and isinstance(fut.result(), Refusal):
+                return self._refuse(peer, sop_uid, cast(Refusal, fut.result()))
+            if exc is not None and not isinstance(exc, (SpoolError, OSError)):
+                log.error("C-STORE from %s@%s sop_instance_uid=%s: staged object failed: %r",
+                          peer.calling_ae, peer.ip, sop_uid, exc, exc_info=exc)
+            return self._committed(peer, sop_uid, cast("Future[PutResult]", fut))
+        return Pending(self.committer.submit_staged(staged, prepare), finish)
 
     def _committed(self, peer: Peer, sop_uid: str, fut: Future[PutResult]) -> Reply:
         exc = fut.exception()

@@ -33,6 +33,7 @@ from fastroute.dicom.status import classify_store as classify_status
 from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
 from fastroute.spool.senderstate import DestinationState, SenderState
+from fastroute.spool.staging import ChunkedView, digest_parts
 from fastroute.routing.syntax import SyntaxPlanner
 from fastroute.routing.transcode import syntax_label
 from fastroute.spool.wakeup import Waker
@@ -361,12 +362,31 @@ class DestinationSender:
         except SpoolError as exc:
             return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc))
 
-    def _send_view(self, conn: AnyConnection, item: Claimed, stored: memoryview) -> Outcome:
-        """Send one object from its spool buffer (no copy unless it must be transcoded)."""
+    def _prepare_chunked(self, conn: AnyConnection, item: Claimed,
+                         stored: ChunkedView) -> tuple[int, bytes | memoryview | list[memoryview], str]:
+        """The planner's choice for a chunked object, made on its first chunk (the attributes
+        it reads are near the start): sent as it is, its chunks go out as they lie in the
+        spool; to be transcoded, it is assembled in memory (the one case that holds a large
+        object whole) and planned again on the whole."""
+        try:
+            cx, _, sent_ts = self.planner.prepare(conn, item, stored.parts[0])
+            if sent_ts == item.transfer_syntax:
+                return cx, stored.parts, sent_ts
+        except TranscodeError:
+            pass                       # a conversion tried on the first chunk alone: redo on the whole
+        return self.planner.prepare(conn, item, stored.join())
+
+    def _send_view(self, conn: AnyConnection, item: Claimed, stored: memoryview | ChunkedView) -> Outcome:
+        """Send one object from its spool buffer (no copy unless it must be transcoded); a
+        chunked (large) object as its list of LMDB page views."""
         where = f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
         now = time.time()
+        data: bytes | memoryview | list[memoryview]
         try:
-            cx, data, sent_ts = self.planner.prepare(conn, item, stored)
+            if isinstance(stored, ChunkedView):
+                cx, data, sent_ts = self._prepare_chunked(conn, item, stored)
+            else:
+                cx, data, sent_ts = self.planner.prepare(conn, item, stored)
         except TranscodeError as exc:
             # Deterministic for this object and destination: kept as failed, never dropped.
             log.error("%s: cannot be sent in a syntax the destination accepts: %s", where, exc)
@@ -410,7 +430,9 @@ class DestinationSender:
             # The duplicate policy's key is taken here from the spool's pages (the original
             # bytes, whatever was sent), outside the write lock, rather than on the modality's
             # critical path; once per object, whatever its fan-out.
-            digest = (item.digest or content_digest(stored)) if self.spool.duplicate_window > 0 else b""
+            digest = ((item.digest or (digest_parts(stored.parts) if isinstance(stored, ChunkedView)
+                                       else content_digest(stored)))
+                      if self.spool.duplicate_window > 0 else b"")
             outcome = replace(outcome, at=time.time(), digest=digest)
             if result.status != 0:
                 log.warning("%s: delivered with warning %s %s", where, status_text(result.status), result.comment)

@@ -2,17 +2,28 @@
 
 Concurrent associations' objects share one write transaction and one fsync, so durability
 does not cost one fsync per object; the C-STORE is answered only when its commit is done.
+
+The same thread writes the chunks of large objects as they arrive (:mod:`staging`), each in
+a transaction of its own, in order with the commits, and commits such an object once its
+last fragment is in and it passed its checks.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
+from fastroute.spool.staging import StagedData, StagedFile, Stager
 from fastroute.spool.store import Incoming, PutResult, Spool
 from fastroute.spool.wakeup import Notifier
+
+log = logging.getLogger("fastroute.commit")
+
+R = TypeVar("R")
+_Job = Callable[[], None]
 
 
 class Committer:
@@ -32,7 +43,12 @@ class Committer:
         self.gather = gather
         self.siblings = siblings
         self.max_batch_bytes = max_batch_bytes
-        self._q: queue.SimpleQueue[tuple[Incoming, Future[PutResult]] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[Incoming, Future[PutResult]] | _Job | None] = queue.SimpleQueue()
+        removed = spool.remove_orphan_staging()
+        if removed:
+            log.warning("removed the staged chunks of %d large object(s) whose listener stopped before "
+                        "they were committed (never acknowledged)", removed)
+        self._owner = b""
         self._thread = threading.Thread(target=self._run, name="fastroute-committer", daemon=True)
         self._thread.start()
         self.commits = 0
@@ -50,6 +66,90 @@ class Committer:
         self._q.put((item, fut))
         return fut
 
+    # -- large objects ------------------------------------------------------------------------
+
+    def stager(self, threshold: int) -> Stager:
+        """The listener's :class:`Stager`: datasets past ``threshold`` bytes are staged here."""
+        st = Stager(self.spool.path, threshold, self._stage_later, self._discard_later)
+        self._owner = st.owner()
+        return st
+
+    def _stage_later(self, f: StagedFile, index: int, length: int) -> None:
+        self._q.put(lambda: self._stage(f, index, length))
+
+    def _stage(self, f: StagedFile, index: int, length: int) -> None:
+        if f.closed or f.error is not None:
+            return
+        try:
+            with f.chunk(index, length) as chunk:
+                self.spool.stage_chunk(f.sid, index, chunk, self._owner)
+        except Exception as exc:           # told to the modality when its object is complete
+            f.error = exc
+
+    def _discard_later(self, f: StagedFile) -> None:
+        self._q.put(lambda: self._discard(f))
+
+    def _discard(self, f: StagedFile) -> None:
+        try:
+            n = self.spool.discard_staged(f.sid, f.staged + 1)
+            if n:
+                log.info("removed %d staged chunk(s) (%d bytes received) of an object that was not "
+                         "committed", n, f.size)
+        except Exception:
+            log.exception("could not remove a staged object's chunks (removed at the next start)")
+        finally:
+            f.close()
+
+    def submit_staged(self, f: StagedFile, prepare: Callable[[Any], Incoming | R]) -> Future[PutResult | R]:
+        """Finish a staged object on the commit thread: stage its last chunk, run ``prepare``
+        over a read-only map of the whole dataset (peek, structure check, routing: an
+        Incoming, or whatever refusal it returns), then commit it; its chunks are removed
+        when it is refused or the commit fails."""
+        fut: Future[PutResult | R] = Future()
+        self._q.put(lambda: self._finish_staged(f, prepare, fut))
+        return fut
+
+    def _finish_staged(self, f: StagedFile, prepare: Callable[[Any], Incoming | R],
+                       fut: Future[PutResult | R]) -> None:
+        committed = False
+        try:
+            tail = f.tail()
+            if tail is not None:
+                self._stage(f, *tail)
+                f.staged += 1
+            if f.error is not None:
+                raise f.error
+            mapped = f.map()
+            try:
+                outcome = prepare(mapped)
+            finally:
+                if not isinstance(mapped, bytes):
+                    mapped.close()
+            if not isinstance(outcome, Incoming):
+                fut.set_result(outcome)
+                return
+            item = Incoming(StagedData(f.sid, f.size, f.staged), outcome.transfer_syntax,
+                            outcome.sop_class_uid, outcome.sop_instance_uid, outcome.destinations,
+                            outcome.meta)
+            [res] = self.spool.put_many([item])
+            self.commits += 1
+            self.objects += 1
+            if isinstance(res, BaseException):
+                raise res
+            committed = True
+            fut.set_result(res)
+            if self.notifier is not None:
+                for dest in res.queued:
+                    self.notifier.notify(dest)
+        except BaseException as exc:       # never leave a C-STORE waiting forever
+            if not fut.done():
+                fut.set_exception(exc)
+        finally:
+            if committed:
+                f.close()
+            else:
+                self._discard(f)
+
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=30)
@@ -60,7 +160,11 @@ class Committer:
             first = self._q.get()
             if first is None:
                 break
+            if callable(first):
+                first()
+                continue
             batch = [first]
+            after: _Job | None = None      # a staging job that came in while gathering
             size = len(first[0].data)
             gather = self.gather if self.gather > 0 and (self.siblings is None or self.siblings() > 1) else 0.0
             deadline = time.monotonic() + gather
@@ -72,6 +176,9 @@ class Committer:
                     break
                 if nxt is None:
                     stop = True
+                    break
+                if callable(nxt):
+                    after = nxt
                     break
                 batch.append(nxt)
                 size += len(nxt[0].data)
@@ -91,3 +198,5 @@ class Committer:
             if self.notifier is not None:
                 for dest in woken:
                     self.notifier.notify(dest)
+            if after is not None:
+                after()

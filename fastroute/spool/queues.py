@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import lmdb
 
 from fastroute.spool.audit import AuditChain
+from fastroute.spool.staging import Manifest, StagedData, digest_parts
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
 from fastroute.spool.records import (
     NEW_ENTRY,
@@ -111,7 +112,7 @@ def content_digest(data: bytes | bytearray | memoryview) -> bytes:
 class Incoming:
     """An object accepted on the receive path, ready to be committed."""
 
-    data: bytes
+    data: bytes | StagedData        # StagedData: a large object's chunks, already in the spool
     transfer_syntax: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -190,6 +191,7 @@ class Queues:
         self.env = env
         self._obj, self._meta, self._q = dbs["obj"], dbs["meta"], dbs["q"]
         self._sop, self._dlv, self._idx, self._info = dbs["sop"], dbs["dlv"], dbs["idx"], dbs["info"]
+        self._objc, self._chunk, self._stage = dbs["objc"], dbs["chunk"], dbs["stage"]
         self.audit = audit
         self.duplicate_window = duplicate_window
 
@@ -211,7 +213,7 @@ class Queues:
         for dest in item.destinations:
             last = txn.get(dest.encode() + b"\x00" + sop, db=self._dlv)
             if last is not None and now - _AT.unpack_from(last, DIGEST_BYTES)[0] < self.duplicate_window:
-                digest = digest or content_digest(item.data)
+                digest = digest or self._content_digest(txn, item.data)
                 if last[:DIGEST_BYTES] == digest:
                     suppressed.append(dest)
                     self._incr(txn, CounterKind.SUPPRESSED, dest)
@@ -226,8 +228,16 @@ class Queues:
         outstanding = queued if item.destinations else [UNROUTED]
         if not item.destinations:
             txn.put(qkey(UNROUTED, _U, oid), NEW_ENTRY, db=self._q)
-        if outstanding:
-            txn.put(key, item.data, db=self._obj)
+        data = item.data
+        if isinstance(data, StagedData):
+            # Link the staged chunks to the object (or drop them when nothing wants it).
+            txn.delete(data.sid, db=self._stage)
+            if outstanding:
+                txn.put(key, data.manifest.encode(), db=self._objc)
+            else:
+                self._delete_chunks(txn, data.manifest)
+        elif outstanding:
+            txn.put(key, data, db=self._obj)
         raw, index_keys = encode_new_record(
             sop_class_uid=item.sop_class_uid, sop_instance_uid=item.sop_instance_uid,
             transfer_syntax=item.transfer_syntax, size=len(item.data), received_at=now, digest=digest.hex(),
@@ -254,10 +264,38 @@ class Queues:
         if raw is None:
             return None
         new, facts = update_record(raw, dest, delivery=delivery, drop=drop, digest=digest.hex())
-        if facts.finished:
-            txn.delete(key, db=self._obj)
+        if facts.finished and not txn.delete(key, db=self._obj):
+            self._delete_chunked(txn, key)
         txn.put(key, new, db=self._meta)
         return facts
+
+    # -- chunked (large) objects, see :mod:`staging` ------------------------------------------
+
+    def _content_digest(self, txn: lmdb.Transaction, data: bytes | StagedData) -> bytes:
+        if isinstance(data, StagedData):
+            return digest_parts(txn.get(k, db=self._chunk) for k in data.manifest.keys())
+        return content_digest(data)
+
+    def _delete_chunks(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
+        for k in manifest.keys():
+            txn.delete(k, db=self._chunk)
+
+    def _delete_chunked(self, txn: lmdb.Transaction, key: bytes) -> None:
+        raw = txn.get(key, db=self._objc)
+        if raw is not None:
+            self._delete_chunks(txn, Manifest.decode(raw))
+            txn.delete(key, db=self._objc)
+
+    def stored_digest(self, txn: lmdb.Transaction, oid: int) -> bytes:
+        """content_digest of an object's stored bytes, small or chunked; b"" when gone."""
+        key = oid_key(oid)
+        stored = txn.get(key, db=self._obj)
+        if stored is not None:
+            return content_digest(stored)
+        raw = txn.get(key, db=self._objc)
+        if raw is None:
+            return b""
+        return digest_parts(txn.get(k, db=self._chunk) for k in Manifest.decode(raw).keys())
 
     # -- send side ---------------------------------------------------------------------------
 
@@ -342,8 +380,7 @@ class Queues:
         at = o.at or now
         digest = o.digest
         if not digest and self.duplicate_window > 0:   # a caller that did not hash it
-            stored = txn.get(oid_key(o.oid), db=self._obj)
-            digest = content_digest(stored) if stored is not None else b""
+            digest = self.stored_digest(txn, o.oid)
         rec = self._drop_dest(txn, o.oid, dest, delivery=Delivery(at, o.status, o.transcoded), digest=digest)
         if rec is not None:
             if rec.digest:   # the duplicate policy's record of what this got

@@ -14,6 +14,10 @@ Layout (named sub-databases in one LMDB environment):
 ``idx``   (dupsort) ``s|a|p`` + Study UID / Accession / Patient ID -> oid, for lookups.
 ``info``  counters (:mod:`counters`), the oid sequence, operator pauses, the audit head.
 ``audit`` the hash-chained audit trail (:mod:`audit`).
+``objc``  oid -> manifest of an object stored in chunks (one larger than
+          ``stream_threshold``, :mod:`staging`); such an object has no ``obj`` entry.
+``chunk`` staging id + chunk index -> at most ``staging.CHUNK`` bytes of a chunked object.
+``stage`` staging id -> owning process, while its chunks belong to no object yet.
 """
 from __future__ import annotations
 
@@ -42,12 +46,13 @@ from fastroute.spool.queues import (
     paused_key,
 )
 from fastroute.spool.records import QueueState, RoutingRecord, decode_record
+from fastroute.spool.staging import ChunkedView, Manifest, chunk_key, owner_alive
 
 if TYPE_CHECKING:
     from fastroute.config import Config
 
 _U64 = struct.Struct(">Q")
-_DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit")
+_DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "chunk", "stage")
 
 
 def _state(state: QueueState | bytes | str) -> QueueState:
@@ -194,28 +199,84 @@ class Spool:
         return [], None
 
     def read(self, oid: int) -> bytes:
-        with self.env.begin(db=self._obj) as txn:
-            data = txn.get(oid_key(oid))
-            if data is None:
-                raise SpoolError(f"object {oid} has no data in the spool (purged?)")
-            return bytes(data)
+        """The object's bytes, in memory (a chunked one assembled)."""
+        with self.view(oid) as data:
+            return data.join() if isinstance(data, ChunkedView) else bytes(data)
 
     @contextlib.contextmanager
-    def view(self, oid: int) -> Iterator[memoryview]:
-        """The object's bytes as a memoryview into the LMDB map, valid inside the block only.
+    def view(self, oid: int) -> Iterator[memoryview | ChunkedView]:
+        """The object's bytes as a memoryview into the LMDB map, valid inside the block only;
+        a chunked (large) object's as a :class:`ChunkedView`, one memoryview per chunk.
 
         The send path uses this so an object goes from the map to the socket without a copy;
         the read transaction it holds only keeps those pages from being reused meanwhile.
         """
-        with self.env.begin(db=self._obj, buffers=True) as txn:
-            data = txn.get(oid_key(oid))
-            if data is None:
+        key = oid_key(oid)
+        with self.env.begin(buffers=True) as txn:
+            data = txn.get(key, db=self._obj)
+            if data is not None:
+                view = memoryview(data)
+                try:
+                    yield view
+                finally:
+                    view.release()
+                return
+            raw = txn.get(key, db=self._dbs["objc"])
+            if raw is None:
                 raise SpoolError(f"object {oid} has no data in the spool (purged?)")
-            view = memoryview(data)
+            parts = []
+            for k in Manifest.decode(bytes(raw)).keys():
+                part = txn.get(k, db=self._dbs["chunk"])
+                if part is None:
+                    raise SpoolError(f"object {oid} is missing a chunk in the spool")
+                parts.append(memoryview(part))
             try:
-                yield view
+                yield ChunkedView(parts)
             finally:
-                view.release()
+                for p in parts:
+                    p.release()
+
+    # -- staging of large objects (see :mod:`staging`): the listeners' committer thread -------
+
+    def stage_chunk(self, sid: bytes, index: int, data: Any, owner: bytes) -> None:
+        """Write one chunk of a staged object in a transaction of its own (registering the
+        staging id with its owner, so a crash's leftovers can be found)."""
+        self.space.check(len(data))
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(sid, owner, db=self._dbs["stage"])
+                txn.put(chunk_key(sid, index), data, db=self._dbs["chunk"])
+        except lmdb.MapFullError as exc:
+            raise SpoolFullError(f"spool {self.path} is full (spool_max_bytes reached)") from exc
+        except lmdb.Error as exc:
+            raise SpoolError(f"spool write failed staging a chunk: {exc}") from exc
+
+    def discard_staged(self, sid: bytes, chunks: int) -> int:
+        """Remove a staged object's chunks (refused, or its association aborted); how many."""
+        with self.env.begin(write=True) as txn:
+            n = sum(1 for i in range(chunks) if txn.delete(chunk_key(sid, i), db=self._dbs["chunk"]))
+            txn.delete(sid, db=self._dbs["stage"])
+        return n
+
+    def remove_orphan_staging(self) -> int:
+        """Remove the chunks of objects whose staging process is gone (a crash mid-object);
+        returns how many staged objects were removed. Live listeners' staging is kept."""
+        stage, chunk = self._dbs["stage"], self._dbs["chunk"]
+        with self.env.begin() as txn:
+            orphans = [bytes(k) for k, owner in txn.cursor(db=stage) if not owner_alive(bytes(owner))]
+        for sid in orphans:
+            with self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=chunk)
+                keys = []
+                if cur.set_range(sid):
+                    for k in cur.iternext(values=False):
+                        if not bytes(k).startswith(sid):
+                            break
+                        keys.append(bytes(k))
+                for k in keys:
+                    txn.delete(k, db=chunk)
+                txn.delete(sid, db=stage)
+        return len(orphans)
 
     # -- runtime pause (operator), read by the destination's sender on every round ------------
 
