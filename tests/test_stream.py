@@ -161,3 +161,98 @@ def test_orphaned_staging_is_removed_on_start(tmp_path: Path) -> None:
             assert txn.get(chunk_key(live_sid, 0), db=spool._dbs["chunk"]) is not None
     finally:
         spool.close()
+
+
+def _rss_anon_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no RssAnon in /proc/{pid}/status")
+
+
+def _gib_object(tmp_path: Path, size: int) -> tuple[Path, str, str]:
+    """A Secondary Capture dataset file (Explicit VR LE, no file meta) of ``size`` bytes whose
+    OB Pixel Data is sparse zeros: (path, SOP class, SOP instance UID)."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "BIG1", "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    head = buf.getvalue()
+    pixel_len = size - len(head) - 12
+    head += b"\xe0\x7f\x10\x00OB\x00\x00" + pixel_len.to_bytes(4, "little")
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.truncate(size)
+    return path, str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_one_gib_object_keeps_listener_memory_bounded(tmp_path: Path, router: Callable[..., Router]) -> None:
+    """A 1 GiB object raised the listener's anonymous memory by 2 GiB at peak and kept 1 GiB
+    (issue 11 item 3). Streamed, its peak growth stays within a few chunks."""
+    import mmap
+    import re
+    import threading
+    import time
+
+    from test_scp import RawPeer, store_rq
+
+    size = 1024**3
+    path, sop_class, sop_uid = _gib_object(tmp_path, size)
+    r = router({"destinations": {"pacs": destination(peers.free_port(), "PACS")},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+    [pid] = [int(p) for p in re.findall(r"started listener-0 \(pid (\d+)\)", r.log_text())]
+    base = _rss_anon_kib(pid)
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], _rss_anon_kib(pid))
+            except (OSError, AssertionError):
+                return
+            done.wait(0.01)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    peer = RawPeer(r.port)
+    started = time.monotonic()
+    try:
+        kind, _ = peer.associate([(1, sop_class, ["1.2.840.10008.1.2.1"])], max_pdu=262144)
+        assert kind == 0x02
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            peer.send_message(1, store_rq(1, sop_uid, sop_class), None)
+            for header, payload in pdu.p_data_tf(1, False, memoryview(mapped), 262144):
+                peer.sock.sendall(header)
+                peer.sock.sendall(payload)
+                payload.release()
+        peer.sock.settimeout(300)
+        rsp = peer.response()
+        took = time.monotonic() - started
+        assert rsp[0x0900] == 0, rsp
+        peer.release()
+    finally:
+        peer.close()
+    after = _rss_anon_kib(pid)
+    done.set()
+    sampler.join(5)
+    growth_mib = (peak[0] - base) / 1024
+    print(f"1 GiB object in {took:.1f} s: listener RssAnon {base / 1024:.0f} MiB, peak +{growth_mib:.0f} MiB, "
+          f"after +{(after - base) / 1024:.0f} MiB")
+    assert growth_mib < 64, f"peak RssAnon growth {growth_mib:.0f} MiB for a 1 GiB object"
+    assert (after - base) / 1024 < 64
+    assert entries(r.spool_path, "objc") == 1
+    assert entries(r.spool_path, "chunk") == size // CHUNK + (1 if size % CHUNK else 0)
