@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from fastroute.spool.staging import StagedData, StagedFile, Stager
 from fastroute.spool.store import Incoming, PutResult, Spool
@@ -111,7 +111,8 @@ class Committer:
 
     def _finish_staged(self, f: StagedFile, prepare: Callable[[Any], Incoming | R],
                        fut: Future[PutResult | R]) -> None:
-        committed = False
+        result: PutResult | R | None = None
+        error: BaseException | None = None
         try:
             tail = f.tail()
             if tail is not None:
@@ -125,30 +126,32 @@ class Committer:
             finally:
                 if not isinstance(mapped, bytes):
                     mapped.close()
-            if not isinstance(outcome, Incoming):
-                fut.set_result(outcome)
-                return
-            item = Incoming(StagedData(f.sid, f.size, f.staged), outcome.transfer_syntax,
-                            outcome.sop_class_uid, outcome.sop_instance_uid, outcome.destinations,
-                            outcome.meta)
-            [res] = self.spool.put_many([item])
-            self.commits += 1
-            self.objects += 1
-            if isinstance(res, BaseException):
-                raise res
-            committed = True
-            fut.set_result(res)
-            if self.notifier is not None:
-                for dest in res.queued:
-                    self.notifier.notify(dest)
-        except BaseException as exc:       # never leave a C-STORE waiting forever
-            if not fut.done():
-                fut.set_exception(exc)
-        finally:
-            if committed:
-                f.close()
+            if isinstance(outcome, Incoming):
+                item = Incoming(StagedData(f.sid, f.size, f.staged), outcome.transfer_syntax,
+                                outcome.sop_class_uid, outcome.sop_instance_uid, outcome.destinations,
+                                outcome.meta)
+                [res] = self.spool.put_many([item])
+                self.commits += 1
+                self.objects += 1
+                if isinstance(res, BaseException):
+                    raise res
+                result = res
             else:
-                self._discard(f)
+                result = outcome
+        except BaseException as exc:       # never leave a C-STORE waiting forever
+            error = exc
+        # The staging is settled (linked, or removed) before the modality is answered.
+        if isinstance(result, PutResult):
+            f.close()
+        else:
+            self._discard(f)
+        if error is not None:
+            fut.set_exception(error)
+            return
+        fut.set_result(cast("PutResult | R", result))
+        if self.notifier is not None and isinstance(result, PutResult):
+            for dest in result.queued:
+                self.notifier.notify(dest)
 
     def close(self) -> None:
         self._q.put(None)
