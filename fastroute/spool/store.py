@@ -46,7 +46,7 @@ from fastroute.spool.queues import (
     paused_key,
 )
 from fastroute.spool.records import QueueState, RoutingRecord, decode_record
-from fastroute.spool.staging import ChunkedView, Manifest, chunk_key, owner_alive
+from fastroute.spool.staging import ChunkedView, Manifest, StagedData, chunk_key, owner_alive
 
 if TYPE_CHECKING:
     from fastroute.config import Config
@@ -149,7 +149,8 @@ class Spool:
             return []
         now = time.time() if now is None else now
         try:
-            self.space.check(sum(len(i.data) for i in items))
+            # A staged object's chunks were checked and written as they came: not counted twice.
+            self.space.check(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
         except SpoolFullError as exc:
             return [exc for _ in items]
         try:
