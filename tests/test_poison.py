@@ -143,3 +143,45 @@ def test_unknown_outcomes_count_in_a_row(tmp_path: Path) -> None:
         assert entry.attempts == 6 and entry.error == last.error
     finally:
         spool.close()
+
+
+def test_a_destination_that_aborts_every_object_is_backed_off_more_and_more(tmp_path: Path) -> None:
+    """Objects on their first try ending without a response, N in a row, back the destination
+    off; the run keeps growing the delay even though each new association succeeds."""
+    import random
+
+    from fastroute.dicom.scu import OutcomeUnknown
+    from fastroute.routing.schedule import DestinationSender
+    from fastroute.spool import Claimed, Spool
+
+    cfg = config(tmp_path, 1, max_unknown_outcomes=2, backoff_initial=1.0, backoff_max=1000.0)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
+    try:
+        (cfg.spool / "run").mkdir()
+        sender = DestinationSender(cfg, cfg.destinations["pacs"], spool, rng=random.Random(0))
+
+        class Aborting:
+            def abort(self) -> None:
+                pass
+
+            def send_raw(self, *args: object) -> None:
+                raise OutcomeUnknown("association aborted by PACS@127.0.0.1:1 before the C-STORE response")
+
+        class Planner:
+            def prepare(self, conn: object, item: Claimed, data: memoryview) -> tuple[int, memoryview, str]:
+                return 1, data, item.transfer_syntax
+
+        sender.planner = Planner()  # type: ignore[assignment]
+        delays = []
+        for i in range(5):
+            item = Claimed(i + 1, "1.2.3", f"1.2.3.{i}", "1.2.840.10008.1.2.1", 0, 8, "CT1")
+            before = time.time()
+            outcome = sender._send_view(Aborting(), item, memoryview(b"\0" * 8))  # type: ignore[arg-type]
+            assert outcome.unknown and outcome.kind == "retry"
+            delays.append(sender.down_until - before if sender.down_until > before else 0.0)
+            sender._destination_ok()          # the next association is accepted again
+        assert delays[0] == 0.0                # one object's abort: nobody else waits
+        assert all(d > 0 for d in delays[1:])
+        assert delays[4] > delays[1] * 2, delays   # 1, 2, 4, 8 s bases (with equal jitter)
+    finally:
+        spool.close()

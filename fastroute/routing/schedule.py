@@ -177,10 +177,12 @@ class DestinationSender:
                 return None
             return wait
 
-    def _destination_failed(self, error: str) -> None:
+    def _destination_failed(self, error: str, at_least: int = 0) -> None:
+        """Back the destination off; ``at_least`` failures in a row are counted even when an
+        association succeeded in between (a peer that accepts, then aborts every object)."""
         now = time.time()
         with self._state_lock:
-            self.state.consecutive_failures += 1
+            self.state.consecutive_failures = max(self.state.consecutive_failures + 1, at_least)
             n = self.state.consecutive_failures
             down_since = self.state.down_since or now
         delay = backoff_delay(n, self.dest.backoff_initial, self.dest.backoff_max, self.rng)
@@ -415,7 +417,8 @@ class DestinationSender:
                 # fail its whole queue. (Resends of poison objects falling due together must
                 # not trigger this: that would block the queue behind them again.)
                 self._destination_failed(f"{run} objects in a row ended without a response on their "
-                                         f"first try; last: {exc}")
+                                         f"first try; last: {exc}",
+                                         at_least=run - self.dest.max_unknown_outcomes + 1)
             return outcome
         except AssociationFailed as exc:
             conn.abort()
