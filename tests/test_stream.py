@@ -281,3 +281,114 @@ def test_one_gib_object_keeps_listener_memory_bounded(tmp_path: Path, router: Ca
     assert (after - base) / 1024 < 64
     assert entries(r.spool_path, "objc") == 1
     assert entries(r.spool_path, "chunk") == size // CHUNK + (1 if size % CHUNK else 0)
+
+
+class _Sink:
+    """A DatasetSink that keeps only what a test needs to see."""
+
+    def __init__(self, head: bytearray) -> None:
+        self.size = len(head)
+        self.writes = 1
+        self.discarded = False
+
+    def write(self, fragment: memoryview) -> None:
+        self.size += len(fragment)
+        self.writes += 1
+
+    def discard(self) -> None:
+        self.discarded = True
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _Stager:
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.sinks: list[_Sink] = []
+
+    def open(self, head: bytearray) -> _Sink:
+        assert len(head) <= self.threshold + 16384     # at most one fragment past it
+        sink = _Sink(head)
+        self.sinks.append(sink)
+        return sink
+
+
+def _store_pdus(size: int, fragment: int = 16378) -> list[bytes]:
+    from fastroute.dicom.dimse import encode_c_store_rq
+
+    out = [h[6:] + bytes(p) for h, p in pdu.p_data_tf(1, True, encode_c_store_rq(1, "1.2.3", "1.2.3.4"), 0)]
+    data = bytes(size)
+    out += [h[6:] + bytes(p) for h, p in pdu.p_data_tf(1, False, data, fragment + 6)]
+    return out
+
+
+def test_assembler_streams_past_the_threshold_and_keeps_small_datasets_in_memory() -> None:
+    from collections import deque
+
+    from fastroute.dicom.dimse import Assembler, MessageTooLarge
+
+    stager = _Stager(threshold=100_000)
+    asm = Assembler(max_object=1_000_000)
+    asm.contexts = {1: "1.2.840.10008.1.2.1"}
+    asm.stager = stager
+    out: deque[Any] = deque()
+    for body in _store_pdus(50_000):                    # small: today's path, a bytearray
+        asm.feed(memoryview(body), out)
+    [small] = out
+    assert isinstance(small.data, bytearray) and len(small.data) == 50_000 and not stager.sinks
+    out.clear()
+    for body in _store_pdus(500_000):                   # large: handed to the sink past 100 kB
+        asm.feed(memoryview(body), out)
+        assert asm._data is None or len(asm._data) <= stager.threshold + 16378
+    [large] = out
+    [sink] = stager.sinks
+    assert large.data is sink and len(sink) == 500_000 and sink.writes > 20 and not sink.discarded
+    out.clear()
+    with pytest.raises(MessageTooLarge):                # too large: the staging is dropped
+        for body in _store_pdus(1_100_000):
+            asm.feed(memoryview(body), out)
+    assert stager.sinks[-1].discarded
+    asm2 = Assembler()
+    asm2.contexts, asm2.stager = {1: "1.2.840.10008.1.2.1"}, stager
+    for body in _store_pdus(300_000)[:-1]:              # cut off before its last fragment
+        asm2.feed(memoryview(body), out)
+    asm2.discard()                                      # what the listener does on connection_lost
+    assert stager.sinks[-1].discarded and not out
+
+
+def test_spool_links_reads_digests_and_frees_a_chunked_object(tmp_path: Path) -> None:
+    """put_many links staged chunks to the object; view() gives them as page views; the
+    duplicate policy's digest is the one of the joined bytes; the last destination's delivery
+    deletes them."""
+    from fastroute.spool import Incoming, Outcome, OutcomeKind, content_digest
+    from fastroute.spool.staging import ChunkedView, StagedData
+
+    spool = Spool(tmp_path / "spool", map_size=64 * 1024**2)
+    try:
+        owner = _OWNER.pack(os.getpid(), _start_time(os.getpid()))
+        data = os.urandom(CHUNK + 1000)
+        sid = b"S" * 16
+        spool.stage_chunk(sid, 0, data[:CHUNK], owner)
+        spool.stage_chunk(sid, 1, data[CHUNK:], owner)
+        [res] = spool.put_many([Incoming(StagedData(sid, len(data), 2), "1.2.840.10008.1.2.1", "1.2.3",
+                                         "1.2.3.9", ("a", "b"))])
+        assert not isinstance(res, BaseException)
+        with spool.env.begin() as txn:
+            assert txn.get(sid, db=spool._dbs["stage"]) is None     # linked: no longer staging
+        with spool.view(res.oid) as view:
+            assert isinstance(view, ChunkedView) and [len(p) for p in view.parts] == [CHUNK, 1000]
+            assert view.join() == data
+        assert spool.read(res.oid) == data
+        with spool.env.begin() as txn:
+            assert spool.queues.stored_digest(txn, res.oid) == content_digest(data)
+        for dest in ("a", "b"):
+            [claimed], _ = spool.claim(dest, 1)
+            spool.settle(dest, [Outcome(claimed.oid, OutcomeKind.DELIVERED, status=0)])
+            with spool.env.begin() as txn:
+                left = txn.stat(spool._dbs["chunk"])["entries"]
+            assert left == (2 if dest == "a" else 0)
+        with spool.env.begin() as txn:
+            assert txn.stat(spool._dbs["objc"])["entries"] == 0
+    finally:
+        spool.close()
