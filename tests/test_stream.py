@@ -392,3 +392,31 @@ def test_spool_links_reads_digests_and_frees_a_chunked_object(tmp_path: Path) ->
             assert txn.stat(spool._dbs["objc"])["entries"] == 0
     finally:
         spool.close()
+
+
+def test_a_staging_write_that_fails_is_answered_as_a_spool_failure(tmp_path: Path) -> None:
+    """A write to the staging file that fails (a full disk) neither raises into the listener's
+    event loop nor loses the association: the object is refused like a failed spool write
+    (0xA700, the modality retries) once complete, and what was staged is removed."""
+    from fastroute.routing.intake import refusal_for
+    from fastroute.spool.commit import Committer
+
+    spool = Spool(tmp_path / "spool", map_size=64 * 1024**2)
+    committer = Committer(spool, None)
+    try:
+        stager = committer.stager(1024)
+        f = stager.open(bytearray(CHUNK + 10))            # one full chunk staged at once
+        os.close(f.fd)                                     # the next write fails (EBADF)
+        f.write(memoryview(b"x" * 100))
+        assert isinstance(f.error, OSError) and len(f) == CHUNK + 110
+        fut = committer.submit_staged(f, lambda buf: pytest.fail("prepared after a failed write"))
+        exc = fut.exception(timeout=10)
+        assert isinstance(exc, OSError)
+        assert refusal_for(exc).status == 0xA700
+        with spool.env.begin() as txn:
+            assert txn.stat(spool._dbs["chunk"])["entries"] == 0
+            assert txn.stat(spool._dbs["stage"])["entries"] == 0
+    finally:
+        f.fd = -1                                          # already closed above
+        committer.close()
+        spool.close()

@@ -164,7 +164,7 @@ class Committer:
             if first is None:
                 break
             if callable(first):
-                first()
+                self._job(first)
                 continue
             batch = [first]
             after: _Job | None = None      # a staging job that came in while gathering
@@ -202,4 +202,12 @@ class Committer:
                 for dest in woken:
                     self.notifier.notify(dest)
             if after is not None:
-                after()
+                self._job(after)
+
+    @staticmethod
+    def _job(job: _Job) -> None:
+        """A staging job; one that fails must not take the commit thread (every C-STORE) down."""
+        try:
+            job()
+        except Exception:
+            log.exception("staging job failed")

@@ -145,22 +145,33 @@ class StagedFile:
     def __init__(self, stager: Stager, head: bytearray) -> None:
         self.stager = stager
         self.sid = stager.new_sid()
-        self.fd = _open_unlinked(stager.directory)
         self.size = 0
         self.staged = 0                # chunks handed to the committer
         self.closed = False
-        self.error: BaseException | None = None   # a chunk could not be staged (a full spool)
+        # A write or a chunk that failed (a full disk or spool): the rest is only counted, and
+        # the C-STORE is answered 0xA700 once complete (the association is not lost over it).
+        self.error: BaseException | None = None
+        try:
+            self.fd = _open_unlinked(stager.directory)
+        except OSError as exc:
+            self.fd, self.closed, self.error = -1, True, exc
         self.write(memoryview(head))
 
     def __len__(self) -> int:
         return self.size
 
     def write(self, fragment: memoryview) -> None:
-        view = fragment
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
         self.size += len(fragment)
+        if self.error is not None:
+            return
+        view = fragment
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.error = exc
+            return
         while self.size - self.staged * CHUNK >= CHUNK:
             self.stager.stage(self, self.staged, CHUNK)
             self.staged += 1
@@ -182,9 +193,12 @@ class StagedFile:
 
     def close(self) -> None:
         """Forget the file (it was unlinked: its blocks are freed with the descriptor)."""
-        if not self.closed:
+        if not self.closed and self.fd >= 0:
             self.closed = True
-            os.close(self.fd)
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
 
     def discard(self) -> None:
         """The dataset will not be committed: remove its staged chunks, close the file."""
