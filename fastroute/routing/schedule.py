@@ -74,7 +74,7 @@ def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: st
     attempt = item.attempts + 1
     if attempt >= dest.max_attempts:
         return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=unknown,
-                       error=f"gave up after {attempt} attempts: {error}")
+                       error=f"gave up after {attempt} attempts: {error or status_text(status)}")
     # Both an unknown outcome (resent: at-least-once) and a transient status wait their backoff,
     # so a peer that aborts on one object cannot spin the sender.
     delay = backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
