@@ -134,7 +134,7 @@ def _has_meta(path: str | Path) -> bool:
 def _guess_raw_syntax(p: Path, raw: bytes) -> str:
     from pydicom.valuerep import VR
     group = int.from_bytes(raw[0:2], "little") if len(raw) >= 8 else 0
-    if not 0x0002 <= group <= 0x7FE0 or group % 2:
+    if not 0x0002 <= group <= 0x0028 or group % 2:    # datasets open with group 0008 (or so)
         raise CliError(f"{p}: not a DICOM file (no 'DICM' preamble, and it does not start like a "
                        "DICOM dataset)")
     try:
@@ -161,9 +161,13 @@ def cmd_route_test(args: argparse.Namespace) -> int:
             attrs = read_attributes(data, ts, tuple(sorted(set(rs.tags) | set(INDEX_KEYWORDS))))
         except PeekError as exc:
             raise CliError(f"{obj}: cannot read the dataset: {exc}") from None
+        raw = not _has_meta(obj)
+        if raw and 0x00080018 not in attrs:
+            raise CliError(f"{obj}: not a DICOM file (no 'DICM' preamble, and no SOP Instance UID "
+                           "when read as a raw dataset)")
         print(f"{obj}: SOP Instance UID {attrs.get(0x00080018, '?')!s}, Modality {attrs.get(0x00080060, '-')!s}, "
               f"transfer syntax {ts}")
-        if not _has_meta(obj):
+        if raw:
             print(f"  (no Part 10 file meta: read as a raw dataset, guessed {ts})")
         for trace in rs.explain(attrs, context):
             print(f"  {trace}")
@@ -343,7 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse, folding ``-c`` given before the command into the command's own ``config``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a positional list in one run: `route-test a.dcm -c F b.dcm` leaves b.dcm over
+    if extra and getattr(args, "command", "") == "route-test" and not any(e.startswith("-") for e in extra):
+        args.objects += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     early = getattr(args, "global_config", None)
     if early is not None and getattr(args, "config", None) not in (None, early):
         parser.error(f"-c given twice with different files ({early}, {args.config})")
