@@ -305,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = cmd("serve", cmd_serve, "run the router (listeners and senders) until SIGTERM/SIGINT")
-    sp.add_argument("--profile", help="tuning profile (tuning/*.yaml) under the configuration")
+    sp.add_argument("--profile", help="tuning profile under the configuration: a shipped one by name "
+                    "(2-cores, 4-cores, 8-cores, 16-cores) or a YAML file")
     sp = cmd("check", cmd_check, "validate a configuration file", config_required=True)
-    sp.add_argument("--profile", help="tuning profile (tuning/*.yaml) under the configuration")
+    sp.add_argument("--profile", help="tuning profile under the configuration: a shipped one by name "
+                    "(2-cores, 4-cores, 8-cores, 16-cores) or a YAML file")
     sp = cmd("route-test", cmd_route_test, "show which rules match DICOM files and where they would go")
     sp.add_argument("objects", nargs="+", help="DICOM Part 10 files")
     sp.add_argument("--calling-ae", default="", help="calling AE title to assume")
