@@ -258,3 +258,20 @@ def test_c_twice_with_different_files_and_check_without_c_are_refused() -> None:
         assert res.returncode == 2 and "Traceback" not in res.stderr and "-c" in res.stderr
     res = run("-c", "a.yaml", "queue", "--config", "a.yaml")   # the same file twice is fine (it is missing)
     assert res.returncode == 2 and "cannot read configuration" in res.stderr
+
+
+def test_retry_of_a_study_names_oids_outside_it(tmp_path: Path) -> None:
+    from test_ops import STUDY_A, STUDY_B
+    cfg, _ = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=0)
+    try:
+        oids = fill(spool, time.time() - 60)      # oids[1] (study A) failed at pacs; oids[3] is study B
+        with pytest.raises(ops.NotFound, match=f"oid {oids[3]} is not an object of study {STUDY_A}"):
+            ops.retry(cfg, spool, study_instance_uid=STUDY_A, oids=[oids[1], oids[3]])
+        entry = spool.entry("pacs", oids[1])
+        assert entry is not None and entry.state == "failed"       # nothing was retried
+        assert ops.retry(cfg, spool, study_instance_uid=STUDY_A, oids=[oids[1]])["count"] == 1
+        with pytest.raises(ops.NotFound, match=f"oid {oids[3]} is not failed at any destination"):
+            ops.retry(cfg, spool, study_instance_uid=STUDY_B, oids=[oids[3]])
+    finally:
+        spool.close()

@@ -362,7 +362,8 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
         per_dest.update(by_dest)
         if oids:
             _require_failed(spool, oids, {oid for ids in by_dest.values() for oid in ids},
-                            display_name(dest) if dest else "any destination")
+                            display_name(dest) if dest else "any destination",
+                            study=(study_instance_uid, {oid for oid, _ in found}))
     else:
         if oids:
             _require_failed(spool, oids, {oid for oid in oids if (e := spool.entry(dest, oid)) is not None
@@ -380,7 +381,8 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
     return {"retried": counts, "count": total}
 
 
-def _require_failed(spool: Spool, oids: Sequence[int], failed: set[int], where: str) -> None:
+def _require_failed(spool: Spool, oids: Sequence[int], failed: set[int], where: str,
+                    study: tuple[str, set[int]] | None = None) -> None:
     """Refuse a retry naming objects that are not failed there (before changing anything):
     "0 queued" for a mistyped oid would read as success."""
     wrong = []
@@ -390,6 +392,8 @@ def _require_failed(spool: Spool, oids: Sequence[int], failed: set[int], where: 
         rec = spool.record(oid)
         if rec is None:
             wrong.append(f"oid {oid} does not exist (pruned, or never received)")
+        elif study is not None and oid not in study[1]:
+            wrong.append(f"oid {oid} is not an object of study {study[0]}")
         else:
             states = [f"{display_name(d)}: {_state_of(spool, d, oid, rec)}" for d in rec.routed_to] or ["routed nowhere"]
             wrong.append(f"oid {oid} is not failed at {where} ({'; '.join(states)})")
