@@ -32,7 +32,7 @@ def _spool(cfg: Config):  # type: ignore[no-untyped-def]
     if not (cfg.spool / "data.mdb").is_file():
         how = ("no -c given, so the embedded default's spool in the current folder was looked for"
                if cfg.source == "<embedded default>" else f"the 'spool:' of {cfg.source}")
-        raise CliError(f"no spool at {cfg.spool} ({how})",
+        raise CliError(f"no spool at {cfg.spool.resolve()} ({how})",
                        hint="pass the router's configuration with -c FILE, or check its 'spool:' path")
     from fastroute.spool import open_spool
     return open_spool(cfg)
