@@ -39,10 +39,11 @@ def test_license_file_matches_the_declared_licence() -> None:
     assert pyproject()["tool"]["setuptools"]["license-files"] == ["LICENSE"]
 
 
-def test_project_urls_and_classifiers() -> None:
+def test_classifiers_and_no_made_up_urls() -> None:
+    # fastroute has no public home yet: [project.urls] stays out until it does, rather than
+    # pointing operators at an address nobody owns.
     project = pyproject()["project"]
-    assert {"Homepage", "Source", "Issues", "Documentation"} <= set(project["urls"])
-    assert all(re.fullmatch(r"https://\S+", u) for u in project["urls"].values())
+    assert "urls" not in project
     classifiers = project["classifiers"]
     versions = re.findall(r"Python :: (3\.\d+)$", "\n".join(classifiers), re.M)
     assert versions and min(versions) == project["requires-python"].removeprefix(">=")
