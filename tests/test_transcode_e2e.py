@@ -23,17 +23,21 @@ COMPRESSED_SOURCES = [
     ("693_J2KR.dcm", True),                     # JPEG 2000 lossless
     ("MR2_J2KI.dcm", False),                    # JPEG 2000 lossy
     ("OBXXXX1A_rle_2frame.dcm", True),          # RLE, multi-frame colour
-    ("JPEG-LL.dcm", True),                      # JPEG lossless (needs pylibjpeg-libjpeg)
-    ("emri_small_jpeg_ls_lossless.dcm", True),  # JPEG-LS (needs pylibjpeg-libjpeg)
+    # decoded on the default install by python-gdcm / pyjpegls (no GPL plugin):
+    ("JPEG-LL.dcm", True),                      # JPEG lossless SV1
+    ("SC_rgb_dcmtk_+eb+cy+n1.dcm", False),      # JPEG baseline, YCbCr
+    ("emri_small_jpeg_ls_lossless.dcm", True),  # JPEG-LS lossless
+    ("JPEGLSNearLossless_08.dcm", False),       # JPEG-LS near-lossless
 ]
 
 
-def _has_libjpeg() -> bool:
-    try:
-        import libjpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _sample(data_dir: Path, name: str) -> Path:
+    """A pydicom-data file, else one of pydicom's own test files."""
+    if (data_dir / name).exists():
+        return data_dir / name
+    found = get_testdata_file(name)
+    assert found is not None, name
+    return Path(found)
 
 
 @pytest.fixture
@@ -62,9 +66,7 @@ def _pixels(ds: pydicom.Dataset) -> np.ndarray:
 def test_explicit_only_destination_gets_decoded_pixels(tmp_path: Path, router: Callable[..., Router],
                                                        storescp: Callable[..., peers.StoreSCP],
                                                        pydicom_data_dir: Path) -> None:
-    if not _has_libjpeg():
-        pytest.skip("pylibjpeg-libjpeg (the test extra) is not installed")
-    files = [pydicom_data_dir / name for name, _ in COMPRESSED_SOURCES]
+    files = [_sample(pydicom_data_dir, name) for name, _ in COMPRESSED_SOURCES]
     deflated = get_testdata_file("image_dfl.dcm")
     assert deflated is not None
     files.append(Path(deflated))
@@ -81,7 +83,7 @@ def test_explicit_only_destination_gets_decoded_pixels(tmp_path: Path, router: C
         delivered = pydicom.dcmread(got)
         assert delivered.file_meta.TransferSyntaxUID == EXPLICIT_LE, f.name
         assert delivered.SOPInstanceUID == original.SOPInstanceUID
-        assert delivered.StudyInstanceUID == original.StudyInstanceUID
+        assert delivered.get("StudyInstanceUID") == original.get("StudyInstanceUID")
         assert delivered.get("PatientID") == original.get("PatientID")
         if "PixelData" in original:
             expected = _pixels(original)
@@ -154,3 +156,24 @@ def test_no_decoder_fails_with_a_clear_message(tmp_path: Path, router: Callable[
     listing = r.cli("queue", "--failed", "pacs").stdout
     assert "1.2.840.10008.1.2.4.92" in listing, listing
     assert scp.files() == []
+
+
+def test_missing_decoder_failure_names_syntax_and_package(tmp_path: Path, router: Callable[..., Router],
+                                                          storescp: Callable[..., peers.StoreSCP]) -> None:
+    """12-bit JPEG Extended has no permissive decoder: the failed entry and the log say which
+    syntax it is and what to install, instead of blaming the destination's SOP class support."""
+    from fastroute.routing.transcode import installed_codecs
+    if "pylibjpeg" in installed_codecs().decoders.get("1.2.840.10008.1.2.4.51", ()):
+        pytest.skip("pylibjpeg-libjpeg is installed here: 12-bit JPEG Extended decodes")
+    source = get_testdata_file("JPGExtended.dcm")
+    assert source is not None
+    scp = storescp("PACS", accept=[EXPLICIT_LE])
+    r = router(_route_all(destination(scp.port, "PACS")))
+    res = storescu(r.port, [Path(source)], propose="original")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_until(lambda: r.queue()["pacs"]["failed"] == 1, 60, message="object did not fail")
+    report = r.cli("queue", "--json", "--failed", "pacs").stdout
+    for text in ("1.2.840.10008.1.2.4.51", "12-bit JPEG Extended", "fastroute[libjpeg]"):
+        assert text in report, report
+        wait_until(lambda: text in r.log_text(), 10, message=f"log lacks {text!r}")
+    assert "accepted no transfer syntax" not in report
