@@ -354,16 +354,35 @@ def test_generated_jpeg_decodes_on_the_default_install(ts: str, tmp_path: Any) -
         assert decode(out, EXPLICIT).get("LossyImageCompression") in (None, "00")
 
 
-def test_12bit_jpeg_extended_names_the_decoder_to_install() -> None:
-    """GDCM/Pillow (via pydicom 3.0) decode only 8-bit JPEG Extended; 12-bit needs libjpeg."""
-    if "pylibjpeg" in installed_codecs().decoders.get(JPEGExtended12Bit, ()):
-        pytest.skip("pylibjpeg-libjpeg is installed here: 12-bit JPEG Extended decodes")
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-lossy.dcm"])
+def test_12bit_jpeg_extended_decodes_like_dcmtk(name: str, tmp_path: Any) -> None:
+    """pydicom's gdcm plugin refuses 12-bit JPEG Extended; fastroute drives GDCM itself and
+    must get exactly what DCMTK's decoder gets."""
+    import shutil
+    import subprocess
+    if shutil.which("dcmdjpeg") is None:
+        pytest.skip("DCMTK's dcmdjpeg is not installed")
+    ref_file = tmp_path / "ref.dcm"
+    subprocess.run(["dcmdjpeg", data_path(name), str(ref_file)], check=True, timeout=60)
+    data, ts = c_store_body(name)
+    assert ts == JPEGExtended12Bit and int(pydicom.dcmread(data_path(name)).BitsStored) == 12
+    gdcm_only = Codecs(decoders={JPEGExtended12Bit: ("gdcm",)})
+    out = transcode(data, ts, EXPLICIT, codecs=gdcm_only)
+    np.testing.assert_array_equal(pixels(out, EXPLICIT), pydicom.dcmread(ref_file).pixel_array)
+    result = decode(out, EXPLICIT)
+    assert result.LossyImageCompression == "01" and result["PixelData"].VR == "OW"
+    assert_same_elements(data, ts, out, EXPLICIT)
+
+
+def test_12bit_jpeg_extended_without_a_capable_decoder_names_the_package() -> None:
+    """Pillow (as pydicom drives it) decodes only 8-bit JPEG Extended: a host with only it
+    (or with a plugin that fails) gets the syntax and what to install."""
     data, ts = c_store_body("JPGExtended.dcm")
     with pytest.raises(NoCodecError) as info:
-        transcode(data, ts, EXPLICIT)
+        transcode(data, ts, EXPLICIT, codecs=Codecs(decoders={JPEGExtended12Bit: ("pillow",)}))
     msg = str(info.value)
     assert "JPEG Extended (Process 2 and 4) (1.2.840.10008.1.2.4.51)" in msg
-    assert "12-bit" in msg and "fastroute[libjpeg]" in msg and info.value.permanent
+    assert "12-bit" in msg and "python-gdcm" in msg and info.value.permanent
 
 
 @pytest.mark.parametrize("ts", sorted(NO_DECODER))
@@ -714,6 +733,22 @@ def test_refused_original_without_decoder_names_syntax_and_package() -> None:
     assert "accepted no transfer syntax" not in msg and info.value.permanent
     with pytest.raises(NoCodecError, match=r"1\.2\.840\.10008\.1\.2\.4\.57.*python-gdcm"):
         choose("1.2.840.10008.1.2.4.57", [], dest(), codecs=NO_JPEG)
+
+
+def test_undecodable_reason_for_a_refused_original() -> None:
+    from fastroute.routing.syntax import SyntaxPlanner
+    from fastroute.spool import Claimed
+    from fastroute.routing.transcode import undecodable_reason
+    assert undecodable_reason(EXPLICIT) == "" and undecodable_reason(JPEGLSLossless) == ""
+    text = undecodable_reason(JPEGLSLossless, NO_JPEG)
+    assert "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)" in text
+    assert "pip install pyjpegls" in text
+    part2 = "1.2.840.10008.1.2.4.92"
+    item = Claimed(oid=1, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.1",
+                   transfer_syntax=part2, attempts=0, size=10, calling_ae="CT1")
+    reason = SyntaxPlanner(dest()).refusal_reason(item)
+    assert part2 in reason and "no decoder" in reason and "accept it as is" in reason
+    assert "openjpeg" not in reason   # no plugin decodes Part 2: do not send operators to one
 
 
 def test_unknown_syntax() -> None:

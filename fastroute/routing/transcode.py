@@ -35,7 +35,7 @@ import functools
 import io
 import struct
 import zlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -43,7 +43,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import correct_ambiguous_vr_element, write_dataset
@@ -77,7 +77,7 @@ from fastroute.errors import NoCodecError, TranscodeError
 
 __all__ = [
     "Codecs", "installed_codecs", "decoders_available", "encoders_available",
-    "candidates", "choose", "transcode", "syntax_label",
+    "candidates", "choose", "transcode", "syntax_label", "undecodable_reason",
 ]
 
 IMPLICIT = ImplicitVRLittleEndian
@@ -113,9 +113,9 @@ _JPEG_HINT = ("pip install python-gdcm (a default dependency of fastroute; or th
               "pylibjpeg-libjpeg via the 'fastroute[libjpeg]' extra)")
 _JPEGLS_HINT = ("pip install pyjpegls or python-gdcm (default dependencies of fastroute; or the "
                 "GPL-3.0 pylibjpeg-libjpeg via the 'fastroute[libjpeg]' extra)")
-_JPEG12_HINT = ("only pylibjpeg-libjpeg (GPL-3.0) decodes 12-bit JPEG Extended: pip install "
-                "'fastroute[libjpeg]', or send such objects only to destinations that accept "
-                "them as is")
+_JPEG12_HINT = ("12-bit JPEG Extended is decoded by python-gdcm (a default dependency of "
+                "fastroute: pip install python-gdcm) or the GPL-3.0 pylibjpeg-libjpeg "
+                "('fastroute[libjpeg]' extra)")
 # Plugin preference, best first, decided here once rather than by pydicom's registration order:
 # the long-standing pure/pylibjpeg codecs first, then CharLS, then GDCM as the broad fallback.
 _PLUGIN_ORDER = ("pydicom", "pylibjpeg", "pyjpegls", "gdcm", "pillow")
@@ -220,6 +220,11 @@ def encoders_available(codecs: Codecs | None = None) -> dict[str, bool]:
 
 def _install_hint(ts: str, direction: str) -> str:
     if direction == "decoder":
+        try:
+            get_decoder(UID(ts))
+        except NotImplementedError:   # MPEG video, JPEG 2000 Part 2: no plugin would help
+            return ("pydicom 3.0 has no decoder for this syntax; send it only to destinations "
+                    "that accept it as is")
         if ts in JPEGLSTransferSyntaxes:
             return _JPEGLS_HINT
         if ts in JPEGTransferSyntaxes:
@@ -238,6 +243,18 @@ def _install_hint(ts: str, direction: str) -> str:
         return "pydicom's own RLE encoder should always load: check the pydicom install"
     return ("pydicom 3.0 has no encoder for this syntax; use compress: rle or j2k-lossless "
             "(or j2k with allow_lossy)")
+
+
+def undecodable_reason(ts: str, codecs: Codecs | None = None) -> str:
+    """Why an object in ``ts`` can only be offered as is ("" when it can be decoded here).
+
+    For a destination that refuses the original, this is the real cause, with the package
+    to install, rather than the destination's SOP class support."""
+    c = codecs or installed_codecs()
+    if c.can_decode(ts):
+        return ""
+    return (f"no decoder for {syntax_label(ts)} is installed, so it could not be offered in "
+            f"another syntax (hint: {_install_hint(ts, 'decoder')})")
 
 
 def _no_codec(ts: str, direction: str) -> NoCodecError:
@@ -597,8 +614,11 @@ def _decode_frames(decoder: Any, plugin: str, ds: Dataset, src: str, out: np.nda
     frames, dtype = out.shape[0], out.dtype
     props: dict[str, Any] = {}
     index = -1
-    for index, (arr, props) in enumerate(decoder.iter_array(ds, decoding_plugin=plugin,
-                                                            as_rgb=as_rgb)):
+    if plugin == "gdcm" and src == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+        source: Iterator[tuple[np.ndarray, dict[str, Any]]] = _gdcm_jpeg12_frames(ds, frames)
+    else:
+        source = decoder.iter_array(ds, decoding_plugin=plugin, as_rgb=as_rgb)
+    for index, (arr, props) in enumerate(source):
         if index >= frames:
             raise TranscodeError(f"{syntax_label(src)}: more frames than Number of Frames")
         if arr.dtype.itemsize > dtype.itemsize and arr.size and (
@@ -610,6 +630,42 @@ def _decode_frames(decoder: Any, plugin: str, ds: Dataset, src: str, out: np.nda
         raise TranscodeError(f"{syntax_label(src)}: decoded {index + 1} frame(s), Number of "
                              f"Frames says {frames}")
     return props
+
+
+def _gdcm_jpeg12_frames(ds: Dataset, frames: int) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """12-bit JPEG Extended frames decoded by GDCM's own image API.
+
+    pydicom 3.0's gdcm plugin refuses 12-bit JPEG Extended outright, yet GDCM ships the 12-bit
+    IJG codec and decodes it exactly as DCMTK does (tests compare with dcmdjpeg); without this
+    only the GPL pylibjpeg-libjpeg would. Monochrome only: the one 12-bit use in practice.
+    """
+    import gdcm  # type: ignore[import-not-found,unused-ignore]
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ValueError("GDCM's 12-bit JPEG Extended path takes monochrome images only")
+    stored = int(ds.BitsStored)
+    signed = int(ds.get("PixelRepresentation", 0) or 0)
+    dtype = np.dtype("<i2" if signed else "<u2")
+    pi = gdcm.PhotometricInterpretation.GetPIType(str(ds.PhotometricInterpretation))
+    ts = gdcm.TransferSyntax.GetTSType(str(JPEGExtended12Bit))
+    for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+        fragment = gdcm.Fragment()
+        fragment.SetByteStringValue(frame)
+        fragments = gdcm.SequenceOfFragments.New()
+        fragments.AddFragment(fragment)
+        elem = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+        elem.SetValue(fragments.__ref__())
+        img = gdcm.Image()
+        img.SetNumberOfDimensions(2)
+        img.SetDimensions((cols, rows, 1))
+        img.SetDataElement(elem)
+        img.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi))
+        img.SetTransferSyntax(gdcm.TransferSyntax(ts))
+        img.SetPixelFormat(gdcm.PixelFormat(1, 16, stored, stored - 1, signed))
+        out = img.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM hands char* as str
+        if len(out) != rows * cols * 2:
+            raise ValueError(f"GDCM returned {len(out)} bytes for a {cols}x{rows} 16-bit frame")
+        yield np.frombuffer(out, dtype=dtype).reshape(rows, cols), {}
 
 
 def _decode_all(ds: Dataset, src: str, c: Codecs) -> None:
@@ -670,7 +726,7 @@ def _decode_pixels(ds: Dataset, src: str, c: Codecs) -> None:
         message = (f"{syntax_label(src)}: pixel data could not be decoded ("
                    + "; ".join(failures) + ")")
         if src == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
-            # GDCM and Pillow (as pydicom 3.0 drives them) decode only 8-bit JPEG Extended.
+            # Only GDCM (driven directly, above) and the GPL libjpeg decode 12-bit JPEG Extended.
             raise NoCodecError(f"{syntax_label(src)}: 12-bit JPEG Extended needs a decoder "
                                "that is not installed", hint=_JPEG12_HINT)
         raise TranscodeError(message)
