@@ -374,6 +374,22 @@ def test_12bit_jpeg_extended_decodes_like_dcmtk(name: str, tmp_path: Any) -> Non
     assert_same_elements(data, ts, out, EXPLICIT)
 
 
+@pytest.mark.parametrize("name", ["SC_rgb_dcmtk_+eb+cy+s2.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "JPEGLSNearLossless_16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_default_decoders_match_dcmtk(name: str, tmp_path: Any) -> None:
+    """An independent reference for GDCM/CharLS: DCMTK's decoders (YCbCr converted to RGB)."""
+    import shutil
+    import subprocess
+    tool = "dcmdjpls" if "JPEGLS" in name else "dcmdjpeg"
+    if shutil.which(tool) is None:
+        pytest.skip(f"DCMTK's {tool} is not installed")
+    ref_file = tmp_path / "ref.dcm"
+    subprocess.run([tool, data_path(name), str(ref_file)], check=True, timeout=60)
+    data, ts = c_store_body(name)
+    np.testing.assert_array_equal(pixels(transcode(data, ts, EXPLICIT), EXPLICIT),
+                                  pydicom.dcmread(ref_file).pixel_array)
+
+
 def test_12bit_jpeg_extended_without_a_capable_decoder_names_the_package() -> None:
     """Pillow (as pydicom drives it) decodes only 8-bit JPEG Extended: a host with only it
     (or with a plugin that fails) gets the syntax and what to install."""
