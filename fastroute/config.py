@@ -642,8 +642,9 @@ class Config:
     sender_cpus: tuple[int, ...] = field(default=(), metadata=_CPUS)
     # how long a commit waits to gather more objects
     group_commit_delay: float = field(default=0.002, metadata=_DURATION)
-    # identical re-sends within this window are not resent
-    duplicate_window: float = field(default=86400.0, metadata=_DURATION)
+    # off (0) by default: a router forwards what it is sent, and a deliberate re-send ("PACS
+    # lost it") must arrive. When set, identical re-sends delivered within it are not resent.
+    duplicate_window: float = field(default=0.0, metadata=_DURATION)
     shutdown_grace: float = field(default=30.0, metadata=_DURATION)
     # read first, whatever its place in the file: rules, default and alerts name destinations
     destinations: Mapping[str, DestinationConfig] = field(default_factory=dict, metadata=key(

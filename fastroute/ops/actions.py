@@ -271,7 +271,14 @@ def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]
                 step["by_oid"] = dr.by
         elif dest in rec.suppressed:
             step["state"] = StepState.SUPPRESSED
-            step["error"] = "identical bytes already delivered within duplicate_window"
+            step["error"] = "not forwarded: identical bytes already delivered within duplicate_window"
+            earlier = rec.duplicate_of.get(dest)
+            if earlier is not None:   # the delivery it matched, to follow in the trace
+                step["duplicate_of"] = {"oid": earlier.oid, "delivered_at": earlier.delivered_at}
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(earlier.delivered_at))
+                step["error"] = ("not forwarded: identical bytes already delivered at "
+                                 f"{when}" + (f" (oid {earlier.oid})" if earlier.oid is not None
+                                              else "") + " within duplicate_window")
         else:
             step["state"] = StepState.UNKNOWN
         if dest in rec.failed:

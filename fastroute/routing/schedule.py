@@ -315,6 +315,9 @@ class DestinationSender:
                 why = exc.rejected.get(i.sop_class_uid, "not accepted")
                 msg = (f"{exc}: SOP class {i.sop_class_uid} in transfer syntax {i.transfer_syntax} "
                        f"was refused ({why})")
+                missing = self.planner.refusal_reason(i)
+                if missing:
+                    msg += f"; {missing}"
                 log.error("destination=%s ae=%s sop_instance_uid=%s: %s", self.dest.name,
                           self.dest.ae_title, i.sop_instance_uid, msg)
                 out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg))

@@ -63,7 +63,7 @@ class Spool:
     LATENCY_BUCKETS = LATENCY_BUCKETS
 
     def __init__(self, path: str | Path, *, map_size: int = 64 * 1024**3,
-                 min_free_bytes: int = 0, duplicate_window: float = 86400.0,
+                 min_free_bytes: int = 0, duplicate_window: float = 0.0,
                  readonly: bool = False, durable: bool = True, audit_key: bytes | None = None) -> None:
         """``durable=False`` (the senders) makes this process's commits skip the second fsync
         (LMDB's MDB_NOMETASYNC): still atomic and consistent, but an OS crash may undo the
