@@ -57,6 +57,7 @@ READERS: dict[str, frozenset[Role]] = {
     "http": frozenset({_H}),
     "alerts": frozenset({_H}),                # thresholds are evaluated in the HTTP process
     "audit_retention": frozenset({_H}),
+    "audit_key": _ALL,                        # every process's spool handle keys its audit events
     "history_retention": frozenset({_H}),
     "log_level": _ALL,
     "log_format": _ALL,

@@ -20,7 +20,7 @@ import peers
 import synth
 from fastroute import reload
 from fastroute.config import Config, load
-from peers import process_listens, storescu, wait_until
+from peers import storescu, wait_until
 from router import Router, destination
 
 
@@ -143,8 +143,8 @@ def test_reload_refuses_no_association_and_keeps_idle_ones(
         def handed_over() -> bool:
             new = [p for p in _started_pids(r, "listener-0") + _started_pids(r, "listener-1")
                    if p not in old_listeners]
-            return (len(new) == 2 and all(process_listens(p, r.port) for p in new)
-                    and not any(process_listens(p, r.port) for p in old_listeners))
+            return (len(new) == 2 and all(reload.listening(p, r.port) for p in new)
+                    and not any(reload.listening(p, r.port) for p in old_listeners))
         wait_until(handed_over, 60, message=lambda: f"listeners not handed over:\n{r.log_tail()}")
         after = len(attempts)
         wait_until(lambda: len(attempts) >= after + 20, 30, message="no associations after the reload")
@@ -189,3 +189,22 @@ def test_changing_one_destination_restarts_only_its_sender(
         assert _sender_pid(r, d) == pids[d] and _alive(pids[d]), d
     assert _started_pids(r, "listener-0") == listener          # listeners untouched
     assert "sender-b (destinations.b)" in r.log_text()
+
+
+@pytest.mark.peers
+def test_reload_to_a_taken_port_is_refused_and_the_old_listener_keeps_serving(
+        router: Callable[..., Router]) -> None:
+    import socket
+    r = router({"rules": []})
+    listener = _started_pids(r, "listener-0")
+    with socket.socket() as taken:                 # no SO_REUSEPORT: the new listener cannot join
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r.write_config(port=taken.getsockname()[1])
+        _hup(r)
+        wait_until(lambda: "reload refused: the new listeners could not take over" in r.log_text(), 60,
+                   message=lambda: f"no refusal logged:\n{r.log_tail()}")
+    assert _started_pids(r, "listener-0")[0] == listener[0] and _alive(listener[0])
+    assert reload.listening(listener[0], r.port)
+    res = peers.echoscu(r.port)
+    assert res.returncode == 0, res.stdout + res.stderr
