@@ -208,3 +208,22 @@ def test_reload_to_a_taken_port_is_refused_and_the_old_listener_keeps_serving(
     assert reload.listening(listener[0], r.port)
     res = peers.echoscu(r.port)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.peers
+def test_alert_threshold_restarts_only_the_http_process(
+        router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    a = storescp("DESTA")
+    r = router({"destinations": {"a": destination(a.port, "DESTA")},
+                "rules": [{"name": "all", "match": None, "send_to": ["a"]}],
+                "http": {"host": "127.0.0.1", "port": peers.free_port()},
+                "alerts": {"consecutive_failures": 5}})
+    wait_until(lambda: _started_pids(r, "http"), 30, message="no http process")
+    http, listener, sender = _started_pids(r, "http"), _started_pids(r, "listener-0"), _sender_pid(r, "a")
+    r.write_config(alerts={"consecutive_failures": 9})
+    _hup(r)
+    wait_until(lambda: len(_started_pids(r, "http")) == 2, 60,
+               message=lambda: f"http not restarted:\n{r.log_tail()}")
+    assert "restarting http (alerts)" in r.log_text()
+    assert _started_pids(r, "listener-0") == listener and _alive(listener[0])
+    assert _sender_pid(r, "a") == sender and _alive(sender)
