@@ -130,14 +130,11 @@ class Supervisor:
         self._plan()
 
     def _plan(self) -> None:
-        self.children = self._children_for(self.cfg)
-
-    def _children_for(self, cfg: Config) -> list[_Child]:
-        out = [_Child(f"listener-{i}", listener_main, (cfg, i)) for i in range(cfg.listeners)]
-        out += [_Child(f"sender-{name}", sender_main, (cfg, name)) for name in cfg.destinations]
+        cfg = self.cfg
+        self.children = [_Child(f"listener-{i}", listener_main, (cfg, i)) for i in range(cfg.listeners)]
+        self.children += [_Child(f"sender-{name}", sender_main, (cfg, name)) for name in cfg.destinations]
         if cfg.http is not None:
-            out.append(_Child("http", http_main, (cfg, self.config_path)))
-        return out
+            self.children.append(_Child("http", http_main, (cfg, self.config_path)))
 
     def _do_reload(self) -> None:
         """SIGHUP: load the file again and restart only the processes whose settings changed.
@@ -173,7 +170,8 @@ class Supervisor:
         self.children = [c for c in self.children if c.name not in gone]
         for c in self.children:          # a later crash-restart runs with the new settings
             c.args = (new, *c.args[1:])
-        fresh = [_Child(f"sender-{name}", sender_main, (new, name)) for name in [*change.restart, *change.start]]
+        fresh = [_Child(f"sender-{name}", sender_main, (new, name))
+                 for name in [*change.restart, *change.start]]
         if change.http and new.http is not None:
             fresh.append(_Child("http", http_main, (new, self.config_path)))
         for c in fresh:

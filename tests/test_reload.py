@@ -54,7 +54,7 @@ def test_plan_restarts_only_what_reads_the_change(tmp_path: Path) -> None:
              "c": {"ae_title": "C", "host": "127.0.0.1", "port": 1003}}
     one = reload.plan(base, _cfg(tmp_path, destinations=dests))
     assert (one.listeners, list(one.restart), one.start, one.stop) == ("", ["b"], ["c"], [])
-    gone = reload.plan(base, _cfg(tmp_path, destinations={"a": dests["a"]}, rules=[{"name": "r", "send_to": ["a"]}]))
+    gone = reload.plan(base, _cfg(tmp_path, destinations={"a": dests["a"]}))
     assert (gone.restart, gone.stop) == ({}, ["b"])
     logs = reload.plan(base, _cfg(tmp_path, log_level="DEBUG"))
     assert logs.listeners and set(logs.restart) == {"a", "b"} and logs.http
