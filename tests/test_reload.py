@@ -151,7 +151,14 @@ def test_reload_refuses_no_association_and_keeps_idle_ones(
     finally:
         stop.set()
         thread.join(30)
-    assert attempts.count(False) == 0, f"{attempts.count(False)} of {len(attempts)} refused:\n{r.log_tail()}"
+    # With net.ipv4.tcp_migrate_req=0 (the kernel default) Linux resets a connection that is
+    # still in the closing listener's accept queue at the instant it closes: measured about
+    # once in 20 reloads under 3 looping clients (README, "Reload"). The router warns about the
+    # setting at reload; here one such reset is tolerated, and none where the setting is on.
+    migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+    tolerated = 0 if migrate.exists() and migrate.read_text().strip() == "1" else 1
+    assert attempts.count(False) <= tolerated, \
+        f"{attempts.count(False)} of {len(attempts)} refused:\n{r.log_tail()}"
 
     # The idle association still works after the handover (the old listener finishes it).
     ds = pydicom.dcmread(synth.make_tiny(tmp_path / "idle", n=1)[0])
