@@ -57,6 +57,7 @@ _TEXT_VRS = frozenset({"UI", "AE", "LO", "SH", "LT", "CS", "IS"})
 _MULTI_VALUED = frozenset({0x0901, 0x1005, 0x51B0})   # VM 1-n: returned as raw bytes
 ERROR_COMMENT_MAX = 64                                # LO
 
+_FIXED_LENGTH = frozenset({A_ASSOCIATE_RJ, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT})
 _HEADER = struct.Struct(">BBI")         # PDU type, reserved, length
 _PDV_HEADER = struct.Struct(">BBIIBB")  # PDU header + PDV item length, context id, control
 _UINT32_BE = struct.Struct(">I")
@@ -117,6 +118,11 @@ class PduReader:
             if pdu_type not in PDU_NAMES:
                 raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X} at stream offset "
                                     f"{self._offset - 6}")
+            if pdu_type in _FIXED_LENGTH and length != 4:
+                # PS3.8 9.3.4-9.3.8: these bodies are exactly 4 bytes; anything else is an
+                # invalid PDU parameter (A-ABORT reason 6), not a reason to read on.
+                raise ProtocolError(f"{PDU_NAMES[pdu_type]} at stream offset {self._offset - 6} "
+                                    f"has length {length}, not 4")
             if length > self.max_pdu_length:
                 raise ProtocolError(
                     f"{PDU_NAMES[pdu_type]} at stream offset {self._offset - 6} is {length} bytes "
@@ -130,6 +136,8 @@ class PduReader:
 
     def _take(self, n: int) -> memoryview:
         """Remove and return the first ``n`` buffered bytes (a view when in one chunk)."""
+        if n == 0:                      # a zero-length PDU body (rejected by its decoder)
+            return memoryview(b"")
         self._size -= n
         self._offset += n
         first = self._chunks[0] if self._chunks else memoryview(b"")
