@@ -13,7 +13,9 @@ ProtocolError (never another exception) saying what is wrong and at which offset
 """
 from __future__ import annotations
 
+import logging
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
 
@@ -251,6 +253,28 @@ def decode_associate_rj(body: bytes | memoryview) -> tuple[int, int, int]:
 # Association negotiation: pynetdicom's PDU classes, wrapped
 
 
+class _QuietWhileDecoding(logging.Filter):
+    """Drop pynetdicom's own log records while this thread decodes a peer's A-ASSOCIATE PDU.
+
+    pynetdicom logs every undecodable value (a non-ASCII UID, say) with a traceback before
+    raising; the raise becomes one ProtocolError line and an A-ABORT here, so its traceback
+    would only be a peer's garbage dressed up as our internal error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "decoding", False)
+
+
+_QUIET = _QuietWhileDecoding()
+for _name in ("pynetdicom.utils", "pynetdicom.pdu", "pynetdicom.pdu_items", "pynetdicom.pdu_primitives",
+              "pynetdicom.presentation"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
 def _with_header(pdu_type: int, body: bytes | memoryview) -> bytes:
     return _HEADER.pack(pdu_type, 0, len(body)) + bytes(body)
 
@@ -261,11 +285,14 @@ def decode_associate_rq(body: bytes | memoryview) -> A_ASSOCIATE:
         raise ProtocolError(f"A-ASSOCIATE-RQ body is {len(body)} bytes, shorter than its "
                             "68-byte fixed part")
     pdu = _AssociateRQ()
+    _QUIET.local.decoding = True
     try:
         pdu.decode(_with_header(A_ASSOCIATE_RQ, body))
         return pdu.to_primitive()
     except Exception as exc:   # pynetdicom raises whatever its item decoders hit
         raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {exc!r}") from exc
+    finally:
+        _QUIET.local.decoding = False
 
 
 def decode_associate_ac(body: bytes | memoryview) -> A_ASSOCIATE:
@@ -278,11 +305,14 @@ def decode_associate_ac(body: bytes | memoryview) -> A_ASSOCIATE:
         raise ProtocolError(f"A-ASSOCIATE-AC body is {len(body)} bytes, shorter than its "
                             "68-byte fixed part")
     pdu = _AssociateAC()
+    _QUIET.local.decoding = True
     try:
         pdu.decode(_with_header(A_ASSOCIATE_AC, body))
         return pdu.to_primitive()
     except Exception as exc:
         raise ProtocolError(f"malformed A-ASSOCIATE-AC: {exc!r}") from exc
+    finally:
+        _QUIET.local.decoding = False
 
 
 def encode_associate_rq(primitive: A_ASSOCIATE) -> bytes:
