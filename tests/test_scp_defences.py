@@ -334,3 +334,26 @@ def test_slot_table_reclaims_dead_and_reused_pids(tmp_path: Path) -> None:
     table.release(slot)
     assert table.live() == []
     table.close()
+
+
+def test_idle_timeout_spares_an_association_that_has_spoken(
+        scp: Callable[..., Scp], caplog: pytest.LogCaptureFixture) -> None:
+    """association_idle_timeout is for associations silent since their accept; one that sent
+    a request and is quiet now is network_timeout's, which is longer."""
+    caplog.set_level(logging.INFO)
+    s = scp(association_idle_timeout=0.5, network_timeout=5.0)
+    cx = [(1, VERIFY, [ExplicitVRLittleEndian])]
+    spoke, silent = RawPeer(s.port), RawPeer(s.port)
+    assert spoke.associate(cx, calling="SPOKE")[0] == pdu.A_ASSOCIATE_AC
+    assert silent.associate(cx, calling="SILENT")[0] == pdu.A_ASSOCIATE_AC
+    echo(spoke, 1)
+    start = time.monotonic()
+    got = silent.recv_pdu(timeout=5)
+    assert got is not None and got[0] == pdu.A_ABORT and time.monotonic() - start < 3
+    with pytest.raises(TimeoutError):                # well past 0.5 s, still not aborted
+        spoke.recv_pdu(timeout=1.5)
+    echo(spoke, 2)
+    spoke.release()
+    silent.close()
+    assert "SILENT@127.0.0.1 to FASTROUTE aborted (nothing sent" in caplog.text
+    assert "SPOKE@127.0.0.1 to FASTROUTE aborted" not in caplog.text
