@@ -42,6 +42,7 @@ log = logging.getLogger("fastroute.scp")
 PAUSE_AT_BYTES = 4 * 1024 * 1024      # stop reading a peer that pipelines while a reply is pending
 
 # A-ABORT (PS3.8 9.3.8): source 2 = service provider; reasons.
+ABORT_USER = 0x00
 ABORT_PROVIDER = 0x02
 REASON_NOT_SPECIFIED = 0x00
 REASON_UNRECOGNISED_PDU = 0x01
@@ -276,11 +277,16 @@ class _Connection(asyncio.Protocol):
             self.transport.close()        # after the buffered response is written
 
     def _abort(self, why: str, reason: int, level: int = logging.ERROR) -> None:
-        """A-ABORT (service provider) and close; whatever was not acknowledged is dropped."""
+        """A-ABORT and close; whatever was not acknowledged is dropped."""
         if self.closing:
             return
         self._finish("aborted", why, level)
-        self._write([self.ul.abort(ABORT_PROVIDER, reason)])
+        if self.ul.state is State.AWAITING_ASSOCIATE_RQ:
+            # PS3.8 Table 9-10, Sta2: an invalid or unexpected PDU before the A-ASSOCIATE-RQ
+            # is AA-1, an A-ABORT from the service user whose reason is not significant (0).
+            self._write([self.ul.abort(ABORT_USER, REASON_NOT_SPECIFIED)])
+        else:   # AA-8: from the service provider, with the reason (PS3.8 9.3.8)
+            self._write([self.ul.abort(ABORT_PROVIDER, reason)])
         self._close()
 
     def _finish(self, how: str, why: str, level: int) -> None:
