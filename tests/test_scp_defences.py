@@ -359,3 +359,14 @@ def test_idle_timeout_spares_an_association_that_has_spoken(
     silent.close()
     assert "SILENT@127.0.0.1 to FASTROUTE aborted (nothing sent" in caplog.text
     assert "SPOKE@127.0.0.1 to FASTROUTE aborted" not in caplog.text
+
+
+def test_limit_keys_are_validated_and_default_sensibly() -> None:
+    from fastroute.config import loads
+    from fastroute.errors import ConfigError
+    cfg = loads("ae_title: X\nmax_object_bytes: 512MiB\nassociation_idle_timeout: 10s\n")
+    assert cfg.max_object_bytes == 512 * 1024**2 and cfg.association_idle_timeout == 10.0
+    assert (cfg.max_associations, cfg.max_associations_per_ae, cfg.max_associations_per_ip) == (32, 16, 24)
+    assert loads("ae_title: X\n").max_object_bytes == 4 * 1024**3
+    with pytest.raises(ConfigError, match="max_associations_per_ae"):
+        loads("ae_title: X\nmax_associations_per_ae: 0\n")
