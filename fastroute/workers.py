@@ -58,7 +58,8 @@ def listener_main(cfg: Config, index: int) -> None:
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
     warn_deprecated_engine("engine", cfg.engine)
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
+    store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store})
     committer.siblings = receiver.active
     try:
         receiver.start()
@@ -68,6 +69,7 @@ def listener_main(cfg: Config, index: int) -> None:
     stop.wait()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
     receiver.stop(cfg.shutdown_grace)
+    store.close()
     committer.close()
     notifier.close()
     spool.close()
