@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,12 +15,26 @@ from fastroute.errors import ConfigError, FastrouteError
 STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
 
 
+class CliError(FastrouteError):
+    """A command cannot run as given (missing file, no spool): one line, no traceback."""
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load(getattr(args, "config", None), getattr(args, "profile", None))
 
 
 def _spool(cfg: Config):  # type: ignore[no-untyped-def]
-    from fastroute.workers import open_spool
+    """Open an EXISTING spool: a command that reads it must never create an empty one.
+
+    Without ``-c`` the embedded default names ./fastroute-spool, so running ``fastroute queue``
+    in the wrong folder would otherwise report an empty, freshly made spool and exit 0.
+    """
+    if not (cfg.spool / "data.mdb").is_file():
+        how = ("no -c given, so the embedded default's spool in the current folder was looked for"
+               if cfg.source == "<embedded default>" else f"the 'spool:' of {cfg.source}")
+        raise CliError(f"no spool at {cfg.spool.resolve()} ({how})",
+                       hint="pass the router's configuration with -c FILE, or check its 'spool:' path")
+    from fastroute.spool import open_spool
     return open_spool(cfg)
 
 
@@ -82,13 +97,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
 def read_part10(path: str | Path) -> tuple[str, bytes]:
-    """(transfer syntax, dataset bytes) of a DICOM Part 10 file, without decoding the dataset."""
-    from pynetdicom.dsutils import split_dataset
-    meta, offset = split_dataset(Path(path))
-    ts = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    data = Path(path).read_bytes()[offset:]
-    return ts, data
+    """(transfer syntax, dataset bytes) of a DICOM file, without decoding the dataset.
+
+    A file without the Part 10 preamble and meta (a raw dataset, as some archives export) is
+    read like the receive path's peek reads one: Explicit VR Little Endian when the first
+    element carries a VR, else Implicit VR Little Endian. Anything else is a CliError.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"{p}: is a directory, not a DICOM file",
+                       hint="name the files, e.g. DIR/*.dcm")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{p}: cannot read: {exc.strerror}") from None
+    if raw[128:132] == b"DICM":
+        from pynetdicom.dsutils import split_dataset
+        try:
+            meta, offset = split_dataset(p)
+        except Exception as exc:   # pydicom raises several kinds for a damaged meta group
+            raise CliError(f"{p}: damaged DICOM file meta: {exc}") from None
+        return str(meta.get("TransferSyntaxUID", IMPLICIT_LE)), raw[offset:]
+    return _guess_raw_syntax(p, raw), raw
+
+
+def _has_meta(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def _guess_raw_syntax(p: Path, raw: bytes) -> str:
+    from pydicom.valuerep import VR
+    group = int.from_bytes(raw[0:2], "little") if len(raw) >= 8 else 0
+    if not 0x0002 <= group <= 0x0028 or group % 2:    # datasets open with group 0008 (or so)
+        raise CliError(f"{p}: not a DICOM file (no 'DICM' preamble, and it does not start like a "
+                       "DICOM dataset)")
+    try:
+        VR(raw[4:6].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return IMPLICIT_LE
+    return EXPLICIT_LE
 
 
 def cmd_route_test(args: argparse.Namespace) -> int:
@@ -100,11 +153,22 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     rs = RuleSet.from_config(cfg)
     context = {"calling_ae": args.calling_ae, "called_ae": args.called_ae or cfg.ae_title,
                "peer_ip": args.peer_ip}
+    from fastroute.errors import PeekError
+
     for obj in args.objects:
         ts, data = read_part10(obj)
-        attrs = read_attributes(data, ts, tuple(sorted(set(rs.tags) | set(INDEX_KEYWORDS))))
+        try:
+            attrs = read_attributes(data, ts, tuple(sorted(set(rs.tags) | set(INDEX_KEYWORDS))))
+        except PeekError as exc:
+            raise CliError(f"{obj}: cannot read the dataset: {exc}") from None
+        raw = not _has_meta(obj)
+        if raw and 0x00080018 not in attrs:
+            raise CliError(f"{obj}: not a DICOM file (no 'DICM' preamble, and no SOP Instance UID "
+                           "when read as a raw dataset)")
         print(f"{obj}: SOP Instance UID {attrs.get(0x00080018, '?')!s}, Modality {attrs.get(0x00080060, '-')!s}, "
               f"transfer syntax {ts}")
+        if raw:
+            print(f"  (no Part 10 file meta: read as a raw dataset, guessed {ts})")
         for trace in rs.explain(attrs, context):
             print(f"  {trace}")
         decision = rs.route(attrs, context)
@@ -225,19 +289,27 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastroute", description="Durable, high-throughput DICOM router")
     p.add_argument("--version", action="version", version=_version())
+    # Also accepted before the command (`fastroute -c FILE queue`); its own dest, because a
+    # subcommand's default would overwrite the value otherwise.
+    p.add_argument("-c", "--config", dest="global_config", metavar="CONFIG",
+                   help="YAML configuration file, for any command")
     sub = p.add_subparsers(dest="command", required=True)
 
     def cmd(name: str, func: Any, help: str, config_required: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("-c", "--config", required=config_required,
-                        help="YAML configuration file (default: the embedded default)")
+        sp.add_argument("-c", "--config",
+                        help="YAML configuration file" + ("" if config_required else
+                                                          " (default: the embedded default)"))
+        sp.set_defaults(config_required=config_required)
         sp.set_defaults(func=func)
         return sp
 
     sp = cmd("serve", cmd_serve, "run the router (listeners and senders) until SIGTERM/SIGINT")
-    sp.add_argument("--profile", help="tuning profile (tuning/*.yaml) under the configuration")
+    sp.add_argument("--profile", help="tuning profile under the configuration: a shipped one by name "
+                    "(2-cores, 4-cores, 8-cores, 16-cores) or a YAML file")
     sp = cmd("check", cmd_check, "validate a configuration file", config_required=True)
-    sp.add_argument("--profile", help="tuning profile (tuning/*.yaml) under the configuration")
+    sp.add_argument("--profile", help="tuning profile under the configuration: a shipped one by name "
+                    "(2-cores, 4-cores, 8-cores, 16-cores) or a YAML file")
     sp = cmd("route-test", cmd_route_test, "show which rules match DICOM files and where they would go")
     sp.add_argument("objects", nargs="+", help="DICOM Part 10 files")
     sp.add_argument("--calling-ae", default="", help="calling AE title to assume")
@@ -274,12 +346,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse, folding ``-c`` given before the command into the command's own ``config``."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a positional list in one run: `route-test a.dcm -c F b.dcm` leaves b.dcm over
+    if extra and getattr(args, "command", "") == "route-test" and not any(e.startswith("-") for e in extra):
+        args.objects += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    early = getattr(args, "global_config", None)
+    if early is not None and getattr(args, "config", None) not in (None, early):
+        parser.error(f"-c given twice with different files ({early}, {args.config})")
+    if early is not None:
+        args.config = early
+    if getattr(args, "config_required", False) and getattr(args, "config", None) is None:
+        parser.error(f"the {args.command} command needs -c FILE")
+    return args
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (``fastroute audit | head``): stop quietly, like any Unix filter.
+
+    stdout is pointed at /dev/null so the interpreter's final flush cannot raise again.
+    """
     try:
-        return int(args.func(args) or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + 13   # what a shell reports for a filter ended by SIGPIPE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()    # a broken pipe shows here at the latest, while it can be caught
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        for error in getattr(exc, "errors", None) or (exc,):
+            print(f"configuration error: {error}", file=sys.stderr)
         return 2
     except FastrouteError as exc:
         print(f"error: {exc}", file=sys.stderr)

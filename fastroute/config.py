@@ -14,6 +14,7 @@ unpickling: closures cannot be pickled).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import functools
 import ipaddress
@@ -159,12 +160,46 @@ def _ts(v: Any) -> str:
 
 # -- reading YAML nodes -------------------------------------------------------------------------
 
+class ConfigErrors(ConfigError):
+    """Several independent errors of one file, each a ConfigError with its own line and key.
+
+    Raised only when there is more than one, so a single error keeps its own type; the first
+    one's source/line/key stand for the whole (callers that show one error show that).
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        Exception.__init__(self, "\n".join(str(e) for e in errors))
+        self.errors = tuple(errors)
+        self.source, self.line, self.key, self.hint = first.source, first.line, first.key, first.hint
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Invalid(Exception):
+    """A mapping or list had errors, already recorded in ``_Ctx.errors``: skip building it."""
+
+
 class _Ctx:
-    """One load: the file name for errors, and the destinations once read (rules refer to them)."""
+    """One load: the file name for errors, the errors so far (every independent one is
+    reported, not only the first), and the destinations once read (rules refer to them)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.dests: dict[str, DestinationConfig] = {}
+        self.bad_dests: set[str] = set()   # defined but invalid: not "unknown" where referenced
+        self.errors: list[ConfigError] = []
+
+    def attempt(self, read: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run one independent part of the load; record its error instead of stopping."""
+        try:
+            return True, read()
+        except ConfigError as exc:
+            self.errors.append(exc)
+        except _Invalid:
+            pass
+        return False, None
 
     def error(self, node: yaml.Node | None, key: str, message: str, hint: str = "") -> ConfigError:
         line = node.start_mark.line + 1 if node is not None else None
@@ -172,7 +207,7 @@ class _Ctx:
 
     def unknown_destination(self, node: yaml.Node, key: str, name: str) -> ConfigError:
         return self.error(node, key, f"unknown destination {name!r}",
-                          hint=f"defined destinations: {', '.join(sorted(self.dests)) or 'none'}")
+                          hint=f"defined destinations: {', '.join(sorted({*self.dests, *self.bad_dests})) or 'none'}")
 
 
 def _construct(node: yaml.Node) -> Any:
@@ -291,7 +326,7 @@ class Key:
         items = _list(ctx, node, key, self.conv, self.what, allow_scalar=self.one_or_list)
         if self.destinations:
             for d in items:
-                if d not in ctx.dests:
+                if d not in ctx.dests and d not in ctx.bad_dests:
                     raise ctx.unknown_destination(node, key, d)
         return {name: items}
 
@@ -326,30 +361,73 @@ def _read_fields(ctx: _Ctx, cls: type, node: yaml.Node, key: str,
     items = _mapping(ctx, node, key)
     early = [it for it in items if it[0] in keys and keys[it[0]].first]
     nodes: dict[str, yaml.Node] = {}
+    ok = True
+    meant: set[str] = set()     # keys an unknown one is a typo of: not also reported missing
     for k, knode, vnode in early + [it for it in items if it not in early]:
         sub = f"{key}.{k}" if key else k
         spec = keys.get(k)
         if spec is None:
-            raise ctx.error(knode, sub, "unknown key", hint=_unknown_key_hint(k, cls))
+            ctx.errors.append(ctx.error(knode, sub, "unknown key", hint=_unknown_key_hint(k, cls)))
+            meant.update(c for c in keys if c.lower() == k.lower())
+            meant.update(difflib.get_close_matches(k, list(keys), n=3, cutoff=0.6))
+            ok = False
+            continue
         nodes[k] = vnode
-        kw.update(spec.value(ctx, vnode, sub, k))
+        done, fields = ctx.attempt(lambda: spec.value(ctx, vnode, sub, k))
+        if done:
+            kw.update(fields)
+        else:
+            ok = False
+            nodes.pop(k)
+    present = {k for k, _, _ in items}
     for name in _required(cls):
-        if name not in kw:
-            raise ctx.error(node, key, f"missing required key {name!r}")
+        if name not in kw and name not in present and name not in meant:   # else reported already
+            ctx.errors.append(ctx.error(node, key, f"missing required key {name!r}"))
+            ok = False
+    if not ok:
+        raise _Invalid
     return nodes
 
 
 # -- keys that need more than a converter --------------------------------------------------------
 
 _DEST_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Names the router gives a meaning of its own: 'unrouted' is the queue of objects no rule routed
+# (the CLI, the API and /metrics show it under that name), 'default' is the catch-all key of
+# ``alerts.oldest_age``. A destination so named would be confused with them.
+RESERVED_DESTINATION_NAMES = {
+    "unrouted": "it is the queue of objects no rule routes (`fastroute queue`, the API, /metrics)",
+    "default": "alerts.oldest_age uses it for every destination",
+}
+
+
+def _check_destination_name(ctx: _Ctx, nknode: yaml.Node, key: str, name: str) -> None:
+    if not _DEST_NAME_RE.fullmatch(name):
+        raise ctx.error(nknode, f"{key}.{name}",
+                        "destination names use letters, digits, '_', '.', '-' (max 64)")
+    why = RESERVED_DESTINATION_NAMES.get(name.lower())
+    if why:
+        raise ctx.error(nknode, f"{key}.{name}", f"{name!r} is reserved: {why}",
+                        hint="give the destination another name")
+
+
+def _named_destination(ctx: _Ctx, nknode: yaml.Node, key: str, name: str,
+                       vnode: yaml.Node) -> DestinationConfig:
+    _check_destination_name(ctx, nknode, key, name)
+    return _destination(ctx, name, vnode)
 
 
 def _read_destinations(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    ok = True
     for name, nknode, vnode in _mapping(ctx, node, key):
-        if not _DEST_NAME_RE.fullmatch(name):
-            raise ctx.error(nknode, f"{key}.{name}",
-                            "destination names use letters, digits, '_', '.', '-' (max 64)")
-        ctx.dests[name] = _destination(ctx, name, vnode)
+        done, dest = ctx.attempt(functools.partial(_named_destination, ctx, nknode, key, name, vnode))
+        if done:
+            ctx.dests[name] = dest
+        else:
+            ctx.bad_dests.add(name)
+            ok = False
+    if not ok:
+        raise _Invalid
     return {"destinations": ctx.dests}
 
 
@@ -366,7 +444,10 @@ def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
 def _read_rules(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     if not isinstance(node, yaml.SequenceNode):
         raise ctx.error(node, key, f"expected a list of rules, got {_describe(node)}")
-    rules = tuple(_rule(ctx, i, r) for i, r in enumerate(node.value))
+    read = [ctx.attempt(functools.partial(_rule, ctx, i, r)) for i, r in enumerate(node.value)]
+    if not all(done for done, _ in read):
+        raise _Invalid
+    rules = tuple(rule for _, rule in read)
     names = [r.name for r in rules]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -408,6 +489,8 @@ def _read_oldest_age(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
             out["oldest_age"] = value
         elif dname in ctx.dests:
             per[dname] = value
+        elif dname in ctx.bad_dests:
+            continue
         else:
             raise ctx.error(dknode, f"{key}.{dname}", f"unknown destination {dname!r}",
                             hint=f"use 'default' or one of: {', '.join(sorted(ctx.dests)) or 'none defined'}")
@@ -550,7 +633,15 @@ class Config:
                                    if_null=IfNull.NONE))
     require_called_ae: bool = field(default=True, metadata=_BOOL)
     max_pdu: int = field(default=262144, metadata=_PDU)
+    # global: across every listener process (a slot table in the spool's run/ folder)
     max_associations: int = field(default=32, metadata=key(_int(1, 10000), "a number of associations"))
+    # so that one calling AE or one host cannot take every slot (issue 11 item 5)
+    max_associations_per_ae: int = field(default=16, metadata=key(_int(1, 10000), "a number of associations"))
+    max_associations_per_ip: int = field(default=24, metadata=key(_int(1, 10000), "a number of associations"))
+    # abort an association that has sent nothing since it was accepted (network_timeout: mid-message)
+    association_idle_timeout: float = field(default=30.0, metadata=_DURATION)
+    # one dataset, as received or as inflated from a deflated syntax; larger is refused 0xC001
+    max_object_bytes: int = field(default=4 * 1024**3, metadata=_SIZE)
     acse_timeout: float = field(default=30.0, metadata=_DURATION)
     dimse_timeout: float = field(default=120.0, metadata=_DURATION)
     network_timeout: float = field(default=120.0, metadata=_DURATION)
@@ -565,8 +656,9 @@ class Config:
     # A dataset larger than this is streamed into the spool in chunks as it arrives instead
     # of being held in memory: a listener holds at most this much per association.
     stream_threshold: int = field(default=8 * 1024**2, metadata=_SIZE)
-    # identical re-sends within this window are not resent
-    duplicate_window: float = field(default=86400.0, metadata=_DURATION)
+    # off (0) by default: a router forwards what it is sent, and a deliberate re-send ("PACS
+    # lost it") must arrive. When set, identical re-sends delivered within it are not resent.
+    duplicate_window: float = field(default=0.0, metadata=_DURATION)
     shutdown_grace: float = field(default=30.0, metadata=_DURATION)
     # read first, whatever its place in the file: rules, default and alerts name destinations
     destinations: Mapping[str, DestinationConfig] = field(default_factory=dict, metadata=key(
@@ -626,7 +718,12 @@ def loads(text: str, source: str = "<string>") -> Config:
     if root is None:
         raise ConfigError("empty configuration", source=source)
     kw: dict[str, Any] = {"source": source}
-    _read_fields(ctx, Config, root, "", kw)
+    ctx.attempt(lambda: _read_fields(ctx, Config, root, "", kw))
+    ctx.errors.sort(key=lambda e: e.line or 0)   # stable: in file order, whatever order read
+    if len(ctx.errors) == 1:
+        raise ctx.errors[0]
+    if ctx.errors:
+        raise ConfigErrors(ctx.errors)
     return Config(**kw)
 
 
@@ -635,6 +732,29 @@ def _read(p: Path) -> str:
         return p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(p)) from None
+
+
+def profile_dirs() -> list[Path]:
+    """Where shipped tuning profiles are: inside the installed package (the wheel carries the
+    checkout's tuning/ as ``fastroute/tuning``), then a source checkout's tuning/."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "tuning", here.parent / "tuning") if d.is_dir()]
+
+
+def resolve_profile(profile: str | Path) -> Path:
+    """A profile file: a path as given when it exists, else a shipped profile by its short name
+    (``8-cores`` or ``8-cores.yaml``), so ``--profile 8-cores`` works after ``pip install``."""
+    p = Path(profile)
+    if p.is_file():
+        return p
+    if str(p.parent) in (".", "tuning"):   # a short name (or the documented tuning/NAME.yaml)
+        name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+        for d in profile_dirs():
+            if (d / name).is_file():
+                return d / name
+    shipped = sorted({f.stem for d in profile_dirs() for f in d.glob("*.yaml")})
+    raise ConfigError("no such tuning profile", source=str(profile),
+                      hint=f"shipped profiles: {', '.join(shipped) or 'none found'}; or give a file path")
 
 
 def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
@@ -650,7 +770,8 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
         text, source = _read(p), str(p)
     cfg = loads(text, source)
     if profile is not None:
-        ptext = _read(Path(profile))
+        profile = resolve_profile(profile)
+        ptext = _read(profile)
         loads(ptext, str(profile))
         merged = {**(yaml.safe_load(ptext) or {}), **(yaml.safe_load(text) or {})}
         cfg = loads(yaml.safe_dump(merged, sort_keys=False), f"{source} + {profile}")
@@ -664,5 +785,5 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 __all__ = [
     "Config", "DestinationConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
-    "EMBEDDED_DEFAULT_YAML", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
+    "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

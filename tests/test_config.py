@@ -272,3 +272,59 @@ def test_config_reaches_a_spawned_process_and_routes_there() -> None:
         dests, tags = pool.submit(_route_in_child, cfg, ct, {"calling_ae": "CT1"}).result(timeout=120)
     assert dests == ("pacs", "vna")
     assert tags == RuleSet.from_config(cfg).tags
+
+
+def test_every_independent_error_is_reported_in_file_order() -> None:
+    from fastroute.config import ConfigErrors
+    from fastroute.ops.actions import validate_config
+    text = ("port: 70000\n"
+            "destinations:\n"
+            "  unrouted: {ae_title: U, host: h, port: 1}\n"
+            "  pacs: {ae_title: P, host: h, port: 1, max_asociations: 2}\n"
+            "rules:\n"
+            "  - {name: a, match: 'Modalty == \"CT\"', send_to: [pacs]}\n"
+            "  - {name: b, send_to: [unrouted]}\n"
+            "  - {name: c, send_to: [ris]}\n"
+            "listeners: 0\n")
+    with pytest.raises(ConfigErrors) as info:
+        loads(text, "r.yaml")
+    got = [(e.line, e.key) for e in info.value.errors]
+    assert got == [(1, "port"), (3, "destinations.unrouted"), (4, "destinations.pacs.max_asociations"),
+                   (6, "rules[0].match"), (8, "rules[2].send_to"), (9, "listeners")]
+    assert (info.value.line, info.value.key) == (1, "port")      # the first stands for the whole
+    hints = [e.hint for e in info.value.errors]
+    assert "did you mean 'max_associations'" in hints[2] and "Modality" in hints[3]
+    assert "between 1 and 256" in str(info.value.errors[5]) and "pacs, unrouted" in hints[4]
+    view = validate_config(text, "r.yaml")
+    assert not view["valid"] and [(e["line"], e["key"]) for e in view["errors"]] == got
+
+
+def test_one_error_keeps_its_own_type() -> None:
+    from fastroute.config import ConfigErrors
+    from fastroute.errors import RuleSyntaxError
+    with pytest.raises(RuleSyntaxError) as info:
+        loads("rules:\n  - {name: a, match: 'Modalty == \"CT\"', send_to: []}\n", "r.yaml")
+    assert not isinstance(info.value, ConfigErrors) and info.value.line == 2
+
+
+@pytest.mark.parametrize("name", ["unrouted", "UNROUTED", "default"])
+def test_reserved_destination_names(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(f"destinations:\n  {name}: {{ae_title: X, host: h, port: 1}}\n", "r.yaml")
+    assert (info.value.line, info.value.key) == (2, f"destinations.{name}") and "reserved" in str(info.value)
+
+
+def test_profile_by_short_name(tmp_path: Path) -> None:
+    from fastroute.config import resolve_profile
+    f = tmp_path / "router.yaml"
+    f.write_text(ISSUE_SCHEMA)
+    for short in ("8-cores", "8-cores.yaml", "tuning/8-cores.yaml"):
+        assert resolve_profile(short).name == "8-cores.yaml"
+        cfg = load(f, short)
+        assert cfg.listeners == 4 and cfg.sender_cpus == (4, 5, 6, 7)
+    own = tmp_path / "mine.yaml"
+    own.write_text("listeners: 3\n")
+    assert load(f, own).listeners == 3            # a path still wins
+    with pytest.raises(ConfigError) as info:
+        load(f, "7-cores")
+    assert "no such tuning profile" in str(info.value) and "8-cores" in info.value.hint

@@ -186,6 +186,32 @@ def test_lookup_shows_each_objects_path(env: Any) -> None:
         ops.get_object(spool, 999999)
 
 
+def test_study_trace_shows_a_suppressed_resend_and_the_delivery_it_matched(tmp_path: Path) -> None:
+    """With duplicate_window on, the trace says why a re-send went nowhere: the earlier
+    delivery's oid and time, on the lookup and on the object view."""
+    cfg, _ = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=0, duplicate_window=3600)
+    try:
+        t0 = time.time() - AGE
+        [first] = spool.put_many([incoming(f"{STUDY_A}.1", STUDY_A, ("pacs", "vna"))], now=t0)
+        assert first is not None
+        spool.claim("pacs", 1, now=t0 + 1)
+        spool.settle("pacs", [Outcome(first.oid, OutcomeKind.DELIVERED, status=0, at=t0 + 2)], now=t0 + 2)
+        [again] = spool.put_many([incoming(f"{STUDY_A}.1", STUDY_A, ("pacs", "vna"))], now=t0 + 60)
+        assert again is not None and again.suppressed == ("pacs",)
+        objects = {o["oid"]: o for o in ops.lookup(cfg, spool, study_instance_uid=STUDY_A)["objects"]}
+        for view in (objects[again.oid], ops.get_object(spool, again.oid)):
+            steps = {s["destination"]: s for s in view["path"]}
+            assert steps["pacs"]["state"] == "suppressed"
+            assert steps["pacs"]["duplicate_of"] == {"oid": first.oid, "delivered_at": t0 + 2}
+            assert f"(oid {first.oid})" in steps["pacs"]["error"]
+            assert "duplicate_window" in steps["pacs"]["error"]
+            assert steps["vna"]["state"] == "pending"   # the copy still owed to vna supersedes
+        assert "duplicate_of" not in {s["destination"]: s for s in objects[first.oid]["path"]}["pacs"]
+    finally:
+        spool.close()
+
+
 # -- actions ------------------------------------------------------------------------------------
 
 def last_event(spool: Spool) -> dict[str, Any]:

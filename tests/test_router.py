@@ -1,6 +1,7 @@
 """End-to-end: DCMTK/Orthanc -> fastroute (real processes) -> DCMTK/Orthanc, on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -202,13 +203,14 @@ def test_unrouted_objects_are_kept(tmp_path: Path, router: Callable[..., Router]
 
 def test_duplicate_policy_end_to_end(tmp_path: Path, router: Callable[..., Router],
                                      storescp: Callable[..., peers.StoreSCP]) -> None:
-    """An identical re-send after delivery is suppressed; a correction (same SOP Instance UID,
-    other content) is delivered. The content digest is taken by the sender after delivery,
-    so this holds the receive and send sides to the same key. The config is an old one that
-    still names the pynetdicom engine: it runs on the one engine and says so."""
+    """With duplicate_window on, an identical re-send after delivery is suppressed (logged with
+    its Study UID, audited); a correction (same SOP Instance UID, other content) is delivered.
+    The content digest is taken by the sender after delivery, so this holds the receive and
+    send sides to the same key. The config is an old one that still names the pynetdicom
+    engine: it runs on the one engine and says so."""
     files = synth.make_tiny(tmp_path / "t", n=3)
     scp = storescp("PACS")
-    r = router({"engine": "pynetdicom",
+    r = router({"engine": "pynetdicom", "duplicate_window": "1h",
                 "destinations": {"pacs": destination(scp.port, "PACS", engine="pynetdicom")},
                 "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     assert storescu(r.port, files).returncode == 0
@@ -219,6 +221,14 @@ def test_duplicate_policy_end_to_end(tmp_path: Path, router: Callable[..., Route
     assert "config key destinations.pacs.engine: pynetdicom is deprecated and ignored" in log
     assert storescu(r.port, files[:2]).returncode == 0             # identical: accepted, not sent
     wait_until(lambda: r.queue()["pacs"]["suppressed"] == 2, 30, message="re-sends not suppressed")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_until(lambda: r.log_text().count("not forwarded: identical bytes") == 2, 10,
+               message="suppressions not logged")
+    assert f"study_instance_uid={study}" in r.log_text() and "destination=pacs" in r.log_text()
+    audit = [json.loads(line) for line in r.cli("audit").stdout.splitlines() if line.strip()]
+    suppressed = [e for e in audit if e.get("action") == "suppressed"]
+    assert len(suppressed) == 2 and {e["study_instance_uid"] for e in suppressed} == {study}
+    assert all(e["destination"] == "pacs" and e["duplicate_of"] for e in suppressed)
     corrected = tmp_path / "corrected.dcm"
     ds = pydicom.dcmread(files[0])
     ds.StudyDescription = "CORRECTED"
@@ -229,6 +239,23 @@ def test_duplicate_policy_end_to_end(tmp_path: Path, router: Callable[..., Route
     assert (q["delivered"], q["suppressed"], q["pending"], q["in_flight"]) == (4, 2, 0, 0)
     stored = scp.file_for(str(ds.SOPInstanceUID))   # storescp names files by SOP Instance UID
     assert stored is not None and pydicom.dcmread(stored).StudyDescription == "CORRECTED"
+
+
+def test_resend_is_forwarded_by_default(tmp_path: Path, router: Callable[..., Router],
+                                        storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Issue 12: "PACS lost it, please resend" - with the default configuration an identical
+    re-send of delivered objects reaches the destination again."""
+    files = synth.make_tiny(tmp_path / "t", n=3)
+    scp = storescp("PACS")
+    r = router({"destinations": {"pacs": destination(scp.port, "PACS")},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+    assert storescu(r.port, files).returncode == 0
+    wait_until(lambda: r.queue()["pacs"]["delivered"] == 3, 60, message="not all delivered")
+    assert storescu(r.port, files).returncode == 0
+    wait_until(lambda: r.queue()["pacs"]["delivered"] == 6, 60, message="re-send not forwarded")
+    wait_until(lambda: len(scp.receptions()) == 6, 30, message="re-send not received")
+    assert r.queue()["pacs"]["suppressed"] == 0
+    assert "not forwarded" not in r.log_text()
 
 
 def test_destination_down_then_up_delivers_everything(tmp_path: Path, router: Callable[..., Router],

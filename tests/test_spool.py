@@ -36,6 +36,14 @@ def spool(tmp_path: Path) -> Spool:
     sp.close()
 
 
+@pytest.fixture
+def windowed(tmp_path: Path) -> Spool:
+    """A spool with the duplicate policy turned on (it is off by default)."""
+    sp = Spool(tmp_path / "spool-w", map_size=64 * 1024**2, duplicate_window=3600)
+    yield sp
+    sp.close()
+
+
 def test_one_copy_many_queues_and_removal_after_all_delivered(spool: Spool) -> None:
     [res] = spool.put_many([obj("1.1", ("a", "b"))])
     assert res.queued == ("a", "b") and spool.object_count() == 1
@@ -99,7 +107,8 @@ def test_resend_while_pending_supersedes(spool: Spool) -> None:
     assert spool.object_count() == 1                    # the old bytes are gone
 
 
-def test_identical_resend_after_delivery_is_suppressed_but_a_correction_is_not(spool: Spool) -> None:
+def test_identical_resend_after_delivery_is_suppressed_but_a_correction_is_not(windowed: Spool) -> None:
+    spool = windowed
     spool.put_many([obj("1.1", data=b"same" * 10)])
     [c], _ = spool.claim("a", 1)
     spool.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0)])
@@ -107,6 +116,64 @@ def test_identical_resend_after_delivery_is_suppressed_but_a_correction_is_not(s
     assert dup.suppressed == ("a",) and dup.queued == ()
     [fix] = spool.put_many([obj("1.1", data=b"fixed" * 10)])
     assert fix.queued == ("a",)
+
+
+def test_a_deliberate_resend_is_forwarded_by_default(spool: Spool) -> None:
+    """Issue 12: "PACS lost it, please resend" must arrive; the window is off by default,
+    and then the receive path neither looks up earlier deliveries nor hashes."""
+    from fastroute.config import Config
+    assert Config.__dataclass_fields__["duplicate_window"].default == 0
+    assert spool.duplicate_window == 0
+    spool.put_many([obj("1.1", data=b"same" * 10)])
+    [c], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.DELIVERED, 0)])
+    [again] = spool.put_many([obj("1.1", data=b"same" * 10)])
+    assert again.queued == ("a",) and again.suppressed == ()
+    rec = spool.record(again.oid)
+    assert rec is not None and rec.digest == "" and rec.duplicate_of == {}
+    assert spool.counters().per_destination(CounterKind.SUPPRESSED) == {}
+
+
+def test_suppression_is_logged_audited_counted_and_recorded(windowed: Spool,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    spool = windowed
+    spool.put_many([obj("1.1", ("a", "b"), data=b"same" * 10, study="7.7")])
+    [ca], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(ca.oid, OutcomeKind.DELIVERED, 0, at=1_000.0 + 0)])  # long ago...
+    [ca2], _ = spool.claim("b", 1)
+    spool.settle("b", [Outcome(ca2.oid, OutcomeKind.DELIVERED, 0)])                 # ...and just now
+    first = spool.record(ca.oid)
+    assert first is not None
+    delivered_b = first.delivered["b"].at
+    with caplog.at_level("INFO", logger="fastroute.spool"):
+        [dup] = spool.put_many([obj("1.1", ("a", "b"), data=b"same" * 10, study="7.7")])
+    # "a" was delivered outside the window: sent again; "b" within it: suppressed
+    assert dup.queued == ("a",) and dup.suppressed == ("b",)
+    assert spool.counters().per_destination(CounterKind.SUPPRESSED) == {"b": 1}
+    rec = spool.record(dup.oid)
+    assert rec is not None and rec.suppressed == ["b"]
+    assert rec.duplicate_of["b"].oid == ca.oid and rec.duplicate_of["b"].delivered_at == delivered_b
+    [event] = [e for e in spool.audit_events() if e["action"] == "suppressed"]
+    assert event["destination"] == "b" and event["sop_instance_uid"] == "1.1"
+    assert event["study_instance_uid"] == "7.7" and event["calling_ae"] == "CT1"
+    assert event["oid"] == dup.oid and event["duplicate_of"] == ca.oid
+    assert event["delivered_at"] == delivered_b
+    ok, msg = spool.audit_verify()
+    assert ok, msg
+    [line] = [r.getMessage() for r in caplog.records if "not forwarded" in r.getMessage()]
+    for text in ("destination=b", "sop_instance_uid=1.1", "study_instance_uid=7.7",
+                 f"oid={dup.oid}", f"(oid {ca.oid})", "duplicate_window 3600s"):
+        assert text in line, line
+
+
+def test_earlier_delivery_without_oid_from_an_older_spool() -> None:
+    """Delivery keys written before the oid was kept (digest + time) still match."""
+    import struct
+    from fastroute.spool.queues import _earlier_delivery
+    old = b"d" * 16 + struct.pack("<d", 12.5)
+    assert _earlier_delivery(old).delivered_at == 12.5 and _earlier_delivery(old).oid is None
+    new = old + struct.pack(">Q", 7)
+    assert _earlier_delivery(new).oid == 7
 
 
 def test_unrouted_is_held_and_purge_is_explicit(spool: Spool) -> None:
@@ -239,9 +306,10 @@ def test_settle_claims_the_next_batch_in_the_same_commit(spool: Spool) -> None:
     assert (st.pending, st.in_flight) == (3, 0)
 
 
-def test_content_digest_is_not_taken_on_receive(spool: Spool) -> None:
+def test_content_digest_is_not_taken_on_receive(windowed: Spool) -> None:
     """The hash is the sender's job (after delivery); the receive path only takes it to
     compare a re-send with an earlier delivery."""
+    spool = windowed
     data = b"pixels" * 1000
     [res] = spool.put_many([obj("1.1", ("a", "b"), data=data)])
     assert spool.record(res.oid).digest == ""   # type: ignore[union-attr]
@@ -336,6 +404,7 @@ def test_routing_record_round_trip() -> None:
         Drop,
         Failure,
         RoutingRecord,
+        Suppression,
         decode_record,
         encode_record,
     )
@@ -345,6 +414,7 @@ def test_routing_record_round_trip() -> None:
         delivered={"a": Delivery(6.0, 0), "b": Delivery(7.0, 0xB000, "1.2.840.10008.1.2.4.80")},
         failed={"c": Failure(8.0, None, "timeout")},
         dropped={"d": Drop(9.0, DropReason.SUPERSEDED, by=42), "x": Drop(9.5, DropReason.PURGED, "bad")},
+        duplicate_of={"e": Suppression(4.0, 3)},
         study_instance_uid="7.7", patient_id="P1", calling_ae="CT1", rules=["ct"],
         extra={"future_key": [1, 2]})
     assert decode_record(encode_record(rec)) == rec

@@ -6,9 +6,10 @@ a conversion may legitimately touch (documented in fastroute/transcode.py):
 Pixel Data, Photometric Interpretation, Planar Configuration, the Lossy Image Compression
 attributes, the Extended Offset Table, and group lengths (retired; never written by pydicom).
 
-JPEG / JPEG-LS decoding needs the GPL plugin pylibjpeg-libjpeg. Those tests skip (with the
-reason) when it is absent; the "plugin missing" behaviour is tested on every host by giving
-the functions a ``Codecs`` that excludes it.
+JPEG and JPEG-LS decode on the default install (python-gdcm, pyjpegls; no GPL plugin): those
+tests never skip, so a default install that cannot decode them fails here. The "plugin
+missing" behaviour is tested on every host by giving the functions a ``Codecs`` that excludes
+the plugins.
 """
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
     UID,
     RLELossless,
     generate_uid,
@@ -61,11 +65,8 @@ from fastroute.routing.transcode import (
 EXPLICIT, IMPLICIT, BIG, DEFLATED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                                      ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 NATIVE = (EXPLICIT, IMPLICIT, BIG, DEFLATED)
-LIBJPEG_FREE = Codecs.detect(without={"pylibjpeg-libjpeg", "python-gdcm", "pillow", "pyjpegls"})
-HAVE_LIBJPEG = installed_codecs().can_decode(JPEGLSLossless)
-needs_libjpeg = pytest.mark.skipif(
-    not HAVE_LIBJPEG, reason="pylibjpeg-libjpeg (GPL-3.0, optional extra 'fastroute[libjpeg]') "
-    "is not installed; the missing-plugin error is tested instead")
+# A host where no JPEG / JPEG-LS decoder is installed (the pre-issue-12 default install).
+NO_JPEG = Codecs.detect(without={"pylibjpeg-libjpeg", "python-gdcm", "pillow", "pyjpegls"})
 # Attributes a conversion may change; see the module docstring.
 MAY_CHANGE = {0x7FE00010, 0x00280004, 0x00280006, 0x00282110, 0x00282112, 0x00282114,
               0x7FE00001, 0x7FE00002}
@@ -213,10 +214,10 @@ def synth(rows: int = 7, cols: int = 5, *, bits: int = 16, stored: int = 12,
 LOSSLESS_FILES = ["693_J2KR.dcm", "MR2_J2KR.dcm", "emri_small_RLE.dcm", "OBXXXX1A_rle.dcm",
                   "OBXXXX1A_rle_2frame.dcm", "OBXXXX1A_expb.dcm",
                   "SC_rgb_expb_16bit_2frame.dcm", "image_dfl.dcm"]
-LIBJPEG_FILES = ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm",
+JPEG_FILES = ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm",
                  "emri_small_jpeg_ls_lossless.dcm"]
 LOSSY_FILES = ["MR2_J2KI.dcm"]
-LOSSY_LIBJPEG_FILES = ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_small_odd_jpeg.dcm"]
+LOSSY_JPEG_FILES = ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_small_odd_jpeg.dcm"]
 
 
 def _to_explicit_checks(name: str) -> tuple[bytes, bytes, str]:
@@ -241,22 +242,23 @@ def test_lossless_original_to_explicit_is_exact(name: str) -> None:
         assert decode(out, EXPLICIT).get("LossyImageCompression") in (None, "00")
 
 
-@needs_libjpeg
-@pytest.mark.parametrize("name", LIBJPEG_FILES)
+@pytest.mark.parametrize("name", JPEG_FILES)
 def test_jpeg_lossless_original_to_explicit_is_exact(name: str) -> None:
     _to_explicit_checks(name)
 
 
-@pytest.mark.parametrize("name", LIBJPEG_FILES + LOSSY_LIBJPEG_FILES)
-def test_jpeg_without_libjpeg_is_a_clear_permanent_error(name: str) -> None:
+@pytest.mark.parametrize("name", JPEG_FILES + LOSSY_JPEG_FILES)
+def test_jpeg_without_decoder_is_a_clear_permanent_error(name: str) -> None:
     data, ts = c_store_body(name)
     with pytest.raises(NoCodecError) as info:
-        transcode(data, ts, EXPLICIT, codecs=LIBJPEG_FREE)
+        transcode(data, ts, EXPLICIT, codecs=NO_JPEG)
     msg = str(info.value)
     assert ts in msg and pydicom.uid.UID(ts).name in msg and "no decoder installed" in msg
-    assert "pip install pylibjpeg-libjpeg (GPL-3.0)" in msg and "fastroute[libjpeg]" in msg
+    assert "pip install " in msg and "python-gdcm" in msg and "fastroute[libjpeg]" in msg
+    if ts in JPEGLSTransferSyntaxes:
+        assert "pyjpegls" in msg
     assert info.value.permanent is True
-    assert decoders_available(LIBJPEG_FREE)[ts] is False
+    assert decoders_available(NO_JPEG)[ts] is False
 
 
 @pytest.mark.parametrize("name", LOSSY_FILES)
@@ -265,8 +267,7 @@ def test_lossy_original_decodes_like_pydicom_and_stays_marked_lossy(name: str) -
     assert decode(out, EXPLICIT).LossyImageCompression == "01"
 
 
-@needs_libjpeg
-@pytest.mark.parametrize("name", LOSSY_LIBJPEG_FILES)
+@pytest.mark.parametrize("name", LOSSY_JPEG_FILES)
 def test_colour_jpeg_baseline_becomes_rgb_and_lossy(name: str) -> None:
     data, ts = c_store_body(name)
     assert pydicom.dcmread(data_path(name)).PhotometricInterpretation.startswith("YBR")
@@ -278,6 +279,135 @@ def test_colour_jpeg_baseline_becomes_rgb_and_lossy(name: str) -> None:
     np.testing.assert_array_equal(result.pixel_array,
                                   pydicom.dcmread(data_path(name)).pixel_array)
     assert_same_elements(data, ts, out, EXPLICIT)
+
+
+# -- every compressed syntax the router accepts decodes on the default install ---------------
+
+# A pydicom/pydicom-data sample per syntax; "uncompressed twin" where one exists proves the
+# decode lossless (otherwise pydicom's own pixel_array is the reference, as above).
+DEFAULT_INSTALL_SAMPLES: dict[str, tuple[str, str | None]] = {
+    "1.2.840.10008.1.2.4.50": ("SC_rgb_dcmtk_+eb+cy+n1.dcm", None),
+    "1.2.840.10008.1.2.4.70": ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm"),
+    "1.2.840.10008.1.2.4.80": ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+    "1.2.840.10008.1.2.4.81": ("JPEGLSNearLossless_16.dcm", None),
+    "1.2.840.10008.1.2.4.90": ("MR2_J2KR.dcm", None),
+    "1.2.840.10008.1.2.4.91": ("MR2_J2KI.dcm", None),
+    "1.2.840.10008.1.2.5": ("MR_small_RLE.dcm", "MR_small.dcm"),
+}
+# No sample file: made with DCMTK from an uncompressed one (JPEG Lossless Process 14 with
+# another predictor than SV1; 8-bit JPEG Extended, the precision the default plugins decode).
+GENERATED = {"1.2.840.10008.1.2.4.57": (["+el", "+sv", "2"], "MR_small.dcm"),
+             "1.2.840.10008.1.2.4.51": (["+ee"], "SC_rgb.dcm")}
+# Decodable here but no encoder exists to make a sample (pylibjpeg-openjpeg decodes HTJ2K).
+DECODER_ONLY = {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+# pydicom 3.0 has no decoder at all: forwarded as is, and the failure says so.
+NO_DECODER = {"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.100",
+              "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103",
+              "1.2.840.10008.1.2.4.104", "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.106",
+              "1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"}
+
+
+def _accepted_compressed() -> list[str]:
+    from fastroute.dicom.scp import ACCEPTED_SYNTAXES
+    return [ts for ts in ACCEPTED_SYNTAXES if ts not in NATIVE]
+
+
+def test_every_accepted_compressed_syntax_is_covered() -> None:
+    """A syntax added to what the router accepts must get a decode test (or a stated reason)."""
+    covered = {*DEFAULT_INSTALL_SAMPLES, *GENERATED, *DECODER_ONLY, *NO_DECODER}
+    assert set(_accepted_compressed()) <= covered
+    for ts in (*DEFAULT_INSTALL_SAMPLES, *GENERATED, *DECODER_ONLY):
+        assert installed_codecs().can_decode(ts), ts
+    for ts in set(_accepted_compressed()) & NO_DECODER:
+        assert not installed_codecs().can_decode(ts), ts
+
+
+@pytest.mark.parametrize("ts", sorted(DEFAULT_INSTALL_SAMPLES))
+def test_accepted_syntax_decodes_on_the_default_install(ts: str) -> None:
+    name, twin = DEFAULT_INSTALL_SAMPLES[ts]
+    data, file_ts = c_store_body(name)
+    assert file_ts == ts
+    _, out, _ = _to_explicit_checks(name)
+    if twin is not None:
+        np.testing.assert_array_equal(pixels(out, EXPLICIT),
+                                      pydicom.dcmread(data_path(twin)).pixel_array)
+
+
+@pytest.mark.parametrize("ts", sorted(GENERATED))
+def test_generated_jpeg_decodes_on_the_default_install(ts: str, tmp_path: Any) -> None:
+    import shutil
+    import subprocess
+    if shutil.which("dcmcjpeg") is None:
+        pytest.skip("DCMTK's dcmcjpeg is not installed")
+    options, name = GENERATED[ts]
+    src, made = data_path(name), tmp_path / "made.dcm"
+    subprocess.run(["dcmcjpeg", *options, src, str(made)], check=True, timeout=60)
+    data, made_ts = c_store_body(str(made))
+    assert made_ts == ts
+    out = transcode(data, ts, EXPLICIT)
+    got, ref = pixels(out, EXPLICIT), pydicom.dcmread(src).pixel_array
+    if ts == JPEGExtended12Bit:  # lossy: close to the original, and marked lossy
+        assert np.abs(got.astype(int) - ref.astype(int)).mean() < 4
+        assert decode(out, EXPLICIT).LossyImageCompression == "01"
+    else:
+        np.testing.assert_array_equal(got, ref)
+        assert decode(out, EXPLICIT).get("LossyImageCompression") in (None, "00")
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-lossy.dcm"])
+def test_12bit_jpeg_extended_decodes_like_dcmtk(name: str, tmp_path: Any) -> None:
+    """pydicom's gdcm plugin refuses 12-bit JPEG Extended; fastroute drives GDCM itself and
+    must get exactly what DCMTK's decoder gets."""
+    import shutil
+    import subprocess
+    if shutil.which("dcmdjpeg") is None:
+        pytest.skip("DCMTK's dcmdjpeg is not installed")
+    ref_file = tmp_path / "ref.dcm"
+    subprocess.run(["dcmdjpeg", data_path(name), str(ref_file)], check=True, timeout=60)
+    data, ts = c_store_body(name)
+    assert ts == JPEGExtended12Bit and int(pydicom.dcmread(data_path(name)).BitsStored) == 12
+    gdcm_only = Codecs(decoders={JPEGExtended12Bit: ("gdcm",)})
+    out = transcode(data, ts, EXPLICIT, codecs=gdcm_only)
+    np.testing.assert_array_equal(pixels(out, EXPLICIT), pydicom.dcmread(ref_file).pixel_array)
+    result = decode(out, EXPLICIT)
+    assert result.LossyImageCompression == "01" and result["PixelData"].VR == "OW"
+    assert_same_elements(data, ts, out, EXPLICIT)
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_dcmtk_+eb+cy+s2.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "JPEGLSNearLossless_16.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_default_decoders_match_dcmtk(name: str, tmp_path: Any) -> None:
+    """An independent reference for GDCM/CharLS: DCMTK's decoders (YCbCr converted to RGB)."""
+    import shutil
+    import subprocess
+    tool = "dcmdjpls" if "JPEGLS" in name else "dcmdjpeg"
+    if shutil.which(tool) is None:
+        pytest.skip(f"DCMTK's {tool} is not installed")
+    ref_file = tmp_path / "ref.dcm"
+    subprocess.run([tool, data_path(name), str(ref_file)], check=True, timeout=60)
+    data, ts = c_store_body(name)
+    np.testing.assert_array_equal(pixels(transcode(data, ts, EXPLICIT), EXPLICIT),
+                                  pydicom.dcmread(ref_file).pixel_array)
+
+
+def test_12bit_jpeg_extended_without_a_capable_decoder_names_the_package() -> None:
+    """Pillow (as pydicom drives it) decodes only 8-bit JPEG Extended: a host with only it
+    (or with a plugin that fails) gets the syntax and what to install."""
+    data, ts = c_store_body("JPGExtended.dcm")
+    with pytest.raises(NoCodecError) as info:
+        transcode(data, ts, EXPLICIT, codecs=Codecs(decoders={JPEGExtended12Bit: ("pillow",)}))
+    msg = str(info.value)
+    assert "JPEG Extended (Process 2 and 4) (1.2.840.10008.1.2.4.51)" in msg
+    assert "12-bit" in msg and "python-gdcm" in msg and info.value.permanent
+
+
+@pytest.mark.parametrize("ts", sorted(NO_DECODER))
+def test_syntax_without_any_decoder_names_it(ts: str) -> None:
+    data, _ = synth(40, 40, bits=8, stored=8)
+    with pytest.raises(NoCodecError) as info:
+        choose(ts, [EXPLICIT], dest())
+    msg = str(info.value)
+    assert ts in msg and "no decoder" in msg and info.value.permanent
 
 
 def test_big_endian_matches_its_little_endian_twin() -> None:
@@ -529,8 +659,13 @@ def test_codec_tables() -> None:
     for ts in (*NATIVE, RLELossless, JPEG2000Lossless, JPEG2000):
         assert enc[ts], ts
     assert not enc[JPEGBaseline8Bit] and not enc[HTJ2KLossless]
-    assert dec[JPEGLSLossless] is HAVE_LIBJPEG
-    assert not decoders_available(LIBJPEG_FREE)[JPEGLosslessSV1]
+    # the default install decodes every JPEG and JPEG-LS syntax, without the GPL plugin
+    for ts in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes):
+        assert dec[ts], ts
+        assert "gdcm" in installed_codecs().decoders[ts], ts  # picked up by pydicom as is
+    for ts in JPEGLSTransferSyntaxes:
+        assert "pyjpegls" in installed_codecs().decoders[ts], ts
+    assert not decoders_available(NO_JPEG)[JPEGLosslessSV1]
 
 
 # -- candidates / choose --------------------------------------------------------------------------
@@ -543,7 +678,7 @@ def test_candidates_default_order() -> None:
 
 
 def test_candidates_undecodable_source_offers_only_itself() -> None:
-    assert candidates(JPEGLSLossless, dest(), codecs=LIBJPEG_FREE) == (JPEGLSLossless,)
+    assert candidates(JPEGLSLossless, dest(), codecs=NO_JPEG) == (JPEGLSLossless,)
 
 
 def test_candidates_compress_first_then_original() -> None:
@@ -582,13 +717,13 @@ def test_choose() -> None:
 
 def test_choose_without_decoder_names_everything() -> None:
     with pytest.raises(NoCodecError) as info:
-        choose(JPEGLSLossless, [EXPLICIT, IMPLICIT], dest(), codecs=LIBJPEG_FREE)
+        choose(JPEGLSLossless, [EXPLICIT, IMPLICIT], dest(), codecs=NO_JPEG)
     msg = str(info.value)
     assert "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)" in msg
     assert "Explicit VR Little Endian (1.2.840.10008.1.2.1)" in msg
     assert "Implicit VR Little Endian (1.2.840.10008.1.2)" in msg
     assert "'pacs'" in msg and "PACS" in msg
-    assert "pip install pylibjpeg-libjpeg" in msg and info.value.permanent
+    assert "pip install pyjpegls or python-gdcm" in msg and info.value.permanent
 
 
 def test_choose_explains_policy_refusals() -> None:
@@ -601,6 +736,35 @@ def test_choose_explains_policy_refusals() -> None:
         choose(EXPLICIT, [], dest())
     with pytest.raises(NoCodecError, match="no encoder installed"):
         choose(EXPLICIT, [JPEGBaseline8Bit], dest(allow_lossy=True))
+
+
+def test_refused_original_without_decoder_names_syntax_and_package() -> None:
+    """Without a decoder only the original is proposed; its refusal must not read as a SOP
+    class problem ("accepted no transfer syntax") but name the decoder to install."""
+    with pytest.raises(NoCodecError) as info:
+        choose(JPEGLSLossless, [], dest(), codecs=NO_JPEG)
+    msg = str(info.value)
+    assert "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)" in msg
+    assert "no decoder" in msg and "pip install pyjpegls" in msg
+    assert "accepted no transfer syntax" not in msg and info.value.permanent
+    with pytest.raises(NoCodecError, match=r"1\.2\.840\.10008\.1\.2\.4\.57.*python-gdcm"):
+        choose("1.2.840.10008.1.2.4.57", [], dest(), codecs=NO_JPEG)
+
+
+def test_undecodable_reason_for_a_refused_original() -> None:
+    from fastroute.routing.syntax import SyntaxPlanner
+    from fastroute.spool import Claimed
+    from fastroute.routing.transcode import undecodable_reason
+    assert undecodable_reason(EXPLICIT) == "" and undecodable_reason(JPEGLSLossless) == ""
+    text = undecodable_reason(JPEGLSLossless, NO_JPEG)
+    assert "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)" in text
+    assert "pip install pyjpegls" in text
+    part2 = "1.2.840.10008.1.2.4.92"
+    item = Claimed(oid=1, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.1",
+                   transfer_syntax=part2, attempts=0, size=10, calling_ae="CT1")
+    reason = SyntaxPlanner(dest()).refusal_reason(item)
+    assert part2 in reason and "no decoder" in reason and "accept it as is" in reason
+    assert "openjpeg" not in reason   # no plugin decodes Part 2: do not send operators to one
 
 
 def test_unknown_syntax() -> None:

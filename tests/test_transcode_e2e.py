@@ -23,17 +23,21 @@ COMPRESSED_SOURCES = [
     ("693_J2KR.dcm", True),                     # JPEG 2000 lossless
     ("MR2_J2KI.dcm", False),                    # JPEG 2000 lossy
     ("OBXXXX1A_rle_2frame.dcm", True),          # RLE, multi-frame colour
-    ("JPEG-LL.dcm", True),                      # JPEG lossless (needs pylibjpeg-libjpeg)
-    ("emri_small_jpeg_ls_lossless.dcm", True),  # JPEG-LS (needs pylibjpeg-libjpeg)
+    # decoded on the default install by python-gdcm / pyjpegls (no GPL plugin):
+    ("JPEG-LL.dcm", True),                      # JPEG lossless SV1
+    ("SC_rgb_dcmtk_+eb+cy+n1.dcm", False),      # JPEG baseline, YCbCr
+    ("emri_small_jpeg_ls_lossless.dcm", True),  # JPEG-LS lossless
+    ("JPEGLSNearLossless_08.dcm", False),       # JPEG-LS near-lossless
 ]
 
 
-def _has_libjpeg() -> bool:
-    try:
-        import libjpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _sample(data_dir: Path, name: str) -> Path:
+    """A pydicom-data file, else one of pydicom's own test files."""
+    if (data_dir / name).exists():
+        return data_dir / name
+    found = get_testdata_file(name)
+    assert found is not None, name
+    return Path(found)
 
 
 @pytest.fixture
@@ -62,9 +66,7 @@ def _pixels(ds: pydicom.Dataset) -> np.ndarray:
 def test_explicit_only_destination_gets_decoded_pixels(tmp_path: Path, router: Callable[..., Router],
                                                        storescp: Callable[..., peers.StoreSCP],
                                                        pydicom_data_dir: Path) -> None:
-    if not _has_libjpeg():
-        pytest.skip("pylibjpeg-libjpeg (the test extra) is not installed")
-    files = [pydicom_data_dir / name for name, _ in COMPRESSED_SOURCES]
+    files = [_sample(pydicom_data_dir, name) for name, _ in COMPRESSED_SOURCES]
     deflated = get_testdata_file("image_dfl.dcm")
     assert deflated is not None
     files.append(Path(deflated))
@@ -81,7 +83,7 @@ def test_explicit_only_destination_gets_decoded_pixels(tmp_path: Path, router: C
         delivered = pydicom.dcmread(got)
         assert delivered.file_meta.TransferSyntaxUID == EXPLICIT_LE, f.name
         assert delivered.SOPInstanceUID == original.SOPInstanceUID
-        assert delivered.StudyInstanceUID == original.StudyInstanceUID
+        assert delivered.get("StudyInstanceUID") == original.get("StudyInstanceUID")
         assert delivered.get("PatientID") == original.get("PatientID")
         if "PixelData" in original:
             expected = _pixels(original)
@@ -154,3 +156,52 @@ def test_no_decoder_fails_with_a_clear_message(tmp_path: Path, router: Callable[
     listing = r.cli("queue", "--failed", "pacs").stdout
     assert "1.2.840.10008.1.2.4.92" in listing, listing
     assert scp.files() == []
+
+
+def test_missing_decoder_failure_names_syntax_and_package(tmp_path: Path, router: Callable[..., Router],
+                                                          storescp: Callable[..., peers.StoreSCP],
+                                                          pydicom_data_dir: Path) -> None:
+    """JPEG 2000 Part 2 has no pydicom decoder: for a destination that refuses it, the failed
+    entry and the log name the syntax instead of blaming the destination's SOP class support
+    ("accepted no transfer syntax"), and say that no decoder is installed for it."""
+    part2 = "1.2.840.10008.1.2.4.92"
+    ds = pydicom.dcmread(pydicom_data_dir / "693_J2KR.dcm")
+    ds.file_meta.TransferSyntaxUID = part2   # a Part 1 codestream is a valid Part 2 one
+    source = tmp_path / "part2.dcm"
+    ds.save_as(source)
+    scp = storescp("PACS", accept=[EXPLICIT_LE])
+    r = router(_route_all(destination(scp.port, "PACS")))
+    res = storescu(r.port, [source], propose="original")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_until(lambda: r.queue()["pacs"]["failed"] == 1, 60, message="object did not fail")
+    report = r.cli("queue", "--json", "--failed", "pacs").stdout
+    for text in (part2, "no decoder"):
+        assert text in report, report
+        wait_until(lambda: text in r.log_text(), 10, message=f"log lacks {text!r}")
+    assert "accepted no transfer syntax" not in report
+
+
+def test_12bit_jpeg_extended_reaches_an_explicit_only_destination(tmp_path: Path, router: Callable[..., Router],
+                                                                  storescp: Callable[..., peers.StoreSCP]) -> None:
+    """12-bit JPEG Extended (CT/MR from older modalities) is decoded by GDCM on the default
+    install; the pixels are DCMTK's (dcmdjpeg), and the result is marked lossy."""
+    import subprocess
+    if shutil.which("dcmdjpeg") is None:
+        pytest.skip("DCMTK's dcmdjpeg is not installed")
+    source = get_testdata_file("JPGExtended.dcm")
+    assert source is not None
+    reference = tmp_path / "ref.dcm"
+    subprocess.run(["dcmdjpeg", source, str(reference)], check=True, timeout=60)
+    scp = storescp("PACS", accept=[EXPLICIT_LE])
+    r = router(_route_all(destination(scp.port, "PACS")))
+    res = storescu(r.port, [Path(source)], propose="original")
+    assert res.returncode == 0, res.stdout + res.stderr
+    scp.wait_for(1, timeout=60)
+    original = pydicom.dcmread(source, stop_before_pixels=True)
+    got = scp.file_for(str(original.SOPInstanceUID))
+    assert got is not None
+    delivered = pydicom.dcmread(got)
+    assert delivered.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    np.testing.assert_array_equal(delivered.pixel_array, pydicom.dcmread(reference).pixel_array)
+    assert delivered.LossyImageCompression == "01"
+    assert r.queue()["pacs"]["failed"] == 0

@@ -169,13 +169,21 @@ def status(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, Any
     }
 
 
+def reason(error: str, status: int | None) -> str:
+    """A failure's text, never ending in an empty reason: entries written before the sender
+    said what the last failure was read "gave up after 3 attempts: " -- name the status."""
+    if error.rstrip().endswith(":"):
+        return f"{error.rstrip()} {describe(status)}"
+    return error
+
+
 def _entry_view(e: QueueEntry) -> dict[str, Any]:
     r = e.record
     return {
         "destination": display_name(e.destination), "state": str(e.state), "oid": e.oid,
         "attempts": e.attempts, "next_at": e.next_at or None, "status": e.last_status,
         "status_text": describe(e.last_status) if e.last_status is not None else "",
-        "error": e.error,
+        "error": reason(e.error, e.last_status),
         "sop_instance_uid": r.sop_instance_uid if r else "",
         "study_instance_uid": r.study_instance_uid if r else "",
         "patient_id": r.patient_id if r else "", "accession_number": r.accession_number if r else "",
@@ -254,7 +262,7 @@ def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]
             step["state"] = (StepState.UNROUTED if dest == UNROUTED else
                              StepState(e.state.value) if e else StepState.QUEUED)
             if e is not None:
-                step.update(attempts=e.attempts, status=e.last_status, error=e.error,
+                step.update(attempts=e.attempts, status=e.last_status, error=reason(e.error, e.last_status),
                             next_at=e.next_at or None)
         elif dest in rec.dropped:
             dr = rec.dropped[dest]
@@ -263,12 +271,19 @@ def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]
                 step["by_oid"] = dr.by
         elif dest in rec.suppressed:
             step["state"] = StepState.SUPPRESSED
-            step["error"] = "identical bytes already delivered within duplicate_window"
+            step["error"] = "not forwarded: identical bytes already delivered within duplicate_window"
+            earlier = rec.duplicate_of.get(dest)
+            if earlier is not None:   # the delivery it matched, to follow in the trace
+                step["duplicate_of"] = {"oid": earlier.oid, "delivered_at": earlier.delivered_at}
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(earlier.delivered_at))
+                step["error"] = ("not forwarded: identical bytes already delivered at "
+                                 f"{when}" + (f" (oid {earlier.oid})" if earlier.oid is not None
+                                              else "") + " within duplicate_window")
         else:
             step["state"] = StepState.UNKNOWN
         if dest in rec.failed:
             f = rec.failed[dest]
-            step["last_failure"] = {"at": f.at, "status": f.status, "error": f.error,
+            step["last_failure"] = {"at": f.at, "status": f.status, "error": reason(f.error, f.status),
                                     "status_text": describe(f.status) if f.status is not None else ""}
             if step["state"] == StepState.FAILED:
                 step.update(at=f.at, status=f.status if step["status"] is None else step["status"],
@@ -352,7 +367,14 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
                 if d in rec.failed and (not dest or d == dest):
                     by_dest.setdefault(d, set()).add(oid)
         per_dest.update(by_dest)
+        if oids:
+            _require_failed(spool, oids, {oid for ids in by_dest.values() for oid in ids},
+                            display_name(dest) if dest else "any destination",
+                            study=(study_instance_uid, {oid for oid, _ in found}))
     else:
+        if oids:
+            _require_failed(spool, oids, {oid for oid in oids if (e := spool.entry(dest, oid)) is not None
+                                          and e.state == QueueState.FAILED}, display_name(dest))
         per_dest[dest] = set(oids) if oids else None
     counts = {display_name(d): spool.retry_failed(d, wanted) for d, wanted in per_dest.items()}
     total = sum(counts.values())
@@ -364,6 +386,36 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
              f" study_instance_uid={study_instance_uid}" if study_instance_uid else "")
     _notify(cfg, [d for d, n in zip(per_dest, counts.values()) if n])
     return {"retried": counts, "count": total}
+
+
+def _require_failed(spool: Spool, oids: Sequence[int], failed: set[int], where: str,
+                    study: tuple[str, set[int]] | None = None) -> None:
+    """Refuse a retry naming objects that are not failed there (before changing anything):
+    "0 queued" for a mistyped oid would read as success."""
+    wrong = []
+    for oid in dict.fromkeys(oids):
+        if oid in failed:
+            continue
+        rec = spool.record(oid)
+        if rec is None:
+            wrong.append(f"oid {oid} does not exist (pruned, or never received)")
+        elif study is not None and oid not in study[1]:
+            wrong.append(f"oid {oid} is not an object of study {study[0]}")
+        else:
+            states = [f"{display_name(d)}: {_state_of(spool, d, oid, rec)}" for d in rec.routed_to] or ["routed nowhere"]
+            wrong.append(f"oid {oid} is not failed at {where} ({'; '.join(states)})")
+    if wrong:
+        raise NotFound("nothing retried: " + "; ".join(wrong),
+                       hint="`fastroute queue --failed DEST` lists the failed objects and their oids")
+
+
+def _state_of(spool: Spool, dest: str, oid: int, rec: RoutingRecord) -> str:
+    if dest in rec.delivered:
+        return "delivered"
+    if dest in rec.dropped:
+        return str(rec.dropped[dest].how.value)
+    e = spool.entry(dest, oid)
+    return str(e.state.value) if e is not None else "not queued"
 
 
 def purge(cfg: Config, spool: Spool, *, destination: str, states: Sequence[str], reason: str,
@@ -430,7 +482,7 @@ def validate_config(text: str, source: str = "<posted>") -> dict[str, Any]:
     try:
         cfg = parse_config(text, source)
     except ConfigError as exc:
-        return {"valid": False, "errors": [config_error_view(exc)]}
+        return {"valid": False, "errors": [config_error_view(e) for e in getattr(exc, "errors", None) or (exc,)]}
     return {"valid": True, "errors": [],
             "summary": {"destinations": sorted(cfg.destinations), "rules": [r.name for r in cfg.rules],
                         "default": list(cfg.default)}}

@@ -85,7 +85,7 @@ def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: st
                        error=f"outcome unknown {item.unknown + 1} times in a row: {error}")
     if attempt >= dest.max_attempts:
         return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=unknown,
-                       error=f"gave up after {attempt} attempts: {error}")
+                       error=f"gave up after {attempt} attempts: {error or status_text(status)}")
     # Both an unknown outcome (resent: at-least-once) and a transient status wait their backoff,
     # so a peer that aborts on one object cannot spin the sender.
     delay = backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
@@ -329,6 +329,9 @@ class DestinationSender:
                 why = exc.rejected.get(i.sop_class_uid, "not accepted")
                 msg = (f"{exc}: SOP class {i.sop_class_uid} in transfer syntax {i.transfer_syntax} "
                        f"was refused ({why})")
+                missing = self.planner.refusal_reason(i)
+                if missing:
+                    msg += f"; {missing}"
                 log.error("destination=%s ae=%s sop_instance_uid=%s: %s", self.dest.name,
                           self.dest.ae_title, i.sop_instance_uid, msg)
                 out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg))

@@ -19,7 +19,13 @@ from fastroute.dicom.attrs import read_attributes
 from fastroute.config import DestinationConfig
 from fastroute.errors import TranscodeError
 from fastroute.spool import Claimed
-from fastroute.routing.transcode import candidates, choose, syntax_label, transcode
+from fastroute.routing.transcode import (
+    candidates,
+    choose,
+    syntax_label,
+    transcode,
+    undecodable_reason,
+)
 
 log = logging.getLogger("fastroute.send")
 
@@ -60,6 +66,12 @@ class SyntaxPlanner:
             originals = {(i.sop_class_uid, i.transfer_syntax) for i in items}
             pairs = sorted(pairs, key=lambda p: p not in originals)[:MAX_CONTEXTS]
         return set(pairs)
+
+    def refusal_reason(self, item: Claimed) -> str:
+        """What to add when the destination refused every context proposed for ``item``:
+        the missing decoder (with the package to install) when that is why only the original
+        was offered; "" when conversions were offered too."""
+        return undecodable_reason(item.transfer_syntax)
 
     def learn(self, proposed: Iterable[tuple[str, str]], conn: Any) -> None:
         for sop_class, ts in proposed:

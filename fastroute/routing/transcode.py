@@ -22,8 +22,10 @@ framing is truncated is refused rather than forwarded shortened. Lossless is the
 target needs ``allow_lossy`` and data that was already lossy is not lossily compressed again
 unless ``lossy_source_ok``.
 
-Codecs come from pydicom 3's pixel data plugins (pylibjpeg-openjpeg, pylibjpeg-rle, pydicom's
-own RLE, and optionally the GPL pylibjpeg-libjpeg). Which ones may be used is a ``Codecs``
+Codecs come from pydicom 3's pixel data plugins: by default pylibjpeg-openjpeg (JPEG 2000,
+HTJ2K), pylibjpeg-rle and pydicom's own RLE, python-gdcm (JPEG baseline/extended/lossless,
+JPEG-LS, JPEG 2000) and pyjpegls (JPEG-LS), all permissively licensed; the GPL
+pylibjpeg-libjpeg is optional. Which ones may be used, and in which order, is a ``Codecs``
 value, detected once per process, that every function accepts explicitly so tests (and
 diagnostics) can ask "what if this plugin were missing" without touching the environment.
 """
@@ -33,7 +35,7 @@ import functools
 import io
 import struct
 import zlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -41,7 +43,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import correct_ambiguous_vr_element, write_dataset
@@ -75,7 +77,7 @@ from fastroute.errors import NoCodecError, TranscodeError
 
 __all__ = [
     "Codecs", "installed_codecs", "decoders_available", "encoders_available",
-    "candidates", "choose", "transcode", "syntax_label",
+    "candidates", "choose", "transcode", "syntax_label", "undecodable_reason",
 ]
 
 IMPLICIT = ImplicitVRLittleEndian
@@ -105,7 +107,21 @@ _FALLBACKS = (EXPLICIT, IMPLICIT, RLELossless, JPEG2000Lossless)
 # Producible but offered only when named in transfer_syntaxes/prefer (retired or unusual).
 _OPT_IN = frozenset({DEFLATED, BIG_ENDIAN})
 
-_LIBJPEG_HINT = "pip install pylibjpeg-libjpeg (GPL-3.0) or the 'fastroute[libjpeg]' extra"
+# A default install decodes JPEG with python-gdcm and JPEG-LS with pyjpegls (both BSD);
+# pylibjpeg-libjpeg (GPL-3.0) is the opt-in alternative.
+_JPEG_HINT = ("pip install python-gdcm (a default dependency of fastroute; or the GPL-3.0 "
+              "pylibjpeg-libjpeg via the 'fastroute[libjpeg]' extra)")
+_JPEGLS_HINT = ("pip install pyjpegls or python-gdcm (default dependencies of fastroute; or the "
+                "GPL-3.0 pylibjpeg-libjpeg via the 'fastroute[libjpeg]' extra)")
+_JPEG12_HINT = ("12-bit JPEG Extended is decoded by python-gdcm (a default dependency of "
+                "fastroute: pip install python-gdcm) or the GPL-3.0 pylibjpeg-libjpeg "
+                "('fastroute[libjpeg]' extra)")
+# Plugin preference, best first, decided here once rather than by pydicom's registration order:
+# the long-standing pure/pylibjpeg codecs first, then CharLS, then GDCM as the broad fallback.
+_PLUGIN_ORDER = ("pydicom", "pylibjpeg", "pyjpegls", "gdcm", "pillow")
+# GDCM is used only for decoding: its RLE encoder aborts the whole process (a C++ assert, not
+# an exception) on odd-sized 8-bit images, and the other encoders cover what it would add.
+_NO_ENCODE_PLUGINS = frozenset({"gdcm"})
 _PLUGIN_PACKAGES = {"pydicom": "pydicom", "gdcm": "python-gdcm", "pillow": "pillow",
                     "pyjpegls": "pyjpegls"}
 
@@ -139,6 +155,10 @@ def _plugin_package(ts: str, plugin: str) -> str:
     return _PLUGIN_PACKAGES.get(plugin, plugin)
 
 
+def _plugin_rank(plugin: str) -> int:
+    return _PLUGIN_ORDER.index(plugin) if plugin in _PLUGIN_ORDER else len(_PLUGIN_ORDER)
+
+
 @dataclass(frozen=True)
 class Codecs:
     """The pydicom pixel plugins usable per compressed transfer syntax (UID -> plugin names).
@@ -170,8 +190,11 @@ class Codecs:
                     codec: Any = getter(UID(ts))
                 except NotImplementedError:
                     continue
-                usable = tuple(p for p in codec.available_plugins
-                               if _plugin_package(ts, p) not in drop)
+                usable = tuple(sorted(
+                    (p for p in codec.available_plugins
+                     if _plugin_package(ts, p) not in drop
+                     and (getter is get_decoder or p not in _NO_ENCODE_PLUGINS)),
+                    key=_plugin_rank))
                 if usable:
                     table[ts] = usable
         return cls(decoders=tables[0], encoders=tables[1])
@@ -197,8 +220,15 @@ def encoders_available(codecs: Codecs | None = None) -> dict[str, bool]:
 
 def _install_hint(ts: str, direction: str) -> str:
     if direction == "decoder":
-        if ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes:
-            return _LIBJPEG_HINT
+        try:
+            get_decoder(UID(ts))
+        except NotImplementedError:   # MPEG video, JPEG 2000 Part 2: no plugin would help
+            return ("pydicom 3.0 has no decoder for this syntax; send it only to destinations "
+                    "that accept it as is")
+        if ts in JPEGLSTransferSyntaxes:
+            return _JPEGLS_HINT
+        if ts in JPEGTransferSyntaxes:
+            return _JPEG_HINT
         if ts in JPEG2000TransferSyntaxes:
             return "pip install pylibjpeg-openjpeg"
         if ts == RLELossless:
@@ -213,6 +243,18 @@ def _install_hint(ts: str, direction: str) -> str:
         return "pydicom's own RLE encoder should always load: check the pydicom install"
     return ("pydicom 3.0 has no encoder for this syntax; use compress: rle or j2k-lossless "
             "(or j2k with allow_lossy)")
+
+
+def undecodable_reason(ts: str, codecs: Codecs | None = None) -> str:
+    """Why an object in ``ts`` can only be offered as is ("" when it can be decoded here).
+
+    For a destination that refuses the original, this is the real cause, with the package
+    to install, rather than the destination's SOP class support."""
+    c = codecs or installed_codecs()
+    if c.can_decode(ts):
+        return ""
+    return (f"no decoder for {syntax_label(ts)} is installed, so it could not be offered in "
+            f"another syntax (hint: {_install_hint(ts, 'decoder')})")
 
 
 def _no_codec(ts: str, direction: str) -> NoCodecError:
@@ -286,6 +328,13 @@ def choose(src_ts: str, accepted: Collection[str], dest: DestinationConfig, *,
         if ts in acc:
             return ts
     where = f"destination {dest.name!r} (AE {dest.ae_title})"
+    if not acc and not c.can_decode(src):
+        # The planner proposed only the original (nothing else can be produced without a
+        # decoder) and the destination refused it: the missing decoder is the reason.
+        raise NoCodecError(
+            f"cannot send {syntax_label(src)} to {where}: it does not accept "
+            f"{syntax_label(src)} for this SOP class, and no decoder for {syntax_label(src)} "
+            "is installed to convert it", hint=_install_hint(src, "decoder"))
     if not acc:
         raise TranscodeError(
             f"cannot send {syntax_label(src)} to {where}: it accepted no transfer syntax "
@@ -559,9 +608,64 @@ def _is_lossy(ds: Dataset, ts: str) -> bool:
     return True  # JPEG baseline/extended (DCT) and video are always lossy
 
 
-def _plugin_arg(usable: tuple[str, ...], available: list[str]) -> str:
-    """'' lets pydicom try every plugin in its order; name one only when some are excluded."""
-    return "" if set(available) <= set(usable) else usable[0]
+def _decode_frames(decoder: Any, plugin: str, ds: Dataset, src: str, out: np.ndarray, *,
+                   as_rgb: bool) -> dict[str, Any]:
+    """Decode every frame of ``ds`` with one named plugin into ``out``; the last frame's props."""
+    frames, dtype = out.shape[0], out.dtype
+    props: dict[str, Any] = {}
+    index = -1
+    if plugin == "gdcm" and src == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+        source: Iterator[tuple[np.ndarray, dict[str, Any]]] = _gdcm_jpeg12_frames(ds, frames)
+    else:
+        source = decoder.iter_array(ds, decoding_plugin=plugin, as_rgb=as_rgb)
+    for index, (arr, props) in enumerate(source):
+        if index >= frames:
+            raise TranscodeError(f"{syntax_label(src)}: more frames than Number of Frames")
+        if arr.dtype.itemsize > dtype.itemsize and arr.size and (
+                arr.max() > np.iinfo(dtype).max or arr.min() < np.iinfo(dtype).min):
+            raise TranscodeError(f"{syntax_label(src)}: decoded values do not fit Bits "
+                                 f"Allocated {dtype.itemsize * 8}")
+        out[index] = arr.reshape(out.shape[1:])
+    if index + 1 != frames:
+        raise TranscodeError(f"{syntax_label(src)}: decoded {index + 1} frame(s), Number of "
+                             f"Frames says {frames}")
+    return props
+
+
+def _gdcm_jpeg12_frames(ds: Dataset, frames: int) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """12-bit JPEG Extended frames decoded by GDCM's own image API.
+
+    pydicom 3.0's gdcm plugin refuses 12-bit JPEG Extended outright, yet GDCM ships the 12-bit
+    IJG codec and decodes it exactly as DCMTK does (tests compare with dcmdjpeg); without this
+    only the GPL pylibjpeg-libjpeg would. Monochrome only: the one 12-bit use in practice.
+    """
+    import gdcm  # type: ignore[import-not-found,unused-ignore]
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ValueError("GDCM's 12-bit JPEG Extended path takes monochrome images only")
+    stored = int(ds.BitsStored)
+    signed = int(ds.get("PixelRepresentation", 0) or 0)
+    dtype = np.dtype("<i2" if signed else "<u2")
+    pi = gdcm.PhotometricInterpretation.GetPIType(str(ds.PhotometricInterpretation))
+    ts = gdcm.TransferSyntax.GetTSType(str(JPEGExtended12Bit))
+    for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+        fragment = gdcm.Fragment()
+        fragment.SetByteStringValue(frame)
+        fragments = gdcm.SequenceOfFragments.New()
+        fragments.AddFragment(fragment)
+        elem = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+        elem.SetValue(fragments.__ref__())
+        img = gdcm.Image()
+        img.SetNumberOfDimensions(2)
+        img.SetDimensions((cols, rows, 1))
+        img.SetDataElement(elem)
+        img.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi))
+        img.SetTransferSyntax(gdcm.TransferSyntax(ts))
+        img.SetPixelFormat(gdcm.PixelFormat(1, 16, stored, stored - 1, signed))
+        out = img.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM hands char* as str
+        if len(out) != rows * cols * 2:
+            raise ValueError(f"GDCM returned {len(out)} bytes for a {cols}x{rows} 16-bit frame")
+        yield np.frombuffer(out, dtype=dtype).reshape(rows, cols), {}
 
 
 def _decode_all(ds: Dataset, src: str, c: Codecs) -> None:
@@ -609,20 +713,23 @@ def _decode_pixels(ds: Dataset, src: str, c: Codecs) -> None:
     # exactly, so a lossless source stays lossless.
     as_rgb = src in (JPEGBaseline8Bit, JPEGExtended12Bit)
     props: dict[str, Any] = {}
-    index = -1
-    plugin = _plugin_arg(c.decoders[src], list(decoder.available_plugins))
-    for index, (arr, props) in enumerate(decoder.iter_array(ds, decoding_plugin=plugin,
-                                                            as_rgb=as_rgb)):
-        if index >= frames:
-            raise TranscodeError(f"{syntax_label(src)}: more frames than Number of Frames")
-        if arr.dtype.itemsize > dtype.itemsize and arr.size and (
-                arr.max() > np.iinfo(dtype).max or arr.min() < np.iinfo(dtype).min):
-            raise TranscodeError(f"{syntax_label(src)}: decoded values do not fit Bits "
-                                 f"Allocated {bits}")
-        out[index] = arr.reshape(rows, cols, spp)
-    if index + 1 != frames:
-        raise TranscodeError(f"{syntax_label(src)}: decoded {index + 1} frame(s), Number of "
-                             f"Frames says {frames}")
+    failures: list[str] = []
+    for plugin in c.decoders[src]:  # in _PLUGIN_ORDER; the next one gets a stream one refuses
+        try:
+            props = _decode_frames(decoder, plugin, ds, src, out, as_rgb=as_rgb)
+            break
+        except TranscodeError:
+            raise
+        except Exception as exc:  # plugins raise anything from RuntimeError to ValueError
+            failures.append(f"{plugin}: {exc}")
+    else:
+        message = (f"{syntax_label(src)}: pixel data could not be decoded ("
+                   + "; ".join(failures) + ")")
+        if src == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+            # Only GDCM (driven directly, above) and the GPL libjpeg decode 12-bit JPEG Extended.
+            raise NoCodecError(f"{syntax_label(src)}: 12-bit JPEG Extended needs a decoder "
+                               "that is not installed", hint=_JPEG12_HINT)
+        raise TranscodeError(message)
     for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
         if keyword in ds:
             del ds[keyword]
@@ -668,7 +775,7 @@ def _encode(ds: Dataset, dst: str, c: Codecs, j2k_ratio: float) -> None:
     elif spp > 1 and int(ds.get("PlanarConfiguration", 0) or 0) == 1:
         _interleave(ds, rows, cols, spp)
     encoder: Any = get_encoder(UID(dst))
-    plugin = _plugin_arg(c.encoders[dst], list(encoder.available_plugins))
+    plugin = c.encoders[dst][0]  # named: pydicom's own order would pick GDCM first
     options: dict[str, Any] = {}
     if dst in (JPEG2000, HTJ2K):
         options["j2k_cr"] = [float(j2k_ratio)]

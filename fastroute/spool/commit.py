@@ -5,7 +5,7 @@ does not cost one fsync per object; the C-STORE is answered only when its commit
 
 The same thread writes the chunks of large objects as they arrive (:mod:`staging`), each in
 a transaction of its own, in order with the commits, and commits such an object once its
-last fragment is in and it passed its checks.
+last chunk is staged (``seal``) and it passed its checks (``commit_staged``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, Callable
 
 from fastroute.spool.staging import StagedData, StagedFile, Stager
 from fastroute.spool.store import Incoming, PutResult, Spool
@@ -22,7 +22,6 @@ from fastroute.spool.wakeup import Notifier
 
 log = logging.getLogger("fastroute.commit")
 
-R = TypeVar("R")
 _Job = Callable[[], None]
 
 
@@ -100,58 +99,57 @@ class Committer:
         finally:
             f.close()
 
-    def submit_staged(self, f: StagedFile, prepare: Callable[[Any], Incoming | R]) -> Future[PutResult | R]:
-        """Finish a staged object on the commit thread: stage its last chunk, run ``prepare``
-        over a read-only map of the whole dataset (peek, structure check, routing: an
-        Incoming, or whatever refusal it returns), then commit it; its chunks are removed
-        when it is refused or the commit fails."""
-        fut: Future[PutResult | R] = Future()
-        self._q.put(lambda: self._finish_staged(f, prepare, fut))
-        return fut
+    def seal(self, f: StagedFile) -> Future[None]:
+        """Stage the last, partial chunk of a complete object; the future fails with what
+        went wrong staging it (a full disk or spool), after its chunks were removed."""
+        fut: Future[None] = Future()
 
-    def _finish_staged(self, f: StagedFile, prepare: Callable[[Any], Incoming | R],
-                       fut: Future[PutResult | R]) -> None:
-        result: PutResult | R | None = None
-        error: BaseException | None = None
-        try:
+        def job() -> None:
             tail = f.tail()
             if tail is not None:
                 self._stage(f, *tail)
                 f.staged += 1
             if f.error is not None:
-                raise f.error
-            mapped = f.map()
-            try:
-                outcome = prepare(mapped)
-            finally:
-                if not isinstance(mapped, bytes):
-                    mapped.close()
-            if isinstance(outcome, Incoming):
-                item = Incoming(StagedData(f.sid, f.size, f.staged), outcome.transfer_syntax,
-                                outcome.sop_class_uid, outcome.sop_instance_uid, outcome.destinations,
-                                outcome.meta)
-                [res] = self.spool.put_many([item])
-                self.commits += 1
-                self.objects += 1
-                if isinstance(res, BaseException):
-                    raise res
-                result = res
+                self._discard(f)
+                fut.set_exception(f.error)
             else:
-                result = outcome
-        except BaseException as exc:       # never leave a C-STORE waiting forever
-            error = exc
-        # The staging is settled (linked, or removed) before the modality is answered.
-        if isinstance(result, PutResult):
-            f.close()
-        else:
+                fut.set_result(None)
+        self._q.put(lambda: _run_into(fut, job))
+        return fut
+
+    def drop_staged(self, f: StagedFile) -> Future[None]:
+        """Remove a sealed object's chunks (it was refused); done once they are gone, so the
+        refusal is answered after the cleanup."""
+        fut: Future[None] = Future()
+        def job() -> None:
             self._discard(f)
-        if error is not None:
-            fut.set_exception(error)
-            return
-        fut.set_result(cast("PutResult | R", result))
-        if self.notifier is not None and isinstance(result, PutResult):
-            for dest in result.queued:
-                self.notifier.notify(dest)
+            fut.set_result(None)
+        self._q.put(lambda: _run_into(fut, job))
+        return fut
+
+    def commit_staged(self, f: StagedFile, checked: Incoming) -> Future[PutResult]:
+        """Commit a sealed, checked object: ``checked`` as routed, its bytes the staged chunks
+        (linked to it by this commit). Its chunks are removed if the commit fails."""
+        fut: Future[PutResult] = Future()
+
+        def job() -> None:
+            item = Incoming(StagedData(f.sid, f.size, f.staged), checked.transfer_syntax,
+                            checked.sop_class_uid, checked.sop_instance_uid, checked.destinations,
+                            checked.meta)
+            [res] = self.spool.put_many([item])
+            self.commits += 1
+            self.objects += 1
+            if isinstance(res, BaseException):
+                self._discard(f)
+                fut.set_exception(res)
+                return
+            f.close()
+            fut.set_result(res)
+            if self.notifier is not None:
+                for dest in res.queued:
+                    self.notifier.notify(dest)
+        self._q.put(lambda: _run_into(fut, job))
+        return fut
 
     def close(self) -> None:
         self._q.put(None)
@@ -211,3 +209,12 @@ class Committer:
             job()
         except Exception:
             log.exception("staging job failed")
+
+
+def _run_into(fut: Future[Any], job: _Job) -> None:
+    """Run a job whose future must be answered whatever happens (a C-STORE waits on it)."""
+    try:
+        job()
+    except BaseException as exc:
+        if not fut.done():
+            fut.set_exception(exc)

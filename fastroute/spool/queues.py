@@ -8,8 +8,10 @@ sequence, so key order is arrival order and the first pending key is the oldest 
 Duplicate policy: an object re-received with the same SOP Instance UID while an earlier copy
 is still *pending* for a destination replaces that copy for that destination (one delivery,
 of the newest bytes). A re-send of byte-identical content that a destination already
-confirmed within ``duplicate_window`` is not sent again (counted as ``suppressed``). A re-send
-with different content (a correction) is always delivered.
+confirmed within ``duplicate_window`` is not sent again: counted as ``suppressed``, audited,
+logged and recorded (``duplicate_of``: the earlier delivery's oid and time). The window is 0
+(off) by default - a router forwards what it is sent. A re-send with different content (a
+correction) is always delivered.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from fastroute.spool.records import (
     QueueState,
     RecordFacts,
     RoutingRecord,
+    Suppression,
     decode_claim_fields,
     decode_received_at,
     decode_record,
@@ -106,6 +109,14 @@ def content_digest(data: bytes | bytearray | memoryview) -> bytes:
     spool's own pages, off the modality's critical path (``Outcome.digest``).
     """
     return hashlib.sha256(data).digest()[:DIGEST_BYTES]
+
+
+def _earlier_delivery(value: bytes | memoryview) -> Suppression:
+    """A ``dlv`` value: digest, delivery time, and (since issue 12) the delivered copy's oid."""
+    at = _AT.unpack_from(value, DIGEST_BYTES)[0]
+    end = DIGEST_BYTES + _AT.size
+    oid = _U64.unpack_from(value, end)[0] if len(value) >= end + _U64.size else None
+    return Suppression(at, oid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,13 +221,17 @@ class Queues:
         superseded: list[int] = []
         old_raw = txn.get(sop, db=self._sop)
         old_oid = _U64.unpack(old_raw)[0] if old_raw else None
+        duplicate_of: dict[str, Suppression] = {}
+        window = self.duplicate_window
         for dest in item.destinations:
-            last = txn.get(dest.encode() + b"\x00" + sop, db=self._dlv)
-            if last is not None and now - _AT.unpack_from(last, DIGEST_BYTES)[0] < self.duplicate_window:
+            # Off (0, the default): no lookup and no hash on the receive path.
+            last = txn.get(dest.encode() + b"\x00" + sop, db=self._dlv) if window > 0 else None
+            if last is not None and now - _AT.unpack_from(last, DIGEST_BYTES)[0] < window:
                 digest = digest or self._content_digest(txn, item.data)
                 if last[:DIGEST_BYTES] == digest:
                     suppressed.append(dest)
-                    self._incr(txn, CounterKind.SUPPRESSED, dest)
+                    duplicate_of[dest] = earlier = _earlier_delivery(last)
+                    self._suppressed(txn, oid, dest, item, earlier, now)
                     continue
             if old_oid is not None and txn.delete(qkey(dest, _P, old_oid), db=self._q):
                 self._drop_dest(txn, old_oid, dest, drop=Drop(now, DropReason.SUPERSEDED, by=oid))
@@ -241,7 +256,8 @@ class Queues:
         raw, index_keys = encode_new_record(
             sop_class_uid=item.sop_class_uid, sop_instance_uid=item.sop_instance_uid,
             transfer_syntax=item.transfer_syntax, size=len(item.data), received_at=now, digest=digest.hex(),
-            outstanding=outstanding, routed_to=list(item.destinations), suppressed=suppressed, meta=item.meta)
+            outstanding=outstanding, routed_to=list(item.destinations), suppressed=suppressed, meta=item.meta,
+            duplicate_of=duplicate_of)
         txn.put(key, raw, db=self._meta)
         txn.put(sop, key, db=self._sop)
         for ikey in index_keys:
@@ -250,6 +266,24 @@ class Queues:
         self._incr(txn, _C_RECEIVED_BYTES, by=len(item.data))
         incr(txn, self._info, _C_RECEIVED_FROM, extra=item.meta.get("calling_ae") or "")
         return PutResult(oid, tuple(queued), tuple(superseded), tuple(suppressed))
+
+    def _suppressed(self, txn: lmdb.Transaction, oid: int, dest: str, item: Incoming,
+                    earlier: Suppression, now: float) -> None:
+        """Count, audit (in the put's transaction) and log one suppressed re-send: an operator
+        who turned duplicate_window on must be able to see every object it did not forward."""
+        self._incr(txn, CounterKind.SUPPRESSED, dest)
+        study = str(item.meta.get("study_instance_uid") or "")
+        calling = str(item.meta.get("calling_ae") or "")
+        self.audit.append(txn, {
+            "action": "suppressed", "destination": dest, "sop_instance_uid": item.sop_instance_uid,
+            "study_instance_uid": study, "calling_ae": calling, "oid": oid,
+            "duplicate_of": earlier.oid, "delivered_at": earlier.delivered_at,
+            "duplicate_window": self.duplicate_window}, now)
+        log.info("destination=%s sop_instance_uid=%s study_instance_uid=%s calling_ae=%s oid=%d: "
+                 "not forwarded: identical bytes were delivered there at %s (oid %s), within "
+                 "duplicate_window %gs", dest, item.sop_instance_uid, study, calling, oid,
+                 time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(earlier.delivered_at)),
+                 earlier.oid if earlier.oid is not None else "unknown", self.duplicate_window)
 
     def _drop_dest(self, txn: lmdb.Transaction, oid: int, dest: str, *,
                    delivery: Delivery | None = None, drop: Drop | None = None,
@@ -385,7 +419,7 @@ class Queues:
         if rec is not None:
             if rec.digest:   # the duplicate policy's record of what this got
                 txn.put(dest.encode() + b"\x00" + rec.sop_instance_uid.encode(),
-                        bytes.fromhex(rec.digest) + _AT.pack(at), db=self._dlv)
+                        bytes.fromhex(rec.digest) + _AT.pack(at) + _U64.pack(o.oid), db=self._dlv)
             self._incr(txn, _C_DELIVERED_BYTES, dest, rec.size)
             self._observe_latency(txn, dest, at - rec.received_at)
             self.audit.append(txn, {

@@ -85,9 +85,17 @@ class Drop:
     by: int | None = None      # the oid of the copy that superseded it
 
 
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """The earlier delivery a suppressed re-send matched (duplicate_window): its copy and time."""
+
+    delivered_at: float
+    oid: int | None = None     # None for deliveries recorded before the oid was kept
+
+
 # Routing-record keys with a field of their own; any other key read is kept in ``extra``.
 _NAMED = frozenset(("sop_class_uid", "sop_instance_uid", "transfer_syntax", "size", "digest", "received_at",
-          "outstanding", "routed_to", "suppressed", "delivered", "failed", "dropped",
+          "outstanding", "routed_to", "suppressed", "duplicate_of", "delivered", "failed", "dropped",
           "study_instance_uid", "series_instance_uid", "patient_id", "accession_number", "modality",
           "calling_ae", "called_ae", "peer", "rules", "v"))
 
@@ -105,6 +113,7 @@ class RoutingRecord:
     outstanding: list[str] = field(default_factory=list)   # destinations still to deliver to
     routed_to: list[str] = field(default_factory=list)
     suppressed: list[str] = field(default_factory=list)    # identical bytes already delivered there
+    duplicate_of: dict[str, Suppression] = field(default_factory=dict)  # per suppressed destination
     delivered: dict[str, Delivery] = field(default_factory=dict)
     failed: dict[str, Failure] = field(default_factory=dict)   # the last failure, per destination
     dropped: dict[str, Drop] = field(default_factory=dict)
@@ -140,6 +149,8 @@ class RoutingRecord:
             calling_ae=self.calling_ae, called_ae=self.called_ae, peer=self.peer, rules=self.rules)
         if self.dropped:   # rare: written only when there is one, as in version 1
             out["dropped"] = {d: _drop_json(e) for d, e in self.dropped.items()}
+        if self.duplicate_of:   # only with duplicate_window on, and then rare
+            out["duplicate_of"] = {d: suppression_json(e) for d, e in self.duplicate_of.items()}
         return out
 
 
@@ -159,6 +170,15 @@ def _drop_json(e: Drop) -> dict[str, Any]:
     if e.by is not None:
         out["by"] = e.by
     return out
+
+
+def suppression_json(e: Suppression) -> dict[str, Any]:
+    return {"delivered_at": e.delivered_at, "oid": e.oid}
+
+
+def _suppression(raw: Any) -> Suppression:
+    oid = raw.get("oid")
+    return Suppression(float(raw["delivered_at"]), None if oid is None else int(oid))
 
 
 def _status(value: Any) -> int | None:
@@ -196,6 +216,7 @@ def record_from_json(d: dict[str, Any]) -> RoutingRecord:
         received_at=float(d["received_at"]), digest=d.get("digest") or "",
         outstanding=list(d.get("outstanding") or ()), routed_to=list(d.get("routed_to") or ()),
         suppressed=list(d.get("suppressed") or ()),
+        duplicate_of={k: _suppression(v) for k, v in (d.get("duplicate_of") or {}).items()},
         delivered={k: _delivery(v) for k, v in (d.get("delivered") or {}).items()},
         failed={k: _failure(v) for k, v in (d.get("failed") or {}).items()},
         dropped={k: _drop(v) for k, v in (d.get("dropped") or {}).items()},
@@ -223,13 +244,16 @@ def encode_record(rec: RoutingRecord) -> bytes:
 
 def encode_new_record(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, size: int,
                       received_at: float, digest: str, outstanding: list[str], routed_to: list[str],
-                      suppressed: list[str], meta: Mapping[str, Any]) -> tuple[bytes, list[bytes]]:
+                      suppressed: list[str], meta: Mapping[str, Any],
+                      duplicate_of: Mapping[str, Suppression] | None = None) -> tuple[bytes, list[bytes]]:
     """A new object's record (``meta``: the receive path's identifiers, source and rules;
     keys without a field are kept as ``extra``), and its ``idx`` keys."""
     d: dict[str, Any] = dict(meta)    # identifiers, source, rules (absent ones decode as "" / [])
     d.update(v=RECORD_VERSION, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
              transfer_syntax=transfer_syntax, size=size, digest=digest, received_at=received_at,
              outstanding=outstanding, routed_to=routed_to, suppressed=suppressed, delivered={}, failed={})
+    if duplicate_of:
+        d["duplicate_of"] = {dest: suppression_json(e) for dest, e in duplicate_of.items()}
     keys = [prefix + str(value).encode()[:400] for prefix, value in
             ((b"s", d.get("study_instance_uid")), (b"a", d.get("accession_number")), (b"p", d.get("patient_id")))
             if value]

@@ -7,10 +7,11 @@ A dataset that grows past ``stream_threshold`` while it arrives leaves the liste
    anonymous memory), and every full ``CHUNK`` of it is copied by the committer thread into
    LMDB as one bounded value, ``chunk[sid + index]``, in a transaction of its own that also
    registers the staging id in ``stage`` (with the owning process);
-2. when the last fragment is in, the peek and the structure check run over a read-only
-   memory map of that file (the walkers need one contiguous buffer; the pages are the file's,
-   so they count as RssFile, not RssAnon), off the event loop;
-3. the final group commit writes the routing record and ``objc[oid]`` (the chunk list's
+2. when the last fragment is in and its last chunk is staged (``Committer.seal``), the
+   structure check and the peek run over a read-only memory map of that file (the walkers
+   need one contiguous buffer; the pages are the file's, so they count as RssFile, not
+   RssAnon), on the listener's check threads;
+3. the final commit (``Committer.commit_staged``) writes the routing record and ``objc[oid]`` (the chunk list's
    manifest) and deletes ``stage[sid]``: from then on the chunks belong to the object. Only
    then is the C-STORE acknowledged. A refused or aborted object's chunks are deleted at once;
    a crash leaves them registered in ``stage`` under a process that is gone, and the next

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
-from fastroute.spool import space
+from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, Counters
 from fastroute.spool.queues import (
@@ -68,7 +68,7 @@ class Spool:
     LATENCY_BUCKETS = LATENCY_BUCKETS
 
     def __init__(self, path: str | Path, *, map_size: int = 64 * 1024**3,
-                 min_free_bytes: int = 0, duplicate_window: float = 86400.0,
+                 min_free_bytes: int = 0, duplicate_window: float = 0.0,
                  readonly: bool = False, durable: bool = True, audit_key: bytes | None = None) -> None:
         """``durable=False`` (the senders) makes this process's commits skip the second fsync
         (LMDB's MDB_NOMETASYNC): still atomic and consistent, but an OS crash may undo the
@@ -91,7 +91,7 @@ class Spool:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
-        self.space = space.SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
+        self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
         if audit_key is not None and not readonly:
@@ -128,10 +128,10 @@ class Spool:
         self.space.check(incoming_bytes)
 
     def reusable_bytes(self) -> int:
-        return space.reusable_bytes(self.env, self._dbs.values())
+        return reusable_bytes(self.env, self._dbs.values())
 
     def preallocate(self, nbytes: int, chunk: int = 4 * 1024**2) -> int:
-        return space.preallocate(self.env, self._info, self._dbs.values(), self.space, nbytes, chunk)
+        return preallocate(self.env, self._info, self._dbs.values(), self.space, nbytes, chunk)
 
     def usage(self) -> dict[str, int]:
         return self.space.usage(self.env)
