@@ -419,3 +419,35 @@ def test_a_staging_write_that_fails_is_answered_as_a_spool_failure(tmp_path: Pat
         f.fd = -1                                          # already closed above
         committer.close()
         spool.close()
+
+
+@pytest.mark.peers
+def test_staging_left_by_a_crash_is_removed_when_the_listener_starts(
+        tmp_path: Path, router: Callable[..., Router]) -> None:
+    """SIGKILL of the whole router while a large object is half in: its staged chunks stay
+    registered under the dead listener, and the next start removes them (it was never
+    acknowledged, so nothing is lost)."""
+    from test_scp import RawPeer, store_rq
+
+    [big] = large_objects(tmp_path, n=1)
+    data = dataset_bytes(big)
+    ds = pydicom.dcmread(big, stop_before_pixels=True)
+    r = router({"stream_threshold": "1MiB", "destinations": {"pacs": destination(peers.free_port(), "PACS")},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+    peer = RawPeer(r.port)
+    try:
+        kind, _ = peer.associate([(1, str(ds.SOPClassUID), ["1.2.840.10008.1.2.1"])])
+        assert kind == 0x02
+        peer.send_message(1, store_rq(1, str(ds.SOPInstanceUID), str(ds.SOPClassUID)), None)
+        for header, payload in pdu.p_data_tf(1, False, data[:len(data) * 2 // 3], 16384):
+            peer.send(header[:11] + b"\x00" + bytes(payload))
+        wait_until(lambda: entries(r.spool_path, "chunk") >= 1, 10, message="nothing staged")
+        r.kill()
+    finally:
+        peer.close()
+    assert entries(r.spool_path, "stage") == 1
+    r.start()
+    wait_until(lambda: "removed the staged chunks of 1 large object(s)" in r.log_text(), 30,
+               message=r.log_tail)
+    assert entries(r.spool_path, "stage") == 0 and entries(r.spool_path, "chunk") == 0
+    assert entries(r.spool_path, "meta") == 0
