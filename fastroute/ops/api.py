@@ -484,6 +484,14 @@ async def post_resume(request: web.Request) -> web.Response:
                                 who=_who(request, body), why=str(body.get("why", ""))))
 
 
+@mutating
+async def post_send_now(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    return _json(await plane.io(ops.send_now, plane.cfg, plane.spool, request.match_info["destination"],
+                                who=_who(request, body), why=str(body.get("why", ""))))
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/", index),
     ("GET", "/healthz", healthz),
@@ -508,6 +516,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/queues/{destination}/pause", post_pause),
     ("POST", "/api/queues/{destination}/resume", post_resume),
     ("POST", "/api/studies/{study_instance_uid}/retry", post_study_retry),
+    ("POST", "/api/destinations/{destination}/send-now", post_send_now),
 )
 
 
@@ -648,6 +657,10 @@ def openapi_spec() -> dict[str, Any]:
         "/api/queues/{destination}/resume": {"post": _op(
             "Resume sending to a destination and wake its sender", params=(dest,), auth=True, extra=bad,
             body=_json_body({"why": why, "who": who}))},
+        "/api/destinations/{destination}/send-now": {"post": _op(
+            "End a destination's backoff now: its pending objects waiting out a retry delay become due, "
+            "its sender forgets its failure streak and is woken (audited)", params=(dest,), auth=True,
+            extra=bad, body=_json_body({"why": why, "who": who}))},
         "/api/studies/{study_instance_uid}/retry": {"post": _op(
             "Queue a study's failed objects again (every destination, or one)", params=(study,), auth=True,
             extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
