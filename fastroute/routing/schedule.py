@@ -202,22 +202,19 @@ class DestinationSender:
         the backoff already running instead of doubling the streak and the log lines."""
         now = time.time()
         started = getattr(self._attempt, "started", now)
-        with self._state_lock:
-            if started <= self._last_failure_at:
-                joined = True
-            else:
-                joined = False
+        with self._state_lock:    # down_until too, so a joining thread never sees the old one
+            joined = started <= self._last_failure_at
+            if not joined:
                 self._last_failure_at = now
                 self.state.consecutive_failures += 1
+                n = self.state.consecutive_failures
+                down_since = self.state.down_since or now
+                delay = backoff_delay(n, self.dest.backoff_initial, self.dest.backoff_max, self.rng)
+                self.down_until = max(self.down_until, now + delay)
         if joined:
             log.debug("destination=%s ae=%s: %s (same outage, already backing off until %s)", self.dest.name,
                       self.dest.ae_title, error, time.strftime("%H:%M:%S", time.localtime(self.down_until)))
             return
-        with self._state_lock:
-            n = self.state.consecutive_failures
-            down_since = self.state.down_since or now
-        delay = backoff_delay(n, self.dest.backoff_initial, self.dest.backoff_max, self.rng)
-        self.down_until = max(self.down_until, now + delay)
         log.warning("destination=%s ae=%s: %s; backing off %.1fs (failure %d in a row, down since %s)",
                     self.dest.name, self.dest.ae_title, error, delay, n,
                     time.strftime("%H:%M:%S", time.localtime(down_since)))
