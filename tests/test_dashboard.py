@@ -168,5 +168,21 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
             wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused")
             wait(browser, lambda d: "paused" in d.find_element(
                 By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.state').text, "the paused badge")
+            assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-destination="pacs"] button.send-now')
+
+            # Send now to vna (its A1 waits an hour after 0xA700): asked first, answered in words.
+            def send_now_dialog() -> Any:
+                browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="vna"] button.send-now').click()
+                dialog = wait(browser, lambda d: d.switch_to.alert, "the send-now confirmation")
+                assert dialog.text.startswith("Send now to vna?") and "audit trail" in dialog.text
+                return dialog
+
+            send_now_dialog().dismiss()
+            assert not [e for e in spool.audit_events() if e["action"] == "send_now"]   # cancelled: nothing done
+            send_now_dialog().accept()
+            message = browser.find_element(By.ID, "message")
+            wait(browser, lambda d: "Send now to vna: backoff ended" in message.text, "the send-now message")
+            assert "1 object waiting for a retry is due now" in message.text and "{" not in message.text
+            assert [e["why"] for e in spool.audit_events() if e["action"] == "send_now"] == ["dashboard"]
     finally:
         spool.close()

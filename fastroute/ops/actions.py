@@ -28,7 +28,7 @@ from fastroute.dicom.status import describe
 from fastroute.errors import ConfigError, FastrouteError
 from fastroute.spool import UNROUTED, CounterKind, Counters, QueueEntry, QueueState, RoutingRecord, Spool
 from fastroute.spool.audit import whoami
-from fastroute.spool.senderstate import DestinationState, SenderState, read_state
+from fastroute.spool.senderstate import DestinationState, SendNowRequest, SenderState, read_state, request_send_now
 from fastroute.spool.wakeup import Notifier
 
 log = logging.getLogger("fastroute.ops")
@@ -454,11 +454,58 @@ def set_paused(cfg: Config, spool: Spool, destination: str, paused: bool, *,
              who or whoami(), f": {why}" if why else "")
     result: dict[str, Any] = {"destination": dest, "paused": paused}
     if not paused:
-        _notify(cfg, [dest])
+        # A resume means "send": the sender tries at once instead of waiting out its backoff.
+        request_send_now(cfg.spool, dest, SendNowRequest(time.time(), "resume", who or whoami(), why))
         if cfg.destinations[dest].paused:
             result["paused"] = True
             result["note"] = "still paused by the configuration (paused: true); change it there"
+    _notify(cfg, [dest])   # either way the sender acts (and shows it) now, not at its next round
     return result
+
+
+def send_now(cfg: Config, spool: Spool, destination: str = "", *, all_destinations: bool = False,
+             who: str | None = None, why: str = "") -> dict[str, Any]:
+    """End a destination's backoff now: its pending objects waiting out their own retry
+    delay become due, its sender forgets its failure streak and is woken (audited).
+
+    For the PACS that came back: without this the queue waits for its next retry, minutes.
+    """
+    if all_destinations == bool(destination):
+        raise BadRequest("name one destination, or all of them (--all), to send now")
+    dests = (sorted(cfg.destinations) if all_destinations
+             else [resolve_destination(cfg, spool, destination, configured_only=True)])
+    now = time.time()
+    out = []
+    for dest in dests:
+        st = read_state(cfg.spool, dest)
+        made_due = spool.make_due(dest, now)
+        told = request_send_now(cfg.spool, dest, SendNowRequest(now, "send-now", who or whoami(), why))
+        paused = cfg.destinations[dest].paused or spool.is_paused(dest)
+        item: dict[str, Any] = {
+            "destination": dest, "made_due": made_due, "paused": paused,
+            "was": str(st.state) if st else "unknown",
+            "consecutive_failures": st.consecutive_failures if st else 0}
+        if paused:
+            item["note"] = "paused: nothing is sent until it is resumed"
+        elif not told or st is None or not _alive(st.pid):
+            item["note"] = "no sender is running for it: sending starts when the router runs"
+        out.append(item)
+        spool.audit_record("send_now", who=who, why=why, destination=dest, count=made_due,
+                           was=item["was"], consecutive_failures=item["consecutive_failures"])
+        log.warning("send-now by %s: destination=%s backoff reset (was %s, %d failure(s) in a row), "
+                    "%d object(s) waiting out a retry delay due now%s", who or whoami(), dest, item["was"],
+                    item["consecutive_failures"], made_due, f": {why}" if why else "")
+    _notify(cfg, dests)
+    return {"destinations": out, "made_due": sum(d["made_due"] for d in out)}
+
+
+def echo_succeeded(cfg: Config, destination: str, *, who: str | None = None) -> bool:
+    """A successful ``fastroute echo`` shows the destination is back: its sender (another
+    process) ends its backoff. Not audited: it changes no queue, only when the next try is."""
+    told = request_send_now(cfg.spool, destination, SendNowRequest(time.time(), "echo", who or whoami()))
+    if told:
+        _notify(cfg, [destination])
+    return told
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -690,6 +737,6 @@ class ThroughputHistory:
 __all__ = [
     "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "DestinationStatus", "StepState", "resolve_destination",
     "destination_status", "status", "entries", "failures", "lookup", "get_object", "retry", "purge",
-    "set_paused", "validate_config", "reload_config", "parse_config", "audit_export", "audit_events",
+    "set_paused", "send_now", "echo_succeeded", "validate_config", "reload_config", "parse_config", "audit_export", "audit_events",
     "apply_retention", "parse_time", "ThroughputHistory",
 ]

@@ -349,6 +349,10 @@ class Spool:
     def retry_failed(self, dest: str, oids: Iterable[int] | None = None) -> int:
         return self.queues.retry_failed(dest, oids)
 
+    def make_due(self, dest: str, now: float | None = None) -> int:
+        """Pending entries of ``dest`` waiting out their own backoff become due (send-now)."""
+        return self.queues.make_due(dest, time.time() if now is None else now)
+
     def purge(self, dest: str, states: Sequence[QueueState | bytes | str] = (QueueState.FAILED,),
               oids: Iterable[int] | None = None, reason: str = "") -> list[int]:
         return self.queues.purge(dest, [_state(s) for s in states], oids, reason)

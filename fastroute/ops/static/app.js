@@ -88,18 +88,39 @@ tokenInput.addEventListener("change", () => {
   refresh();
 });
 
-async function act(path, body) {
+// describe(data) turns an answer into a sentence for the operator; without it the JSON is shown.
+async function act(path, body, describe) {
   const headers = authHeaders({ "Content-Type": "application/json" });
   try {
     const resp = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
     const data = await resp.json();
     if (resp.status === 401) throw new Error(authMessage());
     if (!resp.ok) throw new Error(data.error + (data.hint ? ` (${data.hint})` : ""));
-    showMessage(`${path}: ${JSON.stringify(data)}`, false);
+    showMessage(describe ? describe(data) : `${path}: ${JSON.stringify(data)}`, false);
   } catch (err) {
     showMessage(`${path}: ${err.message}`, true);
   }
   refresh();
+}
+
+function plural(n, one, many) { return `${n} ${n === 1 ? one : many}`; }
+
+function sentSentence(data) {
+  return data.destinations.map((d) => {
+    const was = d.was === "backing_off"
+      ? `was backing off after ${plural(d.consecutive_failures, "failure", "failures")} in a row`
+      : `was ${STATE_TEXT[d.was] || d.was}`;
+    return `Send now to ${d.destination}: backoff ended (${was}); ` +
+      `${plural(d.made_due, "object", "objects")} waiting for a retry ${d.made_due === 1 ? "is" : "are"} due now` +
+      (d.note ? ` (${d.note})` : ". Sending starts at once.");
+  }).join(" ");
+}
+
+function sendNow(q) {
+  const name = encodeURIComponent(q.destination);
+  const question = `Send now to ${q.name}?\n\nIts backoff ends and every object waiting for a retry is ` +
+    `sent at once (recorded in the audit trail). Use it when ${q.peer ? q.peer.ae_title : q.name} is back.`;
+  if (confirm(question)) act(`/api/destinations/${name}/send-now`, { why: "dashboard" }, sentSentence);
 }
 
 function actions(q) {
@@ -109,6 +130,7 @@ function actions(q) {
   out.push(q.paused
     ? el("button", { class: "resume", onclick: () => act(`/api/queues/${name}/resume`, { why: "dashboard" }) }, "resume")
     : el("button", { class: "pause", onclick: () => act(`/api/queues/${name}/pause`, { why: "dashboard" }) }, "pause"));
+  if (!q.paused) out.push(" ", el("button", { class: "send-now", onclick: () => sendNow(q) }, "send now"));
   if (q.failed) {
     out.push(" ", el("button", { class: "retry", onclick: () => {
       const why = prompt(`Retry the ${q.failed} failed object(s) of ${q.name}: why?`, "");
