@@ -713,9 +713,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 def http_main(cfg: Config, config_path: str | None) -> None:
     """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
-    from fastroute.logsetup import setup_logging
+    from fastroute.logsetup import set_process_title, setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format, process="http")
+    set_process_title("http")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     code = _run(_serve(cfg, config_path))
     if code:
