@@ -44,28 +44,41 @@ def _which(*names: str) -> str | None:
 
 
 class LiveServer:
-    """The app on a free loopback port, on its own event loop thread (the browser needs a real socket)."""
+    """The app on a free loopback port, on its own event loop thread (the browser needs a real socket).
+
+    stop() and start() again serve a fresh app on the same port: the router's http process going
+    away and coming back (with an empty throughput history, as after a configuration reload)."""
 
     def __init__(self, cfg: Config, spool: Spool, config_path: str) -> None:
-        self.app = make_app(cfg, spool, config_path, monitor_interval=0.5)
+        self.args = (cfg, spool, config_path)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="dashboard-server", daemon=True)
-        self.runner = web.AppRunner(self.app, access_log=None)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
         self.url = ""
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(15)
+        self.start()
         return self
 
+    def start(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(15)
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(15)
+            self.runner = None
+
     async def _start(self) -> None:
+        self.runner = web.AppRunner(make_app(*self.args, monitor_interval=0.5), access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        host, self.port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{self.port}"
 
     def __exit__(self, *_: Any) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(15)
+        self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
@@ -103,6 +116,14 @@ def wait(driver: Any, predicate: Any, what: str, timeout: float = 10.0) -> Any:
         except StaleElementReferenceException:   # the table was re-rendered under us
             return False
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check, message=f"waiting for {what}")
+
+
+def rollup(study: Any, dest: str) -> dict[str, str]:
+    """One destination's row of a study's roll-up table, by column."""
+    from selenium.webdriver.common.by import By
+    row = study.find_element(By.CSS_SELECTOR, f'table.rollup tr[data-destination="{dest}"]')
+    return {col: str(row.find_element(By.CSS_SELECTOR, f"td.{col}").text)
+            for col in ("routed", "delivered", "waiting", "failed", "dropped")}
 
 
 def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: Any) -> None:
@@ -148,8 +169,17 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
 
             browser.find_element(By.ID, "search-value").send_keys(STUDY_A)
             browser.find_element(By.ID, "search-button").click()
+            wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results .study")) == 1,
+                 "the study rolled up")
+            assert browser.current_url.endswith(f"#/study/{STUDY_A}")   # the shareable link
+            study = browser.find_element(By.CSS_SELECTOR, "#search-results .study")
+            assert rollup(study, "pacs") == {"routed": "3", "delivered": "1", "waiting": "1", "failed": "1",
+                                             "dropped": "0"}
+            assert rollup(study, "vna")["waiting"] == "3"
+            assert not study.find_elements(By.CSS_SELECTOR, ".object")   # instances only on demand
+            study.find_element(By.CSS_SELECTOR, "details.series summary").click()
             wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results .object")) == 3,
-                 "three objects of the study")
+                 "three objects of the study, once its series is opened")
             first = browser.find_elements(By.CSS_SELECTOR, "#search-results .object")[0]
             assert "from CT1 (10.0.0.5)" in first.text and "ct-to-pacs" in first.text
             steps = {s.get_attribute("data-destination"): s for s in first.find_elements(By.CSS_SELECTOR, ".step")}
@@ -168,5 +198,7 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
             wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused")
             wait(browser, lambda d: "paused" in d.find_element(
                 By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.state').text, "the paused badge")
+            assert browser.find_element(By.ID, "message").text == (
+                "pacs paused: its queue keeps filling; nothing is sent until it is resumed.")
     finally:
         spool.close()

@@ -368,6 +368,7 @@ async def get_lookup(request: web.Request) -> web.Response:
         study_instance_uid=q.get("study_instance_uid", q.get("study", "")),
         accession_number=q.get("accession_number", q.get("accession", "")),
         patient_id=q.get("patient_id", q.get("patient", "")), limit=_int_param(request, "limit", 2000))
+    result["studies"] = ops.study_rollup(result["objects"])   # the dashboard's per-series view
     return _json(result)
 
 
@@ -378,6 +379,7 @@ async def get_study(request: web.Request) -> web.Response:
                             limit=_int_param(request, "limit", 2000))
     if not result["objects"]:
         raise ops.NotFound(f"no object of study {request.match_info['study_instance_uid']} in the spool")
+    result["studies"] = ops.study_rollup(result["objects"])
     return _json(result)
 
 
@@ -609,7 +611,8 @@ def openapi_spec() -> dict[str, Any]:
         "/api/alerts": {"get": _op("Raised alerts and the checks configured")},
         "/api/lookup": {"get": _op(
             "Objects by Study Instance UID, Accession Number or Patient ID, with each object's path: "
-            "source, rules matched, deliveries, attempts and errors", extra={"400": "not exactly one key given"},
+            "source, rules matched, deliveries, attempts and errors; 'studies' rolls them up per study, "
+            "series and destination", extra={"400": "not exactly one key given"},
             params=(_param("study_instance_uid"), _param("accession_number"), _param("patient_id"),
                     _param("limit", schema={"type": "integer", "default": 2000})))},
         "/api/studies/{study_instance_uid}": {"get": _op("One study's objects and their paths", params=(study,),
