@@ -83,7 +83,10 @@ function showMessage(text, isError) {
 
 // -- actions (need the bearer token) -------------------------------------------------------------
 
+let appliedToken = tokenInput.value;
 tokenInput.addEventListener("change", () => {
+  if (tokenInput.value === appliedToken) return;   // a second change event on blur: nothing new
+  appliedToken = tokenInput.value;
   sessionStorage.setItem("fastroute-token", tokenInput.value);
   refresh();
   route();   // a study link opened before the token was entered
@@ -375,7 +378,7 @@ const BUCKETS = ["delivered", "waiting", "failed", "dropped"];
 function chips(dests) {
   return dests.map((d) => el("span", { class: "dest-chips", "data-destination": d.destination },
     el("strong", {}, d.destination), " ",
-    BUCKETS.filter((b) => d[b]).map((b) => [el("span", { class: `chip ${b}`, "data-bucket": b }, `${d[b]} ${b}`), " "])));
+    BUCKETS.filter((b) => d[b]).flatMap((b) => [el("span", { class: `chip ${b}`, "data-bucket": b }, `${d[b]} ${b}`), " "])));
 }
 
 function studyView(study, byOid) {
