@@ -209,3 +209,57 @@ def test_router_processes_name_their_role_and_log_json(tmp_path: Path) -> None:
     assert any("listening as AE FASTROUTE" in d["message"] for d in banner)
     assert any(d["message"].startswith("started listener-0 (pid") for d in docs)   # the supervisor's lines
     assert {d["process"] for d in docs} >= {"supervisor", "http"}
+
+
+# -- call sites that carry their fields ---------------------------------------------------------
+
+def _as_json(record: logging.LogRecord) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(JsonFormatter("p").format(record))
+    return doc
+
+
+@pytest.mark.peers
+def test_c_store_to_dcmtk_logs_its_fields(storescp: object, synth_study: object,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The sender's C-STORE line (DEBUG) as a shipper sees it: AE titles, address, SOP UID, status."""
+    import peers
+    from test_scu import c_store_body, destination, store
+
+    from fastroute.dicom.scu import Connection
+
+    body = c_store_body(synth_study(n_instances=1, tiny=True)[0])   # type: ignore[operator]
+    scp = storescp("DEST")   # type: ignore[operator]
+    conn = Connection(destination(scp.port), "FASTROUTE")
+    with caplog.at_level(logging.DEBUG, logger="fastroute.send"):
+        assert store(conn, body).status == 0
+        conn.release()
+    line = next(r for r in caplog.records if r.getMessage().startswith("C-STORE"))
+    doc = _as_json(line)
+    assert {k: doc.get(k) for k in ("calling_ae", "called_ae", "peer", "sop_uid", "status")} == {
+        "calling_ae": "FASTROUTE", "called_ae": "DEST", "peer": peers.HOST, "sop_uid": body[1], "status": 0}
+    associated = next(r for r in caplog.records if r.getMessage().startswith("associated"))
+    assert _as_json(associated)["called_ae"] == "DEST"
+
+
+def test_operator_actions_log_their_destination(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import time as _time
+
+    from test_ops import AGE, STUDY_A, fill, make_config
+
+    from fastroute.ops import actions
+    from fastroute.spool import Spool
+
+    cfg, _ = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=0)
+    try:
+        fill(spool, _time.time() - AGE)
+        with caplog.at_level(logging.INFO, logger="fastroute.ops"):
+            actions.set_paused(cfg, spool, "pacs", True, who="tester")
+            actions.retry(cfg, spool, study_instance_uid=STUDY_A, who="tester")
+            actions.purge(cfg, spool, destination="vna", states=["pending"], reason="test",
+                          study_instance_uid=STUDY_A, who="tester")
+    finally:
+        spool.close()
+    docs = [_as_json(r) for r in caplog.records if r.name == "fastroute.ops"]
+    assert [(d.get("destination"), d.get("study_uid")) for d in docs] == [
+        ("pacs", None), (None, STUDY_A), ("vna", STUDY_A)]

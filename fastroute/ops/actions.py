@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence, TextIO
 from fastroute.config import Config, loads
 from fastroute.dicom.status import describe
 from fastroute.errors import ConfigError, FastrouteError
+from fastroute.logsetup import fields
 from fastroute.spool import UNROUTED, CounterKind, Counters, QueueEntry, QueueState, RoutingRecord, Spool
 from fastroute.spool.audit import whoami
 from fastroute.spool.senderstate import DestinationState, SenderState, read_state
@@ -429,7 +430,8 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
                  counts=counts, count=total)
     log.info("retry by %s: %d failed object(s) queued again (%s)%s", who or whoami(), total,
              ", ".join(f"{d}={n}" for d, n in counts.items()) or "none",
-             f" study_instance_uid={study_instance_uid}" if study_instance_uid else "")
+             f" study_instance_uid={study_instance_uid}" if study_instance_uid else "",
+             extra=fields(destination=display_name(dest) if dest else None, study_uid=study_instance_uid or None))
     _notify(cfg, [d for d, n in zip(per_dest, counts.values()) if n])
     return {"retried": counts, "count": total}
 
@@ -486,7 +488,8 @@ def purge(cfg: Config, spool: Spool, *, destination: str, states: Sequence[str],
     spool.audit_record("purge", who=who, why=reason, destination=display_name(dest), states=list(states),
                  study_instance_uid=study_instance_uid, oids=removed, count=len(removed))
     log.warning("purge by %s: %d object reference(s) removed from %s (%s): %s", who or whoami(),
-                len(removed), display_name(dest), ", ".join(states), reason)
+                len(removed), display_name(dest), ", ".join(states), reason,
+                extra=fields(destination=display_name(dest), study_uid=study_instance_uid or None))
     return {"destination": display_name(dest), "states": list(states), "purged": removed, "count": len(removed)}
 
 
@@ -497,7 +500,7 @@ def set_paused(cfg: Config, spool: Spool, destination: str, paused: bool, *,
     spool.set_paused(dest, paused)
     spool.audit_record("pause" if paused else "resume", who=who, why=why, destination=dest)
     log.info("destination=%s %s by %s%s", dest, "paused" if paused else "resumed",
-             who or whoami(), f": {why}" if why else "")
+             who or whoami(), f": {why}" if why else "", extra=fields(destination=dest))
     result: dict[str, Any] = {"destination": dest, "paused": paused}
     if not paused:
         _notify(cfg, [dest])

@@ -38,6 +38,7 @@ from fastroute.ops import actions as ops
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
+from fastroute.logsetup import fields
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
 from fastroute.spool import Spool, open_spool
 
@@ -143,7 +144,7 @@ def _check_token(request: web.Request, token: str) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(
             token.encode("utf-8", "replace")).digest()):
         log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
-                    request.remote)
+                    request.remote, extra=fields(peer=request.remote))
         raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
                     hint="send 'Authorization: Bearer <http.token>'")
 
@@ -273,7 +274,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise _fail(web.HTTPServiceUnavailable, Exception.__str__(exc), exc.hint) from None
     except RecursionError:   # YAML or JSON nested beyond what a recursive parser takes
         log.warning("refused %s %s from %s: input nested too deeply", request.method, request.path,
-                    request.remote)
+                    request.remote, extra=fields(peer=request.remote))
         raise _fail(web.HTTPBadRequest, "the request is nested too deeply") from None
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
