@@ -109,22 +109,35 @@ async function act(path, body, describe) {
 
 const plural = (n, one, many) => `${n} ${n === 1 ? one : many || one + "s"}`;
 
-// "Send now" (reset the backoff, send at once) appears when the API offers it: read from /openapi.json,
-// so the button follows the router's version instead of guessing.
+// "Send now" (end the backoff, send what waits for a retry at once) appears when the API offers it:
+// read from /openapi.json, so the button follows the router's version instead of guessing.
 let sendNowPath = null;
 async function detectSendNow() {
   try {
     const spec = await (await fetch("/openapi.json", { cache: "no-store" })).json();
     sendNowPath = Object.keys(spec.paths || {}).find((p) =>
-      /^\/api\/queues\/\{destination\}\/(send[-_]?now|send|wake|kick)$/.test(p) && spec.paths[p].post) || null;
+      /^\/api\/(destinations|queues)\/\{destination\}\/send[-_]?now$/.test(p) && spec.paths[p].post) || null;
   } catch (err) {
     sendNowPath = null;
   }
 }
 
-function describeSendNow(dest, data) {
-  const extra = data.note || data.message || "";
-  return `${dest}: backoff reset, sending now${extra ? ` (${extra})` : ""}.`;
+function sentSentence(data) {
+  if (!Array.isArray(data.destinations)) return `Send now: done${data.note ? ` (${data.note})` : ""}.`;
+  return data.destinations.map((d) => {
+    const was = d.was === "backing_off"
+      ? `was backing off after ${plural(d.consecutive_failures, "failure", "failures")} in a row`
+      : `was ${STATE_TEXT[d.was] || d.was}`;
+    return `Send now to ${d.destination}: backoff ended (${was}); ` +
+      `${plural(d.made_due, "object", "objects")} waiting for a retry ${d.made_due === 1 ? "is" : "are"} due now` +
+      (d.note ? ` (${d.note})` : ". Sending starts at once.");
+  }).join(" ");
+}
+
+function sendNow(q) {
+  const question = `Send now to ${q.name}?\n\nIts backoff ends and every object waiting for a retry is ` +
+    `sent at once (recorded in the audit trail). Use it when ${q.peer ? q.peer.ae_title : q.name} is back.`;
+  if (confirm(question)) act(sendNowPath.replace("{destination}", encodeURIComponent(q.name)), { why: "dashboard" }, sentSentence);
 }
 
 function actions(q) {
@@ -136,11 +149,7 @@ function actions(q) {
         (d) => `${q.name} resumed: sending again.${d.note ? ` Note: ${d.note}.` : ""}`) }, "resume")
       : el("button", { class: "pause", onclick: () => act(`/api/queues/${name}/pause`, { why: "dashboard" },
         () => `${q.name} paused: its queue keeps filling; nothing is sent until it is resumed.`) }, "pause"));
-    if (sendNowPath && (q.pending || q.status === "backing_off")) {
-      out.push(" ", el("button", { class: "send-now", onclick: () =>
-        act(sendNowPath.replace("{destination}", name), { why: "dashboard" }, (d) => describeSendNow(q.name, d)) },
-      "send now"));
-    }
+    if (sendNowPath && !q.paused) out.push(" ", el("button", { class: "send-now", onclick: () => sendNow(q) }, "send now"));
   }
   if (q.failed) {
     out.push(" ", el("button", { class: "retry", onclick: () => {
