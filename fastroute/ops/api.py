@@ -612,8 +612,7 @@ def openapi_spec() -> dict[str, Any]:
         "/api/alerts": {"get": _op("Raised alerts and the checks configured")},
         "/api/lookup": {"get": _op(
             "Objects by Study Instance UID, Accession Number or Patient ID, with each object's path: "
-            "source, rules matched, deliveries, attempts and errors; 'studies' rolls them up per study, "
-            "series and destination", extra={"400": "not exactly one key given"},
+            "source, rules matched, deliveries, attempts and errors", extra={"400": "not exactly one key given"},
             params=(_param("study_instance_uid"), _param("accession_number"), _param("patient_id"),
                     _param("limit", schema={"type": "integer", "default": 2000})))},
         "/api/studies/{study_instance_uid}": {"get": _op("One study's objects and their paths", params=(study,),
