@@ -49,12 +49,16 @@ def _age(seconds: float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fastroute.logsetup import setup_logging
+    import logging
+
+    from fastroute.logsetup import set_process_title, setup_logging
     from fastroute.workers import Supervisor
 
     cfg = _config(args)
     setup_logging(cfg.log_level, cfg.log_format, process="supervisor")
-    print(describe(cfg), file=sys.stderr, flush=True)
+    set_process_title("supervisor")
+    for line in describe(cfg).splitlines():   # through logging: JSON too when log_format is json
+        logging.getLogger("fastroute.banner").info("%s", line)
     return Supervisor(cfg, getattr(args, "config", None), getattr(args, "profile", None)).run()
 
 

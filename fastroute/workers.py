@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from fastroute import reload
 from fastroute.config import Config, warn_deprecated_engine
-from fastroute.logsetup import setup_logging
+from fastroute.logsetup import set_process_title, setup_logging
 from fastroute.spool import open_spool
 from fastroute.spool.space import space_warnings
 
@@ -32,6 +32,7 @@ LISTEN_TIMEOUT = 30.0  # how long a reload waits for its new listeners to listen
 
 def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Event:
     setup_logging(cfg.log_level, cfg.log_format, process=name)
+    set_process_title(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -38,6 +38,7 @@ from fastroute.ops import actions as ops
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
+from fastroute.logsetup import fields
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
 from fastroute.spool import Spool, open_spool
 
@@ -143,7 +144,7 @@ def _check_token(request: web.Request, token: str) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(
             token.encode("utf-8", "replace")).digest()):
         log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
-                    request.remote)
+                    request.remote, extra=fields(peer=request.remote))
         raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
                     hint="send 'Authorization: Bearer <http.token>'")
 
@@ -287,7 +288,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise _fail(web.HTTPServiceUnavailable, Exception.__str__(exc), exc.hint) from None
     except RecursionError:   # YAML or JSON nested beyond what a recursive parser takes
         log.warning("refused %s %s from %s: input nested too deeply", request.method, request.path,
-                    request.remote)
+                    request.remote, extra=fields(peer=request.remote))
         raise _fail(web.HTTPBadRequest, "the request is nested too deeply") from None
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
@@ -382,6 +383,7 @@ async def get_lookup(request: web.Request) -> web.Response:
         study_instance_uid=q.get("study_instance_uid", q.get("study", "")),
         accession_number=q.get("accession_number", q.get("accession", "")),
         patient_id=q.get("patient_id", q.get("patient", "")), limit=_int_param(request, "limit", 2000))
+    result["studies"] = ops.study_rollup(result["objects"])   # the dashboard's per-series view
     return _json(result)
 
 
@@ -392,6 +394,7 @@ async def get_study(request: web.Request) -> web.Response:
                             limit=_int_param(request, "limit", 2000))
     if not result["objects"]:
         raise ops.NotFound(f"no object of study {request.match_info['study_instance_uid']} in the spool")
+    result["studies"] = ops.study_rollup(result["objects"])
     return _json(result)
 
 
@@ -633,6 +636,7 @@ def _response_schemas() -> dict[str, Any]:
         "destination": _S, "state": _S, "oid": _I, "attempts": _I, "next_at": _NN, "status": _NI,
         "status_text": _S, "error": _S, "sop_instance_uid": _S, "study_instance_uid": _S, "patient_id": _S,
         "accession_number": _S, "modality": _S, "calling_ae": _S, "received_at": _NN}
+    rollup = _obj({"destination": _S, "routed": _I, "delivered": _I, "waiting": _I, "failed": _I, "dropped": _I})
     step = _obj({"destination": _S, "state": {"type": "string", "enum": sorted(ops.StepState)},
                  "attempts": _NI, "at": _NN, "status": _NI, "error": _S, "status_text": _S},
                 {"syntax": _S, "next_at": _NN, "by_oid": _I,
@@ -668,9 +672,14 @@ def _response_schemas() -> dict[str, Any]:
             "oid": _I, "sop_instance_uid": _S, "sop_class_uid": _S, "study_instance_uid": _S, "patient_id": _S,
             "accession_number": _S, "modality": _S, "transfer_syntax": _S, "size": _I, "received_at": _NN,
             "received_from": _obj({"calling_ae": _S, "called_ae": _S, "peer": _S}), "rules": _array(_S),
-            "routed_to": _array(_S), "path": _array(step)}),
+            "routed_to": _array(_S), "path": _array(step), "series_instance_uid": _S}),
         "Lookup": _obj({"query": {"type": "object", "additionalProperties": _S}, "count": _I, "truncated": _B,
-                        "objects": _array(_ref("Object"))}),
+                        "objects": _array(_ref("Object"))},
+                       {"studies": _array(_obj({
+                           "study_instance_uid": _S, "patient_id": _S, "accession_number": _S, "received": _I,
+                           "first_received_at": _NN, "last_received_at": _NN, "destinations": _array(rollup),
+                           "series": _array(_obj({"series_instance_uid": _S, "modality": _S, "received": _I,
+                                                  "oids": _array(_I), "destinations": _array(rollup)}))}))}),
         "AuditEvents": _obj({"events": _array(_obj(
             {"seq": _I, "time": _N, "action": _S, "prev": _S, "hash": _S},
             {"who": _S, "why": _S}, closed=False))}),
@@ -833,9 +842,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 def http_main(cfg: Config, config_path: str | None) -> None:
     """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
-    from fastroute.logsetup import setup_logging
+    from fastroute.logsetup import set_process_title, setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format, process="http")
+    set_process_title("http")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     code = _run(_serve(cfg, config_path))
     if code:
