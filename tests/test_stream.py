@@ -307,7 +307,8 @@ class _Stager:
         self.threshold = threshold
         self.sinks: list[_Sink] = []
 
-    def open(self, head: bytearray) -> _Sink:
+    def open(self, head: bytearray, sop_instance_uid: str) -> _Sink:
+        assert sop_instance_uid == "1.2.3.4"
         assert len(head) <= self.threshold + 16384     # at most one fragment past it
         sink = _Sink(head)
         self.sinks.append(sink)

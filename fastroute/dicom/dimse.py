@@ -94,7 +94,7 @@ class Stager(Protocol):
 
     threshold: int
 
-    def open(self, head: bytearray) -> DatasetSink: ...
+    def open(self, head: bytearray, sop_instance_uid: str) -> DatasetSink: ...
 
 
 @dataclass(slots=True)
@@ -255,7 +255,8 @@ class Assembler:
                     stager = self.stager
                     if stager is not None and len(data) > stager.threshold and not is_last:
                         # Out of memory from here on: the association holds one threshold.
-                        data = self._sink = stager.open(self._data)
+                        data = self._sink = stager.open(
+                            self._data, str(self._command.get(AFFECTED_SOP_INSTANCE_UID) or ""))
                         self._data = None
                 if len(data) > self.max_object:
                     self.discard()

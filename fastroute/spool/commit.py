@@ -92,8 +92,8 @@ class Committer:
         try:
             n = self.spool.discard_staged(f.sid, f.staged + 1)
             if n:
-                log.info("removed %d staged chunk(s) (%d bytes received) of an object that was not "
-                         "committed", n, f.size)
+                log.info("sop_instance_uid=%s: removed %d staged chunk(s) (%d bytes received) of an "
+                         "object that was not committed", f.sop_instance_uid, n, f.size)
         except Exception:
             log.exception("could not remove a staged object's chunks (removed at the next start)")
         finally:

@@ -143,8 +143,9 @@ class StagedFile:
     thread's queue), which copies it from the file into LMDB.
     """
 
-    def __init__(self, stager: Stager, head: bytearray) -> None:
+    def __init__(self, stager: Stager, head: bytearray, sop_instance_uid: str = "") -> None:
         self.stager = stager
+        self.sop_instance_uid = sop_instance_uid   # for the log lines
         self.sid = stager.new_sid()
         self.size = 0
         self.staged = 0                # chunks handed to the committer
@@ -230,8 +231,8 @@ class Stager:
     def new_sid(self) -> bytes:
         return _SID.pack(self._pid, self._started, next(self._counter) & 0xFFFFFFFF)
 
-    def open(self, head: bytearray) -> StagedFile:
-        return StagedFile(self, head)
+    def open(self, head: bytearray, sop_instance_uid: str = "") -> StagedFile:
+        return StagedFile(self, head, sop_instance_uid)
 
 
 def _open_unlinked(directory: Path) -> int:
