@@ -45,6 +45,7 @@ READERS: dict[str, frozenset[Role]] = {
     "dimse_timeout": frozenset({_L}),
     "network_timeout": frozenset({_L}),
     "max_object_bytes": frozenset({_L}),
+    "stream_threshold": frozenset({_L}),
     "max_associations_per_ae": frozenset({_L}),
     "max_associations_per_ip": frozenset({_L}),
     "association_idle_timeout": frozenset({_L}),
