@@ -25,7 +25,9 @@ __all__ = ["FIELDS", "JsonFormatter", "TextFormatter", "escape_control", "fields
            "setup_logging"]
 
 # The event fields the JSON format lifts from a record's ``extra=`` into keys of their own.
-FIELDS = ("destination", "calling_ae", "called_ae", "peer", "study_uid", "sop_uid", "status", "oid")
+# ``worker`` names the child process a supervisor line is about (``listener-0``): not
+# ``process``, which is the LogRecord's pid attribute and the JSON key of the process writing.
+FIELDS = ("destination", "calling_ae", "called_ae", "peer", "study_uid", "sop_uid", "status", "oid", "worker")
 
 # C0 controls, DEL, C1 controls (0x9B is a one-byte CSI), and Unicode's line/paragraph
 # separators, which some viewers break lines on.
@@ -62,11 +64,11 @@ def _safe_message(record: logging.LogRecord) -> str:
 
 def fields(*, destination: str | None = None, calling_ae: str | None = None, called_ae: str | None = None,
            peer: str | None = None, study_uid: str | None = None, sop_uid: str | None = None,
-           status: int | None = None, oid: int | None = None) -> dict[str, Any]:
+           status: int | None = None, oid: int | None = None, worker: str | None = None) -> dict[str, Any]:
     """``extra=`` for a log call: typed keyword arguments, so a misspelt field fails mypy
     instead of silently becoming a key no query finds. None values are left out."""
     given = {"destination": destination, "calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
-             "study_uid": study_uid, "sop_uid": sop_uid, "status": status, "oid": oid}
+             "study_uid": study_uid, "sop_uid": sop_uid, "status": status, "oid": oid, "worker": worker}
     return {k: v for k, v in given.items() if v is not None}
 
 

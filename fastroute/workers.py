@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from fastroute import reload
 from fastroute.config import Config, warn_deprecated_engine
-from fastroute.logsetup import set_process_title, setup_logging
+from fastroute.logsetup import fields, set_process_title, setup_logging
 from fastroute.spool import open_spool
 from fastroute.spool.space import space_warnings
 
@@ -40,7 +40,7 @@ def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Eve
         try:
             os.sched_setaffinity(0, set(cpus))
         except OSError as exc:
-            log.warning("%s: cannot pin to CPUs %s: %s", name, cpus, exc)
+            log.warning("%s: cannot pin to CPUs %s: %s", name, cpus, exc, extra=fields(worker=name))
     return stop
 
 
@@ -219,10 +219,11 @@ class Supervisor:
         for c, kill_at in self._retiring:
             if not c.proc.is_alive():
                 c.proc.join()
-                log.info("retired %s (pid %d) exited (code %s)", c.name, c.proc.pid, c.proc.exitcode)
+                log.info("retired %s (pid %d) exited (code %s)", c.name, c.proc.pid, c.proc.exitcode,
+                         extra=fields(worker=c.name))
             elif time.monotonic() >= kill_at:
                 log.error("retired %s (pid %d) did not stop within the grace period; killing it",
-                          c.name, c.proc.pid)
+                          c.name, c.proc.pid, extra=fields(worker=c.name))
                 c.proc.kill()
                 c.proc.join()
             else:
@@ -233,7 +234,7 @@ class Supervisor:
         child.proc = self._ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
         child.proc.start()
         child.started = time.monotonic()
-        log.info("started %s (pid %d)", child.name, child.proc.pid)
+        log.info("started %s (pid %d)", child.name, child.proc.pid, extra=fields(worker=child.name))
 
     def run(self) -> int:
         # Create the spool (and its sub-databases) once before any child opens it, with room
@@ -331,13 +332,15 @@ class Supervisor:
         child.proc.join()
         child.proc = None
         if exitcode == EXIT_CONFIG:
-            log.error("%s exited with a configuration error (code %d); stopping fastroute", child.name, exitcode)
+            log.error("%s exited with a configuration error (code %d); stopping fastroute", child.name, exitcode,
+                      extra=fields(worker=child.name))
             return 2
         uptime = time.monotonic() - child.started
         child.restarts = 0 if uptime > 60 else child.restarts + 1
         delay = min(30.0, 0.5 * (2 ** child.restarts)) if child.restarts else 0.5
         child.restart_at = time.monotonic() + delay
-        log.error("%s died (exit code %s) after %.1fs; restarting in %.1fs", child.name, exitcode, uptime, delay)
+        log.error("%s died (exit code %s) after %.1fs; restarting in %.1fs", child.name, exitcode, uptime, delay,
+                  extra=fields(worker=child.name))
         return 0
 
     def shutdown(self) -> None:
@@ -354,7 +357,7 @@ class Supervisor:
         for c in alive:
             c.proc.join(max(0.0, deadline - time.monotonic()))
             if c.proc.is_alive():
-                log.error("%s did not stop within the grace period; killing it", c.name)
+                log.error("%s did not stop within the grace period; killing it", c.name, extra=fields(worker=c.name))
                 c.proc.kill()
                 c.proc.join()
         for c in children:

@@ -42,7 +42,8 @@ except RuntimeError:
 """ + r"""
 from fastroute.logsetup import fields
 log.warning("C-STORE failed", extra=fields(destination="pacs", calling_ae=sys.argv[3], called_ae="ROUTER",
-            peer="10.0.0.5:104", study_uid="1.2.3", sop_uid=sys.argv[2], status=0xA700, oid=42))
+            peer="10.0.0.5:104", study_uid="1.2.3", sop_uid=sys.argv[2], status=0xA700, oid=42,
+            worker="sender-pacs"))
 """
 
 
@@ -116,7 +117,7 @@ def test_json_events_carry_their_fields_escaped() -> None:
     assert {k: event[k] for k in FIELDS} == {
         "destination": "pacs", "calling_ae": r"A\r\x1b[2J\x9b31m\x7f\x00\u2028Z", "called_ae": "ROUTER",
         "peer": "10.0.0.5:104", "study_uid": "1.2.3", "sop_uid": r"EVIL\nFAKE 2026 ERROR",
-        "status": 0xA700, "oid": 42}
+        "status": 0xA700, "oid": 42, "worker": "sender-pacs"}
 
 
 def test_fields_helper_leaves_out_what_is_not_known() -> None:
@@ -263,3 +264,76 @@ def test_operator_actions_log_their_destination(tmp_path: Path, caplog: pytest.L
     docs = [_as_json(r) for r in caplog.records if r.name == "fastroute.ops"]
     assert [(d.get("destination"), d.get("study_uid")) for d in docs] == [
         ("pacs", None), (None, STUDY_A), ("vna", STUDY_A)]
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    docs = []
+    for line in text.splitlines():
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not JSON: {line!r}") from None
+    return docs
+
+
+@pytest.mark.peers
+def test_router_receive_delivery_and_refusal_lines_carry_fields(
+        tmp_path: Path, storescp: object, dcmtk: object) -> None:
+    """A real router in JSON mode, C-STORE from DCMTK storescu through fastroute to DCMTK
+    storescp: the receive line and the delivery line carry the object's subjects as keys (the
+    Study UID too, which the receive path used to never log), and a refusal carries its status."""
+    import pydicom
+
+    import synth
+    from peers import free_port, storescu, wait_until
+    from router import Router, destination
+
+    files = synth.make_tiny(tmp_path / "tiny", n=1)
+    ds = pydicom.dcmread(files[0])
+    sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+    port = free_port()
+    scp = storescp("PACS", port=port)   # type: ignore[operator]
+    r = Router(tmp_path / "router", {
+        "log_format": "json", "log_level": "DEBUG", "http": {"host": "127.0.0.1", "port": free_port()},
+        "destinations": {"pacs": destination(port, "PACS")},
+        "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+    r.start()
+    try:
+        res = storescu(r.port, files, calling_ae="MODALITY")
+        assert res.returncode == 0, res.stderr
+        assert len(scp.wait_for(1, timeout=30)) == 1
+        wait_until(lambda: any(d.get("logger") == "fastroute.schedule" and d.get("sop_uid") == sop
+                               for d in _json_lines(r.log_text())), 30,
+                   message=lambda: f"no delivery line:\n{r.log_tail()}")
+    finally:
+        assert r.stop() == 0
+    docs = _json_lines(r.log_text())
+    keys = ("calling_ae", "sop_uid", "study_uid", "destination", "status", "oid")
+    received = next(d for d in docs if d["logger"] == "fastroute.intake" and d.get("sop_uid") == sop)
+    delivered = next(d for d in docs if d["logger"] == "fastroute.schedule" and d.get("sop_uid") == sop)
+    for line in (received, delivered):
+        assert {k: line.get(k) for k in keys} == {
+            "calling_ae": "MODALITY", "sop_uid": sop, "study_uid": study, "destination": "pacs",
+            "status": 0, "oid": received["oid"]}, line
+        assert study in str(line["message"])           # text logs have no fields: the message names it
+    assert received["called_ae"] == "FASTROUTE" and delivered["called_ae"] == "PACS"
+    accepted = next(d for d in docs if d["logger"] == "fastroute.scp" and "accepted" in str(d["message"]))
+    assert (accepted.get("calling_ae"), accepted.get("called_ae"), accepted.get("peer")) == (
+        "MODALITY", "FASTROUTE", "127.0.0.1")
+    assert any(d.get("worker") == "listener-0" and str(d["message"]).startswith("started listener-0")
+               for d in docs)
+
+    # A refusal: the free-space floor above what the disk has -> 0xA700, said as a key.
+    import shutil
+    r.write_config(min_free_bytes=shutil.disk_usage(tmp_path).free + 1024**4)
+    r.start()
+    try:
+        assert storescu(r.port, synth.make_tiny(tmp_path / "more", n=1), calling_ae="MODALITY").returncode != 0
+        wait_until(lambda: any(d.get("status") == 0xA700 for d in _json_lines(r.log_text())), 20,
+                   message=lambda: f"no refusal line with its status:\n{r.log_tail()}")
+    finally:
+        assert r.stop() == 0
+    refused = next(d for d in _json_lines(r.log_text()) if d.get("status") == 0xA700)
+    assert refused["level"] == "ERROR" and refused["calling_ae"] == "MODALITY" and refused.get("sop_uid")
+    assert refused.get("study_uid")     # refused after the peek: the Study UID is known and named
+    assert "0xA700" in str(refused["message"])

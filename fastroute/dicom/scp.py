@@ -36,6 +36,7 @@ from fastroute.dicom.slots import SlotTable
 from fastroute.dicom.status import Status, describe
 from fastroute.dicom.ul import (AssociateRequest, PeerAbort, ReleaseRequest, Role, State, UnexpectedPdu,
                                 UpperLayer)
+from fastroute.logsetup import fields
 
 log = logging.getLogger("fastroute.scp")
 
@@ -54,7 +55,9 @@ _ECHO_OK = Reply(Status.SUCCESS)
 
 def echo_handler(peer: Peer, msg: Message) -> Reply:
     """The Verification service: always success."""
-    log.debug("C-ECHO from %s@%s", peer.calling_ae, peer.ip)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("C-ECHO from %s@%s", peer.calling_ae, peer.ip,
+                  extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip))
     return _ECHO_OK
 
 
@@ -148,7 +151,8 @@ class _Connection(asyncio.Protocol):
                         REASON_UNRECOGNISED_PDU if unknown else REASON_INVALID_PARAMETER)
             return
         except Exception as exc:          # never let one peer's bytes take the loop down
-            log.exception("association from %s@%s: internal error", self.calling, self.ip)
+            log.exception("association from %s@%s: internal error", self.calling, self.ip,
+                          extra=self._fields())
             self._abort(f"internal error: {exc!r}", REASON_NOT_SPECIFIED)
             return
         transport = self.transport
@@ -190,14 +194,16 @@ class _Connection(asyncio.Protocol):
                 return                    # nothing here is cancellable: requests are answered in order
             log.warning("association from %s@%s: %s (0x%04X) is not served -> status %s",
                         self.calling, self.ip, command_name(field), field,
-                        describe(Status.UNRECOGNIZED_OPERATION))
+                        describe(Status.UNRECOGNIZED_OPERATION),
+                        extra=self._fields(status=Status.UNRECOGNIZED_OPERATION))
             self._send_command(msg.context_id, encode_response(msg.command, Status.UNRECOGNIZED_OPERATION))
             return
         try:
             reply = handler(self.peer, msg)
         except Exception as exc:          # a handler that raises must not cost the association
-            log.exception("association from %s@%s: %s handler failed", self.calling, self.ip,
-                          command_name(field))
+            log.exception("association from %s@%s: %s handler failed -> status %s", self.calling, self.ip,
+                          command_name(field), describe(Status.OUT_OF_RESOURCES),
+                          extra=self._fields(status=Status.OUT_OF_RESOURCES))
             reply = Reply(Status.OUT_OF_RESOURCES, f"internal error: {exc!r}")
         if type(reply) is Pending:
             self.busy = True
@@ -215,8 +221,9 @@ class _Connection(asyncio.Protocol):
         try:
             reply = pending.finish(pending.future)      # done, so this never blocks
         except Exception as exc:
-            log.exception("association from %s@%s: finishing %s failed", self.calling, self.ip,
-                          command_name(msg.field))
+            log.exception("association from %s@%s: finishing %s failed -> status %s", self.calling, self.ip,
+                          command_name(msg.field), describe(Status.OUT_OF_RESOURCES),
+                          extra=self._fields(status=Status.OUT_OF_RESOURCES))
             reply = Reply(Status.OUT_OF_RESOURCES, f"internal error: {exc!r}")
         self._respond(msg, reply)
         if self.transport is not None:
@@ -247,7 +254,7 @@ class _Connection(asyncio.Protocol):
         if rejection is not None:
             log.warning("rejecting association from %s@%s to %s: %s (A-ASSOCIATE-RJ %d/%d/%d)",
                         self.calling, self.ip, self.called, rejection.why,
-                        rejection.result, rejection.source, rejection.reason)
+                        rejection.result, rejection.source, rejection.reason, extra=self._fields())
             self._write([self.ul.reject(rejection.result, rejection.source, rejection.reason)])
             self.outcome = "rejected"
             self._close()
@@ -259,7 +266,15 @@ class _Connection(asyncio.Protocol):
         self.accept_rx = self.rx_bytes - self.ul.buffered
         self._restart_timer(min(self.r.cfg.network_timeout, self.r.cfg.association_idle_timeout))
         log.info("association from %s@%s to %s accepted (%d of %d contexts)", self.calling, self.ip,
-                 self.called, len(contexts), len(rq.presentation_context_definition_list))
+                 self.called, len(contexts), len(rq.presentation_context_definition_list),
+                 extra=self._fields())
+
+    def _fields(self, status: int | None = None) -> dict[str, Any]:
+        """The association's log fields (calling/called AE titles, peer address); the AE
+        titles are left out until an A-ASSOCIATE-RQ has named them (they read "?" until then)."""
+        named = self.ul.state is not State.AWAITING_ASSOCIATE_RQ
+        return fields(calling_ae=self.calling if named else None, called_ae=self.called if named else None,
+                      peer=self.ip, status=status)
 
     # output and teardown -----------------------------------------------------------------
 
@@ -298,7 +313,7 @@ class _Connection(asyncio.Protocol):
         st = self.stats
         log.log(level, "association from %s@%s to %s %s%s: %d stored (%d bytes), %d refused",
                 self.calling, self.ip, self.called, how, f" ({why})" if why else "",
-                st.stored, st.bytes, st.refused)
+                st.stored, st.bytes, st.refused, extra=self._fields())
 
     def _restart_timer(self, delay: float) -> None:
         if self.timer is not None:
@@ -314,7 +329,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.ul.state is State.AWAITING_ASSOCIATE_RQ:
             log.warning("connection from %s: no A-ASSOCIATE-RQ within %gs (ARTIM); closing",
-                        self.ip, self.r.cfg.acse_timeout)
+                        self.ip, self.r.cfg.acse_timeout, extra=fields(peer=self.ip))
             self.outcome = "timed out"
             self._close()
             return

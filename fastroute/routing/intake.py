@@ -27,6 +27,7 @@ from fastroute.dicom.attrs import DEFLATED, MAX_OBJECT_BYTES, check_structure, r
 from fastroute.dicom.dimse import Message, Peer, Pending, Reply
 from fastroute.dicom.status import Status, describe
 from fastroute.errors import ObjectTooLarge, PeekError, SpoolError, SpoolFullError
+from fastroute.logsetup import fields
 from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, PutResult
 from fastroute.spool.commit import Committer
@@ -134,14 +135,14 @@ class StoreService:
         if len(msg.data) > OFFLOAD_BYTES or ts.rstrip("\0 ") in DEFLATED:
             # Off the event loop: a deflate bomb or a 1 GiB walk must not delay a C-ECHO.
             done: Future[PutResult | Refusal] = Future()
-            self.pool.submit(self._prepare, peer, msg, ts).add_done_callback(
-                lambda f: self._commit_into(f, done))
-            return Pending(done, lambda fut: self._committed(peer, sop_uid, fut))
+            prepared = self.pool.submit(self._prepare, peer, msg, ts)
+            prepared.add_done_callback(lambda f: self._commit_into(f, done))
+            return Pending(done, lambda fut: self._committed(peer, sop_uid, fut, prepared))
         outcome = self._prepare(peer, msg, ts)
         if isinstance(outcome, Refusal):
             return self._refuse(peer, sop_uid, outcome)
         return Pending(self.committer.submit_nowait(outcome),
-                       lambda fut: self._committed(peer, sop_uid, fut))
+                       lambda fut: self._committed(peer, sop_uid, fut, outcome))
 
     def _prepare(self, peer: Peer, msg: Message, ts: str, data: Any = None) -> Incoming | Refusal:
         """Check, peek and route ``data`` (default: the message's dataset); never raises."""
@@ -152,7 +153,9 @@ class StoreService:
                                  self.max_object_bytes)
         except Exception as exc:          # a rule that raises is our bug: the modality retries
             log.exception("C-STORE from %s@%s to %s sop_instance_uid=%s: routing failed",
-                          peer.calling_ae, peer.ip, peer.called_ae, msg.sop_instance_uid)
+                          peer.calling_ae, peer.ip, peer.called_ae, msg.sop_instance_uid,
+                          extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
+                                       sop_uid=msg.sop_instance_uid))
             return refusal_for(exc)
 
     def _commit_into(self, prepared: Future[Incoming | Refusal],
@@ -178,6 +181,7 @@ class StoreService:
         chunks to it. A refused one's chunks are removed before the refusal is answered."""
         sop_uid = msg.sop_instance_uid
         done: Future[PutResult | Refusal] = Future()
+        prepared: list[Incoming] = []     # the checked item, for the log line's Study UID
 
         def check() -> None:
             try:
@@ -194,6 +198,7 @@ class StoreService:
             if isinstance(outcome, Refusal):
                 self.committer.drop_staged(staged).add_done_callback(lambda _: done.set_result(outcome))
                 return
+            prepared.append(outcome)
 
             def follow(commit: Future[PutResult]) -> None:
                 exc = commit.exception()
@@ -214,32 +219,62 @@ class StoreService:
                 self.committer.drop_staged(staged)
                 done.set_exception(exc)
         self.committer.seal(staged).add_done_callback(sealed)
-        return Pending(done, lambda fut: self._committed(peer, sop_uid, fut))
+        return Pending(done, lambda fut: self._committed(peer, sop_uid, fut, prepared))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    def _committed(self, peer: Peer, sop_uid: str, fut: Future[Any]) -> Reply:
+    def _committed(self, peer: Peer, sop_uid: str, fut: Future[Any], item: _Prepared) -> Reply:
+        """The reply once the commit is done; ``item`` is where the checked object is (for
+        the Study UID its log lines name), looked at only when a line is written."""
         exc = fut.exception()
         if exc is not None:
-            return self._refuse(peer, sop_uid, refusal_for(exc))
+            return self._refuse(peer, sop_uid, refusal_for(exc), _study_uid(item))
         if isinstance(fut.result(), Refusal):
             return self._refuse(peer, sop_uid, fut.result())
         if log.isEnabledFor(logging.DEBUG):
             result = fut.result()
-            log.debug("C-STORE from %s@%s sop_instance_uid=%s stored oid=%d -> %s%s", peer.calling_ae,
-                      peer.ip, sop_uid, result.oid, ",".join(result.queued) or "unrouted",
-                      f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "")
+            study = _study_uid(item)
+            routed = ",".join(result.queued) or "unrouted"
+            log.debug("C-STORE from %s@%s to %s sop_instance_uid=%s study_instance_uid=%s stored oid=%d "
+                      "-> %s%s (status 0x0000)", peer.calling_ae, peer.ip, peer.called_ae, sop_uid, study or "",
+                      result.oid, routed,
+                      f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "",
+                      extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
+                                   sop_uid=sop_uid, study_uid=study, destination=routed,
+                                   status=Status.SUCCESS, oid=result.oid))
         return _SUCCESS
 
     @staticmethod
-    def _refuse(peer: Peer, sop_uid: str, refusal: Refusal) -> Reply:
-        log.error("C-STORE from %s@%s to %s sop_instance_uid=%s: %s -> status %s", peer.calling_ae,
-                  peer.ip, peer.called_ae, sop_uid, refusal.why, describe(refusal.status))
+    def _refuse(peer: Peer, sop_uid: str, refusal: Refusal, study_uid: str | None = None) -> Reply:
+        """Answer a failure status, and say so: every C-STORE refusal is an ERROR line with it."""
+        log.error("C-STORE from %s@%s to %s sop_instance_uid=%s%s: %s -> status %s", peer.calling_ae,
+                  peer.ip, peer.called_ae, sop_uid, f" study_instance_uid={study_uid}" if study_uid else "",
+                  refusal.why, describe(refusal.status),
+                  extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
+                               sop_uid=sop_uid, study_uid=study_uid, status=int(refusal.status)))
         return Reply(refusal.status, refusal.comment)
 
 
 _SUCCESS = Reply(Status.SUCCESS)
+
+# Where a C-STORE's checked object is once its commit answers: the item itself (checked on the
+# event loop), the check thread's future, or a list a staged object's check appends it to.
+_Prepared = Incoming | Future[Incoming | Refusal] | list[Incoming]
+
+
+def _study_uid(item: _Prepared) -> str | None:
+    """The Study Instance UID the peek indexed the object by (None when it was not checked)."""
+    if isinstance(item, Future):
+        if not item.done() or item.exception() is not None:
+            return None
+        found = item.result()
+        item = found if isinstance(found, Incoming) else []
+    if isinstance(item, list):
+        if not item:
+            return None
+        item = item[0]
+    return str(item.meta.get("study_instance_uid") or "") or None
 
 
 def _failed_into(check: Future[None], done: Future[Any]) -> None:

@@ -25,9 +25,11 @@ import random
 import threading
 import time
 from dataclasses import replace
+from typing import Any
 
 from fastroute.config import Config, DestinationConfig, warn_deprecated_engine
 from fastroute.errors import SpoolError, TranscodeError
+from fastroute.logsetup import fields
 from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
 from fastroute.dicom.status import classify_store as classify_status
 from fastroute.dicom.status import describe as status_text
@@ -151,7 +153,7 @@ class DestinationSender:
             self.down_until = 0.0
             self._last_failure_at = 0.0
         log.warning("destination=%s ae=%s: backoff reset (%s); was %s after %d failure(s) in a row, "
-                    "sending now", self.dest.name, self.dest.ae_title, why, was, failures)
+                    "sending now", self.dest.name, self.dest.ae_title, why, was, failures, extra=self._fields())
         self._publish(consecutive_failures=0, retry_at=None,
                       **({"state": SenderState.IDLE} if was == SenderState.BACKING_OFF else {}))
         self.poke()
@@ -166,6 +168,22 @@ class DestinationSender:
         self.poke()
 
     # -- state -------------------------------------------------------------------------------
+
+    def _fields(self, item: Claimed | None = None, status: int | None = None) -> dict[str, Any]:
+        """A sender line's log fields: the destination and its AE title (``called_ae``), and for
+        an object its SOP/Study Instance UID, oid and ``calling_ae`` -- the AE title that sent
+        it to fastroute, so one query finds an object's receive and delivery lines."""
+        if item is None:
+            return fields(destination=self.dest.name, called_ae=self.dest.ae_title, status=status)
+        return fields(destination=self.dest.name, called_ae=self.dest.ae_title, status=status,
+                      calling_ae=item.calling_ae or None, sop_uid=item.sop_instance_uid,
+                      study_uid=item.study_instance_uid or None, oid=item.oid)
+
+    def _where(self, item: Claimed) -> str:
+        """An object line's subject, as text logs show it (built only for a line written)."""
+        study = f" study_instance_uid={item.study_instance_uid}" if item.study_instance_uid else ""
+        return (f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
+                f"{study} oid={item.oid}")
 
     def _publish(self, **changes: object) -> None:
         with self._state_lock:
@@ -227,18 +245,19 @@ class DestinationSender:
                 self.down_until = max(self.down_until, now + delay)
         if joined:
             log.debug("destination=%s ae=%s: %s (same outage, already backing off until %s)", self.dest.name,
-                      self.dest.ae_title, error, time.strftime("%H:%M:%S", time.localtime(self.down_until)))
+                      self.dest.ae_title, error, time.strftime("%H:%M:%S", time.localtime(self.down_until)),
+                      extra=self._fields())
             return
         log.warning("destination=%s ae=%s: %s; backing off %.1fs (failure %d in a row, down since %s)",
                     self.dest.name, self.dest.ae_title, error, delay, n,
-                    time.strftime("%H:%M:%S", time.localtime(down_since)))
+                    time.strftime("%H:%M:%S", time.localtime(down_since)), extra=self._fields())
         self._publish(state=SenderState.BACKING_OFF, down_since=down_since, retry_at=self.down_until, last_error=error)
 
     def _destination_ok(self) -> None:
         if self.state.consecutive_failures or self.state.state != SenderState.UP:
             if self.state.down_since:
                 log.info("destination=%s ae=%s is reachable again after %.0fs", self.dest.name,
-                         self.dest.ae_title, time.time() - self.state.down_since)
+                         self.dest.ae_title, time.time() - self.state.down_since, extra=self._fields())
             self.down_until = 0.0
             self._publish(state=SenderState.UP, down_since=None, retry_at=None, consecutive_failures=0)
             self.poke()   # the other association threads stop waiting out the backoff
@@ -250,7 +269,7 @@ class DestinationSender:
         self._spool_errors += 1
         delay = backoff_delay(self._spool_errors, 0.5, 30.0, self.rng)
         log.error("destination=%s ae=%s: spool write failed (%s); retrying in %.1fs (failure %d in a row)",
-                  self.dest.name, self.dest.ae_title, exc, delay, self._spool_errors)
+                  self.dest.name, self.dest.ae_title, exc, delay, self._spool_errors, extra=self._fields())
         self.stop_event.wait(delay)
 
     # -- the work ----------------------------------------------------------------------------
@@ -352,10 +371,11 @@ class DestinationSender:
                     self.spool.settle(name, held + [Outcome(i.oid, OutcomeKind.RELEASE) for i in carried])
                 except SpoolError as exc:
                     log.error("destination=%s: %s; %d object(s) stay in flight and are resent after "
-                              "the restart (at-least-once)", name, exc, len(held) + len(carried))
+                              "the restart (at-least-once)", name, exc, len(held) + len(carried),
+                              extra=self._fields())
         except Exception:
             log.exception("destination=%s: sender thread %d crashed; the process will be restarted",
-                          name, index)
+                          name, index, extra=self._fields())
             os._exit(70)
         finally:
             conn.release()
@@ -376,8 +396,7 @@ class DestinationSender:
                 missing = self.planner.refusal_reason(i)
                 if missing:
                     msg += f"; {missing}"
-                log.error("destination=%s ae=%s sop_instance_uid=%s: %s", self.dest.name,
-                          self.dest.ae_title, i.sop_instance_uid, msg)
+                log.error("%s: %s", self._where(i), msg, extra=self._fields(i))
                 out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg))
             return out
         except AssociationFailed as exc:
@@ -428,7 +447,6 @@ class DestinationSender:
     def _send_view(self, conn: AnyConnection, item: Claimed, stored: memoryview | ChunkedView) -> Outcome:
         """Send one object from its spool buffer (no copy unless it must be transcoded); a
         chunked (large) object as its list of LMDB page views."""
-        where = f"destination={self.dest.name} ae={self.dest.ae_title} sop_instance_uid={item.sop_instance_uid}"
         now = time.time()
         data: bytes | memoryview | list[memoryview]
         try:
@@ -438,11 +456,13 @@ class DestinationSender:
                 cx, data, sent_ts = self.planner.prepare(conn, item, stored)
         except TranscodeError as exc:
             # Deterministic for this object and destination: kept as failed, never dropped.
-            log.error("%s: cannot be sent in a syntax the destination accepts: %s", where, exc)
+            log.error("%s: cannot be sent in a syntax the destination accepts: %s", self._where(item), exc,
+                      extra=self._fields(item))
             return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc))
         transcoded = sent_ts != item.transfer_syntax
         if transcoded and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: transcoded %s -> %s", where, syntax_label(item.transfer_syntax), syntax_label(sent_ts))
+            log.debug("%s: transcoded %s -> %s", self._where(item), syntax_label(item.transfer_syntax),
+                      syntax_label(sent_ts), extra=self._fields(item))
         try:
             result = conn.send_raw(cx, item.sop_class_uid, item.sop_instance_uid, data)
         except OutcomeUnknown as exc:
@@ -453,11 +473,12 @@ class DestinationSender:
                 run = self._unknown_run
             outcome = decide(item, self.dest, None, str(exc), unknown=True, now=now, rng=self.rng)
             if outcome.kind == OutcomeKind.FAILED:
-                log.error("%s: failed: %s", where, outcome.error)
+                log.error("%s: failed: %s", self._where(item), outcome.error, extra=self._fields(item))
             else:
                 log.warning("%s: outcome unknown (%s), %d of %d in a row allowed; resent at %s "
-                            "(at-least-once)", where, exc, item.unknown + 1, self.dest.max_unknown_outcomes,
-                            time.strftime("%H:%M:%S", time.localtime(outcome.next_at)))
+                            "(at-least-once)", self._where(item), exc, item.unknown + 1,
+                            self.dest.max_unknown_outcomes, time.strftime("%H:%M:%S", time.localtime(outcome.next_at)),
+                            extra=self._fields(item))
             if not item.unknown and run >= self.dest.max_unknown_outcomes:
                 # Several objects in a row, each on its first try, no response in between: the
                 # destination, not one object's content, is suspect; back it off rather than
@@ -485,15 +506,17 @@ class DestinationSender:
                       if self.spool.duplicate_window > 0 else b"")
             outcome = replace(outcome, at=time.time(), digest=digest)
             if result.status != 0:
-                log.warning("%s: delivered with warning %s %s", where, status_text(result.status), result.comment)
+                log.warning("%s: delivered with warning %s %s", self._where(item), status_text(result.status),
+                            result.comment, extra=self._fields(item, result.status))
             elif log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: delivered", where)
+                log.debug("%s: delivered (status 0x0000)", self._where(item), extra=self._fields(item, 0))
         elif outcome.kind == OutcomeKind.FAILED:
-            log.error("%s: failed permanently: %s %s", where, status_text(result.status),
-                      outcome.error or result.comment)
+            log.error("%s: failed permanently: %s %s", self._where(item), status_text(result.status),
+                      outcome.error or result.comment, extra=self._fields(item, result.status))
         else:
-            log.warning("%s: transient failure %s %s; retry %d at %s", where, status_text(result.status),
-                        result.comment, item.attempts + 1, time.strftime("%H:%M:%S", time.localtime(outcome.next_at)))
+            log.warning("%s: transient failure %s %s; retry %d at %s", self._where(item), status_text(result.status),
+                        result.comment, item.attempts + 1, time.strftime("%H:%M:%S", time.localtime(outcome.next_at)),
+                        extra=self._fields(item, result.status))
         if outcome.kind != OutcomeKind.DELIVERED and not outcome.error:
             outcome = replace(outcome, error=f"{status_text(result.status)} {result.comment}".strip())
         return outcome

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from fastroute.logsetup import fields
 from fastroute.spool.staging import StagedData, StagedFile, Stager
 from fastroute.spool.store import Incoming, PutResult, Spool
 from fastroute.spool.wakeup import Notifier
@@ -93,7 +94,8 @@ class Committer:
             n = self.spool.discard_staged(f.sid, f.staged + 1)
             if n:
                 log.info("sop_instance_uid=%s: removed %d staged chunk(s) (%d bytes received) of an "
-                         "object that was not committed", f.sop_instance_uid, n, f.size)
+                         "object that was not committed", f.sop_instance_uid, n, f.size,
+                         extra=fields(sop_uid=f.sop_instance_uid or None))
         except Exception:
             log.exception("could not remove a staged object's chunks (removed at the next start)")
         finally:

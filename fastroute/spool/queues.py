@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import lmdb
 
+from fastroute.logsetup import fields
 from fastroute.spool.audit import AuditChain
 from fastroute.spool.staging import Manifest, StagedData, digest_parts
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
@@ -153,6 +154,7 @@ class Claimed:
     calling_ae: str
     digest: bytes = b""            # content_digest, when already known (else the sender takes it)
     unknown: int = 0               # its deliveries that ended without a response, in a row
+    study_instance_uid: str = ""   # from the record the claim decodes anyway: for log lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,9 @@ class Queues:
                  "not forwarded: identical bytes were delivered there at %s (oid %s), within "
                  "duplicate_window %gs", dest, item.sop_instance_uid, study, calling, oid,
                  time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(earlier.delivered_at)),
-                 earlier.oid if earlier.oid is not None else "unknown", self.duplicate_window)
+                 earlier.oid if earlier.oid is not None else "unknown", self.duplicate_window,
+                 extra=fields(destination=dest, sop_uid=item.sop_instance_uid, study_uid=study or None,
+                              calling_ae=calling or None, oid=oid))
 
     def _drop_dest(self, txn: lmdb.Transaction, oid: int, dest: str, *,
                    delivery: Delivery | None = None, drop: Drop | None = None,
@@ -344,7 +348,8 @@ class Queues:
                 txn.put(qkey(dest, _P, oid), value)
                 n += 1
         if n:
-            log.info("destination=%s: %d in-flight objects from a previous run are pending again", dest, n)
+            log.info("destination=%s: %d in-flight objects from a previous run are pending again", dest, n,
+                     extra=fields(destination=dest))
         return n
 
     def claim(self, txn: lmdb.Transaction, dest: str, limit: int,
@@ -375,7 +380,7 @@ class Queues:
             txn.put(qkey(dest, _I, oid), value, db=self._q)
             attempts, unknown = QueueRecord.counts_of(value)
             out.append(Claimed(oid, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax,
-                               attempts, f.size, f.calling_ae, f.digest, unknown))
+                               attempts, f.size, f.calling_ae, f.digest, unknown, f.study_instance_uid))
         return out, earliest
 
     def settle(self, txn: lmdb.Transaction, dest: str, outcomes: Iterable[Outcome], now: float) -> None:

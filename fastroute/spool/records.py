@@ -269,12 +269,14 @@ class ClaimFields(NamedTuple):
     size: int
     calling_ae: str
     digest: bytes
+    study_instance_uid: str = ""    # for the sender's log lines (already decoded: no extra read)
 
 
 def decode_claim_fields(raw: bytes | memoryview) -> ClaimFields:
     d = json.loads(bytes(raw))
     return ClaimFields(d["sop_class_uid"], d["sop_instance_uid"], d["transfer_syntax"], int(d.get("size", 0)),
-                       d.get("calling_ae") or "", bytes.fromhex(d.get("digest") or ""))
+                       d.get("calling_ae") or "", bytes.fromhex(d.get("digest") or ""),
+                       d.get("study_instance_uid") or "")
 
 
 class RecordFacts(NamedTuple):
