@@ -403,6 +403,10 @@ def test_rejections_carry_the_right_reasons(dcmtk: Any, scp: Callable[..., Scp],
     ok(peers.echoscu(s.port, calling_ae="CT1"))
     assert "rejecting association from INTRUDER@127.0.0.1 to FASTROUTE: calling AE title" in caplog.text
     assert "called AE title 'NOTME' is not 'FASTROUTE'" in caplog.text
+    # As JSON keys too (issue 12 item 5): the AE titles and the address of each rejected peer.
+    rejected = [r for r in caplog.records if r.getMessage().startswith("rejecting association")]
+    assert {(getattr(r, "calling_ae", None), getattr(r, "called_ae", None), getattr(r, "peer", None))
+            for r in rejected} >= {("INTRUDER", "FASTROUTE", "127.0.0.1"), ("CT1", "NOTME", "127.0.0.1")}
 
     far = scp(allowed_peers=["10.0.0.0/8"])
     res = peers.echoscu(far.port)
@@ -613,6 +617,11 @@ def test_artim_and_network_timeouts(scp: Callable[..., Scp], caplog: pytest.LogC
     idle.close()
     assert "ARTIM" in caplog.text
     peers.wait_until(lambda: "network_timeout" in caplog.text, 5)
+    # Before an A-ASSOCIATE-RQ there are no AE titles to name: the address only, not "?".
+    [artim] = [r for r in caplog.records if "ARTIM" in r.getMessage()]
+    assert getattr(artim, "peer", None) == "127.0.0.1" and not hasattr(artim, "calling_ae")
+    aborted = next(r for r in caplog.records if "network_timeout" in r.getMessage())
+    assert getattr(aborted, "calling_ae", None) and getattr(aborted, "called_ae", None) == "FASTROUTE"
 
 
 def test_stop_aborts_associations_left_after_grace(scp: Callable[..., Scp]) -> None:

@@ -164,6 +164,9 @@ def test_suppression_is_logged_audited_counted_and_recorded(windowed: Spool,
     for text in ("destination=b", "sop_instance_uid=1.1", "study_instance_uid=7.7",
                  f"oid={dup.oid}", f"(oid {ca.oid})", "duplicate_window 3600s"):
         assert text in line, line
+    [record] = [r for r in caplog.records if "not forwarded" in r.getMessage()]
+    assert {k: getattr(record, k, None) for k in ("destination", "sop_uid", "study_uid", "calling_ae", "oid")} == {
+        "destination": "b", "sop_uid": "1.1", "study_uid": "7.7", "calling_ae": "CT1", "oid": dup.oid}
 
 
 def test_earlier_delivery_without_oid_from_an_older_spool() -> None:
