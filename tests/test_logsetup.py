@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -305,6 +306,15 @@ def test_router_receive_delivery_and_refusal_lines_carry_fields(
         wait_until(lambda: any(d.get("logger") == "fastroute.schedule" and d.get("sop_uid") == sop
                                for d in _json_lines(r.log_text())), 30,
                    message=lambda: f"no delivery line:\n{r.log_tail()}")
+        # The supervisor's lines about a child name it as a field: a sender killed, then restarted.
+        assert r.proc is not None
+        [sender] = [pid for pid, title in _titles(r.proc.pid).items() if title == "fastroute: sender-pacs"]
+        os.kill(sender, signal.SIGKILL)
+        wait_until(lambda: sum(1 for d in _json_lines(r.log_text()) if d.get("worker") == "sender-pacs"
+                               and str(d["message"]).startswith("started sender-pacs")) == 2, 30,
+                   message=lambda: f"sender-pacs not restarted:\n{r.log_tail()}")
+        [died] = [d for d in _json_lines(r.log_text()) if " died " in str(d["message"])]
+        assert died["worker"] == "sender-pacs" and died["level"] == "ERROR" and died["process"] == "supervisor"
     finally:
         assert r.stop() == 0
     docs = _json_lines(r.log_text())
