@@ -44,9 +44,10 @@ def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Eve
 def listener_main(cfg: Config, index: int) -> None:
     from fastroute.dicom.dimse import CommandField
     from fastroute.dicom.scp import Listener
-    from fastroute.routing.intake import StoreService
+    from fastroute.routing.intake import StoreService, association_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
+    from fastroute.spool.counters import EventTally
     from fastroute.spool.wakeup import Notifier
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
@@ -56,7 +57,9 @@ def listener_main(cfg: Config, index: int) -> None:
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
     warn_deprecated_engine("engine", cfg.engine)
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
+    tally = EventTally(spool)     # association and refusal counts, at most one commit a second
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer, tally)})
+    receiver.on_association = association_counter(tally)
     committer.siblings = receiver.active
     try:
         receiver.start()
@@ -66,6 +69,7 @@ def listener_main(cfg: Config, index: int) -> None:
     stop.wait()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
     receiver.stop(cfg.shutdown_grace)
+    tally.close()
     committer.close()
     notifier.close()
     spool.close()
@@ -106,6 +110,19 @@ class _Child:
     restarts: int = 0
     restart_at: float = 0.0
     fatal: bool = False
+
+
+def count_restart(cfg: Config, name: str) -> None:
+    """fastroute_worker_restarts by role (``listener-0`` -> listener); one commit per restart."""
+    from fastroute.spool.counters import CounterKey, CounterKind
+    try:
+        spool = open_spool(cfg)
+        try:
+            spool.add_counters({CounterKey(CounterKind.WORKER_RESTARTS, extra=name.split("-")[0]): 1})
+        finally:
+            spool.close()
+    except Exception as exc:   # a metric must never stop a restart
+        log.warning("could not count the restart of %s: %s", name, exc)
 
 
 def http_main(cfg: Config, config_path: str | None) -> None:
@@ -263,6 +280,7 @@ class Supervisor:
         delay = min(30.0, 0.5 * (2 ** child.restarts)) if child.restarts else 0.5
         child.restart_at = time.monotonic() + delay
         log.error("%s died (exit code %s) after %.1fs; restarting in %.1fs", child.name, exitcode, uptime, delay)
+        count_restart(self.cfg, child.name)
         return 0
 
     def shutdown(self) -> None:

@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -236,12 +236,14 @@ class _Connection(asyncio.Protocol):
                         rejection.result, rejection.source, rejection.reason)
             self._write([self.ul.reject(rejection.result, rejection.source, rejection.reason)])
             self.outcome = "rejected"
+            self.r.on_association("rejected", rejection.source, rejection.reason)
             self._close()
             return
         ac, contexts = acse.negotiate(rq, self.r.contexts, self.r.cfg.max_pdu)
         self.peer.contexts = contexts
         self._write([self.ul.accept(ac, contexts)])
         self.r._established.add(self)
+        self.r.on_association("accepted", 0, 0)
         self._restart_timer(self.r.cfg.network_timeout)
         log.info("association from %s@%s to %s accepted (%d of %d contexts)", self.calling, self.ip,
                  self.called, len(contexts), len(rq.presentation_context_definition_list))
@@ -275,6 +277,8 @@ class _Connection(asyncio.Protocol):
         if self.outcome:
             return
         self.outcome = how
+        if how == "aborted":
+            self.r.on_association(how, 0, 0)
         st = self.stats
         log.log(level, "association from %s@%s to %s %s%s: %d stored (%d bytes), %d refused",
                 self.calling, self.ip, self.called, how, f" ({why})" if why else "",
@@ -318,6 +322,8 @@ class Listener:
                  max_object_bytes: int = MAX_OBJECT_BYTES, pause_at_bytes: int = PAUSE_AT_BYTES) -> None:
         self.cfg = cfg
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
+        # called with (outcome, A-ASSOCIATE-RJ source, reason) for metrics; must not block
+        self.on_association: Callable[[str, int, int], None] = lambda outcome, source, reason: None
         self.max_object_bytes = max_object_bytes
         self.pause_at_bytes = pause_at_bytes
         self.networks = parse_networks(cfg)

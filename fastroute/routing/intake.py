@@ -14,10 +14,11 @@ object; every failure is a status, never a lost association:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
+from fastroute.dicom.acse import reject_reason
 from fastroute.dicom.attrs import read_attributes
 from fastroute.dicom.dimse import Message, Peer, Pending, Reply
 from fastroute.dicom.status import Status, describe
@@ -25,6 +26,7 @@ from fastroute.errors import PeekError, SpoolError, SpoolFullError
 from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, PutResult
 from fastroute.spool.commit import Committer
+from fastroute.spool.counters import CounterKind, EventTally
 
 log = logging.getLogger("fastroute.intake")
 
@@ -93,12 +95,22 @@ def refusal_for(exc: BaseException) -> Refusal:
                    f"could not be spooled (internal error): {exc!r}")
 
 
+def association_counter(tally: EventTally) -> Callable[[str, int, int], None]:
+    """The listener's ``on_association`` hook: counts into ``tally`` (no commit of its own)."""
+    def count(outcome: str, source: int, reason: int) -> None:
+        if outcome == "rejected":
+            outcome += "/" + reject_reason(source, reason).replace(" ", "_")
+        tally.add(CounterKind.ASSOC_IN, extra=outcome)
+    return count
+
+
 class StoreService:
     """The listener's C-STORE handler (a :data:`fastroute.dicom.dimse.Handler`)."""
 
-    def __init__(self, rules: RuleSet, committer: Committer) -> None:
+    def __init__(self, rules: RuleSet, committer: Committer, tally: EventTally | None = None) -> None:
         self.rules = rules
         self.committer = committer
+        self.tally = tally               # refusals by status, for /metrics
         self.tags = tuple(sorted(set(rules.tags) | set(INDEX_KEYWORDS)))
 
     def __call__(self, peer: Peer, msg: Message) -> Reply | Pending:
@@ -128,8 +140,9 @@ class StoreService:
                       f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "")
         return _SUCCESS
 
-    @staticmethod
-    def _refuse(peer: Peer, sop_uid: str, refusal: Refusal) -> Reply:
+    def _refuse(self, peer: Peer, sop_uid: str, refusal: Refusal) -> Reply:
+        if self.tally is not None:
+            self.tally.add(CounterKind.REFUSED, extra=str(int(refusal.status)))
         log.error("C-STORE from %s@%s to %s sop_instance_uid=%s: %s -> status %s", peer.calling_ae,
                   peer.ip, peer.called_ae, sop_uid, refusal.why, describe(refusal.status))
         return Reply(refusal.status, refusal.comment)
