@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from fastroute.config import Config, warn_deprecated_engine
@@ -42,8 +43,10 @@ def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Eve
 
 
 def listener_main(cfg: Config, index: int) -> None:
+    from fastroute import __version__
     from fastroute.dicom.dimse import CommandField
     from fastroute.dicom.scp import Listener
+    from fastroute.native import PEEK_IMPL
     from fastroute.routing.intake import StoreService, association_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
@@ -57,6 +60,7 @@ def listener_main(cfg: Config, index: int) -> None:
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
     warn_deprecated_engine("engine", cfg.engine)
+    log.info("listener-%d: fastroute %s (peek=%s) from %s", index, __version__, PEEK_IMPL, Path(__file__).parent)
     tally = EventTally(spool)     # association and refusal counts, at most one commit a second
     receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer, tally)})
     receiver.on_association = association_counter(tally)
