@@ -90,25 +90,48 @@ def test_event_tally_writes_at_most_once_per_interval_and_keeps_counts_a_failed_
     fail = [True]
 
     class Sink:
-        def add_counters(self, deltas: Any) -> None:
+        def add_counters(self, deltas: Any, maxima: Any = None) -> None:
             if fail[0]:
                 fail[0] = False
                 raise OSError("MDB_MAP_FULL")
-            writes.append(dict(deltas))
+            writes.append({**deltas, **(maxima or {})})
 
     tally = EventTally(Sink(), every=3600)      # no background write within the test
     for _ in range(50):
         tally.add(CounterKind.ASSOC_IN, extra="accepted")
     tally.add(CounterKind.REFUSED, extra="42752")
+    tally.set_max(CounterKind.LAST_SUCCESS, "pacs", 200)
+    tally.set_max(CounterKind.LAST_SUCCESS, "pacs", 100)
     tally.flush()                                # fails: kept
     assert writes == []
     tally.add(CounterKind.ASSOC_IN, extra="accepted")
     tally.close()                                # one write with everything
     assert writes == [{CounterKey(CounterKind.ASSOC_IN, extra="accepted"): 51,
-                       CounterKey(CounterKind.REFUSED, extra="42752"): 1}]
+                       CounterKey(CounterKind.REFUSED, extra="42752"): 1,
+                       CounterKey(CounterKind.LAST_SUCCESS, "pacs"): 200}]
+
+
+def test_last_success_is_a_maximum_in_the_spool(tmp_path: Path) -> None:
+    """A sender restarted (or a late flush from an older process) never moves it back."""
+    spool = Spool(tmp_path / "spool")
+    try:
+        key = CounterKey(CounterKind.LAST_SUCCESS, "pacs")
+        spool.add_counters({}, {key: 1_800_000_000})
+        spool.add_counters({}, {key: 1_700_000_000})
+        assert spool.counters().of(CounterKind.LAST_SUCCESS, "pacs") == 1_800_000_000
+    finally:
+        spool.close()
 
 
 # -- a real router --------------------------------------------------------------------------------
+
+def spool_counter(path: Path, kind: CounterKind, destination: str = "") -> int:
+    spool = Spool(path, readonly=True)
+    try:
+        return spool.counters().of(kind, destination)
+    finally:
+        spool.close()
+
 
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
@@ -135,6 +158,19 @@ def drive_router(tmp_path: Path, storescp: Any) -> dict[str, Any]:
         assert storescu(r.port, files[:1], calling_ae="CT1", extra_args=["--abort"]).returncode == 0
         assert echoscu(r.port, calling_ae="INTRUDER").returncode != 0
         pacs.wait_for(3)
+
+        def scraped_ok(predicate: Any) -> dict[str, Any] | None:
+            try:
+                s = scrape(_get(url))
+            except OSError:
+                return None
+            return s if predicate(s) else None
+        # the sender writes its association counts within a second; a SIGKILL loses what it has
+        # not written yet, so wait for them before killing it
+        wait_until(lambda: scraped_ok(lambda s: value(s, "fastroute_associations_out_total", destination="pacs",
+                                                      outcome="accepted") >= 1
+                                      and spool_counter(r.spool_path, CounterKind.LAST_SUCCESS, "pacs") > 0), 30,
+                   message=lambda: f"no association out counted:\n{_get(url)}")
         # a sender killed: the supervisor restarts it and counts it
         state = json.loads((r.spool_path / "run" / "pacs.state").read_text())
         os.kill(int(state["pid"]), signal.SIGKILL)
@@ -194,6 +230,7 @@ def test_metrics_an_sre_expects_and_tuning_uses_only_what_is_exposed(tmp_path: P
     # one state series per destination
     assert len(series(s, "fastroute_destination_state", destination="down")) == 1
     assert len(series(s, "fastroute_destination_state", destination="pacs")) == 1
+    # from the spool: the pacs sender was killed and the router restarted since it delivered
     last = value(s, "fastroute_destination_last_success_timestamp_seconds", destination="pacs")
     assert time.time() - 600 < last <= time.time()
     assert value(s, "fastroute_destination_last_success_timestamp_seconds", destination="down") == 0

@@ -79,7 +79,7 @@ class SpoolCollector(Collector):
         yield from self._counters(counters)
         yield from self._events(counters)
         yield self._latency(counters)
-        yield from self._queues(queues)
+        yield from self._queues(queues, counters)
         yield from self._usage()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
@@ -177,7 +177,7 @@ class SpoolCollector(Collector):
             fam.add_metric([display_name(dest)], buckets, counters.of(CounterKind.LATENCY_SUM_US, dest) / 1e6)
         return fam
 
-    def _queues(self, queues: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _queues(self, queues: list[dict[str, Any]], counters: Counters) -> Iterator[Metric]:
         depth = GaugeMetricFamily("fastroute_queue_objects", "Objects queued, by destination and state",
                                   labels=["destination", "state"])
         age = GaugeMetricFamily("fastroute_queue_oldest_age_seconds",
@@ -187,7 +187,7 @@ class SpoolCollector(Collector):
                                   "Always 1, one series per destination: its current state in the label "
                                   f"({', '.join(STATES)})", labels=["destination", "state"])
         last_ok = GaugeMetricFamily("fastroute_destination_last_success_timestamp_seconds",
-                                    "Unix time of the last confirmed delivery (0: none since the sender started)",
+                                    "Unix time of the last confirmed delivery (0: none recorded)",
                                     labels=["destination"])
         fails = GaugeMetricFamily("fastroute_destination_consecutive_failures",
                                   "Destination-level failures (connect/associate) in a row", labels=["destination"])
@@ -200,7 +200,8 @@ class SpoolCollector(Collector):
             age.add_metric([name], float(q["oldest_age"] or 0.0))
             if q["configured"]:
                 state.add_metric([name, str(q["status"])], 1.0)
-                last_ok.add_metric([name], float(q["last_success"] or 0.0))
+                last_ok.add_metric([name], max(float(q["last_success"] or 0.0),   # the sender's, or the spool's
+                                               float(counters.of(CounterKind.LAST_SUCCESS, q["destination"]))))
                 fails.add_metric([name], float(q["consecutive_failures"]))
                 paused.add_metric([name], 1.0 if q["paused"] else 0.0)
         yield from (depth, age, state, last_ok, fails, paused)

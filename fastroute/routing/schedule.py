@@ -152,6 +152,8 @@ class DestinationSender:
         with self._state_lock:
             self.state.sent += delivered
             self.state.last_success = time.time()
+            if self.tally is not None:     # durable, for /metrics: survives a restart
+                self.tally.set_max(CounterKind.LAST_SUCCESS, self.dest.name, int(self.state.last_success))
             self._progress_dirty = True
             if time.monotonic() - self._progress_written >= PROGRESS_EVERY:
                 self._write_state()

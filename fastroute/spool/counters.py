@@ -51,6 +51,7 @@ class CounterKind(enum.StrEnum):
     ASSOC_OUT = "assoc_out"                # per destination; extra: outcome[/reason]
     REFUSED = "refused"                    # extra: the C-STORE failure status, decimal
     WORKER_RESTARTS = "worker_restarts"    # extra: the worker's role (listener, sender, http)
+    LAST_SUCCESS = "last_success"          # per destination: unix time of the last delivery (a maximum)
 
 
 _GLOBAL = frozenset({CounterKind.SEQ, CounterKind.AUDIT_SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES})
@@ -177,7 +178,8 @@ class Counters(dict[str, int]):
 
 
 class _CounterSink(Protocol):
-    def add_counters(self, deltas: Mapping[CounterKey, int]) -> None: ...
+    def add_counters(self, deltas: Mapping[CounterKey, int], maxima: Mapping[CounterKey, int] | None = None) -> None:
+        ...
 
 
 class EventTally:
@@ -191,6 +193,7 @@ class EventTally:
         self.every = every
         self._lock = threading.Lock()
         self._pending: dict[CounterKey, int] = {}
+        self._maxima: dict[CounterKey, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastroute-tally", daemon=True)
         self._thread.start()
@@ -200,18 +203,27 @@ class EventTally:
         with self._lock:
             self._pending[key] = self._pending.get(key, 0) + by
 
+    def set_max(self, kind: CounterKind, destination: str, value: int) -> None:
+        """A value kept as the largest ever written (a timestamp), not added."""
+        key = CounterKey(kind, destination)
+        with self._lock:
+            self._maxima[key] = max(value, self._maxima.get(key, 0))
+
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
-        if not pending:
+            maxima, self._maxima = self._maxima, {}
+        if not pending and not maxima:
             return
         try:
-            self.sink.add_counters(pending)
+            self.sink.add_counters(pending, maxima)
         except Exception as exc:   # keep them for the next flush
-            log.warning("could not write %d event counters to the spool: %s", len(pending), exc)
+            log.warning("could not write %d event counters to the spool: %s", len(pending) + len(maxima), exc)
             with self._lock:
                 for k, v in pending.items():
                     self._pending[k] = self._pending.get(k, 0) + v
+                for k, v in maxima.items():
+                    self._maxima[k] = max(v, self._maxima.get(k, 0))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -223,10 +235,16 @@ class EventTally:
         self.flush()
 
 
-def add_counters(txn: lmdb.Transaction, db: Any, deltas: Mapping[CounterKey, int]) -> None:
-    """Add several counters inside the caller's write transaction."""
+def add_counters(txn: lmdb.Transaction, db: Any, deltas: Mapping[CounterKey, int],
+                 maxima: Mapping[CounterKey, int] | None = None) -> None:
+    """Add several counters (and raise maxima) inside the caller's write transaction."""
     for key, by in deltas.items():
         incr(txn, db, key.kind, key.destination, key.extra, by)
+    for key, value in (maxima or {}).items():
+        raw_key = key.encode()
+        raw = txn.get(raw_key, db=db)
+        if raw is None or len(raw) != 8 or _U64.unpack(raw)[0] < value:
+            txn.put(raw_key, _U64.pack(value), db=db)
 
 
 __all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "EventTally", "add_counters", "incr",

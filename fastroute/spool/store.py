@@ -116,10 +116,10 @@ class Spool:
         with self.env.begin() as txn:
             return Counters.read(txn, self._info)
 
-    def add_counters(self, deltas: Mapping[CounterKey, int]) -> None:
+    def add_counters(self, deltas: Mapping[CounterKey, int], maxima: Mapping[CounterKey, int] | None = None) -> None:
         """One small commit for events counted elsewhere (see :class:`EventTally`)."""
         with self.env.begin(write=True) as txn:
-            add_counters(txn, self._info, deltas)
+            add_counters(txn, self._info, deltas, maxima)
 
     def free_bytes(self) -> int:
         return self.space.free_bytes()
