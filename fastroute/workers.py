@@ -47,7 +47,7 @@ def listener_main(cfg: Config, index: int) -> None:
     from fastroute.dicom.dimse import CommandField
     from fastroute.dicom.scp import Listener
     from fastroute.native import PEEK_IMPL
-    from fastroute.routing.intake import StoreService, association_counter
+    from fastroute.routing.intake import StoreService, association_counter, refusal_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
     from fastroute.spool.counters import EventTally
@@ -62,8 +62,8 @@ def listener_main(cfg: Config, index: int) -> None:
     warn_deprecated_engine("engine", cfg.engine)
     log.info("listener-%d: fastroute %s (peek=%s) from %s", index, __version__, PEEK_IMPL, Path(__file__).parent)
     tally = EventTally(spool)     # association and refusal counts, at most one commit a second
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer, tally)})
-    receiver.on_association = association_counter(tally)
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
+    receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
     committer.siblings = receiver.active
     try:
         receiver.start()

@@ -218,6 +218,7 @@ class _Connection(asyncio.Protocol):
                 self.stats.bytes += len(msg.data or b"")
             else:
                 self.stats.refused += 1
+                self.r.on_refusal(reply.status)
         command = encode_response(msg.command, reply.status, reply.comment, reply.elements,
                                   reply.dataset is not None)
         self._send_command(msg.context_id, command, reply.dataset)
@@ -324,6 +325,7 @@ class Listener:
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
         # called with (outcome, A-ASSOCIATE-RJ source, reason) for metrics; must not block
         self.on_association: Callable[[str, int, int], None] = lambda outcome, source, reason: None
+        self.on_refusal: Callable[[int], None] = lambda status: None   # a C-STORE answered with a failure
         self.max_object_bytes = max_object_bytes
         self.pause_at_bytes = pause_at_bytes
         self.networks = parse_networks(cfg)

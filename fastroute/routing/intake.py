@@ -104,13 +104,19 @@ def association_counter(tally: EventTally) -> Callable[[str, int, int], None]:
     return count
 
 
+def refusal_counter(tally: EventTally) -> Callable[[int], None]:
+    """The listener's ``on_refusal`` hook: C-STOREs answered with a failure, by status."""
+    def count(status: int) -> None:
+        tally.add(CounterKind.REFUSED, extra=str(int(status)))
+    return count
+
+
 class StoreService:
     """The listener's C-STORE handler (a :data:`fastroute.dicom.dimse.Handler`)."""
 
-    def __init__(self, rules: RuleSet, committer: Committer, tally: EventTally | None = None) -> None:
+    def __init__(self, rules: RuleSet, committer: Committer) -> None:
         self.rules = rules
         self.committer = committer
-        self.tally = tally               # refusals by status, for /metrics
         self.tags = tuple(sorted(set(rules.tags) | set(INDEX_KEYWORDS)))
 
     def __call__(self, peer: Peer, msg: Message) -> Reply | Pending:
@@ -140,9 +146,8 @@ class StoreService:
                       f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "")
         return _SUCCESS
 
-    def _refuse(self, peer: Peer, sop_uid: str, refusal: Refusal) -> Reply:
-        if self.tally is not None:
-            self.tally.add(CounterKind.REFUSED, extra=str(int(refusal.status)))
+    @staticmethod
+    def _refuse(peer: Peer, sop_uid: str, refusal: Refusal) -> Reply:
         log.error("C-STORE from %s@%s to %s sop_instance_uid=%s: %s -> status %s", peer.calling_ae,
                   peer.ip, peer.called_ae, sop_uid, refusal.why, describe(refusal.status))
         return Reply(refusal.status, refusal.comment)
