@@ -183,8 +183,10 @@ class Bench:
         cfg.update(ae_title="FASTROUTE", host=HOST, port=free_port(), spool=str(workdir / "spool"))
         if self.opts.listeners is not None:
             cfg["listeners"] = self.opts.listeners
-        if self.opts.senders > 24:     # the router's own association limit (default 32)
-            cfg["max_associations"] = max(int(cfg.get("max_associations", 32)), self.opts.senders + 8)
+        if self.opts.senders > 12:     # the router's association limits (32, per AE 16, per IP 24)
+            for k, default in (("max_associations", 32), ("max_associations_per_ae", 16),
+                               ("max_associations_per_ip", 24)):
+                cfg[k] = max(int(cfg.get(k, default)), self.opts.senders + 8)
         dests = {}
         for name, t in targets.items():
             d = deep_merge(dict(per_dest.get("*") or {}), per_dest.get(name) or {})

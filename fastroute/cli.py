@@ -49,12 +49,16 @@ def _age(seconds: float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fastroute.logsetup import setup_logging
+    import logging
+
+    from fastroute.logsetup import set_process_title, setup_logging
     from fastroute.workers import Supervisor
 
     cfg = _config(args)
     setup_logging(cfg.log_level, cfg.log_format, process="supervisor")
-    print(describe(cfg), file=sys.stderr, flush=True)
+    set_process_title("supervisor")
+    for line in describe(cfg).splitlines():   # through logging: JSON too when log_format is json
+        logging.getLogger("fastroute.banner").info("%s", line)
     return Supervisor(cfg, getattr(args, "config", None), getattr(args, "profile", None)).run()
 
 
@@ -236,12 +240,34 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_send_now(args: argparse.Namespace) -> int:
+    from fastroute.ops import actions as ops
+
+    cfg = _config(args)
+    spool = _spool(cfg)
+    try:
+        result = ops.send_now(cfg, spool, args.destination or "", all_destinations=args.all,
+                              why=args.reason or "")
+    finally:
+        spool.close()
+    for d in result["destinations"]:
+        note = f" ({d['note']})" if "note" in d else ""
+        print(f"{d['destination']}: backoff reset (was {d['was']}, {d['consecutive_failures']} failure(s) in a "
+              f"row); {d['made_due']} object(s) waiting out a retry delay are due now{note}")
+    print("sender(s) woken; audited")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from fastroute.dicom.scu import echo
 
     cfg = _config(args)
     ok, text = echo(cfg.destination(args.destination), cfg.ae_title)
     print(text)
+    if ok:
+        from fastroute.ops.actions import echo_succeeded
+        if echo_succeeded(cfg, args.destination):
+            print(f"{args.destination}: its sender was told to end any backoff and send now")
     return 0 if ok else 1
 
 
@@ -330,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--oid", type=int, action="append", help="only this object id (repeatable)")
     sp.add_argument("--study", metavar="UID", help="only this Study Instance UID's objects")
     sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
-    sp = cmd("echo", cmd_echo, "C-ECHO a configured destination")
+    sp = cmd("send-now", cmd_send_now, "end a destination's backoff and send its queue now (audited)")
+    sp.add_argument("destination", nargs="?", default="", help="destination name")
+    sp.add_argument("--all", action="store_true", help="every configured destination")
+    sp.add_argument("--reason", default="", help="recorded in the audit trail")
+    sp = cmd("echo", cmd_echo, "C-ECHO a configured destination (on success its backoff ends)")
     sp.add_argument("destination")
     sp = cmd("audit", cmd_audit, "export the audit trail (JSON lines or CSV) or verify its hash chain")
     sp.add_argument("--verify", action="store_true", help="check the hash chain")

@@ -19,18 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fastroute import reload
 from fastroute.config import Config, warn_deprecated_engine
-from fastroute.logsetup import setup_logging
+from fastroute.logsetup import set_process_title, setup_logging
 from fastroute.spool import open_spool
 from fastroute.spool.space import space_warnings
 
 log = logging.getLogger("fastroute.workers")
 
 EXIT_CONFIG = 78      # EX_CONFIG: restarting cannot help (port in use, bad config)
+LISTEN_TIMEOUT = 30.0  # how long a reload waits for its new listeners to listen
 
 
 def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Event:
     setup_logging(cfg.log_level, cfg.log_format, process=name)
+    set_process_title(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -62,7 +65,8 @@ def listener_main(cfg: Config, index: int) -> None:
     warn_deprecated_engine("engine", cfg.engine)
     log.info("listener-%d: fastroute %s (peek=%s) from %s", index, __version__, PEEK_IMPL, Path(__file__).parent)
     tally = EventTally(spool)     # association and refusal counts, at most one commit a second
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: StoreService(rules, committer)})
+    store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store})
     receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
     committer.siblings = receiver.active
     try:
@@ -73,6 +77,7 @@ def listener_main(cfg: Config, index: int) -> None:
     stop.wait()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
     receiver.stop(cfg.shutdown_grace)
+    store.close()
     tally.close()
     committer.close()
     notifier.close()
@@ -145,19 +150,24 @@ class Supervisor:
         self._ctx = mp.get_context("spawn")
         self._stopping = False
         self._reload = False
+        self._retiring: list[tuple[_Child, float]] = []    # old listeners finishing after a reload
         self._plan()
 
     def _plan(self) -> None:
-        self.children = []
-        for i in range(self.cfg.listeners):
-            self.children.append(_Child(f"listener-{i}", listener_main, (self.cfg, i)))
-        for name in self.cfg.destinations:
-            self.children.append(_Child(f"sender-{name}", sender_main, (self.cfg, name)))
-        if self.cfg.http is not None:
-            self.children.append(_Child("http", http_main, (self.cfg, self.config_path)))
+        cfg = self.cfg
+        self.children = [_Child(f"listener-{i}", listener_main, (cfg, i)) for i in range(cfg.listeners)]
+        self.children += [_Child(f"sender-{name}", sender_main, (cfg, name)) for name in cfg.destinations]
+        if cfg.http is not None:
+            self.children.append(_Child("http", http_main, (cfg, self.config_path)))
 
     def _do_reload(self) -> None:
-        """SIGHUP: load the file again; a bad file is logged and the running config stays."""
+        """SIGHUP: load the file again and restart only the processes whose settings changed.
+
+        A bad file is logged and the running config stays. Listeners are handed over without
+        refusing an association: the new ones listen on the shared port (SO_REUSEPORT) before
+        the old ones stop accepting, and the old ones finish their open associations (up to
+        their ``shutdown_grace``) in the background while new connections reach the new ones.
+        """
         from fastroute.config import load
         from fastroute.errors import ConfigError
 
@@ -171,12 +181,74 @@ class Supervisor:
             log.error("reload refused: the spool path cannot change while running (%s -> %s)",
                       self.cfg.spool, new.spool)
             return
-        log.info("reloading configuration from %s: restarting listeners and senders", self.config_path)
-        self.shutdown()
+        change = reload.plan(self.cfg, new, sender_cpus)
+        log.info("reloading configuration from %s: restarting %s", self.config_path, change.describe())
+        old = self.cfg
+        if change.listeners and not self._replace_listeners(old, new):
+            return
         self.cfg = new
-        self._plan()
-        for child in self.children:
-            self._start(child)
+        gone = {f"sender-{name}" for name in [*change.restart, *change.stop]}
+        if change.http:
+            gone.add("http")
+        self._stop_children([c for c in self.children if c.name in gone], old.shutdown_grace)
+        self.children = [c for c in self.children if c.name not in gone]
+        for c in self.children:          # a later crash-restart runs with the new settings
+            c.args = (new, *c.args[1:])
+        fresh = [_Child(f"sender-{name}", sender_main, (new, name))
+                 for name in [*change.restart, *change.start]]
+        if change.http and new.http is not None:
+            fresh.append(_Child("http", http_main, (new, self.config_path)))
+        for c in fresh:
+            self._start(c)
+        self.children += fresh
+        log.info("reload applied")
+
+    def _replace_listeners(self, old: Config, new: Config) -> bool:
+        """Start the new listeners, wait until each listens, then retire the old ones."""
+        fresh = [_Child(f"listener-{i}", listener_main, (new, i)) for i in range(new.listeners)]
+        for c in fresh:
+            self._start(c)
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        while True:
+            waiting = [c for c in fresh if reload.listening(c.proc.pid, new.port) is False]
+            if not waiting:
+                break
+            dead = [c for c in waiting if not c.proc.is_alive()]
+            if dead or time.monotonic() >= deadline:
+                why = (f"{dead[0].name} exited with code {dead[0].proc.exitcode}" if dead
+                       else f"{waiting[0].name} not listening after {LISTEN_TIMEOUT:.0f}s")
+                log.error("reload refused: the new listeners could not take over port %d (%s); "
+                          "keeping the running listeners and configuration", new.port, why)
+                self._stop_children(fresh, 0.0)
+                return False
+            multiprocessing.connection.wait([c.proc.sentinel for c in waiting], 0.02)
+        if reload.migrate_enabled() is False:
+            log.warning("net.ipv4.tcp_migrate_req is 0: a connection queued on an old listener in the "
+                        "instant it closes is reset by Linux; set it to 1 for a lossless handover")
+        for c in self.children:
+            if c.name.startswith("listener-") and c.proc is not None and c.proc.is_alive():
+                c.proc.terminate()       # stops accepting, finishes its open associations
+                self._retiring.append((c, time.monotonic() + old.shutdown_grace + 10))
+                log.info("%s (pid %d) hands port %d over to the new listeners; it finishes its open "
+                         "associations (up to %gs) before exiting", c.name, c.proc.pid, old.port,
+                         old.shutdown_grace)
+        self.children = fresh + [c for c in self.children if not c.name.startswith("listener-")]
+        return True
+
+    def _reap_retiring(self) -> None:
+        keep = []
+        for c, kill_at in self._retiring:
+            if not c.proc.is_alive():
+                c.proc.join()
+                log.info("retired %s (pid %d) exited (code %s)", c.name, c.proc.pid, c.proc.exitcode)
+            elif time.monotonic() >= kill_at:
+                log.error("retired %s (pid %d) did not stop within the grace period; killing it",
+                          c.name, c.proc.pid)
+                c.proc.kill()
+                c.proc.join()
+            else:
+                keep.append((c, kill_at))
+        self._retiring = keep
 
     def _start(self, child: _Child) -> None:
         child.proc = self._ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
@@ -218,7 +290,9 @@ class Supervisor:
                     housekeeping_at = now + 3600
                     self._housekeeping()
                 sentinels = [c.proc.sentinel for c in self.children if c.proc is not None]
+                sentinels += [c.proc.sentinel for c, _ in self._retiring]
                 waits = [c.restart_at - now for c in self.children if c.proc is None]
+                waits += [kill_at - now for _, kill_at in self._retiring]
                 waits.append(housekeeping_at - now)
                 timeout = max(0.0, min(waits)) if waits else None
                 ready = multiprocessing.connection.wait([*sentinels, rsock], timeout)
@@ -229,6 +303,7 @@ class Supervisor:
                         pass
                 if self._stopping:
                     break
+                self._reap_retiring()
                 if self._reload:
                     self._do_reload()
                     continue
@@ -288,14 +363,22 @@ class Supervisor:
         return 0
 
     def shutdown(self) -> None:
-        alive = [c for c in self.children if c.proc is not None and c.proc.is_alive()]
+        self._stop_children([*self.children, *(c for c, _ in self._retiring)], self.cfg.shutdown_grace)
+        self._retiring = []
+        log.info("all processes stopped")
+
+    def _stop_children(self, children: list[_Child], grace: float) -> None:
+        """SIGTERM (children finish in-flight work), then wait up to grace + 10 s, then kill."""
+        alive = [c for c in children if c.proc is not None and c.proc.is_alive()]
         for c in alive:
-            c.proc.terminate()       # SIGTERM: children finish in-flight work
-        deadline = time.monotonic() + self.cfg.shutdown_grace + 10
+            c.proc.terminate()
+        deadline = time.monotonic() + grace + 10
         for c in alive:
             c.proc.join(max(0.0, deadline - time.monotonic()))
             if c.proc.is_alive():
                 log.error("%s did not stop within the grace period; killing it", c.name)
                 c.proc.kill()
                 c.proc.join()
-        log.info("all processes stopped")
+        for c in children:
+            if c.proc is not None and not c.proc.is_alive():
+                c.proc.join()

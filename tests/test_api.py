@@ -157,6 +157,161 @@ def test_openapi_describes_every_route(env: Any) -> None:
     serve(cfg, spool, path, body)
 
 
+# -- response schemas (issue 12 item 8) ---------------------------------------------------------
+
+SCHEMA_KEYWORDS = {"$ref", "type", "nullable", "enum", "properties", "required", "additionalProperties",
+                   "items", "description", "default"}
+JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+}
+
+
+def schema_errors(spec: dict[str, Any], schema: dict[str, Any], value: Any, where: str = "$") -> list[str]:
+    """Validate ``value`` against the OpenAPI 3.0 schema subset the API uses (jsonschema is not a
+    dependency). A keyword outside that subset is an error, so none is silently ignored."""
+    unknown = set(schema) - SCHEMA_KEYWORDS
+    if unknown:
+        return [f"{where}: schema keyword(s) the validator does not know: {sorted(unknown)}"]
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/components/schemas/")
+        if name not in spec["components"]["schemas"]:
+            return [f"{where}: dangling $ref {schema['$ref']}"]
+        return schema_errors(spec, spec["components"]["schemas"][name], value, where)
+    if value is None:
+        return [] if schema.get("nullable") else [f"{where}: null, but not nullable"]
+    kind = schema.get("type")
+    if kind is not None and not JSON_TYPES[kind](value):
+        return [f"{where}: expected {kind}, got {type(value).__name__} {value!r:.80}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not one of {schema['enum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        errors += [f"{where}: missing required {k!r}" for k in schema.get("required", ()) if k not in value]
+        extra = schema.get("additionalProperties", True)
+        for k, v in value.items():
+            if k in props:
+                errors += schema_errors(spec, props[k], v, f"{where}.{k}")
+            elif extra is False:
+                errors.append(f"{where}: undocumented key {k!r}")
+            elif isinstance(extra, dict):
+                errors += schema_errors(spec, extra, v, f"{where}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errors += schema_errors(spec, schema["items"], v, f"{where}[{i}]")
+    return errors
+
+
+def test_schema_validator_finds_what_it_should() -> None:
+    spec = openapi_spec()
+    good = {"ok": True, "version": "1"}
+    assert schema_errors(spec, {"$ref": "#/components/schemas/Health"}, good) == []
+    for bad, why in (({"ok": 1, "version": "1"}, "expected boolean"), ({"ok": True}, "missing required"),
+                     ({**good, "x": 1}, "undocumented key 'x'"), ([], "expected object")):
+        assert why in " ".join(schema_errors(spec, {"$ref": "#/components/schemas/Health"}, bad)), bad
+    assert schema_errors(spec, {"type": "integer"}, True) and schema_errors(spec, {"type": "number"}, None)
+    assert schema_errors(spec, {"type": "string", "pattern": "x"}, "x")      # unsupported keyword: refused
+    assert schema_errors(spec, {"type": "array", "items": {"enum": ["a"]}}, ["a", "b"]) == \
+        ["$[1]: 'b' not one of ['a']"]
+
+
+# A request that answers 2xx for each route of the table; a new route without one (or without
+# a schema for its answer) fails test_every_2xx_answer_matches_its_schema.
+SAMPLE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
+    ("GET", "/"): ("/", {}),
+    ("GET", "/healthz"): ("/healthz", {}),
+    ("GET", "/openapi.json"): ("/openapi.json", {}),
+    ("GET", "/metrics"): ("/metrics", {}),
+    ("GET", "/api/status"): ("/api/status", {}),
+    ("GET", "/api/queues"): ("/api/queues", {}),
+    ("GET", "/api/queues/{destination}"): ("/api/queues/pacs", {}),
+    ("GET", "/api/queues/{destination}/entries"): ("/api/queues/vna/entries?state=pending", {}),
+    ("GET", "/api/failures"): ("/api/failures", {}),
+    ("GET", "/api/throughput"): ("/api/throughput", {}),
+    ("GET", "/api/alerts"): ("/api/alerts", {}),
+    ("GET", "/api/lookup"): (f"/api/lookup?study_instance_uid={STUDY_A}", {}),
+    ("GET", "/api/studies/{study_instance_uid}"): (f"/api/studies/{STUDY_A}", {}),
+    ("GET", "/api/objects/{oid}"): ("/api/objects/{oid}", {}),
+    ("GET", "/api/audit"): ("/api/audit", {}),
+    ("GET", "/api/audit/verify"): ("/api/audit/verify", {}),
+    ("POST", "/api/config/validate"): ("/api/config/validate", {"config": True}),
+    ("POST", "/api/config/reload"): ("/api/config/reload", {"json": {"why": "schema test"}}),
+    ("POST", "/api/queues/{destination}/retry"): ("/api/queues/pacs/retry", {"json": {"why": "x"}}),
+    ("POST", "/api/queues/{destination}/purge"): ("/api/queues/unrouted/purge",
+                                                  {"json": {"states": ["unrouted"], "reason": "junk"}}),
+    ("POST", "/api/queues/{destination}/pause"): ("/api/queues/pacs/pause", {}),
+    ("POST", "/api/queues/{destination}/resume"): ("/api/queues/pacs/resume", {}),
+    ("POST", "/api/studies/{study_instance_uid}/retry"): (f"/api/studies/{STUDY_A}/retry", {}),
+    ("POST", "/api/destinations/{destination}/send-now"): ("/api/destinations/vna/send-now",
+                                                           {"json": {"why": "VNA back"}}),
+}
+
+
+def test_every_2xx_answer_matches_its_schema(env: Any) -> None:
+    """Every route of the table is called for real and its 2xx body checked against the schema
+    the OpenAPI document gives for that status and content type (JSON parsed; text as a string)."""
+    cfg, path, spool, oids = env
+    spec = openapi_spec()
+    missing = [(m, p) for m, p, _ in ROUTES if (m, p) not in SAMPLE_REQUESTS]
+    assert not missing, f"add a sample request (and a response schema) for {missing}"
+    (cfg.spool / "run").mkdir(exist_ok=True)
+    (cfg.spool / "run" / "supervisor.pid").write_text(str(os.getpid()))   # for the reload
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        await poll(lambda: get_json(c, "/api/throughput"), lambda d: len(d["t"]) >= 1, "a throughput sample")
+        checked = 0
+        for method, p, _ in ROUTES:
+            url, kw = SAMPLE_REQUESTS[(method, p)]
+            if kw.pop("config", False):
+                kw = {"data": path.read_text(), "headers": {"Content-Type": "application/yaml"}}
+            resp = await c.request(method, url.replace("{oid}", str(oids[0])), **kw)
+            text = await resp.text()
+            assert 200 <= resp.status < 300, (method, url, resp.status, text[:300])
+            responses = spec["paths"][p][method.lower()]["responses"]
+            documented = responses.get(str(resp.status), {}).get("content", {})
+            assert resp.content_type in documented, (method, p, resp.status, resp.content_type, list(documented))
+            schema = documented[resp.content_type].get("schema")
+            assert schema, f"{method} {p}: no schema for its {resp.status} {resp.content_type} answer"
+            value = json.loads(text) if resp.content_type == "application/json" else text
+            errors = schema_errors(spec, schema, value)
+            assert not errors, (method, p, errors[:10])
+            checked += 1
+        for asset in ("app.js", "style.css"):     # the static route, which is not in ROUTES
+            resp = await c.get(f"/static/{asset}")
+            schema = spec["paths"]["/static/{filename}"]["get"]["responses"]["200"]["content"]
+            assert resp.status == 200 and next(iter(schema.values()))["schema"] == {"type": "string"}
+        assert checked == len(ROUTES)
+
+    with Hup():
+        serve(cfg, spool, path, body)
+
+
+def test_unknown_paths_and_wrong_methods_answer_json_errors(env: Any) -> None:
+    cfg, path, spool, _ = env
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for method, url, status in (("GET", "/api/nope", 404), ("GET", "/nope/deeper?x=1", 404),
+                                    ("POST", "/api/nope", 404), ("DELETE", "/api/status", 405),
+                                    ("PUT", "/api/queues/pacs/pause", 405), ("GET", "/api/queues/pacs/pause", 405),
+                                    ("PATCH", "/healthz", 405), ("GET", "/static/nope.js", 404)):
+            resp = await c.request(method, url)
+            assert resp.status == status, (method, url, resp.status)
+            assert resp.content_type == "application/json", (method, url, resp.content_type)
+            doc = await resp.json()
+            assert schema_errors(openapi_spec(), {"$ref": "#/components/schemas/Error"}, doc) == [], doc
+            assert doc["error"] == ("not found" if status == 404 else "method not allowed"), doc
+            if status == 405:
+                assert method not in resp.headers["Allow"] and resp.headers["Allow"], resp.headers
+        for headers in ({}, TOKEN):               # the same without a token, before any auth check
+            resp = await c.request("GET", "/api/nope", headers=headers)
+            assert resp.status == 404 and resp.content_type == "application/json"
+
+    serve(cfg, spool, path, body, token=False)
+
+
 # -- auth ---------------------------------------------------------------------------------------
 
 MUTATING = [("POST", p) for m, p, h in ROUTES if getattr(h, "mutating", False)]
@@ -168,7 +323,7 @@ def concrete(p: str) -> str:
 
 def test_mutating_calls_need_the_token(env: Any) -> None:
     cfg, path, spool, _ = env
-    assert len(MUTATING) == 6
+    assert len(MUTATING) == 7
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
         for _, p in MUTATING:
@@ -384,6 +539,14 @@ def test_actions_are_applied_and_audited(env: Any) -> None:
         assert resp.status == 200 and not spool.is_paused("pacs")
         assert (await c.post("/api/queues/nope/pause", headers=TOKEN)).status == 404
         assert (await c.post("/api/queues/unrouted/pause", headers=TOKEN)).status == 400
+
+        resp = await c.post("/api/destinations/vna/send-now", json={"why": "VNA back"}, headers=hdrs)
+        doc = await resp.json()
+        assert resp.status == 200 and doc["made_due"] == 1 and doc["destinations"][0]["destination"] == "vna"
+        ev = list(spool.audit_events())[-1]
+        assert (ev["action"], ev["why"], ev["count"]) == ("send_now", "VNA back", 1) and ev["who"].startswith("erin")
+        assert (await c.post("/api/destinations/nope/send-now", headers=TOKEN)).status == 404
+        assert (await c.post("/api/destinations/unrouted/send-now", headers=TOKEN)).status == 400
 
         resp = await c.post(f"/api/studies/{STUDY_A}/retry", json={"why": "fixed"}, headers=TOKEN)
         assert (await resp.json()) == {"retried": {"pacs": 1}, "count": 1}

@@ -97,7 +97,7 @@ def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize("command", [
     ["queue"], ["queue", "--json"], ["retry", "pacs"], ["audit"], ["audit", "--verify"],
-    ["purge", "unrouted", "--state", "unrouted", "--reason", "x"],
+    ["purge", "unrouted", "--state", "unrouted", "--reason", "x"], ["send-now", "--all"],
 ])
 def test_spool_commands_refuse_a_missing_spool_and_create_none(tmp_path: Path, command: list[str]) -> None:
     res = run_in(tmp_path, *command)              # no -c: the embedded default's ./fastroute-spool
@@ -238,6 +238,7 @@ def test_a_typo_of_a_required_key_is_one_error_not_two(tmp_path: Path) -> None:
 COMMANDS: list[list[str]] = [
     ["serve"], ["check"], ["route-test", "a.dcm", "b.dcm"], ["queue", "--json"], ["retry", "pacs", "--oid", "3"],
     ["purge", "pacs", "--state", "failed", "--reason", "r"], ["echo", "pacs"], ["audit", "--verify"],
+    ["send-now", "pacs"],
 ]
 
 

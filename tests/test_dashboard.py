@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 from aiohttp import web
 
+from fastroute.ops.actions import audit_events
 from fastroute.ops.api import make_app
 from fastroute.config import Config
 from fastroute.spool import Outcome, OutcomeKind, Spool
@@ -44,28 +45,41 @@ def _which(*names: str) -> str | None:
 
 
 class LiveServer:
-    """The app on a free loopback port, on its own event loop thread (the browser needs a real socket)."""
+    """The app on a free loopback port, on its own event loop thread (the browser needs a real socket).
+
+    stop() and start() again serve a fresh app on the same port: the router's http process going
+    away and coming back (with an empty throughput history, as after a configuration reload)."""
 
     def __init__(self, cfg: Config, spool: Spool, config_path: str) -> None:
-        self.app = make_app(cfg, spool, config_path, monitor_interval=0.5)
+        self.args = (cfg, spool, config_path)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="dashboard-server", daemon=True)
-        self.runner = web.AppRunner(self.app, access_log=None)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
         self.url = ""
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(15)
+        self.start()
         return self
 
+    def start(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(15)
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(15)
+            self.runner = None
+
     async def _start(self) -> None:
+        self.runner = web.AppRunner(make_app(*self.args, monitor_interval=0.5), access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        host, self.port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{self.port}"
 
     def __exit__(self, *_: Any) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(15)
+        self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
@@ -103,6 +117,14 @@ def wait(driver: Any, predicate: Any, what: str, timeout: float = 10.0) -> Any:
         except StaleElementReferenceException:   # the table was re-rendered under us
             return False
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check, message=f"waiting for {what}")
+
+
+def rollup(study: Any, dest: str) -> dict[str, str]:
+    """One destination's row of a study's roll-up table, by column."""
+    from selenium.webdriver.common.by import By
+    row = study.find_element(By.CSS_SELECTOR, f'table.rollup tr[data-destination="{dest}"]')
+    return {col: str(row.find_element(By.CSS_SELECTOR, f"td.{col}").text)
+            for col in ("routed", "delivered", "waiting", "failed", "dropped")}
 
 
 def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: Any) -> None:
@@ -148,8 +170,17 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
 
             browser.find_element(By.ID, "search-value").send_keys(STUDY_A)
             browser.find_element(By.ID, "search-button").click()
+            wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results .study")) == 1,
+                 "the study rolled up")
+            assert browser.current_url.endswith(f"#/study/{STUDY_A}")   # the shareable link
+            study = browser.find_element(By.CSS_SELECTOR, "#search-results .study")
+            assert rollup(study, "pacs") == {"routed": "3", "delivered": "1", "waiting": "1", "failed": "1",
+                                             "dropped": "0"}
+            assert rollup(study, "vna")["waiting"] == "3"
+            assert not study.find_elements(By.CSS_SELECTOR, ".object")   # instances only on demand
+            study.find_element(By.CSS_SELECTOR, "details.series summary").click()
             wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results .object")) == 3,
-                 "three objects of the study")
+                 "three objects of the study, once its series is opened")
             first = browser.find_elements(By.CSS_SELECTOR, "#search-results .object")[0]
             assert "from CT1 (10.0.0.5)" in first.text and "ct-to-pacs" in first.text
             steps = {s.get_attribute("data-destination"): s for s in first.find_elements(By.CSS_SELECTOR, ".step")}
@@ -168,5 +199,212 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
             wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused")
             wait(browser, lambda d: "paused" in d.find_element(
                 By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.state').text, "the paused badge")
+            assert browser.find_element(By.ID, "message").text == (
+                "pacs paused: its queue keeps filling; nothing is sent until it is resumed.")
+            assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-destination="pacs"] button.send-now')
+
+            # Send now to vna (its A1 waits an hour after 0xA700): asked first, answered in words.
+            def send_now_dialog() -> Any:
+                browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="vna"] button.send-now').click()
+                dialog = wait(browser, lambda d: d.switch_to.alert, "the send-now confirmation")
+                assert dialog.text.startswith("Send now to vna?") and "audit trail" in dialog.text
+                return dialog
+
+            send_now_dialog().dismiss()
+            assert not [e for e in spool.audit_events() if e["action"] == "send_now"]   # cancelled: nothing done
+            send_now_dialog().accept()
+            message = browser.find_element(By.ID, "message")
+            wait(browser, lambda d: "Send now to vna: backoff ended" in message.text, "the send-now message")
+            assert "1 object waiting for a retry is due now" in message.text and "{" not in message.text
+            assert [e["why"] for e in spool.audit_events() if e["action"] == "send_now"] == ["dashboard"]
+    finally:
+        spool.close()
+
+
+def enter_token(browser: Any, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    box = browser.find_element(By.ID, "token")
+    box.clear()
+    box.send_keys(value)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", box)
+
+
+def loaded(browser: Any) -> None:
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "1", "the first data")
+
+
+# Every element outside a scrolling box must lie within the viewport; the scrolling boxes too.
+OVERFLOW_JS = """
+const w = document.documentElement.clientWidth, bad = [];
+for (const e of document.querySelectorAll("body *")) {
+  if (e.closest("dialog, script") || (e.parentElement.closest(".scroll"))) continue;
+  const r = e.getBoundingClientRect();
+  if (r.width && (r.right > w + 0.5 || r.left < -0.5))
+    bad.push(`${e.tagName}#${e.id}.${e.className} ${Math.round(r.left)}..${Math.round(r.right)}`);
+}
+return [w, document.documentElement.scrollWidth, bad];
+"""
+
+
+def set_width(browser: Any, width: int) -> None:
+    """Resize the window; where the platform keeps a minimum window width, emulate the viewport."""
+    browser.set_window_size(width, 900)
+    if browser.execute_script("return window.innerWidth") != width:
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+    wait(browser, lambda d: d.execute_script("return window.innerWidth") == width, f"a {width} px viewport")
+
+
+@pytest.mark.parametrize("width", [390, 768])
+def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int) -> None:
+    """Phone and tablet widths: nothing wider than the viewport; at 390 px the destinations reflow
+    into labelled blocks with their actions on screen."""
+    from selenium.webdriver.common.by import By
+
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            set_width(browser, width)
+            browser.get(server.url + "/")
+            enter_token(browser, "s3cret")
+            loaded(browser)
+            browser.get(f"{server.url}/#/study/{STUDY_A}")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results .study"), "the study")
+            browser.find_element(By.CSS_SELECTOR, "details.series summary").click()
+            wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".object")) == 3, "its instances")
+            viewport, scroll_width, bad = browser.execute_script(OVERFLOW_JS)   # viewport less its scrollbar
+            assert width - 20 <= viewport <= width and scroll_width <= viewport, (viewport, scroll_width)
+            assert not bad, bad
+            pause = browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] button.pause')
+            rect = pause.rect
+            assert pause.is_displayed() and rect["x"] >= 0 and rect["x"] + rect["width"] <= width
+            if width == 390:   # reflowed: no header row, each cell labelled
+                assert not browser.find_element(By.CSS_SELECTOR, "#destinations thead").is_displayed()
+                pending = browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.pending')
+                assert pending.get_attribute("data-label") == "pending" and pending.text == "2"
+    finally:
+        spool.close()
+
+
+def test_dashboard_greys_stale_numbers_and_keeps_history(tmp_path: Path, browser: Any) -> None:
+    """The API going away greys the last numbers under a dated note; coming back (a fresh http
+    process, empty server history) clears it and the chart keeps the points the tab had seen."""
+    from selenium.webdriver.common.by import By
+
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            enter_token(browser, "s3cret")
+            loaded(browser)
+
+            def points() -> int:
+                return int(browser.find_element(By.ID, "chart").get_attribute("data-points") or 0)
+
+            def first() -> str:
+                return str(browser.find_element(By.ID, "chart").get_attribute("data-first"))
+            wait(browser, lambda d: points() >= 3, "three throughput points")
+            oldest = first()
+            browser.refresh()   # the server's history: drawn again at once
+            loaded(browser)
+            assert points() >= 3 and first() == oldest
+
+            opacity = "return getComputedStyle(document.getElementById('destinations')).opacity"
+            assert float(browser.execute_script(opacity)) == 1.0
+            server.stop()
+            note = browser.find_element(By.ID, "stale")
+            wait(browser, lambda d: note.is_displayed(), "the unreachable note")
+            assert note.text.startswith("Router unreachable since ") and "out of date" in note.text
+            assert float(browser.execute_script(opacity)) < 0.6   # the last numbers, greyed
+            assert browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.pending').text == "2"
+
+            server.start()   # a fresh app: its ThroughputHistory starts empty
+            wait(browser, lambda d: not note.is_displayed(), "the note cleared", timeout=15)
+            assert float(browser.execute_script(opacity)) == 1.0
+            assert first() == oldest   # kept in sessionStorage across the http restart
+    finally:
+        spool.close()
+
+
+def test_large_study_rolls_up_and_opens_from_its_link(tmp_path: Path, browser: Any) -> None:
+    """50 instances in two series: a few lines tall, counts per series and destination, every
+    instance still one click away; #/study/UID opens it directly."""
+    from selenium.webdriver.common.by import By
+
+    from test_ops import incoming
+
+    study = "1.2.826.0.1.3680043.10.50"
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        objs = []
+        for i in range(50):
+            o = incoming(f"{study}.{i}", study, ("pacs", "vna"))
+            o.meta["series_instance_uid"] = f"{study}.{1 if i < 30 else 2}"
+            objs.append(o)
+        oids = [r.oid for r in spool.put_many(objs, now=time.time() - AGE)]   # type: ignore[union-attr]
+        claimed, _ = spool.claim("pacs", 50)
+        spool.settle("pacs", [Outcome(c.oid, OutcomeKind.FAILED if c.oid in oids[:2] else OutcomeKind.DELIVERED,
+                                      status=0xA900 if c.oid in oids[:2] else 0) for c in claimed])
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            enter_token(browser, "s3cret")
+            loaded(browser)
+            browser.get(f"{server.url}/#/study/{study}")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results .study"), "the study")
+            box = browser.find_element(By.CSS_SELECTOR, "#search-results .study")
+            assert box.size["height"] < 1500, box.size
+            assert rollup(box, "pacs") == {"routed": "50", "delivered": "48", "waiting": "0", "failed": "2",
+                                           "dropped": "0"}
+            assert rollup(box, "vna")["waiting"] == "50"
+            series = {s.get_attribute("data-series"): s for s in box.find_elements(By.CSS_SELECTOR, "details.series")}
+            assert list(series) == [f"{study}.1", f"{study}.2"]
+            first = series[f"{study}.1"].find_element(By.TAG_NAME, "summary").text
+            assert "30 instances" in first and "28 delivered" in first and "2 failed" in first
+            assert "20 instances" in series[f"{study}.2"].text and "20 delivered" in series[f"{study}.2"].text
+            assert box.find_element(By.CSS_SELECTOR, "a.share").get_attribute("href").endswith(f"#/study/{study}")
+            series[f"{study}.2"].find_element(By.TAG_NAME, "summary").click()
+            wait(browser, lambda d: len(series[f"{study}.2"].find_elements(By.CSS_SELECTOR, ".object")) == 20,
+                 "the second series' 20 instances")
+            one = series[f"{study}.2"].find_elements(By.CSS_SELECTOR, ".object")[0]
+            assert one.get_attribute("data-sop") == f"{study}.30" and "from CT1" in one.text
+    finally:
+        spool.close()
+
+
+def test_purge_asks_in_words_and_answers_in_words(tmp_path: Path, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            enter_token(browser, "s3cret")
+            loaded(browser)
+            browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] button.purge').click()
+            dialog = browser.find_element(By.ID, "purge-dialog")
+            wait(browser, lambda d: dialog.is_displayed(), "the purge dialog")
+            assert "for good" in dialog.text and "pacs" in dialog.text
+            boxes = {b.get_attribute("value"): b for b in dialog.find_elements(By.NAME, "state")}
+            assert boxes["failed"].is_selected() and not boxes["pending"].is_selected()   # the safe default
+            assert "1 failed object" in dialog.text and "2 pending objects" in dialog.text
+            browser.find_element(By.ID, "purge-confirm").click()   # no reason yet: refused in the dialog
+            assert dialog.is_displayed() and spool.entry("pacs", 2) is not None
+            browser.find_element(By.ID, "purge-reason").send_keys("sent again by the modality")
+            browser.find_element(By.ID, "purge-confirm").click()
+            message = browser.find_element(By.ID, "message")
+            wait(browser, lambda d: message.is_displayed() and "removed" in message.text, "the purge result")
+            assert message.text == ("1 object removed from pacs (failed) for good; recorded in the audit trail "
+                                    "with the reason “sent again by the modality”.")
+            wait(browser, lambda d: d.find_element(
+                By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.failed').text == "0", "pacs with no failed")
+            purges = [e for e in audit_events(spool) if e.get("action") == "purge"]
+            assert len(purges) == 1 and purges[0]["why"] == "sent again by the modality", purges
     finally:
         spool.close()

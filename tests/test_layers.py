@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The management plane, beside the data plane: above it so that nothing in the data plane
     # imports it, and restricted below (FORBIDDEN) to what it may read.
     ("fastroute.ops", "fastroute.ops.*"),
+    ("fastroute.reload",),                            # what a reload restarts (reads config only)
     ("fastroute.workers",),                           # wires both planes into processes
     ("fastroute.cli", "fastroute.__main__"),
 )

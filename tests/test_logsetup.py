@@ -1,20 +1,26 @@
-"""Log injection (issue 11 item 8): a peer's text cannot forge log lines or drive a terminal.
+"""Logs: a peer's text cannot forge log lines or drive a terminal (issue 11 item 8); events
+carry their fields as JSON keys, text times carry a zone, processes name their role in ps, and
+the banner is JSON too (issue 12 item 5).
 
 The formats are checked in a subprocess that calls setup_logging exactly as the router's
 processes do, and reads back what reaches stderr.
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from fastroute.logsetup import JsonFormatter, TextFormatter, escape_control
+from fastroute.logsetup import FIELDS, JsonFormatter, TextFormatter, escape_control, fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "EVIL\nFAKE 2026 ERROR"
@@ -33,11 +39,15 @@ try:
     raise RuntimeError("boom")
 except RuntimeError:
     log.exception("C-STORE from %s raised", sys.argv[2])
+""" + r"""
+from fastroute.logsetup import fields
+log.warning("C-STORE failed", extra=fields(destination="pacs", calling_ae=sys.argv[3], called_ae="ROUTER",
+            peer="10.0.0.5:104", study_uid="1.2.3", sop_uid=sys.argv[2], status=0xA700, oid=42))
 """
 
 
-def run(fmt: str) -> str:
-    env = dict(os.environ, PYTHONPATH=REPO)
+def run(fmt: str, tz: str = "UTC") -> str:
+    env = dict(os.environ, PYTHONPATH=REPO, TZ=tz)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, fmt, json.dumps(EVIL),
                            json.dumps(HOSTILE)], env=env,
                           capture_output=True, text=True, timeout=60)
@@ -57,7 +67,7 @@ def test_text_format_one_line_per_record() -> None:
     assert_clean(out)
     lines = out.splitlines()
     # 3 one-line records, then the exception record: its line and a normal traceback
-    assert [line.split()[2:4] for line in lines[:4]] == [["WARNING", "listener-0"]] * 2 + [
+    assert [line.split()[1:3] for line in lines[:4]] == [["WARNING", "listener-0"]] * 2 + [
         ["ERROR", "listener-0"]] * 2
     assert lines[0].endswith(r"association from EVIL\nFAKE 2026 ERROR refused: calling AE "
                              r"'EVIL\nFAKE 2026 ERROR'")
@@ -66,16 +76,29 @@ def test_text_format_one_line_per_record() -> None:
     assert lines[2].endswith(r"fastroute.scp: A\r\x1b[2J\x9b31m\x7f\x00\u2028Z")
     assert lines[3].endswith(r"C-STORE from EVIL\nFAKE 2026 ERROR raised")
     assert lines[4] == "Traceback (most recent call last):"
-    assert lines[-1] == "RuntimeError: boom"
-    assert lines[5].startswith("  File ") and len(lines) == 7  # (-c: no source line)
+    assert lines[6] == "RuntimeError: boom"
+    assert lines[5].startswith("  File ") and len(lines) == 8  # (-c: no source line)
+    assert lines[7].endswith("fastroute.scp: C-STORE failed")   # fields are for JSON; text as written
     assert not any(line.startswith("FAKE") for line in lines)
+
+
+@pytest.mark.parametrize(("tz", "offset"), [("UTC", r"\+00:00"), ("Asia/Kolkata", r"\+05:30"),
+                                            ("America/St_Johns", r"-0[23]:30")])
+def test_text_time_carries_its_zone(tz: str, offset: str) -> None:
+    """ISO 8601 with the local offset: lines from routers in different zones still compare."""
+    before = time.time()
+    stamp = run("text", tz).splitlines()[0].split()[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}" + offset, stamp), stamp
+    parsed = datetime.datetime.fromisoformat(stamp).timestamp()
+    assert before - 1 <= parsed <= time.time() + 1   # the offset is the true one, not a label
 
 
 def test_json_format_one_object_per_line() -> None:
     out = run("json")
     assert_clean(out)
     docs = [json.loads(line) for line in out.splitlines()]
-    assert len(docs) == 4
+    assert len(docs) == 5
+    assert not set(FIELDS) & set(docs[0])   # no fields given, none invented
     assert docs[0]["message"] == ("association from EVIL\\nFAKE 2026 ERROR refused: "
                                   "calling AE 'EVIL\\nFAKE 2026 ERROR'")
     assert docs[1]["message"] == ("store from A\\r\\x1b[2J\\x9b31m\\x7f\\x00\\u2028Z failed: "
@@ -83,6 +106,24 @@ def test_json_format_one_object_per_line() -> None:
     assert all(doc["process"] == "listener-0" for doc in docs)
     trace = docs[3]["exception"].splitlines()
     assert trace[0] == "Traceback (most recent call last):" and trace[-1] == "RuntimeError: boom"
+
+
+def test_json_events_carry_their_fields_escaped() -> None:
+    out = run("json")
+    assert_clean(out)
+    event = json.loads(out.splitlines()[-1])
+    assert event["message"] == "C-STORE failed"
+    assert {k: event[k] for k in FIELDS} == {
+        "destination": "pacs", "calling_ae": r"A\r\x1b[2J\x9b31m\x7f\x00\u2028Z", "called_ae": "ROUTER",
+        "peer": "10.0.0.5:104", "study_uid": "1.2.3", "sop_uid": r"EVIL\nFAKE 2026 ERROR",
+        "status": 0xA700, "oid": 42}
+
+
+def test_fields_helper_leaves_out_what_is_not_known() -> None:
+    assert fields(destination="pacs", status=0, oid=None) == {"destination": "pacs", "status": 0}
+    record = logging.makeLogRecord({"msg": "x", **fields(status=0, peer="h:1"), "other": "not a field"})
+    doc = json.loads(JsonFormatter("p").format(record))
+    assert doc["status"] == 0 and doc["peer"] == "h:1" and "other" not in doc
 
 
 @pytest.mark.parametrize(("raw", "shown"), [
@@ -119,3 +160,106 @@ def test_record_is_left_as_logged() -> None:
     assert json.loads(second)["message"] == first
     assert seen[0].msg == "from %s" and seen[0].args == (EVIL,)
     assert seen[0].getMessage() == f"from {EVIL}"
+
+
+def _titles(pgid: int) -> dict[int, str]:
+    """What ps shows for each process of a process group (/proc/PID/cmdline)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (OSError, ProcessLookupError):
+            continue   # exited while we looked
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_router_processes_name_their_role_and_log_json(tmp_path: Path) -> None:
+    """The real router: every line it writes is JSON (banner and supervisor included), and ps
+    tells its processes apart."""
+    from peers import free_port, wait_until
+    from router import Router
+
+    r = Router(tmp_path / "router", {
+        "log_format": "json", "http": {"host": "127.0.0.1", "port": free_port()},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}}})
+    r.start()
+    try:
+        assert r.proc is not None
+        want = {"fastroute: supervisor", "fastroute: listener-0", "fastroute: sender-pacs", "fastroute: http"}
+        wait_until(lambda: want <= set(_titles(r.proc.pid).values()), 30,   # type: ignore[union-attr]
+                   message=lambda: f"process titles: {_titles(r.proc.pid)}")   # type: ignore[union-attr]
+        assert _titles(r.proc.pid)[r.proc.pid] == "fastroute: supervisor"
+        wait_until(lambda: "http: dashboard and API" in r.log_text(), 30, message="the http process's start")
+    finally:
+        assert r.stop() == 0
+    lines = r.log_text().splitlines()
+    docs = []
+    for line in lines:
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not JSON: {line!r}\n{r.log_tail()}") from None
+    banner = [d for d in docs if d["logger"] == "fastroute.banner"]
+    assert banner[0]["message"].startswith("fastroute ") and banner[0]["process"] == "supervisor"
+    assert any("listening as AE FASTROUTE" in d["message"] for d in banner)
+    assert any(d["message"].startswith("started listener-0 (pid") for d in docs)   # the supervisor's lines
+    assert {d["process"] for d in docs} >= {"supervisor", "http"}
+
+
+# -- call sites that carry their fields ---------------------------------------------------------
+
+def _as_json(record: logging.LogRecord) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(JsonFormatter("p").format(record))
+    return doc
+
+
+@pytest.mark.peers
+def test_c_store_to_dcmtk_logs_its_fields(storescp: object, synth_study: object,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The sender's C-STORE line (DEBUG) as a shipper sees it: AE titles, address, SOP UID, status."""
+    import peers
+    from test_scu import c_store_body, destination, store
+
+    from fastroute.dicom.scu import Connection
+
+    body = c_store_body(synth_study(n_instances=1, tiny=True)[0])   # type: ignore[operator]
+    scp = storescp("DEST")   # type: ignore[operator]
+    conn = Connection(destination(scp.port), "FASTROUTE")
+    with caplog.at_level(logging.DEBUG, logger="fastroute.send"):
+        assert store(conn, body).status == 0
+        conn.release()
+    line = next(r for r in caplog.records if r.getMessage().startswith("C-STORE"))
+    doc = _as_json(line)
+    assert {k: doc.get(k) for k in ("calling_ae", "called_ae", "peer", "sop_uid", "status")} == {
+        "calling_ae": "FASTROUTE", "called_ae": "DEST", "peer": peers.HOST, "sop_uid": body[1], "status": 0}
+    associated = next(r for r in caplog.records if r.getMessage().startswith("associated"))
+    assert _as_json(associated)["called_ae"] == "DEST"
+
+
+def test_operator_actions_log_their_destination(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import time as _time
+
+    from test_ops import AGE, STUDY_A, fill, make_config
+
+    from fastroute.ops import actions
+    from fastroute.spool import Spool
+
+    cfg, _ = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=0)
+    try:
+        fill(spool, _time.time() - AGE)
+        with caplog.at_level(logging.INFO, logger="fastroute.ops"):
+            actions.set_paused(cfg, spool, "pacs", True, who="tester")
+            actions.retry(cfg, spool, study_instance_uid=STUDY_A, who="tester")
+            actions.purge(cfg, spool, destination="vna", states=["pending"], reason="test",
+                          study_instance_uid=STUDY_A, who="tester")
+    finally:
+        spool.close()
+    docs = [_as_json(r) for r in caplog.records if r.name == "fastroute.ops"]
+    assert [(d.get("destination"), d.get("study_uid")) for d in docs] == [
+        ("pacs", None), (None, STUDY_A), ("vna", STUDY_A)]

@@ -26,7 +26,7 @@ from fastroute.cli import main as cli_main
 from fastroute.config import AlertsConfig, Config, load
 from fastroute.errors import ConfigError
 from fastroute.spool import Counters, Incoming, Outcome, OutcomeKind, Spool
-from fastroute.spool.senderstate import DestinationState, SenderState
+from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
 from fastroute.spool.wakeup import Waker
 
 STUDY_A = "1.2.826.0.1.3680043.10.1"
@@ -288,6 +288,70 @@ def test_pause_and_resume(env: Any) -> None:
         ops.set_paused(cfg, spool, "nope", True)
     with pytest.raises(ops.BadRequest):
         ops.set_paused(cfg, spool, "unrouted", True)
+
+
+def test_send_now_makes_waiting_objects_due_audits_and_wakes(env: Any) -> None:
+    """vna's A1 waits an hour after 0xA700: send-now makes it due (attempts kept), leaves the
+    sender its request (who/why) and a wake-up, and is audited."""
+    cfg, _, spool, oids = env
+    assert spool.entry("vna", oids[0]).next_at > time.time() + 3000   # type: ignore[union-attr]
+    waker = Waker(cfg.spool, "vna")
+    try:
+        result = ops.send_now(cfg, spool, "vna", who="dave", why="VNA back")
+        assert waker.wait(2.0)
+    finally:
+        waker.close()
+    [vna] = result["destinations"]
+    assert (result["made_due"], vna["destination"], vna["was"]) == (1, "vna", "unknown")
+    assert "no sender is running" in vna["note"]
+    e = spool.entry("vna", oids[0])
+    assert e is not None and e.next_at == 0 and e.attempts == 1 and e.last_status == 0xA700
+    request = read_send_now(cfg.spool, "vna")
+    assert request is not None and (request.source, request.who, request.why) == ("send-now", "dave", "VNA back")
+    ev = last_event(spool)
+    assert (ev["action"], ev["who"], ev["why"], ev["destination"], ev["count"]) == \
+        ("send_now", "dave", "VNA back", "vna", 1)
+    assert ops.send_now(cfg, spool, all_destinations=True)["made_due"] == 0   # nothing waits any more
+    assert [e["destination"] for e in list(spool.audit_events())[-2:]] == ["pacs", "vna"]
+    with pytest.raises(ops.BadRequest):
+        ops.send_now(cfg, spool)
+    with pytest.raises(ops.BadRequest):
+        ops.send_now(cfg, spool, "pacs", all_destinations=True)
+    with pytest.raises(ops.NotFound):
+        ops.send_now(cfg, spool, "nope")
+    with pytest.raises(ops.BadRequest):
+        ops.send_now(cfg, spool, "unrouted")
+
+
+def test_pause_wakes_the_sender_and_resume_asks_it_to_send_now(env: Any) -> None:
+    cfg, _, spool, _ = env
+    waker = Waker(cfg.spool, "pacs")
+    try:
+        ops.set_paused(cfg, spool, "pacs", True, who="carol")
+        assert waker.wait(2.0)                      # the sender shows "paused" at once
+        assert read_send_now(cfg.spool, "pacs") is None
+        ops.set_paused(cfg, spool, "pacs", False, who="carol", why="done")
+        assert waker.wait(2.0)
+    finally:
+        waker.close()
+    request = read_send_now(cfg.spool, "pacs")
+    assert request is not None and (request.source, request.who, request.why) == ("resume", "carol", "done")
+
+
+def test_cli_send_now(env: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, path, spool, _ = env
+    spool.close()
+    c = str(path)
+    assert cli_main(["send-now", "-c", c, "vna", "--reason", "VNA back"]) == 0
+    out = capsys.readouterr().out
+    assert "vna: backoff reset (was unknown, 0 failure(s) in a row); 1 object(s) waiting out a retry delay " \
+           "are due now" in out and "audited" in out
+    assert cli_main(["send-now", "-c", c, "--all"]) == 0
+    assert [ln.split(":")[0] for ln in capsys.readouterr().out.splitlines()[:2]] == ["pacs", "vna"]
+    assert cli_main(["send-now", "-c", c]) == 1
+    assert "name one destination, or all of them" in capsys.readouterr().err
+    assert cli_main(["send-now", "-c", c, "nope"]) == 1
+    assert "unknown destination 'nope'" in capsys.readouterr().err
 
 
 # -- configuration ------------------------------------------------------------------------------

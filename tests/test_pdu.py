@@ -382,3 +382,44 @@ def test_pdata_primitive_reference() -> None:
     body = memoryview(P_DATA_TF(p).encode())[6:]
     assert [(c, cmd, last, bytes(f)) for c, cmd, last, f in pdu.iter_pdvs(body)] == [
         (1, True, True, b"abcd"), (1, False, False, b"ef"), (3, False, True, b"")]
+
+
+@pytest.mark.parametrize("kind", range(1, 8))
+def test_reader_zero_length_pdus_are_protocol_errors_not_crashes(kind: int) -> None:
+    """A zero-length body used to pop an empty deque (IndexError, logged as internal error):
+    it is returned (empty) for types with variable bodies, whose decoders refuse it, and the
+    4-byte fixed PDUs refuse any other length outright (PS3.8 9.3.4-9.3.8)."""
+    reader = pdu.PduReader()
+    reader.feed(struct.pack(">BBI", kind, 0, 0))
+    if kind in (pdu.A_ASSOCIATE_RJ, pdu.A_RELEASE_RQ, pdu.A_RELEASE_RP, pdu.A_ABORT):
+        with pytest.raises(pdu.ProtocolError, match="has length 0, not 4"):
+            reader.next()
+        return
+    got = reader.next()
+    assert got is not None and got[0] == kind and len(got[1]) == 0 and reader.buffered == 0
+    decoder = {pdu.A_ASSOCIATE_RQ: pdu.decode_associate_rq, pdu.A_ASSOCIATE_AC: pdu.decode_associate_ac,
+               pdu.P_DATA_TF: lambda b: list(pdu.iter_pdvs(b))}[kind]
+    with pytest.raises(pdu.ProtocolError):
+        decoder(got[1])
+
+
+def test_malformed_associate_rq_raises_without_pynetdicom_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A non-ASCII UID: pynetdicom logs a traceback before raising; we log nothing."""
+    rq = A_ASSOCIATE()
+    rq.application_context_name = "1.2.840.10008.3.1.1.1"
+    rq.calling_ae_title, rq.called_ae_title = "A", "B"
+    cx = PresentationContext()
+    cx.context_id = 1
+    cx.abstract_syntax = UID("1.2.840.10008.1.1")
+    cx.transfer_syntax = [ImplicitVRLittleEndian]
+    rq.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    rq.user_information = [ml]
+    raw = bytearray(pdu.encode_associate_rq(rq))
+    at = raw.index(b"1.2.840.10008.1.1")
+    raw[at + 5] = 0xFF
+    with pytest.raises(pdu.ProtocolError, match="malformed A-ASSOCIATE-RQ"):
+        pdu.decode_associate_rq(bytes(raw[6:]))
+    assert not [r for r in caplog.records if r.exc_info], caplog.text

@@ -217,7 +217,9 @@ def test_fault_proxy_outcome_unknown(
     [received] = scp.wait_for(1, timeout=10)
     assert received.name.endswith(f".{source.stem}.dcm")
     assert proxy.cuts == 1
-    assert scp.receptions() == [received.name]  # storescp believes it answered
+    # storescp believes it answered; its reception hook runs after the file is written.
+    peers.wait_until(lambda: scp.receptions() == [received.name], 10,
+                     message=lambda: f"receptions: {scp.receptions()}")
 
 
 def test_stop_leaves_no_process_and_no_port(storescp: StoreSCPFactory) -> None:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +21,8 @@ import synth
 from fastroute.cli import read_part10
 from fastroute.config import Config, loads
 from fastroute.routing.schedule import PROGRESS_EVERY, DestinationSender
-from fastroute.spool import Incoming, QueueState, Spool
+from fastroute.ops import actions as ops
+from fastroute.spool import Incoming, Outcome, OutcomeKind, QueueState, Spool
 from fastroute.spool.wakeup import Notifier
 from peers import wait_until
 from router import destination
@@ -131,3 +136,114 @@ def test_state_file_progress_is_throttled(tmp_path: Path) -> None:
         assert json.loads(state.read_text())["state"] == "backing_off"
     finally:
         spool.close()
+
+
+# -- backoff per destination, send-now, echo (issue 12 item 3) ------------------------------------
+
+def sender_state(cfg: Config) -> dict[str, Any]:
+    try:
+        return dict(json.loads((cfg.spool / "run" / "pacs.state").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def backing_off(cfg: Config) -> bool:
+    st = sender_state(cfg)
+    return st.get("state") == "backing_off" and st.get("consecutive_failures", 0) >= 1
+
+
+def hold_in_retry(spool: Spool, seconds: float) -> int:
+    """Claim one object and settle it as a transient failure due ``seconds`` from now: an
+    object waiting out its own backoff, as after a 0xA700 or an outcome unknown."""
+    [item], _ = spool.claim("pacs", 1)
+    spool.settle("pacs", [Outcome(item.oid, OutcomeKind.RETRY, status=0xA700, error="out of resources",
+                                  next_at=time.time() + seconds)])
+    return item.oid
+
+
+@pytest.mark.peers
+def test_send_now_ends_the_backoff_and_delivers_at_once(
+        tmp_path: Path, storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Destination down -> backoff of a minute -> PACS back -> send-now: everything, the
+    object waiting out its own retry delay too, arrives within seconds (audited)."""
+    port = peers.free_port()
+    cfg = config(tmp_path, port, backoff_initial=60, backoff_max=300)
+    files = synth.make_tiny(tmp_path / "t", n=3)
+    with running_sender(cfg) as (spool, notifier):
+        queue_files(spool, files)
+        held = hold_in_retry(spool, 600)
+        notifier.notify("pacs")
+        wait_until(lambda: backing_off(cfg), 10, message="sender did not back off")
+        assert sender_state(cfg)["retry_at"] > time.time() + 20
+        scp = storescp("PACS", port=port)
+        assert scp.port == port
+        started = time.monotonic()
+        result = ops.send_now(cfg, spool, "pacs", who="erin", why="PACS is back")
+        assert result["made_due"] == 1 and result["destinations"][0]["was"] == "backing_off"
+        scp.wait_for(3, timeout=5)
+        assert time.monotonic() - started < 5
+        wait_until(lambda: sender_state(cfg).get("state") == "up", 5, message="state not up")
+        assert sender_state(cfg)["consecutive_failures"] == 0
+        assert spool.entry("pacs", held) is None or spool.entry("pacs", held).state != QueueState.PENDING  # type: ignore[union-attr]
+        ev = [e for e in spool.audit_events() if e["action"] == "send_now"]
+        assert len(ev) == 1 and (ev[0]["who"], ev[0]["why"], ev[0]["count"]) == ("erin", "PACS is back", 1)
+
+
+@pytest.mark.peers
+def test_successful_echo_ends_the_backoff(tmp_path: Path, storescp: Callable[..., peers.StoreSCP]) -> None:
+    """``fastroute echo`` (another process) succeeding tells the sender: it sends at once."""
+    port = peers.free_port()
+    cfg = config(tmp_path, port, backoff_initial=60, backoff_max=300)
+    path = tmp_path / "fastroute.yaml"
+    path.write_text(yaml.safe_dump({"spool": str(cfg.spool), "spool_max_bytes": "256MiB",
+                                    "destinations": {"pacs": destination(port, "PACS")}, "default": ["pacs"]}))
+    files = synth.make_tiny(tmp_path / "t", n=2)
+    with running_sender(cfg) as (spool, notifier):
+        queue_files(spool, files)
+        notifier.notify("pacs")
+        wait_until(lambda: backing_off(cfg), 10, message="sender did not back off")
+        scp = storescp("PACS", port=port)
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "fastroute", "echo", "-c", str(path), "pacs"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "told to end any backoff" in out.stdout
+        scp.wait_for(2, timeout=5)
+        assert time.monotonic() - started < 8     # the interpreter's start included, not 60 s
+        wait_until(lambda: sender_state(cfg).get("consecutive_failures") == 0, 5, message="streak kept")
+
+
+@pytest.mark.peers
+def test_pause_and_resume_wake_the_sender(tmp_path: Path, storescp: Callable[..., peers.StoreSCP]) -> None:
+    """A pause shows at once; a resume ends the backoff: the queue goes out in seconds."""
+    port = peers.free_port()
+    cfg = config(tmp_path, port, backoff_initial=60, backoff_max=300)
+    files = synth.make_tiny(tmp_path / "t", n=2)
+    with running_sender(cfg) as (spool, notifier):
+        queue_files(spool, files)
+        notifier.notify("pacs")
+        wait_until(lambda: backing_off(cfg), 10, message="sender did not back off")
+        ops.set_paused(cfg, spool, "pacs", True, who="erin")
+        wait_until(lambda: sender_state(cfg).get("state") == "paused", 3, message="pause not noticed")
+        scp = storescp("PACS", port=port)
+        ops.set_paused(cfg, spool, "pacs", False, who="erin")
+        scp.wait_for(2, timeout=5)
+
+
+def test_two_associations_count_one_failure_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Both association threads fail in each round of a destination down; the streak grows
+    by one per round and each failure is logged once (it doubled before)."""
+    cfg = config(tmp_path, peers.free_port(), max_associations=2, batch_size=1,
+                 backoff_initial=0.2, backoff_max=0.4)
+    files = synth.make_tiny(tmp_path / "t", n=4)
+    caplog.set_level(logging.DEBUG, logger="fastroute.schedule")
+    with running_sender(cfg) as (spool, notifier):
+        queue_files(spool, files)
+        notifier.notify("pacs")
+        wait_until(lambda: sender_state(cfg).get("consecutive_failures", 0) >= 4, 20,
+                   message="not enough rounds of failures")
+        msgs = [r.getMessage() for r in caplog.records if r.name == "fastroute.schedule"]
+    counted = [int(m.split("(failure ")[1].split()[0]) for m in msgs if "(failure " in m]
+    assert counted[:4] == [1, 2, 3, 4], msgs          # one per round, never two with the same number
+    assert len(counted) == len(set(counted))
+    assert any("same outage" in m for m in msgs), msgs   # the second thread did fail, and joined

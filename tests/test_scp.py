@@ -66,6 +66,7 @@ class Scp:
     spool: Spool
     committer: Committer
     cfg: Config
+    store: StoreService
 
     @property
     def port(self) -> int:
@@ -93,8 +94,7 @@ def scp(tmp_path: Path) -> Iterator[Callable[..., Scp]]:
 
     def make(handlers: dict[int, Any] | None = None, **config: Any) -> Scp:
         port = peers.free_port()
-        limits = {k: config.pop(k) for k in ("max_object_bytes", "pause_at_bytes", "sop_classes")
-                  if k in config}
+        limits = {k: config.pop(k) for k in ("pause_at_bytes", "sop_classes") if k in config}
         settings = {"ae_title": "FASTROUTE", "host": "127.0.0.1", "port": port,
                     "spool": str(tmp_path / f"spool{len(started)}"), "min_free_bytes": 0,
                     "spool_max_bytes": "256MiB", **config}
@@ -102,16 +102,18 @@ def scp(tmp_path: Path) -> Iterator[Callable[..., Scp]]:
         spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, min_free_bytes=cfg.min_free_bytes)
         committer = Committer(spool, None, gather=cfg.group_commit_delay)
         rules = RuleSet.from_config(cfg)
-        services = {CommandField.C_STORE_RQ: StoreService(rules, committer), **(handlers or {})}
+        store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
+        services = {CommandField.C_STORE_RQ: store, **(handlers or {})}
         receiver = Listener(cfg, services, **limits)
         receiver.start()
-        s = Scp(receiver, spool, committer, cfg)
+        s = Scp(receiver, spool, committer, cfg, store)
         started.append(s)
         return s
 
     yield make
     for s in started:
         s.receiver.stop(1.0)
+        s.store.close()
         s.committer.close()
         s.spool.close()
         assert not peers.is_listening(s.port), f"port {s.port} still listening after stop()"

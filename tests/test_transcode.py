@@ -308,7 +308,7 @@ NO_DECODER = {"1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93", "1.2.840.10008
 
 
 def _accepted_compressed() -> list[str]:
-    from fastroute.dicom.scp import ACCEPTED_SYNTAXES
+    from fastroute.dicom.acse import ACCEPTED_SYNTAXES
     return [ts for ts in ACCEPTED_SYNTAXES if ts not in NATIVE]
 
 

@@ -159,3 +159,13 @@ def test_one_implementation_identity_on_both_sides() -> None:
     assert acse.IMPLEMENTATION_CLASS_UID.startswith("1.2.826.0.1.3680043.8.498.")   # pydicom's root
     assert acse.IMPLEMENTATION_VERSION_NAME.startswith("FASTROUTE_")
     assert len(acse.IMPLEMENTATION_VERSION_NAME) <= 16                             # SH
+
+
+def test_an_undecodable_associate_rq_leaves_the_acceptor_awaiting_one() -> None:
+    """PS3.8 Table 9-10: an invalid A-ASSOCIATE-RQ is Evt19 in Sta2 (answered AA-1), so the
+    state must not move to Sta3 before the request decodes."""
+    ul = UpperLayer(Role.ACCEPTOR, max_pdu_in=16384)
+    ul.feed(struct.pack(">BBI", pdu.A_ASSOCIATE_RQ, 0, 0))
+    with pytest.raises(pdu.ProtocolError, match="shorter than its 68-byte fixed part"):
+        ul.next_event()
+    assert ul.state is State.AWAITING_ASSOCIATE_RQ

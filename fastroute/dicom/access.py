@@ -25,12 +25,16 @@ def parse_networks(cfg: Config) -> list[Network] | None:
 
 
 def check_access(cfg: Config, networks: Sequence[Network] | None,
-                 calling: str, called: str, ip: str, others: int) -> Rejection | None:
+                 calling: str, called: str, ip: str, others: int, same_ae: int = 0,
+                 same_ip: int = 0) -> Rejection | None:
     """Decide an association request; None accepts it.
 
-    ``others`` is the number of associations already established on this listener. The
+    ``others`` is the number of associations already established (on every listener process),
+    ``same_ae`` / ``same_ip`` those of them from this calling AE title / this address. The
     precedence is the one pynetdicom's acceptor had (and DCMTK peers were tested against):
-    peer address, calling AE, then the association limit over the called AE title.
+    peer address, calling AE, then the association limits over the called AE title. Every
+    limit answers transient "local limit exceeded" (PS3.8 9.3.4: result 2, source 3, reason
+    2): the modality may retry once an association ends.
     """
     if networks is not None:
         try:
@@ -45,6 +49,12 @@ def check_access(cfg: Config, networks: Sequence[Network] | None,
     if others >= cfg.max_associations:
         return Rejection(0x02, 0x03, 0x02,
                          f"max_associations ({cfg.max_associations}) reached: local limit exceeded")
+    if same_ae >= cfg.max_associations_per_ae:
+        return Rejection(0x02, 0x03, 0x02, f"max_associations_per_ae ({cfg.max_associations_per_ae}) "
+                         f"reached for calling AE {calling}: local limit exceeded")
+    if same_ip >= cfg.max_associations_per_ip:
+        return Rejection(0x02, 0x03, 0x02, f"max_associations_per_ip ({cfg.max_associations_per_ip}) "
+                         f"reached for {ip}: local limit exceeded")
     if cfg.require_called_ae and called != cfg.ae_title:
         return Rejection(0x01, 0x01, 0x07, f"called AE title {called!r} is not {cfg.ae_title!r}")
     return None

@@ -101,8 +101,9 @@ def negotiate(rq: A_ASSOCIATE, supported: list[PresentationContext],
     """
     roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
              if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid}
-    results, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list,
-                                                supported, roles or None)
+    proposed, malformed = _split_malformed(rq.presentation_context_definition_list)
+    results, role_items = negotiate_as_acceptor(proposed, supported, roles or None)
+    results = sorted([*results, *malformed], key=lambda cx: cx.context_id or 0)
     ac = A_ASSOCIATE()
     ac.application_context_name = APPLICATION_CONTEXT_NAME
     ac.calling_ae_title = rq.calling_ae_title
@@ -120,6 +121,30 @@ def negotiate(rq: A_ASSOCIATE, supported: list[PresentationContext],
     accepted = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results
                 if cx.result == 0x00 and cx.context_id is not None}
     return ac, accepted
+
+
+def _split_malformed(contexts: list[PresentationContext]) -> tuple[
+        list[PresentationContext], list[PresentationContext]]:
+    """The proposed contexts pynetdicom can negotiate, and results for those it cannot.
+
+    PS3.8 9.3.2.2 requires one abstract syntax and at least one transfer syntax per context;
+    a context without them is a provider rejection of that context (result 3 "abstract
+    syntax not supported", 4 "transfer syntaxes not supported", PS3.8 9.3.3.2), not a
+    reason to lose the association or log an internal error.
+    """
+    good, bad = [], []
+    for cx in contexts:
+        if cx.abstract_syntax is None or not cx.transfer_syntax:
+            result = PresentationContext()
+            result.context_id = cx.context_id
+            result.result = 0x03 if cx.abstract_syntax is None else 0x04
+            # The AC's transfer syntax sub-item is "not significant" for a rejection (9.3.3.2).
+            result.transfer_syntax = [UID(cx.transfer_syntax[0] if cx.transfer_syntax
+                                          else IMPLICIT_VR_LITTLE_ENDIAN)]
+            bad.append(result)
+        else:
+            good.append(cx)
+    return good, bad
 
 
 def request(calling_ae: str, called_ae: str, pairs: list[tuple[str, str]],

@@ -13,7 +13,9 @@ ProtocolError (never another exception) saying what is wrong and at which offset
 """
 from __future__ import annotations
 
+import logging
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
 
@@ -57,6 +59,7 @@ _TEXT_VRS = frozenset({"UI", "AE", "LO", "SH", "LT", "CS", "IS"})
 _MULTI_VALUED = frozenset({0x0901, 0x1005, 0x51B0})   # VM 1-n: returned as raw bytes
 ERROR_COMMENT_MAX = 64                                # LO
 
+_FIXED_LENGTH = frozenset({A_ASSOCIATE_RJ, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT})
 _HEADER = struct.Struct(">BBI")         # PDU type, reserved, length
 _PDV_HEADER = struct.Struct(">BBIIBB")  # PDU header + PDV item length, context id, control
 _UINT32_BE = struct.Struct(">I")
@@ -117,6 +120,11 @@ class PduReader:
             if pdu_type not in PDU_NAMES:
                 raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X} at stream offset "
                                     f"{self._offset - 6}")
+            if pdu_type in _FIXED_LENGTH and length != 4:
+                # PS3.8 9.3.4-9.3.8: these bodies are exactly 4 bytes; anything else is an
+                # invalid PDU parameter (A-ABORT reason 6), not a reason to read on.
+                raise ProtocolError(f"{PDU_NAMES[pdu_type]} at stream offset {self._offset - 6} "
+                                    f"has length {length}, not 4")
             if length > self.max_pdu_length:
                 raise ProtocolError(
                     f"{PDU_NAMES[pdu_type]} at stream offset {self._offset - 6} is {length} bytes "
@@ -130,6 +138,8 @@ class PduReader:
 
     def _take(self, n: int) -> memoryview:
         """Remove and return the first ``n`` buffered bytes (a view when in one chunk)."""
+        if n == 0:                      # a zero-length PDU body (rejected by its decoder)
+            return memoryview(b"")
         self._size -= n
         self._offset += n
         first = self._chunks[0] if self._chunks else memoryview(b"")
@@ -243,6 +253,28 @@ def decode_associate_rj(body: bytes | memoryview) -> tuple[int, int, int]:
 # Association negotiation: pynetdicom's PDU classes, wrapped
 
 
+class _QuietWhileDecoding(logging.Filter):
+    """Drop pynetdicom's own log records while this thread decodes a peer's A-ASSOCIATE PDU.
+
+    pynetdicom logs every undecodable value (a non-ASCII UID, say) with a traceback before
+    raising; the raise becomes one ProtocolError line and an A-ABORT here, so its traceback
+    would only be a peer's garbage dressed up as our internal error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "decoding", False)
+
+
+_QUIET = _QuietWhileDecoding()
+for _name in ("pynetdicom.utils", "pynetdicom.pdu", "pynetdicom.pdu_items", "pynetdicom.pdu_primitives",
+              "pynetdicom.presentation"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
 def _with_header(pdu_type: int, body: bytes | memoryview) -> bytes:
     return _HEADER.pack(pdu_type, 0, len(body)) + bytes(body)
 
@@ -253,11 +285,14 @@ def decode_associate_rq(body: bytes | memoryview) -> A_ASSOCIATE:
         raise ProtocolError(f"A-ASSOCIATE-RQ body is {len(body)} bytes, shorter than its "
                             "68-byte fixed part")
     pdu = _AssociateRQ()
+    _QUIET.local.decoding = True
     try:
         pdu.decode(_with_header(A_ASSOCIATE_RQ, body))
         return pdu.to_primitive()
     except Exception as exc:   # pynetdicom raises whatever its item decoders hit
         raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {exc!r}") from exc
+    finally:
+        _QUIET.local.decoding = False
 
 
 def decode_associate_ac(body: bytes | memoryview) -> A_ASSOCIATE:
@@ -270,11 +305,14 @@ def decode_associate_ac(body: bytes | memoryview) -> A_ASSOCIATE:
         raise ProtocolError(f"A-ASSOCIATE-AC body is {len(body)} bytes, shorter than its "
                             "68-byte fixed part")
     pdu = _AssociateAC()
+    _QUIET.local.decoding = True
     try:
         pdu.decode(_with_header(A_ASSOCIATE_AC, body))
         return pdu.to_primitive()
     except Exception as exc:
         raise ProtocolError(f"malformed A-ASSOCIATE-AC: {exc!r}") from exc
+    finally:
+        _QUIET.local.decoding = False
 
 
 def encode_associate_rq(primitive: A_ASSOCIATE) -> bytes:

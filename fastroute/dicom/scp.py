@@ -29,9 +29,10 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from fastroute.config import Config
 from fastroute.dicom import acse, pdu
 from fastroute.dicom.access import check_access, parse_networks
-from fastroute.dicom.dimse import (MAX_OBJECT_BYTES, CommandField, Handler, Message, MessageTooLarge,
+from fastroute.dicom.dimse import (CommandField, Handler, Message, MessageTooLarge,
                                    Peer, Pending, Reply, command_name, encode_response,
                                    message_buffers)
+from fastroute.dicom.slots import SlotTable
 from fastroute.dicom.status import Status, describe
 from fastroute.dicom.ul import (AssociateRequest, PeerAbort, ReleaseRequest, Role, State, UnexpectedPdu,
                                 UpperLayer)
@@ -41,6 +42,7 @@ log = logging.getLogger("fastroute.scp")
 PAUSE_AT_BYTES = 4 * 1024 * 1024      # stop reading a peer that pipelines while a reply is pending
 
 # A-ABORT (PS3.8 9.3.8): source 2 = service provider; reasons.
+ABORT_USER = 0x00
 ABORT_PROVIDER = 0x02
 REASON_NOT_SPECIFIED = 0x00
 REASON_UNRECOGNISED_PDU = 0x01
@@ -85,6 +87,9 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.outcome = ""                 # released / aborted, once logged
         self.last_rx = 0.0
+        self.rx_bytes = 0                 # received in all
+        self.accept_rx = -1               # rx_bytes that the A-ASSOCIATE-RQ accounted for
+        self.slot: int | None = None      # our record in the listeners' shared slot table
         self.timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks -------------------------------------------------------------------
@@ -99,6 +104,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.loop.time()
+        self.rx_bytes += len(data)
         self.ul.feed(data)
         self._pump()
 
@@ -111,6 +117,9 @@ class _Connection(asyncio.Protocol):
             self.timer = None
         self.r._conns.discard(self)
         self.r._established.discard(self)
+        if self.slot is not None:
+            self.r.slots.release(self.slot)
+            self.slot = None
         if not self.outcome and self.ul.state is State.ESTABLISHED:
             partial = " (an unacknowledged object was discarded)" if self.ul.in_message() else ""
             self._finish("aborted", f"connection closed by the peer{partial}", logging.WARNING)
@@ -228,8 +237,11 @@ class _Connection(asyncio.Protocol):
         self.called = str(rq.called_ae_title).strip()
         peer_max = int(rq.maximum_length_received or 0)
         self.peer_max_pdu = peer_max if peer_max >= 7 else 0   # below 7 nothing fits: ignore it
-        rejection = check_access(self.r.cfg, self.r.networks, self.calling, self.called, self.ip,
-                                 len(self.r._established))
+        cfg, networks = self.r.cfg, self.r.networks
+        # Counts and the claim under one lock, across every listener process of the spool.
+        self.slot, rejection = self.r.slots.admit(
+            self.calling, self.ip, lambda total, same_ae, same_ip: check_access(
+                cfg, networks, self.calling, self.called, self.ip, total, same_ae, same_ip))
         self.peer = Peer(self.calling, self.called, self.ip, {})
         if rejection is not None:
             log.warning("rejecting association from %s@%s to %s: %s (A-ASSOCIATE-RJ %d/%d/%d)",
@@ -245,7 +257,8 @@ class _Connection(asyncio.Protocol):
         self._write([self.ul.accept(ac, contexts)])
         self.r._established.add(self)
         self.r.on_association("accepted", 0, 0)
-        self._restart_timer(self.r.cfg.network_timeout)
+        self.accept_rx = self.rx_bytes - self.ul.buffered
+        self._restart_timer(min(self.r.cfg.network_timeout, self.r.cfg.association_idle_timeout))
         log.info("association from %s@%s to %s accepted (%d of %d contexts)", self.calling, self.ip,
                  self.called, len(contexts), len(rq.presentation_context_definition_list))
 
@@ -267,11 +280,16 @@ class _Connection(asyncio.Protocol):
             self.transport.close()        # after the buffered response is written
 
     def _abort(self, why: str, reason: int, level: int = logging.ERROR) -> None:
-        """A-ABORT (service provider) and close; whatever was not acknowledged is dropped."""
+        """A-ABORT and close; whatever was not acknowledged is dropped."""
         if self.closing:
             return
         self._finish("aborted", why, level)
-        self._write([self.ul.abort(ABORT_PROVIDER, reason)])
+        if self.ul.state is State.AWAITING_ASSOCIATE_RQ:
+            # PS3.8 Table 9-10, Sta2: an invalid or unexpected PDU before the A-ASSOCIATE-RQ
+            # is AA-1, an A-ABORT from the service user whose reason is not significant (0).
+            self._write([self.ul.abort(ABORT_USER, REASON_NOT_SPECIFIED)])
+        else:   # AA-8: from the service provider, with the reason (PS3.8 9.3.8)
+            self._write([self.ul.abort(ABORT_PROVIDER, reason)])
         self._close()
 
     def _finish(self, how: str, why: str, level: int) -> None:
@@ -291,7 +309,9 @@ class _Connection(asyncio.Protocol):
         self.timer = self.loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
-        """ARTIM before the A-ASSOCIATE-RQ, network_timeout after; re-armed, not reset per read."""
+        """ARTIM before the A-ASSOCIATE-RQ; after it association_idle_timeout while the peer has
+        sent nothing since the accept (a held slot doing nothing), else network_timeout.
+        Re-armed, not reset per read."""
         self.timer = None
         if self.closing or self.transport is None:
             return
@@ -302,9 +322,18 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         timeout = self.r.cfg.network_timeout
+        quiet_limit = self.r.cfg.association_idle_timeout
         idle = self.loop.time() - self.last_rx
+        quiet = self.rx_bytes == self.accept_rx
+        if quiet and not self.busy and idle >= quiet_limit:
+            self._abort(f"nothing sent for {idle:.1f}s since the association was accepted "
+                        "(association_idle_timeout)", REASON_NOT_SPECIFIED, logging.WARNING)
+            return
         if self.busy or idle < timeout:   # our own commit is not the peer's silence
-            self._restart_timer(max(0.05, timeout - (0.0 if self.busy else idle)))
+            left = timeout - (0.0 if self.busy else idle)
+            if quiet and not self.busy:
+                left = min(left, quiet_limit - idle)
+            self._restart_timer(max(0.05, left))
             return
         self._abort(f"no data for {idle:.1f}s (network_timeout)", REASON_NOT_SPECIFIED, logging.WARNING)
 
@@ -320,17 +349,18 @@ class Listener:
     """
 
     def __init__(self, cfg: Config, handlers: Mapping[int, Handler], *, sop_classes: Iterable[str] = (),
-                 max_object_bytes: int = MAX_OBJECT_BYTES, pause_at_bytes: int = PAUSE_AT_BYTES) -> None:
+                 max_object_bytes: int | None = None, pause_at_bytes: int = PAUSE_AT_BYTES) -> None:
         self.cfg = cfg
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
         # called with (outcome, A-ASSOCIATE-RJ source, reason) for metrics; must not block
         self.on_association: Callable[[str, int, int], None] = lambda outcome, source, reason: None
         self.on_refusal: Callable[[int], None] = lambda status: None   # a C-STORE answered with a failure
-        self.max_object_bytes = max_object_bytes
+        self.max_object_bytes = cfg.max_object_bytes if max_object_bytes is None else max_object_bytes
         self.pause_at_bytes = pause_at_bytes
         self.networks = parse_networks(cfg)
         self.contexts = acse.supported_contexts(sop_classes)
         self.port = cfg.port
+        self.slots = SlotTable(cfg.spool / "run" / "associations.slots")
         self.loop = _new_loop()
         self._conns: set[_Connection] = set()
         self._established: set[_Connection] = set()
@@ -401,6 +431,7 @@ class Listener:
             thread.join(timeout=30)
         if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
+            self.slots.close()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -35,6 +35,7 @@ from fastroute.dicom.dimse import (CommandField, Handler, Message, Peer, Pending
                                    encode_c_echo_rq, encode_c_store_rq, encode_response,
                                    message_buffers)
 from fastroute.dicom.status import Status, describe
+from fastroute.logsetup import fields
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, Event, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, UnexpectedPdu, UpperLayer)
 
@@ -98,6 +99,14 @@ class Association:
     by_pair: dict[tuple[str, str], int] = field(default_factory=dict)
     peer_implementation: str = ""
     is_established: bool = True
+
+
+def _fields(assoc: Association | None, *, sop_uid: str | None = None, status: int | None = None) -> dict[str, object]:
+    """The association's AE titles and address as log fields (logsetup.FIELDS)."""
+    if assoc is None:
+        return fields(sop_uid=sop_uid, status=status)
+    p = assoc.peer
+    return fields(calling_ae=p.calling_ae, called_ae=p.called_ae, peer=p.ip, sop_uid=sop_uid, status=status)
 
 
 def _where(calling_ae: str, dest: DestinationConfig) -> str:
@@ -278,7 +287,7 @@ class Connection:
         ul.established(assoc.peer.contexts)
         log.debug("associated %s: %d of %d contexts accepted, peer max PDU %d, implementation %s",
                   where, len(assoc.contexts), len(results), assoc.peer_max_pdu,
-                  assoc.peer_implementation)
+                  assoc.peer_implementation, extra=_fields(assoc))
         return assoc
 
     def context_for(self, sop_class: str, ts: str) -> int | None:
@@ -310,7 +319,8 @@ class Connection:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("C-STORE %s sop_class=%s sop_instance_uid=%s bytes=%d context=%d: %s %s",
                       self.assoc.where if self.assoc else "", sop_class, sop_uid, len(data),
-                      context_id, describe(status), comment)
+                      context_id, describe(status), comment,
+                      extra=_fields(self.assoc, sop_uid=sop_uid, status=status))
         return StoreResult(status, comment)
 
     def echo(self) -> int | None:
@@ -382,7 +392,7 @@ class Connection:
                 return                   # we run nothing the peer could cancel
             log.warning("%s: the peer sent %s (0x%04X), which is not served -> status %s",
                         assoc.where, command_name(field_), field_,
-                        describe(Status.UNRECOGNIZED_OPERATION))
+                        describe(Status.UNRECOGNIZED_OPERATION), extra=_fields(assoc))
             reply = Reply(Status.UNRECOGNIZED_OPERATION)
         else:
             try:
@@ -446,7 +456,7 @@ class Connection:
         if not why:
             return False
         log.info("%s: the peer %s while the association was idle; reassociating",
-                 assoc.where, why)
+                 assoc.where, why, extra=_fields(assoc))
         self._drop(assoc, abort=why.startswith(("sent", "connection")))
         return True
 
@@ -537,7 +547,7 @@ class Connection:
                 if isinstance(event, (ReleaseReply, ReleaseRequest, PeerAbort)):
                     break          # RQ: a release collision (PS3.8 9.2.5), closing is enough
         except _Timeout:
-            log.info("%s: no A-RELEASE-RP within %g s; aborting", assoc.where, wait)
+            log.info("%s: no A-RELEASE-RP within %g s; aborting", assoc.where, wait, extra=_fields(assoc))
             abort = True
         except (OSError, _Closed, pdu.ProtocolError):
             pass               # the peer went away: nothing left to release

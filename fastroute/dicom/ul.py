@@ -144,8 +144,9 @@ class UpperLayer:
                 raise UnexpectedPdu("A-ASSOCIATE-RQ on an established association"
                                     if self.role is Role.ACCEPTOR else
                                     "A-ASSOCIATE-RQ sent to an association requestor")
+            request = pdu.decode_associate_rq(body)   # undecodable: still Sta2 (Evt19, AA-1)
             self.state = State.AWAITING_LOCAL_RESPONSE
-            self._events.append(AssociateRequest(pdu.decode_associate_rq(body)))
+            self._events.append(AssociateRequest(request))
         elif kind == pdu.A_ASSOCIATE_AC:
             if state is not State.AWAITING_ASSOCIATE_AC:
                 raise UnexpectedPdu("unexpected A-ASSOCIATE-AC")

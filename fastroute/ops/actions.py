@@ -26,9 +26,10 @@ from typing import Any, Iterable, Sequence, TextIO
 from fastroute.config import Config, loads
 from fastroute.dicom.status import describe
 from fastroute.errors import ConfigError, FastrouteError
+from fastroute.logsetup import fields
 from fastroute.spool import UNROUTED, CounterKind, Counters, QueueEntry, QueueState, RoutingRecord, Spool
 from fastroute.spool.audit import whoami
-from fastroute.spool.senderstate import DestinationState, SenderState, read_state
+from fastroute.spool.senderstate import DestinationState, SendNowRequest, SenderState, read_state, request_send_now
 from fastroute.spool.wakeup import Notifier
 
 log = logging.getLogger("fastroute.ops")
@@ -318,7 +319,8 @@ def object_view(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], Queue
     return {
         "oid": oid,
         "sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
-        "study_instance_uid": rec.study_instance_uid, "patient_id": rec.patient_id,
+        "study_instance_uid": rec.study_instance_uid, "series_instance_uid": rec.series_instance_uid,
+        "patient_id": rec.patient_id,
         "accession_number": rec.accession_number, "modality": rec.modality,
         "transfer_syntax": rec.transfer_syntax,
         "size": rec.size, "received_at": rec.received_at,
@@ -327,6 +329,51 @@ def object_view(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], Queue
         "routed_to": [display_name(d) for d in rec.routed_to],
         "path": _path(oid, rec, queue),
     }
+
+
+_ROLLUP_BUCKET = {StepState.DELIVERED: "delivered", StepState.FAILED: "failed", StepState.SUPERSEDED: "dropped",
+                  StepState.PURGED: "dropped", StepState.SUPPRESSED: "dropped"}   # anything else: waiting
+
+
+def _count(counts: dict[str, dict[str, Any]], dest: str, state: str) -> None:
+    c = counts.setdefault(dest, {"destination": dest, "routed": 0, "delivered": 0, "waiting": 0,
+                                 "failed": 0, "dropped": 0})
+    c["routed"] += 1
+    c[_ROLLUP_BUCKET.get(StepState(state), "waiting")] += 1
+
+
+def study_rollup(objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Lookup objects rolled up per study, then per series and per destination: how many were
+    received, delivered, are waiting, failed or were dropped. What an operator reads first (a
+    50-image study as one box per instance was 8,000 px tall); each series keeps its oids so the
+    instances stay reachable."""
+    studies: dict[str, dict[str, Any]] = {}
+    for o in objects:
+        st = studies.setdefault(o["study_instance_uid"], {
+            "study_instance_uid": o["study_instance_uid"], "patient_id": o["patient_id"],
+            "accession_number": o["accession_number"], "received": 0, "first_received_at": None,
+            "last_received_at": None, "destinations": {}, "series": {}})
+        st["received"] += 1
+        at = o["received_at"]
+        if at is not None:
+            st["first_received_at"] = min(at, st["first_received_at"] or at)
+            st["last_received_at"] = max(at, st["last_received_at"] or at)
+        se = st["series"].setdefault(o["series_instance_uid"], {
+            "series_instance_uid": o["series_instance_uid"], "modality": o["modality"], "received": 0,
+            "oids": [], "destinations": {}})
+        se["received"] += 1
+        se["oids"].append(o["oid"])
+        for step in o["path"]:
+            _count(st["destinations"], step["destination"], step["state"])
+            _count(se["destinations"], step["destination"], step["state"])
+    out = []
+    for st in studies.values():
+        for se in st["series"].values():
+            se["destinations"] = list(se["destinations"].values())
+        st["series"] = list(st["series"].values())
+        st["destinations"] = list(st["destinations"].values())
+        out.append(st)
+    return out
 
 
 def get_object(spool: Spool, oid: int) -> dict[str, Any]:
@@ -383,7 +430,8 @@ def retry(cfg: Config, spool: Spool, *, destination: str = "", study_instance_ui
                  counts=counts, count=total)
     log.info("retry by %s: %d failed object(s) queued again (%s)%s", who or whoami(), total,
              ", ".join(f"{d}={n}" for d, n in counts.items()) or "none",
-             f" study_instance_uid={study_instance_uid}" if study_instance_uid else "")
+             f" study_instance_uid={study_instance_uid}" if study_instance_uid else "",
+             extra=fields(destination=display_name(dest) if dest else None, study_uid=study_instance_uid or None))
     _notify(cfg, [d for d, n in zip(per_dest, counts.values()) if n])
     return {"retried": counts, "count": total}
 
@@ -440,7 +488,8 @@ def purge(cfg: Config, spool: Spool, *, destination: str, states: Sequence[str],
     spool.audit_record("purge", who=who, why=reason, destination=display_name(dest), states=list(states),
                  study_instance_uid=study_instance_uid, oids=removed, count=len(removed))
     log.warning("purge by %s: %d object reference(s) removed from %s (%s): %s", who or whoami(),
-                len(removed), display_name(dest), ", ".join(states), reason)
+                len(removed), display_name(dest), ", ".join(states), reason,
+                extra=fields(destination=display_name(dest), study_uid=study_instance_uid or None))
     return {"destination": display_name(dest), "states": list(states), "purged": removed, "count": len(removed)}
 
 
@@ -451,14 +500,61 @@ def set_paused(cfg: Config, spool: Spool, destination: str, paused: bool, *,
     spool.set_paused(dest, paused)
     spool.audit_record("pause" if paused else "resume", who=who, why=why, destination=dest)
     log.info("destination=%s %s by %s%s", dest, "paused" if paused else "resumed",
-             who or whoami(), f": {why}" if why else "")
+             who or whoami(), f": {why}" if why else "", extra=fields(destination=dest))
     result: dict[str, Any] = {"destination": dest, "paused": paused}
     if not paused:
-        _notify(cfg, [dest])
+        # A resume means "send": the sender tries at once instead of waiting out its backoff.
+        request_send_now(cfg.spool, dest, SendNowRequest(time.time(), "resume", who or whoami(), why))
         if cfg.destinations[dest].paused:
             result["paused"] = True
             result["note"] = "still paused by the configuration (paused: true); change it there"
+    _notify(cfg, [dest])   # either way the sender acts (and shows it) now, not at its next round
     return result
+
+
+def send_now(cfg: Config, spool: Spool, destination: str = "", *, all_destinations: bool = False,
+             who: str | None = None, why: str = "") -> dict[str, Any]:
+    """End a destination's backoff now: its pending objects waiting out their own retry
+    delay become due, its sender forgets its failure streak and is woken (audited).
+
+    For the PACS that came back: without this the queue waits for its next retry, minutes.
+    """
+    if all_destinations == bool(destination):
+        raise BadRequest("name one destination, or all of them (--all), to send now")
+    dests = (sorted(cfg.destinations) if all_destinations
+             else [resolve_destination(cfg, spool, destination, configured_only=True)])
+    now = time.time()
+    out = []
+    for dest in dests:
+        st = read_state(cfg.spool, dest)
+        made_due = spool.make_due(dest, now)
+        told = request_send_now(cfg.spool, dest, SendNowRequest(now, "send-now", who or whoami(), why))
+        paused = cfg.destinations[dest].paused or spool.is_paused(dest)
+        item: dict[str, Any] = {
+            "destination": dest, "made_due": made_due, "paused": paused,
+            "was": str(st.state) if st else "unknown",
+            "consecutive_failures": st.consecutive_failures if st else 0}
+        if paused:
+            item["note"] = "paused: nothing is sent until it is resumed"
+        elif not told or st is None or not _alive(st.pid):
+            item["note"] = "no sender is running for it: sending starts when the router runs"
+        out.append(item)
+        spool.audit_record("send_now", who=who, why=why, destination=dest, count=made_due,
+                           was=item["was"], consecutive_failures=item["consecutive_failures"])
+        log.warning("send-now by %s: destination=%s backoff reset (was %s, %d failure(s) in a row), "
+                    "%d object(s) waiting out a retry delay due now%s", who or whoami(), dest, item["was"],
+                    item["consecutive_failures"], made_due, f": {why}" if why else "")
+    _notify(cfg, dests)
+    return {"destinations": out, "made_due": sum(d["made_due"] for d in out)}
+
+
+def echo_succeeded(cfg: Config, destination: str, *, who: str | None = None) -> bool:
+    """A successful ``fastroute echo`` shows the destination is back: its sender (another
+    process) ends its backoff. Not audited: it changes no queue, only when the next try is."""
+    told = request_send_now(cfg.spool, destination, SendNowRequest(time.time(), "echo", who or whoami()))
+    if told:
+        _notify(cfg, [destination])
+    return told
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -689,7 +785,8 @@ class ThroughputHistory:
 
 __all__ = [
     "OpsError", "NotFound", "BadRequest", "Conflict", "STATES", "DestinationStatus", "StepState", "resolve_destination",
-    "destination_status", "status", "entries", "failures", "lookup", "get_object", "retry", "purge",
-    "set_paused", "validate_config", "reload_config", "parse_config", "audit_export", "audit_events",
+    "destination_status", "status", "entries", "failures", "lookup", "study_rollup", "get_object", "retry",
+    "purge", "set_paused", "send_now", "echo_succeeded", "validate_config", "reload_config", "parse_config",
+    "audit_export", "audit_events",
     "apply_retention", "parse_time", "ThroughputHistory",
 ]

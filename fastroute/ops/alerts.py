@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 from fastroute.config import AlertsConfig
+from fastroute.logsetup import fields
 
 log = logging.getLogger("fastroute.alerts")
 
@@ -96,13 +97,15 @@ class AlertBook:
                 else:
                     self.active[key] = (alert, now)
                     out.append(Transition("raised", alert, now, now))
-                    log.warning("alert raised: %s", alert.message)
+                    log.warning("alert raised: %s", alert.message,
+                                extra=fields(destination=alert.destination or None))
         for key in list(self.active):
             if checks.get(key) is None:   # back under its threshold, or no longer checked
                 alert, since = self.active.pop(key)
                 out.append(Transition("cleared", alert, since, now))
                 log.info("alert cleared after %.0fs: %s %s", now - since, alert.name,
-                         f"destination={alert.destination}" if alert.destination else "(spool)")
+                         f"destination={alert.destination}" if alert.destination else "(spool)",
+                         extra=fields(destination=alert.destination or None))
         self.checked = set(checks)
         return out
 

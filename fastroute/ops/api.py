@@ -38,6 +38,7 @@ from fastroute.ops import actions as ops
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
+from fastroute.logsetup import fields
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
 from fastroute.spool import Spool, open_spool
 
@@ -143,7 +144,7 @@ def _check_token(request: web.Request, token: str) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(
             token.encode("utf-8", "replace")).digest()):
         log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
-                    request.remote)
+                    request.remote, extra=fields(peer=request.remote))
         raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
                     hint="send 'Authorization: Bearer <http.token>'")
 
@@ -255,10 +256,24 @@ def _time_param(request: web.Request, name: str, *, end: bool = False) -> float 
         raise _fail(web.HTTPBadRequest, f"{name} is out of range: {raw[:40]!r}") from None
 
 
+def _static_file(request: web.Request) -> bool:
+    """Whether a dashboard asset request names an existing file under STATIC_DIR."""
+    name = request.match_info.get("filename", "")
+    try:
+        path = (STATIC_DIR / name).resolve()
+        return path.is_file() and path.is_relative_to(STATIC_DIR.resolve())
+    except (OSError, ValueError):
+        return False
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map the transport-neutral ops errors to HTTP statuses with a JSON body and a hint."""
     try:
+        if isinstance(request.match_info.route.resource, web.StaticResource) and not _static_file(request):
+            # aiohttp answers a missing asset with an empty octet-stream 404 (found out only when
+            # the file response is sent): answered here in the API's shape instead.
+            raise web.HTTPNotFound()
         return await handler(request)
     except ops.NotFound as exc:
         raise _fail(web.HTTPNotFound, Exception.__str__(exc), exc.hint) from None
@@ -273,7 +288,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise _fail(web.HTTPServiceUnavailable, Exception.__str__(exc), exc.hint) from None
     except RecursionError:   # YAML or JSON nested beyond what a recursive parser takes
         log.warning("refused %s %s from %s: input nested too deeply", request.method, request.path,
-                    request.remote)
+                    request.remote, extra=fields(peer=request.remote))
         raise _fail(web.HTTPBadRequest, "the request is nested too deeply") from None
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
@@ -368,6 +383,7 @@ async def get_lookup(request: web.Request) -> web.Response:
         study_instance_uid=q.get("study_instance_uid", q.get("study", "")),
         accession_number=q.get("accession_number", q.get("accession", "")),
         patient_id=q.get("patient_id", q.get("patient", "")), limit=_int_param(request, "limit", 2000))
+    result["studies"] = ops.study_rollup(result["objects"])   # the dashboard's per-series view
     return _json(result)
 
 
@@ -378,6 +394,7 @@ async def get_study(request: web.Request) -> web.Response:
                             limit=_int_param(request, "limit", 2000))
     if not result["objects"]:
         raise ops.NotFound(f"no object of study {request.match_info['study_instance_uid']} in the spool")
+    result["studies"] = ops.study_rollup(result["objects"])
     return _json(result)
 
 
@@ -484,6 +501,14 @@ async def post_resume(request: web.Request) -> web.Response:
                                 who=_who(request, body), why=str(body.get("why", ""))))
 
 
+@mutating
+async def post_send_now(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    return _json(await plane.io(ops.send_now, plane.cfg, plane.spool, request.match_info["destination"],
+                                who=_who(request, body), why=str(body.get("why", ""))))
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/", index),
     ("GET", "/healthz", healthz),
@@ -508,6 +533,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/queues/{destination}/pause", post_pause),
     ("POST", "/api/queues/{destination}/resume", post_resume),
     ("POST", "/api/studies/{study_instance_uid}/retry", post_study_retry),
+    ("POST", "/api/destinations/{destination}/send-now", post_send_now),
 )
 
 
@@ -551,9 +577,17 @@ def _param(name: str, where: str = "query", description: str = "", schema: dict[
             "description": description, "schema": schema or {"type": "string"}}
 
 
-def _op(summary: str, *, params: tuple[dict[str, Any], ...] = (), body: dict[str, Any] | None = None,
-        auth: bool = False, ok: str = "application/json", extra: dict[str, str] | None = None) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": {ok: {}}}}
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _op(summary: str, *, returns: dict[str, Any], params: tuple[dict[str, Any], ...] = (),
+        body: dict[str, Any] | None = None, auth: bool = False, ok: str = "application/json",
+        extra: dict[str, str] | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One operation; ``returns`` is the schema of its 200 body (the suite validates real
+    responses against it), ``also`` more content types of that body (plain text)."""
+    content = {ok: {"schema": returns}, **{t: {"schema": {"type": "string"}} for t in also}}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     for code, text in (extra or {}).items():
         responses[code] = {"description": text, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -572,6 +606,97 @@ def _json_body(properties: dict[str, Any], required: tuple[str, ...] = ()) -> di
     return {"required": bool(required), "content": {"application/json": {"schema": schema}}}
 
 
+_S = {"type": "string"}
+_I = {"type": "integer"}
+_N = {"type": "number"}
+_B = {"type": "boolean"}
+_NN = {"type": "number", "nullable": True}
+_NI = {"type": "integer", "nullable": True}
+_TEXT = {"type": "string"}
+
+
+def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None, *,
+         closed: bool = True) -> dict[str, Any]:
+    """An object schema: ``required`` keys always present; ``closed``: no other key."""
+    schema: dict[str, Any] = {"type": "object", "properties": {**required, **(optional or {})},
+                              "required": sorted(required)}
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _array(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+def _response_schemas() -> dict[str, Any]:
+    """The bodies of 2xx answers, referenced from the operations."""
+    counts = {"type": "object", "additionalProperties": _I}
+    entry = {
+        "destination": _S, "state": _S, "oid": _I, "attempts": _I, "next_at": _NN, "status": _NI,
+        "status_text": _S, "error": _S, "sop_instance_uid": _S, "study_instance_uid": _S, "patient_id": _S,
+        "accession_number": _S, "modality": _S, "calling_ae": _S, "received_at": _NN}
+    rollup = _obj({"destination": _S, "routed": _I, "delivered": _I, "waiting": _I, "failed": _I, "dropped": _I})
+    step = _obj({"destination": _S, "state": {"type": "string", "enum": sorted(ops.StepState)},
+                 "attempts": _NI, "at": _NN, "status": _NI, "error": _S, "status_text": _S},
+                {"syntax": _S, "next_at": _NN, "by_oid": _I,
+                 "duplicate_of": _obj({"oid": _NI, "delivered_at": _N}),
+                 "last_failure": _obj({"at": _N, "status": _NI, "error": _S, "status_text": _S})})
+    return {
+        "Health": _obj({"ok": _B, "version": _S}),
+        "OpenApi": _obj({"openapi": _S, "info": {"type": "object"}, "paths": {"type": "object"},
+                         "components": {"type": "object"}}),
+        "Queue": _obj({
+            "destination": _S, "name": _S, "pending": _I, "in_flight": _I, "failed": _I, "oldest_age": _NN,
+            "delivered": _I, "failed_total": _I, "suppressed": _I, "unknown_outcomes": _I, "configured": _B,
+            "paused": _B, "status": {"type": "string", "enum": sorted(ops.DestinationStatus)},
+            "down_since": _NN, "retry_at": _NN, "consecutive_failures": _I, "last_error": _S,
+            "last_success": _NN,
+            "state": {"type": "object", "nullable": True, "description": "the sender's state file as written"}},
+            {"peer": _obj({"ae_title": _S, "host": _S, "port": _I, "max_associations": _I})}),
+        "Queues": _obj({"queues": _array(_ref("Queue"))}),
+        "Alert": _obj({"name": _S, "destination": _S, "value": _N, "threshold": _N, "message": _S, "since": _N}),
+        "Status": _obj({
+            "now": _N, "listener": _obj({"ae_title": _S, "host": _S, "port": _I, "processes": _I,
+                                          "max_associations": _I}),
+            "destinations": _array(_ref("Queue")), "usage": counts, "min_free_bytes": _I, "totals": counts,
+            "received_from": counts, "version": _S, "source": _S, "alerts": _array(_ref("Alert")),
+            "http_started": _N, "token_configured": _B}),
+        "Entries": _obj({"entries": _array(_obj(entry))}),
+        "Failures": _obj({"failures": _array(_obj({**entry, "failed_at": _N}))}),
+        "Throughput": _obj({"interval": _N, "t": _array(_N), "received": _array(_N),
+                            "delivered": {"type": "object", "additionalProperties": _array(_N)}}),
+        "Alerts": _obj({"alerts": _array(_ref("Alert")),
+                        "checked": _array(_obj({"name": _S, "destination": _S}))}),
+        "Object": _obj({
+            "oid": _I, "sop_instance_uid": _S, "sop_class_uid": _S, "study_instance_uid": _S, "patient_id": _S,
+            "accession_number": _S, "modality": _S, "transfer_syntax": _S, "size": _I, "received_at": _NN,
+            "received_from": _obj({"calling_ae": _S, "called_ae": _S, "peer": _S}), "rules": _array(_S),
+            "routed_to": _array(_S), "path": _array(step), "series_instance_uid": _S}),
+        "Lookup": _obj({"query": {"type": "object", "additionalProperties": _S}, "count": _I, "truncated": _B,
+                        "objects": _array(_ref("Object"))},
+                       {"studies": _array(_obj({
+                           "study_instance_uid": _S, "patient_id": _S, "accession_number": _S, "received": _I,
+                           "first_received_at": _NN, "last_received_at": _NN, "destinations": _array(rollup),
+                           "series": _array(_obj({"series_instance_uid": _S, "modality": _S, "received": _I,
+                                                  "oids": _array(_I), "destinations": _array(rollup)}))}))}),
+        "AuditEvents": _obj({"events": _array(_obj(
+            {"seq": _I, "time": _N, "action": _S, "prev": _S, "hash": _S},
+            {"who": _S, "why": _S}, closed=False))}),
+        "AuditVerify": _obj({"ok": _B, "detail": _S}),
+        "ConfigValidation": _obj({"valid": _B, "errors": _array({"type": "object"})},
+                                 {"summary": _obj({"destinations": _array(_S), "rules": _array(_S),
+                                                   "default": _array(_S)})}),
+        "Reload": _obj({"applied": _B, "supervisor_pid": _I, "changed": _B, "diff": _S}),
+        "Retried": _obj({"retried": counts, "count": _I}),
+        "Purged": _obj({"destination": _S, "states": _array(_S), "purged": _array(_I), "count": _I}),
+        "Paused": _obj({"destination": _S, "paused": _B}, {"note": _S}),
+        "SendNow": _obj({"destinations": _array(_obj(
+            {"destination": _S, "made_due": _I, "paused": _B, "was": _S, "consecutive_failures": _I},
+            {"note": _S})), "made_due": _I}),
+    }
+
+
 def openapi_spec() -> dict[str, Any]:
     """The OpenAPI 3 description of every route (a test holds it equal to the router)."""
     dest = _param("destination", "path", "destination name ('unrouted' for objects no rule routed)")
@@ -586,70 +711,74 @@ def openapi_spec() -> dict[str, Any]:
             "text": {"type": "string", "description": "YAML configuration"}, "why": why, "who": who}}}}}
     bad = {"400": "bad request", "404": "unknown destination or object"}
     paths: dict[str, dict[str, Any]] = {
-        "/": {"get": _op("Dashboard (HTML)", ok="text/html")},
-        "/static/{filename}": {"get": _op("Dashboard assets", ok="application/octet-stream",
+        "/": {"get": _op("Dashboard (HTML)", returns=_TEXT, ok="text/html")},
+        "/static/{filename}": {"get": _op("Dashboard assets", returns=_TEXT, ok="application/octet-stream",
                                           params=(_param("filename", "path"),))},
-        "/healthz": {"get": _op("Liveness of the HTTP process")},
-        "/openapi.json": {"get": _op("This description")},
-        "/metrics": {"get": _op("Prometheus metrics (read from the spool at scrape time)", ok="text/plain")},
+        "/healthz": {"get": _op("Liveness of the HTTP process", returns=_ref("Health"))},
+        "/openapi.json": {"get": _op("This description", returns=_ref("OpenApi"))},
+        "/metrics": {"get": _op("Prometheus metrics (read from the spool at scrape time)", returns=_TEXT, ok="text/plain")},
         "/api/status": {"get": _op("Listener, per-destination queues and state, disk and spool usage, "
-                                   "totals and active alerts")},
-        "/api/queues": {"get": _op("Per-destination queue depth, oldest age, totals and sender state")},
-        "/api/queues/{destination}": {"get": _op("One destination's queue and state", params=(dest,),
+                                   "totals and active alerts", returns=_ref("Status"))},
+        "/api/queues": {"get": _op("Per-destination queue depth, oldest age, totals and sender state", returns=_ref("Queues"))},
+        "/api/queues/{destination}": {"get": _op("One destination's queue and state", returns=_ref("Queue"), params=(dest,),
                                                  extra={"404": "unknown destination"})},
         "/api/queues/{destination}/entries": {"get": _op(
-            "Queue entries of one destination in one state", extra=bad, params=(
+            "Queue entries of one destination in one state", returns=_ref("Entries"), extra=bad, params=(
                 dest, _param("state", description="pending | in_flight | failed | unrouted (default failed)"),
                 _param("limit", schema={"type": "integer", "default": 100})))},
-        "/api/failures": {"get": _op("Recent failed objects with DICOM status codes and their meaning", params=(
+        "/api/failures": {"get": _op("Recent failed objects with DICOM status codes and their meaning", returns=_ref("Failures"), params=(
             _param("destination", description="only this destination"),
             _param("limit", schema={"type": "integer", "default": 50})))},
         "/api/throughput": {"get": _op("Objects per second received and delivered per destination, "
-                                       "over the last minutes")},
-        "/api/alerts": {"get": _op("Raised alerts and the checks configured")},
+                                       "over the last minutes", returns=_ref("Throughput"))},
+        "/api/alerts": {"get": _op("Raised alerts and the checks configured", returns=_ref("Alerts"))},
         "/api/lookup": {"get": _op(
             "Objects by Study Instance UID, Accession Number or Patient ID, with each object's path: "
-            "source, rules matched, deliveries, attempts and errors", extra={"400": "not exactly one key given"},
+            "source, rules matched, deliveries, attempts and errors", returns=_ref("Lookup"), extra={"400": "not exactly one key given"},
             params=(_param("study_instance_uid"), _param("accession_number"), _param("patient_id"),
                     _param("limit", schema={"type": "integer", "default": 2000})))},
-        "/api/studies/{study_instance_uid}": {"get": _op("One study's objects and their paths", params=(study,),
+        "/api/studies/{study_instance_uid}": {"get": _op("One study's objects and their paths", returns=_ref("Lookup"), params=(study,),
                                                          extra={"404": "no such study in the spool"})},
-        "/api/objects/{oid}": {"get": _op("One object and its path", params=(
+        "/api/objects/{oid}": {"get": _op("One object and its path", returns=_ref("Object"), params=(
             _param("oid", "path", "object id", {"type": "integer"}),), extra=bad)},
-        "/api/audit": {"get": _op("Audit trail events", ok="application/json", extra={"400": "bad time"}, params=(
+        "/api/audit": {"get": _op("Audit trail events", returns=_ref("AuditEvents"), also=("application/x-ndjson", "text/csv"), extra={"400": "bad time"}, params=(
             _param("since", description="ISO date or datetime (UTC when no zone)"),
             _param("until", description="ISO date (end of that day) or datetime"),
             _param("study_instance_uid"),
             _param("format", description="json (default), jsonl or csv"),
             _param("limit", schema={"type": "integer", "default": 1000})))},
-        "/api/audit/verify": {"get": _op("Verify the audit hash chain (409 when broken)",
+        "/api/audit/verify": {"get": _op("Verify the audit hash chain (409 when broken)", returns=_ref("AuditVerify"),
                                          extra={"409": "chain broken"})},
         "/api/config/validate": {"post": _op(
-            "Validate a YAML configuration without applying it; errors name line and key",
+            "Validate a YAML configuration without applying it; errors name line and key", returns=_ref("ConfigValidation"),
             body=yaml_body, extra={"422": "invalid configuration (errors with line and key)"})},
         "/api/config/reload": {"post": _op(
             "Validate the configuration file (or the posted text, then written atomically to it), audit the "
             "change with a diff, and signal the supervisor (SIGHUP); a bad configuration is rejected and the "
-            "running one kept", body=yaml_body, auth=True,
+            "running one kept", returns=_ref("Reload"), body=yaml_body, auth=True,
             extra={"409": "no supervisor running, or no configuration file", "422": "invalid configuration"})},
         "/api/queues/{destination}/retry": {"post": _op(
-            "Queue a destination's failed objects again (all, some oids, or one study's)", params=(dest,),
+            "Queue a destination's failed objects again (all, some oids, or one study's)", returns=_ref("Retried"), params=(dest,),
             auth=True, extra=bad,
             body=_json_body({"oids": oids, "study_instance_uid": {"type": "string"}, "why": why, "who": who}))},
         "/api/queues/{destination}/purge": {"post": _op(
-            "Remove queue entries for good (explicit states and a reason are required; audited)", params=(dest,),
+            "Remove queue entries for good (explicit states and a reason are required; audited)", returns=_ref("Purged"), params=(dest,),
             auth=True, extra=bad, body=_json_body({
                 "states": {"type": "array", "items": {"enum": sorted(ops.STATES)}},
                 "reason": why, "oids": oids, "study_instance_uid": {"type": "string"}, "who": who},
                 required=("states", "reason")))},
         "/api/queues/{destination}/pause": {"post": _op(
-            "Pause sending to a destination (its queue keeps filling)", params=(dest,), auth=True, extra=bad,
+            "Pause sending to a destination (its queue keeps filling)", returns=_ref("Paused"), params=(dest,), auth=True, extra=bad,
             body=_json_body({"why": why, "who": who}))},
         "/api/queues/{destination}/resume": {"post": _op(
-            "Resume sending to a destination and wake its sender", params=(dest,), auth=True, extra=bad,
+            "Resume sending to a destination and wake its sender (its backoff ends: it tries at once)", returns=_ref("Paused"), params=(dest,), auth=True, extra=bad,
             body=_json_body({"why": why, "who": who}))},
+        "/api/destinations/{destination}/send-now": {"post": _op(
+            "End a destination's backoff now: its pending objects waiting out a retry delay become due, "
+            "its sender forgets its failure streak and is woken (audited)", returns=_ref("SendNow"), params=(dest,), auth=True,
+            extra=bad, body=_json_body({"why": why, "who": who}))},
         "/api/studies/{study_instance_uid}/retry": {"post": _op(
-            "Queue a study's failed objects again (every destination, or one)", params=(study,), auth=True,
+            "Queue a study's failed objects again (every destination, or one)", returns=_ref("Retried"), params=(study,), auth=True,
             extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
     }
     for method, path, handler in ROUTES:   # the same rule as auth_middleware, so the two cannot drift
@@ -668,7 +797,7 @@ def openapi_spec() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "properties": {
+            "schemas": {**_response_schemas(), "Error": {"type": "object", "properties": {
                 "error": {"type": "string"}, "hint": {"type": "string"},
                 "errors": {"type": "array", "items": {"type": "object", "properties": {
                     "message": {"type": "string"}, "line": {"type": "integer", "nullable": True},
@@ -713,9 +842,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 def http_main(cfg: Config, config_path: str | None) -> None:
     """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
-    from fastroute.logsetup import setup_logging
+    from fastroute.logsetup import set_process_title, setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format, process="http")
+    set_process_title("http")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     code = _run(_serve(cfg, config_path))
     if code:

@@ -5,8 +5,13 @@ a :class:`StoreService` as its C-STORE handler (``workers.listener_main`` wires 
 is answered only after the commit, so an aborted association never loses an acknowledged
 object; every failure is a status, never a lost association:
 
-* 0xC000 the dataset cannot be parsed, 0xA900 its SOP Instance UID differs from the command's
-  (the modality's fault: permanent);
+* 0xC000 the dataset's structure does not parse to its end (checked before anything is
+  acknowledged, so a poison object never reaches a destination), 0xC001 it is larger than
+  ``max_object_bytes`` (also once inflated, for a deflated syntax), 0xC002 its Specific
+  Character Set names no usable encoding, 0xA900 its SOP Instance UID differs from the
+  command's: the modality's fault, permanent. 0xC0xx, not 0xA700, because an SCU retries
+  "Refused: Out of Resources" and these fail the same way every time; not 0xA900, which says
+  the data set does not match its SOP class;
 * 0xA700 the spool is full or a write failed, and 0xA700 too when a rule raises: that is our
   bug, not the modality's, so it is told to retry (with an Error Comment) and the traceback
   is logged.
@@ -15,20 +20,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from fastroute.dicom.acse import reject_reason
-from fastroute.dicom.attrs import read_attributes
+from fastroute.dicom.attrs import DEFLATED, MAX_OBJECT_BYTES, check_structure, read_attributes
 from fastroute.dicom.dimse import Message, Peer, Pending, Reply
 from fastroute.dicom.status import Status, describe
-from fastroute.errors import PeekError, SpoolError, SpoolFullError
+from fastroute.errors import ObjectTooLarge, PeekError, SpoolError, SpoolFullError
 from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, PutResult
 from fastroute.spool.commit import Committer
 from fastroute.spool.counters import CounterKind, EventTally
 
 log = logging.getLogger("fastroute.intake")
+
+OBJECT_TOO_LARGE = 0xC001       # Cannot understand: larger than max_object_bytes
+BAD_CHARACTER_SET = 0xC002      # Cannot understand: Specific Character Set unusable
+# Checked off the event loop above this size (and always when deflated): the structure walk
+# and an inflation take milliseconds per MiB, which would delay every other association.
+OFFLOAD_BYTES = 1024 * 1024
 
 # Attributes every object is indexed by, whatever the rules need.
 INDEX_KEYWORDS = {
@@ -58,17 +69,25 @@ def _text(value: Any) -> str:
 
 def prepare_store(data: bytearray | bytes, transfer_syntax: str, sop_class: str, sop_uid: str,
                   tags: Sequence[int], rules: RuleSet, calling: str, called: str,
-                  ip: str) -> Incoming | Refusal:
-    """Peek, check and route one received dataset, up to the commit.
+                  ip: str, max_object_bytes: int = MAX_OBJECT_BYTES) -> Incoming | Refusal:
+    """Check, peek and route one received dataset, up to the commit.
 
-    Returns the item to commit, or why it is refused (0xC000 unreadable, 0xA900 UID mismatch).
-    A rule that raises propagates (the caller answers 0xA700, see :func:`refusal_for`).
+    Returns the item to commit, or why it is refused (0xC000 unreadable, 0xC001 too large,
+    0xC002 bad character set, 0xA900 UID mismatch). A rule that raises propagates (the
+    caller answers 0xA700, see :func:`refusal_for`).
     """
     try:
-        attrs = read_attributes(data, transfer_syntax, tags)
+        check_structure(data, transfer_syntax, max_object_bytes)
+        attrs = read_attributes(data, transfer_syntax, tags, max_object_bytes)
+    except ObjectTooLarge as exc:
+        return Refusal(OBJECT_TOO_LARGE, f"object exceeds max_object_bytes ({max_object_bytes})"[:64],
+                       f"too large ({exc})")
     except PeekError as exc:
         return Refusal(Status.CANNOT_UNDERSTAND, f"dataset could not be parsed: {exc}"[:64],
                        f"unreadable dataset ({exc})")
+    except (ValueError, LookupError) as exc:   # codec lookup of (0008,0005): NUL, unknown name
+        return Refusal(BAD_CHARACTER_SET, "Specific Character Set (0008,0005) is invalid",
+                       f"unusable Specific Character Set ({exc})")
     ds_sop = attrs.get(0x00080018)
     if ds_sop is not None and str(ds_sop) != sop_uid:
         return Refusal(Status.DATASET_MISMATCH, "SOP Instance UID in command and dataset differ",
@@ -114,31 +133,67 @@ def refusal_counter(tally: EventTally) -> Callable[[int], None]:
 class StoreService:
     """The listener's C-STORE handler (a :data:`fastroute.dicom.dimse.Handler`)."""
 
-    def __init__(self, rules: RuleSet, committer: Committer) -> None:
+    def __init__(self, rules: RuleSet, committer: Committer, *,
+                 max_object_bytes: int = MAX_OBJECT_BYTES, workers: int = 2) -> None:
         self.rules = rules
         self.committer = committer
+        self.max_object_bytes = max_object_bytes
         self.tags = tuple(sorted(set(rules.tags) | set(INDEX_KEYWORDS)))
+        # Few threads on purpose: each may hold up to max_object_bytes of an inflated dataset.
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastroute-check")
 
     def __call__(self, peer: Peer, msg: Message) -> Reply | Pending:
         assert msg.data is not None            # the assembler refuses a C-STORE without one
         sop_uid = msg.sop_instance_uid
-        try:
-            outcome = prepare_store(msg.data, peer.contexts[msg.context_id], msg.sop_class_uid,
-                                    sop_uid, self.tags, self.rules, peer.calling_ae,
-                                    peer.called_ae, peer.ip)
-        except Exception as exc:          # a rule that raises is our bug: the modality retries
-            log.exception("C-STORE from %s@%s to %s sop_instance_uid=%s: routing failed",
-                          peer.calling_ae, peer.ip, peer.called_ae, sop_uid)
-            outcome = refusal_for(exc)
+        ts = peer.contexts[msg.context_id]
+        if len(msg.data) > OFFLOAD_BYTES or ts.rstrip("\0 ") in DEFLATED:
+            # Off the event loop: a deflate bomb or a 1 GiB walk must not delay a C-ECHO.
+            done: Future[PutResult | Refusal] = Future()
+            self.pool.submit(self._prepare, peer, msg, ts).add_done_callback(
+                lambda f: self._commit_into(f, done))
+            return Pending(done, lambda fut: self._committed(peer, sop_uid, fut))
+        outcome = self._prepare(peer, msg, ts)
         if isinstance(outcome, Refusal):
             return self._refuse(peer, sop_uid, outcome)
         return Pending(self.committer.submit_nowait(outcome),
                        lambda fut: self._committed(peer, sop_uid, fut))
 
-    def _committed(self, peer: Peer, sop_uid: str, fut: Future[PutResult]) -> Reply:
+    def _prepare(self, peer: Peer, msg: Message, ts: str) -> Incoming | Refusal:
+        assert msg.data is not None
+        try:
+            return prepare_store(msg.data, ts, msg.sop_class_uid, msg.sop_instance_uid, self.tags,
+                                 self.rules, peer.calling_ae, peer.called_ae, peer.ip,
+                                 self.max_object_bytes)
+        except Exception as exc:          # a rule that raises is our bug: the modality retries
+            log.exception("C-STORE from %s@%s to %s sop_instance_uid=%s: routing failed",
+                          peer.calling_ae, peer.ip, peer.called_ae, msg.sop_instance_uid)
+            return refusal_for(exc)
+
+    def _commit_into(self, prepared: Future[Incoming | Refusal],
+                     done: Future[PutResult | Refusal]) -> None:
+        """On a check thread: hand a checked object to the group commit, ``done`` follows it."""
+        outcome = prepared.result()       # _prepare never raises
+        if isinstance(outcome, Refusal):
+            done.set_result(outcome)
+            return
+
+        def follow(commit: Future[PutResult]) -> None:
+            exc = commit.exception()
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(commit.result())
+        self.committer.submit_nowait(outcome).add_done_callback(follow)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _committed(self, peer: Peer, sop_uid: str, fut: Future[Any]) -> Reply:
         exc = fut.exception()
         if exc is not None:
             return self._refuse(peer, sop_uid, refusal_for(exc))
+        if isinstance(fut.result(), Refusal):
+            return self._refuse(peer, sop_uid, fut.result())
         if log.isEnabledFor(logging.DEBUG):
             result = fut.result()
             log.debug("C-STORE from %s@%s sop_instance_uid=%s stored oid=%d -> %s%s", peer.calling_ae,

@@ -26,7 +26,7 @@ from fastroute.dicom.status import classify_store as classify_status
 from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
 from fastroute.spool.counters import CounterKind, EventTally
-from fastroute.spool.senderstate import DestinationState, SenderState
+from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
 from fastroute.routing.syntax import SyntaxPlanner
 from fastroute.routing.transcode import syntax_label
 from fastroute.spool.wakeup import Waker
@@ -102,6 +102,13 @@ class DestinationSender:
         self.planner = SyntaxPlanner(dest)
         self._spool_errors = 0        # spool writes failed in a row (a full disk)
         self.tally: EventTally | None = None   # association counts for /metrics, set by run()
+        # One failure streak per destination, shared by its association threads: a failure
+        # whose attempt began before the last counted one is the same outage (see
+        # _destination_failed). The attempt's start is per thread.
+        self._last_failure_at = 0.0
+        self._attempt = threading.local()
+        request = read_send_now(cfg.spool, dest.name)
+        self._send_now_seen = request.at if request else 0.0   # older requests were for a former sender
 
     # -- wake-ups ----------------------------------------------------------------------------
 
@@ -112,8 +119,32 @@ class DestinationSender:
 
     def _waker_loop(self, waker: Waker) -> None:
         while not self.stop_event.is_set():
-            if waker.wait(1.0):
+            woken = waker.wait(1.0)
+            self._check_send_now()    # also without a datagram: one may have been dropped
+            if woken:
                 self.poke()
+
+    def _check_send_now(self) -> None:
+        """Act on a new send-now request (operator, resume, or a successful ``fastroute echo``)."""
+        request = read_send_now(self.cfg.spool, self.dest.name)
+        if request is None or request.at <= self._send_now_seen:
+            return
+        self._send_now_seen = request.at
+        self.reset_backoff(request.describe())
+
+    def reset_backoff(self, why: str) -> None:
+        """End the destination's backoff now and wake every association thread. The failure
+        streak starts again, so a destination still down backs off from the initial delay."""
+        with self._state_lock:
+            was = self.state.state
+            failures = self.state.consecutive_failures
+            self.down_until = 0.0
+            self._last_failure_at = 0.0
+        log.warning("destination=%s ae=%s: backoff reset (%s); was %s after %d failure(s) in a row, "
+                    "sending now", self.dest.name, self.dest.ae_title, why, was, failures)
+        self._publish(consecutive_failures=0, retry_at=None,
+                      **({"state": SenderState.IDLE} if was == SenderState.BACKING_OFF else {}))
+        self.poke()
 
     def _wait(self, gen: int, timeout: float) -> None:
         with self.cv:
@@ -170,13 +201,24 @@ class DestinationSender:
             return wait
 
     def _destination_failed(self, error: str) -> None:
+        """Count a destination-level failure once per destination: association threads that
+        fail in the same outage (their attempts began before the last counted failure) join
+        the backoff already running instead of doubling the streak and the log lines."""
         now = time.time()
-        with self._state_lock:
-            self.state.consecutive_failures += 1
-            n = self.state.consecutive_failures
-            down_since = self.state.down_since or now
-        delay = backoff_delay(n, self.dest.backoff_initial, self.dest.backoff_max, self.rng)
-        self.down_until = max(self.down_until, now + delay)
+        started = getattr(self._attempt, "started", now)
+        with self._state_lock:    # down_until too, so a joining thread never sees the old one
+            joined = started <= self._last_failure_at
+            if not joined:
+                self._last_failure_at = now
+                self.state.consecutive_failures += 1
+                n = self.state.consecutive_failures
+                down_since = self.state.down_since or now
+                delay = backoff_delay(n, self.dest.backoff_initial, self.dest.backoff_max, self.rng)
+                self.down_until = max(self.down_until, now + delay)
+        if joined:
+            log.debug("destination=%s ae=%s: %s (same outage, already backing off until %s)", self.dest.name,
+                      self.dest.ae_title, error, time.strftime("%H:%M:%S", time.localtime(self.down_until)))
+            return
         log.warning("destination=%s ae=%s: %s; backing off %.1fs (failure %d in a row, down since %s)",
                     self.dest.name, self.dest.ae_title, error, delay, n,
                     time.strftime("%H:%M:%S", time.localtime(down_since)))
@@ -189,6 +231,7 @@ class DestinationSender:
                          self.dest.ae_title, time.time() - self.state.down_since)
             self.down_until = 0.0
             self._publish(state=SenderState.UP, down_since=None, retry_at=None, consecutive_failures=0)
+            self.poke()   # the other association threads stop waiting out the backoff
 
     def _spool_failed(self, exc: SpoolError) -> None:
         """A spool write failed (a full disk: ENOSPC on commit). Nothing it held changed: the
@@ -233,6 +276,7 @@ class DestinationSender:
             while not self.stop_event.is_set():
                 gen = self.generation
                 now = time.time()
+                self._attempt.started = now   # decided to go before a failure counted: same outage
                 if not carried:
                     paused = self.dest.paused or self.spool.is_paused(name)
                     if held and (paused or now < self.down_until):

@@ -18,6 +18,7 @@ from pydicom.uid import UID
 from fastroute.dicom.attrs import read_attributes
 from fastroute.config import DestinationConfig
 from fastroute.errors import TranscodeError
+from fastroute.logsetup import fields
 from fastroute.spool import Claimed
 from fastroute.routing.transcode import (
     candidates,
@@ -116,7 +117,9 @@ class SyntaxPlanner:
                     except TranscodeError:
                         continue
                     log.warning("destination=%s sop_instance_uid=%s: %s; sent as %s instead",
-                                self.dest.name, item.sop_instance_uid, first, syntax_label(plain))
+                                self.dest.name, item.sop_instance_uid, first, syntax_label(plain),
+                                extra=fields(destination=self.dest.name, sop_uid=item.sop_instance_uid,
+                                             oid=item.oid, calling_ae=item.calling_ae))
                     return plain_cx, out, plain
             raise
         return cx, out, target

@@ -15,6 +15,7 @@ correction) is always delivered.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import struct
@@ -505,6 +506,17 @@ class Queues:
                 txn.delete(key, db=self._q)
                 txn.put(qkey(dest, _P, oid), NEW_ENTRY, db=self._q)
                 n += 1
+        return n
+
+    def make_due(self, dest: str, now: float) -> int:
+        """Make a destination's pending entries that wait out their own backoff due now
+        (send-now); their attempt counts are kept, so ``max_attempts`` still holds."""
+        n = 0
+        with self.env.begin(write=True, db=self._q) as txn:
+            for key, value in list(iter_prefix(txn, qprefix(dest, _P))):
+                if QueueRecord.next_at_of(value) > now:
+                    txn.put(key, dataclasses.replace(QueueRecord.decode(value), next_at=0.0).encode())
+                    n += 1
         return n
 
     def purge(self, dest: str, states: Sequence[QueueState], oids: Iterable[int] | None = None,

@@ -58,4 +58,45 @@ def read_state(spool: Path, dest: str) -> DestinationState | None:
         return None
 
 
-__all__ = ["SenderState", "DestinationState", "read_state", "state_path"]
+@dataclass(slots=True)
+class SendNowRequest:
+    """An operator's (or a successful echo's) request that a destination's sender end its
+    backoff now, in ``<spool>/run/<dest>.sendnow``. A file rather than only a wake-up
+    datagram: a datagram is dropped when the sender's queue is full, while the sender reads
+    this file on every wake-up and at least once a second, and acts on a newer ``at``."""
+
+    at: float
+    source: str              # "send-now", "resume" or "echo"
+    who: str = ""
+    why: str = ""
+
+    def describe(self) -> str:
+        return f"{self.source} by {self.who or 'unknown'}" + (f": {self.why}" if self.why else "")
+
+
+def send_now_path(spool: Path, dest: str) -> Path:
+    return spool / "run" / f"{dest}.sendnow"
+
+
+def request_send_now(spool: Path, dest: str, request: SendNowRequest) -> bool:
+    """Leave the request for the destination's sender; False when the router never ran on
+    this spool (no ``run/`` folder: no sender to tell, and nothing is created)."""
+    path = send_now_path(spool, dest)
+    if not path.parent.is_dir():
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(request)))
+    os.replace(tmp, path)
+    return True
+
+
+def read_send_now(spool: Path, dest: str) -> SendNowRequest | None:
+    try:
+        raw = json.loads(send_now_path(spool, dest).read_text())
+        return SendNowRequest(float(raw["at"]), str(raw["source"]), str(raw.get("who", "")), str(raw.get("why", "")))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+__all__ = ["SenderState", "DestinationState", "read_state", "state_path", "SendNowRequest",
+           "request_send_now", "read_send_now", "send_now_path"]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
-from fastroute.spool import space
+from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
@@ -86,7 +86,7 @@ class Spool:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
-        self.space = space.SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
+        self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
         if audit_key is not None and not readonly:
@@ -128,10 +128,10 @@ class Spool:
         self.space.check(incoming_bytes)
 
     def reusable_bytes(self) -> int:
-        return space.reusable_bytes(self.env, self._dbs.values())
+        return reusable_bytes(self.env, self._dbs.values())
 
     def preallocate(self, nbytes: int, chunk: int = 4 * 1024**2) -> int:
-        return space.preallocate(self.env, self._info, self._dbs.values(), self.space, nbytes, chunk)
+        return preallocate(self.env, self._info, self._dbs.values(), self.space, nbytes, chunk)
 
     def usage(self) -> dict[str, int]:
         return self.space.usage(self.env)
@@ -291,6 +291,10 @@ class Spool:
 
     def retry_failed(self, dest: str, oids: Iterable[int] | None = None) -> int:
         return self.queues.retry_failed(dest, oids)
+
+    def make_due(self, dest: str, now: float | None = None) -> int:
+        """Pending entries of ``dest`` waiting out their own backoff become due (send-now)."""
+        return self.queues.make_due(dest, time.time() if now is None else now)
 
     def purge(self, dest: str, states: Sequence[QueueState | bytes | str] = (QueueState.FAILED,),
               oids: Iterable[int] | None = None, reason: str = "") -> list[int]:

@@ -83,40 +83,116 @@ function showMessage(text, isError) {
 
 // -- actions (need the bearer token) -------------------------------------------------------------
 
+let appliedToken = tokenInput.value;
 tokenInput.addEventListener("change", () => {
+  if (tokenInput.value === appliedToken) return;   // a second change event on blur: nothing new
+  appliedToken = tokenInput.value;
   sessionStorage.setItem("fastroute-token", tokenInput.value);
   refresh();
+  route();   // a study link opened before the token was entered
 });
 
-async function act(path, body) {
+// Each action answers with a sentence an operator can read, built from the API's JSON.
+async function act(path, body, describe) {
   const headers = authHeaders({ "Content-Type": "application/json" });
   try {
     const resp = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
     const data = await resp.json();
     if (resp.status === 401) throw new Error(authMessage());
     if (!resp.ok) throw new Error(data.error + (data.hint ? ` (${data.hint})` : ""));
-    showMessage(`${path}: ${JSON.stringify(data)}`, false);
+    showMessage(describe(data), false);
   } catch (err) {
-    showMessage(`${path}: ${err.message}`, true);
+    showMessage(`Not done: ${err.message}`, true);
   }
   refresh();
 }
 
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many || one + "s"}`;
+
+// "Send now" (end the backoff, send what waits for a retry at once) appears when the API offers it:
+// read from /openapi.json, so the button follows the router's version instead of guessing.
+let sendNowPath = null;
+async function detectSendNow() {
+  try {
+    const spec = await (await fetch("/openapi.json", { cache: "no-store" })).json();
+    sendNowPath = Object.keys(spec.paths || {}).find((p) =>
+      /^\/api\/(destinations|queues)\/\{destination\}\/send[-_]?now$/.test(p) && spec.paths[p].post) || null;
+  } catch (err) {
+    sendNowPath = null;
+  }
+}
+
+function sentSentence(data) {
+  if (!Array.isArray(data.destinations)) return `Send now: done${data.note ? ` (${data.note})` : ""}.`;
+  return data.destinations.map((d) => {
+    const was = d.was === "backing_off"
+      ? `was backing off after ${plural(d.consecutive_failures, "failure", "failures")} in a row`
+      : `was ${STATE_TEXT[d.was] || d.was}`;
+    return `Send now to ${d.destination}: backoff ended (${was}); ` +
+      `${plural(d.made_due, "object", "objects")} waiting for a retry ${d.made_due === 1 ? "is" : "are"} due now` +
+      (d.note ? ` (${d.note})` : ". Sending starts at once.");
+  }).join(" ");
+}
+
+function sendNow(q) {
+  const question = `Send now to ${q.name}?\n\nIts backoff ends and every object waiting for a retry is ` +
+    `sent at once (recorded in the audit trail). Use it when ${q.peer ? q.peer.ae_title : q.name} is back.`;
+  if (confirm(question)) act(sendNowPath.replace("{destination}", encodeURIComponent(q.name)), { why: "dashboard" }, sentSentence);
+}
+
 function actions(q) {
-  if (!q.configured) return "";
-  const name = encodeURIComponent(q.destination);
+  const name = encodeURIComponent(q.name);
   const out = [];
-  out.push(q.paused
-    ? el("button", { class: "resume", onclick: () => act(`/api/queues/${name}/resume`, { why: "dashboard" }) }, "resume")
-    : el("button", { class: "pause", onclick: () => act(`/api/queues/${name}/pause`, { why: "dashboard" }) }, "pause"));
+  if (q.configured) {
+    out.push(q.paused
+      ? el("button", { class: "resume", onclick: () => act(`/api/queues/${name}/resume`, { why: "dashboard" },
+        (d) => `${q.name} resumed: sending again.${d.note ? ` Note: ${d.note}.` : ""}`) }, "resume")
+      : el("button", { class: "pause", onclick: () => act(`/api/queues/${name}/pause`, { why: "dashboard" },
+        () => `${q.name} paused: its queue keeps filling; nothing is sent until it is resumed.`) }, "pause"));
+    if (sendNowPath && !q.paused) out.push(" ", el("button", { class: "send-now", onclick: () => sendNow(q) }, "send now"));
+  }
   if (q.failed) {
     out.push(" ", el("button", { class: "retry", onclick: () => {
       const why = prompt(`Retry the ${q.failed} failed object(s) of ${q.name}: why?`, "");
-      if (why !== null) act(`/api/queues/${name}/retry`, { why });
+      if (why !== null) act(`/api/queues/${name}/retry`, { why },
+        (d) => `${plural(d.count, "failed object")} of ${q.name} queued again (audited).`);
     } }, "retry failed"));
   }
+  if (q.pending || q.failed) out.push(" ", el("button", { class: "purge", onclick: () => openPurge(q) }, "purge…"));
   return out;
 }
+
+// The purge dialog: states to remove (with how many each), a reason, and a plain-words warning.
+const purgeDialog = document.getElementById("purge-dialog");
+let purgeTarget = null;
+
+function openPurge(q) {
+  purgeTarget = q;
+  const choices = q.name === "unrouted" ? [["unrouted", q.pending, true]]
+    : [["failed", q.failed, true], ["pending", q.pending, false]];
+  purgeDialog.querySelectorAll(".dest").forEach((n) => { n.textContent = q.name; });
+  document.getElementById("purge-states").replaceChildren(...choices.filter(([, n]) => n).map(([state, n, on]) =>
+    el("label", {}, el("input", { type: "checkbox", name: "state", value: state, checked: on }),
+      ` ${plural(n, `${state} object`)}`)));
+  document.getElementById("purge-reason").value = "";
+  purgeDialog.showModal();
+}
+
+document.getElementById("purge-cancel").addEventListener("click", () => purgeDialog.close());
+document.getElementById("purge-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const states = [...purgeDialog.querySelectorAll("input[name=state]:checked")].map((n) => n.value);
+  const reason = document.getElementById("purge-reason").value.trim();
+  if (!states.length || !reason) {
+    document.getElementById("purge-reason").reportValidity();
+    return;
+  }
+  purgeDialog.close();
+  const q = purgeTarget;
+  act(`/api/queues/${encodeURIComponent(q.name)}/purge`, { states, reason },
+    (d) => `${plural(d.count, "object")} removed from ${d.destination} (${d.states.join(", ")}) for good; ` +
+      `recorded in the audit trail with the reason “${reason}”.`);
+});
 
 // -- rendering -----------------------------------------------------------------------------------
 
@@ -138,6 +214,14 @@ function stateCell(q) {
   return el("td", { class: "state" }, badge, extra);
 }
 
+// Label each cell with its column head: narrow screens show the rows as labelled blocks (style.css).
+function labelCells(table) {
+  const heads = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.children].forEach((td, i) => { if (heads[i]) td.setAttribute("data-label", heads[i]); });
+  }
+}
+
 function renderDestinations(queues, series) {
   const body = document.querySelector("#destinations tbody");
   body.replaceChildren(...queues.map((q) => el("tr", { "data-destination": q.name },
@@ -154,6 +238,7 @@ function renderDestinations(queues, series) {
   if (!queues.length) {
     body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "no destinations configured")));
   }
+  labelCells(document.getElementById("destinations"));
 }
 
 function renderAlerts(alerts) {
@@ -193,9 +278,10 @@ function renderFailures(rows) {
     el("td", {}, when(f.failed_at)), el("td", {}, f.destination),
     el("td", { class: "status" }, f.status_text || "no DICOM status"),
     el("td", { class: "uid" }, f.sop_instance_uid),
-    el("td", { class: "uid" }, el("a", { href: "#", onclick: (e) => { e.preventDefault(); search("study_instance_uid", f.study_instance_uid); } }, f.study_instance_uid)),
+    el("td", { class: "uid" }, el("a", { href: studyLink(f.study_instance_uid) }, f.study_instance_uid)),
     el("td", {}, f.calling_ae), el("td", { class: "num" }, f.attempts),
     el("td", { class: "error-text" }, f.error))));
+  labelCells(document.getElementById("failures"));
 }
 
 // -- the live chart: a hand-written canvas line chart ---------------------------------------------
@@ -250,6 +336,8 @@ function drawChart(series) {
     ctx.stroke();
   }
   ctx.setLineDash([]);
+  canvas.dataset.points = String(t.filter((ti) => now - ti <= span).length);   // what a test can read
+  canvas.dataset.first = String(t.length ? t[0] : "");
   document.getElementById("legend").replaceChildren(...lines.map((l) =>
     el("span", {}, el("i", { style: `background:${l.color}` }), l.name)));
 }
@@ -290,6 +378,46 @@ function objectView(o) {
     el("ul", { class: "path" }, o.path.length ? o.path.map(stepView) : el("li", { class: "muted" }, "routed nowhere")));
 }
 
+// A study rolls up per destination and per series (API: "studies"); each series opens onto its instances,
+// rendered only when opened, so a 50-image study is a few lines, not 50 boxes.
+function studyLink(uid) { return `#/study/${encodeURIComponent(uid)}`; }
+
+const BUCKETS = ["delivered", "waiting", "failed", "dropped"];
+
+function chips(dests) {
+  return dests.map((d) => el("span", { class: "dest-chips", "data-destination": d.destination },
+    el("strong", {}, d.destination), " ",
+    BUCKETS.filter((b) => d[b]).flatMap((b) => [el("span", { class: `chip ${b}`, "data-bucket": b }, `${d[b]} ${b}`), " "])));
+}
+
+function studyView(study, byOid) {
+  const head = el("tr", {}, el("th", {}, "destination"), el("th", { class: "num" }, "routed"),
+    BUCKETS.map((b) => el("th", { class: "num" }, b)));
+  const rows = study.destinations.map((d) => el("tr", { "data-destination": d.destination },
+    el("td", {}, d.destination), el("td", { class: "num routed" }, d.routed),
+    BUCKETS.map((b) => el("td", { class: `num ${b}${b === "failed" ? " failed-count" : ""}${d[b] ? "" : " zero"}` }, d[b]))));
+  const when1 = study.first_received_at, when2 = study.last_received_at;
+  return el("div", { class: "study", "data-study": study.study_instance_uid },
+    el("h3", {}, el("span", { class: "uid" }, study.study_instance_uid),
+      el("a", { class: "share", href: studyLink(study.study_instance_uid), title: "link to this study" }, "link")),
+    el("div", { class: "meta" }, `patient ${study.patient_id || "–"} · accession ${study.accession_number || "–"} · `,
+      `${plural(study.received, "object")} received in ${plural(study.series.length, "series", "series")}`,
+      when1 ? ` · ${when(when1)}${when2 && when2 - when1 >= 1 ? ` – ${when(when2)}` : ""}` : ""),
+    el("div", { class: "scroll" }, el("table", { class: "rollup" }, el("thead", {}, head),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 6, class: "muted" }, "routed nowhere"))))),
+    study.series.map((se) => seriesView(se, byOid)));
+}
+
+function seriesView(se, byOid) {
+  const box = el("details", { class: "series", "data-series": se.series_instance_uid },
+    el("summary", {}, el("span", { class: "uid" }, se.series_instance_uid || "(no Series Instance UID)"),
+      el("span", { class: "muted" }, `${se.modality || "?"} · ${plural(se.received, "instance")}`), chips(se.destinations)));
+  box.addEventListener("toggle", () => {
+    if (box.open && !box.querySelector(".object")) box.append(...se.oids.map((oid) => objectView(byOid.get(oid))));
+  });
+  return box;
+}
+
 async function search(kind, value) {
   document.getElementById("search-kind").value = kind;
   document.getElementById("search-value").value = value;
@@ -297,29 +425,92 @@ async function search(kind, value) {
   out.replaceChildren(el("div", { class: "muted" }, "searching…"));
   try {
     const r = await getJSON(`/api/lookup?${kind}=${encodeURIComponent(value)}`);
-    const studies = new Set(r.objects.map((o) => o.study_instance_uid));
+    const byOid = new Map(r.objects.map((o) => [o.oid, o]));
     out.replaceChildren(
-      el("div", { class: "summary" }, `${r.count} object(s) in ${studies.size} study(ies)${r.truncated ? " (truncated)" : ""}`),
-      ...r.objects.map(objectView));
+      el("div", { class: "summary" }, `${plural(r.count, "object")} in ${plural(r.studies.length, "study", "studies")}` +
+        `${r.truncated ? " (truncated)" : ""}`),
+      ...r.studies.map((st) => studyView(st, byOid)));
   } catch (err) {
     out.replaceChildren(el("div", { class: "error-text" }, err.message));
   }
 }
 
+// #/study/UID opens that study directly: a link to share, and what the failures table links to.
+function route() {
+  const m = /^#\/study\/(.+)$/.exec(location.hash);
+  if (m) search("study_instance_uid", decodeURIComponent(m[1]));
+}
+
+window.addEventListener("hashchange", route);
+
 document.getElementById("search-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  search(document.getElementById("search-kind").value, document.getElementById("search-value").value.trim());
+  const kind = document.getElementById("search-kind").value;
+  const value = document.getElementById("search-value").value.trim();
+  if (kind === "study_instance_uid" && location.hash !== studyLink(value)) location.hash = studyLink(value);
+  else search(kind, value);
 });
+
+// -- throughput history --------------------------------------------------------------------------
+// The server's ThroughputHistory keeps the last 10 minutes, so a page reload redraws them. The http
+// process starts afresh on a configuration reload, though: the points this tab has seen are kept in
+// sessionStorage and put in front of a shorter server history.
+
+const HISTORY_KEY = "fastroute-throughput";
+const SPAN_S = 600;
+
+function mergeHistory(series) {
+  let kept = null;
+  try { kept = JSON.parse(sessionStorage.getItem(HISTORY_KEY) || "null"); } catch (err) { kept = null; }
+  const first = series.t.length ? series.t[0] : Infinity;
+  const merged = { interval: series.interval, t: [], received: [], delivered: {} };
+  const names = new Set([...Object.keys(series.delivered || {}), ...Object.keys((kept && kept.delivered) || {})]);
+  for (const n of names) merged.delivered[n] = [];
+  const horizon = (series.t.length ? series.t[series.t.length - 1] : Date.now() / 1000) - SPAN_S;
+  if (kept && kept.t) {
+    kept.t.forEach((t, i) => {
+      if (t >= first || t < horizon) return;
+      merged.t.push(t);
+      merged.received.push(kept.received[i]);
+      for (const n of names) merged.delivered[n].push(((kept.delivered || {})[n] || [])[i] || 0);
+    });
+  }
+  series.t.forEach((t, i) => {
+    merged.t.push(t);
+    merged.received.push(series.received[i]);
+    for (const n of names) merged.delivered[n].push(((series.delivered || {})[n] || [])[i] || 0);
+  });
+  try { sessionStorage.setItem(HISTORY_KEY, JSON.stringify(merged)); } catch (err) { /* full: keep drawing */ }
+  return merged;
+}
 
 // -- polling -------------------------------------------------------------------------------------
 
 let timer = null;
+let unreachableSince = null;
+
+function markReachable() {
+  unreachableSince = null;
+  document.body.classList.remove("stale");
+  document.getElementById("stale").hidden = true;
+}
+
+function markUnreachable(err) {
+  if (!unreachableSince) unreachableSince = new Date();
+  document.body.classList.add("stale");
+  const box = document.getElementById("stale");
+  box.textContent = `Router unreachable since ${unreachableSince.toLocaleTimeString()} (${err.message}): ` +
+    "the numbers below are the last ones received and may be out of date.";
+  box.hidden = false;
+  document.getElementById("updated").textContent = `unreachable since ${unreachableSince.toLocaleTimeString()}`;
+}
 
 async function refresh() {
   clearTimeout(timer);
   try {
-    const [status, series, failures] = await Promise.all([
+    const [status, raw, failures] = await Promise.all([
       getJSON("/api/status"), getJSON("/api/throughput"), getJSON("/api/failures?limit=25")]);
+    const series = mergeHistory(raw);
     const l = status.listener;
     document.getElementById("listener").textContent =
       `${status.version} · AE ${l.ae_title} on ${l.host}:${l.port} · ${l.processes} listener process(es)`;
@@ -328,6 +519,7 @@ async function refresh() {
     renderUsage(status);
     renderFailures(failures.failures);
     drawChart(series);
+    markReachable();
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "1";
   } catch (err) {
@@ -336,9 +528,9 @@ async function refresh() {
       document.getElementById("updated").textContent = "waiting for the API token";
       return;
     }
-    document.getElementById("updated").textContent = `not reachable: ${err.message}`;
+    markUnreachable(err);
   }
   timer = setTimeout(refresh, POLL_MS);
 }
 
-refresh();
+detectSendNow().finally(() => { refresh(); route(); });
