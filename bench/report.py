@@ -248,9 +248,15 @@ def _builds(doc: dict[str, Any]) -> str:
     """Which fastroute the routed runs ran, as the router's listener logged it."""
     seen = {(b["version"], b["twin"], b["from"]) for e in doc["summary"].values()
             for b in [(e["paths"].get("routed") or {}).get("router_build")] if b}
+    if doc.get("soak") and doc["soak"].get("router_build"):
+        b = doc["soak"]["router_build"]
+        seen.add((b["version"], b["twin"], b["from"]))
     if not seen:
         return "fastroute (no routed run completed)"
-    return "; ".join(f"fastroute {v} peek={t} from {w}" for v, t, w in sorted(seen))
+    return "; ".join(f"fastroute {v} peek={t} from {w}" if t != "unknown" else
+                     f"a fastroute whose listener does not log its build (older than this bench); "
+                     f"`fastroute --version` with the same environment says: {doc['machine'].get('fastroute')}"
+                     for v, t, w in sorted(seen))
 
 
 def scaling_table(scaling: dict[str, Any]) -> list[str]:
