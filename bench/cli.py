@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import itertools
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -21,6 +24,18 @@ if TYPE_CHECKING:
 DEFAULT_MIX = "ct=70,mr=20,cr=5,us=5"
 DEFAULTS = {"rounds": 3, "tiny": 500, "studies": 4, "mix": DEFAULT_MIX}
 QUICK = {"rounds": 1, "tiny": 100, "studies": 1, "mix": "ct=100"}
+SMOKE = "smoke run, not for sizing"
+
+
+def int_list(text: str) -> list[int]:
+    """``2`` or ``1,2,4``: one value or a sweep."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,...: {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers: {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
             round's raw figures, the medians and the machine) and report.html (self-contained,
             inline SVG charts) to --out, and prints a table.
 
+            It measures the INSTALLED fastroute (what `fastroute --version` reports; the report
+            names the twin the router's listener says it runs), or this checkout built in place
+            with --fastroute checkout. Generated data and spools go to a temporary folder that
+            is removed afterwards (--work-dir DIR keeps them, and reuses the generated data).
+
             The default run takes about two minutes on a 2-core machine; --quick is a smoke
-            run of well under a minute. --soak MINUTES instead sends at a steady --rate and
-            reports whether every process's memory stays bounded."""),
+            run of well under a minute, marked "smoke run, not for sizing" in every output.
+            --listeners and --associations take comma lists (1,2): every combination is
+            measured and a scaling table printed. --soak MINUTES instead sends at a steady
+            --rate and reports whether every process's memory stays bounded."""),
         epilog=textwrap.dedent(f"""\
             study shapes (uncompressed, Explicit VR Little Endian):
               {describe_shapes()}
@@ -52,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
               python -m bench --quick
               python -m bench --senders 4 --associations 4 --mix ct=50,mr=30,cr=10,us=10 --studies 10
               python -m bench --fanout --orthanc --storescu
-              python -m bench --profile tuning/fast-disk.yaml --listeners 2
+              python -m bench --profile tuning/8-cores.yaml --listeners 1,2 --associations 1,4
               python -m bench --soak 30 --rate 40
 
             see bench/README.md for how to read the output."""))
@@ -88,9 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
                    help="give up when nothing progressed for S seconds (default 60)")
     c = p.add_argument_group("router configuration")
-    c.add_argument("--listeners", type=int, metavar="K", help="router listener processes (config key listeners)")
-    c.add_argument("--associations", type=int, metavar="M",
-                   help="associations per destination (destination key max_associations)")
+    c.add_argument("--fastroute", choices=("installed", "checkout"), default="installed",
+                   help="which fastroute the router runs: the installed one (default; the checkout is taken "
+                        "off the path) or this checkout, after `setup.py build_ext --inplace`")
+    c.add_argument("--listeners", type=int_list, metavar="K[,K...]",
+                   help="router listener processes (config key listeners); several values: a sweep")
+    c.add_argument("--associations", type=int_list, metavar="M[,M...]",
+                   help="associations per destination (destination key max_associations); several values: a sweep")
     c.add_argument("--profile", type=Path, metavar="FILE",
                    help="YAML tuning profile merged into the generated router configuration "
                         "(destination keys under destinations: {'*': ..., dest1: ...})")
@@ -103,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--soak-workload", choices=("tiny", "mix"), default="tiny",
                    help="soak: which objects to cycle through (default tiny)")
     o = p.add_argument_group("output")
-    o.add_argument("--work-dir", type=Path, default=REPO / "bench" / "results" / "work", metavar="DIR",
-                   help="generated data (cached between runs) and scratch space (default bench/results/work)")
+    o.add_argument("--work-dir", type=Path, metavar="DIR",
+                   help="generated data (cached between runs) and scratch space (default: a temporary folder, "
+                        "removed at the end)")
     o.add_argument("--receiver-dir", type=Path, metavar="DIR",
                    help="where the DCMTK receivers write (default: under --work-dir, i.e. the spool's "
                         "disk); another disk, or tmpfs, keeps their writes out of the spool's fsyncs, as "
@@ -146,7 +173,7 @@ def _profile(path: Path | None) -> dict[str, Any]:
 
 def _associations(args: argparse.Namespace, profile: dict[str, Any]) -> int:
     if args.associations is not None:
-        return int(args.associations)
+        return max(args.associations)
     dests = profile.get("destinations") or {}
     values = [int((dests.get(k) or {}).get("max_associations", 1)) for k in ("*", "dest1", "dest2")]
     return max(values)
@@ -155,8 +182,11 @@ def _associations(args: argparse.Namespace, profile: dict[str, Any]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _settings(args)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))     # measure this checkout's fastroute
+    try:
+        _choose_fastroute(args.fastroute)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
@@ -170,24 +200,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_all()
 
 
+def _choose_fastroute(source: str) -> None:
+    """Point the router (and the harness's own spool reads) at the fastroute to measure."""
+    from . import peers
+
+    peers.SOURCE = source
+    if source == "checkout":
+        res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=REPO,
+                             capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise BenchError(f"--fastroute checkout: building the native twin in place failed:\n"
+                             f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+        sys.path.insert(0, str(REPO))
+        return
+    # `python -m bench` from the checkout puts it first on sys.path: take it off again, so
+    # `import fastroute` here finds what the router will run (an editable install of this
+    # checkout is still found: it is what is installed).
+    sys.path[:] = [p for p in sys.path if not peers._is_repo(p)]
+    try:
+        import fastroute  # noqa: F401
+    except ImportError:
+        raise BenchError(f"fastroute is not installed for {sys.executable}: `pip install .` (or "
+                         "`pip install -e .`) first, or measure this checkout with --fastroute checkout")
+
+
+def _shown(values: list[int] | None) -> str:
+    return ",".join(map(str, values)) if values else ""
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import machine, workload
-    from .runs import Options, Progress
+    from .runs import Progress
 
     progress = Progress(quiet=args.quiet)
     profile = _profile(args.profile)
     started = dt.datetime.now().astimezone()
     stamp = started.strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "bench" / "results" / stamp
-    work = args.work_dir
+    temp_work = args.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="fastroute-bench-")) if temp_work else args.work_dir
+    try:
+        return _run_in(args, progress, profile, started, stamp, out, work)
+    finally:
+        if temp_work and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, Any], started: dt.datetime,
+            stamp: str, out: Path, work: Path) -> int:
+    from . import machine, workload
+    from .runs import Options
+
     receiver = args.receiver
     if receiver == "auto":
         receiver = "storescp" if _associations(args, profile) > 1 else "dcmrecv"
-    opts = Options(senders=args.senders, listeners=args.listeners, associations=args.associations,
+    opts = Options(senders=args.senders, listeners=(args.listeners or [None])[0],
+                   associations=(args.associations or [None])[0],
                    receiver=receiver, fanout=args.fanout, orthanc=args.orthanc, storescu=args.storescu,
                    profile=profile, timeout=args.timeout, stall=args.stall_timeout, keep=args.keep,
                    run_dir=work / f"run-{stamp}",
@@ -213,12 +284,14 @@ def _run(args: argparse.Namespace) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["receiver_used"] = receiver
     settings["profile_content"] = profile
-    settings["router"] = (f"listeners={args.listeners or profile.get('listeners', 1)}, "
-                          f"associations per destination={_associations(args, profile)}, "
-                          f"profile={args.profile or 'none'}, receiver={receiver}")
+    settings["work_dir"] = str(work) + ("" if args.work_dir else " (temporary, removed)")
+    settings["router"] = (f"listeners={_shown(args.listeners) or profile.get('listeners', 1)}, "
+                          f"associations per destination={_shown(args.associations) or _associations(args, profile)}, "
+                          f"profile={args.profile or 'none'}, receiver={receiver}, fastroute={args.fastroute}")
     progress.line(f"machine: probing; output to {out}")
     doc: dict[str, Any] = {
-        "tool": "fastroute bench", "format": 1, "started": started.isoformat(timespec="seconds"),
+        "tool": "fastroute bench", "format": 2, "started": started.isoformat(timespec="seconds"),
+        "note": SMOKE if args.quick else None,
         "machine": machine.describe(work, args.orthanc), "settings": settings,
         "workloads": {w.name: w.summary() for w in workloads},
     }
@@ -246,10 +319,19 @@ def _measure(args: argparse.Namespace, doc: dict[str, Any], opts: "Options", wor
         doc["rounds"], doc["summary"] = [], {}
         ok = bool(doc["soak"].get("ok"))
     else:
+        combos = list(itertools.product(args.listeners or [None], args.associations or [None]))
+        records = []
         with bench:
-            records = run_rounds(bench, workloads, args.rounds)
+            for listeners, associations in combos:
+                bench.opts.listeners, bench.opts.associations = listeners, associations
+                if len(combos) > 1:
+                    progress.line(f"listeners={listeners or 'default'}, associations={associations or 'default'}")
+                records += run_rounds(bench, workloads, args.rounds)
         doc["rounds"] = records
-        doc["summary"] = report.summarise(records, {p: bench.describe(p) for p in bench.paths()})
+        doc["summary"] = report.summarise(records, {p: bench.describe(p) for p in bench.paths()},
+                                          sweep=len(combos) > 1)
+        doc["scaling"] = report.scaling(doc["summary"]) if len(combos) > 1 else None
+        doc["headline"] = report.headline(doc)
         ok = all(r["ok"] for r in records)
     progress.clear()
     doc["wall_s"] = round(time.monotonic() - t_start, 1)

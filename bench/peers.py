@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -222,6 +223,7 @@ class Orthanc:
 # -- the router ----------------------------------------------------------------------------------
 
 _STARTED = re.compile(r"started (\S+) \(pid (\d+)\)")
+_BUILD = re.compile(r"listener-\d+: fastroute (\S+) \(peek=(\w+)\) from (\S+)")
 
 
 class Router:
@@ -275,6 +277,18 @@ class Router:
             pass
         return {pid: roles.get(pid, f"router {comm(pid)}") for pid in group_members(self.proc.pid)}
 
+    def build(self) -> dict[str, str]:
+        """What the router's listener says it runs (its own log line at start): version, the
+        peek twin (native or python) and the package's folder."""
+        try:
+            found = _BUILD.findall(self.proc.log.read_text(errors="replace")) if self.proc else []
+        except OSError:
+            found = []
+        if not found:
+            return {"version": "unknown", "twin": "unknown", "from": "unknown"}
+        version, twin, where = found[0]
+        return {"version": version, "twin": twin, "from": where}
+
     def check(self) -> None:
         if self.proc is not None:
             self.proc.check()
@@ -287,14 +301,32 @@ class Router:
         return self.proc.log_tail(lines) if self.proc is not None else "(not started)"
 
 
+# Which fastroute the router runs: "installed" (what `import fastroute` finds without this
+# checkout on the path: what `fastroute --version` reports) or "checkout" (this checkout, built
+# in place first). Set once by ``bench.cli`` before anything starts.
+SOURCE = "installed"
+
+
+def _is_repo(entry: str) -> bool:
+    try:
+        return Path(entry or ".").resolve() == REPO
+    except OSError:
+        return False
+
+
 def python_env() -> dict[str, str]:
-    """This interpreter's environment with the checkout first on PYTHONPATH, so the router
-    and ``fastroute --version`` run the code being measured."""
-    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    """This interpreter's environment with the checkout first on PYTHONPATH (``checkout``) or
+    taken off it (``installed``), so the router and ``fastroute --version`` run the code
+    being measured. Processes start outside the checkout, so `-m` does not add it either."""
+    given = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not _is_repo(p)]
+    path = [str(REPO), *given] if SOURCE == "checkout" else given
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
+    return env
 
 
 def fastroute_version() -> str:
     out = subprocess.run([sys.executable, "-m", "fastroute", "--version"], capture_output=True,
-                         text=True, timeout=60, env=python_env(), check=False)
+                         text=True, timeout=60, env=python_env(), check=False, cwd=tempfile.gettempdir())
     return (out.stdout or out.stderr).strip() or f"unknown (exit {out.returncode})"

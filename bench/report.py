@@ -23,15 +23,24 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarise(records: list[dict[str, Any]], descriptions: dict[str, str]) -> dict[str, Any]:
+def _group(r: dict[str, Any], sweep: bool) -> str:
+    if not sweep:
+        return str(r["workload"])
+    return f"{r['workload']} [listeners={r.get('listeners') or 'default'}, associations={r.get('associations') or 'default'}]"
+
+
+def summarise(records: list[dict[str, Any]], descriptions: dict[str, str], *, sweep: bool = False) -> dict[str, Any]:
+    """Per workload (per workload and router configuration in a sweep), per path: medians."""
     out: dict[str, Any] = {}
-    for wl in dict.fromkeys(r["workload"] for r in records):
-        mine = [r for r in records if r["workload"] == wl]
+    for wl in dict.fromkeys(_group(r, sweep) for r in records):
+        mine = [r for r in records if _group(r, sweep) == wl]
         paths: dict[str, Any] = {}
         for path in dict.fromkeys(r["path"] for r in mine):
             rows = [r for r in mine if r["path"] == path]
             ok = [r for r in rows if r["ok"]]
             med: dict[str, Any] = {m: _median([r[m] for r in ok]) for m in METRICS}
+            for m in ("sustained_inst_per_s", "sustained_studies_per_h"):
+                med[m] = _median([r[m] for r in ok if r.get(m)])
             lats = [r["latency_ms"] for r in ok if r.get("latency_ms")]
             if lats:
                 med["latency_ms"] = {q: _median([x[q] for x in lats]) for q in ("p50", "p95", "p99", "max")}
@@ -50,10 +59,13 @@ def summarise(records: list[dict[str, Any]], descriptions: dict[str, str]) -> di
                 "median": med, "processes": procs,
                 "rounds_inst_per_s": [r["inst_per_s"] for r in ok],
                 "rounds_mb_per_s": [r["mb_per_s"] for r in ok],
+                "router_build": next((r["router_build"] for r in ok if r.get("router_build")), None),
+                "throughput": [{"round": r["round"], "samples": r.get("throughput", [])} for r in ok],
             }
         first = mine[0]
-        entry: dict[str, Any] = {"objects": first["objects"], "bytes": first["bytes"],
-                                 "studies": first["studies"], "paths": paths}
+        entry: dict[str, Any] = {"workload": first["workload"], "objects": first["objects"],
+                                 "bytes": first["bytes"], "studies": first["studies"], "paths": paths,
+                                 "listeners": first.get("listeners"), "associations": first.get("associations")}
         entry["ratio"] = _ratio(mine, paths)
         out[wl] = entry
     return out
@@ -79,6 +91,74 @@ def _ratio(records: list[dict[str, Any]], paths: dict[str, Any]) -> dict[str, An
             "per_round": per_round}
 
 
+def scaling(summary: dict[str, Any]) -> dict[str, Any]:
+    """listeners x associations -> the routed median (instances/s, studies/h, ratio), per workload."""
+    out: dict[str, Any] = {}
+    for entry in summary.values():
+        routed = entry["paths"].get("routed") or {}
+        med = routed.get("median") or {}
+        cell = {"listeners": entry["listeners"], "associations": entry["associations"],
+                "inst_per_s": med.get("inst_per_s"), "studies_per_h": med.get("studies_per_h"),
+                "sustained_inst_per_s": med.get("sustained_inst_per_s"), "ratio": entry["ratio"]["value"]}
+        out.setdefault(entry["workload"], []).append(cell)
+    return out
+
+
+def headline(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Sustained studies/hour of the routed path on the study mix; in a sweep, the best
+    configuration (named). None when no mix was routed successfully."""
+    best: tuple[float, dict[str, Any]] | None = None
+    for entry in doc["summary"].values():
+        if entry["workload"] == "tiny" or not entry["studies"]:
+            continue
+        med = (entry["paths"].get("routed") or {}).get("median") or {}
+        value = med.get("sustained_studies_per_h") or med.get("studies_per_h")
+        if value and (best is None or value > best[0]):
+            best = (value, entry)
+    if best is None:
+        return None
+    value, entry = best
+    routed = entry["paths"]["routed"]
+    build = routed.get("router_build") or {}
+    return {"studies_per_h": value, "sustained": bool(routed["median"].get("sustained_studies_per_h")),
+            "workload": entry["workload"], "listeners": entry["listeners"], "associations": entry["associations"],
+            "rounds": routed["ok"], "twin": build.get("twin", "unknown"), "note": doc.get("note")}
+
+
+def headline_text(h: dict[str, Any] | None) -> str:
+    if h is None:
+        return "studies/hour on this machine: not measured (no study mix routed successfully)"
+    how = "sustained (10-90 % delivered)" if h["sustained"] else "whole run"
+    conf = ""
+    if h["listeners"] or h["associations"]:
+        conf = f", listeners={h['listeners'] or 'default'}, associations={h['associations'] or 'default'}"
+    text = (f"studies/hour on this machine: {h['studies_per_h']:,.0f} ({how}, routed, workload "
+            f"{h['workload']}{conf}, peek={h['twin']}, median of {h['rounds']} round(s))")
+    return text + (f" — {h['note'].upper()}" if h.get("note") else "")
+
+
+def throughput_bins(samples: list[list[float]], bins: int = 10) -> list[tuple[float, float]]:
+    """(end of interval s, objects/s in it) over about ``bins`` equal intervals of the run."""
+    if len(samples) < 2:
+        return []
+    end = samples[-1][0]
+    width = max(end / bins, 0.25)
+    out = []
+    prev_t, prev_c = 0.0, 0.0
+    t = width
+    i = 0
+    while prev_t < end - 1e-9:
+        t = min(t, end)
+        while i < len(samples) - 1 and samples[i][0] < t:
+            i += 1
+        a, b = samples[max(i - 1, 0)], samples[i]
+        c = a[1] + (b[1] - a[1]) * ((t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 1.0)
+        out.append((t, (c - prev_c) / (t - prev_t)))
+        prev_t, prev_c = t, c
+        t += width
+    return out
+
+
 # -- text ----------------------------------------------------------------------------------------
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -96,14 +176,18 @@ def _lat(lat: dict[str, float] | None, sep: str) -> str:
 def table(doc: dict[str, Any]) -> str:
     s = doc["summary"]
     what = (f"soak {doc['settings']['soak']} min" if doc.get("soak") else f"{doc['settings']['rounds']} round(s)")
-    lines = [f"fastroute bench — {doc['started']} — {what}, up to {doc['settings']['senders']} concurrent sender(s)",
-             f"machine: {one_line(doc['machine'])}",
-             f"router: {doc['settings']['router']}"]
+    note = doc.get("note")
+    lines = ([f"*** {note.upper()} ***"] if note else []) + [
+        f"fastroute bench — {doc['started']} — {what}, up to {doc['settings']['senders']} concurrent sender(s)",
+        f"machine: {one_line(doc['machine'])}",
+        f"router: {doc['settings']['router']}; ran {_builds(doc)}"]
+    if not doc.get("soak"):
+        lines.append(headline_text(doc.get("headline")))
     descriptions = {path: p["description"] for e in s.values() for path, p in e["paths"].items()}
     lines += [f"  {path} = {d}" for path, d in descriptions.items()]
     lines.append("")
     for wl, entry in s.items():
-        lines.append(f"{wl}: {doc['workloads'][wl]['description']} — {entry['objects']} objects, "
+        lines.append(f"{wl}: {doc['workloads'][entry['workload']]['description']} — {entry['objects']} objects, "
                      f"{entry['bytes'] / 1e6:.1f} MB, {entry['studies']} studies")
         head = (f"  {'path':<20} {'ok':>5} {'time s':>7} {'accepted s':>10} {'inst/s':>9} {'MB/s':>7} "
                 f"{'studies/h':>9}  {'latency p50/p95/p99 ms':>22}")
@@ -117,7 +201,7 @@ def table(doc: dict[str, Any]) -> str:
             if p["ok"] == 0:
                 lines.append(f"  {label:<20} {ok:>5} FAILED")
             else:
-                sph = _f(m["studies_per_h"], 0) if wl != "tiny" else "-"
+                sph = _f(m["studies_per_h"], 0) if entry["workload"] != "tiny" else "-"
                 acc = _f(m["senders_done_s"], 2) if path == "routed" else "-"
                 lines.append(f"  {label:<20} {ok:>5} {_f(m['elapsed_s'], 2):>7} {acc:>10} {_f(m['inst_per_s']):>9} "
                              f"{_f(m['mb_per_s']):>7} {sph:>9}  {lat_s:>22}")
@@ -137,15 +221,63 @@ def table(doc: dict[str, Any]) -> str:
         if rt:
             lines.append(f"  router CPU per object (all router processes): {rt:.2f} ms, i.e. at most "
                          f"{1000 / rt:,.0f} objects per CPU-second of this machine")
+        for path, p in entry["paths"].items():
+            if p["throughput"] and p["throughput"][0]["samples"]:
+                first = p["throughput"][0]
+                bins = throughput_bins(first["samples"])
+                if bins:
+                    cells = ", ".join(f"{v:.0f}" for _, v in bins)
+                    lines.append(f"  throughput over time, {path} round {first['round']} (inst/s in each "
+                                 f"{bins[0][0]:.2f} s of the run): {cells}")
         lines.append("")
         lines += _process_table(entry)
         lines.append("")
+    if doc.get("scaling"):
+        lines += scaling_table(doc["scaling"])
     if doc.get("soak"):
         lines += soak_table(doc["soak"])
+    if note:
+        lines.append(f"*** {note.upper()} ***")
     lines.append("time: first send -> every object at every destination; accepted: when the senders had "
                  "their last response from the router;\nlatency: received -> delivered per object and "
                  "destination (router's spool records); CPU/RSS: per process, medians of the rounds.")
     return "\n".join(lines)
+
+
+def _builds(doc: dict[str, Any]) -> str:
+    """Which fastroute the routed runs ran, as the router's listener logged it."""
+    seen = {(b["version"], b["twin"], b["from"]) for e in doc["summary"].values()
+            for b in [(e["paths"].get("routed") or {}).get("router_build")] if b}
+    if doc.get("soak") and doc["soak"].get("router_build"):
+        b = doc["soak"]["router_build"]
+        seen.add((b["version"], b["twin"], b["from"]))
+    if not seen:
+        return "fastroute (no routed run completed)"
+    return "; ".join(f"fastroute {v} peek={t} from {w}" if t != "unknown" else
+                     f"a fastroute whose listener does not log its build (older than this bench); "
+                     f"`fastroute --version` with the same environment says: {doc['machine'].get('fastroute')}"
+                     for v, t, w in sorted(seen))
+
+
+def scaling_table(scaling: dict[str, Any]) -> list[str]:
+    """Rows: listeners; columns: associations per destination; cells: routed median inst/s (ratio)."""
+    lines = []
+    for wl, cells in scaling.items():
+        ls = sorted({c["listeners"] or 0 for c in cells})
+        as_ = sorted({c["associations"] or 0 for c in cells})
+        lines.append(f"scaling, {wl}: routed instances/s, median (ratio routed/reference); rows: listeners, "
+                     f"columns: associations per destination")
+        lines.append(f"  {'listeners':>9}" + "".join(f" {('assoc=' + str(a or 'default')):>18}" for a in as_))
+        for lv in ls:
+            row = f"  {lv or 'default':>9}"
+            for a in as_:
+                c = next((c for c in cells if (c["listeners"] or 0) == lv and (c["associations"] or 0) == a), None)
+                text = "-" if c is None or c["inst_per_s"] is None else (
+                    f"{_f(c['inst_per_s'])}" + (f" ({c['ratio']:.2f})" if c["ratio"] else ""))
+                row += f" {text:>18}"
+            lines.append(row)
+        lines.append("")
+    return lines
 
 
 def _process_table(entry: dict[str, Any]) -> list[str]:
@@ -312,6 +444,9 @@ def html_report(doc: dict[str, Any]) -> str:
              f"<title>fastroute capacity benchmark {_e(doc['started'])}</title>",
              f"<style>{_CSS}</style></head><body>",
              "<h1>fastroute capacity benchmark</h1>",
+             (f"<p class=fail>{_e(doc['note'].upper())}</p>" if doc.get("note") else ""),
+             (f"<p><b>{_e(headline_text(doc.get('headline')))}</b></p>" if not doc.get("soak") else ""),
+             f"<p class=note>ran {_e(_builds(doc))}</p>",
              f"<p class=note>{_e(doc['started'])} — "
              f"{'soak ' + str(doc['settings']['soak']) + ' min' if doc.get('soak') else str(doc['settings']['rounds']) + ' round(s)'}, "
              f"up to {doc['settings']['senders']} concurrent sender(s); router: {_e(doc['settings']['router'])}</p>",
@@ -320,7 +455,7 @@ def html_report(doc: dict[str, Any]) -> str:
         parts.append(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(v)}</td></tr>")
     parts.append("</table>")
     for wl, entry in s.items():
-        parts.append(f"<h2>Workload {_e(wl)}: {_e(doc['workloads'][wl]['description'])}</h2>")
+        parts.append(f"<h2>Workload {_e(wl)}: {_e(doc['workloads'][entry['workload']]['description'])}</h2>")
         parts.append(f"<p class=note>{entry['objects']} objects, {entry['bytes'] / 1e6:.1f} MB, "
                      f"{entry['studies']} studies; medians of the rounds that completed.</p>")
         parts.append("<table><tr><th>path</th><th>ok</th><th>time s</th><th>accepted s</th><th>instances/s</th><th>MB/s</th>"
@@ -337,7 +472,7 @@ def html_report(doc: dict[str, Any]) -> str:
                 f"<tr><td>{_e(path)}: {_e(p['description'])}</td><td{cls}>{p['ok']}/{p['rounds']}</td>"
                 f"<td>{_f(med['elapsed_s'], 2)}</td><td>{_f(med['senders_done_s'], 2) if path == 'routed' else '-'}</td>"
                 f"<td>{_f(med['inst_per_s'])}</td><td>{_f(med['mb_per_s'])}</td>"
-                f"<td>{_f(med['studies_per_h'], 0) if wl != 'tiny' else '-'}</td>"
+                f"<td>{_f(med['studies_per_h'], 0) if entry['workload'] != 'tiny' else '-'}</td>"
                 f"<td>{_lat(lat, ' / ')}</td></tr>")
         parts.append("</table>")
         for path, p in entry["paths"].items():
@@ -358,6 +493,11 @@ def html_report(doc: dict[str, Any]) -> str:
         rows = [(path, p["median"]["inst_per_s"] if p["ok"] else None, p["rounds_inst_per_s"], _colour(path))
                 for path, p in entry["paths"].items()]
         parts.append(hbar_chart(f"{wl}: instances per second (bars: median, circles: rounds)", "inst/s", rows))
+        over_time = {f"{path} round {t['round']}": [(x, v) for x, v in throughput_bins(t["samples"], 20)]
+                     for path, p in entry["paths"].items() for t in p["throughput"][:1] if len(t["samples"]) > 1}
+        if over_time:
+            parts.append(line_chart(f"{wl}: throughput over time (objects at every destination per second)",
+                                    "inst/s", over_time))
         rows = [(path, p["median"]["mb_per_s"] if p["ok"] else None, p["rounds_mb_per_s"], _colour(path))
                 for path, p in entry["paths"].items()]
         parts.append(hbar_chart(f"{wl}: MB per second", "MB/s", rows))
@@ -385,6 +525,11 @@ def html_report(doc: dict[str, Any]) -> str:
                           if x else "<td></td><td></td><td></td>")
             parts.append(f"<tr><td>{_e(role)}</td>{cells}</tr>")
         parts.append("</table>")
+    if doc.get("scaling"):
+        parts.append("<h2>Scaling: listeners x associations</h2><pre>" + _e("\n".join(scaling_table(doc["scaling"])))
+                     + "</pre>")
+    if doc.get("note"):
+        parts.append(f"<p class=fail>{_e(doc['note'].upper())}</p>")
     if doc.get("soak"):
         soak = doc["soak"]
         parts.append("<h2>Soak</h2><pre>" + _e("\n".join(soak_table(soak))) + "</pre>")

@@ -32,6 +32,7 @@ from .procs import (HOST, BenchError, SendJob, dcmsend_argv, free_port, memory_k
                     storescu_argv, usage)
 from .workload import Workload
 
+SAMPLE_EVERY = 0.25   # seconds between throughput samples during a measurement
 PATHS = ("reference", "reference-storescu", "reference-orthanc", "routed")
 DESCRIPTIONS = {
     "reference": "dcmsend -> {recv}",
@@ -257,7 +258,8 @@ class Bench:
             for i, d in enumerate(dirs):
                 jobs.append(SendJob(make_argv(port, called, [d]), f"{sender_name}{i}",
                                     workdir / f"{sender_name}{i}.log").start())
-            end = self._wait(wl, path, rnd, t0, jobs, targets, router, spool)
+            samples: list[tuple[float, int]] = []
+            end = self._wait(wl, path, rnd, t0, jobs, targets, router, spool, samples)
             after = sample(pids())
             cpu1 = self_cpu()
             elapsed = end - t0
@@ -273,7 +275,13 @@ class Bench:
                 inst_per_s=len(wl.files) / elapsed, mb_per_s=wl.bytes / elapsed / 1e6,
                 studies_per_h=len(wl.studies) / elapsed * 3600, processes=procs,
                 destinations={n: t.label for n, t in targets.items()}, senders=len(jobs),
+                listeners=self.opts.listeners, associations=self.opts.associations,
+                throughput=[[round(t, 3), c] for t, c in samples],
             )
+            sustained = sustained_rate(samples, len(wl.files))
+            rec["sustained_inst_per_s"] = sustained
+            rec["sustained_studies_per_h"] = (sustained * len(wl.studies) / len(wl.files) * 3600
+                                              if sustained and wl.studies else None)
             if spool is not None:
                 spool.close()
                 spool = None
@@ -283,6 +291,7 @@ class Bench:
                 if code not in (0, None):
                     raise RunFailed(f"the router exited with status {code} on SIGTERM:\n{router.log_tail()}")
                 rec["latency_ms"] = self._latency(router.spool, wl, list(targets))
+                rec["router_build"] = router.build()     # which fastroute and twin actually ran
             rec["ok"] = True
         except BenchError as exc:
             rec["error"] = str(exc)
@@ -304,14 +313,20 @@ class Bench:
         return rec
 
     def _wait(self, wl: Workload, path: str, rnd: int, t0: float, jobs: list[SendJob],
-              targets: Mapping[str, Target], router: Router | None, spool: Any) -> float:
-        """Poll until every destination holds every object; return the monotonic end time."""
+              targets: Mapping[str, Target], router: Router | None, spool: Any,
+              samples: list[tuple[float, int]] | None = None) -> float:
+        """Poll until every destination holds every object; return the monotonic end time.
+
+        ``samples`` gets (seconds since t0, objects at every destination) about every
+        SAMPLE_EVERY seconds and at the end: the throughput over time."""
         expected = wl.sop_uids
         n = len(expected)
         last_state: tuple[Any, ...] | None = None
         last_change = t0
         counts = dict.fromkeys(targets, 0)
         tick = 0
+        next_sample = t0
+        out = samples if samples is not None else []
         while True:
             now = time.monotonic()
             tick += 1
@@ -327,6 +342,9 @@ class Bench:
                     continue          # its REST API is polled 5x less often
                 counts[name] = t.count()
             done = sum(j.done() for j in jobs)
+            if now >= next_sample:
+                out.append((now - t0, min(counts.values())))
+                next_sample = now + SAMPLE_EVERY
             self.progress.update(f"{min(counts.values())}/{n} objects at every destination, "
                                  f"senders done {done}/{len(jobs)}, {now - t0:.1f} s")
             if done == len(jobs) and all(c >= n for c in counts.values()):
@@ -335,10 +353,9 @@ class Bench:
                 if errors and now - last_change > 2.0:     # not a file still being renamed
                     raise RunFailed("; ".join(errors))
                 if all(v is True for v in verdicts):
-                    if spool is None:
-                        return now
-                    stats = spool.stats(list(targets))
+                    stats = spool.stats(list(targets)) if spool is not None else []
                     if all(q.pending + q.in_flight == 0 for q in stats if q.destination in targets):
+                        out.append((now - t0, n))
                         return now
             state = (tuple(counts.values()), done)
             if state != last_state:
@@ -365,6 +382,21 @@ class Bench:
             raise RunFailed(f"the spool records {len(values)} deliveries, {expected} expected "
                             f"({missing} recorded without delivery)")
         return latency_summary(values)
+
+
+def sustained_rate(samples: list[tuple[float, int]], n: int) -> float | None:
+    """Objects per second between 10 % and 90 % delivered: the steady rate, without the
+    start (connecting, the first fsyncs) or the tail (the last sender finishing alone).
+    None when the run is too short to have samples in that window."""
+    def when(target: float) -> float | None:
+        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+            if c0 <= target <= c1 and c1 > c0:
+                return t0 + (t1 - t0) * (target - c0) / (c1 - c0)
+        return None
+    lo, hi = when(0.1 * n), when(0.9 * n)
+    if lo is None or hi is None or hi - lo < 0.2:
+        return None
+    return 0.8 * n / (hi - lo)
 
 
 def spool_latencies(spool_path: Path, study_uids: list[str], dests: list[str]) -> tuple[list[float], int]:

@@ -168,6 +168,7 @@ def soak(opts: Options, wl: Workload, minutes: float, rate: int, sample_every: f
             spool_mib_start=spool_start, spool_mib_end=data_mdb.stat().st_size / 2**20,
             memory=memory, latency_ms=latency_summary(values) if values else None,
             records_without_delivery=undelivered,
+            router_build=router.build(),
             bounded=all(v["verdict"] == "bounded" for k, v in memory.items() if k != "bench harness"),
             ok=drained and not failures and all(delivered[d] + superseded[d] == accepted for d in receivers),
         )

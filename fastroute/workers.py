@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from fastroute import reload
@@ -45,11 +46,14 @@ def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Eve
 
 
 def listener_main(cfg: Config, index: int) -> None:
+    from fastroute import __version__
     from fastroute.dicom.dimse import CommandField
     from fastroute.dicom.scp import Listener
-    from fastroute.routing.intake import StoreService
+    from fastroute.native import PEEK_IMPL
+    from fastroute.routing.intake import StoreService, association_counter, refusal_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
+    from fastroute.spool.counters import EventTally
     from fastroute.spool.wakeup import Notifier
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
@@ -59,8 +63,11 @@ def listener_main(cfg: Config, index: int) -> None:
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
     warn_deprecated_engine("engine", cfg.engine)
+    log.info("listener-%d: fastroute %s (peek=%s) from %s", index, __version__, PEEK_IMPL, Path(__file__).parent)
+    tally = EventTally(spool)     # association and refusal counts, at most one commit a second
     store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
     receiver = Listener(cfg, {CommandField.C_STORE_RQ: store}, stager=committer.stager(cfg.stream_threshold))
+    receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
     committer.siblings = receiver.active
     try:
         receiver.start()
@@ -71,6 +78,7 @@ def listener_main(cfg: Config, index: int) -> None:
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
     receiver.stop(cfg.shutdown_grace)
     store.close()
+    tally.close()
     committer.close()
     notifier.close()
     spool.close()
@@ -111,6 +119,19 @@ class _Child:
     restarts: int = 0
     restart_at: float = 0.0
     fatal: bool = False
+
+
+def count_restart(cfg: Config, name: str) -> None:
+    """fastroute_worker_restarts by role (``listener-0`` -> listener); one commit per restart."""
+    from fastroute.spool.counters import CounterKey, CounterKind
+    try:
+        spool = open_spool(cfg)
+        try:
+            spool.add_counters({CounterKey(CounterKind.WORKER_RESTARTS, extra=name.split("-")[0]): 1})
+        finally:
+            spool.close()
+    except Exception as exc:   # a metric must never stop a restart
+        log.warning("could not count the restart of %s: %s", name, exc, extra=fields(worker=name))
 
 
 def http_main(cfg: Config, config_path: str | None) -> None:
@@ -341,6 +362,7 @@ class Supervisor:
         child.restart_at = time.monotonic() + delay
         log.error("%s died (exit code %s) after %.1fs; restarting in %.1fs", child.name, exitcode, uptime, delay,
                   extra=fields(worker=child.name))
+        count_restart(self.cfg, child.name)
         return 0
 
     def shutdown(self) -> None:

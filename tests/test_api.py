@@ -22,6 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+import fastroute
+from fastroute import native
 from fastroute.ops.api import MAX_BODY_BYTES, ROUTES, http_main, is_public, make_app, openapi_spec
 from fastroute.config import Config
 from fastroute.spool.senderstate import DestinationState, SenderState
@@ -636,9 +638,18 @@ def test_metrics_exposition(env: Any) -> None:
         resp = await c.get("/metrics")
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         fams = families(await resp.text())
-        assert sample(fams, "fastroute_received_objects", "fastroute_received_objects_total") == 5
+        received = {s.labels["calling_ae"]: s.value for s in fams["fastroute_received_objects"].samples
+                    if s.name == "fastroute_received_objects_total"}
+        assert received["CT1"] == 4 and sum(received.values()) == 5
         assert sample(fams, "fastroute_received_from_objects", "fastroute_received_from_objects_total",
-                      calling_ae="CT1") == 4
+                      calling_ae="CT1") == 4     # deprecated, kept for 0.2
+        assert sample(fams, "fastroute_build_info", "fastroute_build_info", version=fastroute.__version__,
+                      twin=native.PEEK_IMPL) == 1
+        assert sample(fams, "fastroute_associations_in", "fastroute_associations_in_total", outcome="rejected",
+                      reason="") == 0
+        assert sample(fams, "fastroute_associations_out", "fastroute_associations_out_total", destination="vna",
+                      outcome="accepted", reason="") == 0
+        assert sample(fams, "fastroute_worker_restarts", "fastroute_worker_restarts_total", role="listener") == 0
         assert sample(fams, "fastroute_delivered_objects", "fastroute_delivered_objects_total",
                       destination="pacs") == 1
         assert sample(fams, "fastroute_delivered_objects", "fastroute_delivered_objects_total",
@@ -648,6 +659,7 @@ def test_metrics_exposition(env: Any) -> None:
         assert sample(fams, "fastroute_retries", "fastroute_retries_total", destination="vna") == 1
         hist = "fastroute_delivery_latency_seconds"
         assert fams[hist].type == "histogram"
+        assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="0.001") == 0   # from 1 ms
         assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="1.0") == 0
         assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="2.5") == 1
         assert sample(fams, hist, f"{hist}_bucket", destination="pacs", le="+Inf") == 1
@@ -664,6 +676,10 @@ def test_metrics_exposition(env: Any) -> None:
                       destination="pacs") > AGE - 5
         assert sample(fams, "fastroute_destination_state", "fastroute_destination_state", destination="pacs",
                       state="unknown") == 1
+        states = [s for s in fams["fastroute_destination_state"].samples if s.labels["destination"] == "pacs"]
+        assert len(states) == 1           # one series per destination, not one per state
+        assert sample(fams, "fastroute_destination_last_success_timestamp_seconds",
+                      "fastroute_destination_last_success_timestamp_seconds", destination="pacs") == 0
         assert sample(fams, "fastroute_disk_free_bytes", "fastroute_disk_free_bytes") > 0
         assert sample(fams, "fastroute_spool_max_bytes", "fastroute_spool_max_bytes") == cfg.spool_max_bytes
         assert sample(fams, "fastroute_alert", "fastroute_alert", name="oldest_age", destination="pacs") == 1

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_quick_bench_delivers_everything_and_reports_ratios(tmp_path: Path, dcmtk: object) -> None:
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "40", "--fanout",
+                          "--fastroute", "checkout",
                           "--work-dir", str(tmp_path / "work"), "--out", str(out),
                           "--receiver-dir", str(tmp_path / "received")],
                          cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -41,3 +42,67 @@ def test_quick_bench_delivers_everything_and_reports_ratios(tmp_path: Path, dcmt
     assert doc["machine"]
     assert doc["settings"]["receiver_dir"] == str(tmp_path / "received")
     assert (tmp_path / "received").is_dir() and not any((tmp_path / "received").iterdir())  # cleaned
+    # a smoke run says so in every output
+    smoke = "smoke run, not for sizing"
+    assert doc["note"] == smoke
+    assert res.stdout.lower().count(smoke) >= 2 and smoke in (out / "table.txt").read_text().lower()
+    assert smoke.upper() in (out / "report.html").read_text()
+    # the twin named is the one the router's listener ran (this checkout, built in place)
+    build = doc["summary"]["mix"]["paths"]["routed"]["router_build"]
+    assert build["twin"] == "native" and Path(build["from"]) == REPO / "fastroute"
+    assert f"peek={build['twin']}" in res.stdout
+    # throughput over time, sampled during each run, and the studies/hour headline
+    samples = doc["summary"]["mix"]["paths"]["routed"]["throughput"][0]["samples"]
+    assert samples[-1][1] == doc["summary"]["mix"]["objects"] and len(samples) >= 2
+    assert [t for t, _ in samples] == sorted(t for t, _ in samples)
+    assert "throughput over time, routed" in res.stdout
+    assert doc["headline"]["studies_per_h"] > 0 and "studies/hour on this machine:" in res.stdout
+
+
+def test_a_sweep_prints_a_scaling_table_and_work_files_go_to_a_temporary_folder(tmp_path: Path,
+                                                                                dcmtk: object) -> None:
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "20", "--studies", "0",
+                          "--listeners", "1,2", "--fastroute", "checkout", "--out", str(out), "--quiet"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    cells = doc["scaling"]["tiny"]
+    assert [(c["listeners"], c["associations"]) for c in cells] == [(1, None), (2, None)]
+    assert all(c["inst_per_s"] > 0 for c in cells)
+    assert "scaling, tiny" in res.stdout
+    assert {r["listeners"] for r in doc["rounds"] if r["path"] == "routed"} == {1, 2}
+    assert doc["settings"]["work_dir"].startswith(str(tmp / "fastroute-bench-"))
+    assert not list(tmp.glob("fastroute-bench-*"))        # used, then removed
+    assert "studies/hour on this machine: not measured" in res.stdout   # no study mix: said, not invented
+
+
+def test_sustained_rate_leaves_out_the_start_and_the_tail() -> None:
+    from bench.runs import sustained_rate
+    # 100 objects: a slow start (10 in 1 s), then 80 in 1 s, then a slow tail (10 in 2 s)
+    samples = [(0.0, 0), (1.0, 10), (2.0, 90), (4.0, 100)]
+    assert sustained_rate(samples, 100) == 80.0
+    assert sustained_rate([(0.0, 0), (0.1, 100)], 100) is None        # too short to say
+
+
+def test_throughput_bins_and_comma_lists() -> None:
+    import argparse
+
+    from bench.cli import int_list
+    from bench.report import throughput_bins
+    bins = throughput_bins([[0.0, 0], [1.0, 10], [2.0, 30]], bins=2)
+    assert bins == [(1.0, 10.0), (2.0, 20.0)]
+    assert int_list("1,2,2,4") == [1, 2, 4] and int_list("3") == [3]
+    with pytest.raises(argparse.ArgumentTypeError):
+        int_list("0,2")
+
+
+def test_installed_mode_takes_the_checkout_off_the_routers_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import peers
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), "/elsewhere"]))
+    monkeypatch.setattr(peers, "SOURCE", "installed")
+    assert peers.python_env()["PYTHONPATH"] == "/elsewhere"
+    monkeypatch.setattr(peers, "SOURCE", "checkout")
+    assert peers.python_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/elsewhere"]

@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -236,6 +236,7 @@ class _Connection(asyncio.Protocol):
                 self.stats.bytes += len(msg.data or b"")
             else:
                 self.stats.refused += 1
+                self.r.on_refusal(reply.status)
         command = encode_response(msg.command, reply.status, reply.comment, reply.elements,
                                   reply.dataset is not None)
         self._send_command(msg.context_id, command, reply.dataset)
@@ -257,12 +258,14 @@ class _Connection(asyncio.Protocol):
                         rejection.result, rejection.source, rejection.reason, extra=self._fields())
             self._write([self.ul.reject(rejection.result, rejection.source, rejection.reason)])
             self.outcome = "rejected"
+            self.r.on_association("rejected", rejection.source, rejection.reason)
             self._close()
             return
         ac, contexts = acse.negotiate(rq, self.r.contexts, self.r.cfg.max_pdu)
         self.peer.contexts = contexts
         self._write([self.ul.accept(ac, contexts)])
         self.r._established.add(self)
+        self.r.on_association("accepted", 0, 0)
         self.accept_rx = self.rx_bytes - self.ul.buffered
         self._restart_timer(min(self.r.cfg.network_timeout, self.r.cfg.association_idle_timeout))
         log.info("association from %s@%s to %s accepted (%d of %d contexts)", self.calling, self.ip,
@@ -310,6 +313,8 @@ class _Connection(asyncio.Protocol):
         if self.outcome:
             return
         self.outcome = how
+        if how == "aborted":
+            self.r.on_association(how, 0, 0)
         st = self.stats
         log.log(level, "association from %s@%s to %s %s%s: %d stored (%d bytes), %d refused",
                 self.calling, self.ip, self.called, how, f" ({why})" if why else "",
@@ -366,6 +371,9 @@ class Listener:
         self.cfg = cfg
         self.stager = stager              # where datasets past its threshold are streamed
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
+        # called with (outcome, A-ASSOCIATE-RJ source, reason) for metrics; must not block
+        self.on_association: Callable[[str, int, int], None] = lambda outcome, source, reason: None
+        self.on_refusal: Callable[[int], None] = lambda status: None   # a C-STORE answered with a failure
         self.max_object_bytes = cfg.max_object_bytes if max_object_bytes is None else max_object_bytes
         self.pause_at_bytes = pause_at_bytes
         self.networks = parse_networks(cfg)

@@ -5,9 +5,15 @@ the work, so a custom Collector reads them at scrape time instead of keeping per
 ``prometheus_client`` values that would need merging (and would reset on restarts). Queue
 depth, destination state, disk usage and alerts are read the same way. A private registry
 keeps the process's default collectors (and anything else imported) out of the output.
+
+Series changed in 0.2 (see README "Metrics"): ``fastroute_received_objects`` has a
+``calling_ae`` label, ``fastroute_received_from_objects`` is kept one release (deprecated);
+``fastroute_destination_state`` has one series per destination (its current state) instead
+of one per possible state; latency buckets start at 1 ms.
 """
 from __future__ import annotations
 
+import platform
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,6 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+import fastroute
+from fastroute import native
 from fastroute.config import Config
 from fastroute.dicom.status import meaning
 from fastroute.ops.actions import DestinationStatus, destination_status, display_name
@@ -26,7 +34,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # counter kind -> (metric name without _total, help, label of the counter's subject)
 _LABELLED = {
-    CounterKind.RECEIVED_FROM: ("fastroute_received_from_objects", "Objects received, by calling AE title",
+    CounterKind.RECEIVED_FROM: ("fastroute_received_from_objects",
+                                "DEPRECATED (removed in 0.3): use fastroute_received_objects by calling_ae",
                                 "calling_ae"),
     CounterKind.DELIVERED: ("fastroute_delivered_objects", "Objects delivered (success or warning status)",
                             "destination"),
@@ -45,6 +54,14 @@ _LABELLED = {
     CounterKind.TRANSCODED: ("fastroute_transcoded_objects", "Objects transcoded before sending", "destination"),
 }
 STATES = tuple(s.value for s in DestinationStatus)
+# Seeded at zero so that rate() and absent-free alert expressions work from the first scrape.
+ASSOC_OUTCOMES = ("accepted", "rejected", "aborted")
+
+
+def _outcome(extra: str) -> tuple[str, str]:
+    """``rejected/calling-ae-not-recognized`` -> (outcome, reason)."""
+    outcome, _, reason = extra.partition("/")
+    return outcome, reason
 
 
 class SpoolCollector(Collector):
@@ -58,16 +75,31 @@ class SpoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         counters = self.spool.counters()
         queues = destination_status(self.cfg, self.spool)
+        yield self._build_info()
         yield from self._counters(counters)
+        yield from self._events(counters)
         yield self._latency(counters)
-        yield from self._queues(queues)
+        yield from self._queues(queues, counters)
         yield from self._usage()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
 
+    @staticmethod
+    def _build_info() -> Metric:
+        info = GaugeMetricFamily("fastroute_build_info", "Always 1: the version and the twin (native or python) "
+                                 "of the peek parser in use", labels=["version", "twin", "python"])
+        info.add_metric([fastroute.__version__, native.PEEK_IMPL, platform.python_version()], 1.0)
+        return info
+
     def _counters(self, counters: Counters) -> Iterator[Metric]:
-        received = CounterMetricFamily("fastroute_received_objects", "Objects accepted and spooled")
-        received.add_metric([], counters.of(CounterKind.RECEIVED))
+        received = CounterMetricFamily("fastroute_received_objects", "Objects accepted and spooled, by calling AE title",
+                                       labels=["calling_ae"])
+        by_ae = dict(sorted((k.extra, v) for k, v in counters.items_of(CounterKind.RECEIVED_FROM)))
+        rest = counters.of(CounterKind.RECEIVED) - sum(by_ae.values())
+        if rest > 0:    # received before the per-AE counter existed: no AE title known
+            by_ae[""] = by_ae.get("", 0) + rest
+        for ae, value in by_ae.items():
+            received.add_metric([ae], value)
         yield received
         received_bytes = CounterMetricFamily("fastroute_received_bytes", "Bytes of the objects accepted")
         received_bytes.add_metric([], counters.of(CounterKind.RECEIVED_BYTES))
@@ -96,6 +128,40 @@ class SpoolCollector(Collector):
                                   meaning(status)], value)
         yield by_status
 
+    def _events(self, counters: Counters) -> Iterator[Metric]:
+        inbound = CounterMetricFamily("fastroute_associations_in", "Associations from peers: accepted, rejected "
+                                      "(reason: the A-ASSOCIATE-RJ reason) or aborted after acceptance",
+                                      labels=["outcome", "reason"])
+        values = {(o, ""): 0 for o in ASSOC_OUTCOMES}
+        values.update({_outcome(k.extra): v for k, v in counters.items_of(CounterKind.ASSOC_IN)})
+        for (outcome, reason), value in sorted(values.items()):
+            inbound.add_metric([outcome, reason], value)
+        yield inbound
+        outbound = CounterMetricFamily("fastroute_associations_out", "Associations to destinations: accepted, "
+                                       "rejected or failed (reason), aborted while in use",
+                                       labels=["destination", "outcome", "reason"])
+        out = {(d, o, ""): 0 for d in self.cfg.destinations for o in ASSOC_OUTCOMES}
+        out.update({(k.destination, *_outcome(k.extra)): v for k, v in counters.items_of(CounterKind.ASSOC_OUT)})
+        for (dest, outcome, reason), value in sorted(out.items()):
+            outbound.add_metric([display_name(dest), outcome, reason], value)
+        yield outbound
+        refused = CounterMetricFamily("fastroute_refused_objects", "C-STORE requests answered with a failure "
+                                      "status (0xA700: spool full or write failed)", labels=["status", "meaning"])
+        for key, value in sorted(counters.items_of(CounterKind.REFUSED), key=lambda kv: kv[0].extra):
+            try:
+                status = int(key.extra)
+            except ValueError:
+                continue
+            refused.add_metric([f"0x{status:04X}", meaning(status)], value)
+        yield refused
+        restarts = CounterMetricFamily("fastroute_worker_restarts", "Worker processes restarted by the supervisor "
+                                       "after they died", labels=["role"])
+        roles = {"listener": 0, "sender": 0, "http": 0}
+        roles.update({k.extra: v for k, v in counters.items_of(CounterKind.WORKER_RESTARTS)})
+        for role, value in sorted(roles.items()):
+            restarts.add_metric([role], value)
+        yield restarts
+
     def _latency(self, counters: Counters) -> Metric:
         """Cumulative buckets from the spool's per-bucket counts (which are not cumulative)."""
         fam = HistogramMetricFamily("fastroute_delivery_latency_seconds",
@@ -111,15 +177,18 @@ class SpoolCollector(Collector):
             fam.add_metric([display_name(dest)], buckets, counters.of(CounterKind.LATENCY_SUM_US, dest) / 1e6)
         return fam
 
-    def _queues(self, queues: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _queues(self, queues: list[dict[str, Any]], counters: Counters) -> Iterator[Metric]:
         depth = GaugeMetricFamily("fastroute_queue_objects", "Objects queued, by destination and state",
                                   labels=["destination", "state"])
         age = GaugeMetricFamily("fastroute_queue_oldest_age_seconds",
                                 "Age of the oldest object waiting (pending or in flight); 0 when empty",
                                 labels=["destination"])
         state = GaugeMetricFamily("fastroute_destination_state",
-                                  "1 for the destination's current state (up, backing_off, paused, idle, ...)",
-                                  labels=["destination", "state"])
+                                  "Always 1, one series per destination: its current state in the label "
+                                  f"({', '.join(STATES)})", labels=["destination", "state"])
+        last_ok = GaugeMetricFamily("fastroute_destination_last_success_timestamp_seconds",
+                                    "Unix time of the last confirmed delivery (0: none recorded)",
+                                    labels=["destination"])
         fails = GaugeMetricFamily("fastroute_destination_consecutive_failures",
                                   "Destination-level failures (connect/associate) in a row", labels=["destination"])
         paused = GaugeMetricFamily("fastroute_destination_paused", "1 when paused (config or operator)",
@@ -130,11 +199,12 @@ class SpoolCollector(Collector):
                 depth.add_metric([name, key], float(q[key]))
             age.add_metric([name], float(q["oldest_age"] or 0.0))
             if q["configured"]:
-                for s in STATES:
-                    state.add_metric([name, s], 1.0 if q["status"] == s else 0.0)
+                state.add_metric([name, str(q["status"])], 1.0)
+                last_ok.add_metric([name], max(float(q["last_success"] or 0.0),   # the sender's, or the spool's
+                                               float(counters.of(CounterKind.LAST_SUCCESS, q["destination"]))))
                 fails.add_metric([name], float(q["consecutive_failures"]))
                 paused.add_metric([name], 1.0 if q["paused"] else 0.0)
-        yield from (depth, age, state, fails, paused)
+        yield from (depth, age, state, last_ok, fails, paused)
 
     def _usage(self) -> Iterator[Metric]:
         usage = self.spool.usage()

@@ -19,10 +19,11 @@ object; every failure is a status, never a lost association:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, cast
 
+from fastroute.dicom.acse import reject_reason
 from fastroute.dicom.attrs import DEFLATED, MAX_OBJECT_BYTES, check_structure, read_attributes
 from fastroute.dicom.dimse import Message, Peer, Pending, Reply
 from fastroute.dicom.status import Status, describe
@@ -32,6 +33,7 @@ from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, PutResult
 from fastroute.spool.commit import Committer
 from fastroute.spool.staging import StagedFile
+from fastroute.spool.counters import CounterKind, EventTally
 
 log = logging.getLogger("fastroute.intake")
 
@@ -112,6 +114,22 @@ def refusal_for(exc: BaseException) -> Refusal:
         return Refusal(Status.OUT_OF_RESOURCES, "spool write failed", f"could not be spooled: {exc}")
     return Refusal(Status.OUT_OF_RESOURCES, "internal error",
                    f"could not be spooled (internal error): {exc!r}")
+
+
+def association_counter(tally: EventTally) -> Callable[[str, int, int], None]:
+    """The listener's ``on_association`` hook: counts into ``tally`` (no commit of its own)."""
+    def count(outcome: str, source: int, reason: int) -> None:
+        if outcome == "rejected":
+            outcome += "/" + reject_reason(source, reason).replace(" ", "_")
+        tally.add(CounterKind.ASSOC_IN, extra=outcome)
+    return count
+
+
+def refusal_counter(tally: EventTally) -> Callable[[int], None]:
+    """The listener's ``on_refusal`` hook: C-STOREs answered with a failure, by status."""
+    def count(status: int) -> None:
+        tally.add(CounterKind.REFUSED, extra=str(int(status)))
+    return count
 
 
 class StoreService:

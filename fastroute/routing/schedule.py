@@ -34,6 +34,7 @@ from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted
 from fastroute.dicom.status import classify_store as classify_status
 from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
+from fastroute.spool.counters import CounterKind, EventTally
 from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
 from fastroute.spool.staging import ChunkedView, digest_parts
 from fastroute.routing.syntax import SyntaxPlanner
@@ -114,6 +115,7 @@ class DestinationSender:
         self.planner = SyntaxPlanner(dest)
         self._spool_errors = 0        # spool writes failed in a row (a full disk)
         self._unknown_run = 0         # objects whose first try ended without a response, in a row
+        self.tally: EventTally | None = None   # association counts for /metrics, set by run()
         # One failure streak per destination, shared by its association threads: a failure
         # whose attempt began before the last counted one is the same outage (see
         # _destination_failed). The attempt's start is per thread.
@@ -211,6 +213,8 @@ class DestinationSender:
         with self._state_lock:
             self.state.sent += delivered
             self.state.last_success = time.time()
+            if self.tally is not None:     # durable, for /metrics: survives a restart
+                self.tally.set_max(CounterKind.LAST_SUCCESS, self.dest.name, int(self.state.last_success))
             self._progress_dirty = True
             if time.monotonic() - self._progress_written >= PROGRESS_EVERY:
                 self._write_state()
@@ -277,6 +281,7 @@ class DestinationSender:
     def run(self) -> None:
         """Run until ``stop()``: the waker thread plus one thread per association."""
         self.spool.reset_inflight(self.dest.name)
+        self.tally = EventTally(self.spool)
         waker = Waker(self.cfg.spool, self.dest.name)
         self._publish()
         threads = [threading.Thread(target=self._waker_loop, args=(waker,), name="waker", daemon=True)]
@@ -292,6 +297,7 @@ class DestinationSender:
             for t in threads:         # the waker too: its socket must outlive its last wait
                 t.join()
             waker.close()
+            self.tally.close()
             self._publish(state=SenderState.STOPPED)
 
     def _worker(self, index: int) -> None:
@@ -382,10 +388,14 @@ class DestinationSender:
 
     def _deliver(self, conn: AnyConnection, batch: list[Claimed]) -> list[Outcome]:
         proposed = self.planner.proposals(batch)
+        before = conn.assoc
         try:
             conn.ensure(proposed)
+            if conn.assoc is not before:
+                self._count_association("accepted")
             self.planner.learn(proposed, conn)
         except NoContextAccepted as exc:
+            self._count_association("rejected/no_context_accepted")
             self.planner.forget()
             self._destination_ok()
             out = []
@@ -400,10 +410,12 @@ class DestinationSender:
                 out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg))
             return out
         except AssociationFailed as exc:
+            self._count_association("rejected/" + ("rejected" if "rejected by" in str(exc) else "failed"))
             self.planner.forget()
             self._destination_failed(str(exc))
             return [Outcome(i.oid, OutcomeKind.RELEASE) for i in batch]
         except Exception as exc:   # e.g. DNS failure
+            self._count_association("rejected/failed")
             self._destination_failed(f"cannot associate: {exc}")
             return [Outcome(i.oid, OutcomeKind.RELEASE) for i in batch]
         self._destination_ok()
@@ -422,6 +434,10 @@ class DestinationSender:
         if delivered:
             self._progress(delivered)
         return outcomes
+
+    def _count_association(self, outcome: str) -> None:
+        if self.tally is not None:
+            self.tally.add(CounterKind.ASSOC_OUT, self.dest.name, outcome)
 
     def _send_one(self, conn: AnyConnection, item: Claimed) -> Outcome:
         try:
@@ -466,6 +482,7 @@ class DestinationSender:
         try:
             result = conn.send_raw(cx, item.sop_class_uid, item.sop_instance_uid, data)
         except OutcomeUnknown as exc:
+            self._count_association("aborted")
             conn.abort()
             with self._state_lock:
                 if not item.unknown:    # a first such end; resends of a suspect object do not count

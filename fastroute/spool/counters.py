@@ -8,16 +8,24 @@ counting); :class:`CounterKey` is the only code that writes or splits it, and
 from __future__ import annotations
 
 import enum
+import logging
 import struct
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import lmdb
 
 _U64 = struct.Struct(">Q")
+log = logging.getLogger("fastroute.counters")
 
 # Delivery latency histogram (received -> delivered), upper bounds in seconds; one counter each.
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0)
+# A LAN delivery takes 2-4 ms, so the buckets start at 1 ms. The set is a superset of the
+# buckets before 0.2 (0.05 ... 86400): a spool's old bucket keys are still read as they are
+# (their counts sit in the bucket they were counted in, which is still an upper bound).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   300.0, 1800.0, 3600.0, 86400.0)
 
 
 class CounterKind(enum.StrEnum):
@@ -39,11 +47,17 @@ class CounterKind(enum.StrEnum):
     LATENCY_BUCKET = "latency_bucket"      # extra: the bucket's upper bound, or "inf"
     LATENCY_SUM_US = "latency_sum_us"
     LATENCY_COUNT = "latency_count"
+    ASSOC_IN = "assoc_in"                  # extra: outcome[/reason] (accepted, rejected/..., aborted)
+    ASSOC_OUT = "assoc_out"                # per destination; extra: outcome[/reason]
+    REFUSED = "refused"                    # extra: the C-STORE failure status, decimal
+    WORKER_RESTARTS = "worker_restarts"    # extra: the worker's role (listener, sender, http)
+    LAST_SUCCESS = "last_success"          # per destination: unix time of the last delivery (a maximum)
 
 
 _GLOBAL = frozenset({CounterKind.SEQ, CounterKind.AUDIT_SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES})
-_EXTRA_ONLY = frozenset({CounterKind.RECEIVED_FROM})
-_WITH_EXTRA = frozenset({CounterKind.FAILED_STATUS, CounterKind.LATENCY_BUCKET})
+_EXTRA_ONLY = frozenset({CounterKind.RECEIVED_FROM, CounterKind.ASSOC_IN, CounterKind.REFUSED,
+                         CounterKind.WORKER_RESTARTS})
+_WITH_EXTRA = frozenset({CounterKind.FAILED_STATUS, CounterKind.LATENCY_BUCKET, CounterKind.ASSOC_OUT})
 _KINDS = {k.value: k for k in CounterKind}
 
 
@@ -163,5 +177,75 @@ class Counters(dict[str, int]):
         return dict(self._typed)
 
 
-__all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "incr", "key_bytes", "bucket_label",
-           "status_label"]
+class _CounterSink(Protocol):
+    def add_counters(self, deltas: Mapping[CounterKey, int], maxima: Mapping[CounterKey, int] | None = None) -> None:
+        ...
+
+
+class EventTally:
+    """Rare events (associations, refusals) counted in memory and written to the spool at
+    most once per ``every`` seconds by a background thread: a modality that opens one
+    association per object must not cost a commit per object. ``close()`` writes the rest;
+    a failed write (spool full) keeps the counts for the next one."""
+
+    def __init__(self, sink: _CounterSink, every: float = 1.0) -> None:
+        self.sink = sink
+        self.every = every
+        self._lock = threading.Lock()
+        self._pending: dict[CounterKey, int] = {}
+        self._maxima: dict[CounterKey, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastroute-tally", daemon=True)
+        self._thread.start()
+
+    def add(self, kind: CounterKind, destination: str = "", extra: str = "", by: int = 1) -> None:
+        key = CounterKey(kind, destination, extra)
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0) + by
+
+    def set_max(self, kind: CounterKind, destination: str, value: int) -> None:
+        """A value kept as the largest ever written (a timestamp), not added."""
+        key = CounterKey(kind, destination)
+        with self._lock:
+            self._maxima[key] = max(value, self._maxima.get(key, 0))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            maxima, self._maxima = self._maxima, {}
+        if not pending and not maxima:
+            return
+        try:
+            self.sink.add_counters(pending, maxima)
+        except Exception as exc:   # keep them for the next flush
+            log.warning("could not write %d event counters to the spool: %s", len(pending) + len(maxima), exc)
+            with self._lock:
+                for k, v in pending.items():
+                    self._pending[k] = self._pending.get(k, 0) + v
+                for k, v in maxima.items():
+                    self._maxima[k] = max(v, self._maxima.get(k, 0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+
+def add_counters(txn: lmdb.Transaction, db: Any, deltas: Mapping[CounterKey, int],
+                 maxima: Mapping[CounterKey, int] | None = None) -> None:
+    """Add several counters (and raise maxima) inside the caller's write transaction."""
+    for key, by in deltas.items():
+        incr(txn, db, key.kind, key.destination, key.extra, by)
+    for key, value in (maxima or {}).items():
+        raw_key = key.encode()
+        raw = txn.get(raw_key, db=db)
+        if raw is None or len(raw) != 8 or _U64.unpack(raw)[0] < value:
+            txn.put(raw_key, _U64.pack(value), db=db)
+
+
+__all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "EventTally", "add_counters", "incr",
+           "key_bytes", "bucket_label", "status_label"]

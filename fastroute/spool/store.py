@@ -25,14 +25,14 @@ import contextlib
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
-from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, Counters
+from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
     UNROUTED,
     Claimed,
@@ -120,6 +120,11 @@ class Spool:
     def counters(self) -> Counters:
         with self.env.begin() as txn:
             return Counters.read(txn, self._info)
+
+    def add_counters(self, deltas: Mapping[CounterKey, int], maxima: Mapping[CounterKey, int] | None = None) -> None:
+        """One small commit for events counted elsewhere (see :class:`EventTally`)."""
+        with self.env.begin(write=True) as txn:
+            add_counters(txn, self._info, deltas, maxima)
 
     def free_bytes(self) -> int:
         return self.space.free_bytes()
