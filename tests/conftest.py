@@ -16,6 +16,7 @@ import faultproxy
 import peers
 import pytest
 import synth
+from router import Router
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PEER_FIXTURES = {"dcmtk", "orthanc", "storescp", "dcmrecv"}
@@ -161,3 +162,20 @@ def pydicom_data_dir() -> Path:
     except ImportError:
         unavailable("pydicom-data is not installed (pip install pydicom-data)")
     return Path(data_store.__file__).parent / "data"
+
+
+@pytest.fixture
+def router(tmp_path: Path, dcmtk: Any) -> Iterator[Callable[..., Router]]:
+    """Factory: ``router(config)`` -> a started ``fastroute serve`` (``start=False``: only
+    configured; ``name``: a second router's folder); stopped (gracefully) at teardown."""
+    started: list[Router] = []
+
+    def make(config: dict[str, Any], start: bool = True, name: str = "router") -> Router:
+        r = Router(tmp_path / name, config)
+        started.append(r)
+        return r.start() if start else r
+
+    yield make
+    for r in started:
+        if r.proc is not None:
+            r.stop()

@@ -62,21 +62,6 @@ def test_plan_restarts_only_what_reads_the_change(tmp_path: Path) -> None:
 
 # -- end to end ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def router(tmp_path: Path, dcmtk: Any) -> Iterator[Callable[..., Router]]:
-    started: list[Router] = []
-
-    def make(config: dict[str, Any]) -> Router:
-        r = Router(tmp_path / "router", config)
-        started.append(r)
-        return r.start()
-
-    yield make
-    for r in started:
-        if r.proc is not None:
-            r.stop()
-
-
 def _started_pids(r: Router, name: str) -> list[int]:
     return [int(p) for p in re.findall(rf"started {re.escape(name)} \(pid (\d+)\)", r.log_text())]
 

@@ -19,22 +19,6 @@ from router import Router, destination
 pytestmark = pytest.mark.peers
 
 
-@pytest.fixture
-def router(tmp_path: Path, dcmtk: Any) -> Iterator[Callable[..., Router]]:
-    """Factory: ``router(config)`` -> a started router; stopped (gracefully) at teardown."""
-    started: list[Router] = []
-
-    def make(config: dict[str, Any], start: bool = True, name: str = "router") -> Router:
-        r = Router(tmp_path / name, config)
-        started.append(r)
-        return r.start() if start else r
-
-    yield make
-    for r in started:
-        if r.proc is not None:
-            r.stop()
-
-
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a Part 10 file as written bit-preserving by storescp (+B)."""
     from fastroute.cli import read_part10

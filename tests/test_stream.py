@@ -25,20 +25,6 @@ from router import Router, destination
 from test_router import dataset_bytes
 
 
-@pytest.fixture
-def router(tmp_path: Path, dcmtk: Any) -> Iterator[Callable[..., Router]]:
-    started: list[Router] = []
-
-    def make(config: dict[str, Any], name: str = "router") -> Router:
-        r = Router(tmp_path / name, config)
-        started.append(r)
-        return r.start()
-    yield make
-    for r in started:
-        if r.proc is not None:
-            r.stop()
-
-
 def entries(spool_path: Path, db: str) -> int:
     spool = Spool(spool_path, map_size=256 * 1024**2, readonly=True)
     try:

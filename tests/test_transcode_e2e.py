@@ -40,21 +40,6 @@ def _sample(data_dir: Path, name: str) -> Path:
     return Path(found)
 
 
-@pytest.fixture
-def router(tmp_path: Path, dcmtk: Any) -> Iterator[Callable[..., Router]]:
-    started: list[Router] = []
-
-    def make(config: dict[str, Any], name: str = "router") -> Router:
-        r = Router(tmp_path / name, config)
-        started.append(r)
-        return r.start()
-
-    yield make
-    for r in started:
-        if r.proc is not None:
-            r.stop()
-
-
 def _route_all(dest: dict[str, Any]) -> dict[str, Any]:
     return {"destinations": {"pacs": dest}, "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]}
 
