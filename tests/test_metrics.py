@@ -313,3 +313,32 @@ def check_tuning_against(scraped: dict[str, Any]) -> None:
 def test_promtool_checks_the_alert_rules() -> None:
     res = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_failures_without_a_status_are_counted_by_cause(tmp_path: Path) -> None:
+    """A failure with no DICOM status (no decoder, refused contexts, no response) is labelled
+    by its cause, not one "none" for all; a status keeps its code and meaning."""
+    from fastroute.spool import Incoming, Outcome, OutcomeKind
+    from fastroute.spool.counters import FailureCause
+
+    cfg = _cfg(tmp_path)
+    spool = Spool(cfg.spool)
+    try:
+        items = [Incoming(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00", "1.2.840.10008.1.2", "1.2.3", f"1.2.3.{i}",
+                          ("pacs",)) for i in range(4)]
+        spool.put_many(items)
+        claimed, _ = spool.claim("pacs", 10)
+        causes = [FailureCause.NO_DECODER, FailureCause.CONTEXT_REFUSED, FailureCause.NO_RESPONSE, ""]
+        spool.settle("pacs", [Outcome(c.oid, OutcomeKind.FAILED, status=None if cause else 0xA900,
+                                      error="x", cause=cause) for c, cause in zip(claimed, causes)])
+        s = scrape(render(make_registry(cfg, spool)).decode())
+    finally:
+        spool.close()
+    name = "fastroute_failed_by_status_total"
+    assert value(s, name, destination="pacs", status="no-decoder") == 1
+    assert value(s, name, destination="pacs", status="context-refused") == 1
+    assert value(s, name, destination="pacs", status="no-response") == 1
+    assert value(s, name, destination="pacs", status="0xA900") == 1
+    assert not series(s, name, status="none")
+    [row] = series(s, name, status="no-decoder")
+    assert "no decoder" in row["meaning"]

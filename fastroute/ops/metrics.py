@@ -28,7 +28,16 @@ from fastroute.dicom.status import meaning
 from fastroute.ops.actions import DestinationStatus, destination_status, display_name
 from fastroute.ops.alerts import AlertBook
 from fastroute.spool import CounterKey, CounterKind, Counters, Spool
-from fastroute.spool.counters import LATENCY_BUCKETS
+from fastroute.spool.counters import LATENCY_BUCKETS, FailureCause
+
+# Failures without a DICOM status, by cause (the ``status`` label then holds the cause).
+_CAUSES: dict[str, str] = {
+    FailureCause.NO_RESPONSE: "no response (timeouts or aborts in a row)",
+    FailureCause.CONTEXT_REFUSED: "destination accepted none of the presentation contexts",
+    FailureCause.NO_DECODER: "no decoder installed for the syntax the destination needs converted",
+    FailureCause.NOT_CONVERTIBLE: "cannot be converted to a syntax the destination accepts",
+    FailureCause.SPOOL_ERROR: "could not be read from the spool",
+}
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -116,13 +125,16 @@ class SpoolCollector(Collector):
                     fam.add_metric([key.extra], value)
             yield fam
         by_status = CounterMetricFamily("fastroute_failed_by_status",
-                                        "Objects failed, by destination and last DICOM status",
+                                        "Objects failed, by destination and last DICOM status (or, without one, its cause)",
                                         labels=["destination", "status", "meaning"])
         for key, value in sorted(counters.items_of(CounterKind.FAILED_STATUS),
                                  key=lambda kv: (kv[0].destination, kv[0].extra)):
             try:
                 status = int(key.extra)
-            except ValueError:
+            except ValueError:        # no DICOM status: the failure's cause names it
+                cause = _CAUSES.get(key.extra)
+                if cause is not None:
+                    by_status.add_metric([display_name(key.destination), key.extra, cause], value)
                 continue
             by_status.add_metric([display_name(key.destination), "none" if status < 0 else f"0x{status:04X}",
                                   meaning(status)], value)

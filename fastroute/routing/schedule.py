@@ -28,13 +28,13 @@ from dataclasses import replace
 from typing import Any
 
 from fastroute.config import Config, DestinationConfig, warn_deprecated_engine
-from fastroute.errors import SpoolError, TranscodeError
+from fastroute.errors import NoCodecError, SpoolError, TranscodeError
 from fastroute.logsetup import fields
 from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
 from fastroute.dicom.status import classify_store as classify_status
 from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
-from fastroute.spool.counters import CounterKind, EventTally
+from fastroute.spool.counters import CounterKind, EventTally, FailureCause
 from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
 from fastroute.spool.staging import ChunkedView, digest_parts
 from fastroute.routing.syntax import SyntaxPlanner
@@ -85,10 +85,12 @@ def decide(item: Claimed, dest: DestinationConfig, status: int | None, error: st
     attempt = item.attempts + 1
     if unknown and item.unknown + 1 >= dest.max_unknown_outcomes:
         return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=True,
-                       error=f"outcome unknown {item.unknown + 1} times in a row: {error}")
+                       error=f"outcome unknown {item.unknown + 1} times in a row: {error}",
+                       cause=FailureCause.NO_RESPONSE)
     if attempt >= dest.max_attempts:
         return Outcome(item.oid, OutcomeKind.FAILED, status=status, unknown=unknown,
-                       error=f"gave up after {attempt} attempts: {error or status_text(status)}")
+                       error=f"gave up after {attempt} attempts: {error or status_text(status)}",
+                       cause=FailureCause.NO_RESPONSE if status is None else "")
     # Both an unknown outcome (resent: at-least-once) and a transient status wait their backoff,
     # so a peer that aborts on one object cannot spin the sender.
     delay = backoff_delay(attempt, dest.backoff_initial, dest.backoff_max, rng)
@@ -407,7 +409,8 @@ class DestinationSender:
                 if missing:
                     msg += f"; {missing}"
                 log.error("%s: %s", self._where(i), msg, extra=self._fields(i))
-                out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg))
+                out.append(Outcome(i.oid, OutcomeKind.FAILED, error=msg, cause=FailureCause.NO_DECODER
+                                   if missing else FailureCause.CONTEXT_REFUSED))
             return out
         except AssociationFailed as exc:
             self._count_association("rejected/" + ("rejected" if "rejected by" in str(exc) else "failed"))
@@ -444,7 +447,7 @@ class DestinationSender:
             with self.spool.view(item.oid) as data:
                 return self._send_view(conn, item, data)
         except SpoolError as exc:
-            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc))
+            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc), cause=FailureCause.SPOOL_ERROR)
 
     def _prepare_chunked(self, conn: AnyConnection, item: Claimed,
                          stored: ChunkedView) -> tuple[int, bytes | memoryview | list[memoryview], str]:
@@ -474,7 +477,8 @@ class DestinationSender:
             # Deterministic for this object and destination: kept as failed, never dropped.
             log.error("%s: cannot be sent in a syntax the destination accepts: %s", self._where(item), exc,
                       extra=self._fields(item))
-            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc))
+            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc), cause=FailureCause.NO_DECODER
+                           if isinstance(exc, NoCodecError) else FailureCause.NOT_CONVERTIBLE)
         transcoded = sent_ts != item.transfer_syntax
         if transcoded and log.isEnabledFor(logging.DEBUG):
             log.debug("%s: transcoded %s -> %s", self._where(item), syntax_label(item.transfer_syntax),

@@ -106,9 +106,23 @@ def bucket_label(le: float | None) -> str:
     return "inf" if le is None else str(le)
 
 
-def status_label(status: int | None) -> str:
-    """The ``extra`` of a failed-by-status counter: the status in decimal, -1 for none."""
-    return str(-1 if status is None else status)
+class FailureCause(enum.StrEnum):
+    """Why an object failed without a DICOM status from the destination (the failed-by-status
+    counter's label then, instead of one "none" for every such failure)."""
+
+    NO_RESPONSE = "no-response"          # timeouts and aborts, max_unknown_outcomes in a row
+    CONTEXT_REFUSED = "context-refused"  # the destination accepted none of the contexts proposed
+    NO_DECODER = "no-decoder"            # another syntax was needed and no installed plugin decodes it
+    NOT_CONVERTIBLE = "not-convertible"  # another syntax was needed and the conversion is impossible
+    SPOOL_ERROR = "spool-error"          # its bytes could not be read from the spool
+
+
+def status_label(status: int | None, cause: str = "") -> str:
+    """The ``extra`` of a failed-by-status counter: the status in decimal; without one, the
+    failure's cause, or -1 (as spools written before causes were recorded have it)."""
+    if status is not None:
+        return str(status)
+    return cause or "-1"
 
 
 _ENCODED: dict[tuple[CounterKind, str, str], bytes] = {}
@@ -248,4 +262,4 @@ def add_counters(txn: lmdb.Transaction, db: Any, deltas: Mapping[CounterKey, int
 
 
 __all__ = ["LATENCY_BUCKETS", "CounterKind", "CounterKey", "Counters", "EventTally", "add_counters", "incr",
-           "key_bytes", "bucket_label", "status_label"]
+           "key_bytes", "bucket_label", "status_label", "FailureCause"]

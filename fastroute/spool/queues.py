@@ -170,6 +170,7 @@ class Outcome:
     transcoded: str = ""           # the syntax it was converted to, when it was
     digest: bytes = b""            # content_digest of the stored bytes, for the duplicate policy
     at: float = 0.0                # when the destination confirmed it (0: when settled)
+    cause: str = ""                # for a failure without a DICOM status: why (FailureCause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +413,7 @@ class Queues:
                         QueueRecord.pack(attempts + 1, now, o.status, unknown, o.error), db=self._q)
                 self._record_failure(txn, o.oid, dest, now, o.status, o.error)
                 self._incr(txn, _C_FAILED, dest)
-                incr(txn, self._info, _C_FAILED_STATUS, dest, status_label(o.status))
+                incr(txn, self._info, _C_FAILED_STATUS, dest, status_label(o.status, o.cause))
             else:
                 raise ValueError(f"unknown outcome kind {o.kind!r}")
 
