@@ -49,9 +49,12 @@ ROUTING = ("Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"
         native_twin is None and not REQUIRE, reason="native twin not built")),
 ])
 def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A twin, also installed as fastroute.native's peek/validate for read_attributes and
+    check_structure (test_structure uses this fixture too)."""
     mod = py_twin if request.param == "python" else native_twin
     if mod is None:
         pytest.fail("FASTROUTE_REQUIRE_EXTENSIONS=1 but fastroute.dicom._peek is not importable")
+    monkeypatch.setattr(native, "validate", mod.validate)
     monkeypatch.setattr(native, "peek", mod.peek)
     monkeypatch.setattr(native, "peek_prefix", mod.peek_prefix)
     return mod

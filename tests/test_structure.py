@@ -28,6 +28,7 @@ import fastroute.dicom.peek as py_twin
 from fastroute import native
 from fastroute.dicom.attrs import check_structure, read_attributes
 from fastroute.errors import ObjectTooLarge, PeekError
+from test_attrs import twin  # noqa: F401  (the fixture: both twins, installed in native)
 from test_peek import (ENC_IDS, ENCODINGS, PIXEL_DATA, REAL_FILES, ROUTING_TAGS, UNDEF, datasets,
                        el, encode, item, nested, real_dataset, seq, simple, small_real)
 
@@ -53,22 +54,6 @@ BROKEN = {
     # a stray byte before the first element: pydicom finds one element in it
     "no_meta.dcm": "truncated value of (0820,0500) at offset 8",
 }
-
-
-@pytest.fixture(params=[
-    pytest.param("python", id="python"),
-    pytest.param("native", id="native", marks=pytest.mark.skipif(
-        native_twin is None and not REQUIRE, reason="native twin not built")),
-])
-def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """A twin, also installed as fastroute.native's validate/peek for check_structure."""
-    mod = py_twin if request.param == "python" else native_twin
-    if mod is None:
-        pytest.fail("FASTROUTE_REQUIRE_EXTENSIONS=1 but fastroute.dicom._peek is not importable")
-    monkeypatch.setattr(native, "validate", mod.validate)
-    monkeypatch.setattr(native, "peek", mod.peek)
-    monkeypatch.setattr(native, "peek_prefix", mod.peek_prefix)
-    return mod
 
 
 def both() -> list[ModuleType]:
