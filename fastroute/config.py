@@ -441,6 +441,26 @@ def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
     return DestinationConfig(**kw)
 
 
+def _read_sources(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    sources: dict[str, SourceConfig] = {}
+    ok = True
+    for name, nknode, vnode in _mapping(ctx, node, key):
+        def read(name: str = name, nknode: yaml.Node = nknode, vnode: yaml.Node = vnode) -> SourceConfig:
+            if not _DEST_NAME_RE.fullmatch(name):
+                raise ctx.error(nknode, f"{key}.{name}", "source names use letters, digits, '_', '.', '-' (max 64)")
+            kw: dict[str, Any] = {"name": name}
+            _read_fields(ctx, SourceConfig, vnode, f"{key}.{name}", kw)
+            return SourceConfig(**kw)
+        done, src = ctx.attempt(read)
+        if done:
+            sources[name] = src
+        else:
+            ok = False
+    if not ok:
+        raise _Invalid
+    return {"sources": sources}
+
+
 def _read_rules(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     if not isinstance(node, yaml.SequenceNode):
         raise ctx.error(node, key, f"expected a list of rules, got {_describe(node)}")
@@ -560,6 +580,48 @@ class DestinationConfig:
     # Deprecated: fastroute has one DICOM engine. "pynetdicom" still parses (old configs) but
     # selects nothing; listener and sender processes say so (warn_deprecated_engine) at start.
     engine: str = field(default="fast", metadata=_ENGINE)
+    # It answers C-FIND (Study Root): migrations verify each study against it (issue 13).
+    query: bool = field(default=False, metadata=_BOOL)
+    # image: C-FIND at IMAGE level lists every SOP Instance UID; study: only the study's
+    # NumberOfStudyRelatedInstances is compared (for a PACS without IMAGE-level queries).
+    # With image, a refused IMAGE-level query falls back to study level by itself.
+    query_level: str = field(default="image", metadata=key(_choice("image", "study"), "image or study"))
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """An archive fastroute queries (C-FIND) and retrieves from (C-MOVE or C-GET)."""
+
+    name: str                              # its key under ``sources:``
+    ae_title: str = field(metadata=_AE)
+    host: str = field(metadata=key(_str, "a host name or address"))
+    port: int = field(metadata=_PORT)
+    # move: the source sends to fastroute's own AE (move_destination) through the listeners;
+    # get: it sends on fastroute's own association (C-GET, SCP role negotiated)
+    retrieve: str = field(default="move", metadata=key(_choice("move", "get"), "move or get"))
+    # concurrent associations to this source, queries and retrieves together
+    max_associations: int = field(default=2, metadata=key(_int(1, 64), "a number of associations (1-64)"))
+    # our AE title towards this source (default: the router's ae_title)
+    calling_ae: str | None = field(default=None, metadata=_AE)
+    # the AE the source must send C-MOVE sub-operations to, as registered at the source
+    # (default: the router's ae_title)
+    move_destination: str | None = field(default=None, metadata=_AE)
+    # an answer with this many matches is taken as capped by the archive: the query is split
+    # (date ranges halved) until every answer is smaller
+    max_results: int = field(default=1000, metadata=key(_int(1, 10000000), "a number of results"))
+    # one C-FIND, start to final response; past it the query is cancelled and split
+    query_timeout: float = field(default=300.0, metadata=_DURATION)
+    # one C-MOVE/C-GET, start to final response; past it it is cancelled and what is
+    # missing is fetched again later
+    retrieve_timeout: float = field(default=3600.0, metadata=_DURATION)
+    # studies with more instances than this are retrieved series by series
+    series_threshold: int = field(default=1000, metadata=key(_int(1, 10000000), "a number of instances"))
+    # whether the source answers C-FIND at IMAGE level (else SERIES-level counts are used)
+    image_level: bool = field(default=True, metadata=_BOOL)
+    acse_timeout: float = field(default=30.0, metadata=_DURATION)
+    dimse_timeout: float = field(default=120.0, metadata=_DURATION)
+    network_timeout: float = field(default=120.0, metadata=_DURATION)
+    max_pdu: int = field(default=262144, metadata=_PDU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,6 +727,9 @@ class Config:
         shape=Shape.CUSTOM, read=_read_destinations, if_null=IfNull.DEFAULT, first=True))
     rules: tuple[RuleConfig, ...] = field(default=(), metadata=key(
         shape=Shape.CUSTOM, read=_read_rules, if_null=IfNull.EMPTY))
+    # archives to query and retrieve from (PACS migration, `fastroute migrate`)
+    sources: Mapping[str, SourceConfig] = field(default_factory=dict, metadata=key(
+        shape=Shape.CUSTOM, read=_read_sources, if_null=IfNull.DEFAULT))
     default: tuple[str, ...] = field(default=(), metadata=key(
         _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True,
         if_null=IfNull.EMPTY))
@@ -688,6 +753,13 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.destinations)) or "none configured"
             raise ConfigError(f"unknown destination {name!r} (known: {known})") from None
+
+    def source_named(self, name: str) -> SourceConfig:
+        try:
+            return self.sources[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sources)) or "none configured"
+            raise ConfigError(f"unknown source {name!r} (known: {known})") from None
 
 
 EMBEDDED_DEFAULT_YAML = """\
@@ -784,6 +856,6 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 
 __all__ = [
-    "Config", "DestinationConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
+    "Config", "DestinationConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

@@ -22,9 +22,10 @@ class Role(enum.StrEnum):
     LISTENERS = "listeners"
     SENDERS = "senders"          # every sender (per-destination settings are compared apart)
     HTTP = "http"
+    MIGRATION = "migration"      # the migration process (query/retrieve jobs, issue 13)
 
 
-_L, _S, _H = Role.LISTENERS, Role.SENDERS, Role.HTTP
+_L, _S, _H, _M = Role.LISTENERS, Role.SENDERS, Role.HTTP, Role.MIGRATION
 _ALL = frozenset(Role)
 
 # Top-level key -> the processes that read it. ``destinations`` is compared per destination.
@@ -56,9 +57,10 @@ READERS: dict[str, frozenset[Role]] = {
     "group_commit_delay": frozenset({_L}),
     "duplicate_window": frozenset({_L, _S}),
     "shutdown_grace": frozenset(),            # read by the supervisor, which never restarts
-    "destinations": frozenset({_H}),          # senders: per destination, below
+    "destinations": frozenset({_H, _M}),      # senders: per destination, below
     "rules": frozenset({_L, _H}),
     "default": frozenset({_L, _H}),
+    "sources": frozenset({_M, _H}),
     "http": frozenset({_H}),
     "alerts": frozenset({_H}),                # thresholds are evaluated in the HTTP process
     "audit_retention": frozenset({_H}),
@@ -76,12 +78,14 @@ class ReloadPlan:
 
     listeners: str = ""                                    # non-empty: replace all listeners
     http: str = ""
+    migration: str = ""                                    # non-empty: restart the migration process
     restart: dict[str, str] = field(default_factory=dict)  # destination -> why
     start: list[str] = field(default_factory=list)         # new destinations
     stop: list[str] = field(default_factory=list)          # removed destinations
 
     def empty(self) -> bool:
-        return not (self.listeners or self.http or self.restart or self.start or self.stop)
+        return not (self.listeners or self.http or self.migration or self.restart or self.start
+                    or self.stop)
 
     def describe(self) -> str:
         parts = []
@@ -92,6 +96,8 @@ class ReloadPlan:
         parts += [f"sender-{d} stopped (destination removed)" for d in self.stop]
         if self.http:
             parts.append(f"http ({self.http})")
+        if self.migration:
+            parts.append(f"migration ({self.migration})")
         return "; ".join(parts) or "nothing (no process reads what changed)"
 
 
@@ -113,7 +119,8 @@ def plan(old: Config, new: Config,
     for key in changed:
         for role in READERS.get(key, _ALL):
             by_role[role].append(key)
-    out = ReloadPlan(listeners=", ".join(by_role[_L]), http=", ".join(by_role[_H]))
+    out = ReloadPlan(listeners=", ".join(by_role[_L]), http=", ".join(by_role[_H]),
+                     migration=", ".join(by_role[_M]))
     for name, dest in new.destinations.items():
         before = old.destinations.get(name)
         if before is None:

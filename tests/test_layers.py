@@ -39,6 +39,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fastroute.dicom", "fastroute.dicom.*", "fastroute.native"),   # never imports spool/ or routing/: the
     ("fastroute.spool", "fastroute.spool.*"),        # listener is handed its handlers
     ("fastroute.routing", "fastroute.routing.*"),
+    # PACS migration (issue 13): query/retrieve jobs run on top of the router's data path.
+    ("fastroute.migration", "fastroute.migration.*"),
     # The management plane, beside the data plane: above it so that nothing in the data plane
     # imports it, and restricted below (FORBIDDEN) to what it may read.
     ("fastroute.ops", "fastroute.ops.*"),
@@ -55,6 +57,7 @@ FORBIDDEN: Mapping[str, tuple[str, ...]] = {
     "fastroute.ops*": (
         "fastroute.dicom.scp", "fastroute.dicom.scu",
         "fastroute.routing.schedule", "fastroute.spool.commit", "fastroute.workers",
+        "fastroute.dicom.qr", "fastroute.migration.*",
     ),
 }
 

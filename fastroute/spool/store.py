@@ -18,6 +18,8 @@ Layout (named sub-databases in one LMDB environment):
           ``stream_threshold``, :mod:`staging`); such an object has no ``obj`` entry.
 ``chunk`` staging id + chunk index -> at most ``staging.CHUNK`` bytes of a chunked object.
 ``stage`` staging id -> owning process, while its chunks belong to no object yet.
+``mjob`` ``mstudy`` ``mstuid`` ``minst`` ``mwork``: migration jobs and their inventories
+          (:mod:`jobs`). ``mmove``: the C-MOVEs in flight, by Move Originator (:mod:`moves`).
 """
 from __future__ import annotations
 
@@ -52,7 +54,9 @@ if TYPE_CHECKING:
     from fastroute.config import Config
 
 _U64 = struct.Struct(">Q")
-_DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "chunk", "stage")
+_DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "chunk", "stage",
+             # migration jobs (:mod:`jobs`) and the moves in flight (:mod:`moves`), issue 13
+             "mjob", "mstudy", "mstuid", "minst", "mwork", "mmove")
 
 
 def _state(state: QueueState | bytes | str) -> QueueState:
@@ -84,7 +88,7 @@ class Spool:
         elif not (self.path / "data.mdb").exists():
             raise SpoolError(f"no spool at {self.path}", hint="check the 'spool:' path of the configuration")
         try:
-            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=16, max_readers=1024,
+            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=32, max_readers=1024,
                                  subdir=True, readonly=False, lock=True, sync=True,
                                  metasync=durable, readahead=False, meminit=False)
         except lmdb.Error as exc:
