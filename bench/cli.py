@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"study mix as modality=weight,... over ct, mr, cr, dx, us (default {DEFAULT_MIX}); "
                         "study counts are split by largest remainder")
     w.add_argument("--seed", type=int, default=1, help="seed of the synthetic pixel data (default 1)")
+    w.add_argument("--migration", action="store_true",
+                   help="instead: the PACS-migration workload. dcmqrscp (loaded with --studies of --mix) "
+                        "-> fastroute migrate -> dcmrecv, against movescu moving the same studies from "
+                        "dcmqrscp straight to dcmrecv in the same round (bench/migrate_bench.py)")
     r = p.add_argument_group("measurement")
     r.add_argument("--rounds", type=int, metavar="R",
                    help=f"rounds; each measures every path once, alternating their order (default {DEFAULTS['rounds']})")
@@ -264,6 +268,8 @@ def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, A
                    run_dir=work / f"run-{stamp}",
                    receiver_dir=args.receiver_dir / f"run-{stamp}" if args.receiver_dir else None)
     log = progress.line if progress.tty else (lambda text: None)
+    if args.migration:
+        return _migration(args, progress, started, out, work, log)
 
     mix = workload.parse_mix(args.mix) if args.studies or args.soak_workload == "mix" else {}
     workloads = []
@@ -303,6 +309,37 @@ def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, A
             shutil.rmtree(opts.run_dir, ignore_errors=True)
             if opts.receiver_dir is not None:
                 shutil.rmtree(opts.receiver_dir, ignore_errors=True)
+
+
+def _migration(args: argparse.Namespace, progress: "Progress", started: dt.datetime, out: Path,
+               work: Path, log: Any) -> int:
+    """``--migration``: the migration workload (bench/migrate_bench.py), its own report."""
+    from . import machine, migrate_bench, report, workload
+
+    studies = args.studies or DEFAULTS["studies"]
+    wl = workload.mix_workload(work, workload.parse_mix(args.mix), studies, args.seed, log)
+    workload.check_disk(work, wl.bytes * 4 + 1024**3,
+                        ["4 copies of the studies (archive, spool, receiver, data)", "1 GB free-space guard"])
+    doc: dict[str, Any] = {"tool": "fastroute bench --migration", "format": 2,
+                           "started": started.isoformat(timespec="seconds"),
+                           "note": SMOKE if args.quick else None,
+                           "machine": machine.describe(work, False), "workloads": {wl.name: wl.summary()}}
+    t0 = time.monotonic()
+    try:
+        doc["migration"] = migrate_bench.run_migration(wl, work / "migration", args.rounds, args.timeout,
+                                                       args.stall_timeout, progress.line)
+    finally:
+        stop_all()
+    progress.clear()
+    doc["wall_s"] = round(time.monotonic() - t0, 1)
+    text = (f"machine: {machine.one_line(doc['machine'])}\n" + migrate_bench.table(doc["migration"])
+            + (f"\n({SMOKE})" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(doc, out / "bench.json")
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {out / 'bench.json'} ({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
 
 
 def _measure(args: argparse.Namespace, doc: dict[str, Any], opts: "Options", workloads: list["Workload"],
