@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -232,7 +232,7 @@ class QueryRetrieveClient:
 
     def _exchange(self, sop_class: str, command: Callable[[int], bytes], ds: Dataset,
                   rsp_field: CommandField, total: float, what: str, op: _Op,
-                  error: type[QueryFailed] | type[RetrieveFailed]) -> Iterator[Message]:
+                  error: type[QueryFailed] | type[RetrieveFailed]) -> Generator[Message, None, None]:
         """Send one request, yield every response to it (pending ones, then the final).
 
         Each wait is bounded by the DIMSE timeout (association aborted); the whole by
