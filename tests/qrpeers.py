@@ -401,8 +401,9 @@ class DcmQrScp(_Peer):
         return path
 
     def _argv(self) -> list[str]:
-        # -s: single process (stopped by its PID; no forked children outliving it)
-        return [str(dcmtk_tool("dcmqrscp")), "-c", str(self._config()), "-s",
+        # Forks a child per association (its process group is stopped with it): DCMTK 3.6.7's
+        # single-process mode (-s) segfaults after the first association is released.
+        return [str(dcmtk_tool("dcmqrscp")), "-c", str(self._config()),
                 "--disable-host-lookup", str(self.port)]
 
     def _ready(self) -> bool:

@@ -257,3 +257,144 @@ def test_request_proposes_several_syntaxes_and_scp_roles() -> None:
     assert [len(cx.transfer_syntax) for cx in contexts] == [2, len(acse.ACCEPTED_SYNTAXES)]
     roles = [i for i in rq.user_information if type(i).__name__ == "SCP_SCU_RoleSelectionNegotiation"]
     assert [(str(r.sop_class_uid), r.scu_role, r.scp_role) for r in roles] == [(ct, False, True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Real archives: Orthanc and DCMTK dcmqrscp
+
+REAL_FILES = ["MR2_UNCR.dcm", "emri_small_RLE.dcm", "MR2_J2KR.dcm"]
+
+
+def decode_received(data: bytes, ts: str) -> Dataset:
+    """A C-STORE dataset as pydicom reads it in its context's transfer syntax."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID
+
+    uid = UID(ts)
+    return read_dataset(BytesIO(data), uid.is_implicit_VR, uid.is_little_endian)
+
+
+def check_levels(client: QueryRetrieveClient, files: list[Path], *, counts: bool) -> None:
+    """C-FIND at STUDY, SERIES and IMAGE finds exactly the study in ``files``."""
+    study = uid_of(files[0], "StudyInstanceUID")
+    studies = list(client.find(Level.STUDY, {**STUDY_KEYS, "StudyInstanceUID": study}))
+    assert [str(d.StudyInstanceUID) for d in studies] == [study]
+    assert str(studies[0].PatientID) == uid_of(files[0], "PatientID")
+    if counts:
+        assert int(studies[0].NumberOfStudyRelatedInstances) == len(files)
+    series = list(client.find(Level.SERIES, {"StudyInstanceUID": study, "SeriesInstanceUID": None,
+                                              "Modality": None}))
+    assert {str(d.SeriesInstanceUID) for d in series} == {uid_of(p, "SeriesInstanceUID") for p in files}
+    for one in series:
+        uid = str(one.SeriesInstanceUID)
+        images = list(client.find(Level.IMAGE, {"StudyInstanceUID": study, "SeriesInstanceUID": uid,
+                                                 "SOPInstanceUID": None, "SOPClassUID": None}))
+        assert sorted(str(d.SOPInstanceUID) for d in images) == sorted(
+            uid_of(p) for p in files if uid_of(p, "SeriesInstanceUID") == uid)
+
+
+@pytest.fixture
+def orthanc_source(orthanc: peers.Orthanc, tmp_path: Path, pydicom_data_dir: Path) -> tuple[peers.Orthanc, list[Path], list[Path]]:
+    """The session Orthanc holding a fresh synthetic study and some real files; QRSCU known."""
+    qrpeers.register_modality(orthanc, "qrscu", CALLING, 104)
+    study = synth.make_study(tmp_path / "study", modality="CT", n_instances=3, tiny=True)
+    real = [pydicom_data_dir / name for name in REAL_FILES]
+    qrpeers.load_orthanc(orthanc, [*study, *real])
+    return orthanc, study, real
+
+
+def test_orthanc_find_levels_and_move(orthanc_source: Any, storescp: Callable[..., peers.StoreSCP]) -> None:
+    orthanc, study, real = orthanc_source
+    dest = storescp(DEST_AE)
+    qrpeers.register_modality(orthanc, "movedest", DEST_AE, dest.port)
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING) as client:
+        check_levels(client, study, counts=True)
+        pending: list[SubOperations] = []
+        result = client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, DEST_AE,
+                             on_pending=pending.append)
+        assert result.status == Status.SUCCESS, result
+        assert result.counts.completed == 3 and not result.counts.failed
+        assert pending and pending[-1].completed is not None
+        # one instance by IMAGE level, identifier's own level
+        one = Dataset()
+        one.QueryRetrieveLevel = "IMAGE"
+        one.StudyInstanceUID = uid_of(real[0], "StudyInstanceUID")
+        one.SeriesInstanceUID = uid_of(real[0], "SeriesInstanceUID")
+        one.SOPInstanceUID = uid_of(real[0])
+        assert client.move(one, DEST_AE).counts.completed == 1
+    got = dest.wait_for(4)
+    assert {uid_of(p) for p in got} == {uid_of(p) for p in [*study, real[0]]}
+    for path in study:
+        from dicomcompare import assert_same_dataset
+        received = dest.file_for(uid_of(path))
+        assert received is not None
+        assert_same_dataset(pydicom.dcmread(received), pydicom.dcmread(path))
+
+
+def test_orthanc_get_hands_every_instance_to_the_handler(orthanc_source: Any) -> None:
+    from dicomcompare import assert_same_dataset
+
+    orthanc, study, real = orthanc_source
+    got: dict[str, tuple[bytes, str]] = {}
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        assert isinstance(msg.data, bytearray)
+        got[msg.sop_instance_uid] = (bytes(msg.data), peer.contexts[msg.context_id])
+        return Reply(Status.SUCCESS)
+
+    files = [*study, *real]
+    # each class in any syntax, and once more in each syntax it is stored in (sent as stored)
+    stored = sorted({(uid_of(p, "SOPClassUID"), str(pydicom.dcmread(p).file_meta.TransferSyntaxUID))
+                     for p in files})
+    storage = [(c, ()) for c in sorted({c for c, _ in stored})] + [(c, (ts,)) for c, ts in stored]
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING, store=store,
+                             storage=storage) as client:
+        assert not client.refused_storage or client.conn.assoc is None
+        for path in (study[0], *real):
+            result = client.get({"StudyInstanceUID": uid_of(path, "StudyInstanceUID")})
+            assert result.status == Status.SUCCESS, result
+        assert not client.refused_storage
+    assert set(got) == {uid_of(p) for p in files}
+    for path in files:
+        data, ts = got[uid_of(path)]
+        original = pydicom.dcmread(path)
+        assert ts == str(original.file_meta.TransferSyntaxUID)       # sent as stored
+        if 0xFFFCFFFC in original:        # Data Set Trailing Padding: Part 10 only, dropped
+            del original[0xFFFCFFFC]
+        assert_same_dataset(decode_received(data, ts), original)
+
+
+def test_dcmqrscp_find_levels_move_and_get(tmp_path: Path, dcmrecv: Callable[..., peers.DcmRecv],
+                                           pydicom_data_dir: Path) -> None:
+    dest = dcmrecv(DEST_AE)
+    study = synth.make_study(tmp_path / "study", modality="MR", n_series=2, n_instances=2, tiny=True)
+    real = pydicom_data_dir / "MR2_UNCR.dcm"
+    with DcmQrScp(destinations={DEST_AE: ("127.0.0.1", dest.port)},
+                  workdir=tmp_path / "dcmqrscp") as qr:
+        qr.load([*study, real])
+        with QueryRetrieveClient(source(qr.ae_title, qr.port), CALLING) as client:
+            check_levels(client, study, counts=False)
+            found = list(client.find(Level.STUDY, {"StudyInstanceUID": uid_of(real, "StudyInstanceUID")}))
+            assert len(found) == 1
+            result = client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, DEST_AE)
+            assert result.status == Status.SUCCESS and result.counts.completed == 4, result
+            with pytest.raises(RetrieveFailed) as info:
+                client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, "UNKNOWNAE")
+            assert info.value.status == 0xA801 and "register AE UNKNOWNAE at DCMQRSCP" in str(info.value)
+        got = dest.wait_for(4)
+        assert {uid_of(p) for p in got} == {uid_of(p) for p in study}
+        handed: dict[str, bytes] = {}
+
+        def store(peer: Peer, msg: Message) -> Reply:
+            assert isinstance(msg.data, bytearray)
+            handed[msg.sop_instance_uid] = bytes(msg.data)
+            return Reply(Status.SUCCESS)
+
+        mr = uid_of(study[0], "SOPClassUID")
+        with QueryRetrieveClient(source(qr.ae_title, qr.port), CALLING, store=store,
+                                 storage=[(mr, ())]) as client:
+            result = client.get({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")})
+        assert result.status == Status.SUCCESS and result.counts.completed == 4, result
+        assert set(handed) == {uid_of(p) for p in study}
