@@ -398,3 +398,41 @@ def test_dcmqrscp_find_levels_move_and_get(tmp_path: Path, dcmrecv: Callable[...
             result = client.get({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")})
         assert result.status == Status.SUCCESS and result.counts.completed == 4, result
         assert set(handed) == {uid_of(p) for p in study}
+
+
+# --------------------------------------------------------------------------------------------
+# fastroute query
+
+
+def test_cli_query_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from fastroute.cli import main
+
+    studies = make_studies(tmp_path, 3, per_study=2)
+    pacs = FakeArchive().add_files(p for s in studies for p in s)
+    with pacs:
+        cfg = tmp_path / "fastroute.yaml"
+        cfg.write_text(f"ae_title: QRSCU\nspool: {tmp_path / 'spool'}\nsources:\n"
+                       f"  oldpacs: {{ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}}}\n")
+        assert main(["query", "oldpacs", "PatientID=PAT1", "--json", "-c", str(cfg)]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == 1 and rows[0]["PatientID"] == "PAT1"
+        assert rows[0]["StudyInstanceUID"] == uid_of(studies[1][0], "StudyInstanceUID")
+        assert rows[0]["NumberOfStudyRelatedInstances"] == "2" and rows[0]["ModalitiesInStudy"] == "CT"
+        # -c first, a range and a wildcard, the table
+        assert main(["-c", str(cfg), "query", "oldpacs", "PatientID=PAT*", "StudyDate=19000101-"]) == 0
+        out = capsys.readouterr()
+        lines = out.out.splitlines()
+        assert lines[0].split()[:2] == ["StudyInstanceUID", "PatientID"] and len(lines) == 4
+        assert "3 match(es) at STUDY level from FAKEPACS" in out.err
+        assert main(["query", "oldpacs", "--level", "image", "-c", str(cfg),
+                     f"StudyInstanceUID={uid_of(studies[0][0], 'StudyInstanceUID')}", "--json"]) == 0
+        images = json.loads(capsys.readouterr().out)
+        assert sorted(r["SOPInstanceUID"] for r in images) == sorted(uid_of(p) for p in studies[0])
+        assert pacs.requests[-1].identifier.QueryRetrieveLevel == "IMAGE"
+        assert main(["query", "oldpacs", "NoSuchKeyword=1", "-c", str(cfg)]) == 1
+        assert "not KEYWORD=VALUE" in capsys.readouterr().err
+        pacs.max_matches, pacs.cap_status = 1, 0xC000
+        assert main(["query", "oldpacs", "-c", str(cfg)]) == 1
+        assert "0xC000" in capsys.readouterr().err
