@@ -97,6 +97,7 @@ class FakeArchive:
     - ``max_matches`` / ``cap_status``: a C-FIND returns at most N matches, then ends with
       ``cap_status`` (0xA700, 0xC000, ...) or, when None, silently with Success.
     - ``image_level``: False refuses IMAGE-level C-FIND with 0xA900 (identifier does not match).
+    - ``refuse_get_role``: SCP/SCU role selection refused (no C-GET possible); set before start.
 
     Usage: ``with FakeArchive(destinations={"DEST": (host, port)}) as pacs: pacs.add_files(...)``.
     """
@@ -114,6 +115,7 @@ class FakeArchive:
     max_matches: int | None = None
     cap_status: int | None = None
     image_level: bool = True
+    refuse_get_role: bool = False
     datasets: dict[str, Dataset] = field(default_factory=dict)      # SOP Instance UID -> object
     requests: list[Request] = field(default_factory=list)
     cancels: int = 0
@@ -147,9 +149,13 @@ class FakeArchive:
         for uid in (STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET):
             ae.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         for cx in StoragePresentationContexts:
-            # C-GET: we act as the storage SCU on the requestor's association, if it asks.
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=False,
-                                     scp_role=True)
+            # C-GET: we act as the storage SCU on the requestor's association, if it asks
+            # (``refuse_get_role``: the role selection is refused, as some archives do).
+            if self.refuse_get_role:
+                ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            else:
+                ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=False,
+                                         scp_role=True)
         ae.requested_contexts = StoragePresentationContexts      # C-MOVE sub-associations
         ae.dimse_timeout = 30
         ae.network_timeout = 30

@@ -436,3 +436,59 @@ def test_cli_query_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[
         pacs.max_matches, pacs.cap_status = 1, 0xC000
         assert main(["query", "oldpacs", "-c", str(cfg)]) == 1
         assert "0xC000" in capsys.readouterr().err
+
+
+def test_get_refused_role_is_said_clearly(tmp_path: Path) -> None:
+    files = make_studies(tmp_path, 1, per_study=1)[0]
+    pacs = FakeArchive(refuse_get_role=True).add_files(files)
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING,
+                                   store=lambda p, m: Reply(0), storage=[(ct, ())]) as client:
+        with pytest.raises(RetrieveFailed, match="refused to send any of the 1 storage SOP class") as info:
+            client.get({"StudyInstanceUID": uid_of(files[0], "StudyInstanceUID")})
+        assert "use retrieve: move" in str(info.value)
+        assert client.refused_storage == {ct: "SCP role not granted (role selection refused)"}
+        assert not [r for r in pacs.requests if r.command == "C-GET"]        # never sent
+
+
+def test_association_rejected_names_the_called_ae(orthanc: peers.Orthanc) -> None:
+    client = QueryRetrieveClient(source("NOTORTHANC", orthanc.dicom_port), CALLING)
+    with pytest.raises(RetrieveFailed, match="association rejected by QRSCU -> NOTORTHANC@127.0.0.1"):
+        client.move({"StudyInstanceUID": "1.2.3"}, DEST_AE)
+    with pytest.raises(QueryFailed, match="called AE title not recognised"):
+        list(client.find(Level.STUDY, STUDY_KEYS))
+
+
+def test_command_elements_past_the_group_length_are_kept_not_fatal() -> None:
+    """Orthanc appends the C-GET-RSP's failed list to the command set itself."""
+    command = dimse.encode_response({pdu.COMMAND_FIELD: CommandField.C_GET_RQ, pdu.MESSAGE_ID: 3},
+                                    0xB000)
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = ["1.2.3", "1.2.4"]
+    trailing = dimse.encode_identifier(ds, "1.2.840.10008.1.2")
+    decoded = pdu.decode_command(memoryview(command + trailing))
+    assert decoded[pdu.STATUS] == 0xB000 and decoded[pdu.TRAILING_ELEMENTS] == trailing
+    with pytest.raises(pdu.ProtocolError, match="not in the command group"):
+        pdu.decode_command(memoryview(trailing))      # without a group length: still refused
+
+
+def test_orthanc_get_failure_lists_what_it_could_not_send(orthanc_source: Any) -> None:
+    """One context per class, accepted uncompressed: Orthanc cannot send its JPEG 2000 copy
+    and says so in the failed list (which it puts in the command set)."""
+    orthanc, study, real = orthanc_source
+    j2k = next(p for p in real if p.name == "MR2_J2KR.dcm")
+    got: list[str] = []
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        got.append(msg.sop_instance_uid)
+        return Reply(Status.SUCCESS)
+
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING, store=store,
+                             storage=[(uid_of(j2k, "SOPClassUID"), ("1.2.840.10008.1.2.1",))]) as client:
+        result = client.get({"QueryRetrieveLevel": "IMAGE",
+                             "StudyInstanceUID": uid_of(j2k, "StudyInstanceUID"),
+                             "SeriesInstanceUID": uid_of(j2k, "SeriesInstanceUID"),
+                             "SOPInstanceUID": uid_of(j2k)})
+        assert result.status != Status.SUCCESS and result.counts.failed == 1, result
+        assert result.failed_sop_instance_uids == [uid_of(j2k)] and got == []
+        assert client.conn.assoc is not None          # the association survived it

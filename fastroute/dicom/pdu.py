@@ -345,7 +345,8 @@ def decode_command(buf: bytes | bytearray | memoryview) -> dict[int, int | str |
         group, elem, length = _ELEMENT.unpack_from(view, pos)
         pos += 8
         declared = out.get(COMMAND_GROUP_LENGTH)
-        if group != 0x0000 and isinstance(declared, int) and pos - 8 == 8 + declared:
+        # the group length element comes first: 12 bytes, then the length it declares
+        if group != 0x0000 and isinstance(declared, int) and pos - 8 == 12 + declared:
             # Past the end the group length declared: elements some peers wrongly append to
             # the command set (Orthanc puts a C-GET-RSP's Failed SOP Instance UID List here).
             # Kept as raw implicit VR LE bytes for whoever wants them, not an abort.
