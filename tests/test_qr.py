@@ -255,7 +255,9 @@ def test_request_proposes_several_syntaxes_and_scp_roles() -> None:
     rq, contexts = acse.request("A", "B", [(qrpeers.STUDY_ROOT_GET, ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")),
                                            (ct, tuple(acse.ACCEPTED_SYNTAXES))], 0, scp_roles=[ct])
     assert [len(cx.transfer_syntax) for cx in contexts] == [2, len(acse.ACCEPTED_SYNTAXES)]
-    roles = [i for i in rq.user_information if type(i).__name__ == "SCP_SCU_RoleSelectionNegotiation"]
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+    roles = [i for i in rq.user_information if isinstance(i, SCP_SCU_RoleSelectionNegotiation)]
     assert [(str(r.sop_class_uid), r.scu_role, r.scp_role) for r in roles] == [(ct, False, True)]
 
 
@@ -492,3 +494,27 @@ def test_orthanc_get_failure_lists_what_it_could_not_send(orthanc_source: Any) -
         assert result.status != Status.SUCCESS and result.counts.failed == 1, result
         assert result.failed_sop_instance_uids == [uid_of(j2k)] and got == []
         assert client.conn.assoc is not None          # the association survived it
+
+
+def test_generated_archive_answers_date_ranges_and_moves(storescp: Callable[..., peers.StoreSCP]) -> None:
+    """The lazily generated archive the migration's scale test uses: a date-range C-FIND
+    costs its matches, empty StudyDates exist, and a generated study can be moved."""
+    gen = qrpeers.Generated(20_000, series=2, per_series=2)
+    dest = storescp(DEST_AE)
+    pacs = FakeArchive(generated=gen, destinations={DEST_AE: ("127.0.0.1", dest.port)})
+    in_2001 = {gen.study_uid(i) for i in range(gen.n_studies) if gen.study_date(i).startswith("2001")}
+    empty = [i for i in range(gen.n_studies) if not gen.study_date(i)]
+    assert in_2001 and empty
+    with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        started = time.monotonic()
+        found = list(client.find(Level.STUDY, {**STUDY_KEYS, "StudyDate": "20010101-20011231"}))
+        assert {str(d.StudyInstanceUID) for d in found} == in_2001
+        assert all(int(d.NumberOfStudyRelatedInstances) == 4 for d in found)
+        assert time.monotonic() - started < 30
+        one = list(client.find(Level.STUDY, {**STUDY_KEYS, "StudyInstanceUID": gen.study_uid(empty[1])}))
+        assert len(one) == 1 and str(one[0].StudyDate) == ""
+        images = list(client.find(Level.IMAGE, {"StudyInstanceUID": gen.study_uid(7), "SOPInstanceUID": None}))
+        assert len(images) == 4
+        result = client.move({"StudyInstanceUID": gen.study_uid(7)}, DEST_AE)
+        assert result.status == Status.SUCCESS and result.counts.completed == 4
+    assert {uid_of(p) for p in dest.wait_for(4)} == {str(d.SOPInstanceUID) for d in images}

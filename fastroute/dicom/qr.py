@@ -293,7 +293,7 @@ class QueryRetrieveClient:
     # -- C-FIND -----------------------------------------------------------------------------
 
     def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
-             timeout: float | None = None) -> Iterator[Dataset]:
+             timeout: float | None = None) -> Generator[Dataset, None, None]:
         """The matches, as they arrive. Closing the iterator early sends C-CANCEL and drains
         to the final response. QueryFailed on a failure status or ``timeout`` (total;
         default the remote's ``query_timeout``, else 300 s)."""
