@@ -9,8 +9,6 @@ result with the failed list, or a C-CANCEL after which the association is still 
 """
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -518,3 +516,57 @@ def test_generated_archive_answers_date_ranges_and_moves(storescp: Callable[...,
         result = client.move({"StudyInstanceUID": gen.study_uid(7)}, DEST_AE)
         assert result.status == Status.SUCCESS and result.counts.completed == 4
     assert {uid_of(p) for p in dest.wait_for(4)} == {str(d.SOPInstanceUID) for d in images}
+
+
+@pytest.mark.parametrize("archive_kind", ["orthanc", "dcmqrscp", "fake"])
+def test_move_originator_of_the_sub_operations_is_ours(archive_kind: str, request: pytest.FixtureRequest,
+                                                       tmp_path: Path) -> None:
+    """What the migration attributes arriving objects by: each C-STORE a C-MOVE causes carries
+    our AE title and the C-MOVE's Message ID as Move Originator (checked per archive)."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    seen: list[tuple[str, int | None]] = []
+
+    def on_store(event: Any) -> int:
+        rq = event.request
+        seen.append((str(rq.MoveOriginatorApplicationEntityTitle or "").strip(),
+                     rq.MoveOriginatorMessageID))
+        return 0
+
+    receiver = AE(ae_title=DEST_AE)
+    receiver.supported_contexts = StoragePresentationContexts
+    port = peers.free_port()
+    server = receiver.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    files = synth.make_study(tmp_path / "study", modality="CT", n_instances=2, tiny=True)
+    study = uid_of(files[0], "StudyInstanceUID")
+    try:
+        if archive_kind == "orthanc":
+            orthanc: peers.Orthanc = request.getfixturevalue("orthanc")
+            qrpeers.register_modality(orthanc, "qrscu", CALLING, 104)
+            qrpeers.register_modality(orthanc, "movedest", DEST_AE, port)   # replaces an earlier test's
+            qrpeers.load_orthanc(orthanc, files)
+            src = source(orthanc.ae_title, orthanc.dicom_port)
+            ctx: Any = None
+        elif archive_kind == "dcmqrscp":
+            request.getfixturevalue("dcmtk")
+            ctx = DcmQrScp(destinations={DEST_AE: ("127.0.0.1", port)}, workdir=tmp_path / "qr").start()
+            ctx.load(files)
+            src = source(ctx.ae_title, ctx.port)
+        else:
+            ctx = FakeArchive(destinations={DEST_AE: ("127.0.0.1", port)}).add_files(files).start()
+            src = source(ctx.ae_title, ctx.port)
+        try:
+            with QueryRetrieveClient(src, CALLING) as client:
+                client.move({"StudyInstanceUID": study}, DEST_AE)        # message 1
+                expected = client.next_message_id()
+                result = client.move({"StudyInstanceUID": study}, DEST_AE)
+            assert result.message_id == expected and result.counts.completed == 2
+            peers.wait_until(lambda: len(seen) >= 4, 10, message=lambda: f"C-STOREs seen: {seen}")
+            assert seen[2:] == [(CALLING, expected)] * 2, seen
+        finally:
+            if ctx is not None:
+                ctx.stop()
+    finally:
+        server.shutdown()
