@@ -570,3 +570,32 @@ def test_move_originator_of_the_sub_operations_is_ours(archive_kind: str, reques
                 ctx.stop()
     finally:
         server.shutdown()
+
+
+def test_each_wait_is_bounded_by_the_dimse_timeout(archive: Any) -> None:
+    """A source silent for longer than dimse_timeout (total not reached) loses the association."""
+    pacs, dest, studies = archive
+    pacs.hang = True
+    with QueryRetrieveClient(source(pacs.ae_title, pacs.port, dimse_timeout=1.0), CALLING) as client:
+        started = time.monotonic()
+        with pytest.raises(RetrieveFailed, match=r"within the DIMSE timeout \(1 s\)"):
+            client.move({"StudyInstanceUID": uid_of(studies[0][0], "StudyInstanceUID")}, DEST_AE,
+                         timeout=60)
+        assert time.monotonic() - started < 30 and client.conn.assoc is None
+
+
+def test_on_pending_raising_cancels_the_retrieve(archive: Any) -> None:
+    """A caller that gives up from its on_pending callback (a job paused) cancels the move."""
+    pacs, dest, studies = archive
+    pacs.hang = True                         # it would never finish by itself
+
+    def give_up(counts: SubOperations) -> None:
+        raise KeyboardInterrupt("paused")
+
+    with QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        with pytest.raises(KeyboardInterrupt):
+            client.move({"StudyInstanceUID": uid_of(studies[0][0], "StudyInstanceUID")}, DEST_AE,
+                        on_pending=give_up)
+        assert pacs.cancels == 1 and pacs.requests[-1].status == 0xFE00
+        pacs.hang = False
+        assert len(list(client.find(Level.STUDY, STUDY_KEYS))) == 2      # still usable
