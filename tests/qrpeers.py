@@ -97,6 +97,8 @@ class FakeArchive:
       (a peer that never answers: the SCU must abort).
     - ``max_matches`` / ``cap_status``: a C-FIND returns at most N matches, then ends with
       ``cap_status`` (0xA700, 0xC000, ...) or, when None, silently with Success.
+    - ``match_delay``: seconds before each C-FIND match (an archive slow on large answers:
+      a query's total timeout then ends it, and the caller must split it).
     - ``image_level``: False refuses IMAGE-level C-FIND with 0xA900 (identifier does not match).
     - ``refuse_get_role``: SCP/SCU role selection refused (no C-GET possible); set before start.
 
@@ -118,6 +120,7 @@ class FakeArchive:
     ignore_cancel: bool = False
     max_matches: int | None = None
     cap_status: int | None = None
+    match_delay: float = 0.0
     image_level: bool = True
     refuse_get_role: bool = False
     datasets: dict[str, Dataset] = field(default_factory=dict)      # SOP Instance UID -> object
@@ -284,6 +287,8 @@ class FakeArchive:
         if capped:
             answers = answers[:self.max_matches]
         for rsp in answers:
+            if self.match_delay:
+                time.sleep(self.match_delay)       # the fault itself: a slow archive
             if event.is_cancelled:
                 self.cancels += 1
                 req.status = 0xFE00

@@ -599,3 +599,26 @@ def test_on_pending_raising_cancels_the_retrieve(archive: Any) -> None:
         assert pacs.cancels == 1 and pacs.requests[-1].status == 0xFE00
         pacs.hang = False
         assert len(list(client.find(Level.STUDY, STUDY_KEYS))) == 2      # still usable
+
+
+def test_storage_batches_keep_a_class_together() -> None:
+    from fastroute.dicom.qr import storage_batches
+
+    classes = [(f"1.2.3.{i}", ()) for i in range(300)] + [("1.2.3.5", ("1.2.840.10008.1.2.4.90",))]
+    batches = storage_batches(classes)
+    assert [len(b) for b in batches] == [127, 127, 47]
+    assert sum(1 for b in batches for c, _ in b if c == "1.2.3.5") == 2
+    assert any(("1.2.3.5", ()) in b and ("1.2.3.5", ("1.2.840.10008.1.2.4.90",)) in b for b in batches)
+    for batch in batches:
+        QueryRetrieveClient(source("X", 1), CALLING, store=lambda p, m: Reply(0), storage=batch)
+
+
+def test_slow_archive_find_ends_at_its_total_timeout(tmp_path: Path) -> None:
+    pacs = FakeArchive(match_delay=0.3)
+    pacs.add_files(p for s in make_studies(tmp_path, 10, per_study=1) for p in s)
+    with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        got: list[Dataset] = []
+        with pytest.raises(QueryFailed, match="total timeout") as info:
+            for ds in client.find(Level.STUDY, STUDY_KEYS, timeout=1.0):
+                got.append(ds)
+        assert info.value.status is None and 1 <= len(got) < 10 and pacs.cancels == 1

@@ -435,6 +435,26 @@ class _Op:
     drain_until: float = 0.0
 
 
+def storage_batches(storage: Iterable[tuple[str, Iterable[str]]],
+                    per_association: int = MAX_STORAGE_CLASSES) -> list[list[tuple[str, tuple[str, ...]]]]:
+    """Storage contexts for C-GET split into association-sized batches (one
+    QueryRetrieveClient each), a class's contexts kept together in one batch."""
+    by_class: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for sop_class, syntaxes in storage:
+        entry = (str(sop_class), tuple(str(ts) for ts in syntaxes))
+        if entry not in by_class.setdefault(entry[0], []):
+            by_class[entry[0]].append(entry)
+    batches: list[list[tuple[str, tuple[str, ...]]]] = [[]]
+    for contexts in by_class.values():
+        if len(contexts) > per_association:
+            raise ValueError(f"{contexts[0][0]}: {len(contexts)} contexts for one SOP class, "
+                             f"more than one association holds ({per_association})")
+        if len(batches[-1]) + len(contexts) > per_association:
+            batches.append([])
+        batches[-1].extend(contexts)
+    return [b for b in batches if b]
+
+
 def describe_retrieve(status: int | None) -> str:
     """:func:`status.describe` with C-MOVE/C-GET's own meaning of 0xB000 (which for C-STORE
     is a coercion warning)."""
@@ -503,4 +523,4 @@ def _failed_uids(data: bytes | bytearray, transfer_syntax: str) -> list[str]:
 
 __all__ = ["Level", "Remote", "QueryFailed", "RetrieveFailed", "SubOperations", "RetrieveResult",
            "QueryRetrieveClient", "STUDY_ROOT_FIND", "STUDY_ROOT_MOVE", "STUDY_ROOT_GET",
-           "make_identifier", "describe_retrieve", "MAX_STORAGE_CLASSES", "QR_SYNTAXES"]
+           "make_identifier", "describe_retrieve", "storage_batches", "MAX_STORAGE_CLASSES", "QR_SYNTAXES"]
