@@ -311,6 +311,12 @@ def test_orthanc_find_levels_and_move(orthanc_source: Any, storescp: Callable[..
     qrpeers.register_modality(orthanc, "movedest", DEST_AE, dest.port)
     with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING) as client:
         check_levels(client, study, counts=True)
+        # a real archive's answer closed early: cancelled and drained, the association goes on
+        images = client.find(Level.IMAGE, {"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID"),
+                                           "SOPInstanceUID": None})
+        assert next(images).SOPInstanceUID
+        images.close()
+        assert client.closed_early and client.conn.assoc is not None
         pending: list[SubOperations] = []
         result = client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, DEST_AE,
                              on_pending=pending.append)

@@ -142,7 +142,9 @@ class QueryRetrieveClient:
         self.calling_ae = self.conn.calling_ae
         self.where = f"{self.calling_ae} -> {remote.ae_title}@{remote.host}:{remote.port}"
         self.refused_storage: dict[str, str] = {}
-        self.closed_early = False   # whether find()'s iterator was closed before its final response
+        # whether an operation was given up before its final response (find()'s iterator
+        # closed, or on_pending raised): it was cancelled (C-CANCEL) and drained
+        self.closed_early = False
 
     # -- association ------------------------------------------------------------------------
 
