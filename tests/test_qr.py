@@ -628,3 +628,44 @@ def test_slow_archive_find_ends_at_its_total_timeout(tmp_path: Path) -> None:
             for ds in client.find(Level.STUDY, STUDY_KEYS, timeout=1.0):
                 got.append(ds)
         assert info.value.status is None and 1 <= len(got) < 10 and pacs.cancels == 1
+
+
+@pytest.mark.parametrize("archive_kind", ["orthanc", "dcmqrscp"])
+def test_real_archive_failed_sub_operations_are_listed(archive_kind: str, request: pytest.FixtureRequest,
+                                                       tmp_path: Path,
+                                                       storescp: Callable[..., peers.StoreSCP]) -> None:
+    """A destination refusing the SOP class: dcmqrscp's final response lists what failed;
+    Orthanc ends the whole move 0xC000 without counts or list (recorded here: the migration
+    cannot rely on the list and must verify at the destination)."""
+    dest = storescp(DEST_AE, accept=["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
+                    sop_classes=["1.2.840.10008.5.1.4.1.1.4"])       # MR only
+    ct = synth.make_study(tmp_path / "ct", modality="CT", n_instances=2, tiny=True)
+    study = uid_of(ct[0], "StudyInstanceUID")
+    qr: Any = None
+    if archive_kind == "orthanc":
+        orthanc: peers.Orthanc = request.getfixturevalue("orthanc")
+        qrpeers.register_modality(orthanc, "qrscu", CALLING, 104)
+        qrpeers.register_modality(orthanc, "movedest", DEST_AE, dest.port)
+        qrpeers.load_orthanc(orthanc, ct)
+        src = source(orthanc.ae_title, orthanc.dicom_port)
+    else:
+        qr = DcmQrScp(destinations={DEST_AE: ("127.0.0.1", dest.port)}, workdir=tmp_path / "qr").start()
+        qr.load(ct)
+        src = source(qr.ae_title, qr.port)
+    try:
+        with QueryRetrieveClient(src, CALLING) as client:
+            try:
+                result = client.move({"StudyInstanceUID": study}, DEST_AE)
+            except RetrieveFailed as exc:          # 0xA702: every sub-operation failed
+                assert exc.result is not None, exc
+                result = exc.result
+        assert result.status != Status.SUCCESS and result.counts.completed in (0, None), result
+        if archive_kind == "orthanc":
+            # Orthanc gives up the whole move (0xC000, no counts, no list): what arrived must
+            # be found out by the caller (C-FIND at the destination), not read from the list
+            assert result.status == 0xC000 and result.failed_sop_instance_uids == [], result
+        else:
+            assert sorted(result.failed_sop_instance_uids) == sorted(uid_of(p) for p in ct), result
+    finally:
+        if qr is not None:
+            qr.stop()

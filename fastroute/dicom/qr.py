@@ -385,6 +385,10 @@ class QueryRetrieveClient:
         exchange = self._exchange(sop_class, command, ds, rsp_field, total, what, op, RetrieveFailed)
         try:
             for rsp in exchange:
+                if rsp.status not in PENDING:
+                    # a final response without Remaining has none left to tell (not the
+                    # last pending's count)
+                    counts = SubOperations(None, counts.completed, counts.failed, counts.warning)
                 counts = _counts(rsp.command, counts)
                 if rsp.status in PENDING:
                     if on_pending is not None:
