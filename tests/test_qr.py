@@ -669,3 +669,26 @@ def test_real_archive_failed_sub_operations_are_listed(archive_kind: str, reques
     finally:
         if qr is not None:
             qr.stop()
+
+
+def test_orthanc_get_with_a_full_association_of_storage_classes(orthanc_source: Any) -> None:
+    """127 storage classes, every syntax each (the largest C-GET association): accepted, and
+    the study arrives."""
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    orthanc, study, real = orthanc_source
+    ct = uid_of(study[0], "SOPClassUID")
+    classes = [ct] + [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+                      if str(cx.abstract_syntax) != ct][:MAX_STORAGE_CLASSES - 1]
+    got: list[str] = []
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        got.append(msg.sop_instance_uid)
+        return Reply(Status.SUCCESS)
+
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING, store=store,
+                             storage=[(c, ()) for c in classes]) as client:
+        result = client.get({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")})
+        assert len(client.conn.assoc.contexts if client.conn.assoc else []) >= 100
+        assert ct not in client.refused_storage
+    assert result.status == Status.SUCCESS and sorted(got) == sorted(uid_of(p) for p in study)
