@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import pydicom
 import pytest
@@ -25,6 +26,8 @@ from fastroute.routing.rules import RuleSet
 from fastroute.spool import QueueState, RoutingRecord, Spool
 from fastroute.spool.commit import Committer
 from fastroute.spool.moves import Move, move_key
+from peers import wait_until
+from router import Router, destination
 
 
 @pytest.fixture
@@ -145,7 +148,7 @@ def listening(tmp_path: Path) -> Iterator[_Listening]:
     s.close()
 
 
-def _send(port: int, datasets: list[pydicom.Dataset], originator: tuple[str, int] | None) -> list[int]:
+def _send(port: int, datasets: Sequence[pydicom.Dataset], originator: tuple[str, int] | None) -> list[int]:
     """pynetdicom as the source archive answering a C-MOVE: C-STOREs with the originator."""
     ae = AE(ae_title="OLDPACS")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -281,3 +284,39 @@ def test_an_ordinary_store_does_not_look_up_moves(tmp_path: Path) -> None:
         service.close()
         committer.close()
         sp.close()
+
+
+# -- end to end: the real router, DCMTK destinations -----------------------------------------------
+
+def test_router_delivers_moved_objects_to_the_job_destinations(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    """`fastroute serve` with a clinical default route; the runner (here: the test process)
+    registers a C-MOVE in the spool; the source's C-STOREs carry its originator: they reach the
+    migration's destination only, ordinary C-STOREs the clinical one."""
+    clinical, newpacs = storescp("CLIN"), storescp("NEWPACS")
+    r = router({"destinations": {"clinical": destination(clinical.port, "CLIN"),
+                                 "newpacs": destination(newpacs.port, "NEWPACS")},
+                "default": ["clinical"]})
+    moved = [pydicom.dcmread(p) for p in synth.make_tiny(tmp_path / "moved", 4)]
+    ordinary = synth.make_tiny(tmp_path / "ordinary", 2)
+    runner = Spool(r.spool_path, map_size=64 * 1024**3)
+    try:
+        assert runner.moves.register("FASTROUTE", 11, "mig1", str(moved[0].StudyInstanceUID), ("newpacs",),
+                                     time.time() + 300)
+        assert _send(r.port, moved, ("FASTROUTE", 11)) == [0] * 4
+        res = peers.storescu(r.port, ordinary)
+        assert res.returncode == 0, res.stdout + res.stderr
+        newpacs.wait_for(4, timeout=60)
+        clinical.wait_for(2, timeout=60)
+        wait_until(lambda: all(q["pending"] + q["in_flight"] == 0 for q in r.queue().values()), 30,
+                   message="queues did not drain")
+        assert len(clinical.files()) == 2
+        got = {str(pydicom.dcmread(f).SOPInstanceUID) for f in newpacs.files()}
+        assert got == {str(d.SOPInstanceUID) for d in moved}
+        recs = runner.lookup(study_instance_uid=str(moved[0].StudyInstanceUID))
+        assert len(recs) == 4
+        for _, rec in runner.lookup(study_instance_uid=str(moved[0].StudyInstanceUID)):
+            assert rec.extra["migration"] == "mig1" and rec.extra["move_originator_id"] == 11
+            assert set(rec.delivered) == {"newpacs"}
+    finally:
+        runner.close()
