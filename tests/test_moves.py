@@ -320,3 +320,31 @@ def test_router_delivers_moved_objects_to_the_job_destinations(
             assert set(rec.delivered) == {"newpacs"}
     finally:
         runner.close()
+
+
+def test_clinical_objects_are_sent_before_a_migration_backlog(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Both go to one destination: 200 moved objects wait (destination paused), then 10 clinical
+    ones arrive; once resumed, the destination receives the 10 clinical ones first."""
+    pacs = storescp("PACS")
+    r = router({"destinations": {"pacs": destination(pacs.port, "PACS")}, "default": ["pacs"]})
+    moved = [pydicom.dcmread(p) for p in synth.make_tiny(tmp_path / "moved", 200)]
+    clinical = synth.make_tiny(tmp_path / "clinical", 10)
+    clinical_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in clinical}
+    runner = Spool(r.spool_path, map_size=64 * 1024**3)
+    try:
+        runner.set_paused("pacs", True)
+        runner.moves.register("FASTROUTE", 12, "mig1", str(moved[0].StudyInstanceUID), ("pacs",),
+                              time.time() + 300)
+        assert _send(r.port, moved, ("FASTROUTE", 12)) == [0] * 200
+        res = peers.storescu(r.port, clinical)
+        assert res.returncode == 0, res.stdout + res.stderr
+        [st] = [s for s in runner.stats(["pacs"]) if s.destination == "pacs"]
+        assert (st.pending, st.bulk_pending) == (210, 200)
+        runner.set_paused("pacs", False)
+        pacs.wait_for(210, timeout=120)
+        order = pacs.receptions()
+        first = order[:10]
+        assert all(any(uid in name for uid in clinical_uids) for name in first), first
+    finally:
+        runner.close()
