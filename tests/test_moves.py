@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pydicom
 import pytest
@@ -348,3 +348,69 @@ def test_clinical_objects_are_sent_before_a_migration_backlog(
         assert all(any(uid in name for uid in clinical_uids) for name in first), first
     finally:
         runner.close()
+
+
+class _QrScp(peers._Peer):
+    """DCMTK dcmqrscp as the source archive, knowing the router as a move destination."""
+
+    name = "dcmqrscp"
+
+    def __init__(self, workdir: Path, ae_title: str, targets: dict[str, tuple[str, int]]) -> None:
+        super().__init__(workdir)
+        self.ae_title = ae_title
+        self.targets = targets            # name -> (AE title, port)
+        self.port = peers.free_port()
+
+    def _argv(self) -> list[str]:
+        db = self.workdir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        hosts = "\n".join(f"{name} = ({ae}, {peers.HOST}, {port})" for name, (ae, port) in self.targets.items())
+        cfg = self.workdir / "dcmqrscp.cfg"
+        cfg.write_text(f"NetworkTCPPort = {self.port}\nMaxPDUSize = 65536\nMaxAssociations = 4\n\n"
+                       f"HostTable BEGIN\n{hosts}\nHostTable END\n\nVendorTable BEGIN\nVendorTable END\n\n"
+                       f"AETable BEGIN\n{self.ae_title} {db} RW (1000, 256mb) ANY\nAETable END\n")
+        return [str(peers.dcmtk_tool("dcmqrscp")), "-c", str(cfg), str(self.port)]
+
+    def _ready(self) -> bool:
+        return peers.is_listening(self.port)
+
+    def _reassign_ports(self) -> bool:
+        self.port = peers.free_port()
+        return True
+
+
+def test_a_real_c_move_from_dcmqrscp_is_attributed(
+        tmp_path: Path, dcmtk: Any, router: Callable[..., Router],
+        storescp: Callable[..., peers.StoreSCP]) -> None:
+    """DCMTK's dcmqrscp answers a C-MOVE (movescu calling as FASTROUTE, Message ID 1) by sending
+    the study to the router: its C-STOREs carry the originator, so the study reaches the job's
+    destination, not the router's clinical default route."""
+    import subprocess
+    clinical, newpacs = storescp("CLIN"), storescp("NEWPACS")
+    r = router({"destinations": {"clinical": destination(clinical.port, "CLIN"),
+                                 "newpacs": destination(newpacs.port, "NEWPACS")},
+                "default": ["clinical"]})
+    files = synth.make_tiny(tmp_path / "archive", 3)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with _QrScp(tmp_path / "qr", "OLDPACS", {"fastroute": ("FASTROUTE", r.port)}) as archive:
+        res = peers.storescu(archive.port, files, called_ae="OLDPACS")
+        assert res.returncode == 0, res.stdout + res.stderr
+        runner = Spool(r.spool_path, map_size=64 * 1024**3)
+        try:
+            assert runner.moves.register("FASTROUTE", 1, "mig1", study, ("newpacs",), time.time() + 300)
+            move = subprocess.run(
+                [str(peers.dcmtk_tool("movescu")), "-aet", "FASTROUTE", "-aec", "OLDPACS", "-aem", "FASTROUTE",
+                 "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                 peers.HOST, str(archive.port)],
+                capture_output=True, text=True, timeout=60, env=peers.dcmtk_env(), check=False)
+            assert move.returncode == 0, move.stdout + move.stderr
+            newpacs.wait_for(3, timeout=60)
+            recs = runner.lookup(study_instance_uid=study)
+            assert len(recs) == 3
+            for _, rec in recs:
+                assert rec.extra["migration"] == "mig1", rec.extra
+                assert (rec.extra["move_originator_ae"], rec.extra["move_originator_id"]) == ("FASTROUTE", 1)
+                assert rec.calling_ae == "OLDPACS" and rec.routed_to == ["newpacs"]
+            assert clinical.files() == []
+        finally:
+            runner.close()
