@@ -200,3 +200,24 @@ def test_identical_migration_copy_is_no_conflict(spool: Spool) -> None:
     assert rec is not None and "content_conflict" not in rec.extra
     assert new.superseded == (old.oid,)                                # type: ignore[union-attr]
     assert spool.object_count() == 1
+
+
+def test_operator_views_show_a_bulk_object_as_pending(tmp_path: Path) -> None:
+    """The study trace, the entries and the queue view of a migration's waiting object."""
+    import yaml
+
+    from fastroute.config import loads
+    from fastroute.ops import actions as ops
+    cfg = loads(yaml.safe_dump({"ae_title": "FASTROUTE", "port": 11112, "spool": str(tmp_path / "s"),
+                                "min_free_bytes": 0, "spool_max_bytes": "64MiB",
+                                "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}}))
+    sp = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        sp.put_many([moved("5.1"), clinical("1.1")])
+        [obj] = ops.lookup(cfg, sp, study_instance_uid="8.8")["objects"]
+        assert [s["state"] for s in obj["path"]] == ["pending"]
+        rows = ops.entries(cfg, sp, "pacs", "pending")
+        assert [(r["sop_instance_uid"], r["state"]) for r in rows] == [("1.1", "pending"), ("5.1", "bulk")]
+        assert [r["sop_instance_uid"] for r in ops.entries(cfg, sp, "pacs", "bulk")] == ["5.1"]
+    finally:
+        sp.close()
