@@ -414,3 +414,15 @@ def test_a_real_c_move_from_dcmqrscp_is_attributed(
             assert clinical.files() == []
         finally:
             runner.close()
+
+
+def test_reserve_takes_the_next_free_id(spool: Spool) -> None:
+    t = 1000.0
+    assert spool.moves.reserve("FR", "j", "1.1", ("a",), t + 10, start=5, now=t) == 5
+    assert spool.moves.reserve("FR", "j", "1.2", ("a",), t + 10, start=5, now=t) == 6
+    assert spool.moves.reserve("FR", "j", "1.3", ("a",), t + 10, start=0xFFFF, now=t) == 0xFFFF
+    assert spool.moves.reserve("FR", "j", "1.4", ("a",), t + 10, start=0xFFFF, now=t) == 1   # wraps, skips 0
+    move = spool.moves.lookup("FR", 6, now=t)
+    assert move is not None and move.study_uid == "1.2"
+    with pytest.raises(ValueError):
+        spool.moves.register("FR", 9, "j", "1.1", (), t + 10, now=t)   # nowhere to send
