@@ -221,3 +221,17 @@ def test_operator_views_show_a_bulk_object_as_pending(tmp_path: Path) -> None:
         assert [r["sop_instance_uid"] for r in ops.entries(cfg, sp, "pacs", "bulk")] == ["5.1"]
     finally:
         sp.close()
+
+
+def test_a_claimed_bulk_object_says_so_and_its_digest_is_kept(spool: Spool) -> None:
+    """The sender hashes what it delivered of a migration (``Claimed.bulk``), so a later copy
+    can be compared; with duplicate_window off that is all: no ``dlv`` entry."""
+    spool.put_many([moved("5.1", data=b"m" * 50), clinical("1.1")])
+    batch, _ = spool.claim("pacs", 10)
+    assert [(c.sop_instance_uid, c.bulk) for c in batch] == [("1.1", False), ("5.1", True)]
+    spool.settle("pacs", [Outcome(c.oid, OutcomeKind.DELIVERED, 0,
+                                  digest=content_digest(b"m" * 50) if c.bulk else b"") for c in batch])
+    rec = spool.record(batch[1].oid)
+    assert rec is not None and rec.digest == content_digest(b"m" * 50).hex()
+    with spool.env.begin() as txn:
+        assert txn.stat(spool._dbs["dlv"])["entries"] == 0

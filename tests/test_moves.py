@@ -23,7 +23,7 @@ from fastroute.dicom.pdu import (AFFECTED_SOP_CLASS_UID, AFFECTED_SOP_INSTANCE_U
 from fastroute.dicom.scp import Listener
 from fastroute.routing.intake import StoreService
 from fastroute.routing.rules import RuleSet
-from fastroute.spool import QueueState, RoutingRecord, Spool
+from fastroute.spool import QueueState, RoutingRecord, Spool, content_digest
 from fastroute.spool.commit import Committer
 from fastroute.spool.moves import Move, move_key
 from peers import wait_until
@@ -315,11 +315,46 @@ def test_router_delivers_moved_objects_to_the_job_destinations(
         assert got == {str(d.SOPInstanceUID) for d in moved}
         recs = runner.lookup(study_instance_uid=str(moved[0].StudyInstanceUID))
         assert len(recs) == 4
-        for _, rec in runner.lookup(study_instance_uid=str(moved[0].StudyInstanceUID)):
+        by_uid = {rec.sop_instance_uid: (oid, rec) for oid, rec in recs}
+        for d in moved:
+            oid, rec = by_uid[str(d.SOPInstanceUID)]
             assert rec.extra["migration"] == "mig1" and rec.extra["move_originator_id"] == 11
             assert set(rec.delivered) == {"newpacs"}
+            # the sender recorded what it delivered: a later copy is compared with it
+            assert rec.digest == content_digest(_encoded(d)).hex()
+        ordinary_uid = str(pydicom.dcmread(ordinary[0], stop_before_pixels=True).SOPInstanceUID)
+        [(_, plain)] = [(o, x) for o, x in runner.lookup(patient_id=plain_pid(ordinary[0]))
+                        if x.sop_instance_uid == ordinary_uid]
+        assert plain.digest == ""          # clinical traffic: no hash (duplicate_window is off)
+
+        # the source sends one of them again, changed: delivered, and reported as a conflict
+        changed = moved[0]
+        changed.PatientName = "CHANGED^NAME"
+        assert _send(r.port, [changed], ("FASTROUTE", 11)) == [0]
+        newest = max(oid for oid, x in runner.lookup(study_instance_uid=str(changed.StudyInstanceUID))
+                     if x.sop_instance_uid == str(changed.SOPInstanceUID))
+        again = runner.record(newest)
+        assert again is not None
+        first_oid, first = by_uid[str(changed.SOPInstanceUID)]
+        assert again.extra["content_conflict"] == {"with_oid": first_oid, "digest": content_digest(_encoded(changed)).hex(),
+                                                 "other_digest": first.digest}
+        wait_until(lambda: "different content" in r.log_text(), 10, message="the conflict was not logged")
+        line = next(x for x in r.log_text().splitlines() if "different content" in x)
+        assert "migration=mig1" in line and str(changed.SOPInstanceUID) in line and "WARNING" in line.upper()
     finally:
         runner.close()
+
+
+def plain_pid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    """The dataset's bytes as pynetdicom sends them (Explicit VR Little Endian, no file meta)."""
+    from pynetdicom.dsutils import encode
+    data = encode(ds, False, True)
+    assert data is not None
+    return data
 
 
 def test_clinical_objects_are_sent_before_a_migration_backlog(
