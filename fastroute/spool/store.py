@@ -34,6 +34,7 @@ import lmdb
 from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
+from fastroute.spool.moves import MoveTable
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
     UNROUTED,
@@ -49,7 +50,6 @@ from fastroute.spool.queues import (
 )
 from fastroute.spool.records import QueueState, RoutingRecord, decode_record
 from fastroute.spool.staging import ChunkedView, Manifest, StagedData, chunk_key, owner_alive
-from fastroute.spool.moves import MoveTable
 
 if TYPE_CHECKING:
     from fastroute.config import Config
@@ -96,10 +96,10 @@ class Spool:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
-        self.moves = MoveTable(self.env, self._dbs["mmove"])   # the C-MOVEs in flight (issue 13)
         self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
+        self.moves = MoveTable(self.env, self._dbs["mmove"])
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
 
