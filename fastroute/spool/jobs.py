@@ -15,14 +15,15 @@ Sub-databases (opened by :class:`fastroute.spool.store.Spool`):
 ``mstudy`` job name 0x00 u64 seq -> study record (JSON), seq = inventory order
 ``mstuid`` job name 0x00 Study Instance UID -> u64 seq (one study once per job)
 ``minst``  job name 0x00 u64 seq 0x00 SOP Instance UID -> instance record (packed/JSON)
-``mwork``  job name 0x00 state code 0x00 u64 seq -> b"" : studies by actionable state, so the
-           runner finds the next study to retrieve/verify without scanning the inventory
+``mwork``  job name 0x00 state code 0x00 u64 next_at (ms) u64 seq -> b"" : non-final studies by
+           state, earliest due first, so the runner finds the next study to retrieve/verify
+           without scanning the inventory
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 if TYPE_CHECKING:
     import lmdb
@@ -115,6 +116,9 @@ class JobStatus:
     error: str = ""             # the last job-level problem (source down, 0xA801...), "" if none
     created_at: float = 0.0
     updated_at: float = 0.0
+    instances_found: int = 0    # found at the destination by the last verifications
+    conflicts: int = 0          # SOP UIDs received twice with different content
+    inventory_done: bool = False
 
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -145,6 +149,7 @@ class StudyRecord:
     verify_attempts: int = 0
     next_at: float = 0.0                   # not before (backoff after 0xA701/0xA702, re-verify)
     updated_at: float = 0.0
+    conflicts: int = 0                     # SOP UIDs received again with different content
 
     def report_row(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -161,14 +166,40 @@ class InstanceRecord:
     digest: str = ""                       # content digest (hex) once compared
     delivered: bool = False
     found: bool = False                    # seen by the destination's IMAGE-level C-FIND
+    received: bool = False                 # spooled for this job (``oid`` set)
+    conflict: bool = False                 # received again with another digest (kept the first)
 
 
 class JobError(Exception):
     """A job operation that cannot be done as asked (unknown name, wrong state)."""
 
 
+#: A study named by its inventory ``seq`` or its Study Instance UID.
+StudyRef = int | str
+
+#: Which flag :meth:`Jobs.missing` looks at.
+MissingOf = Literal["received", "delivered", "found"]
+
+
+def parse_rate(text: str) -> tuple[float | None, float | None]:
+    """``--rate``: ``N/h`` studies per hour, ``N/s`` or ``N/min`` instances per second.
+
+    Returns ``(studies_per_hour, instances_per_s)`` with one of them set; ValueError naming
+    the bad text otherwise."""
+    raise NotImplementedError
+
+
+def in_windows(windows: Sequence[Window], t: float) -> bool:
+    """Whether ``t`` is inside any window (no windows: always)."""
+    raise NotImplementedError
+
+
 class Jobs:
-    """Every job operation, each in its own transaction(s); opened by the Spool."""
+    """Every job operation, each in its own transaction(s); opened by the Spool.
+
+    Every write keeps the job record's totals (studies by state, instances expected/received/
+    delivered/found) in the same transaction as the change it counts, and every runner write
+    is idempotent: replaying it after a crash changes nothing twice."""
 
     def __init__(self, env: lmdb.Environment, dbs: Mapping[str, Any]) -> None:
         raise NotImplementedError
@@ -180,25 +211,33 @@ class Jobs:
         raise NotImplementedError
 
     def names(self) -> list[str]:
+        """Every job, by name (sorted)."""
         raise NotImplementedError
 
     def spec(self, name: str) -> JobSpec:
         raise NotImplementedError
 
     def status(self, name: str, now: float | None = None) -> JobStatus:
+        """From the job record alone (never scans the inventory)."""
         raise NotImplementedError
 
     def pause(self, name: str) -> JobStatus:
+        """inventory/running/waiting-window -> paused; JobError when paused or final."""
         raise NotImplementedError
 
     def resume(self, name: str) -> JobStatus:
+        """paused -> inventory (inventory not finished) or running; JobError otherwise."""
         raise NotImplementedError
 
     def cancel(self, name: str) -> JobStatus:
+        """Any non-final state -> cancelled (studies keep their states, for the report)."""
         raise NotImplementedError
 
     def retry(self, name: str) -> int:
-        """Failed and incomplete studies again (state -> listed/pending, attempts reset); how many."""
+        """Failed and incomplete studies again (state -> listed/pending, attempts reset); how many.
+
+        A finished or cancelled job runs again (``running``, or ``inventory`` when that had not
+        finished); a paused job stays paused."""
         raise NotImplementedError
 
     def report(self, name: str) -> Iterator[StudyRecord]:
@@ -212,8 +251,114 @@ class Jobs:
         raise NotImplementedError
 
     # -- the runner ---------------------------------------------------------------------------
-    # (methods the migration runner needs are added on branch mig-store / mig-runner)
+    def active(self) -> list[str]:
+        """Names of the jobs not in a final state (done, done-with-errors, cancelled) and not
+        paused: the ones a runner advances."""
+        raise NotImplementedError
+
+    def unfinished(self) -> list[str]:
+        """Names of the jobs not in a final state (paused included)."""
+        raise NotImplementedError
+
+    def state(self, name: str) -> JobState:
+        raise NotImplementedError
+
+    def get_study(self, name: str, study: StudyRef) -> StudyRecord | None:
+        """A study by seq or Study Instance UID."""
+        raise NotImplementedError
+
+    def inventory_progress(self, name: str) -> dict[str, Any]:
+        """The inventory's own resume state (opaque JSON object, {} at first)."""
+        raise NotImplementedError
+
+    def add_studies(self, name: str, studies: Iterable[StudyRecord],
+                    progress: Mapping[str, Any] | None = None, now: float | None = None) -> int:
+        """One batch of the inventory, in one transaction: each study not yet in the job (by
+        Study Instance UID) gets the next seq (``seq`` given is ignored) and keeps the given
+        state (``pending``, or ``failed`` with a reason such as "not found at source");
+        totals follow. ``progress`` (when given) replaces the inventory's resume state in the
+        same transaction, so a crash never loses studies nor repeats a range. How many were new."""
+        raise NotImplementedError
+
+    def save_inventory_progress(self, name: str, progress: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def inventory_done(self, name: str, now: float | None = None) -> JobState:
+        """The inventory finished: inventory -> running (a paused/cancelled job keeps its state,
+        and resume then goes to running). Idempotent."""
+        raise NotImplementedError
+
+    def set_window(self, name: str, inside: bool) -> JobState:
+        """running <-> waiting-window as the runner sees the time windows; other states unchanged."""
+        raise NotImplementedError
+
+    def due(self, name: str, state: StudyState, limit: int, now: float | None = None) -> list[StudyRecord]:
+        """Up to ``limit`` studies in ``state`` (not final) whose ``next_at`` <= now, earliest
+        first then inventory order; from ``mwork`` (no scan of the inventory)."""
+        raise NotImplementedError
+
+    def next_due(self, name: str, states: Iterable[StudyState] | None = None) -> float | None:
+        """The earliest ``next_at`` among studies in ``states`` (default: every non-final
+        state); None when there is none. For the runner's sleep."""
+        raise NotImplementedError
+
+    def count(self, name: str, state: StudyState) -> int:
+        """Studies in ``state`` (from the totals)."""
+        raise NotImplementedError
+
+    def set_instances(self, name: str, study: StudyRef, instances: Sequence[InstanceRecord], *,
+                      state: StudyState | None = StudyState.LISTED,
+                      source_instances: int | None = None, now: float | None = None) -> StudyRecord:
+        """The source's listing of a study (SERIES/IMAGE-level C-FIND): replaces ``minst``
+        (received/delivered/found flags of instances listed again are kept), sets
+        ``source_instances`` (``len(instances)``, or ``source_instances`` for a counts-only
+        listing) and ``state``; totals follow. Zero instances is allowed (the runner fails it)."""
+        raise NotImplementedError
+
+    def mark_received(self, name: str, study: StudyRef, received: Mapping[str, int], *,
+                      digests: Mapping[str, str] | None = None, now: float | None = None) -> list[str]:
+        """Instances spooled for this job: {SOP Instance UID: spool oid}. Each counts once
+        however often it is replayed; an instance the listing lacked is added. With ``digests``,
+        an instance received again with a different digest is NOT overwritten: its SOP UID is
+        returned (the caller reports it) and the study's ``conflicts`` grows. Feeds ``rate``."""
+        raise NotImplementedError
+
+    def mark_delivered(self, name: str, study: StudyRef, sop_uids: Iterable[str],
+                       now: float | None = None) -> StudyRecord:
+        """Instances delivered to every destination of the job (idempotent)."""
+        raise NotImplementedError
+
+    def mark_found(self, name: str, study: StudyRef, sop_uids: Iterable[str] | None = None, *,
+                   count: int | None = None, now: float | None = None) -> StudyRecord:
+        """A verification's result: the SOP UIDs the destination's IMAGE-level C-FIND found
+        (exactly these are flagged ``found``; ``found_at_destination`` = how many of the listed
+        ones), or only ``count`` (STUDY-level NumberOfStudyRelatedInstances)."""
+        raise NotImplementedError
+
+    def update_study(self, name: str, study: StudyRef, *, state: StudyState | None = None,
+                     reason: str | None = None, next_at: float | None = None,
+                     attempts: int | None = None, verify_attempts: int | None = None,
+                     add_attempt: bool = False, add_verify_attempt: bool = False,
+                     now: float | None = None) -> StudyRecord:
+        """Change a study's state/reason/next_at/attempts (None: unchanged); ``mwork`` and the
+        totals follow in the same transaction. Leaving a final state is for :meth:`retry`
+        only (JobError otherwise)."""
+        raise NotImplementedError
+
+    def missing(self, name: str, study: StudyRef, of: MissingOf = "received") -> list[InstanceRecord]:
+        """Listed instances not yet received (or delivered, or found at the destination)."""
+        raise NotImplementedError
+
+    def set_error(self, name: str, text: str) -> None:
+        """The job-level problem ``status`` shows (source down, 0xA801 ...); "" clears it."""
+        raise NotImplementedError
+
+    def finish(self, name: str, now: float | None = None) -> JobState:
+        """Every study final: done (none failed) or done-with-errors; JobError while studies
+        remain unfinished. Idempotent (a finished job keeps its state)."""
+        raise NotImplementedError
 
 
 __all__ = ["JobState", "StudyState", "FINAL_STUDY_STATES", "Window", "JobSpec", "JobStatus",
-           "REPORT_COLUMNS", "StudyRecord", "InstanceRecord", "JobError", "Jobs"]
+           "REPORT_COLUMNS", "StudyRecord", "InstanceRecord", "JobError", "Jobs", "StudyRef",
+           "MissingOf", "parse_rate", "in_windows"]
