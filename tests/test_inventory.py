@@ -246,6 +246,9 @@ def test_one_day_too_large_is_split_by_study_time_and_said(spool: Spool) -> None
     assert any(str(q.get("StudyTime", "")).count("-") == 1 for q in fake.queries)
     err = spool.jobs.status(name).error
     assert "OLDPACS has more than 40 studies on 20220202" in err and "StudyTime" in err
+    # the note outlives the job error (which the runner clears when the inventory is done)
+    spool.jobs.set_error(name, "")
+    assert any("20220202" in n for n in spool.jobs.status(name).inventory_notes)
 
 
 def test_a_time_slot_that_cannot_be_split_is_reported(spool: Spool) -> None:

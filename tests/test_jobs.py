@@ -333,3 +333,21 @@ def test_parse_rate() -> None:
         with pytest.raises(ValueError, match="bad rate") as info:
             parse_rate(bad)
         assert repr(bad) in str(info.value)
+
+
+def test_instance_records_are_compact_and_round_trip(spool: Spool) -> None:
+    """A migration may hold 100M instance records: the packed value stays near its content."""
+    from fastroute.spool.jobs import _decode_inst, _encode_inst
+
+    sop = "1.2.826.0.1.3680043.8.498.12345678901234567890.1.2.3.4.5.6.7"
+    series = "1.2.826.0.1.3680043.8.498.12345678901234567890.1.2.3.4.5"
+    digest = "ab" * 32
+    rec = InstanceRecord(sop, series, "1.2.840.10008.5.1.4.1.1.2", oid=2**40 + 3, digest=digest,
+                         delivered=True, found=False, received=True, conflict=True)
+    raw = _encode_inst(rec)
+    assert _decode_inst(sop, raw) == rec
+    assert len(raw) <= 9 + 2 + 3 + 1 + 25 + 32          # flags+oid, series suffix, class, digest
+    odd = InstanceRecord("9.9", "1.2.3", "", digest="not hex é")
+    assert _decode_inst("9.9", _encode_inst(odd)) == odd
+    bare = InstanceRecord("9.8")
+    assert _decode_inst("9.8", _encode_inst(bare)) == bare and len(_encode_inst(bare)) == 12
