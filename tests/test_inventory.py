@@ -114,8 +114,8 @@ class FakeSource:
 
     def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
              timeout: float | None = None) -> Iterator[Dataset]:
-        assert isinstance(identifier, Mapping)
-        keys = dict(identifier)
+        keys = (dict(identifier) if isinstance(identifier, Mapping)
+                else {e.keyword: e.value for e in identifier if e.keyword != "QueryRetrieveLevel"})
         self.queries.append(keys)
         if self.crash_after is not None and len(self.queries) > self.crash_after:
             raise Crash(f"killed at query {len(self.queries)}")

@@ -29,6 +29,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from fastroute.config import SourceConfig
@@ -51,6 +54,7 @@ STUDY_RETURN_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyD
                      "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
 NOT_FOUND = "not found at source"
+EMPTY_VALUE = '""'               # empty-value matching (PS3.4 C.2.2.2.1)
 
 
 class FindClient(Protocol):
@@ -222,7 +226,7 @@ class Inventory:
         buf: list[StudyRecord] = []
         answer: Iterator[Dataset] | None = None
         try:
-            answer = self.client.find(level, dict(keys), timeout=self.source.query_timeout)
+            answer = self.client.find(level, identifier(keys), timeout=self.source.query_timeout)
             for ds in answer:
                 n += 1
                 rec = study_record(ds)
@@ -262,7 +266,7 @@ class Inventory:
         keys["StudyDate"] = lo if lo == hi else f"{lo}-{hi}"
         keep = None
         if tlo == -1:
-            keys["StudyTime"] = '""'
+            keys["StudyTime"] = EMPTY_VALUE
             keep = _no_time
         elif tlo is not None:
             keys["StudyTime"] = f"{_hms(tlo)}-{_hms(thi)}"
@@ -294,7 +298,7 @@ class Inventory:
         """Studies with an empty StudyDate, by empty-value matching; the fallback when the
         source's answer shows it does not honour it (dated matches, capped, refused)."""
         keys = dict(self.keys)
-        keys["StudyDate"] = '""'
+        keys["StudyDate"] = EMPTY_VALUE
         honoured = True
 
         def keep(rec: StudyRecord, ds: Dataset) -> bool:
@@ -387,6 +391,21 @@ class Inventory:
             if self.kept:
                 return found
         return None
+
+
+def identifier(keys: Mapping[str, Any]) -> Dataset:
+    """A C-FIND identifier from {keyword: value}; the empty-value key ``""`` is set without
+    pydicom's value validation (it is valid in a query, not as a date, and would warn)."""
+    ds = Dataset()
+    for keyword, value in keys.items():
+        if value == EMPTY_VALUE:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise KeyError(f"{keyword!r} is not a DICOM keyword")
+            ds.add(DataElement(tag, dictionary_VR(tag), value, validation_mode=pydicom_config.IGNORE))
+        else:
+            setattr(ds, keyword, "" if value is None else value)
+    return ds
 
 
 def _no_date(rec: StudyRecord, ds: Dataset) -> bool:
