@@ -463,3 +463,28 @@ def test_inventory_over_the_network_against_the_fake_archive(spool: Spool) -> No
     assert sorted(i.sop_instance_uid for i in listing) == sorted(
         f"{gen.study_uid(3)}.{s}.{k}" for s in range(2) for k in range(2))
     assert {i.series_instance_uid for i in listing} == {f"{gen.study_uid(3)}.{s}" for s in range(2)}
+
+
+def test_studies_file_lookup_resumes_after_a_crash(tmp_path: Path) -> None:
+    studies = spread(30, dt.date(2020, 1, 1), 30)
+    entries = tuple(s.uid for s in studies) + ("1.2.3.404",)
+    path = tmp_path / "s"
+    sp = Spool(path, map_size=64 * 1024**2)
+    name, spec = start(sp, studies=entries)
+    fake = FakeSource(studies)
+    fake.crash_after = 17
+    with pytest.raises(Crash):
+        run_inventory(fake, sp.jobs, name, spec, source(), today=TODAY, batch=5)
+    done_before = sp.jobs.inventory_progress(name)["next"]
+    sp.close()
+    assert done_before == 15                     # three batches of five were committed
+    sp = Spool(path, map_size=64 * 1024**2)
+    try:
+        again = FakeSource(studies)
+        run_inventory(again, sp.jobs, name, sp.jobs.spec(name), source(), today=TODAY, batch=5)
+        got = uids(sp, name)
+        assert len(got) == len(set(got)) == 31
+        asked = [q["StudyInstanceUID"] for q in again.queries if q["StudyInstanceUID"]]
+        assert asked[0] == studies[15].uid and len(asked) == 15 + 1     # the rest, and 1.2.3.404
+    finally:
+        sp.close()

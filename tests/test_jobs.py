@@ -351,3 +351,22 @@ def test_instance_records_are_compact_and_round_trip(spool: Spool) -> None:
     assert _decode_inst("9.9", _encode_inst(odd)) == odd
     bare = InstanceRecord("9.8")
     assert _decode_inst("9.8", _encode_inst(bare)) == bare and len(_encode_inst(bare)) == 12
+
+
+def test_retry_crosses_batches_and_leaves_final_successes(spool: Spool) -> None:
+    jobs = spool.jobs
+    name = jobs.create(JobSpec(name="many", source="old", destinations=("new",)))
+    jobs.add_studies(name, [StudyRecord(seq=-1, study_instance_uid=f"5.{i}") for i in range(1203)])
+    other = make_job(jobs, "zz-other", n=3)
+    jobs.update_study(other, 0, state=StudyState.FAILED, reason="x")
+    jobs.inventory_done(name)
+    for seq in range(1203):
+        jobs.update_study(name, seq, state=StudyState.VERIFIED if seq % 3 == 0 else StudyState.FAILED,
+                          reason="" if seq % 3 == 0 else "no answer", add_attempt=True)
+    assert jobs.finish(name) is JobState.DONE_WITH_ERRORS
+    assert jobs.retry(name) == 802
+    st = jobs.status(name)
+    assert st.state is JobState.RUNNING and st.studies_by_state == {"verified": 401, "pending": 802}
+    assert all(r.reason == "" and r.attempts == 0 for r in jobs.report(name) if r.state is StudyState.PENDING)
+    assert jobs.count(other, StudyState.FAILED) == 1          # another job's studies untouched
+    assert len(jobs.due(name, StudyState.PENDING, 2000)) == 802
