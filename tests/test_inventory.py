@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from fastroute.config import SourceConfig
 from fastroute.dicom.qr import Level, QueryFailed
-from fastroute.migration.inventory import NOT_FOUND, date_bounds, list_study, run_inventory
+from fastroute.migration.inventory import NOT_FOUND, InventoryInterrupted, date_bounds, list_study, run_inventory
 from fastroute.spool import Spool
 from fastroute.spool.jobs import JobSpec, JobState, StudyState
 
@@ -348,7 +348,8 @@ def test_stop_event_ends_the_run_and_keeps_the_place(spool: Spool) -> None:
     fake = FakeSource(studies, limit=20)
     fake.stop_after = (5, stop)
     name, spec = start(spool)
-    run_inventory(fake, spool.jobs, name, spec, source(max_results=20), stop=stop, today=TODAY)
+    with pytest.raises(InventoryInterrupted, match="router is stopping; it continues where it stopped"):
+        run_inventory(fake, spool.jobs, name, spec, source(max_results=20), stop=stop, today=TODAY)
     assert len(fake.queries) == 5 and spool.jobs.inventory_progress(name)["phase"] == "dates"
     rest = FakeSource(studies, limit=20)
     run_inventory(rest, spool.jobs, name, spec, source(max_results=20), today=TODAY)
@@ -488,3 +489,22 @@ def test_studies_file_lookup_resumes_after_a_crash(tmp_path: Path) -> None:
         assert asked[0] == studies[15].uid and len(asked) == 15 + 1     # the rest, and 1.2.3.404
     finally:
         sp.close()
+
+
+def test_pausing_the_job_interrupts_its_inventory(spool: Spool) -> None:
+    studies = spread(200, dt.date(2020, 1, 1), 300)
+
+    class PausedOnThird(FakeSource):
+        def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
+                 timeout: float | None = None) -> Iterator[Dataset]:
+            if len(self.queries) == 2:
+                spool.jobs.pause(name)              # an operator, from another process
+            return super().find(level, identifier, timeout=timeout)
+    fake = PausedOnThird(studies, limit=20)
+    name, spec = start(spool)
+    with pytest.raises(InventoryInterrupted, match="the job is paused"):
+        run_inventory(fake, spool.jobs, name, spec, source(max_results=20), today=TODAY)
+    assert len(fake.queries) == 3 and not spool.jobs.status(name).inventory_done
+    assert spool.jobs.resume(name).state is JobState.INVENTORY
+    run_inventory(FakeSource(studies, limit=20), spool.jobs, name, spec, source(max_results=20), today=TODAY)
+    assert sorted(uids(spool, name)) == sorted(s.uid for s in studies)

@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from fastroute.config import SourceConfig
 from fastroute.dicom.qr import Level, QueryFailed
 from fastroute.logsetup import fields
-from fastroute.spool.jobs import InstanceRecord, Jobs, JobSpec, StudyRecord, StudyState
+from fastroute.spool.jobs import InstanceRecord, Jobs, JobSpec, JobState, StudyRecord, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ STUDY_RETURN_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyD
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
 NOT_FOUND = "not found at source"
 EMPTY_VALUE = '""'               # empty-value matching (PS3.4 C.2.2.2.1)
+
+
+class InventoryInterrupted(Exception):
+    """The inventory stopped before it was complete (router stopping, job paused or
+    cancelled): the job's inventory is NOT done; its progress is kept for the next run."""
 
 
 class FindClient(Protocol):
@@ -186,19 +191,29 @@ class Inventory:
         return self.stop is not None and self.stop.is_set()
 
     def run(self) -> int:
-        """Until the inventory is complete or ``stop`` is set; how many studies were added."""
+        """Until the inventory is complete; how many studies were added. InventoryInterrupted
+        when ``stop`` is set or the job leaves the ``inventory`` state (paused, cancelled)
+        first: the progress is kept, and the next run continues from it."""
         self._start()
         t0 = time.monotonic()
-        while not self._stopped():
-            phase = self.progress["phase"]
-            if phase == "done":
+        why = ""
+        while self.progress["phase"] != "done":
+            if self._stopped():
+                why = "the router is stopping"
+                break
+            state = self.jobs.state(self.name)
+            if state is not JobState.INVENTORY:
+                why = f"the job is {state}"
                 break
             step = {"studies": self._studies_step, "dates": self._dates_step,
-                    "empty": self._empty_step, "fallback": self._fallback_step}[phase]
+                    "empty": self._empty_step, "fallback": self._fallback_step}[self.progress["phase"]]
             step()
         log.info("migration %s: inventory of %s %s: %d new studies, %d queries, %.1f s", self.name,
-                 self.source.ae_title, "done" if self.progress["phase"] == "done" else "stopped",
+                 self.source.ae_title, f"interrupted ({why})" if why else "done",
                  self.added, self.progress.get("queries", 0), time.monotonic() - t0)
+        if why:
+            raise InventoryInterrupted(f"inventory of job {self.name} at {self.source.ae_title} interrupted: "
+                                       f"{why}; it continues where it stopped")
         return self.added
 
     def _commit(self, studies: list[StudyRecord]) -> None:
@@ -425,9 +440,10 @@ def run_inventory(client: FindClient, jobs: Jobs, name: str, spec: JobSpec, sour
                   stop: threading.Event | None = None, batch: int = BATCH,
                   today: dt.date | None = None) -> int:
     """Inventory ``name``'s studies at ``source`` into the spool, resuming where a previous run
-    stopped; returns how many studies it added. The caller marks the job's inventory done
-    (:meth:`Jobs.inventory_done`) when this returns without ``stop`` set; QueryFailed (source
-    down, a failure status) propagates, with the progress kept."""
+    stopped; returns how many studies it added, and only when the inventory is complete: the
+    caller then marks it done (:meth:`Jobs.inventory_done`). InventoryInterrupted (``stop`` set,
+    job paused or cancelled) and QueryFailed (source down, a failure status) propagate, with
+    the progress kept; the caller must NOT mark the inventory done then."""
     return Inventory(client, jobs, name, spec, source, stop=stop, batch=batch, today=today).run()
 
 
@@ -476,5 +492,5 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
     return Listing(out.values())
 
 
-__all__ = ["run_inventory", "Inventory", "list_study", "Listing", "study_record", "date_bounds",
+__all__ = ["run_inventory", "Inventory", "InventoryInterrupted", "list_study", "Listing", "study_record", "date_bounds",
            "looks_like_uid", "inventory_complete", "NOT_FOUND", "FindClient"]
