@@ -379,6 +379,14 @@ def test_list_study_image_level_and_counts_only() -> None:
     counts = list_study(FakeSource([s]), "1.9", source(image_level=False))
     assert list(counts) == [] and counts.counts_only and counts.source_instances == 3
 
+    class Capped(FakeSource):       # IMAGE-level answers capped at one match
+        def _lower(self, level: Level, keys: dict[str, Any]) -> Iterator[Dataset]:
+            for n, ds in enumerate(super()._lower(level, keys)):
+                if level is Level.SERIES or n < 1:
+                    yield ds
+    short = list_study(Capped([s]), "1.9", source())
+    assert len(short) == 2 and short.source_instances == 3 and not short.counts_only
+
 
 def _rss_anon() -> int:
     """This process's anonymous resident memory (the Python heap; not the LMDB map's file pages)."""

@@ -457,7 +457,8 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
 
     A source without IMAGE level (``source.image_level`` false) gives a counts-only listing:
     the sum of NumberOfSeriesRelatedInstances (or the study's NumberOfStudyRelatedInstances when
-    the series do not say)."""
+    the series do not say). Pass ``listing.source_instances`` to :meth:`Jobs.set_instances`: it
+    is more than ``len(listing)`` where a series listed fewer instances than it counts."""
     series: list[tuple[str, str, int | None]] = []
     for ds in client.find(Level.SERIES, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "",
                                          "Modality": "", "NumberOfSeriesRelatedInstances": ""},
@@ -476,6 +477,7 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
                 total = _int(ds, "NumberOfStudyRelatedInstances") or 0
         return Listing(source_instances=total, counts_only=True)
     out: dict[str, InstanceRecord] = {}
+    short = 0
     for series_uid, _modality, expected in series:
         got = 0
         for ds in client.find(Level.IMAGE, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
@@ -489,7 +491,10 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
         if expected is not None and got < expected:
             log.warning("study %s series %s: %s lists %d of the %d instances it counts", study_uid,
                         series_uid, source.ae_title, got, expected, extra=fields(study_uid=study_uid))
-    return Listing(out.values())
+            short += expected - got
+    # an archive that caps the IMAGE-level answer lists fewer than it counts: the count stays
+    # the expectation, so such a study is never taken as complete on the short list alone
+    return Listing(out.values(), source_instances=len(out) + short)
 
 
 __all__ = ["run_inventory", "Inventory", "InventoryInterrupted", "list_study", "Listing", "study_record", "date_bounds",
