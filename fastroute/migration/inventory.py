@@ -217,7 +217,12 @@ class Inventory:
         return self.added
 
     def _commit(self, studies: list[StudyRecord]) -> None:
-        """The batch that completes a step, with the progress after it: one transaction."""
+        """The batch that completes a step, with the progress after it: one transaction. The
+        progress lives in the job record, rewritten with every study update: once done, only
+        its summary is kept."""
+        if self.progress["phase"] == "done":
+            for key in ("todo", "fb", "next"):
+                self.progress.pop(key, None)
         self.added += self.jobs.add_studies(self.name, studies, progress=self.progress)
 
     def _note(self, text: str) -> None:
