@@ -316,7 +316,7 @@ def _migration(args: argparse.Namespace, progress: "Progress", started: dt.datet
     """``--migration``: the migration workload (bench/migrate_bench.py), its own report."""
     from . import machine, migrate_bench, report, workload
 
-    studies: int = args.studies or 4     # DEFAULTS["studies"]
+    studies: int = max(1, args.studies)     # _settings filled in the default
     wl = workload.mix_workload(work, workload.parse_mix(args.mix), studies, args.seed, log)
     workload.check_disk(work, wl.bytes * 4 + 1024**3,
                         ["4 copies of the studies (archive, spool, receiver, data)", "1 GB free-space guard"])
