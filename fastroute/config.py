@@ -652,6 +652,56 @@ class RuleConfig:
         object.__setattr__(self, "matcher", compiled)
 
 
+# the classes below have a field named "key", which hides key() in their bodies
+_key = key
+_MIN_TLS = _key(_choice("1.2", "1.3"), "a TLS version: 1.2 or 1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsListenerConfig:
+    """``tls:``: the DICOM TLS listener, beside the plain one (top-level ``port: 0`` turns the
+    plain one off). PS3.15 Annex B.9, the non-downgrading BCP 195 profile, unless
+    ``legacy_ciphers`` also admits the retired profiles' RSA/CBC suites (old modalities).
+    Relative file paths are relative to the configuration file."""
+
+    cert: Path = field(metadata=_key(_path, "a PEM certificate file"))     # ours, with its chain
+    key: Path = field(metadata=_key(_path, "a PEM private key file"))
+    port: int = field(default=2762, metadata=_PORT)
+    # CA certificates client certificates must chain to (None: no client certificates asked for)
+    ca: Path | None = field(default=None, metadata=_key(_path, "a PEM CA file", if_null=IfNull.NONE))
+    require_client_cert: bool = field(default=True, metadata=_BOOL)
+    min_version: str = field(default="1.2", metadata=_MIN_TLS)
+    # a PEM CRL of the CA: client (leaf) certificates are checked against it
+    crl: Path | None = field(default=None, metadata=_key(_path, "a PEM CRL file", if_null=IfNull.NONE))
+    legacy_ciphers: bool = field(default=False, metadata=_BOOL)
+    # a TCP client that has not finished the TLS handshake by then is closed
+    handshake_timeout: float = field(default=10.0, metadata=_DURATION)
+
+    def files(self) -> dict[str, Path]:
+        """The files it names, by key (for ``fastroute check`` and reloads)."""
+        out = {"cert": self.cert, "key": self.key}
+        if self.ca is not None:
+            out["ca"] = self.ca
+        if self.crl is not None:
+            out["crl"] = self.crl
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPeerConfig:
+    """``tls:`` of a destination or a source: fastroute is the TLS client. The server's
+    certificate is verified against ``ca`` (None: the system's trust store) and, with
+    ``verify_hostname``, its name against the host; ``cert``/``key`` present ours (mutual TLS)."""
+
+    ca: Path | None = field(default=None, metadata=_key(_path, "a PEM CA file", if_null=IfNull.NONE))
+    cert: Path | None = field(default=None, metadata=_key(_path, "a PEM certificate file", if_null=IfNull.NONE))
+    key: Path | None = field(default=None, metadata=_key(_path, "a PEM private key file", if_null=IfNull.NONE))
+    verify_hostname: bool = field(default=True, metadata=_BOOL)
+
+    def files(self) -> dict[str, Path]:
+        return {k: p for k, p in (("ca", self.ca), ("cert", self.cert), ("key", self.key)) if p is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     host: str = field(default="127.0.0.1", metadata=key(_str, "a listen address"))
@@ -680,7 +730,8 @@ class AlertsConfig:
 class Config:
     ae_title: str = field(default="FASTROUTE", metadata=_AE)
     host: str = field(default="0.0.0.0", metadata=key(_str, "a listen address"))
-    port: int = field(default=11112, metadata=_PORT)
+    # the plain DICOM port; 0: none (TLS only, ``tls:`` must be set)
+    port: int = field(default=11112, metadata=key(_int(0, 65535), "a TCP port (0: no plain listener)"))
     spool: Path = field(default=Path("./fastroute-spool"), metadata=key(_path, "a folder path"))
     # LMDB map size: the spool never grows past it
     spool_max_bytes: int = field(default=64 * 1024**3, metadata=_SIZE)
@@ -733,6 +784,9 @@ class Config:
     default: tuple[str, ...] = field(default=(), metadata=key(
         _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True,
         if_null=IfNull.EMPTY))
+    # the DICOM TLS listener (None: none); same processes, same handlers as the plain port
+    tls: TlsListenerConfig | None = field(default=None, metadata=key(
+        shape=Shape.SECTION, section=TlsListenerConfig, if_null=IfNull.NONE))
     http: HttpConfig | None = field(default=None, metadata=key(shape=Shape.SECTION, section=HttpConfig))
     alerts: AlertsConfig = field(default_factory=AlertsConfig, metadata=key(
         shape=Shape.SECTION, section=AlertsConfig, if_null=IfNull.DEFAULT))
@@ -796,7 +850,38 @@ def loads(text: str, source: str = "<string>") -> Config:
         raise ctx.errors[0]
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
+    _check_tls(kw, source)
     return Config(**kw)
+
+
+def _check_tls(kw: dict[str, Any], source: str) -> None:
+    """What the ``tls`` section's keys mean together (each was valid alone)."""
+    tls: TlsListenerConfig | None = kw.get("tls")
+    port = kw.get("port", 11112)
+    if port == 0 and tls is None:
+        raise ConfigError("port 0 (no plain listener) needs a tls: listener", source=source, key="port",
+                          hint="set a port, or configure tls: {cert: ..., key: ...}")
+    if tls is None:
+        return
+    if tls.port == port:
+        raise ConfigError(f"tls.port {tls.port} is the plain port too", source=source, key="tls.port")
+    if tls.require_client_cert and tls.ca is None:
+        raise ConfigError("require_client_cert needs a ca to verify client certificates against",
+                          source=source, key="tls.ca",
+                          hint="set tls.ca, or require_client_cert: false")
+
+
+def _relative_to(base: Path, p: Path | None) -> Path | None:
+    return p if p is None or p.is_absolute() else base / p
+
+
+def resolve_tls_paths(tls: TlsListenerConfig | None, base: Path) -> TlsListenerConfig | None:
+    """The listener's TLS files relative to the configuration file's folder ``base``."""
+    if tls is None:
+        return None
+    return dataclasses.replace(tls, cert=_relative_to(base, tls.cert) or tls.cert,
+                               key=_relative_to(base, tls.key) or tls.key,
+                               ca=_relative_to(base, tls.ca), crl=_relative_to(base, tls.crl))
 
 
 def _read(p: Path) -> str:
@@ -852,10 +937,12 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
     # A relative spool path is relative to the configuration file, not the working directory.
     if not cfg.spool.is_absolute():
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))
+    if cfg.tls is not None:   # and so are the TLS files
+        cfg = dataclasses.replace(cfg, tls=resolve_tls_paths(cfg.tls, p.parent))
     return cfg
 
 
 __all__ = [
-    "Config", "DestinationConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
+    "Config", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

@@ -61,6 +61,7 @@ READERS: dict[str, frozenset[Role]] = {
     "rules": frozenset({_L, _H}),
     "default": frozenset({_L, _H}),
     "sources": frozenset({_M, _H}),
+    "tls": frozenset({_L, _H}),               # the TLS listener; /metrics shows its certificates
     "http": frozenset({_H}),
     "alerts": frozenset({_H}),                # thresholds are evaluated in the HTTP process
     "audit_retention": frozenset({_H}),

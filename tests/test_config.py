@@ -80,7 +80,7 @@ def test_engine_pynetdicom_is_deprecated_and_ignored(caplog: pytest.LogCaptureFi
 
 
 @pytest.mark.parametrize("text,line,key,fragment", [
-    ("port: 70000\n", 1, "port", "between 1 and 65535"),
+    ("port: 70000\n", 1, "port", "between 0 and 65535"),
     ("ae_title: FASTROUTE\nprot: 11112\n", 2, "prot", "unknown key"),
     ("destinations:\n  pacs: {ae_title: X, host: h}\n", 2, "destinations.pacs", "missing required key 'port'"),
     ("destinations:\n  pacs: {ae_title: X, host: h, port: 1}\nrules:\n  - send_to: [nowhere]\n",
