@@ -158,6 +158,31 @@ def _ts(v: Any) -> str:
     return parse_uid(v)
 
 
+def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
+    """A distinguished name as sorted (TYPE, value) pairs: "CN=a,O=b" and "O = b, CN = a"
+    (openssl's default one-line order) compare equal; attribute types are case-insensitive."""
+    pairs = []
+    for part in re.split(r"(?<!\\)[,+/]", dn):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise ValueError(f"not a distinguished name: {dn!r}")
+        pairs.append((k.strip().upper(), v.strip().replace("\\", "")))
+    return tuple(sorted(pairs))
+
+
+def normalise_fingerprint(fp: str) -> str:
+    """"sha256:AB:CD..." / "AB CD ..." / "abcd..." -> "sha256:abcd..." (64 hex digits)."""
+    body = fp.strip().lower()
+    if body.startswith("sha256:") or body.startswith("sha256="):
+        body = body[7:]
+    hexdigits = re.sub(r"[\s:]", "", body)
+    if not re.fullmatch(r"[0-9a-f]{64}", hexdigits):
+        raise ValueError("expected a SHA-256 fingerprint: sha256: and 64 hex digits")
+    return "sha256:" + hexdigits
+
+
 # -- reading YAML nodes -------------------------------------------------------------------------
 
 class ConfigErrors(ConfigError):
@@ -497,6 +522,59 @@ def _read_match(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     return {"match": value}
 
 
+@dataclass(frozen=True, slots=True)
+class CertBinding:
+    """An ``allowed_calling_aes`` entry that binds a calling AE title to a client certificate
+    (TLS listener): by subject (a distinguished name, any attribute order) or by the SHA-256
+    fingerprint of the certificate, or both (both must match)."""
+
+    ae: str
+    cert_subject: str | None = None
+    cert_fingerprint: str | None = None     # normalised: "sha256:" + 64 lower-case hex digits
+
+
+_BINDING_KEYS = ("ae", "cert_subject", "cert_fingerprint")
+
+
+def _read_allowed_calling_aes(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    """Plain AE titles, or ``{ae: CT1, cert_subject: "CN=ct1.hospital"}`` /
+    ``{ae: CT1, cert_fingerprint: "sha256:..."}`` items binding an AE to its certificate."""
+    if not isinstance(node, yaml.SequenceNode):
+        raise ctx.error(node, key, f"expected a list of AE titles, got {_describe(node)}")
+    aes: list[str] = []
+    bindings: dict[str, list[CertBinding]] = {}
+    for i, item in enumerate(node.value):
+        sub = f"{key}[{i}]"
+        if not isinstance(item, yaml.MappingNode):
+            aes.append(_scalar(ctx, item, sub, parse_ae, "an AE title"))
+            continue
+        got: dict[str, Any] = {}
+        for k, knode, vnode in _mapping(ctx, item, sub):
+            if k not in _BINDING_KEYS:
+                dym = did_you_mean(k, list(_BINDING_KEYS), cutoff=0.6)
+                raise ctx.error(knode, f"{sub}.{k}", "unknown key",
+                                hint=(f"{dym} " if dym else "") + f"valid keys: {', '.join(_BINDING_KEYS)}")
+            if k == "ae":
+                got[k] = _scalar(ctx, vnode, f"{sub}.ae", parse_ae, "an AE title")
+            elif k == "cert_subject":
+                got[k] = _scalar(ctx, vnode, f"{sub}.{k}", _str, "a distinguished name such as CN=ct1.hospital")
+                try:
+                    normalise_dn(got[k])
+                except ValueError as exc:
+                    raise ctx.error(vnode, f"{sub}.{k}", str(exc)) from None
+            else:
+                got[k] = _scalar(ctx, vnode, f"{sub}.{k}", normalise_fingerprint, "a SHA-256 fingerprint")
+        if "ae" not in got:
+            raise ctx.error(item, sub, "missing required key 'ae'")
+        if "cert_subject" not in got and "cert_fingerprint" not in got:
+            raise ctx.error(item, sub, "a mapping entry binds an AE title to a certificate: "
+                            "give cert_subject or cert_fingerprint", hint="or write the AE title alone")
+        aes.append(got["ae"])
+        bindings.setdefault(got["ae"], []).append(CertBinding(**got))
+    return {"allowed_calling_aes": tuple(dict.fromkeys(aes)),
+            "calling_ae_certs": {ae: tuple(b) for ae, b in bindings.items()}}
+
+
 def _read_oldest_age(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     """One duration for every destination, or a mapping of ``default`` and destination names."""
     if not isinstance(node, yaml.MappingNode):
@@ -739,8 +817,11 @@ class Config:
     min_free_bytes: int = field(default=512 * 1024**2, metadata=_SIZE)
     # room written into the spool file before the start
     spool_prealloc: int = field(default=0, metadata=_SIZE)
-    allowed_calling_aes: tuple[str, ...] | None = field(
-        default=None, metadata=key(parse_ae, "AE titles", shape=Shape.LIST, if_null=IfNull.NONE))
+    # AE titles; an entry may bind its AE to a client certificate (CertBinding): such an AE is
+    # accepted only over TLS with a certificate that matches one of its bindings
+    allowed_calling_aes: tuple[str, ...] | None = field(default=None, metadata=key(
+        shape=Shape.CUSTOM, read=_read_allowed_calling_aes, if_null=IfNull.NONE))
+    calling_ae_certs: Mapping[str, tuple[CertBinding, ...]] = field(default_factory=dict)
     allowed_peers: tuple[str, ...] | None = field(     # CIDRs / addresses
         default=None, metadata=key(_cidr, "IP addresses or CIDR networks", shape=Shape.LIST,
                                    if_null=IfNull.NONE))
@@ -943,6 +1024,6 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 
 __all__ = [
-    "Config", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
+    "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastroute.config import TlsListenerConfig, TlsPeerConfig
+from fastroute.config import TlsListenerConfig, TlsPeerConfig, normalise_dn, normalise_fingerprint
 
 # RFC 9325 section 4.2 (PS3.15 B.9): the TLS 1.2 suites; TLS 1.3's are all AEAD already.
 BCP195_CIPHERS = ":".join((
@@ -290,31 +290,6 @@ def peer_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> CertificateF
         return certificate_facts(der)
     except DerError:
         return None
-
-
-def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
-    """A distinguished name as sorted (TYPE, value) pairs: "CN=a,O=b" and "O = b, CN = a"
-    (openssl's default one-line order) compare equal; attribute types are case-insensitive."""
-    pairs = []
-    for part in re.split(r"(?<!\\)[,+/]", dn):
-        if not part.strip():
-            continue
-        k, sep, v = part.partition("=")
-        if not sep:
-            raise ValueError(f"not a distinguished name: {dn!r}")
-        pairs.append((k.strip().upper(), v.strip().replace("\\", "")))
-    return tuple(sorted(pairs))
-
-
-def normalise_fingerprint(fp: str) -> str:
-    """"sha256:AB:CD..." / "AB CD ..." / "abcd..." -> "sha256:abcd..." (64 hex digits)."""
-    body = fp.strip().lower()
-    if body.startswith("sha256:") or body.startswith("sha256="):
-        body = body[7:]
-    hexdigits = re.sub(r"[\s:]", "", body)
-    if not re.fullmatch(r"[0-9a-f]{64}", hexdigits):
-        raise ValueError("expected a SHA-256 fingerprint: sha256: and 64 hex digits")
-    return "sha256:" + hexdigits
 
 
 __all__ = [
