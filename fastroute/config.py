@@ -956,6 +956,14 @@ def _relative_to(base: Path, p: Path | None) -> Path | None:
     return p if p is None or p.is_absolute() else base / p
 
 
+def resolve_peer_tls_paths(tls: TlsPeerConfig | None, base: Path) -> TlsPeerConfig | None:
+    """A destination's or a source's TLS files relative to the configuration file's folder."""
+    if tls is None:
+        return None
+    return dataclasses.replace(tls, ca=_relative_to(base, tls.ca), cert=_relative_to(base, tls.cert),
+                               key=_relative_to(base, tls.key))
+
+
 def resolve_tls_paths(tls: TlsListenerConfig | None, base: Path) -> TlsListenerConfig | None:
     """The listener's TLS files relative to the configuration file's folder ``base``."""
     if tls is None:

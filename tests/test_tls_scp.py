@@ -96,7 +96,7 @@ class Pki:
 
 def _make_ca(d: Path, name: str, cn: str) -> None:
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "60", "-subj",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "120", "-subj",
              f"/O=Test Hospital/CN={cn}", cwd=d)
 
 
@@ -110,7 +110,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _make_ca(d, "ca", "Test CA")
     _make_ca(d, "otherca", "Other CA")
     pki = Pki(d)
-    pki.issue("server", "localhost")
+    pki.issue("server", "localhost", days=90)
     pki.issue("server2", "localhost", days=20)
     pki.issue("client", "ct1.hospital")
     pki.issue("client2", "mr1.hospital")
@@ -287,6 +287,13 @@ def test_optional_client_certificate(tls_scp: Callable[..., TlsScp], pki: Pki) -
     assert len(s.seen) == 2
 
 
+def test_tls_only_listener(tls_scp: Callable[..., TlsScp], pki: Pki) -> None:
+    """Top-level ``port: 0``: no plain listener, the TLS one alone."""
+    s = tls_scp(port=0)
+    assert s.receiver.port == 0 and s.receiver._server is None
+    ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+
+
 # -- the handshake never blocks -------------------------------------------------------------------
 
 def test_idle_tcp_client_delays_no_one_and_times_out(tls_scp: Callable[..., TlsScp], pki: Pki) -> None:
@@ -416,3 +423,88 @@ def test_reload_keeps_open_association(tls_scp: Callable[..., TlsScp], pki: Pki,
         assoc.release()
     assert assoc.is_released
     ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+
+
+# -- fastroute check -----------------------------------------------------------------------------
+
+def test_check_validates_tls_files(pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fastroute check``: a good listener passes with its certificate's facts; a key of
+    another certificate, a missing CA, an expired certificate are errors (exit 1); a
+    certificate under 30 days is a warning (exit 0)."""
+    from fastroute.cli import main
+    conf = tmp_path / "router.yaml"
+
+    def check(**tls_cfg: str) -> tuple[int, str, str]:
+        base = {"cert": str(pki.p("server.pem")), "key": str(pki.p("server.key")), "ca": str(pki.p("ca.pem"))}
+        conf.write_text(yaml.safe_dump({"spool": str(tmp_path / "spool"), "min_free_bytes": 0,
+                                        "tls": {**base, **tls_cfg}}))
+        code = main(["check", "-c", str(conf)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = check()
+    assert code == 0, err
+    assert "ok: tls.cert: " in out and "CN=localhost,O=Test Hospital" in out and "DICOM TLS on" in out
+    code, out, err = check(key=str(pki.p("client.key")))
+    assert code == 1 and "error: tls: tls.cert" in err and "does not match the certificate" in err
+    code, out, err = check(ca=str(tmp_path / "missing-ca.pem"))
+    assert code == 1 and "error: tls.ca: tls.ca" in err and "no such file" in err
+    code, out, err = check(cert=str(pki.p("expired.pem")), key=str(pki.p("expired.key")))
+    assert code == 1 and "EXPIRED" in err and "CN=ct1.hospital" in err
+    code, out, err = check(cert=str(pki.p("server2.pem")), key=str(pki.p("server2.key")))
+    assert code == 0 and "warning: tls.cert:" in out and ("expires in 19 days" in out or "expires in 20 days" in out)
+
+
+def test_relative_tls_paths_follow_the_config_file(pki: Pki, tmp_path: Path) -> None:
+    from fastroute.config import load
+    conf = tmp_path / "etc" / "router.yaml"
+    conf.parent.mkdir()
+    conf.write_text("tls: {cert: certs/server.pem, key: certs/server.key, ca: /abs/ca.pem}\n")
+    cfg = load(conf)
+    assert cfg.tls is not None and cfg.tls.cert == conf.parent / "certs/server.pem"
+    assert cfg.tls.ca == Path("/abs/ca.pem")
+
+
+# -- the router: SIGHUP reloads certificates, open associations finish ---------------------------
+
+def test_router_sighup_reloads_certificates_with_an_association_open(
+        router: Callable[..., Any], pki: Pki, tmp_path: Path) -> None:
+    """`fastroute serve` with a TLS listener: the certificate files are replaced under the
+    same paths and SIGHUP sent to the supervisor; the listeners reload them in place (no restart), an
+    association opened before goes on and releases, new connections see the new certificate,
+    and a certificate-bound AE refused by the listener shows in the audit trail."""
+    live = tmp_path / "live"
+    live.mkdir()
+    for n in ("server.pem", "server.key"):
+        (live / n).write_bytes(pki.p(n).read_bytes())
+    tls_port = peers.free_port()
+    r = router({"tls": {"port": tls_port, "cert": str(live / "server.pem"), "key": str(live / "server.key"),
+                        "ca": str(pki.p("ca.pem"))},
+                "allowed_calling_aes": [{"ae": "CT1", "cert_subject": "CN=ct1.hospital,O=Test Hospital"},
+                                        "ECHOSCU"]})
+    peers.wait_until(lambda: peers.is_listening(tls_port), 30, message=r.log_tail)
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", tls_port, ae_title="FASTROUTE",
+                         tls_args=(client_context(pki), "localhost"))
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        listeners = [ln for ln in r.log_text().splitlines() if "started listener-0" in ln]
+        for n in ("server.pem", "server.key"):
+            (live / n).write_bytes(pki.p(n.replace("server", "server2")).read_bytes())
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGHUP)
+        peers.wait_until(lambda: "TLS certificates reloaded for new connections" in r.log_text(), 30,
+                         message=r.log_tail)
+        assert _server_cert_seen(tls_port, pki) == pki.facts("server2")
+        assert assoc.send_c_echo().Status == 0
+        assert [ln for ln in r.log_text().splitlines() if "started listener-0" in ln] == listeners, \
+            "the listener was restarted, not reloaded in place"
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    failed(peers.echoscu(tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client2.key", "client2.pem")))
+    peers.wait_until(lambda: "association_denied" in r.cli("audit").stdout, 30,
+                     message=lambda: r.cli("audit").stdout)
+    events = r.cli("audit").stdout
+    assert "CN=mr1.hospital,O=Test Hospital" in events and "CT1@127.0.0.1" in events

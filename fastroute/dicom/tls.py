@@ -292,8 +292,99 @@ def peer_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> CertificateF
         return None
 
 
+# -- fastroute check --------------------------------------------------------------------------------
+
+EXPIRY_WARNING_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One result of :func:`check_listener` / :func:`check_peer`: ``error`` stops a start
+    (or should), ``warning`` does not."""
+
+    level: str          # "error" | "warning" | "ok"
+    key: str            # the configuration key, e.g. tls.cert or destinations.pacs.tls.ca
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.key}: {self.message}"
+
+
+def _expiry(key: str, path: Path, now: dt.datetime, findings: list[Finding]) -> None:
+    """Every certificate of a PEM file: expired is an error, under 30 days a warning."""
+    try:
+        facts = file_facts(path)
+    except (OSError, DerError, ValueError) as exc:
+        findings.append(Finding("error", key, f"{path}: {exc}"))
+        return
+    if not facts:
+        findings.append(Finding("error", key, f"{path}: no PEM certificate in it"))
+        return
+    for f in facts:
+        days = f.days_left(now)
+        what = f"{f.subject} ({f.fingerprint}) valid until {f.not_after:%Y-%m-%d %H:%M} UTC"
+        if days < 0:
+            findings.append(Finding("error", key, f"{path}: {what}: EXPIRED {-days:.0f} days ago"))
+        elif f.not_before > now:
+            findings.append(Finding("error", key, f"{path}: {what}: not valid before "
+                                    f"{f.not_before:%Y-%m-%d %H:%M} UTC"))
+        elif days < EXPIRY_WARNING_DAYS:
+            findings.append(Finding("warning", key, f"{path}: {what}: expires in {days:.0f} days"))
+        else:
+            findings.append(Finding("ok", key, f"{path}: {what} ({days:.0f} days left)"))
+
+
+def _context_check(prefix: str, build: Callable[[], object], findings: list[Finding]) -> None:
+    try:
+        build()
+    except TlsSetupError as exc:
+        findings.append(Finding("error", prefix, str(exc)))
+
+
+def check_listener(cfg: TlsListenerConfig, prefix: str = "tls",
+                   now: dt.datetime | None = None) -> list[Finding]:
+    """Files exist and are readable, the key matches the certificate, the CA (and CRL)
+    load, and no certificate has expired (a warning under 30 days)."""
+    now = now or dt.datetime.now(dt.UTC)
+    findings: list[Finding] = []
+    for name, path in cfg.files().items():
+        try:
+            readable(f"{prefix}.{name}", path)
+        except TlsSetupError as exc:
+            findings.append(Finding("error", f"{prefix}.{name}", str(exc)))
+    if any(f.level == "error" for f in findings):
+        return findings
+    _context_check(prefix, lambda: server_context(cfg), findings)
+    _expiry(f"{prefix}.cert", cfg.cert, now, findings)
+    if cfg.ca is not None:
+        _expiry(f"{prefix}.ca", cfg.ca, now, findings)
+    return findings
+
+
+def check_peer(cfg: TlsPeerConfig, prefix: str, now: dt.datetime | None = None) -> list[Finding]:
+    """The same for a destination's or a source's ``tls`` (``prefix``: its key path)."""
+    now = now or dt.datetime.now(dt.UTC)
+    findings: list[Finding] = []
+    for name, path in cfg.files().items():
+        try:
+            readable(f"{prefix}.{name}", path)
+        except TlsSetupError as exc:
+            findings.append(Finding("error", f"{prefix}.{name}", str(exc)))
+    if (cfg.cert is None) != (cfg.key is None):
+        findings.append(Finding("error", prefix, "cert and key go together (both or neither)"))
+    if any(f.level == "error" for f in findings):
+        return findings
+    _context_check(prefix, lambda: client_context(cfg), findings)
+    if cfg.cert is not None:
+        _expiry(f"{prefix}.cert", cfg.cert, now, findings)
+    if cfg.ca is not None:
+        _expiry(f"{prefix}.ca", cfg.ca, now, findings)
+    return findings
+
+
 __all__ = [
     "BCP195_CIPHERS", "LEGACY_CIPHERS", "TlsSetupError", "readable", "server_context", "client_context",
     "CertificateFacts", "DerError", "certificate_facts", "pem_certificates", "file_facts",
-    "peer_facts", "normalise_dn", "normalise_fingerprint",
+    "peer_facts", "normalise_dn", "normalise_fingerprint", "Finding", "check_listener", "check_peer",
+    "EXPIRY_WARNING_DAYS",
 ]
