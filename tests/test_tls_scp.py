@@ -78,10 +78,12 @@ class Pki:
         return tls.file_facts(self.p(f"{name}.pem"))[0]
 
     def issue(self, name: str, cn: str, *, ca: str = "ca", days: int = 30,
-              dates: tuple[str, str] | None = None) -> None:
-        """``name``.key/.pem for CN=cn, O=Test Hospital, signed by ``ca``."""
+              dates: tuple[str, str] | None = None, rsa: bool = False) -> None:
+        """``name``.key/.pem for CN=cn, O=Test Hospital, signed by ``ca`` (EC P-256 keys, or
+        RSA: the retired profiles' suites have RSA key exchange)."""
         d = self.dir
-        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        keyopts = ["rsa:2048"] if rsa else ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+        _openssl("req", "-new", "-newkey", *keyopts, "-nodes",
                  "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=Test Hospital/CN={cn}",
                  "-addext", f"subjectAltName=DNS:{cn},DNS:localhost,IP:127.0.0.1", cwd=d)
         if dates is None:
@@ -116,6 +118,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     pki.issue("client2", "mr1.hospital")
     pki.issue("stranger", "ct1.hospital", ca="otherca")
     pki.issue("expired", "ct1.hospital", dates=("20200101000000Z", "20210101000000Z"))
+    pki.issue("revoked", "ct1.hospital", dates=("20250101000000Z", "20300101000000Z"))
+    pki.issue("rsaserver", "localhost", rsa=True, days=90)
+    _openssl("ca", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-revoke", "revoked.pem", cwd=d)
+    _openssl("ca", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-gencrl", "-crldays", "30",
+             "-out", "ca.crl", cwd=d)
     return pki
 
 
@@ -292,6 +299,31 @@ def test_tls_only_listener(tls_scp: Callable[..., TlsScp], pki: Pki) -> None:
     s = tls_scp(port=0)
     assert s.receiver.port == 0 and s.receiver._server is None
     ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+
+
+def test_crl_refuses_a_revoked_client_certificate(tls_scp: Callable[..., TlsScp], pki: Pki,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """tls.crl: a revoked client certificate fails the handshake; an unrevoked one of the
+    same CA is accepted (the CRL check is on the leaf, VERIFY_CRL_CHECK_LEAF)."""
+    s = tls_scp({"crl": str(pki.p("ca.crl"))})
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    failed(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "revoked.key", "revoked.pem")))
+    peers.wait_until(lambda: "certificate revoked" in caplog.text, 10, message=lambda: caplog.text)
+    ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+    assert len(s.seen) == 1
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_retired_aes_profile_only_with_legacy_ciphers(tls_scp: Callable[..., TlsScp], pki: Pki,
+                                                      legacy: bool) -> None:
+    """DCMTK's retired AES profile (+pa: TLS_RSA_WITH_AES_128_CBC_SHA) is refused by the
+    default BCP 195 profile and accepted with legacy_ciphers; BCP 195 clients work either way."""
+    s = tls_scp({"cert": str(pki.p("rsaserver.pem")), "key": str(pki.p("rsaserver.key")),
+                 "legacy_ciphers": legacy})
+    args = tls_args(pki, "client.key", "client.pem")
+    res = peers.echoscu(s.tls_port, calling_ae="OLDCT", extra_args=[*args, "+pa"])
+    (ok if legacy else failed)(res)
+    ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=args))
 
 
 # -- the handshake never blocks -------------------------------------------------------------------

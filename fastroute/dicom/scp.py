@@ -409,6 +409,7 @@ class Listener:
         self.stager = stager              # where datasets past its threshold are streamed
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
         # called with (outcome, A-ASSOCIATE-RJ source, reason) for metrics; must not block
+        # (a failed TLS handshake: outcome "rejected/tls_handshake_failed", 0, 0)
         self.on_association: Callable[[str, int, int], None] = lambda outcome, source, reason: None
         self.on_refusal: Callable[[int], None] = lambda status: None   # a C-STORE answered with a failure
         self.max_object_bytes = cfg.max_object_bytes if max_object_bytes is None else max_object_bytes
@@ -514,7 +515,8 @@ class Listener:
             log.warning("TLS handshake from %s on port %d failed: %s; connection closed", ip,
                         self.tls_port, _handshake_failure(exc), extra=fields(peer=ip))
             sock.close()
-            self.on_association("rejected", 0, 0)
+            # fastroute_associations_in{outcome="rejected", reason="tls_handshake_failed"}
+            self.on_association("rejected/tls_handshake_failed", 0, 0)
 
     def reload_tls(self) -> bool:
         """Build the TLS context again from the configured files (their contents may have
