@@ -359,6 +359,26 @@ def test_idle_tcp_client_delays_no_one_and_times_out(tls_scp: Callable[..., TlsS
             sock.close()
 
 
+def test_handshake_flood_is_capped(tls_scp: Callable[..., TlsScp], pki: Pki,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Past ``max_handshakes`` connections mid-handshake a new one is closed at once (file
+    descriptors are finite); once the idle ones go, TLS clients are served again."""
+    s = tls_scp({"handshake_timeout": "30s"})
+    s.receiver.max_handshakes = 4
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    idle = [socket.create_connection(("127.0.0.1", s.tls_port), timeout=10) for _ in range(4)]
+    try:
+        peers.wait_until(lambda: len(s.receiver._handshakes) == 4, 5, message="4 handshakes pending")
+        with socket.create_connection(("127.0.0.1", s.tls_port), timeout=10) as extra:
+            assert extra.recv(100) == b""
+        assert "closed 1 new one(s), the last from 127.0.0.1" in caplog.text
+    finally:
+        for sock in idle:
+            sock.close()
+    peers.wait_until(lambda: not s.receiver._handshakes, 10, message="idle handshakes not ended on EOF")
+    ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+
+
 # -- calling AE titles bound to certificates ------------------------------------------------------
 
 def test_certificate_bound_calling_aes(tls_scp: Callable[..., TlsScp], pki: Pki,
