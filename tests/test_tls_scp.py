@@ -433,6 +433,14 @@ def test_binding_config_errors() -> None:
     with pytest.raises(Exception, match="needs a tls: listener"):
         loads("port: 0\n")
     assert loads("port: 0\ntls: {cert: a.pem, key: a.key, require_client_cert: false}\n").port == 0
+    for text, message in [
+        ("tls: {cert: a.pem, key: a.key, ca: c.pem, min_version: '1.1'}\n", "must be one of 1.2, 1.3"),
+        ("tls: {cert: a.pem, key: a.key, ca: c.pem, crt: x}\n", "tls.crt: unknown key"),
+        ("tls: {key: a.key, ca: c.pem}\n", "missing required key 'cert'"),
+        ("port: 2762\ntls: {cert: a.pem, key: a.key, ca: c.pem}\n", "is the plain port too"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            loads(text)
 
 
 # -- reload -------------------------------------------------------------------------------------
@@ -564,3 +572,25 @@ def test_router_sighup_reloads_certificates_with_an_association_open(
                      message=lambda: r.cli("audit").stdout)
     events = r.cli("audit").stdout
     assert "CN=mr1.hospital,O=Test Hospital" in events and "CT1@127.0.0.1" in events
+
+
+def test_router_routes_what_arrives_over_tls(router: Callable[..., Any], storescp: Callable[..., Any],
+                                            pki: Pki, tmp_path: Path) -> None:
+    """storescu +tls into a TLS-only router (``port: 0``) that routes to a plain storescp:
+    every object arrives, and nothing listens on a plain port."""
+    from router import destination
+    dest = storescp("PACS")
+    tls_port = peers.free_port()
+    r = router({"tls": {"port": tls_port, "cert": str(pki.p("server.pem")), "key": str(pki.p("server.key")),
+                        "ca": str(pki.p("ca.pem"))},
+                "destinations": {"pacs": destination(dest.port, "PACS")}, "default": ["pacs"]},
+               start=False)
+    r.write_config(port=0)
+    r.port = tls_port                        # readiness: the TLS port listens
+    r.start()
+    files = synth.make_tiny(tmp_path / "tiny", 5)
+    ok(peers.storescu(tls_port, files, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+    assert len(dest.wait_for(5, timeout=60)) == 5
+    text = r.log_text()
+    assert "no plain listener" in text and f"127.0.0.1:{tls_port} with DICOM TLS" in text
+    assert "(asyncio, " not in text          # the plain listener's "listening as ..." line
