@@ -162,7 +162,10 @@ def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
     """A distinguished name as sorted (TYPE, value) pairs: "CN=a,O=b" and "O = b, CN = a"
     (openssl's default one-line order) compare equal; attribute types are case-insensitive."""
     pairs = []
-    for part in re.split(r"(?<!\\)[,+/]", dn):
+    # openssl's old one-line form "/O=b/CN=a" is split on "/", RFC 4514 (and openssl's default
+    # "O = b, CN = a") on "," and "+": a "/" inside a value stays in it
+    parts = re.split(r"(?<!\\)/", dn[1:]) if dn.startswith("/") else re.split(r"(?<!\\)[,+]", dn)
+    for part in parts:
         if not part.strip():
             continue
         k, sep, v = part.partition("=")

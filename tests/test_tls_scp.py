@@ -213,6 +213,10 @@ def test_certificate_facts_match_openssl(pki: Pki) -> None:
     assert facts.common_name == "ct1.hospital" and 29 < facts.days_left() <= 30
     assert pki.facts("expired").days_left() < 0
     assert tls.normalise_dn("O = Test Hospital, CN = ct1.hospital") == tls.normalise_dn(facts.subject)
+    assert tls.normalise_dn("/O=Test Hospital/CN=ct1.hospital") == tls.normalise_dn(facts.subject)
+    assert tls.normalise_dn("cn=ct1.hospital,o=Test Hospital") == tls.normalise_dn(facts.subject)
+    assert tls.normalise_dn("CN=ct1.hospital,O=Test Hospital") != tls.normalise_dn("CN=ct1.hospital,O=Other")
+    assert tls.normalise_dn(r"O=A/B,CN=x\,y") == (("CN", "x,y"), ("O", "A/B"))
 
 
 def test_server_context_profile_and_file_errors(pki: Pki, tmp_path: Path) -> None:
