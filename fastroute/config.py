@@ -160,7 +160,8 @@ def _ts(v: Any) -> str:
 
 def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
     """A distinguished name as sorted (TYPE, value) pairs: "CN=a,O=b" and "O = b, CN = a"
-    (openssl's default one-line order) compare equal; attribute types are case-insensitive."""
+    (openssl's default one-line order) compare equal; types and values compare without case
+    (X.520 caseIgnoreMatch, which the usual attributes CN, O, OU, L, ST, C use)."""
     pairs = []
     # openssl's old one-line form "/O=b/CN=a" is split on "/", RFC 4514 (and openssl's default
     # "O = b, CN = a") on "," and "+": a "/" inside a value stays in it
@@ -171,7 +172,7 @@ def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
         k, sep, v = part.partition("=")
         if not sep:
             raise ValueError(f"not a distinguished name: {dn!r}")
-        pairs.append((k.strip().upper(), v.strip().replace("\\", "")))
+        pairs.append((k.strip().upper(), v.strip().replace("\\", "").casefold()))   # caseIgnoreMatch
     return tuple(sorted(pairs))
 
 

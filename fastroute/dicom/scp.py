@@ -508,7 +508,6 @@ class Listener:
             ip = str(sock.getpeername()[0])
         except OSError:
             ip = "?"
-        sock.close()
         self._shed += 1
         now = time.monotonic()
         if now - self._shed_logged >= 1.0:
@@ -516,6 +515,7 @@ class Listener:
                         "closed %d new one(s), the last from %s", self.tls_port, len(self._handshakes),
                         self._shed, ip, extra=fields(peer=ip))
             self._shed, self._shed_logged = 0, now
+        sock.close()
         self.on_association("rejected/tls_handshakes_full", 0, 0)
 
     async def _handshake(self, sock: socket.socket) -> None:
