@@ -123,6 +123,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _openssl("ca", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-revoke", "revoked.pem", cwd=d)
     _openssl("ca", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-gencrl", "-crldays", "30",
              "-out", "ca.crl", cwd=d)
+    _openssl("ca", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-gencrl",
+             "-crl_lastupdate", "20240101000000Z", "-crl_nextupdate", "20240201000000Z", "-out", "old.crl", cwd=d)
     return pki
 
 
@@ -315,6 +317,11 @@ def test_crl_refuses_a_revoked_client_certificate(tls_scp: Callable[..., TlsScp]
     peers.wait_until(lambda: "certificate revoked" in caplog.text, 10, message=lambda: caplog.text)
     ok(peers.echoscu(s.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
     assert len(s.seen) == 1
+    # why `fastroute check` makes an out-of-date CRL an error: it refuses every client
+    stale = tls_scp({"crl": str(pki.p("old.crl"))})
+    failed(peers.echoscu(stale.tls_port, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+    peers.wait_until(lambda: "client certificate refused: CRL has expired" in caplog.text, 10,
+                     message=lambda: caplog.text)
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -520,6 +527,10 @@ def test_check_validates_tls_files(pki: Pki, tmp_path: Path, capsys: pytest.Capt
     assert code == 1 and "error: tls.ca: tls.ca" in err and "no such file" in err
     code, out, err = check(cert=str(pki.p("expired.pem")), key=str(pki.p("expired.key")))
     assert code == 1 and "EXPIRED" in err and "CN=ct1.hospital" in err
+    code, out, err = check(crl=str(pki.p("ca.crl")))
+    assert code == 0 and "ok: tls.crl: " in out and "CRL of CN=Test CA,O=Test Hospital, next update due" in out
+    code, out, err = check(crl=str(pki.p("old.crl")))
+    assert code == 1 and "error: tls.crl: " in err and "due 2024-02-01 00:00 UTC: OUT OF DATE" in err
     code, out, err = check(cert=str(pki.p("server2.pem")), key=str(pki.p("server2.key")))
     assert code == 0 and "warning: tls.cert:" in out and ("expires in 19 days" in out or "expires in 20 days" in out)
 
