@@ -262,6 +262,17 @@ def test_dcmtk_mutual_tls_echo_and_store(tls_scp: Callable[..., TlsScp], pki: Pk
     assert s.seen[-1].certificate is None
 
 
+def test_large_objects_stream_over_tls(tls_scp: Callable[..., TlsScp], pki: Pki, tmp_path: Path) -> None:
+    """8 MiB objects past stream_threshold are staged as they arrive through the TLS
+    transport (reading paused and resumed by the receive path) and spooled whole."""
+    s = tls_scp(stream_threshold="1MiB")
+    files = synth.make_study(tmp_path / "big", n_instances=3, rows=2048, cols=2048)
+    ok(peers.storescu(s.tls_port, files, calling_ae="CT1", extra_args=tls_args(pki, "client.key", "client.pem")))
+    peers.wait_until(lambda: s.spool.counters().get("seq", 0) >= 3, 20, message="3 objects spooled")
+    for oid in (1, 2, 3):
+        assert len(s.spool.read(oid)) > 2048 * 2048 * 2
+
+
 @pytest.mark.parametrize("client, why", [
     (("stranger.key", "stranger.pem"), "client certificate refused: unable to get local issuer certificate"),
     (("expired.key", "expired.pem"), "client certificate refused: certificate has expired"),
