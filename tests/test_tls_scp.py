@@ -591,6 +591,12 @@ def test_router_sighup_reloads_certificates_with_an_association_open(
         assert assoc.send_c_echo().Status == 0
         assert [ln for ln in r.log_text().splitlines() if "started listener-0" in ln] == listeners, \
             "the listener was restarted, not reloaded in place"
+        (live / "server.key").write_bytes(pki.p("client.key").read_bytes())     # a wrong key
+        os.kill(r.proc.pid, signal.SIGHUP)
+        peers.wait_until(lambda: "TLS certificates NOT reloaded, keeping the current ones" in r.log_text(), 30,
+                         message=r.log_tail)
+        assert _server_cert_seen(tls_port, pki) == pki.facts("server2")
+        assert assoc.send_c_echo().Status == 0
     finally:
         assoc.release()
     assert assoc.is_released
