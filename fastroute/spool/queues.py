@@ -12,11 +12,21 @@ confirmed within ``duplicate_window`` is not sent again: counted as ``suppressed
 logged and recorded (``duplicate_of``: the earlier delivery's oid and time). The window is 0
 (off) by default - a router forwards what it is sent. A re-send with different content (a
 correction) is always delivered.
+
+Priority (issue 13): a migration's objects (routing record ``migration``) wait in a BULK
+pending class of their own (state letter ``B``); :meth:`Queues.claim` takes a destination's
+due clinical (``P``) entries first and fills the rest of the batch from BULK only once no
+clinical entry is due, so a backlog of a million migrated instances never delays a modality's
+study by more than the batch already in flight. In flight and failed are shared; a retried or
+released object returns to its own class. A migration object whose SOP Instance UID already
+has a copy with different content is recorded (``content_conflict``) and logged, never
+replaced silently.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import struct
 import time
@@ -54,8 +64,8 @@ UNROUTED = "~unrouted"   # pseudo-destination for objects no rule routed; '~' is
 _U64 = struct.Struct(">Q")
 _AT = struct.Struct("<d")
 DIGEST_BYTES = 16
-_P, _I, _F, _U = (s.code for s in (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED,
-                                    QueueState.UNROUTED))
+_P, _I, _F, _U, _B = (s.code for s in (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED,
+                                        QueueState.UNROUTED, QueueState.BULK))
 # Enum members as module constants: the commit paths compare and count several per object.
 _DELIVERED, _RETRY, _FAILED_KIND, _RELEASE = (OutcomeKind.DELIVERED, OutcomeKind.RETRY, OutcomeKind.FAILED,
                                               OutcomeKind.RELEASE)
@@ -66,7 +76,9 @@ _DELIVERED, _RETRY, _FAILED_KIND, _RELEASE = (OutcomeKind.DELIVERED, OutcomeKind
     CounterKind.RETRIES, CounterKind.UNKNOWN_OUTCOMES, CounterKind.TRANSCODED, CounterKind.LATENCY_BUCKET,
     CounterKind.LATENCY_SUM_US, CounterKind.LATENCY_COUNT)
 _BUCKETS = tuple((le, bucket_label(le)) for le in LATENCY_BUCKETS)
-_ALL_STATES = (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED, QueueState.UNROUTED)
+_ALL_STATES = (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED, QueueState.UNROUTED,
+               QueueState.BULK)
+_MIGRATION = b'"migration"'     # the routing-record key of a migration's object (see _class_of)
 
 
 def oid_key(oid: int) -> bytes:
@@ -179,11 +191,12 @@ class QueueStats:
     pending: int
     in_flight: int
     failed: int
-    oldest_age: float | None       # seconds since the oldest waiting object arrived
+    oldest_age: float | None       # seconds since the oldest waiting clinical object arrived
     delivered: int
     failed_total: int
     suppressed: int
     unknown_outcomes: int
+    bulk_pending: int = 0          # of ``pending``: a migration's objects (the BULK class)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +240,16 @@ class Queues:
         old_oid = _U64.unpack(old_raw)[0] if old_raw else None
         duplicate_of: dict[str, Suppression] = {}
         window = self.duplicate_window
+        meta = item.meta
+        pending = _P
+        job = meta.get("migration")
+        if job:
+            pending = _B
+            if old_oid is not None:   # a re-received instance (rare): compare the contents
+                digest, conflict = self._content_conflict(txn, old_oid, item)
+                if conflict is not None:
+                    meta = {**meta, "content_conflict": conflict}
+                    self._conflict(txn, oid, item, str(job), conflict, now)
         for dest in item.destinations:
             # Off (0, the default): no lookup and no hash on the receive path.
             last = txn.get(dest.encode() + b"\x00" + sop, db=self._dlv) if window > 0 else None
@@ -237,12 +260,13 @@ class Queues:
                     duplicate_of[dest] = earlier = _earlier_delivery(last)
                     self._suppressed(txn, oid, dest, item, earlier, now)
                     continue
-            if old_oid is not None and txn.delete(qkey(dest, _P, old_oid), db=self._q):
+            if old_oid is not None and (txn.delete(qkey(dest, _P, old_oid), db=self._q)
+                                        or txn.delete(qkey(dest, _B, old_oid), db=self._q)):
                 self._drop_dest(txn, old_oid, dest, drop=Drop(now, DropReason.SUPERSEDED, by=oid))
                 if old_oid not in superseded:
                     superseded.append(old_oid)
                 self._incr(txn, CounterKind.SUPERSEDED, dest)
-            txn.put(qkey(dest, _P, oid), NEW_ENTRY, db=self._q)
+            txn.put(qkey(dest, pending, oid), NEW_ENTRY, db=self._q)
             queued.append(dest)
         outstanding = queued if item.destinations else [UNROUTED]
         if not item.destinations:
@@ -260,7 +284,7 @@ class Queues:
         raw, index_keys = encode_new_record(
             sop_class_uid=item.sop_class_uid, sop_instance_uid=item.sop_instance_uid,
             transfer_syntax=item.transfer_syntax, size=len(item.data), received_at=now, digest=digest.hex(),
-            outstanding=outstanding, routed_to=list(item.destinations), suppressed=suppressed, meta=item.meta,
+            outstanding=outstanding, routed_to=list(item.destinations), suppressed=suppressed, meta=meta,
             duplicate_of=duplicate_of)
         txn.put(key, raw, db=self._meta)
         txn.put(sop, key, db=self._sop)
@@ -270,6 +294,39 @@ class Queues:
         self._incr(txn, _C_RECEIVED_BYTES, by=len(item.data))
         incr(txn, self._info, _C_RECEIVED_FROM, extra=item.meta.get("calling_ae") or "")
         return PutResult(oid, tuple(queued), tuple(superseded), tuple(suppressed))
+
+    def _content_conflict(self, txn: lmdb.Transaction, old_oid: int,
+                          item: Incoming) -> tuple[bytes, dict[str, Any] | None]:
+        """A migration object re-received while ``old_oid`` holds the same SOP Instance UID:
+        (its digest, the conflict to record or None). The old copy's digest is taken from its
+        bytes, or from its routing record once the bytes are gone (delivered); with neither,
+        nothing is compared (b"", None). Taken only here: migration re-receives are rare."""
+        other = self.stored_digest(txn, old_oid)
+        if not other:
+            raw = txn.get(oid_key(old_oid), db=self._meta)
+            recorded = json.loads(bytes(raw)).get("digest") if raw is not None else ""
+            if not recorded:
+                return b"", None
+            other = bytes.fromhex(recorded)
+        digest = self._content_digest(txn, item.data)
+        if digest == other:
+            return digest, None
+        return digest, {"with_oid": old_oid, "digest": digest.hex(), "other_digest": other.hex()}
+
+    def _conflict(self, txn: lmdb.Transaction, oid: int, item: Incoming, job: str,
+                  conflict: dict[str, Any], now: float) -> None:
+        """Audit and log a migration object that differs from the copy the spool already had
+        of its SOP Instance UID: it is delivered (newest wins, as for any correction) but the
+        migration report must be able to say that the archive held two versions."""
+        study = str(item.meta.get("study_instance_uid") or "")
+        self.audit.append(txn, {
+            "action": "content_conflict", "migration": job, "sop_instance_uid": item.sop_instance_uid,
+            "study_instance_uid": study, "oid": oid, **conflict}, now)
+        log.warning("migration=%s sop_instance_uid=%s study_instance_uid=%s oid=%d: different content "
+                    "than the copy already in the spool (oid %d): digest %s, was %s; the newer copy is "
+                    "delivered, the older one's routing record is kept", job, item.sop_instance_uid, study, oid,
+                    conflict["with_oid"], conflict["digest"], conflict["other_digest"],
+                    extra=fields(sop_uid=item.sop_instance_uid, study_uid=study or None, oid=oid))
 
     def _suppressed(self, txn: lmdb.Transaction, oid: int, dest: str, item: Incoming,
                     earlier: Suppression, now: float) -> None:
@@ -339,14 +396,23 @@ class Queues:
 
     # -- send side ---------------------------------------------------------------------------
 
+    def _class_of(self, txn: lmdb.Transaction, oid: int) -> bytes:
+        """The pending class an object returns to (retry, release, restart, operator retry):
+        BULK for a migration's object, else PENDING. Reads its routing record, so it is only
+        for these rarer moves, never for a first queueing or a claim."""
+        raw = txn.get(oid_key(oid), db=self._meta)
+        if raw is None or _MIGRATION not in raw:    # cheap test first: most objects are clinical
+            return _P
+        return _B if json.loads(bytes(raw)).get("migration") else _P
+
     def reset_inflight(self, dest: str) -> int:
         """Return a destination's in-flight entries to pending (its sender restarted)."""
         n = 0
-        with self.env.begin(write=True, db=self._q) as txn:
-            for key, value in list(iter_prefix(txn, qprefix(dest, _I))):
+        with self.env.begin(write=True) as txn:
+            for key, value in list(iter_prefix(txn, qprefix(dest, _I), self._q)):
                 _, _, oid = split_qkey(key)
-                txn.delete(key)
-                txn.put(qkey(dest, _P, oid), value)
+                txn.delete(key, db=self._q)
+                txn.put(qkey(dest, self._class_of(txn, oid), oid), value, db=self._q)
                 n += 1
         if n:
             log.info("destination=%s: %d in-flight objects from a previous run are pending again", dest, n,
@@ -356,22 +422,19 @@ class Queues:
     def claim(self, txn: lmdb.Transaction, dest: str, limit: int,
               now: float) -> tuple[list[Claimed], float | None]:
         """Move up to ``limit`` due pending entries to in-flight; also return the earliest
-        future ``next_at`` among those not yet due (how long the sender may wait), or None."""
+        future ``next_at`` among those not yet due (how long the sender may wait), or None.
+
+        Clinical (PENDING) entries first; the batch is filled from BULK (a migration's
+        objects) only when no clinical entry is due any more, so a full batch still goes out
+        while the migration has work and the sender never idles between small batches."""
         out: list[Claimed] = []
-        earliest: float | None = None
-        prefix = qprefix(dest, _P)
         cur = txn.cursor(db=self._q)
         moves: list[tuple[bytes, bytes, int]] = []
-        if cur.set_range(prefix):
-            for raw_key, value in cur:
-                key = bytes(raw_key)
-                if not key.startswith(prefix) or len(moves) >= limit:
-                    break
-                next_at = QueueRecord.next_at_of(value)
-                if next_at > now:
-                    earliest = next_at if earliest is None else min(earliest, next_at)
-                    continue
-                moves.append((key, bytes(value), _U64.unpack(key[-8:])[0]))
+        earliest = self._scan(cur, qprefix(dest, _P), limit, now, moves)
+        if len(moves) < limit:
+            bulk = self._scan(cur, qprefix(dest, _B), limit, now, moves)
+            if bulk is not None:
+                earliest = bulk if earliest is None else min(earliest, bulk)
         for key, value, oid in moves:
             raw = txn.get(oid_key(oid), db=self._meta)
             txn.delete(key, db=self._q)
@@ -383,6 +446,24 @@ class Queues:
             out.append(Claimed(oid, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax,
                                attempts, f.size, f.calling_ae, f.digest, unknown, f.study_instance_uid))
         return out, earliest
+
+    @staticmethod
+    def _scan(cur: lmdb.Cursor, prefix: bytes, limit: int, now: float,
+              moves: list[tuple[bytes, bytes, int]]) -> float | None:
+        """Append the due entries under ``prefix`` to ``moves`` (up to ``limit`` in all); the
+        earliest ``next_at`` of those seen not yet due, or None."""
+        earliest: float | None = None
+        if cur.set_range(prefix):
+            for raw_key, value in cur:
+                key = bytes(raw_key)
+                if not key.startswith(prefix) or len(moves) >= limit:
+                    break
+                next_at = QueueRecord.next_at_of(value)
+                if next_at > now:
+                    earliest = next_at if earliest is None else min(earliest, next_at)
+                    continue
+                moves.append((key, bytes(value), _U64.unpack(key[-8:])[0]))
+        return earliest
 
     def settle(self, txn: lmdb.Transaction, dest: str, outcomes: Iterable[Outcome], now: float) -> None:
         for o in outcomes:
@@ -400,12 +481,12 @@ class Queues:
             if o.kind == _DELIVERED:
                 self._delivered(txn, dest, o, now)
             elif o.kind == _RELEASE:   # not attempted (destination down, shutting down)
-                txn.put(qkey(dest, _P, o.oid), QueueRecord.pack(attempts, o.next_at, o.status, unknown),
-                        db=self._q)
+                txn.put(qkey(dest, self._class_of(txn, o.oid), o.oid),
+                        QueueRecord.pack(attempts, o.next_at, o.status, unknown), db=self._q)
             elif o.kind == _RETRY:
                 if not o.unknown:   # a response came: the run of unknown outcomes is broken
                     unknown = 0
-                txn.put(qkey(dest, _P, o.oid),
+                txn.put(qkey(dest, self._class_of(txn, o.oid), o.oid),
                         QueueRecord.pack(attempts + 1, o.next_at, o.status, unknown, o.error), db=self._q)
                 self._incr(txn, _C_RETRIES, dest)
             elif o.kind == _FAILED_KIND:
@@ -474,13 +555,15 @@ class Queues:
         return sorted(names)
 
     def counts(self, txn: lmdb.Transaction, dest: str, now: float) -> tuple[dict[QueueState, int], float | None]:
-        """Entries per state, and the age of the oldest one waiting (pending or in flight)."""
+        """Entries per state, and the age of the oldest one waiting (pending or in flight);
+        a migration's BULK backlog is counted but does not age the queue (it may wait for
+        days by design; alerts on the age are about clinical objects)."""
         counts: dict[QueueState, int] = {}
         first: list[int] = []
         for state in _ALL_STATES:
             n = 0
             for i, (key, _) in enumerate(iter_prefix(txn, qprefix(dest, state.code), self._q)):
-                if i == 0 and state != QueueState.FAILED:
+                if i == 0 and state not in (QueueState.FAILED, QueueState.BULK):
                     first.append(_U64.unpack(key[-8:])[0])
                 n += 1
             counts[state] = n
@@ -499,12 +582,16 @@ class Queues:
                           decode_record(raw) if raw else None)
 
     def entries(self, dest: str, state: QueueState, limit: int = 1000) -> list[QueueEntry]:
+        """Entries of ``dest`` in ``state``, oldest first; PENDING lists the clinical entries,
+        then the BULK ones (each with its own state), as both are waiting to be sent."""
         out: list[QueueEntry] = []
+        states = (QueueState.PENDING, QueueState.BULK) if state == QueueState.PENDING else (state,)
         with self.env.begin() as txn:
-            for key, value in iter_prefix(txn, qprefix(dest, state.code), self._q):
-                if len(out) >= limit:
-                    break
-                out.append(self._entry(txn, dest, state, split_qkey(key)[2], value))
+            for st in states:
+                for key, value in iter_prefix(txn, qprefix(dest, st.code), self._q):
+                    if len(out) >= limit:
+                        break
+                    out.append(self._entry(txn, dest, st, split_qkey(key)[2], value))
         return out
 
     def entry(self, dest: str, oid: int) -> QueueEntry | None:
@@ -551,7 +638,7 @@ class Queues:
                 if wanted is not None and oid not in wanted:
                     continue
                 txn.delete(key, db=self._q)
-                txn.put(qkey(dest, _P, oid), NEW_ENTRY, db=self._q)
+                txn.put(qkey(dest, self._class_of(txn, oid), oid), NEW_ENTRY, db=self._q)
                 n += 1
         return n
 
@@ -560,7 +647,7 @@ class Queues:
         (send-now); their attempt counts are kept, so ``max_attempts`` still holds."""
         n = 0
         with self.env.begin(write=True, db=self._q) as txn:
-            for key, value in list(iter_prefix(txn, qprefix(dest, _P))):
+            for key, value in [*iter_prefix(txn, qprefix(dest, _P)), *iter_prefix(txn, qprefix(dest, _B))]:
                 if QueueRecord.next_at_of(value) > now:
                     txn.put(key, dataclasses.replace(QueueRecord.decode(value), next_at=0.0).encode())
                     n += 1
@@ -568,10 +655,13 @@ class Queues:
 
     def purge(self, dest: str, states: Sequence[QueueState], oids: Iterable[int] | None = None,
               reason: str = "") -> list[int]:
-        """Remove entries of ``dest`` in ``states``; an object's bytes go with its last reference."""
+        """Remove entries of ``dest`` in ``states`` (PENDING includes BULK); an object's bytes
+        go with its last reference."""
         wanted = set(oids) if oids is not None else None
         removed = []
         now = time.time()
+        if QueueState.PENDING in states and QueueState.BULK not in states:
+            states = [*states, QueueState.BULK]
         with self.env.begin(write=True) as txn:
             for state in states:
                 for key, _ in list(iter_prefix(txn, qprefix(dest, state.code), self._q)):

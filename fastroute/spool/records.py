@@ -32,6 +32,10 @@ class QueueState(enum.StrEnum):
     IN_FLIGHT = "in_flight"
     FAILED = "failed"
     UNROUTED = "unrouted"     # held at the pseudo-destination of objects no rule routed
+    # pending, of a migration (routing record ``migration``): the BULK class, claimed only
+    # once the destination has no clinical (PENDING) object due, so a migration never
+    # starves the clinical traffic through the same router (issue 13)
+    BULK = "bulk"
 
     @property
     def code(self) -> bytes:
@@ -43,7 +47,7 @@ class QueueState(enum.StrEnum):
 
 
 _STATE_CODES = {QueueState.PENDING: b"P", QueueState.IN_FLIGHT: b"I", QueueState.FAILED: b"F",
-                QueueState.UNROUTED: b"U"}
+                QueueState.UNROUTED: b"U", QueueState.BULK: b"B"}
 _CODE_STATES = {v: k for k, v in _STATE_CODES.items()}
 
 

@@ -34,6 +34,7 @@ import lmdb
 from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
+from fastroute.spool.moves import MoveTable
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
     UNROUTED,
@@ -98,6 +99,7 @@ class Spool:
         self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
+        self.moves = MoveTable(self.env, self._dbs["mmove"])
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
 
@@ -337,13 +339,15 @@ class Spool:
             for dest in names:
                 counts, oldest = self.queues.counts(txn, dest, now)
                 out.append(QueueStats(
-                    destination=dest, pending=counts[QueueState.PENDING] + counts[QueueState.UNROUTED],
+                    destination=dest, pending=(counts[QueueState.PENDING] + counts[QueueState.UNROUTED]
+                                               + counts[QueueState.BULK]),
                     in_flight=counts[QueueState.IN_FLIGHT], failed=counts[QueueState.FAILED],
                     oldest_age=oldest,
                     delivered=counters.of(CounterKind.DELIVERED, dest),
                     failed_total=counters.of(CounterKind.FAILED, dest),
                     suppressed=counters.of(CounterKind.SUPPRESSED, dest),
-                    unknown_outcomes=counters.of(CounterKind.UNKNOWN_OUTCOMES, dest)))
+                    unknown_outcomes=counters.of(CounterKind.UNKNOWN_OUTCOMES, dest),
+                    bulk_pending=counts[QueueState.BULK]))
         return out
 
     def entries(self, dest: str, state: QueueState | bytes | str, limit: int = 1000) -> list[QueueEntry]:
