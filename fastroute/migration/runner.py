@@ -52,7 +52,7 @@ BACKOFF_MAX = 600.0
 IMAGE_CHUNK = 200           # SOP Instance UIDs per IMAGE-level retrieve of a few missing instances
 MAX_GET_CLASSES = 127       # storage SOP classes per C-GET association (128 contexts, one for C-GET)
 DUE_BATCH = 64              # studies read from the work index per state per round
-LISTED_MOVE_EXPIRY = 600.0  # a registered move outlives its retrieve timeout by this much
+MOVE_EXPIRY_MARGIN = 600.0  # a registered move outlives its retrieve timeout by this much
 
 TRANSIENT = frozenset({0xA700, 0xA701, 0xA702})
 UNKNOWN_DESTINATION = 0xA801
@@ -292,7 +292,7 @@ class MigrationRunner:
         self.stop.set()
         with self._lock:
             for client in list(self._open.values()):
-                _close_quietly(client)
+                _abort_quietly(client)
         for slots in self._sources.values():
             slots.pool.shutdown(wait=True, cancel_futures=True)
         self._verifiers.shutdown(wait=True, cancel_futures=True)
@@ -565,12 +565,18 @@ class MigrationRunner:
                                f"{_uid_list(result.failed_sop_instance_uids, 5)}")
         except RetrieveFailed as exc:
             out.status = exc.status
+            if exc.result is not None:
+                c = exc.result.counts
+                out.expected += (c.completed or 0) + (c.warning or 0)
+            out.why = f"retrieve from {source.ae_title} failed: {escape_control(str(exc))}"
             if exc.status == UNKNOWN_DESTINATION:
                 self._unknown_destination(name, source, uid)
                 out.transient = True
+                out.why = self.jobs.status(name).error
             else:
-                out.transient = exc.status in TRANSIENT or exc.status is None
-            out.why = f"retrieve from {source.ae_title} failed: {escape_control(str(exc))}"
+                # Out of resources, or no usable answer at all (source down, association
+                # refused): the source's trouble, not the study's.
+                out.transient = exc.back_off or exc.status is None
         except (QueryFailed, OSError) as exc:
             out.transient = True
             out.why = f"retrieve from {source.ae_title} failed: {escape_control(str(exc))}"
@@ -591,15 +597,12 @@ class MigrationRunner:
         if source.retrieve == "get":
             result = client.get(unit.identifier, level=unit.level, timeout=timeout, on_pending=pending)
         else:
-            msg_id = self._take_message_id(source, client)
-            self.spool.moves.register(calling, msg_id, name, uid, tuple(spec.destinations),
-                                      self.clock() + timeout + LISTED_MOVE_EXPIRY)
-            try:
-                result = client.move(unit.identifier, destination, level=unit.level, timeout=timeout,
-                                     on_pending=pending)
-            finally:
-                # Late C-STOREs of a cancelled or early-ended move still find it until it expires.
-                pass
+            msg_id = self._register_move(name, spec, source, calling, client, uid, timeout)
+            result = client.move(unit.identifier, destination, level=unit.level, timeout=timeout,
+                                 on_pending=pending)
+            # Not unregistered here: C-STOREs committed after the final response (or after a
+            # cancel) must still find their job; the entry expires after the retrieve timeout.
+            del msg_id
         c = result.counts
         log.info("migration %s: %s %s of study %s from %s: status %s, %s completed, %s failed, %s warning%s",
                  name, "C-GET" if source.retrieve == "get" else f"C-MOVE (to {destination})", unit.level, uid,
@@ -608,13 +611,22 @@ class MigrationRunner:
                  extra=fields(study_uid=uid, status=result.status, called_ae=source.ae_title, calling_ae=calling))
         return result
 
-    def _take_message_id(self, source: SourceConfig, client: QueryRetrieveClient) -> int:
-        """The Message ID the move will carry, unique among this process's moves to ``source``."""
-        setter = getattr(client, "set_next_message_id", None)
-        if setter is None:
-            return client.next_message_id()
-        setter(self._sources[source.name].ids.take())
-        return client.next_message_id()
+    def _register_move(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
+                       client: QueryRetrieveClient, study_uid: str, timeout: float) -> int:
+        """Register the move under the Message ID it will carry, before it is sent: an id
+        unique among this process's moves to ``source`` (the listener tells moves apart by
+        Move Originator AE + Message ID, and all our associations share the calling AE)."""
+        ids = self._sources[source.name].ids
+        expires = self.clock() + timeout + MOVE_EXPIRY_MARGIN
+        for _ in range(64):
+            msg_id = ids.take()
+            # Connection.msg_id is the last id used: the next request carries msg_id.
+            client.conn.msg_id = msg_id - 1
+            assert client.next_message_id() == msg_id
+            if self.spool.moves.register(calling, msg_id, name, study_uid, tuple(spec.destinations), expires):
+                return msg_id
+        raise RetrieveFailed(f"no free Move Originator Message ID for {calling} (64 tried): too many "
+                             "moves registered at once", None)
 
     def _open_client(self, name: str, seq: int, source: SourceConfig, calling: str) -> QueryRetrieveClient:
         client = self.client(source, calling)
@@ -918,8 +930,8 @@ class MigrationRunner:
             except JobError:
                 state = JobState.CANCELLED
             if state is JobState.CANCELLED:
-                log.info("migration %s: cancelled: releasing its association to the source", name)
-                _close_quietly(client)
+                log.info("migration %s: cancelled: aborting its retrieve in flight", name)
+                _abort_quietly(client)
 
 
 def _close_quietly(client: QueryRetrieveClient) -> None:
@@ -927,6 +939,14 @@ def _close_quietly(client: QueryRetrieveClient) -> None:
         client.close()
     except Exception as exc:   # closing is best effort: the peer may be gone
         log.debug("closing a Q/R association: %s", exc)
+
+
+def _abort_quietly(client: QueryRetrieveClient) -> None:
+    """From another thread than the one waiting in it: the blocked wait fails at once."""
+    try:
+        client.abort()
+    except Exception as exc:
+        log.debug("aborting a Q/R association: %s", exc)
 
 
 __all__ = ["MigrationRunner", "Unit", "plan_units", "split_classes", "Backoff", "Throttle", "MessageIds"]
