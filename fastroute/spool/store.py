@@ -34,6 +34,7 @@ import lmdb
 from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
+from fastroute.spool.jobs import Jobs
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
     UNROUTED,
@@ -98,6 +99,7 @@ class Spool:
         self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
+        self.jobs = Jobs(self.env, self._dbs)
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
 
