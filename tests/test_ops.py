@@ -44,8 +44,10 @@ port: {port}
 spool_max_bytes: 256MiB
 min_free_bytes: 0
 destinations:
-  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1}}
+  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1, query: true}}
   vna: {{ae_title: VNA, host: 127.0.0.1, port: 1}}
+sources:
+  oldpacs: {{ae_title: OLDPACS, host: 127.0.0.1, port: 1}}
 rules:
   - name: ct-to-pacs
     match: {{Modality: CT}}
