@@ -46,7 +46,7 @@ ARRIVAL_WAIT = 30.0         # a final response before its last C-STORE is spoole
 MAX_ATTEMPTS = 5            # retrieves of one study before it fails with the list of what is missing
 MAX_VERIFY_ATTEMPTS = 3     # verifications (each mismatch re-fetches what is missing) before failing
 VERIFY_DELAY = 2.0          # after delivery, before the first C-FIND (the archive indexes first)
-RETRY_DELAY = 30.0          # before fetching missing instances again (0xB000, a timeout)
+RETRY_DELAY = 5.0           # before fetching missing instances again (0xB000, a timeout), doubling
 BACKOFF_INITIAL = 5.0       # 0xA701/0xA702 or a source that cannot be reached
 BACKOFF_MAX = 600.0
 IMAGE_CHUNK = 200           # SOP Instance UIDs per IMAGE-level retrieve of a few missing instances
@@ -483,10 +483,11 @@ class MigrationRunner:
                                    next_at=self.clock() + delay, reason=outcome.why)
             return
         why = outcome.why or f"{len(missing)} instance(s) did not arrive"
-        self.jobs.update_study(name, seq, next_at=self.clock() + RETRY_DELAY, reason=why)
+        delay = min(BACKOFF_MAX, RETRY_DELAY * 2 ** max(0, study.attempts - 1))
+        self.jobs.update_study(name, seq, next_at=self.clock() + delay, reason=why)
         log.warning("migration %s: study %s: %d of %d instance(s) still missing after attempt %d (%s); "
                     "fetching them again in %.0fs", name, uid, len(missing), listed, study.attempts,
-                    escape_control(why), RETRY_DELAY, extra=fields(study_uid=uid))
+                    escape_control(why), delay, extra=fields(study_uid=uid))
 
     def _may_retrieve(self, name: str) -> bool:
         """Pause, cancel and windows are read again before each retrieve: a pause is prompt."""

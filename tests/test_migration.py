@@ -1,0 +1,270 @@
+"""PACS migration end to end (issue 13): `fastroute serve` migrates real archives into a real one.
+
+Sources: Orthanc (C-MOVE and C-GET), DCMTK dcmqrscp, and the fault-injecting FakeArchive for
+what real archives do not do on demand (0xA702, 0xB000 with a failed list). Destination: the
+session's Orthanc with `query: true`, whose own C-FIND decides `verified`, checked again here
+through its REST API (every SOP Instance UID) and element by element for a few objects.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import peers
+import pydicom
+import pytest
+import qrpeers
+from dicomcompare import assert_same_dataset
+from pydicom.data import get_testdata_file
+from router import Router, destination
+
+from fastroute.spool.store import Spool
+
+ROUTER_AE = "FASTROUTE"
+DATA_STORE_FILES = ["693_J2KR.dcm", "JPEG-LL.dcm", "SC_rgb.dcm", "OBXXXX1A_expb.dcm", "emri_small_RLE.dcm"]
+PYDICOM_FILES = ["CT_small.dcm", "MR_small.dcm", "test-SR.dcm", "image_dfl.dcm"]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def real_files(pydicom_data_dir: Path) -> list[Path]:
+    """Real objects, one per SOP Instance UID (some pydicom-data files share theirs)."""
+    files = [pydicom_data_dir / n for n in DATA_STORE_FILES] + [Path(str(get_testdata_file(n))) for n in PYDICOM_FILES]
+    seen: dict[str, Path] = {}
+    for f in files:
+        seen.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f)
+    return list(seen.values())
+
+
+def sop_uids(files: list[Path]) -> dict[str, Path]:
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+
+
+def study_uids(files: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+
+
+def config(dest: peers.Orthanc, sources: dict[str, dict[str, Any]], **dest_extra: Any) -> dict[str, Any]:
+    return {"destinations": {"newpacs": {**destination(dest.dicom_port, dest.ae_title), "query": True, **dest_extra}},
+            "sources": sources}
+
+
+def source(ae: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"ae_title": ae, "host": "127.0.0.1", "port": port, **extra}
+
+
+def start_job(r: Router, src: str, *args: str) -> str:
+    out = r.cli("migrate", "start", "--from", src, "--to", "newpacs", *args).stdout.strip()
+    assert out, "migrate start printed no job name"
+    return out.splitlines()[-1]
+
+
+def status(r: Router, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(r.cli("migrate", "status", name, "--json").stdout)
+    return doc
+
+
+def wait_state(r: Router, name: str, states: set[str], timeout: float = 180.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = status(r, name)
+        if last["state"] in states:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"job {name} not in {states} after {timeout}s: {last}\n{r.log_tail(80)}")
+
+
+def report(r: Router, name: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(r.cli("migrate", "report", name, "--format", "json").stdout)
+    return rows
+
+
+def job_records(r: Router, name: str, study_uid: str) -> list[tuple[int, str]]:
+    """(oid, SOP Instance UID) of every object spooled for this job and study."""
+    spool = Spool(r.spool_path)
+    try:
+        return [(oid, rec.sop_instance_uid) for oid, rec in spool.lookup(study_instance_uid=study_uid)
+                if rec.extra.get("migration") == name]
+    finally:
+        spool.close()
+
+
+def assert_all_at(dest: peers.Orthanc, files: dict[str, Path], compare: int = 3) -> None:
+    """Every SOP Instance UID is in the destination; the first ``compare`` are equal element by
+    element to what the source archive was loaded with."""
+    missing = [uid for uid in files if dest.find_instance(uid) is None]
+    assert not missing, f"{len(missing)} instance(s) lost: {missing[:5]}"
+    for uid, path in list(files.items())[:compare]:
+        found = dest.find_instance(uid)
+        assert found is not None
+        got = pydicom.dcmread(__import__("io").BytesIO(dest.get_instance_file(found["ID"])))
+        assert_same_dataset(pydicom.dcmread(path), got)
+
+
+def assert_done_verified(r: Router, name: str, studies: set[str], timeout: float = 180.0) -> dict[str, Any]:
+    st = wait_state(r, name, {"done", "done-with-errors", "cancelled"}, timeout)
+    rows = report(r, name)
+    bad = [row for row in rows if row["state"] != "verified"]
+    assert st["state"] == "done" and not bad, f"{st}\n{bad}\n{r.log_tail(80)}"
+    assert {row["study_instance_uid"] for row in rows} >= studies
+    for row in rows:
+        assert row["found_at_destination"] == row["source_instances"] == row["received"] > 0
+    return st
+
+
+@pytest.fixture
+def oldpacs(orthanc: peers.Orthanc, tmp_path: Path) -> Iterator[peers.Orthanc]:
+    """An Orthanc of its own as the source archive (the session's Orthanc is the destination)."""
+    src = peers.Orthanc("OLDPACS", workdir=tmp_path / "oldpacs")
+    src.start()
+    yield src
+    src.kill()
+    src.stop()
+
+
+def serve(router: Callable[..., Router], dest: peers.Orthanc, sources: dict[str, dict[str, Any]],
+          **dest_extra: Any) -> Router:
+    r = router(config(dest, sources, **dest_extra), start=False)
+    qrpeers.register_modality(dest, "fastroute", ROUTER_AE, r.port)      # it may C-FIND there
+    return r.start()
+
+
+# -- Orthanc -> fastroute -> Orthanc ----------------------------------------------------------
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_orthanc_to_orthanc_every_study_verified(retrieve: str, router: Callable[..., Router],
+                                                  orthanc: peers.Orthanc, oldpacs: peers.Orthanc,
+                                                  pydicom_data_dir: Path,
+                                                  synth_study: Callable[..., list[Path]]) -> None:
+    orthanc.clear()
+    files = real_files(pydicom_data_dir)
+    files += synth_study(n_series=2, n_instances=4, tiny=True) + synth_study(modality="MR", n_instances=3, tiny=True)
+    qrpeers.load_orthanc(oldpacs, files)
+    r = serve(router, orthanc, {"oldpacs": source("OLDPACS", oldpacs.dicom_port, retrieve=retrieve)})
+    qrpeers.register_modality(oldpacs, "fastroute", ROUTER_AE, r.port)
+    name = start_job(r, "oldpacs", "--name", f"orthanc-{retrieve}")
+    st = assert_done_verified(r, name, study_uids(files))
+    assert st["instances_expected"] == st["instances_received"] == len(files)
+    assert_all_at(orthanc, sop_uids(files), compare=len(files) if retrieve == "move" else 3)
+
+
+def test_kill_9_mid_job_then_serve_again_continues_and_fetches_nothing_verified_twice(
+        router: Callable[..., Router], orthanc: peers.Orthanc, oldpacs: peers.Orthanc,
+        synth_study: Callable[..., list[Path]]) -> None:
+    studies = [synth_study(n_instances=5, tiny=True, seed=i) for i in range(8)]
+    files = [f for s in studies for f in s]
+    qrpeers.load_orthanc(oldpacs, files)
+    # max_associations 1 and a rate keep the job slow enough to be killed in the middle.
+    r = serve(router, orthanc, {"oldpacs": source("OLDPACS", oldpacs.dicom_port, max_associations=1)})
+    qrpeers.register_modality(oldpacs, "fastroute", ROUTER_AE, r.port)
+    name = start_job(r, "oldpacs", "--name", "crash", "--rate", "1800/h")
+    deadline = time.monotonic() + 120
+    while status(r, name)["studies_verified"] < 2:
+        assert time.monotonic() < deadline, r.log_tail(80)
+        time.sleep(0.2)
+    r.kill()
+    verified_before = {row["study_instance_uid"] for row in report(r, name) if row["state"] == "verified"}
+    assert 2 <= len(verified_before) < len(studies)
+    copies_before = {uid: sorted(job_records(r, name, uid)) for uid in verified_before}
+    r.start()
+    assert_done_verified(r, name, study_uids(files), timeout=240)
+    for uid in verified_before:    # nothing verified was fetched (or spooled) again
+        assert sorted(job_records(r, name, uid)) == copies_before[uid]
+    for uid in study_uids(files):  # and every study came exactly once per instance
+        recs = job_records(r, name, uid)
+        assert len({sop for _, sop in recs}) == len(recs) == 5
+    assert_all_at(orthanc, sop_uids(files), compare=2)
+
+
+def test_a_closed_time_window_waits_and_retrieves_nothing(router: Callable[..., Router], orthanc: peers.Orthanc,
+                                                          oldpacs: peers.Orthanc,
+                                                          synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=3, tiny=True)
+    qrpeers.load_orthanc(oldpacs, files)
+    r = serve(router, orthanc, {"oldpacs": source("OLDPACS", oldpacs.dicom_port)})
+    qrpeers.register_modality(oldpacs, "fastroute", ROUTER_AE, r.port)
+    now = time.localtime()
+    start = (now.tm_hour * 60 + now.tm_min + 120) % 1440     # opens in two hours, for an hour
+    window = f"{start // 60:02d}:{start % 60:02d}-{(start + 60) // 60 % 24:02d}:{(start + 60) % 60:02d}"
+    name = start_job(r, "oldpacs", "--name", "nightly", "--window", window)
+    st = wait_state(r, name, {"waiting-window"}, timeout=60)
+    time.sleep(3)       # not synchronisation: a period in which nothing may happen
+    st = status(r, name)
+    assert st["state"] == "waiting-window" and st["instances_received"] == 0
+    assert not job_records(r, name, next(iter(study_uids(files))))
+    r.cli("migrate", "cancel", name)
+
+
+# -- dcmqrscp as a second source; a destination verified by counts ------------------------------
+
+def test_dcmqrscp_source_and_a_study_level_destination_verified_by_counts(
+        router: Callable[..., Router], orthanc: peers.Orthanc, tmp_path: Path,
+        synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_series=2, n_instances=3, tiny=True) + synth_study(modality="CR", n_instances=2, tiny=True)
+    r = router(config(orthanc, {}), start=False)
+    qr = qrpeers.DcmQrScp("DCMQRSCP", destinations={ROUTER_AE: ("127.0.0.1", r.port)}, workdir=tmp_path / "qr")
+    qr.start()
+    try:
+        qr.load(files)
+        r.write_config(**config(orthanc, {"archive2": source("DCMQRSCP", qr.port)}, query_level="study"))
+        qrpeers.register_modality(orthanc, "fastroute", ROUTER_AE, r.port)
+        r.start()
+        name = start_job(r, "archive2", "--name", "from-dcmqrscp")
+        assert_done_verified(r, name, study_uids(files))
+        assert_all_at(orthanc, sop_uids(files), compare=2)
+    finally:
+        r.stop()
+        qr.stop()
+
+
+# -- faults real archives do not produce on demand ----------------------------------------------
+
+@pytest.fixture
+def fake_archive() -> Iterator[Callable[..., qrpeers.FakeArchive]]:
+    started: list[qrpeers.FakeArchive] = []
+
+    def make(**kw: Any) -> qrpeers.FakeArchive:
+        pacs = qrpeers.FakeArchive(**kw)
+        started.append(pacs)
+        return pacs
+
+    yield make
+    for pacs in started:
+        pacs.stop()
+
+
+def test_busy_source_is_backed_off_then_a_failed_list_is_fetched_again_alone(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=6, tiny=True)
+    r = router(config(orthanc, {}), start=False)
+    pacs = fake_archive(ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)})
+    pacs.add_files(files)
+    uids = list(sop_uids(files))
+    pacs.busy_moves = 1                         # 0xA702 first
+    pacs.fail_instances = set(uids[:2])         # then 0xB000 with these two in the failed list
+    pacs.start()
+    r.write_config(**config(orthanc, {"fake": source("FAKEPACS", pacs.port)}))
+    qrpeers.register_modality(orthanc, "fastroute", ROUTER_AE, r.port)
+    r.start()
+    name = start_job(r, "fake", "--name", "faults")
+    deadline = time.monotonic() + 60
+    while not any(q.command == "C-MOVE" and q.status == 0xB000 for q in pacs.requests):
+        assert time.monotonic() < deadline, f"{pacs.requests}\n{r.log_tail(60)}"
+        time.sleep(0.1)
+    pacs.fail_instances = set()                 # the archive recovers
+    assert_done_verified(r, name, study_uids(files), timeout=120)
+    moves = [q for q in pacs.requests if q.command == "C-MOVE"]
+    assert [q.status for q in moves[:2]] == [0xA702, 0xB000]
+    again = moves[2:]
+    assert again and all(q.status == 0 for q in again)
+    refetched = {u for q in again for u in str(q.identifier.get("SOPInstanceUID", "")).split("\\") if u}
+    assert refetched == set(uids[:2]), "only the failed instances are fetched again"
+    # every move carried a Message ID registered for this job
+    log = r.log_text()
+    assert "0xA702" in log or "A702" in log
+    assert_all_at(orthanc, sop_uids(files), compare=1)
