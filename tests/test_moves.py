@@ -1,12 +1,29 @@
 """Issue 13: the C-MOVEs in flight (``spool.moves``), and how moved objects find their job."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Iterator
 
+import pydicom
 import pytest
+import yaml
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from fastroute.spool import Spool
+import peers
+import synth
+from fastroute.cli import read_part10
+from fastroute.config import loads
+from fastroute.dicom.dimse import CommandField, Message, Peer, Pending, Reply
+from fastroute.dicom.pdu import (AFFECTED_SOP_CLASS_UID, AFFECTED_SOP_INSTANCE_UID,
+                                 COMMAND_FIELD, MESSAGE_ID)
+from fastroute.dicom.scp import Listener
+from fastroute.routing.intake import StoreService
+from fastroute.routing.rules import RuleSet
+from fastroute.spool import QueueState, RoutingRecord, Spool
+from fastroute.spool.commit import Committer
 from fastroute.spool.moves import Move, move_key
 
 
@@ -81,3 +98,186 @@ def test_another_process_sees_a_registration(tmp_path: Path) -> None:
         assert move is not None and move.destinations == ("a",)
     finally:
         listener.close()
+
+
+# -- the listener: moved objects attributed by their originator ------------------------------------
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class _Listening:
+    def __init__(self, tmp_path: Path) -> None:
+        port = peers.free_port()
+        self.cfg = loads(yaml.safe_dump({
+            "ae_title": "FASTROUTE", "host": "127.0.0.1", "port": port, "spool": str(tmp_path / "lsp"),
+            "min_free_bytes": 0, "spool_max_bytes": "256MiB",
+            "destinations": {"clinical": {"ae_title": "CLIN", "host": "127.0.0.1", "port": 1},
+                             "newpacs": {"ae_title": "NEWPACS", "host": "127.0.0.1", "port": 2}},
+            "default": ["clinical"]}))
+        self.port = port
+        self.spool = Spool(self.cfg.spool, map_size=self.cfg.spool_max_bytes, min_free_bytes=0)
+        self.committer = Committer(self.spool, None)
+        self.store = StoreService(RuleSet.from_config(self.cfg), self.committer)
+        # a low staging threshold: the large-object path attributes too
+        self.receiver = Listener(self.cfg, {CommandField.C_STORE_RQ: self.store},
+                                 stager=self.committer.stager(256 * 1024))
+        self.receiver.start()
+
+    def close(self) -> None:
+        self.receiver.stop(1.0)
+        self.store.close()
+        self.committer.close()
+        self.spool.close()
+
+    def records(self) -> dict[str, RoutingRecord]:
+        out = {}
+        for oid in range(1, int(self.spool.counters().get("seq", 0)) + 1):
+            rec = self.spool.record(oid)
+            if rec is not None:
+                out[rec.sop_instance_uid] = rec
+        return out
+
+
+@pytest.fixture
+def listening(tmp_path: Path) -> Iterator[_Listening]:
+    s = _Listening(tmp_path)
+    yield s
+    s.close()
+
+
+def _send(port: int, datasets: list[pydicom.Dataset], originator: tuple[str, int] | None) -> list[int]:
+    """pynetdicom as the source archive answering a C-MOVE: C-STOREs with the originator."""
+    ae = AE(ae_title="OLDPACS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FASTROUTE")
+    assert assoc.is_established
+    try:
+        if originator is None:
+            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        return [int(assoc.send_c_store(ds, originator_aet=originator[0], originator_id=originator[1]).Status)
+                for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_moved_objects_go_to_the_move_destinations_with_their_job(tmp_path: Path,
+                                                                  listening: _Listening) -> None:
+    paths = synth.make_tiny(tmp_path / "study", 5)
+    big = synth.make_study(tmp_path / "big", n_instances=1, rows=768, cols=768)   # > 1 MiB: staged
+    ds = [pydicom.dcmread(p) for p in [*paths, *big]]
+    study = str(ds[0].StudyInstanceUID)
+    assert listening.spool.moves.register("FASTROUTE", 7, "mig1", study, ("newpacs",), 2e9)
+    # three of the move's objects (and the large one) with its originator
+    assert _send(listening.port, [ds[0], ds[1], ds[2], ds[5]], ("FASTROUTE", 7)) == [0, 0, 0, 0]
+    # someone else's C-MOVE (not registered), and an ordinary C-STORE
+    assert _send(listening.port, [ds[3]], ("WORKSTATION", 7)) == [0]
+    assert _send(listening.port, [ds[4]], None) == [0]
+
+    recs = listening.records()
+    for d in (ds[0], ds[1], ds[2], ds[5]):
+        rec = recs[str(d.SOPInstanceUID)]
+        assert rec.routed_to == ["newpacs"] and rec.rules == []
+        assert rec.extra["migration"] == "mig1"
+        assert (rec.extra["move_originator_ae"], rec.extra["move_originator_id"]) == ("FASTROUTE", 7)
+        assert rec.calling_ae == "OLDPACS" and rec.study_instance_uid == str(d.StudyInstanceUID)
+    other = recs[str(ds[3].SOPInstanceUID)]
+    assert other.routed_to == ["clinical"] and "migration" not in other.extra
+    assert (other.extra["move_originator_ae"], other.extra["move_originator_id"]) == ("WORKSTATION", 7)
+    plain = recs[str(ds[4].SOPInstanceUID)]
+    assert plain.routed_to == ["clinical"]
+    assert not {"migration", "move_originator_ae", "move_originator_id"} & set(plain.extra)
+    # the moved ones wait in the bulk class, the others as clinical objects
+    assert len(listening.spool.entries("newpacs", QueueState.BULK)) == 4
+    assert [e.state for e in listening.spool.entries("clinical", QueueState.PENDING)] == [QueueState.PENDING] * 2
+    # the large one took the staged path and kept its bytes
+    big_oid = next(oid for oid in range(1, 7) if (r := listening.spool.record(oid)) is not None
+                   and r.sop_instance_uid == str(ds[5].SOPInstanceUID))
+    assert listening.spool.read(big_oid) == read_part10(big[0])[1]
+
+    # unregistered (the runner saw the final response): late arrivals go by the rules
+    assert listening.spool.moves.unregister("FASTROUTE", 7)
+    more = synth.make_tiny(tmp_path / "late", 1)
+    late = pydicom.dcmread(more[0])
+    assert _send(listening.port, [late], ("FASTROUTE", 7)) == [0]
+    rec = listening.records()[str(late.SOPInstanceUID)]
+    assert rec.routed_to == ["clinical"] and "migration" not in rec.extra
+    assert rec.extra["move_originator_id"] == 7
+
+
+# -- C-GET: the runner's own association ---------------------------------------------------------
+
+def _store_rq(sop_uid: str, data: bytes, msg_id: int = 1) -> Message:
+    return Message(1, {COMMAND_FIELD: int(CommandField.C_STORE_RQ), MESSAGE_ID: msg_id,
+                       AFFECTED_SOP_CLASS_UID: CT, AFFECTED_SOP_INSTANCE_UID: sop_uid},
+                   bytearray(data))
+
+
+def _answer(reply: Reply | Pending) -> Reply:
+    if isinstance(reply, Pending):
+        done = threading.Event()
+        reply.future.add_done_callback(lambda _f: done.set())
+        assert done.wait(30)
+        return reply.finish(reply.future)
+    return reply
+
+
+def test_retrieve_store_service_routes_to_fixed_destinations(tmp_path: Path) -> None:
+    """The handler a C-GET's C-STOREs get (as scu.Connection calls it: the Peer is us calling
+    the source): checked and peeked as usual, routed to the job's destinations."""
+    sp = Spool(tmp_path / "g", map_size=64 * 1024**2)
+    committer = Committer(sp, None)
+    service = StoreService.for_retrieve(committer, job="mig2", destinations=("newpacs", "backup"))
+    try:
+        paths = synth.make_tiny(tmp_path / "get", 3)
+        peer = Peer("FASTROUTE", "OLDPACS", "127.0.0.1", {1: ExplicitVRLittleEndian})
+        uids = []
+        for p in paths:
+            ts, data = read_part10(p)
+            uid = str(pydicom.dcmread(p).SOPInstanceUID)
+            uids.append(uid)
+            assert _answer(service(peer, _store_rq(uid, data))).status == 0
+        # a broken one is refused as on a listener, and nothing is spooled for it
+        ts, data = read_part10(paths[0])
+        assert _answer(service(peer, _store_rq("1.2.3.999", data[:40]))).status == 0xC000
+        recs = [sp.record(oid) for oid in range(1, 4)]
+        assert [r.sop_instance_uid for r in recs if r] == uids
+        for r in recs:
+            assert r is not None and r.routed_to == ["newpacs", "backup"] and r.rules == []
+            assert r.extra["migration"] == "mig2" and "move_originator_id" not in r.extra
+            assert (r.calling_ae, r.called_ae) == ("OLDPACS", "FASTROUTE")   # the source sent it
+        assert len(sp.entries("newpacs", QueueState.BULK)) == 3
+        assert len(sp.entries("backup", QueueState.BULK)) == 3
+        assert sp.counters().get("seq", 0) == 3
+    finally:
+        service.close()
+        committer.close()
+        sp.close()
+
+
+def test_an_ordinary_store_does_not_look_up_moves(tmp_path: Path) -> None:
+    """No originator, no lookup: the hot path pays nothing for migrations."""
+    sp = Spool(tmp_path / "h", map_size=64 * 1024**2)
+    committer = Committer(sp, None)
+
+    class Counting:
+        calls = 0
+
+        def lookup(self, *a: object) -> None:
+            Counting.calls += 1
+
+    service = StoreService(RuleSet([], ("pacs",)), committer, moves=Counting())  # type: ignore[arg-type]
+    try:
+        [path] = synth.make_tiny(tmp_path / "one", 1)
+        ts, data = read_part10(path)
+        uid = str(pydicom.dcmread(path).SOPInstanceUID)
+        peer = Peer("CT1", "FASTROUTE", "127.0.0.1", {1: ts})
+        assert _answer(service(peer, _store_rq(uid, data))).status == 0
+        assert Counting.calls == 0
+        msg = _store_rq(uid, data, 2)
+        msg.command[0x1030], msg.command[0x1031] = "FASTROUTE", 9
+        assert _answer(service(peer, msg)).status == 0
+        assert Counting.calls == 1
+    finally:
+        service.close()
+        committer.close()
+        sp.close()

@@ -266,6 +266,9 @@ class QueryRetrieveClient:
                     self._cancel(context_id, msg_id, op, what, error)
                     continue
                 except OutcomeUnknown as exc:
+                    if op.cancelled:
+                        raise error(f"{what}: cancelled after {total:g} s, and no final response "
+                                    f"after the C-CANCEL ({exc}); association aborted") from exc
                     raise error(f"{what}: {exc}") from exc
                 status = rsp.status
                 final = status not in PENDING

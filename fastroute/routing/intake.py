@@ -15,23 +15,35 @@ object; every failure is a status, never a lost association:
 * 0xA700 the spool is full or a write failed, and 0xA700 too when a rule raises: that is our
   bug, not the modality's, so it is told to retry (with an Error Comment) and the traceback
   is logged.
+
+Migration (issue 13). A C-STORE carrying a Move Originator AE Title and Message ID
+(0000,1030/1031) that matches a C-MOVE the runner registered (``spool.moves``) goes to that
+move's destinations, not through the rules, and its routing record names the job
+(``migration``), which also puts it in the senders' BULK class behind clinical objects.
+Without a match it is routed by the rules as any other object; the originator is recorded
+either way. An ordinary C-STORE pays one dict lookup for this. C-GET's C-STOREs arrive on
+the runner's own association: :meth:`StoreService.for_retrieve` serves them with fixed
+destinations.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from fastroute.dicom.acse import reject_reason
 from fastroute.dicom.attrs import DEFLATED, MAX_OBJECT_BYTES, check_structure, read_attributes
 from fastroute.dicom.dimse import Message, Peer, Pending, Reply
+from fastroute.dicom.pdu import MOVE_ORIGINATOR_AE_TITLE, MOVE_ORIGINATOR_MESSAGE_ID
 from fastroute.dicom.status import Status, describe
 from fastroute.errors import ObjectTooLarge, PeekError, SpoolError, SpoolFullError
 from fastroute.logsetup import fields
 from fastroute.routing.rules import RuleSet
 from fastroute.spool import Incoming, PutResult
 from fastroute.spool.commit import Committer
+from fastroute.spool.moves import MoveTable
 from fastroute.spool.staging import StagedFile
 from fastroute.spool.counters import CounterKind, EventTally
 
@@ -49,6 +61,16 @@ INDEX_KEYWORDS = {
     0x0020000E: "series_instance_uid", 0x00100020: "patient_id", 0x00080050: "accession_number",
     0x00080060: "modality",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class FixedRoute:
+    """Where a retrieved object goes instead of through the rules: a migration job's
+    destinations (a matched C-MOVE, or every C-STORE of a C-GET)."""
+
+    job: str
+    destinations: tuple[str, ...]
+    study_uid: str = ""          # the study retrieved (a log line names it when they differ)
 
 
 class Refusal(NamedTuple):
@@ -71,12 +93,16 @@ def _text(value: Any) -> str:
 
 def prepare_store(data: bytearray | bytes, transfer_syntax: str, sop_class: str, sop_uid: str,
                   tags: Sequence[int], rules: RuleSet, calling: str, called: str,
-                  ip: str, max_object_bytes: int = MAX_OBJECT_BYTES) -> Incoming | Refusal:
+                  ip: str, max_object_bytes: int = MAX_OBJECT_BYTES, *,
+                  fixed: FixedRoute | None = None,
+                  originator: tuple[str, int] | None = None) -> Incoming | Refusal:
     """Check, peek and route one received dataset, up to the commit.
 
     Returns the item to commit, or why it is refused (0xC000 unreadable, 0xC001 too large,
     0xC002 bad character set, 0xA900 UID mismatch). A rule that raises propagates (the
-    caller answers 0xA700, see :func:`refusal_for`).
+    caller answers 0xA700, see :func:`refusal_for`). ``fixed``: a migration's object, routed
+    to its job's destinations and not through the rules; ``originator``: the C-STORE's Move
+    Originator AE Title and Message ID, kept in the routing record.
     """
     try:
         check_structure(data, transfer_syntax, max_object_bytes)
@@ -94,14 +120,27 @@ def prepare_store(data: bytearray | bytes, transfer_syntax: str, sop_class: str,
     if ds_sop is not None and str(ds_sop) != sop_uid:
         return Refusal(Status.DATASET_MISMATCH, "SOP Instance UID in command and dataset differ",
                        f"Affected SOP Instance UID {sop_uid} differs from the dataset's {ds_sop!s}")
-    decision = rules.route(attrs, {"calling_ae": calling, "called_ae": called, "peer_ip": ip})
     meta: dict[str, Any] = {name: _text(attrs.get(tag)) for tag, name in INDEX_KEYWORDS.items()
                             if tag not in (0x00080016, 0x00080018)}
-    meta.update(calling_ae=calling, called_ae=called, peer=ip, rules=list(decision.matched))
+    if fixed is None:
+        decision = rules.route(attrs, {"calling_ae": calling, "called_ae": called, "peer_ip": ip})
+        meta.update(calling_ae=calling, called_ae=called, peer=ip, rules=list(decision.matched))
+        destinations = decision.destinations
+    else:
+        meta.update(calling_ae=calling, called_ae=called, peer=ip, rules=[], migration=fixed.job)
+        destinations = fixed.destinations
+        if fixed.study_uid and meta["study_instance_uid"] != fixed.study_uid:
+            log.warning("migration=%s sop_instance_uid=%s study_instance_uid=%s from %s: the retrieve "
+                        "was for study %s; routed with the job anyway", fixed.job, sop_uid,
+                        meta["study_instance_uid"], calling, fixed.study_uid,
+                        extra=fields(calling_ae=calling, sop_uid=sop_uid,
+                                     study_uid=meta["study_instance_uid"] or None))
+    if originator is not None:
+        meta.update(move_originator_ae=originator[0], move_originator_id=originator[1])
     # bytearray on purpose: LMDB and hashlib take any buffer, so the received bytes are
     # copied once (into the bytearray) on their way to the spool.
     return Incoming(data, transfer_syntax, sop_class, sop_uid,  # type: ignore[arg-type]
-                    decision.destinations, meta)
+                    destinations, meta)
 
 
 def refusal_for(exc: BaseException) -> Refusal:
@@ -133,16 +172,34 @@ def refusal_counter(tally: EventTally) -> Callable[[int], None]:
 
 
 class StoreService:
-    """The listener's C-STORE handler (a :data:`fastroute.dicom.dimse.Handler`)."""
+    """The listener's C-STORE handler (a :data:`fastroute.dicom.dimse.Handler`).
+
+    ``moves``: the C-MOVEs in flight that moved objects are attributed by (default: the
+    committer's spool's); ``fixed``: route every object there (see :meth:`for_retrieve`)."""
 
     def __init__(self, rules: RuleSet, committer: Committer, *,
-                 max_object_bytes: int = MAX_OBJECT_BYTES, workers: int = 2) -> None:
+                 max_object_bytes: int = MAX_OBJECT_BYTES, workers: int = 2,
+                 moves: MoveTable | None = None, fixed: FixedRoute | None = None) -> None:
         self.rules = rules
         self.committer = committer
         self.max_object_bytes = max_object_bytes
         self.tags = tuple(sorted(set(rules.tags) | set(INDEX_KEYWORDS)))
+        self.moves = moves if moves is not None else committer.spool.moves
+        self.fixed = fixed
         # Few threads on purpose: each may hold up to max_object_bytes of an inflated dataset.
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastroute-check")
+
+    @classmethod
+    def for_retrieve(cls, committer: Committer, *, job: str, destinations: Sequence[str],
+                     study_uid: str = "", max_object_bytes: int = MAX_OBJECT_BYTES,
+                     workers: int = 2) -> StoreService:
+        """The C-STORE handler of a C-GET's sub-operations (``QueryRetrieveClient(store=)``):
+        checked and peeked as on a listener, routed to ``destinations`` for ``job``.
+
+        On the runner's association the peer is the source archive: the routing record's
+        ``calling_ae`` names the source (the Peer's called AE) and ``called_ae`` us."""
+        return cls(RuleSet([]), committer, max_object_bytes=max_object_bytes, workers=workers,
+                   fixed=FixedRoute(job, tuple(destinations), study_uid))
 
     def __call__(self, peer: Peer, msg: Message) -> Reply | Pending:
         assert msg.data is not None            # the assembler refuses a C-STORE without one
@@ -166,15 +223,38 @@ class StoreService:
         """Check, peek and route ``data`` (default: the message's dataset); never raises."""
         assert msg.data is not None
         try:
-            return prepare_store(cast(bytearray, msg.data) if data is None else data, ts, msg.sop_class_uid, msg.sop_instance_uid, self.tags,
-                                 self.rules, peer.calling_ae, peer.called_ae, peer.ip,
-                                 self.max_object_bytes)
+            calling, called = peer.calling_ae, peer.called_ae
+            fixed = self.fixed
+            originator = None
+            if fixed is not None:        # a C-GET's: the peer that sends is the one we called
+                calling, called = called, calling
+            move_id = msg.command.get(MOVE_ORIGINATOR_MESSAGE_ID)   # the only cost when absent
+            if move_id is not None:
+                originator = (str(msg.command.get(MOVE_ORIGINATOR_AE_TITLE) or "").strip(), int(move_id))
+                if fixed is None:
+                    fixed = self._moved(peer, msg, originator)
+            return prepare_store(cast(bytearray, msg.data) if data is None else data, ts, msg.sop_class_uid,
+                                 msg.sop_instance_uid, self.tags, self.rules, calling, called, peer.ip,
+                                 self.max_object_bytes, fixed=fixed, originator=originator)
         except Exception as exc:          # a rule that raises is our bug: the modality retries
             log.exception("C-STORE from %s@%s to %s sop_instance_uid=%s: routing failed",
                           peer.calling_ae, peer.ip, peer.called_ae, msg.sop_instance_uid,
                           extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
                                        sop_uid=msg.sop_instance_uid))
             return refusal_for(exc)
+
+    def _moved(self, peer: Peer, msg: Message, originator: tuple[str, int]) -> FixedRoute | None:
+        """The registered C-MOVE a moved object belongs to (one read transaction), or None:
+        then the rules route it, as an object someone else's C-MOVE sent us."""
+        move = self.moves.lookup(*originator)
+        if move is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("C-STORE from %s@%s sop_instance_uid=%s: Move Originator %s / Message ID %d "
+                          "matches no migration's C-MOVE: routed by the rules", peer.calling_ae, peer.ip,
+                          msg.sop_instance_uid, originator[0], originator[1],
+                          extra=fields(calling_ae=peer.calling_ae, peer=peer.ip, sop_uid=msg.sop_instance_uid))
+            return None
+        return FixedRoute(move.job, move.destinations, move.study_uid)
 
     def _commit_into(self, prepared: Future[Incoming | Refusal],
                      done: Future[PutResult | Refusal]) -> None:
