@@ -272,6 +272,7 @@ class MigrationRunner:
         self._verifying: set[tuple[str, int]] = set()
         self._wake = threading.Event()
         self._committer: Any = None           # C-GET's group commit, made on first use
+        self._get_services: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -296,6 +297,8 @@ class MigrationRunner:
         for slots in self._sources.values():
             slots.pool.shutdown(wait=True, cancel_futures=True)
         self._verifiers.shutdown(wait=True, cancel_futures=True)
+        for service in self._get_services.values():
+            service.close()
         if self._committer is not None:
             notifier = self._committer.notifier
             self._committer.close()
@@ -649,19 +652,19 @@ class MigrationRunner:
     def _default_get_store(self) -> Callable[[str, tuple[str, ...]], Any]:
         """C-GET's C-STOREs arrive on our own association: they are spooled here, through the
         same checks and group commit as the listener's, for the job's destinations."""
-        from fastroute.routing.intake import GetStoreService
+        from fastroute.routing.intake import StoreService
         from fastroute.spool.commit import Committer
         from fastroute.spool.wakeup import Notifier
 
         committer = Committer(self.spool, Notifier(self.cfg.spool), gather=self.cfg.group_commit_delay)
         self._committer = committer
-        services: dict[tuple[str, tuple[str, ...]], Any] = {}
+        services = self._get_services
 
         def make(job: str, destinations: tuple[str, ...]) -> Any:
             key = (job, destinations)
             if key not in services:
-                services[key] = GetStoreService(committer, job=job, destinations=destinations,
-                                                max_object_bytes=self.cfg.max_object_bytes)
+                services[key] = StoreService.for_retrieve(committer, job=job, destinations=destinations,
+                                                          max_object_bytes=self.cfg.max_object_bytes)
             return services[key]
         return make
 
