@@ -32,6 +32,7 @@ from typing import Any
 from fastroute.config import Config, DestinationConfig, SourceConfig
 from fastroute.dicom.qr import (Level, QueryFailed, QueryRetrieveClient, RetrieveFailed, RetrieveResult,
                                 SubOperations)
+from fastroute.dicom.scu import AssociationFailed, NoContextAccepted
 from fastroute.dicom.status import describe
 from fastroute.logsetup import escape_control, fields
 from fastroute.spool.jobs import (FINAL_STUDY_STATES, InstanceRecord, JobError, JobSpec, JobState, Jobs,
@@ -58,14 +59,6 @@ TRANSIENT = frozenset({0xA700, 0xA701, 0xA702})
 UNKNOWN_DESTINATION = 0xA801
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
-# What a C-GET proposes per storage class: the source picks one, keeping its stored syntax
-# where it is offered (the object arrives as it was archived, no transcoding on the way in).
-GET_SYNTAXES = (
-    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
-)
 
 
 # -- pure parts ------------------------------------------------------------------------------
@@ -463,9 +456,10 @@ class MigrationRunner:
             self._received_all(name, spec, study)
             return
         if study.attempts >= MAX_ATTEMPTS:
+            last = f" (last: {study.reason})" if study.reason else ""
             self.jobs.update_study(name, seq, state=StudyState.FAILED,
                                    reason=f"{len(missing)} instance(s) not received after {study.attempts} "
-                                          f"retrieve(s): {_uid_list(i.sop_instance_uid for i in missing)}")
+                                          f"retrieve(s){last}: {_uid_list(i.sop_instance_uid for i in missing)}")
             log.error("migration %s: study %s failed: %d instance(s) missing after %d retrieves from %s",
                       name, uid, len(missing), study.attempts, source.ae_title, extra=fields(study_uid=uid))
             return
@@ -477,7 +471,10 @@ class MigrationRunner:
         missing = self._attribute(name, study, wait_for=outcome.expected, since=outcome.started)
         if not missing:
             self._received_all(name, spec, study)
-            self._sources[source.name].backoff.succeeded()
+            backoff = self._sources[source.name].backoff
+            if backoff.failures:
+                backoff.succeeded()
+                self.jobs.set_error(name, "")     # the source answers again
             return
         if outcome.transient:
             delay = self._backoff(name, source, outcome.status, outcome.why)
@@ -578,9 +575,14 @@ class MigrationRunner:
                 out.transient = True
                 out.why = self.jobs.status(name).error
             else:
-                # Out of resources, or no usable answer at all (source down, association
-                # refused): the source's trouble, not the study's.
-                out.transient = exc.back_off or exc.status is None
+                # Out of resources, or the source cannot be reached (association refused or
+                # failed): the source's trouble, not the study's. Anything else that ended the
+                # retrieve without a status (an abort, a protocol error mid-way) may be this
+                # study's own doing: it spends an attempt, so a study that always breaks the
+                # association ends failed with the reason instead of blocking the job.
+                out.transient = exc.back_off or isinstance(exc.__cause__, (AssociationFailed, NoContextAccepted))
+                if not out.transient:
+                    self._backoff(name, source, exc.status, out.why)
         except (QueryFailed, OSError) as exc:
             out.transient = True
             out.why = f"retrieve from {source.ae_title} failed: {escape_control(str(exc))}"
@@ -643,7 +645,8 @@ class MigrationRunner:
         if self._get_store is None:
             self._get_store = self._default_get_store()
         store = self._get_store(name, tuple(spec.destinations))
-        storage = [(cls, GET_SYNTAXES) for cls in sorted(unit.sop_classes)]
+        # No syntaxes named: every one fastroute accepts, so the source sends what it stores.
+        storage: list[tuple[str, tuple[str, ...]]] = [(cls, ()) for cls in sorted(unit.sop_classes)]
         client = self.client(source, calling, store=store, storage=storage)
         with self._lock:
             self._open[(name, seq)] = client
