@@ -147,6 +147,8 @@ def test_orthanc_to_orthanc_every_study_verified(retrieve: str, router: Callable
                                                   synth_study: Callable[..., list[Path]]) -> None:
     orthanc.clear()
     files = real_files(pydicom_data_dir)
+    if retrieve == "get":   # see test_c_get_of_an_object_orthanc_transcodes (mig-qr bug)
+        files = [f for f in files if f.name != "693_J2KR.dcm"]
     files += synth_study(n_series=2, n_instances=4, tiny=True) + synth_study(modality="MR", n_instances=3, tiny=True)
     qrpeers.load_orthanc(oldpacs, files)
     r = serve(router, orthanc, {"oldpacs": source("OLDPACS", oldpacs.dicom_port, retrieve=retrieve)})
@@ -154,7 +156,41 @@ def test_orthanc_to_orthanc_every_study_verified(retrieve: str, router: Callable
     name = start_job(r, "oldpacs", "--name", f"orthanc-{retrieve}")
     st = assert_done_verified(r, name, study_uids(files))
     assert st["instances_expected"] == st["instances_received"] == len(files)
-    assert_all_at(orthanc, sop_uids(files), compare=len(files) if retrieve == "move" else 3)
+    if retrieve == "move":
+        assert_all_at(orthanc, sop_uids(files), compare=len(files))
+    else:
+        # C-GET: Orthanc sends in the syntax it picks among those offered (every one fastroute
+        # accepts, one context per class: see the report), so compressed objects may arrive
+        # decompressed; compare element by element where no pixel codec is involved.
+        plain = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                 in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")]
+        uids = sop_uids(files)
+        assert_all_at(orthanc, {**sop_uids(plain), **uids}, compare=len(plain))
+
+
+@pytest.mark.xfail(strict=True, reason="Q/R SCU (branch mig-qr): a C-STORE sub-operation that Orthanc "
+                   "transcodes on a C-GET association fails with 'malformed PDU ... (0008,0000) at offset 118 "
+                   "is not in the command group'")
+def test_c_get_of_an_object_orthanc_transcodes(oldpacs: peers.Orthanc, pydicom_data_dir: Path) -> None:
+    from fastroute.config import SourceConfig
+    from fastroute.dicom.dimse import Message, Peer, Reply
+    from fastroute.dicom.qr import QueryRetrieveClient
+
+    f = pydicom_data_dir / "693_J2KR.dcm"            # JPEG 2000 lossless CT
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    qrpeers.load_orthanc(oldpacs, [f])
+    qrpeers.register_modality(oldpacs, "getter", "GETTER", 1)
+    got: list[str] = []
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        got.append(msg.sop_instance_uid)
+        return Reply(0)
+
+    src = SourceConfig(name="s", ae_title="OLDPACS", host="127.0.0.1", port=oldpacs.dicom_port)
+    # Explicit VR Little Endian only: Orthanc must transcode from JPEG 2000.
+    with QueryRetrieveClient(src, "GETTER", store=store, storage=[(str(ds.SOPClassUID), ("1.2.840.10008.1.2.1",))]) as c:
+        result = c.get({"StudyInstanceUID": str(ds.StudyInstanceUID)})
+    assert result.status == 0 and got == [str(ds.SOPInstanceUID)]
 
 
 def test_kill_9_mid_job_then_serve_again_continues_and_fetches_nothing_verified_twice(
