@@ -332,13 +332,13 @@ class MigrationRunner:
                 state = self.jobs.set_window(name, inside)
                 log.info("migration %s: %s", name, "window open: running" if inside else
                          "outside its time windows: waiting", extra=fields())
-        if not inside:
-            if state is JobState.INVENTORY:
-                return POLL       # the inventory waits for the window too: it loads the source
-            self._start_verifications(name, spec, now)   # the destination's C-FIND is not the source
-            return POLL
         if state is JobState.INVENTORY:
+            # Queries only (no retrieve): done whatever the windows, so that the job's size is
+            # known at once and the first window is spent moving studies.
             self._start_inventory(name, spec, source)
+            return POLL
+        if not inside:
+            self._start_verifications(name, spec, now)   # the destination's C-FIND, not the source
             return POLL
         if state is not JobState.RUNNING:
             return POLL
