@@ -20,6 +20,7 @@ Why these choices:
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -236,6 +237,7 @@ class _SourceSlots:
     busy: int = 0
     backoff: Backoff = field(default_factory=Backoff)
     ids: MessageIds = field(default_factory=MessageIds)
+    single_uids: bool = False      # it ignores SOP Instance UID lists: one UID per retrieve
 
 
 class MigrationRunner:
@@ -466,7 +468,9 @@ class MigrationRunner:
         study = self.jobs.update_study(name, seq, state=StudyState.RETRIEVING, add_attempt=True,
                                        now=self.clock())
         listed = study.source_instances or len(missing)
-        units = plan_units(uid, missing, listed, source.series_threshold)
+        slots = self._sources[source.name]
+        units = plan_units(uid, missing, listed, source.series_threshold,
+                           image_chunk=1 if slots.single_uids else IMAGE_CHUNK)
         outcome = self._retrieve(name, spec, source, calling, study, units)
         missing = self._attribute(name, study, wait_for=outcome.expected, since=outcome.started)
         if not missing:
@@ -530,7 +534,9 @@ class MigrationRunner:
         deadline_each = source.retrieve_timeout
         client: QueryRetrieveClient | None = None
         try:
-            for unit in units:
+            todo = collections.deque(units)
+            while todo:
+                unit = todo.popleft()
                 if not self._may_retrieve(name):
                     out.why = "paused or cancelled before the retrieve ended"
                     return out
@@ -543,6 +549,23 @@ class MigrationRunner:
                     self._close_client(name, study.seq, client)
                     client = None
                 out.expected += (result.counts.completed or 0) + (result.counts.warning or 0)
+                c = result.counts
+                if (unit.level is Level.IMAGE and len(unit.sop_uids) > 1 and result.status == 0
+                        and not (c.completed or c.failed or c.warning)):
+                    # A success that moved nothing for a list of UIDs: this archive does not
+                    # take UID lists (PS3.4 C.4.2.2.1 allows them, not all implement them).
+                    # From now on one SOP Instance UID per retrieve from this source.
+                    self._sources[source.name].single_uids = True
+                    log.warning("migration %s: %s matched none of %d SOP Instance UIDs given as a list: "
+                                "retrieving them one by one from now on", name, source.ae_title,
+                                len(unit.sop_uids), extra=fields(study_uid=uid, called_ae=source.ae_title))
+                    series = unit.identifier.get("SeriesInstanceUID", "")
+                    for sop in unit.sop_uids:
+                        ident = {"StudyInstanceUID": uid, "SOPInstanceUID": sop}
+                        if series:
+                            ident["SeriesInstanceUID"] = series
+                        todo.append(Unit(Level.IMAGE, ident, (sop,), unit.sop_classes))
+                    continue
                 out.status = result.status
                 if result.timed_out:
                     out.why = (f"{unit.level} retrieve of study {uid} not finished within "
@@ -630,6 +653,12 @@ class MigrationRunner:
             client.conn.msg_id = msg_id - 1
             assert client.next_message_id() == msg_id
             if self.spool.moves.register(calling, msg_id, name, study_uid, tuple(spec.destinations), expires):
+                if source.ae_title.strip() != calling.strip():
+                    # Some archives (pynetdicom-based ones among them) put their OWN AE title
+                    # in the Move Originator AE Title of the C-STOREs: the same Message ID under
+                    # the source's title finds the move too. Still keyed by our Message ID.
+                    self.spool.moves.register(source.ae_title, msg_id, name, study_uid,
+                                              tuple(spec.destinations), expires)
                 return msg_id
         raise RetrieveFailed(f"no free Move Originator Message ID for {calling} (64 tried): too many "
                              "moves registered at once", None)
