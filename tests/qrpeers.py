@@ -4,7 +4,7 @@
 Shared by the Q/R SCU tests and the migration tests; no pytest dependency.
 
 - :class:`FakeArchive`: a pynetdicom Study Root Q/R SCP (C-FIND, C-MOVE, C-GET) over
-  in-memory datasets (``add_files`` / ``add``), with per-request misbehaviour set through
+  in-memory datasets (``add_files`` / ``add``) or a lazily :class:`Generated` archive, with per-request misbehaviour set through
   attributes (see its docstring). Every request it answered is in ``requests``; every
   C-CANCEL it saw counts in ``cancels``. It moves to the AE titles in ``destinations``.
 - :class:`DcmQrScp`: ``dcmqrscp`` with a generated config (one storage area, an AE table
@@ -97,6 +97,10 @@ class FakeArchive:
     - ``max_matches`` / ``cap_status``: a C-FIND returns at most N matches, then ends with
       ``cap_status`` (0xA700, 0xC000, ...) or, when None, silently with Success.
     - ``image_level``: False refuses IMAGE-level C-FIND with 0xA900 (identifier does not match).
+    - ``refuse_get_role``: SCP/SCU role selection refused (no C-GET possible); set before start.
+
+    Content: ``add_files`` / ``add`` (held in memory), and/or ``generated=Generated(100_000)``
+    (made on demand: a scale test's archive costs an index, not the studies).
 
     Usage: ``with FakeArchive(destinations={"DEST": (host, port)}) as pacs: pacs.add_files(...)``.
     """
@@ -114,7 +118,9 @@ class FakeArchive:
     max_matches: int | None = None
     cap_status: int | None = None
     image_level: bool = True
+    refuse_get_role: bool = False
     datasets: dict[str, Dataset] = field(default_factory=dict)      # SOP Instance UID -> object
+    generated: Generated | None = None       # lazily made studies instead of (besides) datasets
     requests: list[Request] = field(default_factory=list)
     cancels: int = 0
     _server: Any = None
@@ -147,14 +153,18 @@ class FakeArchive:
         for uid in (STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET):
             ae.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         for cx in StoragePresentationContexts:
-            # C-GET: we act as the storage SCU on the requestor's association, if it asks.
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=False,
-                                     scp_role=True)
+            # C-GET: we act as the storage SCU on the requestor's association, if it asks
+            # (``refuse_get_role``: the role selection is refused, as some archives do).
+            uid = str(cx.abstract_syntax)
+            if self.refuse_get_role:
+                ae.add_supported_context(uid, cx.transfer_syntax)
+            else:
+                ae.add_supported_context(uid, cx.transfer_syntax, scu_role=False, scp_role=True)
         ae.requested_contexts = StoragePresentationContexts      # C-MOVE sub-associations
         ae.dimse_timeout = 30
         ae.network_timeout = 30
-        handlers = [(evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
-                    (evt.EVT_C_GET, self._on_get)]
+        handlers: list[Any] = [(evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
+                               (evt.EVT_C_GET, self._on_get)]
         last: Exception | None = None
         for _ in range(3):                       # free_port() may lose a race
             port = self.port or free_port()
@@ -182,20 +192,40 @@ class FakeArchive:
 
     # -- matching --------------------------------------------------------------------------
 
-    def match(self, identifier: Dataset) -> list[Dataset]:
-        """The objects matching ``identifier`` (every key with a value must match)."""
+    def match(self, identifier: Dataset, *, study_level: bool = False) -> Iterator[Dataset]:
+        """The objects matching ``identifier`` (every key with a value must match); with
+        ``study_level`` a generated archive gives one header per study instead."""
         keys = [(elem.keyword, elem.value) for elem in identifier
-                if elem.keyword and elem.keyword != "QueryRetrieveLevel" and elem.VR != "SQ"]
-        return [ds for ds in self.datasets.values()
-                if all(_matches(ds.get(k), v) for k, v in keys if k not in _COMPUTED)]
+                if elem.keyword and elem.keyword != "QueryRetrieveLevel" and elem.VR != "SQ"
+                and elem.keyword not in _COMPUTED]
+        candidates: Iterable[Dataset] = self.datasets.values()
+        if self.generated is not None:
+            made = (self.generated.study_headers(identifier) if study_level
+                    else self.generated.headers(identifier))
+            candidates = [*self.datasets.values(), *made] if self.datasets else made
+        for ds in candidates:
+            if all(_matches(ds.get(k), v) for k, v in keys):
+                yield ds
+
+    def full(self, header: Dataset) -> Dataset:
+        """The whole object (pixel data, file meta) behind a matched header."""
+        uid = str(header.SOPInstanceUID)
+        if uid in self.datasets or self.generated is None:
+            return self.datasets[uid]
+        return self.generated.full(header)
 
     def answers(self, identifier: Dataset) -> list[Dataset]:
         """The C-FIND matches: one per unique key of the level, with the requested keys."""
         level = str(identifier.get("QueryRetrieveLevel", "STUDY")).upper()
+        generated_studies = level == "STUDY" and self.generated is not None and not self.datasets
         groups: dict[str, list[Dataset]] = {}
-        for ds in self.match(identifier):
+        limit = None if self.max_matches is None else self.max_matches + 1
+        for ds in self.match(identifier, study_level=generated_studies):
             groups.setdefault(str(ds.get(UNIQUE_KEY[level], "")), []).append(ds)
+            if limit is not None and len(groups) > limit:
+                break                     # capped anyway: stop making matches
         out = []
+        per_study = self.generated.instances_per_study() if self.generated is not None else 0
         for members in groups.values():
             first = members[0]
             rsp = Dataset()
@@ -203,9 +233,11 @@ class FakeArchive:
             wanted = [e.keyword for e in identifier if e.keyword and e.keyword != "QueryRetrieveLevel"]
             for keyword in dict.fromkeys([*wanted, UNIQUE_KEY[level]]):
                 if keyword == "NumberOfStudyRelatedInstances":
-                    rsp.NumberOfStudyRelatedInstances = len(members)
+                    rsp.NumberOfStudyRelatedInstances = per_study if generated_studies else len(members)
                 elif keyword == "NumberOfStudyRelatedSeries":
-                    rsp.NumberOfStudyRelatedSeries = len({str(m.SeriesInstanceUID) for m in members})
+                    rsp.NumberOfStudyRelatedSeries = (self.generated.series if self.generated is not None
+                                                      and generated_studies else
+                                                      len({str(m.SeriesInstanceUID) for m in members}))
                 elif keyword == "NumberOfSeriesRelatedInstances":
                     rsp.NumberOfSeriesRelatedInstances = len(members)
                 elif keyword == "ModalitiesInStudy":
@@ -274,10 +306,11 @@ class FakeArchive:
             self.busy_moves -= 1
             req.status = 0xA702
             return None
-        matched = self.match(event.identifier)
+        matched = list(self.match(event.identifier))
         failed = [str(ds.SOPInstanceUID) for ds in matched
                   if str(ds.SOPInstanceUID) in self.fail_instances]
-        return [ds for ds in matched if str(ds.SOPInstanceUID) not in self.fail_instances], failed
+        return [self.full(ds) for ds in matched
+                if str(ds.SOPInstanceUID) not in self.fail_instances], failed
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         destination = str(event.move_destination).strip()
@@ -401,8 +434,9 @@ class DcmQrScp(_Peer):
         return path
 
     def _argv(self) -> list[str]:
-        # -s: single process (stopped by its PID; no forked children outliving it)
-        return [str(dcmtk_tool("dcmqrscp")), "-c", str(self._config()), "-s",
+        # Forks a child per association (its process group is stopped with it): DCMTK 3.6.7's
+        # single-process mode (-s) segfaults after the first association is released.
+        return [str(dcmtk_tool("dcmqrscp")), "-c", str(self._config()),
                 "--disable-host-lookup", str(self.port)]
 
     def _ready(self) -> bool:
@@ -442,3 +476,145 @@ def load_orthanc(orthanc: peers.Orthanc, files: Iterable[str | Path]) -> None:
     """Store ``files`` into the Orthanc peer (REST upload, byte for byte)."""
     for path in files:
         orthanc.request("POST", "/instances", Path(path).read_bytes())
+
+
+# --------------------------------------------------------------------------------------------
+# A lazily generated archive (scale tests: 100,000 studies without 100,000 files)
+
+GENERATED_ROOT = "1.2.826.0.1.3680043.8.498.77"      # pydicom's root + a branch of our own
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class Generated:
+    """``n_studies`` studies of ``series`` x ``per_series`` tiny Secondary Capture objects,
+    made on demand from their index: UIDs ``ROOT.seed.study[.series[.instance]]``, PatientID
+    ``P<study % 1000>``, AccessionNumber ``A<study>``, StudyDate spread over 20 years from
+    2000-01-01, and EMPTY for every ``empty_date_every``-th study (0: never). Only a sorted
+    (date, study) index is kept, so a date-range C-FIND costs its matches, not the archive."""
+
+    n_studies: int
+    series: int = 1
+    per_series: int = 1
+    seed: int = 1
+    empty_date_every: int = 997
+    _by_date: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._by_date = sorted((self.study_date(i), i) for i in range(self.n_studies))
+
+    # identity ------------------------------------------------------------------------------
+
+    def study_uid(self, i: int) -> str:
+        return f"{GENERATED_ROOT}.{self.seed}.{i}"
+
+    def study_date(self, i: int) -> str:
+        import datetime as dt
+
+        if self.empty_date_every and i % self.empty_date_every == 0:
+            return ""
+        day = dt.date(2000, 1, 1) + dt.timedelta(days=(i * 7919) % 7300)
+        return day.strftime("%Y%m%d")
+
+    def instances_per_study(self) -> int:
+        return self.series * self.per_series
+
+    def _index(self, uid: str, parts: int) -> tuple[int, ...] | None:
+        prefix = f"{GENERATED_ROOT}.{self.seed}."
+        if not uid.startswith(prefix):
+            return None
+        tail = uid[len(prefix):].split(".")
+        if len(tail) != parts or not all(t.isdigit() for t in tail):
+            return None
+        numbers = tuple(int(t) for t in tail)
+        if numbers[0] >= self.n_studies or (parts > 1 and numbers[1] >= self.series) or (
+                parts > 2 and numbers[2] >= self.per_series):
+            return None
+        return numbers
+
+    # datasets ------------------------------------------------------------------------------
+
+    def study(self, i: int) -> Dataset:
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_uid(i)
+        ds.PatientID = f"P{i % 1000}"
+        ds.PatientName = f"GEN^{i % 1000}"
+        ds.AccessionNumber = f"A{i}"
+        ds.StudyDate = self.study_date(i)
+        ds.StudyTime = "120000"
+        ds.StudyID = str(i)
+        ds.StudyDescription = "generated"
+        return ds
+
+    def instance(self, i: int, s: int, k: int, *, pixels: bool = False) -> Dataset:
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import UID, ExplicitVRLittleEndian
+
+        ds = self.study(i)
+        ds.SeriesInstanceUID = f"{self.study_uid(i)}.{s}"
+        ds.SOPInstanceUID = f"{self.study_uid(i)}.{s}.{k}"
+        ds.SOPClassUID = SECONDARY_CAPTURE
+        ds.Modality = "OT"
+        ds.SeriesNumber = s + 1
+        ds.InstanceNumber = k + 1
+        if pixels:
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = UID(SECONDARY_CAPTURE)
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows = ds.Columns = 8
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit = 7
+            ds.PixelRepresentation = 0
+            ds.PixelData = bytes((i + s + k + n) % 256 for n in range(64))
+            ds.ConversionType = "WSD"
+        return ds
+
+    # queries -------------------------------------------------------------------------------
+
+    def _studies(self, identifier: Dataset) -> Iterator[int]:
+        """Candidate study indexes: by UID, else by StudyDate (range or exact), else all."""
+        import bisect
+
+        uid = str(identifier.get("StudyInstanceUID", "") or "")
+        if uid:
+            for one in uid.split("\\"):
+                found = self._index(one, 1)
+                if found is not None:
+                    yield found[0]
+            return
+        date = str(identifier.get("StudyDate", "") or "")
+        if date:
+            low, dash, high = date.partition("-")
+            if not dash:
+                low = high = date
+            lo = bisect.bisect_left(self._by_date, (low or "0", -1))
+            hi = bisect.bisect_right(self._by_date, ((high or "99999999"), self.n_studies))
+            for _, i in self._by_date[lo:hi]:
+                yield i
+            return
+        yield from range(self.n_studies)
+
+    def headers(self, identifier: Dataset) -> Iterator[Dataset]:
+        """Every instance (header only) of the candidate studies; FakeArchive matches them."""
+        series_uid = str(identifier.get("SeriesInstanceUID", "") or "")
+        for i in self._studies(identifier):
+            for s in range(self.series):
+                if series_uid and f"{self.study_uid(i)}.{s}" not in series_uid.split("\\"):
+                    continue
+                for k in range(self.per_series):
+                    yield self.instance(i, s, k)
+
+    def study_headers(self, identifier: Dataset) -> Iterator[Dataset]:
+        """One header per candidate study (STUDY-level C-FIND without making every instance)."""
+        for i in self._studies(identifier):
+            ds = self.study(i)
+            ds.Modality = "OT"
+            yield ds
+
+    def full(self, header: Dataset) -> Dataset:
+        found = self._index(str(header.SOPInstanceUID), 3)
+        assert found is not None
+        return self.instance(*found, pixels=True)

@@ -255,5 +255,266 @@ def test_request_proposes_several_syntaxes_and_scp_roles() -> None:
     rq, contexts = acse.request("A", "B", [(qrpeers.STUDY_ROOT_GET, ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")),
                                            (ct, tuple(acse.ACCEPTED_SYNTAXES))], 0, scp_roles=[ct])
     assert [len(cx.transfer_syntax) for cx in contexts] == [2, len(acse.ACCEPTED_SYNTAXES)]
-    roles = [i for i in rq.user_information if type(i).__name__ == "SCP_SCU_RoleSelectionNegotiation"]
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+    roles = [i for i in rq.user_information if isinstance(i, SCP_SCU_RoleSelectionNegotiation)]
     assert [(str(r.sop_class_uid), r.scu_role, r.scp_role) for r in roles] == [(ct, False, True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Real archives: Orthanc and DCMTK dcmqrscp
+
+REAL_FILES = ["MR2_UNCR.dcm", "emri_small_RLE.dcm", "MR2_J2KR.dcm"]
+
+
+def decode_received(data: bytes, ts: str) -> Dataset:
+    """A C-STORE dataset as pydicom reads it in its context's transfer syntax."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID
+
+    uid = UID(ts)
+    return read_dataset(BytesIO(data), uid.is_implicit_VR, uid.is_little_endian)
+
+
+def check_levels(client: QueryRetrieveClient, files: list[Path], *, counts: bool) -> None:
+    """C-FIND at STUDY, SERIES and IMAGE finds exactly the study in ``files``."""
+    study = uid_of(files[0], "StudyInstanceUID")
+    studies = list(client.find(Level.STUDY, {**STUDY_KEYS, "StudyInstanceUID": study}))
+    assert [str(d.StudyInstanceUID) for d in studies] == [study]
+    assert str(studies[0].PatientID) == uid_of(files[0], "PatientID")
+    if counts:
+        assert int(studies[0].NumberOfStudyRelatedInstances) == len(files)
+    series = list(client.find(Level.SERIES, {"StudyInstanceUID": study, "SeriesInstanceUID": None,
+                                              "Modality": None}))
+    assert {str(d.SeriesInstanceUID) for d in series} == {uid_of(p, "SeriesInstanceUID") for p in files}
+    for one in series:
+        uid = str(one.SeriesInstanceUID)
+        images = list(client.find(Level.IMAGE, {"StudyInstanceUID": study, "SeriesInstanceUID": uid,
+                                                 "SOPInstanceUID": None, "SOPClassUID": None}))
+        assert sorted(str(d.SOPInstanceUID) for d in images) == sorted(
+            uid_of(p) for p in files if uid_of(p, "SeriesInstanceUID") == uid)
+
+
+@pytest.fixture
+def orthanc_source(orthanc: peers.Orthanc, tmp_path: Path, pydicom_data_dir: Path) -> tuple[peers.Orthanc, list[Path], list[Path]]:
+    """The session Orthanc holding a fresh synthetic study and some real files; QRSCU known."""
+    qrpeers.register_modality(orthanc, "qrscu", CALLING, 104)
+    study = synth.make_study(tmp_path / "study", modality="CT", n_instances=3, tiny=True)
+    real = [pydicom_data_dir / name for name in REAL_FILES]
+    qrpeers.load_orthanc(orthanc, [*study, *real])
+    return orthanc, study, real
+
+
+def test_orthanc_find_levels_and_move(orthanc_source: Any, storescp: Callable[..., peers.StoreSCP]) -> None:
+    orthanc, study, real = orthanc_source
+    dest = storescp(DEST_AE)
+    qrpeers.register_modality(orthanc, "movedest", DEST_AE, dest.port)
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING) as client:
+        check_levels(client, study, counts=True)
+        pending: list[SubOperations] = []
+        result = client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, DEST_AE,
+                             on_pending=pending.append)
+        assert result.status == Status.SUCCESS, result
+        assert result.counts.completed == 3 and not result.counts.failed
+        assert pending and pending[-1].completed is not None
+        # one instance by IMAGE level, identifier's own level
+        one = Dataset()
+        one.QueryRetrieveLevel = "IMAGE"
+        one.StudyInstanceUID = uid_of(real[0], "StudyInstanceUID")
+        one.SeriesInstanceUID = uid_of(real[0], "SeriesInstanceUID")
+        one.SOPInstanceUID = uid_of(real[0])
+        assert client.move(one, DEST_AE).counts.completed == 1
+    got = dest.wait_for(4)
+    assert {uid_of(p) for p in got} == {uid_of(p) for p in [*study, real[0]]}
+    for path in study:
+        from dicomcompare import assert_same_dataset
+        received = dest.file_for(uid_of(path))
+        assert received is not None
+        assert_same_dataset(pydicom.dcmread(received), pydicom.dcmread(path))
+
+
+def test_orthanc_get_hands_every_instance_to_the_handler(orthanc_source: Any) -> None:
+    from dicomcompare import assert_same_dataset
+
+    orthanc, study, real = orthanc_source
+    got: dict[str, tuple[bytes, str]] = {}
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        assert isinstance(msg.data, bytearray)
+        got[msg.sop_instance_uid] = (bytes(msg.data), peer.contexts[msg.context_id])
+        return Reply(Status.SUCCESS)
+
+    files = [*study, *real]
+    # each class in any syntax, and once more in each syntax it is stored in (sent as stored)
+    stored = sorted({(uid_of(p, "SOPClassUID"), str(pydicom.dcmread(p).file_meta.TransferSyntaxUID))
+                     for p in files})
+    storage = [(c, ()) for c in sorted({c for c, _ in stored})] + [(c, (ts,)) for c, ts in stored]
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING, store=store,
+                             storage=storage) as client:
+        assert not client.refused_storage or client.conn.assoc is None
+        for path in (study[0], *real):
+            result = client.get({"StudyInstanceUID": uid_of(path, "StudyInstanceUID")})
+            assert result.status == Status.SUCCESS, result
+        assert not client.refused_storage
+    assert set(got) == {uid_of(p) for p in files}
+    for path in files:
+        data, ts = got[uid_of(path)]
+        original = pydicom.dcmread(path)
+        assert ts == str(original.file_meta.TransferSyntaxUID)       # sent as stored
+        if 0xFFFCFFFC in original:        # Data Set Trailing Padding: Part 10 only, dropped
+            del original[0xFFFCFFFC]
+        assert_same_dataset(decode_received(data, ts), original)
+
+
+def test_dcmqrscp_find_levels_move_and_get(tmp_path: Path, dcmrecv: Callable[..., peers.DcmRecv],
+                                           pydicom_data_dir: Path) -> None:
+    dest = dcmrecv(DEST_AE)
+    study = synth.make_study(tmp_path / "study", modality="MR", n_series=2, n_instances=2, tiny=True)
+    real = pydicom_data_dir / "MR2_UNCR.dcm"
+    with DcmQrScp(destinations={DEST_AE: ("127.0.0.1", dest.port)},
+                  workdir=tmp_path / "dcmqrscp") as qr:
+        qr.load([*study, real])
+        with QueryRetrieveClient(source(qr.ae_title, qr.port), CALLING) as client:
+            check_levels(client, study, counts=False)
+            found = list(client.find(Level.STUDY, {"StudyInstanceUID": uid_of(real, "StudyInstanceUID")}))
+            assert len(found) == 1
+            result = client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, DEST_AE)
+            assert result.status == Status.SUCCESS and result.counts.completed == 4, result
+            with pytest.raises(RetrieveFailed) as info:
+                client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, "UNKNOWNAE")
+            assert info.value.status == 0xA801 and "register AE UNKNOWNAE at DCMQRSCP" in str(info.value)
+        got = dest.wait_for(4)
+        assert {uid_of(p) for p in got} == {uid_of(p) for p in study}
+        handed: dict[str, bytes] = {}
+
+        def store(peer: Peer, msg: Message) -> Reply:
+            assert isinstance(msg.data, bytearray)
+            handed[msg.sop_instance_uid] = bytes(msg.data)
+            return Reply(Status.SUCCESS)
+
+        mr = uid_of(study[0], "SOPClassUID")
+        with QueryRetrieveClient(source(qr.ae_title, qr.port), CALLING, store=store,
+                                 storage=[(mr, ())]) as client:
+            result = client.get({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")})
+        assert result.status == Status.SUCCESS and result.counts.completed == 4, result
+        assert set(handed) == {uid_of(p) for p in study}
+
+
+# --------------------------------------------------------------------------------------------
+# fastroute query
+
+
+def test_cli_query_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from fastroute.cli import main
+
+    studies = make_studies(tmp_path, 3, per_study=2)
+    pacs = FakeArchive().add_files(p for s in studies for p in s)
+    with pacs:
+        cfg = tmp_path / "fastroute.yaml"
+        cfg.write_text(f"ae_title: QRSCU\nspool: {tmp_path / 'spool'}\nsources:\n"
+                       f"  oldpacs: {{ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}}}\n")
+        assert main(["query", "oldpacs", "PatientID=PAT1", "--json", "-c", str(cfg)]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == 1 and rows[0]["PatientID"] == "PAT1"
+        assert rows[0]["StudyInstanceUID"] == uid_of(studies[1][0], "StudyInstanceUID")
+        assert rows[0]["NumberOfStudyRelatedInstances"] == "2" and rows[0]["ModalitiesInStudy"] == "CT"
+        # -c first, a range and a wildcard, the table
+        assert main(["-c", str(cfg), "query", "oldpacs", "PatientID=PAT*", "StudyDate=19000101-"]) == 0
+        out = capsys.readouterr()
+        lines = out.out.splitlines()
+        assert lines[0].split()[:2] == ["StudyInstanceUID", "PatientID"] and len(lines) == 4
+        assert "3 match(es) at STUDY level from FAKEPACS" in out.err
+        assert main(["query", "oldpacs", "--level", "image", "-c", str(cfg),
+                     f"StudyInstanceUID={uid_of(studies[0][0], 'StudyInstanceUID')}", "--json"]) == 0
+        images = json.loads(capsys.readouterr().out)
+        assert sorted(r["SOPInstanceUID"] for r in images) == sorted(uid_of(p) for p in studies[0])
+        assert pacs.requests[-1].identifier.QueryRetrieveLevel == "IMAGE"
+        assert main(["query", "oldpacs", "NoSuchKeyword=1", "-c", str(cfg)]) == 1
+        assert "not KEYWORD=VALUE" in capsys.readouterr().err
+        pacs.max_matches, pacs.cap_status = 1, 0xC000
+        assert main(["query", "oldpacs", "-c", str(cfg)]) == 1
+        assert "0xC000" in capsys.readouterr().err
+
+
+def test_get_refused_role_is_said_clearly(tmp_path: Path) -> None:
+    files = make_studies(tmp_path, 1, per_study=1)[0]
+    pacs = FakeArchive(refuse_get_role=True).add_files(files)
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING,
+                                   store=lambda p, m: Reply(0), storage=[(ct, ())]) as client:
+        with pytest.raises(RetrieveFailed, match="refused to send any of the 1 storage SOP class") as info:
+            client.get({"StudyInstanceUID": uid_of(files[0], "StudyInstanceUID")})
+        assert "use retrieve: move" in str(info.value)
+        assert client.refused_storage == {ct: "SCP role not granted (role selection refused)"}
+        assert not [r for r in pacs.requests if r.command == "C-GET"]        # never sent
+
+
+def test_association_rejected_names_the_called_ae(orthanc: peers.Orthanc) -> None:
+    client = QueryRetrieveClient(source("NOTORTHANC", orthanc.dicom_port), CALLING)
+    with pytest.raises(RetrieveFailed, match="association rejected by QRSCU -> NOTORTHANC@127.0.0.1"):
+        client.move({"StudyInstanceUID": "1.2.3"}, DEST_AE)
+    with pytest.raises(QueryFailed, match="called AE title not recognised"):
+        list(client.find(Level.STUDY, STUDY_KEYS))
+
+
+def test_command_elements_past_the_group_length_are_kept_not_fatal() -> None:
+    """Orthanc appends the C-GET-RSP's failed list to the command set itself."""
+    command = dimse.encode_response({pdu.COMMAND_FIELD: CommandField.C_GET_RQ, pdu.MESSAGE_ID: 3},
+                                    0xB000)
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = ["1.2.3", "1.2.4"]
+    trailing = dimse.encode_identifier(ds, "1.2.840.10008.1.2")
+    decoded = pdu.decode_command(memoryview(command + trailing))
+    assert decoded[pdu.STATUS] == 0xB000 and decoded[pdu.TRAILING_ELEMENTS] == trailing
+    with pytest.raises(pdu.ProtocolError, match="not in the command group"):
+        pdu.decode_command(memoryview(trailing))      # without a group length: still refused
+
+
+def test_orthanc_get_failure_lists_what_it_could_not_send(orthanc_source: Any) -> None:
+    """One context per class, accepted uncompressed: Orthanc cannot send its JPEG 2000 copy
+    and says so in the failed list (which it puts in the command set)."""
+    orthanc, study, real = orthanc_source
+    j2k = next(p for p in real if p.name == "MR2_J2KR.dcm")
+    got: list[str] = []
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        got.append(msg.sop_instance_uid)
+        return Reply(Status.SUCCESS)
+
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING, store=store,
+                             storage=[(uid_of(j2k, "SOPClassUID"), ("1.2.840.10008.1.2.1",))]) as client:
+        result = client.get({"QueryRetrieveLevel": "IMAGE",
+                             "StudyInstanceUID": uid_of(j2k, "StudyInstanceUID"),
+                             "SeriesInstanceUID": uid_of(j2k, "SeriesInstanceUID"),
+                             "SOPInstanceUID": uid_of(j2k)})
+        assert result.status != Status.SUCCESS and result.counts.failed == 1, result
+        assert result.failed_sop_instance_uids == [uid_of(j2k)] and got == []
+        assert client.conn.assoc is not None          # the association survived it
+
+
+def test_generated_archive_answers_date_ranges_and_moves(storescp: Callable[..., peers.StoreSCP]) -> None:
+    """The lazily generated archive the migration's scale test uses: a date-range C-FIND
+    costs its matches, empty StudyDates exist, and a generated study can be moved."""
+    gen = qrpeers.Generated(20_000, series=2, per_series=2)
+    dest = storescp(DEST_AE)
+    pacs = FakeArchive(generated=gen, destinations={DEST_AE: ("127.0.0.1", dest.port)})
+    in_2001 = {gen.study_uid(i) for i in range(gen.n_studies) if gen.study_date(i).startswith("2001")}
+    empty = [i for i in range(gen.n_studies) if not gen.study_date(i)]
+    assert in_2001 and empty
+    with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        started = time.monotonic()
+        found = list(client.find(Level.STUDY, {**STUDY_KEYS, "StudyDate": "20010101-20011231"}))
+        assert {str(d.StudyInstanceUID) for d in found} == in_2001
+        assert all(int(d.NumberOfStudyRelatedInstances) == 4 for d in found)
+        assert time.monotonic() - started < 30
+        one = list(client.find(Level.STUDY, {**STUDY_KEYS, "StudyInstanceUID": gen.study_uid(empty[1])}))
+        assert len(one) == 1 and str(one[0].StudyDate) == ""
+        images = list(client.find(Level.IMAGE, {"StudyInstanceUID": gen.study_uid(7), "SOPInstanceUID": None}))
+        assert len(images) == 4
+        result = client.move({"StudyInstanceUID": gen.study_uid(7)}, DEST_AE)
+        assert result.status == Status.SUCCESS and result.counts.completed == 4
+    assert {uid_of(p) for p in dest.wait_for(4)} == {str(d.SOPInstanceUID) for d in images}

@@ -13,19 +13,20 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from fastroute.dicom import acse
+from fastroute.dicom.pdu import TRAILING_ELEMENTS
 from fastroute.dicom.dimse import (NUMBER_OF_COMPLETED_SUB_OPERATIONS, NUMBER_OF_FAILED_SUB_OPERATIONS,
                                    NUMBER_OF_REMAINING_SUB_OPERATIONS, NUMBER_OF_WARNING_SUB_OPERATIONS,
                                    CommandField, Handler, Message, decode_identifier,
                                    encode_c_cancel_rq, encode_c_find_rq, encode_c_get_rq,
                                    encode_c_move_rq, encode_identifier)
 from fastroute.dicom.scu import (Association, AssociationFailed, Connection, NoContextAccepted,
-                                 OutcomeUnknown, ResponseOverdue)
+                                 OutcomeUnknown, Remote, ResponseOverdue)
 from fastroute.dicom.status import Status, describe
 from fastroute.logsetup import escape_control, fields
 
@@ -51,29 +52,6 @@ class Level(enum.StrEnum):
     STUDY = "STUDY"
     SERIES = "SERIES"
     IMAGE = "IMAGE"
-
-
-class Remote(Protocol):
-    """What an association needs of a peer: a source or a destination config fits.
-
-    Read-only members (properties), so the frozen config dataclasses match the protocol."""
-
-    @property
-    def ae_title(self) -> str: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def calling_ae(self) -> str | None: ...
-    @property
-    def acse_timeout(self) -> float: ...
-    @property
-    def dimse_timeout(self) -> float: ...
-    @property
-    def network_timeout(self) -> float: ...
-    @property
-    def max_pdu(self) -> int: ...
 
 
 class QueryFailed(Exception):
@@ -135,8 +113,11 @@ class QueryRetrieveClient:
     ``store`` (C-GET only) is the handler for the C-STORE sub-operations that arrive on this
     association; ``storage`` the (SOP class, transfer syntaxes) to propose with the SCP role
     for them (at most 127 classes per association: the caller splits larger sets). Empty
-    transfer syntaxes mean every syntax fastroute accepts (``acse.ACCEPTED_SYNTAXES``), so the
-    source can send what it stores as it stores it.
+    transfer syntaxes mean every syntax fastroute accepts (``acse.ACCEPTED_SYNTAXES``). The
+    acceptor picks ONE syntax per context, usually uncompressed, and a source that cannot
+    convert what it stores (Orthanc with JPEG 2000) then fails that sub-operation: to get
+    objects as stored, give a class once more with just its stored syntax (one more context;
+    C-FIND's AvailableTransferSyntaxUID (0008,3002) says which, where the source answers it).
 
     The association is made on the first operation and kept; one the peer closed while idle
     is made again. ``refused_storage`` says, after it is made, which storage classes cannot be
@@ -149,11 +130,11 @@ class QueryRetrieveClient:
         self.storage: list[tuple[str, tuple[str, ...]]] = []
         for sop_class, syntaxes in storage:
             offered = tuple(str(ts) for ts in syntaxes) or tuple(acse.ACCEPTED_SYNTAXES)
-            if sop_class not in {s for s, _ in self.storage}:
+            if (str(sop_class), offered) not in self.storage:
                 self.storage.append((str(sop_class), offered))
         if len(self.storage) > MAX_STORAGE_CLASSES:
             raise ValueError(
-                f"{len(self.storage)} storage SOP classes for one C-GET association: at most "
+                f"{len(self.storage)} storage contexts for one C-GET association: at most "
                 f"{MAX_STORAGE_CLASSES} fit beside the C-GET context (PS3.8: 128 contexts); split "
                 "them over several associations")
         handlers: dict[int, Handler] = {CommandField.C_STORE_RQ: store} if store is not None else {}
@@ -172,26 +153,29 @@ class QueryRetrieveClient:
         # C-GET and its storage classes first; FIND/MOVE where room is left.
         return [(STUDY_ROOT_GET, QR_SYNTAXES), *self.storage, *qr][:acse.MAX_CONTEXTS]
 
+    def _scp_roles(self) -> list[str]:
+        return list(dict.fromkeys(s for s, _ in self.storage))
+
     def _association(self, error: type[QueryFailed] | type[RetrieveFailed]) -> Association:
         if self.conn.usable():
             assert self.conn.assoc is not None
             return self.conn.assoc
         try:
-            assoc = self.conn.associate(self._contexts(), [s for s, _ in self.storage])
+            assoc = self.conn.associate(self._contexts(), self._scp_roles())
         except NoContextAccepted as exc:
             raise error(f"{self.where}: no Query/Retrieve context accepted "
                         f"({'; '.join(f'{k}: {v}' for k, v in exc.rejected.items())})") from exc
         except AssociationFailed as exc:
             raise error(str(exc)) from exc
         self.refused_storage = {}
-        for sop_class, _ in self.storage:
+        for sop_class in dict.fromkeys(s for s, _ in self.storage):
             if not self.conn.accepted(sop_class):
                 self.refused_storage[sop_class] = "presentation context rejected"
             elif not assoc.roles.get(sop_class, (True, False))[1]:
                 self.refused_storage[sop_class] = "SCP role not granted (role selection refused)"
         if self.refused_storage:
-            log.warning("%s: %d of %d storage SOP class(es) cannot be C-GET on this association: %s",
-                        self.where, len(self.refused_storage), len(self.storage),
+            log.warning("%s: %d storage SOP class(es) cannot be C-GET on this association: %s",
+                        self.where, len(self.refused_storage),
                         ", ".join(f"{k} ({v})" for k, v in sorted(self.refused_storage.items())),
                         extra=self._fields())
         return assoc
@@ -309,7 +293,7 @@ class QueryRetrieveClient:
     # -- C-FIND -----------------------------------------------------------------------------
 
     def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
-             timeout: float | None = None) -> Iterator[Dataset]:
+             timeout: float | None = None) -> Generator[Dataset, None, None]:
         """The matches, as they arrive. Closing the iterator early sends C-CANCEL and drains
         to the final response. QueryFailed on a failure status or ``timeout`` (total;
         default the remote's ``query_timeout``, else 300 s)."""
@@ -378,9 +362,10 @@ class QueryRetrieveClient:
         ds = make_identifier(identifier, level)
         what = f"C-GET {self.where} level={ds.QueryRetrieveLevel} study={_study_uid(ds) or '-'}"
         self._association(RetrieveFailed)
-        if len(self.refused_storage) == len(self.storage):
+        classes = {s for s, _ in self.storage}
+        if len(self.refused_storage) == len(classes):
             raise RetrieveFailed(
-                f"{what}: {self.remote.ae_title} refused to send any of the {len(self.storage)} "
+                f"{what}: {self.remote.ae_title} refused to send any of the {len(classes)} "
                 "storage SOP class(es) on our association (SCP/SCU role selection refused or "
                 "contexts rejected): it cannot C-GET them; use retrieve: move")
         return self._retrieve(STUDY_ROOT_GET, lambda mid: encode_c_get_rq(mid, STUDY_ROOT_GET),
@@ -413,6 +398,10 @@ class QueryRetrieveClient:
         failed: list[str] = []
         if isinstance(last.data, (bytes, bytearray)) and last.data:
             failed = _failed_uids(decode_identifier(last.data, self._syntax(last)))
+        elif isinstance(last.command.get(TRAILING_ELEMENTS), bytes):
+            # Orthanc sends the failed list inside the command set (implicit VR LE there)
+            failed = _failed_uids(decode_identifier(last.command[TRAILING_ELEMENTS],
+                                                    "1.2.840.10008.1.2"))
         result = RetrieveResult(status, escape_control(last.error_comment), counts, failed,
                                 op.timed_out, op.message_id)
         said = (f"{what}: {describe(status)} completed={counts.completed} failed={counts.failed} "

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pynetdicom.presentation import PresentationContext
 
@@ -39,10 +39,7 @@ from fastroute.logsetup import fields
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, Event, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, UnexpectedPdu, UpperLayer)
 
-if TYPE_CHECKING:       # qr builds on this module; the protocol is only a type here
-    from fastroute.dicom.qr import Remote
-
-__all__ = ["Connection", "Association", "AssociationFailed", "NoContextAccepted", "OutcomeUnknown",
+__all__ = ["Remote", "Connection", "Association", "AssociationFailed", "NoContextAccepted", "OutcomeUnknown",
            "ResponseOverdue", "StoreResult", "echo", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME"]
 
 log = logging.getLogger("fastroute.send")
@@ -53,6 +50,30 @@ IOV_BATCH = 256             # buffers per sendmsg call (Linux IOV_MAX is 1024)
 RELEASE_TIMEOUT = 10.0      # cap on waiting for A-RELEASE-RP: a release must not stall a thread
 MIN_READER_PDU = 1024 * 1024
 IDLE_REQUEST_TIMEOUT = 10.0  # cap on waiting for the rest of a request the peer began while idle
+
+
+class Remote(Protocol):
+    """What an association needs of a peer: a source or a destination config fits
+    (``fastroute.dicom.qr.Remote``, the Q/R contract's name for it, is this).
+
+    Read-only members (properties), so the frozen config dataclasses match the protocol."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def calling_ae(self) -> str | None: ...
+    @property
+    def acse_timeout(self) -> float: ...
+    @property
+    def dimse_timeout(self) -> float: ...
+    @property
+    def network_timeout(self) -> float: ...
+    @property
+    def max_pdu(self) -> int: ...
 
 
 class AssociationFailed(Exception):
