@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import pydicom
 from pydicom.dataset import Dataset
+from pynetdicom import AE
 
 import peers
 from peers import HOST, _Peer, dcmtk_tool, free_port, process_listens
@@ -96,6 +97,8 @@ class FakeArchive:
       (a peer that never answers: the SCU must abort).
     - ``max_matches`` / ``cap_status``: a C-FIND returns at most N matches, then ends with
       ``cap_status`` (0xA700, 0xC000, ...) or, when None, silently with Success.
+    - ``match_delay``: seconds before each C-FIND match (an archive slow on large answers:
+      a query's total timeout then ends it, and the caller must split it).
     - ``image_level``: False refuses IMAGE-level C-FIND with 0xA900 (identifier does not match).
     - ``refuse_get_role``: SCP/SCU role selection refused (no C-GET possible); set before start.
 
@@ -117,6 +120,7 @@ class FakeArchive:
     ignore_cancel: bool = False
     max_matches: int | None = None
     cap_status: int | None = None
+    match_delay: float = 0.0
     image_level: bool = True
     refuse_get_role: bool = False
     datasets: dict[str, Dataset] = field(default_factory=dict)      # SOP Instance UID -> object
@@ -124,6 +128,7 @@ class FakeArchive:
     requests: list[Request] = field(default_factory=list)
     cancels: int = 0
     _server: Any = None
+    _local: threading.local = field(default_factory=threading.local)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     # -- content ---------------------------------------------------------------------------
@@ -147,9 +152,9 @@ class FakeArchive:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Self:
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import StoragePresentationContexts, evt
 
-        ae = AE(ae_title=self.ae_title)
+        ae = _MoveAE(self._local, ae_title=self.ae_title)
         for uid in (STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET):
             ae.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         for cx in StoragePresentationContexts:
@@ -282,6 +287,8 @@ class FakeArchive:
         if capped:
             answers = answers[:self.max_matches]
         for rsp in answers:
+            if self.match_delay:
+                time.sleep(self.match_delay)       # the fault itself: a slow archive
             if event.is_cancelled:
                 self.cancels += 1
                 req.status = 0xFE00
@@ -320,7 +327,12 @@ class FakeArchive:
             req.status = 0xA801
             yield None, None
             return
-        yield from self._retrieve(req, event, address)
+        # the Move Originator AE Title of the sub-operations (see _MoveAE)
+        self._local.originator = str(event.assoc.requestor.ae_title).strip()
+        try:
+            yield from self._retrieve(req, event, address)
+        finally:
+            self._local.originator = None
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         req = self._record("C-GET", event)
@@ -372,6 +384,7 @@ class FakeArchive:
 
         destination = str(event.move_destination).strip()
         message_id = int(event.request.MessageID)
+        originator = str(event.assoc.requestor.ae_title).strip()
 
         def send() -> None:
             time.sleep(self.early_final_delay)        # after the final response has left
@@ -379,7 +392,7 @@ class FakeArchive:
             ae.requested_contexts = StoragePresentationContexts
             assoc = ae.associate(address[0], address[1], ae_title=destination)
             if assoc.is_established:
-                assoc.send_c_store(ds, originator_aet=self.ae_title, originator_id=message_id)
+                assoc.send_c_store(ds, originator_aet=originator, originator_id=message_id)
                 assoc.release()
             else:
                 log.error("FakeArchive: late C-STORE to %s at %s:%d failed", destination, *address)
@@ -387,6 +400,31 @@ class FakeArchive:
         thread = threading.Thread(target=send, name="fakearchive-late", daemon=True)
         self._threads.append(thread)
         thread.start()
+
+
+class _MoveAE(AE):
+    """pynetdicom's C-MOVE SCP sends its OWN AE title as the Move Originator AE Title of the
+    sub-operations (PS3.7 9.3.1.1 wants the C-MOVE requestor's): the associations it makes
+    for a move get a send_c_store that puts the requestor's title there, as real archives do
+    (Orthanc, dcmqrscp). The move handler's thread says whose move it is (``local``)."""
+
+    def __init__(self, local: threading.local, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._local = local
+
+    def associate(self, *args: Any, **kwargs: Any) -> Any:
+        assoc = super().associate(*args, **kwargs)
+        originator = getattr(self._local, "originator", None)
+        if originator:
+            send = assoc.send_c_store
+
+            def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2,
+                             originator_aet: str | None = None, originator_id: int | None = None) -> Any:
+                return send(dataset, msg_id=msg_id, priority=priority, originator_aet=originator,
+                            originator_id=originator_id)
+
+            assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+        return assoc
 
 
 _COMPUTED = frozenset({"NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
@@ -464,7 +502,9 @@ def register_modality(orthanc: peers.Orthanc, name: str, ae_title: str, port: in
                       host: str = HOST) -> None:
     """Make ``ae_title`` at host:port a DICOM modality of the Orthanc peer (REST, in memory):
     a C-MOVE destination it will send to, and a calling AE it answers C-FIND/C-MOVE/C-GET
-    for. ``name`` is the modality's key (register one per AE title)."""
+    for. ``name`` is the modality's key: use ONE name per AE title (re-registering it moves
+    the AE to a new port; Orthanc moves to the first modality with the AE title it finds,
+    so a stale second entry for the same title would swallow the move)."""
     import json
 
     body = {"AET": ae_title, "Host": host, "Port": port, "AllowEcho": True, "AllowFind": True,

@@ -9,8 +9,6 @@ result with the failed list, or a C-CANCEL after which the association is still 
 """
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,6 +311,12 @@ def test_orthanc_find_levels_and_move(orthanc_source: Any, storescp: Callable[..
     qrpeers.register_modality(orthanc, "movedest", DEST_AE, dest.port)
     with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING) as client:
         check_levels(client, study, counts=True)
+        # a real archive's answer closed early: cancelled and drained, the association goes on
+        images = client.find(Level.IMAGE, {"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID"),
+                                           "SOPInstanceUID": None})
+        assert next(images).SOPInstanceUID
+        images.close()
+        assert client.closed_early and client.conn.assoc is not None
         pending: list[SubOperations] = []
         result = client.move({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")}, DEST_AE,
                              on_pending=pending.append)
@@ -518,3 +522,173 @@ def test_generated_archive_answers_date_ranges_and_moves(storescp: Callable[...,
         result = client.move({"StudyInstanceUID": gen.study_uid(7)}, DEST_AE)
         assert result.status == Status.SUCCESS and result.counts.completed == 4
     assert {uid_of(p) for p in dest.wait_for(4)} == {str(d.SOPInstanceUID) for d in images}
+
+
+@pytest.mark.parametrize("archive_kind", ["orthanc", "dcmqrscp", "fake"])
+def test_move_originator_of_the_sub_operations_is_ours(archive_kind: str, request: pytest.FixtureRequest,
+                                                       tmp_path: Path) -> None:
+    """What the migration attributes arriving objects by: each C-STORE a C-MOVE causes carries
+    our AE title and the C-MOVE's Message ID as Move Originator (checked per archive)."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    seen: list[tuple[str, int | None]] = []
+
+    def on_store(event: Any) -> int:
+        rq = event.request
+        seen.append((str(rq.MoveOriginatorApplicationEntityTitle or "").strip(),
+                     rq.MoveOriginatorMessageID))
+        return 0
+
+    receiver = AE(ae_title=DEST_AE)
+    receiver.supported_contexts = StoragePresentationContexts
+    port = peers.free_port()
+    server = receiver.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    files = synth.make_study(tmp_path / "study", modality="CT", n_instances=2, tiny=True)
+    study = uid_of(files[0], "StudyInstanceUID")
+    try:
+        if archive_kind == "orthanc":
+            orthanc: peers.Orthanc = request.getfixturevalue("orthanc")
+            qrpeers.register_modality(orthanc, "qrscu", CALLING, 104)
+            qrpeers.register_modality(orthanc, "movedest", DEST_AE, port)   # replaces an earlier test's
+            qrpeers.load_orthanc(orthanc, files)
+            src = source(orthanc.ae_title, orthanc.dicom_port)
+            ctx: Any = None
+        elif archive_kind == "dcmqrscp":
+            request.getfixturevalue("dcmtk")
+            ctx = DcmQrScp(destinations={DEST_AE: ("127.0.0.1", port)}, workdir=tmp_path / "qr").start()
+            ctx.load(files)
+            src = source(ctx.ae_title, ctx.port)
+        else:
+            ctx = FakeArchive(destinations={DEST_AE: ("127.0.0.1", port)}).add_files(files).start()
+            src = source(ctx.ae_title, ctx.port)
+        try:
+            with QueryRetrieveClient(src, CALLING) as client:
+                client.move({"StudyInstanceUID": study}, DEST_AE)        # message 1
+                expected = client.next_message_id()
+                result = client.move({"StudyInstanceUID": study}, DEST_AE)
+            assert result.message_id == expected and result.counts.completed == 2
+            peers.wait_until(lambda: len(seen) >= 4, 10, message=lambda: f"C-STOREs seen: {seen}")
+            assert seen[2:] == [(CALLING, expected)] * 2, seen
+        finally:
+            if ctx is not None:
+                ctx.stop()
+    finally:
+        server.shutdown()
+
+
+def test_each_wait_is_bounded_by_the_dimse_timeout(archive: Any) -> None:
+    """A source silent for longer than dimse_timeout (total not reached) loses the association."""
+    pacs, dest, studies = archive
+    pacs.hang = True
+    with QueryRetrieveClient(source(pacs.ae_title, pacs.port, dimse_timeout=1.0), CALLING) as client:
+        started = time.monotonic()
+        with pytest.raises(RetrieveFailed, match=r"within the DIMSE timeout \(1 s\)"):
+            client.move({"StudyInstanceUID": uid_of(studies[0][0], "StudyInstanceUID")}, DEST_AE,
+                         timeout=60)
+        assert time.monotonic() - started < 30 and client.conn.assoc is None
+
+
+def test_on_pending_raising_cancels_the_retrieve(archive: Any) -> None:
+    """A caller that gives up from its on_pending callback (a job paused) cancels the move."""
+    pacs, dest, studies = archive
+    pacs.hang = True                         # it would never finish by itself
+
+    def give_up(counts: SubOperations) -> None:
+        raise KeyboardInterrupt("paused")
+
+    with QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        with pytest.raises(KeyboardInterrupt):
+            client.move({"StudyInstanceUID": uid_of(studies[0][0], "StudyInstanceUID")}, DEST_AE,
+                        on_pending=give_up)
+        assert pacs.cancels == 1 and pacs.requests[-1].status == 0xFE00
+        pacs.hang = False
+        assert len(list(client.find(Level.STUDY, STUDY_KEYS))) == 2      # still usable
+
+
+def test_storage_batches_keep_a_class_together() -> None:
+    from fastroute.dicom.qr import storage_batches
+
+    classes = [(f"1.2.3.{i}", ()) for i in range(300)] + [("1.2.3.5", ("1.2.840.10008.1.2.4.90",))]
+    batches = storage_batches(classes)
+    assert [len(b) for b in batches] == [127, 127, 47]
+    assert sum(1 for b in batches for c, _ in b if c == "1.2.3.5") == 2
+    assert any(("1.2.3.5", ()) in b and ("1.2.3.5", ("1.2.840.10008.1.2.4.90",)) in b for b in batches)
+    for batch in batches:
+        QueryRetrieveClient(source("X", 1), CALLING, store=lambda p, m: Reply(0), storage=batch)
+
+
+def test_slow_archive_find_ends_at_its_total_timeout(tmp_path: Path) -> None:
+    pacs = FakeArchive(match_delay=0.3)
+    pacs.add_files(p for s in make_studies(tmp_path, 10, per_study=1) for p in s)
+    with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        got: list[Dataset] = []
+        with pytest.raises(QueryFailed, match="total timeout") as info:
+            for ds in client.find(Level.STUDY, STUDY_KEYS, timeout=1.0):
+                got.append(ds)
+        assert info.value.status is None and 1 <= len(got) < 10 and pacs.cancels == 1
+
+
+@pytest.mark.parametrize("archive_kind", ["orthanc", "dcmqrscp"])
+def test_real_archive_failed_sub_operations_are_listed(archive_kind: str, request: pytest.FixtureRequest,
+                                                       tmp_path: Path,
+                                                       storescp: Callable[..., peers.StoreSCP]) -> None:
+    """A destination refusing the SOP class: dcmqrscp's final response lists what failed;
+    Orthanc ends the whole move 0xC000 without counts or list (recorded here: the migration
+    cannot rely on the list and must verify at the destination)."""
+    dest = storescp(DEST_AE, accept=["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
+                    sop_classes=["1.2.840.10008.5.1.4.1.1.4"])       # MR only
+    ct = synth.make_study(tmp_path / "ct", modality="CT", n_instances=2, tiny=True)
+    study = uid_of(ct[0], "StudyInstanceUID")
+    qr: Any = None
+    if archive_kind == "orthanc":
+        orthanc: peers.Orthanc = request.getfixturevalue("orthanc")
+        qrpeers.register_modality(orthanc, "qrscu", CALLING, 104)
+        qrpeers.register_modality(orthanc, "movedest", DEST_AE, dest.port)
+        qrpeers.load_orthanc(orthanc, ct)
+        src = source(orthanc.ae_title, orthanc.dicom_port)
+    else:
+        qr = DcmQrScp(destinations={DEST_AE: ("127.0.0.1", dest.port)}, workdir=tmp_path / "qr").start()
+        qr.load(ct)
+        src = source(qr.ae_title, qr.port)
+    try:
+        with QueryRetrieveClient(src, CALLING) as client:
+            try:
+                result = client.move({"StudyInstanceUID": study}, DEST_AE)
+            except RetrieveFailed as exc:          # 0xA702: every sub-operation failed
+                assert exc.result is not None, exc
+                result = exc.result
+        assert result.status != Status.SUCCESS and result.counts.completed in (0, None), result
+        if archive_kind == "orthanc":
+            # Orthanc gives up the whole move (0xC000, no counts, no list): what arrived must
+            # be found out by the caller (C-FIND at the destination), not read from the list
+            assert result.status == 0xC000 and result.failed_sop_instance_uids == [], result
+        else:
+            assert sorted(result.failed_sop_instance_uids) == sorted(uid_of(p) for p in ct), result
+    finally:
+        if qr is not None:
+            qr.stop()
+
+
+def test_orthanc_get_with_a_full_association_of_storage_classes(orthanc_source: Any) -> None:
+    """127 storage classes, every syntax each (the largest C-GET association): accepted, and
+    the study arrives."""
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    orthanc, study, real = orthanc_source
+    ct = uid_of(study[0], "SOPClassUID")
+    classes = [ct] + [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+                      if str(cx.abstract_syntax) != ct][:MAX_STORAGE_CLASSES - 1]
+    got: list[str] = []
+
+    def store(peer: Peer, msg: Message) -> Reply:
+        got.append(msg.sop_instance_uid)
+        return Reply(Status.SUCCESS)
+
+    with QueryRetrieveClient(source(orthanc.ae_title, orthanc.dicom_port), CALLING, store=store,
+                             storage=[(c, ()) for c in classes]) as client:
+        result = client.get({"StudyInstanceUID": uid_of(study[0], "StudyInstanceUID")})
+        assert len(client.conn.assoc.contexts if client.conn.assoc else []) >= 100
+        assert ct not in client.refused_storage
+    assert result.status == Status.SUCCESS and sorted(got) == sorted(uid_of(p) for p in study)

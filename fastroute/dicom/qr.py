@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +142,9 @@ class QueryRetrieveClient:
         self.calling_ae = self.conn.calling_ae
         self.where = f"{self.calling_ae} -> {remote.ae_title}@{remote.host}:{remote.port}"
         self.refused_storage: dict[str, str] = {}
-        self.closed_early = False   # whether find()'s iterator was closed before its final response
+        # whether an operation was given up before its final response (find()'s iterator
+        # closed, or on_pending raised): it was cancelled (C-CANCEL) and drained
+        self.closed_early = False
 
     # -- association ------------------------------------------------------------------------
 
@@ -383,6 +385,10 @@ class QueryRetrieveClient:
         exchange = self._exchange(sop_class, command, ds, rsp_field, total, what, op, RetrieveFailed)
         try:
             for rsp in exchange:
+                if rsp.status not in PENDING:
+                    # a final response without Remaining has none left to tell (not the
+                    # last pending's count)
+                    counts = SubOperations(None, counts.completed, counts.failed, counts.warning)
                 counts = _counts(rsp.command, counts)
                 if rsp.status in PENDING:
                     if on_pending is not None:
@@ -397,14 +403,13 @@ class QueryRetrieveClient:
         status = last.status
         failed: list[str] = []
         if isinstance(last.data, (bytes, bytearray)) and last.data:
-            failed = _failed_uids(decode_identifier(last.data, self._syntax(last)))
+            failed = _failed_uids(last.data, self._syntax(last))
         elif isinstance(last.command.get(TRAILING_ELEMENTS), bytes):
             # Orthanc sends the failed list inside the command set (implicit VR LE there)
-            failed = _failed_uids(decode_identifier(last.command[TRAILING_ELEMENTS],
-                                                    "1.2.840.10008.1.2"))
+            failed = _failed_uids(last.command[TRAILING_ELEMENTS], "1.2.840.10008.1.2")
         result = RetrieveResult(status, escape_control(last.error_comment), counts, failed,
                                 op.timed_out, op.message_id)
-        said = (f"{what}: {describe(status)} completed={counts.completed} failed={counts.failed} "
+        said = (f"{what}: {describe_retrieve(status)} completed={counts.completed} failed={counts.failed} "
                 f"warning={counts.warning} remaining={counts.remaining}"
                 + (f" failed_instances={len(failed)}" if failed else "")
                 + (f" (cancelled: total timeout {total:g} s)" if op.timed_out else "")
@@ -434,6 +439,34 @@ class _Op:
     timed_out: bool = False
     cancelled: bool = False
     drain_until: float = 0.0
+
+
+def storage_batches(storage: Iterable[tuple[str, Iterable[str]]],
+                    per_association: int = MAX_STORAGE_CLASSES) -> list[list[tuple[str, tuple[str, ...]]]]:
+    """Storage contexts for C-GET split into association-sized batches (one
+    QueryRetrieveClient each), a class's contexts kept together in one batch."""
+    by_class: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for sop_class, syntaxes in storage:
+        entry = (str(sop_class), tuple(str(ts) for ts in syntaxes))
+        if entry not in by_class.setdefault(entry[0], []):
+            by_class[entry[0]].append(entry)
+    batches: list[list[tuple[str, tuple[str, ...]]]] = [[]]
+    for contexts in by_class.values():
+        if len(contexts) > per_association:
+            raise ValueError(f"{contexts[0][0]}: {len(contexts)} contexts for one SOP class, "
+                             f"more than one association holds ({per_association})")
+        if len(batches[-1]) + len(contexts) > per_association:
+            batches.append([])
+        batches[-1].extend(contexts)
+    return [b for b in batches if b]
+
+
+def describe_retrieve(status: int | None) -> str:
+    """:func:`status.describe` with C-MOVE/C-GET's own meaning of 0xB000 (which for C-STORE
+    is a coercion warning)."""
+    if status == Status.SUB_OPERATIONS_FAILED:
+        return "0xB000 (Warning: sub-operations complete, one or more failures or warnings)"
+    return describe(status)
 
 
 def make_identifier(identifier: Dataset | Mapping[str, Any], level: Level | str,
@@ -479,11 +512,13 @@ def _counts(command: Mapping[int, Any], was: SubOperations) -> SubOperations:
                          get(NUMBER_OF_WARNING_SUB_OPERATIONS, was.warning))
 
 
-def _failed_uids(ds: Dataset) -> list[str]:
-    """Failed SOP Instance UID List (0008,0058) of a final C-MOVE/C-GET response."""
+def _failed_uids(data: bytes | bytearray, transfer_syntax: str) -> list[str]:
+    """Failed SOP Instance UID List (0008,0058) of a final C-MOVE/C-GET response's identifier
+    (none when it cannot be read: the counts still say how many failed)."""
     try:
-        value = ds.get("FailedSOPInstanceUIDList")
-    except Exception:          # a malformed element: pydicom decodes lazily
+        value = decode_identifier(data, transfer_syntax).get("FailedSOPInstanceUIDList")
+    except Exception as exc:          # malformed: pydicom raises many kinds, lazily
+        log.warning("unreadable Failed SOP Instance UID List in a retrieve response: %r", exc)
         return []
     if not value:
         return []
@@ -494,4 +529,4 @@ def _failed_uids(ds: Dataset) -> list[str]:
 
 __all__ = ["Level", "Remote", "QueryFailed", "RetrieveFailed", "SubOperations", "RetrieveResult",
            "QueryRetrieveClient", "STUDY_ROOT_FIND", "STUDY_ROOT_MOVE", "STUDY_ROOT_GET",
-           "make_identifier", "MAX_STORAGE_CLASSES", "QR_SYNTAXES"]
+           "make_identifier", "describe_retrieve", "storage_batches", "MAX_STORAGE_CLASSES", "QR_SYNTAXES"]

@@ -435,9 +435,11 @@ class Connection:
 
     def response(self, msg_id: int, rsp_field: CommandField, *, until: float | None = None) -> Message:
         """The next response to request ``msg_id`` (a pending one or the final), serving the
-        peer's own requests (C-GET's C-STOREs) meanwhile. Each wait is bounded by the DIMSE
-        timeout (association aborted, OutcomeUnknown); ``until`` (a time.monotonic() deadline,
-        an operation's total) raises ResponseOverdue instead and keeps the association."""
+        peer's own requests (C-GET's C-STOREs) meanwhile. Silence longer than the DIMSE timeout
+        (no response, no request from the peer) aborts the association (OutcomeUnknown); a
+        source that sends no pending C-MOVE responses needs a DIMSE timeout longer than its
+        moves. ``until`` (a time.monotonic() deadline, an operation's total) raises
+        ResponseOverdue instead and keeps the association."""
         assoc = self.assoc
         if assoc is None:
             raise AssociationFailed("association is not established")
@@ -579,6 +581,9 @@ class Connection:
                 command = event.command
                 if not command.get(pdu.COMMAND_FIELD, 0) & 0x8000:
                     self._serve(assoc, event)      # the peer's own request, then wait on
+                    # it is alive and working for us (C-GET's C-STOREs): the DIMSE timeout
+                    # bounds silence, not a whole retrieve's worth of sub-operations
+                    deadline = max(deadline, time.monotonic() + self.dest.dimse_timeout)
                     continue
                 if (command.get(pdu.COMMAND_FIELD) == rsp_field
                         and command.get(pdu.MESSAGE_ID_BEING_RESPONDED_TO) == msg_id):
