@@ -200,3 +200,38 @@ def test_identical_migration_copy_is_no_conflict(spool: Spool) -> None:
     assert rec is not None and "content_conflict" not in rec.extra
     assert new.superseded == (old.oid,)                                # type: ignore[union-attr]
     assert spool.object_count() == 1
+
+
+def test_operator_views_show_a_bulk_object_as_pending(tmp_path: Path) -> None:
+    """The study trace, the entries and the queue view of a migration's waiting object."""
+    import yaml
+
+    from fastroute.config import loads
+    from fastroute.ops import actions as ops
+    cfg = loads(yaml.safe_dump({"ae_title": "FASTROUTE", "port": 11112, "spool": str(tmp_path / "s"),
+                                "min_free_bytes": 0, "spool_max_bytes": "64MiB",
+                                "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}}))
+    sp = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        sp.put_many([moved("5.1"), clinical("1.1")])
+        [obj] = ops.lookup(cfg, sp, study_instance_uid="8.8")["objects"]
+        assert [s["state"] for s in obj["path"]] == ["pending"]
+        rows = ops.entries(cfg, sp, "pacs", "pending")
+        assert [(r["sop_instance_uid"], r["state"]) for r in rows] == [("1.1", "pending"), ("5.1", "bulk")]
+        assert [r["sop_instance_uid"] for r in ops.entries(cfg, sp, "pacs", "bulk")] == ["5.1"]
+    finally:
+        sp.close()
+
+
+def test_a_claimed_bulk_object_says_so_and_its_digest_is_kept(spool: Spool) -> None:
+    """The sender hashes what it delivered of a migration (``Claimed.bulk``), so a later copy
+    can be compared; with duplicate_window off that is all: no ``dlv`` entry."""
+    spool.put_many([moved("5.1", data=b"m" * 50), clinical("1.1")])
+    batch, _ = spool.claim("pacs", 10)
+    assert [(c.sop_instance_uid, c.bulk) for c in batch] == [("1.1", False), ("5.1", True)]
+    spool.settle("pacs", [Outcome(c.oid, OutcomeKind.DELIVERED, 0,
+                                  digest=content_digest(b"m" * 50) if c.bulk else b"") for c in batch])
+    rec = spool.record(batch[1].oid)
+    assert rec is not None and rec.digest == content_digest(b"m" * 50).hex()
+    with spool.env.begin() as txn:
+        assert txn.stat(spool._dbs["dlv"])["entries"] == 0

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pydicom
 import pytest
@@ -22,9 +23,11 @@ from fastroute.dicom.pdu import (AFFECTED_SOP_CLASS_UID, AFFECTED_SOP_INSTANCE_U
 from fastroute.dicom.scp import Listener
 from fastroute.routing.intake import StoreService
 from fastroute.routing.rules import RuleSet
-from fastroute.spool import QueueState, RoutingRecord, Spool
+from fastroute.spool import QueueState, RoutingRecord, Spool, content_digest
 from fastroute.spool.commit import Committer
 from fastroute.spool.moves import Move, move_key
+from peers import wait_until
+from router import Router, destination
 
 
 @pytest.fixture
@@ -145,7 +148,7 @@ def listening(tmp_path: Path) -> Iterator[_Listening]:
     s.close()
 
 
-def _send(port: int, datasets: list[pydicom.Dataset], originator: tuple[str, int] | None) -> list[int]:
+def _send(port: int, datasets: Sequence[pydicom.Dataset], originator: tuple[str, int] | None) -> list[int]:
     """pynetdicom as the source archive answering a C-MOVE: C-STOREs with the originator."""
     ae = AE(ae_title="OLDPACS")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -281,3 +284,180 @@ def test_an_ordinary_store_does_not_look_up_moves(tmp_path: Path) -> None:
         service.close()
         committer.close()
         sp.close()
+
+
+# -- end to end: the real router, DCMTK destinations -----------------------------------------------
+
+def test_router_delivers_moved_objects_to_the_job_destinations(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    """`fastroute serve` with a clinical default route; the runner (here: the test process)
+    registers a C-MOVE in the spool; the source's C-STOREs carry its originator: they reach the
+    migration's destination only, ordinary C-STOREs the clinical one."""
+    clinical, newpacs = storescp("CLIN"), storescp("NEWPACS")
+    r = router({"destinations": {"clinical": destination(clinical.port, "CLIN"),
+                                 "newpacs": destination(newpacs.port, "NEWPACS")},
+                "default": ["clinical"]})
+    moved = [pydicom.dcmread(p) for p in synth.make_tiny(tmp_path / "moved", 4)]
+    ordinary = synth.make_tiny(tmp_path / "ordinary", 2)
+    runner = Spool(r.spool_path, map_size=64 * 1024**3)
+    try:
+        assert runner.moves.register("FASTROUTE", 11, "mig1", str(moved[0].StudyInstanceUID), ("newpacs",),
+                                     time.time() + 300)
+        assert _send(r.port, moved, ("FASTROUTE", 11)) == [0] * 4
+        res = peers.storescu(r.port, ordinary)
+        assert res.returncode == 0, res.stdout + res.stderr
+        newpacs.wait_for(4, timeout=60)
+        clinical.wait_for(2, timeout=60)
+        wait_until(lambda: all(q["pending"] + q["in_flight"] == 0 for q in r.queue().values()), 30,
+                   message="queues did not drain")
+        assert len(clinical.files()) == 2
+        got = {str(pydicom.dcmread(f).SOPInstanceUID) for f in newpacs.files()}
+        assert got == {str(d.SOPInstanceUID) for d in moved}
+        recs = runner.lookup(study_instance_uid=str(moved[0].StudyInstanceUID))
+        assert len(recs) == 4
+        by_uid = {rec.sop_instance_uid: (oid, rec) for oid, rec in recs}
+        for d in moved:
+            oid, rec = by_uid[str(d.SOPInstanceUID)]
+            assert rec.extra["migration"] == "mig1" and rec.extra["move_originator_id"] == 11
+            assert set(rec.delivered) == {"newpacs"}
+            # the sender recorded what it delivered: a later copy is compared with it
+            assert rec.digest == content_digest(_encoded(d)).hex()
+        ordinary_uid = str(pydicom.dcmread(ordinary[0], stop_before_pixels=True).SOPInstanceUID)
+        [(_, plain)] = [(o, x) for o, x in runner.lookup(patient_id=plain_pid(ordinary[0]))
+                        if x.sop_instance_uid == ordinary_uid]
+        assert plain.digest == ""          # clinical traffic: no hash (duplicate_window is off)
+
+        # the source sends one of them again, changed: delivered, and reported as a conflict
+        changed = moved[0]
+        changed.PatientName = "CHANGED^NAME"
+        assert _send(r.port, [changed], ("FASTROUTE", 11)) == [0]
+        newest = max(oid for oid, x in runner.lookup(study_instance_uid=str(changed.StudyInstanceUID))
+                     if x.sop_instance_uid == str(changed.SOPInstanceUID))
+        again = runner.record(newest)
+        assert again is not None
+        first_oid, first = by_uid[str(changed.SOPInstanceUID)]
+        assert again.extra["content_conflict"] == {"with_oid": first_oid, "digest": content_digest(_encoded(changed)).hex(),
+                                                 "other_digest": first.digest}
+        wait_until(lambda: "different content" in r.log_text(), 10, message="the conflict was not logged")
+        line = next(x for x in r.log_text().splitlines() if "different content" in x)
+        assert "migration=mig1" in line and str(changed.SOPInstanceUID) in line and "WARNING" in line.upper()
+    finally:
+        runner.close()
+
+
+def plain_pid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    """The dataset's bytes as pynetdicom sends them (Explicit VR Little Endian, no file meta)."""
+    from pynetdicom.dsutils import encode
+    data = encode(ds, False, True)
+    assert data is not None
+    return data
+
+
+def test_clinical_objects_are_sent_before_a_migration_backlog(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Both go to one destination: 200 moved objects wait (destination paused), then 10 clinical
+    ones arrive; once resumed, the destination receives the 10 clinical ones first."""
+    pacs = storescp("PACS")
+    r = router({"destinations": {"pacs": destination(pacs.port, "PACS")}, "default": ["pacs"]})
+    moved = [pydicom.dcmread(p) for p in synth.make_tiny(tmp_path / "moved", 200)]
+    clinical = synth.make_tiny(tmp_path / "clinical", 10)
+    clinical_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in clinical}
+    runner = Spool(r.spool_path, map_size=64 * 1024**3)
+    try:
+        runner.set_paused("pacs", True)
+        runner.moves.register("FASTROUTE", 12, "mig1", str(moved[0].StudyInstanceUID), ("pacs",),
+                              time.time() + 300)
+        assert _send(r.port, moved, ("FASTROUTE", 12)) == [0] * 200
+        res = peers.storescu(r.port, clinical)
+        assert res.returncode == 0, res.stdout + res.stderr
+        [st] = [s for s in runner.stats(["pacs"]) if s.destination == "pacs"]
+        assert (st.pending, st.bulk_pending) == (210, 200)
+        runner.set_paused("pacs", False)
+        pacs.wait_for(210, timeout=120)
+        order = pacs.receptions()
+        first = order[:10]
+        assert all(any(uid in name for uid in clinical_uids) for name in first), first
+    finally:
+        runner.close()
+
+
+class _QrScp(peers._Peer):
+    """DCMTK dcmqrscp as the source archive, knowing the router as a move destination."""
+
+    name = "dcmqrscp"
+
+    def __init__(self, workdir: Path, ae_title: str, targets: dict[str, tuple[str, int]]) -> None:
+        super().__init__(workdir)
+        self.ae_title = ae_title
+        self.targets = targets            # name -> (AE title, port)
+        self.port = peers.free_port()
+
+    def _argv(self) -> list[str]:
+        db = self.workdir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        hosts = "\n".join(f"{name} = ({ae}, {peers.HOST}, {port})" for name, (ae, port) in self.targets.items())
+        cfg = self.workdir / "dcmqrscp.cfg"
+        cfg.write_text(f"NetworkTCPPort = {self.port}\nMaxPDUSize = 65536\nMaxAssociations = 4\n\n"
+                       f"HostTable BEGIN\n{hosts}\nHostTable END\n\nVendorTable BEGIN\nVendorTable END\n\n"
+                       f"AETable BEGIN\n{self.ae_title} {db} RW (1000, 256mb) ANY\nAETable END\n")
+        return [str(peers.dcmtk_tool("dcmqrscp")), "-c", str(cfg), str(self.port)]
+
+    def _ready(self) -> bool:
+        return peers.is_listening(self.port)
+
+    def _reassign_ports(self) -> bool:
+        self.port = peers.free_port()
+        return True
+
+
+def test_a_real_c_move_from_dcmqrscp_is_attributed(
+        tmp_path: Path, dcmtk: Any, router: Callable[..., Router],
+        storescp: Callable[..., peers.StoreSCP]) -> None:
+    """DCMTK's dcmqrscp answers a C-MOVE (movescu calling as FASTROUTE, Message ID 1) by sending
+    the study to the router: its C-STOREs carry the originator, so the study reaches the job's
+    destination, not the router's clinical default route."""
+    import subprocess
+    clinical, newpacs = storescp("CLIN"), storescp("NEWPACS")
+    r = router({"destinations": {"clinical": destination(clinical.port, "CLIN"),
+                                 "newpacs": destination(newpacs.port, "NEWPACS")},
+                "default": ["clinical"]})
+    files = synth.make_tiny(tmp_path / "archive", 3)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with _QrScp(tmp_path / "qr", "OLDPACS", {"fastroute": ("FASTROUTE", r.port)}) as archive:
+        res = peers.storescu(archive.port, files, called_ae="OLDPACS")
+        assert res.returncode == 0, res.stdout + res.stderr
+        runner = Spool(r.spool_path, map_size=64 * 1024**3)
+        try:
+            assert runner.moves.register("FASTROUTE", 1, "mig1", study, ("newpacs",), time.time() + 300)
+            move = subprocess.run(
+                [str(peers.dcmtk_tool("movescu")), "-aet", "FASTROUTE", "-aec", "OLDPACS", "-aem", "FASTROUTE",
+                 "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                 peers.HOST, str(archive.port)],
+                capture_output=True, text=True, timeout=60, env=peers.dcmtk_env(), check=False)
+            assert move.returncode == 0, move.stdout + move.stderr
+            newpacs.wait_for(3, timeout=60)
+            recs = runner.lookup(study_instance_uid=study)
+            assert len(recs) == 3
+            for _, rec in recs:
+                assert rec.extra["migration"] == "mig1", rec.extra
+                assert (rec.extra["move_originator_ae"], rec.extra["move_originator_id"]) == ("FASTROUTE", 1)
+                assert rec.calling_ae == "OLDPACS" and rec.routed_to == ["newpacs"]
+            assert clinical.files() == []
+        finally:
+            runner.close()
+
+
+def test_reserve_takes_the_next_free_id(spool: Spool) -> None:
+    t = 1000.0
+    assert spool.moves.reserve("FR", "j", "1.1", ("a",), t + 10, start=5, now=t) == 5
+    assert spool.moves.reserve("FR", "j", "1.2", ("a",), t + 10, start=5, now=t) == 6
+    assert spool.moves.reserve("FR", "j", "1.3", ("a",), t + 10, start=0xFFFF, now=t) == 0xFFFF
+    assert spool.moves.reserve("FR", "j", "1.4", ("a",), t + 10, start=0xFFFF, now=t) == 1   # wraps, skips 0
+    move = spool.moves.lookup("FR", 6, now=t)
+    assert move is not None and move.study_uid == "1.2"
+    with pytest.raises(ValueError):
+        spool.moves.register("FR", 9, "j", "1.1", (), t + 10, now=t)   # nowhere to send

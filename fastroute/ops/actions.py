@@ -261,7 +261,9 @@ def _path(oid: int, rec: RoutingRecord, queue: dict[tuple[str, int], QueueEntry]
         elif dest in rec.outstanding:
             e = queue.get((dest, oid))
             step["state"] = (StepState.UNROUTED if dest == UNROUTED else
-                             StepState(e.state.value) if e else StepState.QUEUED)
+                             StepState.QUEUED if e is None else
+                             StepState.PENDING if e.state == QueueState.BULK else   # a migration's
+                             StepState(e.state.value))
             if e is not None:
                 step.update(attempts=e.attempts, status=e.last_status, error=reason(e.error, e.last_status),
                             next_at=e.next_at or None)

@@ -766,6 +766,7 @@ def _response_schemas() -> dict[str, Any]:
         "Queue": _obj({
             "destination": _S, "name": _S, "pending": _I, "in_flight": _I, "failed": _I, "oldest_age": _NN,
             "delivered": _I, "failed_total": _I, "suppressed": _I, "unknown_outcomes": _I, "configured": _B,
+            "bulk_pending": _I,   # of pending: a migration's objects, sent after clinical ones
             "paused": _B, "status": {"type": "string", "enum": sorted(ops.DestinationStatus)},
             "down_since": _NN, "retry_at": _NN, "consecutive_failures": _I, "last_error": _S,
             "last_success": _NN,

@@ -229,8 +229,8 @@ class StoreService:
             if fixed is not None:        # a C-GET's: the peer that sends is the one we called
                 calling, called = called, calling
             move_id = msg.command.get(MOVE_ORIGINATOR_MESSAGE_ID)   # the only cost when absent
-            if move_id is not None:
-                originator = (str(msg.command.get(MOVE_ORIGINATOR_AE_TITLE) or "").strip(), int(move_id))
+            if isinstance(move_id, int):     # (a peer's malformed value is not our bug: ignored)
+                originator = (str(msg.command.get(MOVE_ORIGINATOR_AE_TITLE) or "").strip(), move_id)
                 if fixed is None:
                     fixed = self._moved(peer, msg, originator)
             return prepare_store(cast(bytearray, msg.data) if data is None else data, ts, msg.sop_class_uid,

@@ -521,10 +521,11 @@ class DestinationSender:
         if outcome.kind == OutcomeKind.DELIVERED:
             # The duplicate policy's key is taken here from the spool's pages (the original
             # bytes, whatever was sent), outside the write lock, rather than on the modality's
-            # critical path; once per object, whatever its fan-out.
+            # critical path; once per object, whatever its fan-out. A migration's object always:
+            # a later copy of its SOP Instance UID is compared with it (content conflicts).
             digest = ((item.digest or (digest_parts(stored.parts) if isinstance(stored, ChunkedView)
                                        else content_digest(stored)))
-                      if self.spool.duplicate_window > 0 else b"")
+                      if self.spool.duplicate_window > 0 or item.bulk else b"")
             outcome = replace(outcome, at=time.time(), digest=digest)
             if result.status != 0:
                 log.warning("%s: delivered with warning %s %s", self._where(item), status_text(result.status),

@@ -73,6 +73,8 @@ class MoveTable:
         Message ID are still active (not unregistered, not expired): pick another id."""
         if not 0 <= message_id <= 0xFFFF:
             raise ValueError(f"Message ID {message_id} is not a 16-bit value")
+        if not destinations:
+            raise ValueError("a move needs at least one destination")
         now = time.time() if now is None else now
         key = move_key(originator_ae, message_id)
         move = Move(originator_ae.strip(), message_id, job, study_uid, tuple(destinations), expires_at, now)
@@ -82,6 +84,20 @@ class MoveTable:
                 return False
             txn.put(key, move.encode())
         return True
+
+    def reserve(self, originator_ae: str, job: str, study_uid: str, destinations: Sequence[str],
+                expires_at: float, *, start: int = 1, now: float | None = None) -> int:
+        """Register under the first Message ID from ``start`` on (wrapping, 0 skipped) that is
+        not active, and return it: for a runner with several associations under one AE title,
+        whose client lets it choose the next request's Message ID. RuntimeError when all
+        65,535 are active."""
+        now = time.time() if now is None else now
+        mid = max(1, start & 0xFFFF)
+        for _ in range(0xFFFF):
+            if self.register(originator_ae, mid, job, study_uid, destinations, expires_at, now=now):
+                return mid
+            mid = mid % 0xFFFF + 1
+        raise RuntimeError(f"every Message ID of {originator_ae} has a C-MOVE in flight")
 
     def unregister(self, originator_ae: str, message_id: int) -> bool:
         """Forget a C-MOVE (its final response came); False when it was not registered.

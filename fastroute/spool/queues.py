@@ -167,6 +167,7 @@ class Claimed:
     digest: bytes = b""            # content_digest, when already known (else the sender takes it)
     unknown: int = 0               # its deliveries that ended without a response, in a row
     study_instance_uid: str = ""   # from the record the claim decodes anyway: for log lines
+    bulk: bool = False             # a migration's (BULK class): its digest is recorded on delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +445,8 @@ class Queues:
             txn.put(qkey(dest, _I, oid), value, db=self._q)
             attempts, unknown = QueueRecord.counts_of(value)
             out.append(Claimed(oid, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax,
-                               attempts, f.size, f.calling_ae, f.digest, unknown, f.study_instance_uid))
+                               attempts, f.size, f.calling_ae, f.digest, unknown, f.study_instance_uid,
+                               key[-9:-8] == _B))
         return out, earliest
 
     @staticmethod
@@ -505,7 +507,7 @@ class Queues:
             digest = self.stored_digest(txn, o.oid)
         rec = self._drop_dest(txn, o.oid, dest, delivery=Delivery(at, o.status, o.transcoded), digest=digest)
         if rec is not None:
-            if rec.digest:   # the duplicate policy's record of what this got
+            if rec.digest and self.duplicate_window > 0:   # the duplicate policy's record of what this got
                 txn.put(dest.encode() + b"\x00" + rec.sop_instance_uid.encode(),
                         bytes.fromhex(rec.digest) + _AT.pack(at) + _U64.pack(o.oid), db=self._dlv)
             self._incr(txn, _C_DELIVERED_BYTES, dest, rec.size)
