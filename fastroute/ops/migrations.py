@@ -49,12 +49,8 @@ REPORT_BATCH = 500               # rows per chunk of a streamed report
 
 
 def jobs_of(spool: Spool) -> Jobs:
-    """The spool's job store (the Spool opens it on mig-store; built here from its environment
-    and sub-databases otherwise)."""
-    jobs = getattr(spool, "jobs", None)
-    if isinstance(jobs, Jobs):
-        return jobs
-    return Jobs(spool.env, spool._dbs)   # noqa: SLF001 - the sub-databases the Spool opened
+    """The spool's job store (one per Spool, opened with it)."""
+    return spool.jobs
 
 
 # -- parsing what an operator typed -------------------------------------------------------------
