@@ -408,3 +408,64 @@ def test_purge_asks_in_words_and_answers_in_words(tmp_path: Path, browser: Any) 
             assert len(purges) == 1 and purges[0]["why"] == "sent again by the modality", purges
     finally:
         spool.close()
+
+
+def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser: Any) -> None:
+    """Issue 13: the migrations card appears with a job: progress, rate, ETA, the failed studies
+    with their reasons, and pause/resume that act on the job (audited) and answer in words."""
+    from selenium.webdriver.common.by import By
+
+    from fastroute.spool.jobs import InstanceRecord, JobSpec, StudyRecord, StudyState
+
+    cfg, path = make_config(tmp_path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            enter_token(browser, "s3cret")
+            loaded(browser)
+            card = browser.find_element(By.ID, "migrations-card")
+            assert not card.is_displayed()                       # no job: no empty card
+
+            jobs = spool.jobs
+            jobs.create(JobSpec(name="y2019", source="oldpacs", destinations=("pacs",)))
+            jobs.add_studies("y2019", [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}", patient_id=f"P{i}")
+                                       for i in range(4)])
+            jobs.inventory_done("y2019")
+            jobs.set_instances("y2019", f"{STUDY_A}.0", [InstanceRecord(f"{STUDY_A}.0.1")])
+            jobs.mark_received("y2019", f"{STUDY_A}.0", {f"{STUDY_A}.0.1": 1})
+            jobs.mark_delivered("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
+            jobs.mark_found("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
+            jobs.update_study("y2019", f"{STUDY_A}.0", state=StudyState.VERIFIED)
+            jobs.update_study("y2019", f"{STUDY_A}.1", state=StudyState.FAILED,
+                              reason="0xA801: register FASTROUTE as a move destination at OLDPACS")
+
+            def cell(col: str) -> str:
+                found = browser.find_elements(By.CSS_SELECTOR, f'#migrations tr[data-job="y2019"] td.{col}')
+                return str(found[0].text) if found else ""
+
+            wait(browser, lambda d: card.is_displayed() and cell("studies") == "2 / 4", "the job's row")
+            assert "running" in cell("state") and cell("failed-count") == "1"
+            assert "1 of 1 instances received, 1 delivered" in cell("progress") and "oldpacs → pacs" in cell("name")
+            bar = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] .bar > div')
+            assert bar.get_attribute("style").replace(" ", "") == "width:50%;"      # 2 of 4 studies final
+            failures = browser.find_element(By.CSS_SELECTOR, '#migration-failures [data-job="y2019"]')
+            assert "y2019: 1 failed study" in failures.text
+            row = failures.find_element(By.CSS_SELECTOR, f'tr[data-study="{STUDY_A}.1"]')
+            assert "register FASTROUTE as a move destination at OLDPACS" in row.find_element(
+                By.CSS_SELECTOR, "td.reason").text
+
+            browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.pause').click()
+            wait(browser, lambda d: jobs.state("y2019") == "paused", "the job paused")
+            message = browser.find_element(By.ID, "message")
+            wait(browser, lambda d: "Migration y2019 paused" in message.text, "the pause message")
+            wait(browser, lambda d: "paused" in cell("state") and browser.find_elements(
+                By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.resume'), "the resume button")
+            browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.resume').click()
+            wait(browser, lambda d: jobs.state("y2019") == "running", "the job resumed")
+            wait(browser, lambda d: message.text == "Migration y2019 resumed: running.", "the resume message")
+            acts = [(e["action"], e["why"]) for e in audit_events(spool) if e["action"].startswith("migration_")]
+            assert acts == [("migration_pause", "dashboard"), ("migration_resume", "dashboard")], acts
+    finally:
+        spool.close()
