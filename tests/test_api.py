@@ -39,7 +39,7 @@ Body = Callable[[TestClient, web.Application], Awaitable[None]]   # type: ignore
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[Config, Path, Spool, list[int]]]:
-    cfg, path = make_config(tmp_path)
+    cfg, path = make_config(tmp_path, sources=True)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
     oids = fill(spool, time.time() - AGE)
     spool.jobs.create(JobSpec(name=JOB, source="oldpacs", destinations=("pacs",)))

@@ -417,7 +417,7 @@ def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser:
 
     from fastroute.spool.jobs import InstanceRecord, JobSpec, StudyRecord, StudyState
 
-    cfg, path = make_config(tmp_path)
+    cfg, path = make_config(tmp_path, sources=True)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
     try:
         fill(spool, time.time() - AGE)
