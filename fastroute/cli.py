@@ -339,6 +339,9 @@ def cmd_migrate_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
+    if not jobs:
+        print("no migration jobs (start one with `fastroute migrate start`)")
+        return 0
     print(f"{'job':<28} {'state':<17} {'studies':>8} {'verified':>8} {'failed':>7} {'received':>9} "
           f"{'expected':>9} {'rate/s':>7} {'eta':>6}")
     for j in jobs:
@@ -448,8 +451,9 @@ def _add_migration_commands(sub: Any, cmd: Any) -> None:
     sp.add_argument("--studies", metavar="FILE", help="Study Instance UIDs or Accession Numbers, one a line "
                     "(or CSV with a header)")
     sp.add_argument("--rate", metavar="N/h|N/s", help="studies per hour or instances per second")
-    sp.add_argument("--window", action="append", metavar="HH:MM-HH:MM",
-                    help="retrieve only inside this daily window (repeatable; 'sat,sun 00:00-24:00')")
+    sp.add_argument("--window", action="extend", nargs="+", metavar="HH:MM-HH:MM",
+                    help="retrieve only inside these daily windows (local time; repeatable; "
+                    "days first: sat,sun 00:00-24:00)")
     sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="verify each study by C-FIND at the destinations (default: yes)")
     sp.add_argument("--reason", default="", help="recorded in the audit trail")

@@ -155,6 +155,18 @@ def test_status_text_and_counts_follow_the_runner(cfgfile: Path, capsys: pytest.
     assert "3 total, 1 verified, 1 failed" in out and "2 received, 2 delivered" in out
 
 
+def test_windows_unquoted_and_several_after_one_option(cfgfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shell splits `--window sat,sun 00:00-24:00` typed unquoted: the days join their span."""
+    code, out, err = cli(capsys, "migrate", "start", "-c", str(cfgfile), "--from", "oldpacs", "--to", "newpacs",
+                         "--name", "w", "--window", "mon-fri", "19:00-07:00", "12:00-13:00",
+                         "--window", "sat,sun", "00:00-24:00")
+    assert code == 0, err
+    assert status_json(capsys, cfgfile, "w")["windows"] == ["mon,tue,wed,thu,fri 19:00-07:00", "12:00-13:00",
+                                                           "sat,sun 00:00-24:00"]
+    code, out, _ = cli(capsys, "migrate", "list", "-c", str(cfgfile))
+    assert code == 0 and out.splitlines()[1].startswith("w ")
+
+
 # -- actions ------------------------------------------------------------------------------------
 
 def test_pause_resume_cancel_retry_are_audited(cfgfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -318,6 +330,7 @@ def test_retrieve_wait_exits_zero_only_when_verified(cfgfile: Path, tmp_path: Pa
     (["--from", "oldpacs", "--to", "vna"], 1, "cannot verify at vna: no 'query: true'"),
     (["--from", "oldpacs", "--to", "newpacs", "--window", "25:00-07:00"], 1, "bad window '25:00-07:00'"),
     (["--from", "oldpacs", "--to", "newpacs", "--window", "nights"], 1, "bad window 'nights'"),
+    (["--from", "oldpacs", "--to", "newpacs", "--window", "19:00-07:00", "sat,sun"], 1, "bad window 'sat,sun'"),
     (["--from", "oldpacs", "--to", "newpacs", "--rate", "fast"], 1, "bad rate 'fast'"),
     (["--from", "oldpacs", "--to", "newpacs", "--rate", "0/h"], 1, "bad rate '0/h'"),
     (["--from", "oldpacs", "--to", "newpacs", "--query", "StudyDat=2019"], 1, "did you mean StudyDate?"),
@@ -345,6 +358,7 @@ def test_start_refuses_what_it_cannot_do(cfgfile: Path, capsys: pytest.CaptureFi
 
 def test_unknown_job_and_missing_spool(cfgfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     c = str(cfgfile)
+    assert cli(capsys, "migrate", "list", "-c", c)[1] == "no migration jobs (start one with `fastroute migrate start`)\n"
     assert cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs", "--name", "j")[0] == 0
     for verb in ("status", "pause", "resume", "cancel", "retry", "report"):
         code, out, err = cli(capsys, "migrate", verb, "nope", "-c", c)

@@ -44,7 +44,7 @@ STUDIES_HEADERS = {"studyinstanceuid": "uid", "study_instance_uid": "uid", "stud
                    "accessionnumber": "accession", "accession_number": "accession", "accession": "accession"}
 FINAL_JOB_STATES = frozenset({JobState.DONE, JobState.DONE_WITH_ERRORS, JobState.CANCELLED})
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-FAILURE_SCAN_LIMIT = 200_000     # studies read to find a job's failures for the dashboard
+FAILURE_SCAN_LIMIT = 50_000      # studies read per call to find a job's failures (dashboard)
 REPORT_BATCH = 500               # rows per chunk of a streamed report
 
 
@@ -67,10 +67,22 @@ def parse_rate(text: str | None) -> tuple[float | None, float | None]:
 
 
 def parse_windows(texts: Iterable[str]) -> tuple[Window, ...]:
+    """Each ``[DAYS ]HH:MM-HH:MM``; a days-only item (``sat,sun`` typed unquoted, so the shell
+    split it from its span) is joined to the span after it."""
+    items: list[str] = []
+    pending = ""
+    for text in (str(t).strip() for t in texts):
+        if text and ":" not in text:
+            pending = f"{pending},{text}" if pending else text
+            continue
+        items.append(f"{pending} {text}" if pending else text)
+        pending = ""
+    if pending:
+        items.append(pending)          # days without a span: Window.parse says what is missing
     out = []
-    for text in texts:
+    for text in items:
         try:
-            out.append(Window.parse(str(text)))
+            out.append(Window.parse(text))
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"bad window {text!r}: {exc}",
                              hint="HH:MM-HH:MM local time (19:00-07:00 crosses midnight), optionally "
