@@ -713,7 +713,8 @@ class Jobs:
     def add_studies(self, name: str, studies: Iterable[StudyRecord],
                     progress: Mapping[str, Any] | None = None, now: float | None = None) -> int:
         """One batch of the inventory, in one transaction: each study not yet in the job (by
-        Study Instance UID) gets the next seq (``seq`` given is ignored) and keeps the given
+        Study Instance UID; one without, by "#" + its Accession Number: a failed --studies
+        entry) gets the next seq (``seq`` given is ignored) and keeps the given
         state (``pending``, or ``failed`` with a reason such as "not found at source");
         totals follow. ``progress`` (when given) replaces the inventory's resume state in the
         same transaction, so a crash never loses studies nor repeats a range. How many were new."""
@@ -723,9 +724,11 @@ class Jobs:
         with self.env.begin(write=True) as txn:
             job = self._load(txn, name)
             for st in studies:
-                if not st.study_instance_uid:
+                # a --studies Accession Number found nowhere has no UID: kept under "#" + it
+                ident = st.study_instance_uid or (f"#{st.accession_number}" if st.accession_number else "")
+                if not ident:
                     continue
-                ukey = prefix + st.study_instance_uid.encode()
+                ukey = prefix + ident.encode()
                 if txn.get(ukey, db=self._stuid) is not None:
                     continue
                 seq = job["seq"]

@@ -1,0 +1,456 @@
+"""The STUDY-level inventory of a migration: what the source holds, written into the spool.
+
+Archives cap or time out large C-FIND answers, so the inventory never asks for "everything":
+it walks the job's StudyDate range (or the whole archive, 19000101 to tomorrow) and splits any
+range whose answer reaches ``source.max_results`` matches, times out (``source.query_timeout``)
+or is refused for lack of resources (0xA700): date ranges are halved, a single day still too
+large is split by StudyTime (and said so in the job's error). Studies whose StudyDate is empty
+match no range: they are asked for by empty-value matching (PS3.4 C.2.2.2.1, the value ``""``),
+and where the source does not honour that, by undated queries split by the first characters
+of PatientID, keeping only the empty-date matches.
+
+Bounded memory: matches are written to the spool in batches as they arrive (duplicates across
+overlapping answers are dropped there, by Study Instance UID); what is held is one batch and a
+stack of pending ranges (its depth grows with the log of the range). The progress (pending
+ranges, phase, position in a ``--studies`` list) is saved in the job record in the same
+transaction as the batch that completes a range, so ``kill -9`` resumes, not restarts.
+
+:func:`list_study` lists one study's instances (SERIES, then IMAGE level) for the runner.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+
+from fastroute.config import SourceConfig
+from fastroute.dicom.qr import Level, QueryFailed
+from fastroute.logsetup import fields
+from fastroute.spool.jobs import InstanceRecord, Jobs, JobSpec, StudyRecord, StudyState
+
+log = logging.getLogger(__name__)
+
+FIRST_DATE = dt.date(1900, 1, 1)
+BATCH = 500                      # studies per spool transaction
+MAX_NOTES = 20                   # job-error notes kept in the progress (bounded)
+# the fallback for sources without empty-value matching: PatientID prefixes, one character more
+# each time an answer is still too large (a PatientID starting with another character, or
+# empty, is found only by empty-value matching)
+PATIENT_ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_."
+MAX_PREFIX = 16
+OUT_OF_RESOURCES = 0xA700
+STUDY_RETURN_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime",
+                     "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
+NOT_FOUND = "not found at source"
+
+
+class FindClient(Protocol):
+    """What the inventory needs of :class:`fastroute.dicom.qr.QueryRetrieveClient`."""
+
+    def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
+             timeout: float | None = None) -> Iterator[Dataset]: ...
+
+
+class Listing(list[InstanceRecord]):
+    """One study's instances as the source lists them. ``counts_only``: the source has no
+    IMAGE level, so the list is empty and ``source_instances`` is the sum of its series'
+    NumberOfSeriesRelatedInstances (or the study's NumberOfStudyRelatedInstances)."""
+
+    __slots__ = ("source_instances", "counts_only")
+
+    def __init__(self, items: Iterable[InstanceRecord] = (), *, source_instances: int | None = None,
+                 counts_only: bool = False) -> None:
+        super().__init__(items)
+        self.source_instances = len(self) if source_instances is None else source_instances
+        self.counts_only = counts_only
+
+
+# -- values -----------------------------------------------------------------------------------
+
+def _text(ds: Dataset | Mapping[str, Any], keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset | Mapping[str, Any], keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def study_record(ds: Dataset | Mapping[str, Any], state: StudyState = StudyState.PENDING) -> StudyRecord | None:
+    """A STUDY-level match as an inventory row (None without a Study Instance UID)."""
+    uid = _text(ds, "StudyInstanceUID")
+    if not uid:
+        return None
+    return StudyRecord(seq=-1, study_instance_uid=uid, patient_id=_text(ds, "PatientID"),
+                       accession_number=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
+                       modalities=_text(ds, "ModalitiesInStudy"),
+                       source_instances=_int(ds, "NumberOfStudyRelatedInstances"), state=state)
+
+
+def _ymd(d: dt.date) -> str:
+    return d.strftime("%Y%m%d")
+
+
+def _date(text: str) -> dt.date:
+    return dt.datetime.strptime(text, "%Y%m%d").date()
+
+
+def date_bounds(value: str | None, today: dt.date) -> tuple[dt.date, dt.date]:
+    """The inclusive range a StudyDate key names (``A-B``, ``A-``, ``-B``, ``A``); none: the
+    whole archive (1900-01-01 to tomorrow). ValueError naming the bad text."""
+    last = today + dt.timedelta(days=1)
+    if not value:
+        return FIRST_DATE, last
+    lo_text, dash, hi_text = value.strip().partition("-")
+    try:
+        lo = _date(lo_text) if lo_text else FIRST_DATE
+        hi = (_date(hi_text) if hi_text else last) if dash else lo
+    except ValueError:
+        raise ValueError(f"bad StudyDate {value!r}: expected YYYYMMDD, YYYYMMDD-YYYYMMDD, "
+                         "YYYYMMDD- or -YYYYMMDD") from None
+    if hi < lo:
+        raise ValueError(f"bad StudyDate {value!r}: the range ends before it starts")
+    return lo, hi
+
+
+def _hms(second: int) -> str:
+    return f"{second // 3600:02d}{second // 60 % 60:02d}{second % 60:02d}"
+
+
+def looks_like_uid(text: str) -> bool:
+    return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
+
+
+# -- the inventory ----------------------------------------------------------------------------
+
+class Inventory:
+    """One job's inventory run; :func:`run_inventory` is the entry point.
+
+    Progress (the job record's ``inv``): ``phase`` (studies, dates, empty, fallback, done),
+    ``todo`` (a stack of [first day, last day, first second, last second] still to ask; the
+    seconds are None for whole days, -1 for the day's empty-StudyTime query), ``fb`` (the
+    PatientID prefixes still to ask), ``next`` (position in the ``--studies`` list),
+    ``queries``, ``notes``."""
+
+    def __init__(self, client: FindClient, jobs: Jobs, name: str, spec: JobSpec, source: SourceConfig, *,
+                 stop: threading.Event | None = None, batch: int = BATCH,
+                 today: dt.date | None = None) -> None:
+        self.client, self.jobs, self.name, self.spec, self.source = client, jobs, name, spec, source
+        self.stop = stop
+        self.batch = batch
+        self.today = today or dt.date.today()
+        self.added = 0
+        self.kept = 0                # matches the last query kept
+        base = {k: v for k, v in spec.query.items() if k not in ("StudyDate", "QueryRetrieveLevel")}
+        self.keys: dict[str, Any] = {k: "" for k in STUDY_RETURN_KEYS}
+        self.keys.update(base)
+        self.progress: dict[str, Any] = dict(jobs.inventory_progress(name))
+
+    # -- driving --------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self.progress.get("phase"):
+            return
+        if self.spec.studies:
+            self.progress = {"phase": "studies", "next": 0}
+        else:
+            lo, hi = date_bounds(self.spec.query.get("StudyDate"), self.today)
+            self.progress = {"phase": "dates", "todo": [[_ymd(lo), _ymd(hi), None, None]],
+                             "dated": bool(self.spec.query.get("StudyDate"))}
+        self.progress.update(queries=0, notes=[])
+        self.jobs.save_inventory_progress(self.name, self.progress)
+
+    def _stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def run(self) -> int:
+        """Until the inventory is complete or ``stop`` is set; how many studies were added."""
+        self._start()
+        t0 = time.monotonic()
+        while not self._stopped():
+            phase = self.progress["phase"]
+            if phase == "done":
+                break
+            step = {"studies": self._studies_step, "dates": self._dates_step,
+                    "empty": self._empty_step, "fallback": self._fallback_step}[phase]
+            step()
+        log.info("migration %s: inventory of %s %s: %d new studies, %d queries, %.1f s", self.name,
+                 self.source.ae_title, "done" if self.progress["phase"] == "done" else "stopped",
+                 self.added, self.progress.get("queries", 0), time.monotonic() - t0)
+        return self.added
+
+    def _commit(self, studies: list[StudyRecord]) -> None:
+        """The batch that completes a step, with the progress after it: one transaction."""
+        self.added += self.jobs.add_studies(self.name, studies, progress=self.progress)
+
+    def _note(self, text: str) -> None:
+        notes: list[str] = self.progress.setdefault("notes", [])
+        if text not in notes:
+            notes.append(text)
+            del notes[:-MAX_NOTES]
+        log.warning("migration %s: %s", self.name, text)
+        self.jobs.set_error(self.name, "inventory: " + "; ".join(notes[-3:]))
+
+    # -- one query ----------------------------------------------------------------------------
+    def _query(self, keys: Mapping[str, Any], keep: Callable[[StudyRecord, Dataset], bool] | None = None,
+               level: Level = Level.STUDY) -> tuple[str, list[StudyRecord]]:
+        """One C-FIND: full batches go to the spool as they come; returns how it ended (``ok``,
+        ``capped``, ``timeout``, ``busy``) and the last, partial batch (the caller commits it
+        with the progress). A capped answer is cancelled (closing the iterator)."""
+        self.progress["queries"] = self.progress.get("queries", 0) + 1
+        cap = self.source.max_results
+        n = 0
+        self.kept = 0
+        buf: list[StudyRecord] = []
+        answer = self.client.find(level, dict(keys), timeout=self.source.query_timeout)
+        try:
+            for ds in answer:
+                n += 1
+                rec = study_record(ds)
+                if rec is not None and (keep is None or keep(rec, ds)):
+                    self.kept += 1
+                    buf.append(rec)
+                    if len(buf) >= self.batch:
+                        self.added += self.jobs.add_studies(self.name, buf)
+                        buf = []
+                if n >= cap:
+                    return "capped", buf
+        except QueryFailed as exc:
+            if exc.status is not None and (exc.status & 0xFF00) == OUT_OF_RESOURCES:
+                log.info("migration %s: %s out of resources after %d matches: splitting", self.name,
+                         self.source.ae_title, n, extra=fields(status=exc.status))
+                return "busy", buf
+            if exc.status is None and exc.__cause__ is None and "timeout" in str(exc):
+                log.info("migration %s: query to %s timed out after %d matches: splitting", self.name,
+                         self.source.ae_title, n)
+                return "timeout", buf
+            raise
+        finally:
+            close = getattr(answer, "close", None)
+            if close is not None:
+                close()
+        return "ok", buf
+
+    # -- phases ---------------------------------------------------------------------------------
+    def _dates_step(self) -> None:
+        todo: list[list[Any]] = self.progress["todo"]
+        if not todo:
+            self.progress["phase"] = "done" if self.progress.get("dated") else "empty"
+            self._commit([])
+            return
+        lo, hi, tlo, thi = todo[-1]
+        keys = dict(self.keys)
+        keys["StudyDate"] = lo if lo == hi else f"{lo}-{hi}"
+        keep = None
+        if tlo == -1:
+            keys["StudyTime"] = '""'
+            keep = _no_time
+        elif tlo is not None:
+            keys["StudyTime"] = f"{_hms(tlo)}-{_hms(thi)}"
+        outcome, rest = self._query(keys, keep)
+        todo.pop()
+        if outcome != "ok":
+            todo.extend(self._split(lo, hi, tlo, thi, outcome))
+        self._commit(rest)
+
+    def _split(self, lo: str, hi: str, tlo: int | None, thi: int | None, why: str) -> list[list[Any]]:
+        """The halves of a range whose answer was too large, the one to ask first LAST (a stack)."""
+        if lo != hi:
+            a, b = _date(lo), _date(hi)
+            mid = a + dt.timedelta(days=(b - a).days // 2)
+            return [[_ymd(mid + dt.timedelta(days=1)), hi, None, None], [lo, _ymd(mid), None, None]]
+        if tlo is None:
+            self._note(f"{self.source.ae_title} has more than {self.source.max_results} studies on "
+                       f"{lo} ({why}): split by StudyTime")
+            return [[lo, lo, -1, -1], [lo, lo, 43200, 86399], [lo, lo, 0, 43199]]
+        if tlo == -1 or thi is None or thi <= tlo:
+            self._note(f"{self.source.ae_title}: the studies of {lo} "
+                       + ("without StudyTime" if tlo == -1 else f"at {_hms(tlo)}")
+                       + f" still exceed one answer ({why}); some may be missing from the inventory")
+            return []
+        half = (tlo + thi) // 2
+        return [[lo, lo, half + 1, thi], [lo, lo, tlo, half]]
+
+    def _empty_step(self) -> None:
+        """Studies with an empty StudyDate, by empty-value matching; the fallback when the
+        source's answer shows it does not honour it (dated matches, capped, refused)."""
+        keys = dict(self.keys)
+        keys["StudyDate"] = '""'
+        honoured = True
+
+        def keep(rec: StudyRecord, ds: Dataset) -> bool:
+            nonlocal honoured
+            if rec.study_date:
+                honoured = False
+            return not rec.study_date
+        try:
+            outcome, rest = self._query(keys, keep)
+        except QueryFailed as exc:
+            log.info("migration %s: %s refused empty-value matching on StudyDate (%s): "
+                     "falling back to PatientID prefixes", self.name, self.source.ae_title, exc,
+                     extra=fields(status=exc.status))
+            outcome, rest, honoured = "refused", [], False
+        if outcome == "ok" and honoured:
+            self.progress["phase"] = "done"
+        else:
+            log.info("migration %s: %s: empty-value matching on StudyDate not usable (%s): undated "
+                     "queries by PatientID prefix", self.name, self.source.ae_title,
+                     outcome if outcome != "ok" else "dated matches")
+            self.progress["phase"] = "fallback"
+            self.progress["fb"] = list(reversed(PATIENT_ID_CHARS))
+        self._commit(rest)
+
+    def _fallback_step(self) -> None:
+        fb: list[str] = self.progress["fb"]
+        if not fb:
+            self.progress["phase"] = "done"
+            self._commit([])
+            return
+        prefix = fb[-1]
+        keys = dict(self.keys)
+        keys["PatientID"] = prefix + "*"
+        outcome, rest = self._query(keys, _no_date)
+        fb.pop()
+        if outcome != "ok":
+            if len(prefix) >= MAX_PREFIX:
+                self._note(f"{self.source.ae_title}: undated studies of PatientID {prefix}* still "
+                           f"exceed one answer ({outcome}); some may be missing from the inventory")
+            else:
+                fb.extend(prefix + c for c in reversed(PATIENT_ID_CHARS))
+        self._commit(rest)
+
+    def _studies_step(self) -> None:
+        """``--studies``: each entry (a Study Instance UID, else an Accession Number) by its own
+        STUDY-level C-FIND; one found nowhere becomes a failed row "not found at source"."""
+        entries = self.spec.studies
+        i = self.progress["next"]
+        if i >= len(entries):
+            self.progress["phase"] = "done"
+            self._commit([])
+            return
+        out: list[StudyRecord] = []
+        for entry in entries[i:i + self.batch]:
+            if self._stopped():
+                break
+            entry = entry.strip()
+            i += 1
+            if not entry:
+                continue
+            found = self._lookup(entry)
+            if found is None:
+                log.warning("migration %s: study %s not found at %s", self.name, entry, self.source.ae_title,
+                            extra=fields(study_uid=entry if looks_like_uid(entry) else None))
+                if looks_like_uid(entry):
+                    out.append(StudyRecord(seq=-1, study_instance_uid=entry, state=StudyState.FAILED,
+                                           reason=NOT_FOUND))
+                else:
+                    out.append(StudyRecord(seq=-1, study_instance_uid="", accession_number=entry,
+                                           state=StudyState.FAILED, reason=NOT_FOUND))
+            else:
+                out.extend(found)
+        self.progress["next"] = i
+        self._commit(out)
+
+    def _lookup(self, entry: str) -> list[StudyRecord] | None:
+        """The entry's studies not yet written (a large answer is written as it comes);
+        None when the source has none."""
+        wanted = ("StudyInstanceUID", "AccessionNumber") if looks_like_uid(entry) else ("AccessionNumber",)
+        for key in wanted:
+            keys = {k: "" for k in STUDY_RETURN_KEYS}
+            keys[key] = entry
+            def same(rec: StudyRecord, ds: Dataset, key: str = key) -> bool:
+                return _matches(rec, key, entry)
+            outcome, found = self._query(keys, same)
+            if outcome != "ok":
+                self._note(f"{self.source.ae_title}: looking up {entry} ended {outcome}")
+            if self.kept:
+                return found
+        return None
+
+
+def _no_date(rec: StudyRecord, ds: Dataset) -> bool:
+    return not rec.study_date
+
+
+def _no_time(rec: StudyRecord, ds: Dataset) -> bool:
+    return not _text(ds, "StudyTime")
+
+
+def _matches(rec: StudyRecord, key: str, entry: str) -> bool:
+    """A lookup's match really is the entry (a source may treat the value loosely)."""
+    return (rec.study_instance_uid if key == "StudyInstanceUID" else rec.accession_number) == entry
+
+
+def run_inventory(client: FindClient, jobs: Jobs, name: str, spec: JobSpec, source: SourceConfig, *,
+                  stop: threading.Event | None = None, batch: int = BATCH,
+                  today: dt.date | None = None) -> int:
+    """Inventory ``name``'s studies at ``source`` into the spool, resuming where a previous run
+    stopped; returns how many studies it added. The caller marks the job's inventory done
+    (:meth:`Jobs.inventory_done`) when this returns without ``stop`` set; QueryFailed (source
+    down, a failure status) propagates, with the progress kept."""
+    return Inventory(client, jobs, name, spec, source, stop=stop, batch=batch, today=today).run()
+
+
+def inventory_complete(jobs: Jobs, name: str) -> bool:
+    """Whether the saved progress says the inventory finished."""
+    return jobs.inventory_progress(name).get("phase") == "done"
+
+
+def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> Listing:
+    """Every instance of a study at the source: SERIES-level C-FIND, then IMAGE level per series.
+
+    A source without IMAGE level (``source.image_level`` false) gives a counts-only listing:
+    the sum of NumberOfSeriesRelatedInstances (or the study's NumberOfStudyRelatedInstances when
+    the series do not say)."""
+    series: list[tuple[str, str, int | None]] = []
+    for ds in client.find(Level.SERIES, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "",
+                                         "Modality": "", "NumberOfSeriesRelatedInstances": ""},
+                          timeout=source.query_timeout):
+        uid = _text(ds, "SeriesInstanceUID")
+        if uid:
+            series.append((uid, _text(ds, "Modality"), _int(ds, "NumberOfSeriesRelatedInstances")))
+    if not source.image_level:
+        counts = [n for _, _, n in series]
+        if series and all(n is not None for n in counts):
+            return Listing(source_instances=sum(n or 0 for n in counts), counts_only=True)
+        total = 0
+        for ds in client.find(Level.STUDY, {"StudyInstanceUID": study_uid, "NumberOfStudyRelatedInstances": ""},
+                              timeout=source.query_timeout):
+            if _text(ds, "StudyInstanceUID") == study_uid:
+                total = _int(ds, "NumberOfStudyRelatedInstances") or 0
+        return Listing(source_instances=total, counts_only=True)
+    out: dict[str, InstanceRecord] = {}
+    for series_uid, _modality, expected in series:
+        got = 0
+        for ds in client.find(Level.IMAGE, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+                                            "SOPInstanceUID": "", "SOPClassUID": ""},
+                              timeout=source.query_timeout):
+            sop = _text(ds, "SOPInstanceUID")
+            if sop and sop not in out:
+                got += 1
+                out[sop] = InstanceRecord(sop, series_instance_uid=series_uid,
+                                          sop_class_uid=_text(ds, "SOPClassUID"))
+        if expected is not None and got < expected:
+            log.warning("study %s series %s: %s lists %d of the %d instances it counts", study_uid,
+                        series_uid, source.ae_title, got, expected, extra=fields(study_uid=study_uid))
+    return Listing(out.values())
+
+
+__all__ = ["run_inventory", "Inventory", "list_study", "Listing", "study_record", "date_bounds",
+           "looks_like_uid", "inventory_complete", "NOT_FOUND", "FindClient"]
