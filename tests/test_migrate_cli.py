@@ -414,3 +414,41 @@ def test_the_installed_command_runs_it(cfgfile: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "fastroute", "migrate", "status", "nope", "-c", str(cfgfile)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr.startswith("error: unknown migration job 'nope'")
+
+
+def test_against_a_running_router_cli_and_api_see_the_same_job(tmp_path: Path) -> None:
+    """`fastroute serve` running: a job started by the CLI is in its spool, the HTTP process lists
+    it, pauses it for an API caller, and the CLI sees that (both audited with who did it)."""
+    import urllib.request
+
+    from peers import free_port, wait_until
+    from router import Router, destination
+
+    http_port = free_port()
+    config = {"destinations": {"newpacs": destination(free_port(), "NEWPACS", query=True)},
+              "sources": {"oldpacs": {"ae_title": "OLDPACS", "host": "127.0.0.1", "port": free_port()}},
+              "http": {"host": "127.0.0.1", "port": http_port, "token": "s3cret"}}
+    with Router(tmp_path / "r", config) as router:
+        res = router.cli("migrate", "start", "--from", "oldpacs", "--to", "newpacs", "--name", "live")
+        assert res.stdout == "live\n"
+
+        def api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": "Bearer s3cret", "X-Fastroute-Operator": "ops1",
+                                                  "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+
+        def listed() -> bool:
+            try:
+                return [j["name"] for j in api("GET", "/api/migrations")["migrations"]] == ["live"]
+            except OSError:
+                return False     # the HTTP process still starting
+        wait_until(listed, 30, message=lambda: f"the API never listed the job:\n{router.log_tail()}")
+        assert api("POST", "/api/migrations/live/pause", {"why": "clinical peak"})["state"] == "paused"
+        doc = json.loads(router.cli("migrate", "status", "live", "--json").stdout)
+        assert doc["state"] == "paused" and STATUS_KEYS <= set(doc)
+        audit = [json.loads(line) for line in router.cli("audit").stdout.splitlines()]
+        mine = [(e["action"], e["who"].split(" ")[0]) for e in audit if e["action"].startswith("migration_")]
+        assert mine == [("migration_start", whoami()), ("migration_pause", "ops1")], mine

@@ -535,10 +535,13 @@ async def get_migration_report(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/json; charset=utf-8",
         "Content-Disposition": f'attachment; filename="{name}-report.{fmt}"'})
-    await resp.prepare(request)
-    while (chunk := await plane.io(next, chunks, None)) is not None:
-        await resp.write(chunk.encode("utf-8"))
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        while (chunk := await plane.io(next, chunks, None)) is not None:
+            await resp.write(chunk.encode("utf-8"))
+        await resp.write_eof()
+    finally:   # a client gone mid-report: end its read transaction now, on the pool, not at GC
+        await plane.io(chunks.close)
     return resp
 
 
@@ -564,8 +567,8 @@ async def post_migration_start(request: web.Request) -> web.Response:
     if not isinstance(verify, bool):
         raise ops.BadRequest("'verify' must be true or false")
     for key in ("source", "name", "rate", "why"):
-        if body.get(key) is not None and not isinstance(body.get(key), (str, int, float)) \
-                or isinstance(body.get(key), bool):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
             raise ops.BadRequest(f"'{key}' must be a string")
     if not body.get("source"):
         raise ops.BadRequest("'source' is required: a key of the configuration's 'sources:'")

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Generator, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from fastroute.config import Config
 from fastroute.ops.actions import BadRequest, Conflict, NotFound
@@ -224,13 +224,13 @@ def _row(rec: StudyRecord) -> dict[str, Any]:
     return {k: row.get(k) for k in REPORT_COLUMNS}
 
 
-def report_chunks(spool: Spool, name: str, fmt: str = "csv") -> Iterator[str]:
+def report_chunks(spool: Spool, name: str, fmt: str = "csv") -> Generator[str, None, None]:
     """The report as text chunks of REPORT_BATCH rows: CSV with its header, or a JSON list."""
     if fmt not in ("csv", "json"):
         raise BadRequest(f"unknown report format {fmt!r} (csv or json)")
     rows = report_rows(spool, name)   # NotFound now, before the first chunk is sent
 
-    def chunks() -> Iterator[str]:
+    def chunks() -> Generator[str, None, None]:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         if fmt == "csv":
@@ -310,7 +310,7 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
     return job_view(jobs, created, now)
 
 
-def _act(spool: Spool, name: str, verb: str, who: str | None, why: str) -> tuple[Jobs, Any]:
+def _act(spool: Spool, name: str, verb: str) -> tuple[Jobs, Any]:
     jobs = jobs_of(spool)
     _known(jobs, name)
     try:
@@ -333,7 +333,7 @@ def cancel(spool: Spool, name: str, *, who: str | None = None, why: str = "") ->
 
 
 def _change(spool: Spool, name: str, verb: str, who: str | None, why: str) -> dict[str, Any]:
-    jobs, st = _act(spool, name, verb, who, why)
+    jobs, st = _act(spool, name, verb)
     spool.audit_record(f"migration_{verb}", who=who, why=why, job=name, state=str(st.state))
     log.info("migration %s %s by %s%s: now %s", name, {"pause": "paused", "resume": "resumed",
              "cancel": "cancelled"}[verb], who or whoami(), f" ({why})" if why else "", st.state,
@@ -343,7 +343,7 @@ def _change(spool: Spool, name: str, verb: str, who: str | None, why: str) -> di
 
 def retry(spool: Spool, name: str, *, who: str | None = None, why: str = "") -> dict[str, Any]:
     """Failed and incomplete studies again; how many, and the job's status."""
-    jobs, count = _act(spool, name, "retry", who, why)
+    jobs, count = _act(spool, name, "retry")
     spool.audit_record("migration_retry", who=who, why=why, job=name, count=int(count))
     log.info("migration %s: %d failed or incomplete stud%s queued again by %s%s", name, count,
              "y" if count == 1 else "ies", who or whoami(), f" ({why})" if why else "")
