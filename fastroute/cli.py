@@ -306,6 +306,10 @@ def _print_job(doc: dict[str, Any]) -> None:
     print(f"  instances: {doc['instances_expected']} expected, {doc['instances_received']} received, "
           f"{doc['instances_delivered']} delivered")
     print(f"  rate: {doc['rate']:.1f} instances/s over the last minute, ETA {eta}")
+    limits = [f"at most {doc['rate_limit']}" if doc.get("rate_limit") else "no rate limit",
+              f"windows {', '.join(doc['windows'])}" if doc.get("windows") else "any time",
+              "verified at the destination" if doc.get("verify", True) else "not verified (--no-verify)"]
+    print(f"  asked: {'; '.join(limits)}")
     if doc.get("error"):
         print(f"  error: {doc['error']}")
 

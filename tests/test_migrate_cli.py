@@ -153,6 +153,7 @@ def test_status_text_and_counts_follow_the_runner(cfgfile: Path, capsys: pytest.
     code, out, _ = cli(capsys, "migrate", "status", "j", "-c", c)
     assert code == 0 and out.startswith("j: running (oldpacs -> newpacs)")
     assert "3 total, 1 verified, 1 failed" in out and "2 received, 2 delivered" in out
+    assert "asked: no rate limit; any time; verified at the destination" in out
 
 
 def test_windows_unquoted_and_several_after_one_option(cfgfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -383,14 +384,20 @@ def test_studies_file_lines_and_csv(cfgfile: Path, tmp_path: Path, capsys: pytes
     assert code == 0, err
     table = tmp_path / "export.csv"
     table.write_text("PatientID,AccessionNumber,StudyDate\nP1,ACC1,2019\nP2,\"ACC,2\",2019\n")
+    both = tmp_path / "both.csv"          # a UID column wins over an accession column, whatever the order
+    both.write_text(f"Accession Number,Study Instance UID\nACC1,{STUDY}.5\n")
     code, out, err = cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs",
                          "--studies", str(table), "--name", "fromcsv")
+    assert code == 0, err
+    code, out, err = cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs",
+                         "--studies", str(both), "--name", "both")
     assert code == 0, err
     spool = spool_of(cfgfile)
     try:
         jobs = jobs_of(spool)
         assert jobs.spec("listed").studies == (f"{STUDY}.1", f"{STUDY}.2", "ACC42")
         assert jobs.spec("fromcsv").studies == ("ACC1", "ACC,2")
+        assert jobs.spec("both").studies == (f"{STUDY}.5",)
     finally:
         spool.close()
     assert status_json(capsys, cfgfile, "listed")["studies_listed"] == 3

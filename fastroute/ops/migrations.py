@@ -40,8 +40,9 @@ STUDY_QUERY_KEYS = frozenset({
     "PatientWeight", "Occupation", "AdditionalPatientHistory", "InstitutionalDepartmentName",
     "IssuerOfAccessionNumberSequence", "BodyPartExamined",
 })
-STUDIES_HEADERS = {"studyinstanceuid": "uid", "study_instance_uid": "uid", "study": "uid", "uid": "uid",
-                   "accessionnumber": "accession", "accession_number": "accession", "accession": "accession"}
+# A studies CSV's column, by its header (lower case, spaces and '_' removed): UIDs preferred.
+STUDIES_HEADERS = {"studyinstanceuid": 0, "studyuid": 0, "study": 0, "uid": 0,
+                   "accessionnumber": 1, "accession": 1, "accessionno": 1}
 FINAL_JOB_STATES = frozenset({JobState.DONE, JobState.DONE_WITH_ERRORS, JobState.CANCELLED})
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 FAILURE_SCAN_LIMIT = 50_000      # studies read per call to find a job's failures (dashboard)
@@ -137,8 +138,9 @@ def read_studies(path: str | Path) -> tuple[str, ...]:
                 if line.strip() and not line.lstrip().startswith("#"):
                     first = line
                     break
-            head = [c.strip().lower() for c in next(csv.reader([first]))] if first else []
-            column = next((i for i, c in enumerate(head) if c in STUDIES_HEADERS), None)
+            head = [re.sub(r"[\s_]", "", c.lower()) for c in next(csv.reader([first]))] if first else []
+            named = sorted((STUDIES_HEADERS[c], i) for i, c in enumerate(head) if c in STUDIES_HEADERS)
+            column = named[0][1] if named else None
             if column is not None:
                 for row in csv.reader(f):
                     if len(row) > column and row[column].strip():
