@@ -258,13 +258,14 @@ def set_width(browser: Any, width: int) -> None:
 @pytest.mark.parametrize("width", [390, 768])
 def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int) -> None:
     """Phone and tablet widths: nothing wider than the viewport; at 390 px the destinations reflow
-    into labelled blocks with their actions on screen."""
+    into labelled blocks with their actions on screen; a migration job with a failed study too."""
     from selenium.webdriver.common.by import By
 
     cfg, path = make_config(tmp_path)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
     try:
         fill(spool, time.time() - AGE)
+        add_migration(spool)
         with LiveServer(cfg, spool, str(path)) as server:
             set_width(browser, width)
             browser.get(server.url + "/")
@@ -274,6 +275,8 @@ def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int)
             wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results .study"), "the study")
             browser.find_element(By.CSS_SELECTOR, "details.series summary").click()
             wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".object")) == 3, "its instances")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#migration-failures td.reason"),
+                 "the migration's failed study")
             viewport, scroll_width, bad = browser.execute_script(OVERFLOW_JS)   # viewport less its scrollbar
             assert width - 20 <= viewport <= width and scroll_width <= viewport, (viewport, scroll_width)
             assert not bad, bad
@@ -284,6 +287,11 @@ def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int)
                 assert not browser.find_element(By.CSS_SELECTOR, "#destinations thead").is_displayed()
                 pending = browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.pending')
                 assert pending.get_attribute("data-label") == "pending" and pending.text == "2"
+                studies = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] td.studies')
+                assert studies.get_attribute("data-label") == "studies" and studies.text == "2 / 4"
+            job_pause = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.pause')
+            rect = job_pause.rect
+            assert job_pause.is_displayed() and rect["x"] >= 0 and rect["x"] + rect["width"] <= width
     finally:
         spool.close()
 
@@ -415,8 +423,6 @@ def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser:
     with their reasons, and pause/resume that act on the job (audited) and answer in words."""
     from selenium.webdriver.common.by import By
 
-    from fastroute.spool.jobs import InstanceRecord, JobSpec, StudyRecord, StudyState
-
     cfg, path = make_config(tmp_path, sources=True)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
     try:
@@ -428,18 +434,7 @@ def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser:
             card = browser.find_element(By.ID, "migrations-card")
             assert not card.is_displayed()                       # no job: no empty card
 
-            jobs = spool.jobs
-            jobs.create(JobSpec(name="y2019", source="oldpacs", destinations=("pacs",)))
-            jobs.add_studies("y2019", [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}", patient_id=f"P{i}")
-                                       for i in range(4)])
-            jobs.inventory_done("y2019")
-            jobs.set_instances("y2019", f"{STUDY_A}.0", [InstanceRecord(f"{STUDY_A}.0.1")])
-            jobs.mark_received("y2019", f"{STUDY_A}.0", {f"{STUDY_A}.0.1": 1})
-            jobs.mark_delivered("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
-            jobs.mark_found("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
-            jobs.update_study("y2019", f"{STUDY_A}.0", state=StudyState.VERIFIED)
-            jobs.update_study("y2019", f"{STUDY_A}.1", state=StudyState.FAILED,
-                              reason="0xA801: register FASTROUTE as a move destination at OLDPACS")
+            jobs = add_migration(spool)
 
             def cell(col: str) -> str:
                 found = browser.find_elements(By.CSS_SELECTOR, f'#migrations tr[data-job="y2019"] td.{col}')
@@ -469,3 +464,22 @@ def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser:
             assert acts == [("migration_pause", "dashboard"), ("migration_resume", "dashboard")], acts
     finally:
         spool.close()
+
+
+def add_migration(spool: Spool) -> Any:
+    """Job y2019 as the runner leaves it: 4 studies, one verified, one failed with its reason."""
+    from fastroute.spool.jobs import InstanceRecord, JobSpec, StudyRecord, StudyState
+
+    jobs = spool.jobs
+    jobs.create(JobSpec(name="y2019", source="oldpacs", destinations=("pacs",)))
+    jobs.add_studies("y2019", [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}", patient_id=f"P{i}")
+                               for i in range(4)])
+    jobs.inventory_done("y2019")
+    jobs.set_instances("y2019", f"{STUDY_A}.0", [InstanceRecord(f"{STUDY_A}.0.1")])
+    jobs.mark_received("y2019", f"{STUDY_A}.0", {f"{STUDY_A}.0.1": 1})
+    jobs.mark_delivered("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
+    jobs.mark_found("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
+    jobs.update_study("y2019", f"{STUDY_A}.0", state=StudyState.VERIFIED)
+    jobs.update_study("y2019", f"{STUDY_A}.1", state=StudyState.FAILED,
+                      reason="0xA801: register FASTROUTE as a move destination at OLDPACS")
+    return jobs
