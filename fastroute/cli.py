@@ -438,7 +438,8 @@ def _add_migration_commands(sub: Any, cmd: Any) -> None:
     mp = sub.add_parser("migrate", help="PACS migration jobs: start, list, status, pause, resume, cancel, "
                         "retry, report", description="PACS migration jobs (see README 'Migrating a PACS')")
     mp.add_argument("-c", "--config", dest="group_config", metavar="CONFIG", help="YAML configuration file")
-    msub = mp.add_subparsers(dest="migrate_command", required=True)
+    msub = mp.add_subparsers(dest="migrate_command", required=True, metavar="COMMAND",
+                             title="commands")
 
     def sub_cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
         sp = msub.add_parser(name, help=help, description=help)
@@ -450,8 +451,8 @@ def _add_migration_commands(sub: Any, cmd: Any) -> None:
     sp.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="a key of 'sources:'")
     sp.add_argument("--to", action="append", required=True, metavar="DEST", help="destination (repeatable)")
     sp.add_argument("--name", help="job name (default: <source>-<yyyymmdd-hhmmss>)")
-    sp.add_argument("--query", action="append", metavar="KEY=VALUE",
-                    help="STUDY-level C-FIND key, e.g. StudyDate=20190101-20191231 (repeatable)")
+    sp.add_argument("--query", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="STUDY-level C-FIND keys, e.g. StudyDate=20190101-20191231 ModalitiesInStudy=CT")
     sp.add_argument("--studies", metavar="FILE", help="Study Instance UIDs or Accession Numbers, one a line "
                     "(or CSV with a header)")
     sp.add_argument("--rate", metavar="N/h|N/s", help="studies per hour or instances per second")

@@ -96,8 +96,8 @@ def test_start_prints_the_name_and_status_json_has_the_issue_keys(cfgfile: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     c = str(cfgfile)
     code, out, err = cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs",
-                         "--name", "y2019", "--query", "StudyDate=20190101-20191231", "--query",
-                         "ModalitiesInStudy=CT", "--rate", "600/h", "--window", "19:00-07:00",
+                         "--name", "y2019", "--query", "StudyDate=20190101-20191231", "ModalitiesInStudy=CT",
+                         "--query", "PatientID=", "--rate", "600/h", "--window", "19:00-07:00",
                          "--window", "sat,sun 00:00-24:00")
     assert code == 0, err
     assert out == "y2019\n" and "migrate status y2019" in err
@@ -105,7 +105,7 @@ def test_start_prints_the_name_and_status_json_has_the_issue_keys(cfgfile: Path,
     assert STATUS_KEYS <= set(doc), STATUS_KEYS - set(doc)
     assert doc["state"] == "inventory" and doc["studies_total"] == 0 and doc["eta_s"] is None
     assert doc["source"] == "oldpacs" and doc["destinations"] == ["newpacs"]
-    assert doc["query"] == {"StudyDate": "20190101-20191231", "ModalitiesInStudy": "CT"}
+    assert doc["query"] == {"StudyDate": "20190101-20191231", "ModalitiesInStudy": "CT", "PatientID": ""}
     assert doc["rate_limit"] == "600/h" and doc["windows"] == ["19:00-07:00", "sat,sun 00:00-24:00"]
     assert doc["verify"] is True
 
@@ -373,6 +373,9 @@ def test_unknown_job_and_missing_spool(cfgfile: Path, tmp_path: Path, capsys: py
     assert not (tmp_path / "nospool").exists()        # never creates an empty spool
     with pytest.raises(SystemExit):
         main(["-c", c, "migrate", "-c", str(other), "list"])          # two different -c: refused
+    with pytest.raises(SystemExit):
+        main(["migrate", "-c", c])
+    assert "required: COMMAND" in capsys.readouterr().err
 
 
 def test_studies_file_lines_and_csv(cfgfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
