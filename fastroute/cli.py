@@ -271,6 +271,60 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# The keys each level's answer shows (asked as return keys), besides those given.
+QUERY_RETURN_KEYS = {
+    "study": ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate",
+              "ModalitiesInStudy", "NumberOfStudyRelatedInstances"),
+    "series": ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+               "SeriesDescription", "NumberOfSeriesRelatedInstances"),
+    "image": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+              "InstanceNumber"),
+}
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """C-FIND a configured source (a findscu that knows the configuration)."""
+    from fastroute.dicom.qr import Level, QueryFailed, QueryRetrieveClient, keyword_tag
+
+    cfg = _config(args)
+    src = cfg.source_named(args.source)
+    keys: dict[str, str] = dict.fromkeys(QUERY_RETURN_KEYS[args.level], "")
+    for item in args.keys:
+        keyword, sep, value = item.partition("=")
+        if not sep or keyword_tag(keyword) is None:
+            raise CliError(f"{item!r} is not KEYWORD=VALUE with a DICOM keyword",
+                           hint="e.g. StudyDate=20190101-20191231 PatientID=123 ModalitiesInStudy=CT")
+        keys[keyword] = value
+    rows: list[dict[str, str]] = []
+    client = QueryRetrieveClient(src, cfg.ae_title)
+    try:
+        for ds in client.find(Level(args.level.upper()), keys):
+            rows.append({k: _dicom_text(ds.get(k)) for k in keys})
+    except QueryFailed as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return 0
+    widths = {k: max([len(k), *(len(r[k]) for r in rows)]) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys).rstrip())
+    for row in rows:
+        print("  ".join(row[k].ljust(widths[k]) for k in keys).rstrip())
+    print(f"{len(rows)} match(es) at {args.level.upper()} level from {src.ae_title}@{src.host}:{src.port}",
+          file=sys.stderr)
+    return 0
+
+
+def _dicom_text(value: Any) -> str:
+    """An answer's element as one line of text (several values joined by backslash)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from fastroute.ops import actions as ops
 
@@ -560,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reason", default="", help="recorded in the audit trail")
     sp = cmd("echo", cmd_echo, "C-ECHO a configured destination (on success its backoff ends)")
     sp.add_argument("destination")
+    sp = cmd("query", cmd_query, "C-FIND a configured source: matches as a table or JSON")
+    sp.add_argument("source", help="source name (under sources:)")
+    sp.add_argument("keys", nargs="*", metavar="KEY=VALUE",
+                    help="matching keys by DICOM keyword (StudyDate=20190101-20191231, PatientID=...)")
+    sp.add_argument("--level", choices=("study", "series", "image"), default="study",
+                    help="query level (default study); its usual return keys are added")
+    sp.add_argument("--json", action="store_true", help="a JSON list of objects")
     sp = cmd("audit", cmd_audit, "export the audit trail (JSON lines or CSV) or verify its hash chain")
     sp.add_argument("--verify", action="store_true", help="check the hash chain")
     sp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
@@ -582,6 +643,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # argparse takes a positional list in one run: `route-test a.dcm -c F b.dcm` leaves b.dcm over
     if extra and getattr(args, "command", "") == "route-test" and not any(e.startswith("-") for e in extra):
         args.objects += extra
+    elif extra and getattr(args, "command", "") == "query" and not any(e.startswith("-") for e in extra):
+        args.keys += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     for early in (getattr(args, "global_config", None), getattr(args, "group_config", None)):

@@ -8,7 +8,7 @@ A-ASSOCIATE-RJ reasons and presentation-context results.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydicom.uid import UID
@@ -147,24 +147,47 @@ def _split_malformed(contexts: list[PresentationContext]) -> tuple[
     return good, bad
 
 
-def request(calling_ae: str, called_ae: str, pairs: list[tuple[str, str]],
-            max_pdu: int) -> tuple[A_ASSOCIATE, list[PresentationContext]]:
-    """As requestor: the A-ASSOCIATE-RQ primitive, one context per (SOP class, syntax) pair,
-    odd IDs from 1, and the proposed contexts (for :func:`accepted_contexts`)."""
+def request(calling_ae: str, called_ae: str, pairs: Sequence[tuple[str, str | Sequence[str]]],
+            max_pdu: int, *, scp_roles: Iterable[str] = ()) -> tuple[A_ASSOCIATE, list[PresentationContext]]:
+    """As requestor: the A-ASSOCIATE-RQ primitive, one context per (SOP class, syntax or
+    syntaxes) pair, odd IDs from 1, and the proposed contexts (for :func:`accepted_contexts`).
+
+    A pair may offer several transfer syntaxes (the peer picks one): C-GET's storage contexts
+    offer every syntax the source may hold. ``scp_roles`` are the SOP classes for which we ask
+    the SCP role besides the default SCU role (an SCP/SCU Role Selection item each, PS3.7
+    D.3.3.4): the storage classes whose C-STOREs a C-GET brings back on this association.
+    """
     contexts = []
-    for i, (sop_class, ts) in enumerate(pairs):
+    for i, (sop_class, syntaxes) in enumerate(pairs):
         cx = PresentationContext()
         cx.context_id = 2 * i + 1
         cx.abstract_syntax = UID(sop_class)
-        cx.transfer_syntax = [UID(ts)]
+        cx.transfer_syntax = [UID(syntaxes)] if isinstance(syntaxes, str) else [
+            UID(ts) for ts in syntaxes]
         contexts.append(cx)
     rq = A_ASSOCIATE()
     rq.application_context_name = UID(APPLICATION_CONTEXT_NAME)
     rq.calling_ae_title = calling_ae
     rq.called_ae_title = called_ae
     rq.presentation_context_definition_list = contexts
-    rq.user_information = _identity(max_pdu)
+    info: list[Any] = _identity(max_pdu)
+    for sop_class in dict.fromkeys(scp_roles):
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = UID(sop_class)
+        role.scu_role = False          # we only receive this class's C-STOREs (PS3.4 C.4.3.1)
+        role.scp_role = True
+        info.append(role)
+    rq.user_information = info
     return rq, contexts
+
+
+def accepted_roles(ac: A_ASSOCIATE) -> dict[str, tuple[bool, bool]]:
+    """As requestor: the (SCU, SCP) roles the A-ASSOCIATE-AC granted per SOP class. A class
+    the acceptor sent no Role Selection item for keeps the default: we are SCU only (PS3.7
+    D.3.3.4), i.e. the peer refused to act as storage SCU towards us for it."""
+    return {str(item.sop_class_uid): (bool(item.scu_role), bool(item.scp_role))
+            for item in ac.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid}
 
 
 def accepted_contexts(proposed: list[PresentationContext],

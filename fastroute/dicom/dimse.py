@@ -382,3 +382,82 @@ def encode_c_echo_rsp(message_id_responded: int, status: int = 0) -> bytes:
     """C-ECHO-RSP command set (PS3.7 9.3.5.2)."""
     return encode_response({COMMAND_FIELD: CommandField.C_ECHO_RQ, MESSAGE_ID: message_id_responded,
                             AFFECTED_SOP_CLASS_UID: VERIFICATION_SOP_CLASS}, status)
+
+
+# -- Query/Retrieve (PS3.7 9.1.2-9.1.4, 9.3.2-9.3.4): identifiers are small, pydicom encodes them
+
+MOVE_DESTINATION = 0x0600
+NUMBER_OF_REMAINING_SUB_OPERATIONS = 0x1020
+NUMBER_OF_COMPLETED_SUB_OPERATIONS = 0x1021
+NUMBER_OF_FAILED_SUB_OPERATIONS = 0x1022
+NUMBER_OF_WARNING_SUB_OPERATIONS = 0x1023
+PRIORITY_MEDIUM = 0x0000
+
+
+def _qr_rq(field: CommandField, message_id: int, sop_class_uid: str,
+           priority: int, extra: Mapping[int, int | str | bytes] | None = None) -> bytes:
+    elements: dict[int, int | str | bytes] = {
+        AFFECTED_SOP_CLASS_UID: sop_class_uid, COMMAND_FIELD: field, MESSAGE_ID: message_id,
+        PRIORITY: priority, COMMAND_DATA_SET_TYPE: DATASET_PRESENT}
+    elements.update(extra or {})
+    return pdu.encode_command(elements)
+
+
+def encode_c_find_rq(message_id: int, sop_class_uid: str, priority: int = PRIORITY_MEDIUM) -> bytes:
+    """C-FIND-RQ command set (PS3.7 9.3.2.1); the identifier follows as the dataset."""
+    return _qr_rq(CommandField.C_FIND_RQ, message_id, sop_class_uid, priority)
+
+
+def encode_c_move_rq(message_id: int, sop_class_uid: str, move_destination: str,
+                     priority: int = PRIORITY_MEDIUM) -> bytes:
+    """C-MOVE-RQ command set (PS3.7 9.3.4.1): the source sends to ``move_destination`` (an AE
+    title it must know, with host and port, or it answers 0xA801)."""
+    return _qr_rq(CommandField.C_MOVE_RQ, message_id, sop_class_uid, priority,
+                  {MOVE_DESTINATION: move_destination})
+
+
+def encode_c_get_rq(message_id: int, sop_class_uid: str, priority: int = PRIORITY_MEDIUM) -> bytes:
+    """C-GET-RQ command set (PS3.7 9.3.3.1): the C-STOREs come back on this association."""
+    return _qr_rq(CommandField.C_GET_RQ, message_id, sop_class_uid, priority)
+
+
+def encode_c_cancel_rq(message_id_being_responded_to: int) -> bytes:
+    """C-CANCEL-RQ command set (PS3.7 9.3.2.3): no response of its own; the cancelled
+    operation ends with its final response (0xFE00 Cancel, usually)."""
+    return pdu.encode_command({COMMAND_FIELD: CommandField.C_CANCEL_RQ,
+                               MESSAGE_ID_BEING_RESPONDED_TO: message_id_being_responded_to,
+                               COMMAND_DATA_SET_TYPE: NO_DATASET})
+
+
+def _syntax_flags(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(implicit VR, little endian, deflated) of an uncompressed transfer syntax: identifiers
+    travel in the context's syntax, which for Q/R is one of these (ValueError otherwise)."""
+    flags = {"1.2.840.10008.1.2": (True, True, False), "1.2.840.10008.1.2.1": (False, True, False),
+             "1.2.840.10008.1.2.2": (False, False, False),
+             "1.2.840.10008.1.2.1.99": (False, True, True)}
+    try:
+        return flags[transfer_syntax]
+    except KeyError:
+        raise ValueError(f"transfer syntax {transfer_syntax} cannot carry an identifier") from None
+
+
+def encode_identifier(dataset: Any, transfer_syntax: str) -> bytes:
+    """A C-FIND/C-MOVE/C-GET identifier (a pydicom Dataset) in the context's transfer syntax."""
+    from pynetdicom.dsutils import encode
+
+    implicit, little, deflated = _syntax_flags(transfer_syntax)
+    data = encode(dataset, implicit, little, deflated)
+    if data is None:
+        raise ValueError("the identifier could not be encoded")
+    return data
+
+
+def decode_identifier(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Any:
+    """A response identifier (C-FIND match, C-MOVE/C-GET failed-instance list) as a pydicom
+    Dataset; pydicom decodes lazily, so a malformed element raises only when read."""
+    from io import BytesIO
+
+    from pynetdicom.dsutils import decode
+
+    implicit, little, deflated = _syntax_flags(transfer_syntax)
+    return decode(BytesIO(bytes(data)), implicit, little, deflated)

@@ -42,6 +42,8 @@ ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
 MOVE_ORIGINATOR_AE_TITLE = 0x1030
 MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
+# Not a tag: decode_command's key for non-command elements after the declared group length.
+TRAILING_ELEMENTS = 0x10000
 
 # VRs of the command dictionary (PS3.7 Annex E, retired elements included): decode_command
 # needs them because the command set is always Implicit VR Little Endian.
@@ -342,6 +344,14 @@ def decode_command(buf: bytes | bytearray | memoryview) -> dict[int, int | str |
                                 f"{end}-byte command set")
         group, elem, length = _ELEMENT.unpack_from(view, pos)
         pos += 8
+        declared = out.get(COMMAND_GROUP_LENGTH)
+        # the group length element comes first: 12 bytes, then the length it declares
+        if group != 0x0000 and isinstance(declared, int) and pos - 8 == 12 + declared:
+            # Past the end the group length declared: elements some peers wrongly append to
+            # the command set (Orthanc puts a C-GET-RSP's Failed SOP Instance UID List here).
+            # Kept as raw implicit VR LE bytes for whoever wants them, not an abort.
+            out[TRAILING_ELEMENTS] = bytes(view[pos - 8:])
+            break
         if group != 0x0000:
             raise ProtocolError(f"element ({group:04X},{elem:04X}) at offset {pos - 8} is not in "
                                 "the command group (0000)")

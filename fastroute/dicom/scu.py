@@ -22,13 +22,13 @@ import logging
 import select
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pynetdicom.presentation import PresentationContext
 
-from fastroute.config import DestinationConfig
 from fastroute.dicom import acse, pdu
 from fastroute.dicom.acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MAX_CONTEXTS
 from fastroute.dicom.dimse import (CommandField, Handler, Message, Peer, Pending, Reply, command_name,
@@ -39,8 +39,8 @@ from fastroute.logsetup import fields
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, Event, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, UnexpectedPdu, UpperLayer)
 
-__all__ = ["Connection", "Association", "AssociationFailed", "NoContextAccepted", "OutcomeUnknown",
-           "StoreResult", "echo", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME"]
+__all__ = ["Remote", "Connection", "Association", "AssociationFailed", "NoContextAccepted", "OutcomeUnknown",
+           "ResponseOverdue", "StoreResult", "echo", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME"]
 
 log = logging.getLogger("fastroute.send")
 
@@ -50,6 +50,30 @@ IOV_BATCH = 256             # buffers per sendmsg call (Linux IOV_MAX is 1024)
 RELEASE_TIMEOUT = 10.0      # cap on waiting for A-RELEASE-RP: a release must not stall a thread
 MIN_READER_PDU = 1024 * 1024
 IDLE_REQUEST_TIMEOUT = 10.0  # cap on waiting for the rest of a request the peer began while idle
+
+
+class Remote(Protocol):
+    """What an association needs of a peer: a source or a destination config fits
+    (``fastroute.dicom.qr.Remote``, the Q/R contract's name for it, is this).
+
+    Read-only members (properties), so the frozen config dataclasses match the protocol."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def calling_ae(self) -> str | None: ...
+    @property
+    def acse_timeout(self) -> float: ...
+    @property
+    def dimse_timeout(self) -> float: ...
+    @property
+    def network_timeout(self) -> float: ...
+    @property
+    def max_pdu(self) -> int: ...
 
 
 class AssociationFailed(Exception):
@@ -78,6 +102,11 @@ class StoreResult:
     comment: str
 
 
+class ResponseOverdue(Exception):
+    """A caller's own deadline (an operation's total timeout) passed while waiting for a
+    response; unlike a DIMSE timeout the association is kept, so the caller can C-CANCEL."""
+
+
 class _Timeout(Exception):
     """A deadline passed while waiting for the peer."""
 
@@ -99,6 +128,8 @@ class Association:
     by_pair: dict[tuple[str, str], int] = field(default_factory=dict)
     peer_implementation: str = ""
     is_established: bool = True
+    # SOP class -> (SCU role, SCP role) from the AC's role selection items (C-GET's storage)
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
 
 
 def _fields(assoc: Association | None, *, sop_uid: str | None = None, status: int | None = None) -> dict[str, object]:
@@ -109,7 +140,7 @@ def _fields(assoc: Association | None, *, sop_uid: str | None = None, status: in
     return fields(calling_ae=p.calling_ae, called_ae=p.called_ae, peer=p.ip, sop_uid=sop_uid, status=status)
 
 
-def _where(calling_ae: str, dest: DestinationConfig) -> str:
+def _where(calling_ae: str, dest: Remote) -> str:
     return f"{calling_ae} -> {dest.ae_title}@{dest.host}:{dest.port}"
 
 
@@ -188,7 +219,9 @@ def _next_event(assoc: Association, deadline: float) -> Event:
 
 
 class Connection:
-    """One association slot to a destination, reused across batches by one sender thread.
+    """One association slot to a peer, reused across batches by one sender thread.
+
+    ``dest`` is any :class:`fastroute.dicom.qr.Remote` (a destination or a source config).
 
     ``ensure`` raises AssociationFailed (destination level) or NoContextAccepted; ``send_raw``
     raises OutcomeUnknown once any byte of the message may have left, AssociationFailed when
@@ -196,7 +229,7 @@ class Connection:
     the association (see the module's docstring).
     """
 
-    def __init__(self, dest: DestinationConfig, calling_ae: str,
+    def __init__(self, dest: Remote, calling_ae: str,
                  handlers: Mapping[int, Handler] | None = None) -> None:
         self.dest = dest
         self.calling_ae = dest.calling_ae or calling_ae
@@ -228,10 +261,24 @@ class Connection:
         self.last_used = time.monotonic()
         return self.assoc
 
-    def _associate(self, pairs: list[tuple[str, str]]) -> Association:
+    def associate(self, contexts: Sequence[tuple[str, Sequence[str]]],
+                  scp_roles: Sequence[str] = ()) -> Association:
+        """A fresh association proposing ``contexts`` (SOP class, transfer syntaxes offered),
+        asking the SCP role for ``scp_roles`` (C-GET); any current one is released first.
+        The granted roles are in ``Association.roles``."""
+        if self.assoc is not None:
+            self.release()
+        self.assoc = self._associate(list(contexts), scp_roles)
+        self.proposed = {(sop, ts) for sop, tss in contexts for ts in tss}
+        self.last_used = time.monotonic()
+        return self.assoc
+
+    def _associate(self, pairs: Sequence[tuple[str, str | Sequence[str]]],
+                   scp_roles: Sequence[str] = ()) -> Association:
         d = self.dest
         where = _where(self.calling_ae, d)
-        rq, rq_contexts = acse.request(self.calling_ae, d.ae_title, pairs, d.max_pdu)
+        rq, rq_contexts = acse.request(self.calling_ae, d.ae_title, pairs, d.max_pdu,
+                                       scp_roles=scp_roles)
         reader_max = max(d.max_pdu or pdu.PduReader().max_pdu_length, MIN_READER_PDU)
         ul = UpperLayer(Role.REQUESTOR, max_pdu_in=reader_max)
         encoded = ul.associate(rq)
@@ -269,6 +316,7 @@ class Connection:
             self._drop(assoc, abort=True)
             raise AssociationFailed(f"association with {where} failed: {exc}") from exc
         assoc.peer_max_pdu = int(ac.maximum_length_received or 0)
+        assoc.roles = acse.accepted_roles(ac)
         assoc.peer_implementation = str(ac.implementation_class_uid or "")
         for cx in results:
             if cx.result == 0 and cx.transfer_syntax:
@@ -289,6 +337,10 @@ class Connection:
                   where, len(assoc.contexts), len(results), assoc.peer_max_pdu,
                   assoc.peer_implementation, extra=_fields(assoc))
         return assoc
+
+    def usable(self) -> bool:
+        """Whether there is an association the peer has not ended while it was idle."""
+        return self.assoc is not None and not self._closed_while_idle(self.assoc)
 
     def context_for(self, sop_class: str, ts: str) -> int | None:
         assert self.assoc is not None
@@ -336,15 +388,37 @@ class Connection:
         self.msg_id = (self.msg_id % 65535) + 1
         return self.msg_id
 
+    def next_id(self) -> int:
+        """Take the next Message ID (1..65535, wrapping) for a request sent with :meth:`send`."""
+        return self._next_id()
+
+    def peek_id(self) -> int:
+        """The Message ID :meth:`next_id` will give, without taking it."""
+        return (self.msg_id % 65535) + 1
+
     def _request(self, context_id: int, command: bytes, data: bytes | memoryview | list[memoryview] | None,
                  what: str, rsp_field: CommandField) -> Message:
         """Send one request (command + optional dataset) and wait for its response."""
+        assoc = self.send(context_id, command, data, what)
+        try:
+            rsp = self._response(assoc, self.msg_id, rsp_field,
+                                 time.monotonic() + self.dest.dimse_timeout)
+        except OSError as exc:
+            self._drop(assoc, abort=True)
+            raise OutcomeUnknown(f"connection to {assoc.where} failed waiting for the "
+                                 f"{_request_name(rsp_field)} response to {what}: {exc}") from exc
+        self.last_used = time.monotonic()
+        return rsp
+
+    def send(self, context_id: int, command: bytes,
+             data: bytes | memoryview | list[memoryview] | None, what: str) -> Association:
+        """Send one message (a request whose Message ID the caller took with :meth:`next_id`,
+        or a C-CANCEL); AssociationFailed when nothing left, OutcomeUnknown when part did."""
         assoc = self.assoc
         if assoc is None:
             raise AssociationFailed("association is not established")
         if self._closed_while_idle(assoc):
             raise AssociationFailed(f"association closed by the peer while idle ({assoc.where})")
-        msg_id = self.msg_id
         sent = [0]
         try:
             assoc.sock.settimeout(self.dest.network_timeout)
@@ -357,12 +431,23 @@ class Connection:
                     f"association with {assoc.where} lost before sending: {exc}") from exc
             raise OutcomeUnknown(f"connection to {assoc.where} failed while sending "
                                  f"{what}: {exc}") from exc
+        return assoc
+
+    def response(self, msg_id: int, rsp_field: CommandField, *, until: float | None = None) -> Message:
+        """The next response to request ``msg_id`` (a pending one or the final), serving the
+        peer's own requests (C-GET's C-STOREs) meanwhile. Each wait is bounded by the DIMSE
+        timeout (association aborted, OutcomeUnknown); ``until`` (a time.monotonic() deadline,
+        an operation's total) raises ResponseOverdue instead and keeps the association."""
+        assoc = self.assoc
+        if assoc is None:
+            raise AssociationFailed("association is not established")
         try:
-            rsp = self._response(assoc, msg_id, rsp_field, time.monotonic() + self.dest.dimse_timeout)
+            rsp = self._response(assoc, msg_id, rsp_field,
+                                 time.monotonic() + self.dest.dimse_timeout, until)
         except OSError as exc:
             self._drop(assoc, abort=True)
             raise OutcomeUnknown(f"connection to {assoc.where} failed waiting for the "
-                                 f"{_request_name(rsp_field)} response to {what}: {exc}") from exc
+                                 f"{_request_name(rsp_field)} response: {exc}") from exc
         self.last_used = time.monotonic()
         return rsp
 
@@ -461,13 +546,21 @@ class Connection:
         return True
 
     def _response(self, assoc: Association, msg_id: int, rsp_field: CommandField,
-                  deadline: float) -> Message:
+                  deadline: float, until: float | None = None) -> Message:
         """Read until the response to ``msg_id``, serving the peer's own requests meanwhile;
-        anything else ends the association (OutcomeUnknown: the request may have been done)."""
+        anything else ends the association (OutcomeUnknown: the request may have been done).
+        ``until``: the caller's earlier deadline (ResponseOverdue, association kept), unless
+        it passes in the middle of a message, which then gets the rest of ``deadline``."""
         while True:
             try:
-                event = _next_event(assoc, deadline)
+                event = _next_event(assoc, deadline if until is None else min(until, deadline))
             except _Timeout:
+                if until is not None and time.monotonic() < deadline:
+                    if not assoc.ul.in_message() and not assoc.ul.buffered:
+                        raise ResponseOverdue(f"no {_request_name(rsp_field)} response from "
+                                              f"{assoc.where} in time") from None
+                    until = None
+                    continue
                 self._drop(assoc, abort=True)
                 raise OutcomeUnknown(f"no {_request_name(rsp_field)} response from {assoc.where} "
                                      f"within the DIMSE timeout ({self.dest.dimse_timeout:g} s)") from None
@@ -564,7 +657,7 @@ def _request_name(rsp_field: int) -> str:
     return command_name(rsp_field).removesuffix("-RSP")
 
 
-def echo(dest: DestinationConfig, calling_ae: str) -> tuple[bool, str]:
+def echo(dest: Remote, calling_ae: str) -> tuple[bool, str]:
     """C-ECHO a destination on a fresh association; (ok, what happened in words)."""
     conn = Connection(dest, calling_ae)
     head = f"C-ECHO {conn.calling_ae} -> {dest.ae_title}@{dest.host}:{dest.port}"

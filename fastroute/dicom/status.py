@@ -31,6 +31,10 @@ class Status(enum.IntEnum):
     MISTYPED_ARGUMENT = 0x0212
     RESOURCE_LIMITATION = 0x0213
     OUT_OF_RESOURCES = 0xA700
+    OUT_OF_RESOURCES_MATCHES = 0xA701        # C-MOVE/C-GET: unable to calculate matches
+    OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET: unable to perform sub-operations
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    SUB_OPERATIONS_FAILED = 0xB000           # C-MOVE/C-GET: one or more sub-operations failed
     DATASET_MISMATCH = 0xA900
     CANNOT_UNDERSTAND = 0xC000
     WARNING_COERCION = 0xB000
@@ -52,6 +56,9 @@ MEANINGS: dict[int, str] = {
     0xFF01: "Pending: optional keys not supported",
     0xFE00: "Cancel",
     0xA700: "Refused: Out of Resources",
+    0xA701: "Refused: Out of Resources - Unable to calculate number of matches",
+    0xA702: "Refused: Out of Resources - Unable to perform sub-operations",
+    0xA801: "Refused: Move Destination unknown",
     0xA900: "Error: Data Set does not match SOP Class",
     0xC000: "Error: Cannot understand",
     0xB000: "Warning: Coercion of Data Elements",

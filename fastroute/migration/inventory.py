@@ -218,8 +218,9 @@ class Inventory:
         n = 0
         self.kept = 0
         buf: list[StudyRecord] = []
-        answer = self.client.find(level, dict(keys), timeout=self.source.query_timeout)
+        answer: Iterator[Dataset] | None = None
         try:
+            answer = self.client.find(level, dict(keys), timeout=self.source.query_timeout)
             for ds in answer:
                 n += 1
                 rec = study_record(ds)
@@ -244,7 +245,7 @@ class Inventory:
         finally:
             close = getattr(answer, "close", None)
             if close is not None:
-                close()
+                close()      # a capped answer: C-CANCEL and drain
         return "ok", buf
 
     # -- phases ---------------------------------------------------------------------------------
