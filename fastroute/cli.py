@@ -415,12 +415,20 @@ def cmd_migrate_status(args: argparse.Namespace) -> int:
     cfg, spool = _migration_spool(args)
     try:
         doc = mig.status(spool, args.name)
+        failed = mig.failures(spool, args.name, limit=10) if doc["studies_failed"] and not args.json else []
     finally:
         spool.close()
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        _print_job(doc)
+        return 0
+    _print_job(doc)
+    if failed:
+        more = f" (first {len(failed)}; `fastroute migrate report {args.name}` lists all)" \
+            if len(failed) < doc["studies_failed"] else ""
+        print(f"  failed studies{more}:")
+        for f in failed:
+            print(f"    {f['study_instance_uid']} (patient {f['patient_id'] or '-'}, accession "
+                  f"{f['accession_number'] or '-'}): {f['reason'] or 'no reason recorded'}")
     return 0
 
 

@@ -154,6 +154,8 @@ def test_status_text_and_counts_follow_the_runner(cfgfile: Path, capsys: pytest.
     assert code == 0 and out.startswith("j: running (oldpacs -> newpacs)")
     assert "3 total, 1 verified, 1 failed" in out and "2 received, 2 delivered" in out
     assert "asked: no rate limit; any time; verified at the destination" in out
+    assert f"  failed studies:\n    {STUDY}.2 (patient PAT2, accession ACC2): missing at newpacs after 2 re-sends: " \
+        f"{STUDY}.2.3\n" in out
 
 
 def test_windows_unquoted_and_several_after_one_option(cfgfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
