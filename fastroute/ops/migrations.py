@@ -35,10 +35,9 @@ log = logging.getLogger("fastroute.ops.migrations")
 STUDY_QUERY_KEYS = frozenset({
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "OtherPatientIDs",
     "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyInstanceUID", "ModalitiesInStudy",
-    "SOPClassesInStudy", "ReferringPhysicianName", "StudyDescription", "InstitutionName",
-    "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription", "PatientAge", "PatientSize",
-    "PatientWeight", "Occupation", "AdditionalPatientHistory", "InstitutionalDepartmentName",
-    "IssuerOfAccessionNumberSequence", "BodyPartExamined",
+    "SOPClassesInStudy", "ReferringPhysicianName", "StudyDescription", "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription", "PatientAge", "PatientSize", "PatientWeight", "Occupation",
+    "AdditionalPatientHistory",
 })
 # A studies CSV's column, by its header (lower case, spaces and '_' removed): UIDs preferred.
 STUDIES_HEADERS = {"studyinstanceuid": 0, "studyuid": 0, "study": 0, "uid": 0,
@@ -305,10 +304,10 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
     spool.audit_record("migration_start", who=who, why=why, job=created, source=source,
                        destinations=dests, query=keys, studies=len(listed), rate=rate or "",
                        windows=[str(w) for w in spec.windows], verify=verify)
-    log.info("migration %s started by %s: source=%s (AE %s) -> %s%s%s", created, who or whoami(), source,
-             cfg.sources[source].ae_title, ", ".join(dests),
-             f" query={keys}" if keys else "", f" studies={len(listed)}" if listed else " (whole archive)"
-             if not keys else "")
+    what = (f"{len(listed)} listed stud{'y' if len(listed) == 1 else 'ies'}" if listed else "") + \
+        (f"{' matching ' if listed else 'studies matching '}{keys}" if keys else "")
+    log.info("migration %s started by %s: source=%s (AE %s) -> %s: %s", created, who or whoami(), source,
+             cfg.sources[source].ae_title, ", ".join(dests), what or "the whole archive")
     return job_view(jobs, created, now)
 
 
@@ -337,9 +336,8 @@ def cancel(spool: Spool, name: str, *, who: str | None = None, why: str = "") ->
 def _change(spool: Spool, name: str, verb: str, who: str | None, why: str) -> dict[str, Any]:
     jobs, st = _act(spool, name, verb)
     spool.audit_record(f"migration_{verb}", who=who, why=why, job=name, state=str(st.state))
-    log.info("migration %s %s by %s%s: now %s", name, {"pause": "paused", "resume": "resumed",
-             "cancel": "cancelled"}[verb], who or whoami(), f" ({why})" if why else "", st.state,
-             )
+    done = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[verb]
+    log.info("migration %s %s by %s%s: now %s", name, done, who or whoami(), f" ({why})" if why else "", st.state)
     return job_view(jobs, name)
 
 
