@@ -345,7 +345,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # -- migrations (issue 13): thin wrappers over ops.migrations ------------------------------------
 
-def _migration_spool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _migration_spool(args: argparse.Namespace) -> tuple[Config, Any]:
+    """The configuration and its EXISTING spool (the running router's: jobs live there)."""
     cfg = _config(args)
     return cfg, _spool(cfg)
 

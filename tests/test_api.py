@@ -923,3 +923,34 @@ def test_migration_metrics_per_job(env: Any) -> None:
         assert [s.labels["state"] for s in fams["fastroute_migration_state"].samples] == ["paused"]
 
     serve(cfg, spool, path, body)
+
+
+def test_migration_report_client_leaving_mid_stream(env: Any) -> None:
+    """A client that reads the first chunk of a large report and disconnects: no 5xx logged, the
+    report's reader is closed, the job store stays writable and the API keeps answering."""
+    cfg, path, spool, _ = env
+    spool.jobs.add_studies(JOB, [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}") for i in range(5000)])
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for _ in range(3):
+            resp = await c.get(f"/api/migrations/{JOB}/report")
+            assert resp.status == 200
+            assert (await resp.content.read(100)).startswith(b"study_instance_uid,")
+            resp.close()                                     # gone, with most of the report unsent
+        spool.jobs.add_studies(JOB, [StudyRecord(seq=0, study_instance_uid=f"{STUDY_B}.1")])
+        assert (await get_json(c, f"/api/migrations/{JOB}"))["studies_total"] == 5001
+
+    with_errors: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                with_errors.append(record)
+
+    handler = Catch()
+    logging.getLogger("fastroute.api").addHandler(handler)
+    try:
+        serve(cfg, spool, path, body)
+    finally:
+        logging.getLogger("fastroute.api").removeHandler(handler)
+    assert not with_errors, [r.getMessage() for r in with_errors]
