@@ -442,6 +442,8 @@ def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser:
 
             wait(browser, lambda d: card.is_displayed() and cell("studies") == "2 / 4", "the job's row")
             assert "running" in cell("state") and cell("failed-count") == "1"
+            jobs.set_error("y2019", "OLDPACS refused the C-MOVE with 0xA801: register AE FASTROUTE there")
+            wait(browser, lambda d: "register AE FASTROUTE there" in cell("state"), "the job's error under its state")
             assert "1 of 1 instances received, 1 delivered" in cell("progress") and "oldpacs → pacs" in cell("name")
             bar = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] .bar > div')
             assert bar.get_attribute("style").replace(" ", "") == "width:50%;"      # 2 of 4 studies final

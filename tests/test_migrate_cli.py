@@ -154,6 +154,15 @@ def test_status_text_and_counts_follow_the_runner(cfgfile: Path, capsys: pytest.
     assert code == 0 and out.startswith("j: running (oldpacs -> newpacs)")
     assert "3 total, 1 verified, 1 failed" in out and "2 received, 2 delivered" in out
     assert "asked: no rate limit; any time; verified at the destination" in out
+    assert "error:" not in out
+    spool = spool_of(cfgfile)
+    try:
+        spool.jobs.set_error("j", "OLDPACS answered 0xA801: register AE FASTROUTE as a move destination there")
+    finally:
+        spool.close()
+    out = cli(capsys, "migrate", "status", "j", "-c", c)[1]
+    assert "  error: OLDPACS answered 0xA801: register AE FASTROUTE as a move destination there\n" in out
+    assert status_json(capsys, cfgfile, "j")["error"].startswith("OLDPACS answered 0xA801")
     assert f"  failed studies:\n    {STUDY}.2 (patient PAT2, accession ACC2): missing at newpacs after 2 re-sends: " \
         f"{STUDY}.2.3\n" in out
 
