@@ -481,7 +481,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             time.sleep(1.0)   # polling the spool the router's migration process writes
             doc = mig.status(spool, name)
             line = (f"{name}: {doc['state']}, {doc['instances_received']}/{doc['instances_expected']} received, "
-                    f"{doc['instances_delivered']} delivered")
+                    f"{doc['instances_delivered']} delivered" + (f"; {doc['error']}" if doc.get("error") else ""))
             if line != seen:
                 print(line, file=sys.stderr)
                 seen = line

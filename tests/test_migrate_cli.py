@@ -302,16 +302,25 @@ def test_retrieve_creates_a_one_study_job(cfgfile: Path, capsys: pytest.CaptureF
 def test_retrieve_wait_exits_zero_only_when_verified(cfgfile: Path, tmp_path: Path) -> None:
     """A real `fastroute retrieve --wait` process while this test plays the runner: verified -> 0;
     a failed study -> 1 with its reason."""
-    def run_wait(outcome: StudyState, reason: str = "") -> subprocess.CompletedProcess[str]:
+    def run_wait(outcome: StudyState, reason: str = "", error: str = "") -> subprocess.CompletedProcess[str]:
         proc = subprocess.Popen([sys.executable, "-m", "fastroute", "retrieve", "oldpacs", "--study", STUDY,
                                  "--to", "newpacs", "--wait", "--timeout", "60", "-c", str(cfgfile)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         name = proc.stdout.readline().strip()
         assert name.startswith("retrieve-"), name
+        seen = ""
         spool = spool_of(cfgfile)
         try:
             jobs = jobs_of(spool)
+            if error:   # a job-level problem shows while it waits (read until it does: the waiter polls)
+                jobs.set_error(name, error)
+                assert proc.stderr is not None
+                while error not in seen:
+                    line = proc.stderr.readline()
+                    assert line, f"the waiter ended without showing the error: {seen}"
+                    seen += line
+                jobs.set_error(name, "")
             jobs.add_studies(name, [StudyRecord(seq=0, study_instance_uid=STUDY, patient_id="PAT1")])
             jobs.inventory_done(name)
             jobs.set_instances(name, STUDY, [InstanceRecord(f"{STUDY}.1")])
@@ -324,12 +333,15 @@ def test_retrieve_wait_exits_zero_only_when_verified(cfgfile: Path, tmp_path: Pa
         finally:
             spool.close()
         out, err = proc.communicate(timeout=60)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, name + "\n" + out, err)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, name + "\n" + out, seen + err)
 
     ok = run_wait(StudyState.VERIFIED)
     assert ok.returncode == 0, ok.stderr
     assert f"study {STUDY}: verified (job done)" in ok.stdout
-    bad = run_wait(StudyState.FAILED, "missing at newpacs: 1 instance")
+    bad = run_wait(StudyState.FAILED, "missing at newpacs: 1 instance",
+                   error="OLDPACS answered 0xA702 (out of resources): backing off")
+    assert "inventory, 0/0 received, 0 delivered; OLDPACS answered 0xA702 (out of resources): backing off" \
+        in bad.stderr
     assert bad.returncode == 1
     assert f"study {STUDY}: failed: missing at newpacs: 1 instance (job done-with-errors)" in bad.stdout
 
