@@ -251,7 +251,7 @@ def test_a_time_slot_that_cannot_be_split_is_reported(spool: Spool) -> None:
     assert spool.jobs.inventory_progress(name)["phase"] == "done"
 
 
-@pytest.mark.parametrize("empty", ["honour", "ignore", "refuse"])
+@pytest.mark.parametrize("empty", ["honour", "ignore", "refuse", "literal"])
 def test_studies_without_study_date_are_found(spool: Spool, empty: str) -> None:
     dated = spread(120, dt.date(2019, 5, 1), 300)
     undated = [FakeStudy(f"4.{i}", patient_id=f"{'AZ0x'[i % 4]}{i}") for i in range(12)]
@@ -414,3 +414,39 @@ def test_scale_100k_studies_bounded_memory(spool: Spool, monkeypatch: pytest.Mon
           f"{fake.answered} matches read, anonymous memory growth {(peak - base) / 1e6:.1f} MB")
     assert st.studies_total == n and st.instances_expected == 3 * n
     assert peak - base < 20e6, f"the inventory grew the heap by {(peak - base) / 1e6:.1f} MB"
+
+
+def test_inventory_over_the_network_against_the_fake_archive(spool: Spool) -> None:
+    """End to end through dicom/qr.py: a pynetdicom archive of 500 generated studies (every
+    97th without StudyDate; it takes StudyDate "" literally, so the PatientID fallback finds
+    those) that silently caps answers at 50 matches, max_results 50. Every study is found
+    once, and list_study lists a study's instances at SERIES then IMAGE level."""
+    import qrpeers
+
+    from fastroute.dicom.qr import QueryRetrieveClient
+
+    gen = qrpeers.Generated(500, series=2, per_series=2, empty_date_every=97)
+    with qrpeers.FakeArchive(generated=gen, max_matches=50) as pacs:
+        src = source(ae_title="FAKEPACS", port=pacs.port, max_results=50, query_timeout=30.0,
+                     acse_timeout=10.0, dimse_timeout=20.0, network_timeout=20.0)
+        name, spec = start(spool)
+        client = QueryRetrieveClient(src, "FASTROUTE")
+        try:
+            t0 = time.perf_counter()
+            run_inventory(client, spool.jobs, name, spec, src, today=TODAY)
+            elapsed = time.perf_counter() - t0
+            listing = list_study(client, gen.study_uid(3), src)
+        finally:
+            client.close()
+        finds = [r for r in pacs.requests if r.command == "C-FIND"]
+    got = uids(spool, name)
+    print(f"\nnetwork inventory of 500 studies: {elapsed:.1f} s, {len(finds)} C-FINDs, {pacs.cancels} cancelled")
+    assert len(got) == len(set(got)) == 500 and set(got) == {gen.study_uid(i) for i in range(500)}
+    undated = {gen.study_uid(i) for i in range(0, 500, 97)}
+    assert {r.study_instance_uid for r in spool.jobs.report(name) if not r.study_date} == undated
+    assert spool.jobs.status(name).instances_expected == 500 * 4
+    # capped answers were split: every C-FIND answer but the capped ones stayed under the cap
+    assert len(finds) > 20
+    assert sorted(i.sop_instance_uid for i in listing) == sorted(
+        f"{gen.study_uid(3)}.{s}.{k}" for s in range(2) for k in range(2))
+    assert {i.series_instance_uid for i in listing} == {f"{gen.study_uid(3)}.{s}" for s in range(2)}

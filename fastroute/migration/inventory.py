@@ -6,8 +6,10 @@ range whose answer reaches ``source.max_results`` matches, times out (``source.q
 or is refused for lack of resources (0xA700): date ranges are halved, a single day still too
 large is split by StudyTime (and said so in the job's error). Studies whose StudyDate is empty
 match no range: they are asked for by empty-value matching (PS3.4 C.2.2.2.1, the value ``""``),
-and where the source does not honour that, by undated queries split by the first characters
-of PatientID, keeping only the empty-date matches.
+and where the answer does not show that the source honours it (refused, capped, dated matches,
+or no match at all, which may mean ``""`` was taken literally), by undated queries split by the
+first characters of PatientID, keeping only the empty-date matches (their cost: about one more
+pass over the archive).
 
 Bounded memory: matches are written to the spool in batches as they arrive (duplicates across
 overlapping answers are dropped there, by Study Instance UID); what is held is one batch and a
@@ -307,12 +309,14 @@ class Inventory:
                      "falling back to PatientID prefixes", self.name, self.source.ae_title, exc,
                      extra=fields(status=exc.status))
             outcome, rest, honoured = "refused", [], False
-        if outcome == "ok" and honoured:
+        if outcome == "ok" and honoured and self.kept:
             self.progress["phase"] = "done"
         else:
+            # no match at all is ambiguous: no undated study, or "" taken literally (as some
+            # archives do); only the fallback can tell, and completeness is the point
             log.info("migration %s: %s: empty-value matching on StudyDate not usable (%s): undated "
                      "queries by PatientID prefix", self.name, self.source.ae_title,
-                     outcome if outcome != "ok" else "dated matches")
+                     outcome if outcome != "ok" else "dated matches" if not honoured else "no match")
             self.progress["phase"] = "fallback"
             self.progress["fb"] = list(reversed(PATIENT_ID_CHARS))
         self._commit(rest)
