@@ -345,7 +345,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # -- migrations (issue 13): thin wrappers over ops.migrations ------------------------------------
 
-def _migration_spool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _migration_spool(args: argparse.Namespace) -> tuple[Config, Any]:
+    """The configuration and its EXISTING spool (the running router's: jobs live there)."""
     cfg = _config(args)
     return cfg, _spool(cfg)
 
@@ -360,6 +361,10 @@ def _print_job(doc: dict[str, Any]) -> None:
     print(f"  instances: {doc['instances_expected']} expected, {doc['instances_received']} received, "
           f"{doc['instances_delivered']} delivered")
     print(f"  rate: {doc['rate']:.1f} instances/s over the last minute, ETA {eta}")
+    limits = [f"at most {doc['rate_limit']}" if doc.get("rate_limit") else "no rate limit",
+              f"windows {', '.join(doc['windows'])}" if doc.get("windows") else "any time",
+              "verified at the destination" if doc.get("verify", True) else "not verified (--no-verify)"]
+    print(f"  asked: {'; '.join(limits)}")
     if doc.get("error"):
         print(f"  error: {doc['error']}")
 
@@ -393,6 +398,9 @@ def cmd_migrate_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
+    if not jobs:
+        print("no migration jobs (start one with `fastroute migrate start`)")
+        return 0
     print(f"{'job':<28} {'state':<17} {'studies':>8} {'verified':>8} {'failed':>7} {'received':>9} "
           f"{'expected':>9} {'rate/s':>7} {'eta':>6}")
     for j in jobs:
@@ -408,12 +416,20 @@ def cmd_migrate_status(args: argparse.Namespace) -> int:
     cfg, spool = _migration_spool(args)
     try:
         doc = mig.status(spool, args.name)
+        failed = mig.failures(spool, args.name, limit=10) if doc["studies_failed"] and not args.json else []
     finally:
         spool.close()
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        _print_job(doc)
+        return 0
+    _print_job(doc)
+    if failed:
+        more = f" (first {len(failed)}; `fastroute migrate report {args.name}` lists all)" \
+            if len(failed) < doc["studies_failed"] else ""
+        print(f"  failed studies{more}:")
+        for f in failed:
+            print(f"    {f['study_instance_uid']} (patient {f['patient_id'] or '-'}, accession "
+                  f"{f['accession_number'] or '-'}): {f['reason'] or 'no reason recorded'}")
     return 0
 
 
@@ -465,7 +481,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             time.sleep(1.0)   # polling the spool the router's migration process writes
             doc = mig.status(spool, name)
             line = (f"{name}: {doc['state']}, {doc['instances_received']}/{doc['instances_expected']} received, "
-                    f"{doc['instances_delivered']} delivered")
+                    f"{doc['instances_delivered']} delivered" + (f"; {doc['error']}" if doc.get("error") else ""))
             if line != seen:
                 print(line, file=sys.stderr)
                 seen = line
@@ -485,7 +501,8 @@ def _add_migration_commands(sub: Any, cmd: Any) -> None:
     mp = sub.add_parser("migrate", help="PACS migration jobs: start, list, status, pause, resume, cancel, "
                         "retry, report", description="PACS migration jobs (see README 'Migrating a PACS')")
     mp.add_argument("-c", "--config", dest="group_config", metavar="CONFIG", help="YAML configuration file")
-    msub = mp.add_subparsers(dest="migrate_command", required=True)
+    msub = mp.add_subparsers(dest="migrate_command", required=True, metavar="COMMAND",
+                             title="commands")
 
     def sub_cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
         sp = msub.add_parser(name, help=help, description=help)
@@ -497,13 +514,14 @@ def _add_migration_commands(sub: Any, cmd: Any) -> None:
     sp.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="a key of 'sources:'")
     sp.add_argument("--to", action="append", required=True, metavar="DEST", help="destination (repeatable)")
     sp.add_argument("--name", help="job name (default: <source>-<yyyymmdd-hhmmss>)")
-    sp.add_argument("--query", action="append", metavar="KEY=VALUE",
-                    help="STUDY-level C-FIND key, e.g. StudyDate=20190101-20191231 (repeatable)")
+    sp.add_argument("--query", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="STUDY-level C-FIND keys, e.g. StudyDate=20190101-20191231 ModalitiesInStudy=CT")
     sp.add_argument("--studies", metavar="FILE", help="Study Instance UIDs or Accession Numbers, one a line "
                     "(or CSV with a header)")
     sp.add_argument("--rate", metavar="N/h|N/s", help="studies per hour or instances per second")
-    sp.add_argument("--window", action="append", metavar="HH:MM-HH:MM",
-                    help="retrieve only inside this daily window (repeatable; 'sat,sun 00:00-24:00')")
+    sp.add_argument("--window", action="extend", nargs="+", metavar="HH:MM-HH:MM",
+                    help="retrieve only inside these daily windows (local time; repeatable; "
+                    "days first: sat,sun 00:00-24:00)")
     sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="verify each study by C-FIND at the destinations (default: yes)")
     sp.add_argument("--reason", default="", help="recorded in the audit trail")

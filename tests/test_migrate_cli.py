@@ -96,8 +96,8 @@ def test_start_prints_the_name_and_status_json_has_the_issue_keys(cfgfile: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     c = str(cfgfile)
     code, out, err = cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs",
-                         "--name", "y2019", "--query", "StudyDate=20190101-20191231", "--query",
-                         "ModalitiesInStudy=CT", "--rate", "600/h", "--window", "19:00-07:00",
+                         "--name", "y2019", "--query", "StudyDate=20190101-20191231", "ModalitiesInStudy=CT",
+                         "--query", "PatientID=", "--rate", "600/h", "--window", "19:00-07:00",
                          "--window", "sat,sun 00:00-24:00")
     assert code == 0, err
     assert out == "y2019\n" and "migrate status y2019" in err
@@ -105,7 +105,7 @@ def test_start_prints_the_name_and_status_json_has_the_issue_keys(cfgfile: Path,
     assert STATUS_KEYS <= set(doc), STATUS_KEYS - set(doc)
     assert doc["state"] == "inventory" and doc["studies_total"] == 0 and doc["eta_s"] is None
     assert doc["source"] == "oldpacs" and doc["destinations"] == ["newpacs"]
-    assert doc["query"] == {"StudyDate": "20190101-20191231", "ModalitiesInStudy": "CT"}
+    assert doc["query"] == {"StudyDate": "20190101-20191231", "ModalitiesInStudy": "CT", "PatientID": ""}
     assert doc["rate_limit"] == "600/h" and doc["windows"] == ["19:00-07:00", "sat,sun 00:00-24:00"]
     assert doc["verify"] is True
 
@@ -153,6 +153,30 @@ def test_status_text_and_counts_follow_the_runner(cfgfile: Path, capsys: pytest.
     code, out, _ = cli(capsys, "migrate", "status", "j", "-c", c)
     assert code == 0 and out.startswith("j: running (oldpacs -> newpacs)")
     assert "3 total, 1 verified, 1 failed" in out and "2 received, 2 delivered" in out
+    assert "asked: no rate limit; any time; verified at the destination" in out
+    assert "error:" not in out
+    spool = spool_of(cfgfile)
+    try:
+        spool.jobs.set_error("j", "OLDPACS answered 0xA801: register AE FASTROUTE as a move destination there")
+    finally:
+        spool.close()
+    out = cli(capsys, "migrate", "status", "j", "-c", c)[1]
+    assert "  error: OLDPACS answered 0xA801: register AE FASTROUTE as a move destination there\n" in out
+    assert status_json(capsys, cfgfile, "j")["error"].startswith("OLDPACS answered 0xA801")
+    assert f"  failed studies:\n    {STUDY}.2 (patient PAT2, accession ACC2): missing at newpacs after 2 re-sends: " \
+        f"{STUDY}.2.3\n" in out
+
+
+def test_windows_unquoted_and_several_after_one_option(cfgfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shell splits `--window sat,sun 00:00-24:00` typed unquoted: the days join their span."""
+    code, out, err = cli(capsys, "migrate", "start", "-c", str(cfgfile), "--from", "oldpacs", "--to", "newpacs",
+                         "--name", "w", "--window", "mon-fri", "19:00-07:00", "12:00-13:00",
+                         "--window", "sat,sun", "00:00-24:00")
+    assert code == 0, err
+    assert status_json(capsys, cfgfile, "w")["windows"] == ["mon,tue,wed,thu,fri 19:00-07:00", "12:00-13:00",
+                                                           "sat,sun 00:00-24:00"]
+    code, out, _ = cli(capsys, "migrate", "list", "-c", str(cfgfile))
+    assert code == 0 and out.splitlines()[1].startswith("w ")
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -278,16 +302,25 @@ def test_retrieve_creates_a_one_study_job(cfgfile: Path, capsys: pytest.CaptureF
 def test_retrieve_wait_exits_zero_only_when_verified(cfgfile: Path, tmp_path: Path) -> None:
     """A real `fastroute retrieve --wait` process while this test plays the runner: verified -> 0;
     a failed study -> 1 with its reason."""
-    def run_wait(outcome: StudyState, reason: str = "") -> subprocess.CompletedProcess[str]:
+    def run_wait(outcome: StudyState, reason: str = "", error: str = "") -> subprocess.CompletedProcess[str]:
         proc = subprocess.Popen([sys.executable, "-m", "fastroute", "retrieve", "oldpacs", "--study", STUDY,
                                  "--to", "newpacs", "--wait", "--timeout", "60", "-c", str(cfgfile)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         name = proc.stdout.readline().strip()
         assert name.startswith("retrieve-"), name
+        seen = ""
         spool = spool_of(cfgfile)
         try:
             jobs = jobs_of(spool)
+            if error:   # a job-level problem shows while it waits (read until it does: the waiter polls)
+                jobs.set_error(name, error)
+                assert proc.stderr is not None
+                while error not in seen:
+                    line = proc.stderr.readline()
+                    assert line, f"the waiter ended without showing the error: {seen}"
+                    seen += line
+                jobs.set_error(name, "")
             jobs.add_studies(name, [StudyRecord(seq=0, study_instance_uid=STUDY, patient_id="PAT1")])
             jobs.inventory_done(name)
             jobs.set_instances(name, STUDY, [InstanceRecord(f"{STUDY}.1")])
@@ -300,12 +333,15 @@ def test_retrieve_wait_exits_zero_only_when_verified(cfgfile: Path, tmp_path: Pa
         finally:
             spool.close()
         out, err = proc.communicate(timeout=60)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, name + "\n" + out, err)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, name + "\n" + out, seen + err)
 
     ok = run_wait(StudyState.VERIFIED)
     assert ok.returncode == 0, ok.stderr
     assert f"study {STUDY}: verified (job done)" in ok.stdout
-    bad = run_wait(StudyState.FAILED, "missing at newpacs: 1 instance")
+    bad = run_wait(StudyState.FAILED, "missing at newpacs: 1 instance",
+                   error="OLDPACS answered 0xA702 (out of resources): backing off")
+    assert "inventory, 0/0 received, 0 delivered; OLDPACS answered 0xA702 (out of resources): backing off" \
+        in bad.stderr
     assert bad.returncode == 1
     assert f"study {STUDY}: failed: missing at newpacs: 1 instance (job done-with-errors)" in bad.stdout
 
@@ -318,6 +354,7 @@ def test_retrieve_wait_exits_zero_only_when_verified(cfgfile: Path, tmp_path: Pa
     (["--from", "oldpacs", "--to", "vna"], 1, "cannot verify at vna: no 'query: true'"),
     (["--from", "oldpacs", "--to", "newpacs", "--window", "25:00-07:00"], 1, "bad window '25:00-07:00'"),
     (["--from", "oldpacs", "--to", "newpacs", "--window", "nights"], 1, "bad window 'nights'"),
+    (["--from", "oldpacs", "--to", "newpacs", "--window", "19:00-07:00", "sat,sun"], 1, "bad window 'sat,sun'"),
     (["--from", "oldpacs", "--to", "newpacs", "--rate", "fast"], 1, "bad rate 'fast'"),
     (["--from", "oldpacs", "--to", "newpacs", "--rate", "0/h"], 1, "bad rate '0/h'"),
     (["--from", "oldpacs", "--to", "newpacs", "--query", "StudyDat=2019"], 1, "did you mean StudyDate?"),
@@ -345,6 +382,7 @@ def test_start_refuses_what_it_cannot_do(cfgfile: Path, capsys: pytest.CaptureFi
 
 def test_unknown_job_and_missing_spool(cfgfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     c = str(cfgfile)
+    assert cli(capsys, "migrate", "list", "-c", c)[1] == "no migration jobs (start one with `fastroute migrate start`)\n"
     assert cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs", "--name", "j")[0] == 0
     for verb in ("status", "pause", "resume", "cancel", "retry", "report"):
         code, out, err = cli(capsys, "migrate", verb, "nope", "-c", c)
@@ -358,6 +396,9 @@ def test_unknown_job_and_missing_spool(cfgfile: Path, tmp_path: Path, capsys: py
     assert not (tmp_path / "nospool").exists()        # never creates an empty spool
     with pytest.raises(SystemExit):
         main(["-c", c, "migrate", "-c", str(other), "list"])          # two different -c: refused
+    with pytest.raises(SystemExit):
+        main(["migrate", "-c", c])
+    assert "required: COMMAND" in capsys.readouterr().err
 
 
 def test_studies_file_lines_and_csv(cfgfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -369,14 +410,20 @@ def test_studies_file_lines_and_csv(cfgfile: Path, tmp_path: Path, capsys: pytes
     assert code == 0, err
     table = tmp_path / "export.csv"
     table.write_text("PatientID,AccessionNumber,StudyDate\nP1,ACC1,2019\nP2,\"ACC,2\",2019\n")
+    both = tmp_path / "both.csv"          # a UID column wins over an accession column, whatever the order
+    both.write_text(f"Accession Number,Study Instance UID\nACC1,{STUDY}.5\n")
     code, out, err = cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs",
                          "--studies", str(table), "--name", "fromcsv")
+    assert code == 0, err
+    code, out, err = cli(capsys, "migrate", "start", "-c", c, "--from", "oldpacs", "--to", "newpacs",
+                         "--studies", str(both), "--name", "both")
     assert code == 0, err
     spool = spool_of(cfgfile)
     try:
         jobs = jobs_of(spool)
         assert jobs.spec("listed").studies == (f"{STUDY}.1", f"{STUDY}.2", "ACC42")
         assert jobs.spec("fromcsv").studies == ("ACC1", "ACC,2")
+        assert jobs.spec("both").studies == (f"{STUDY}.5",)
     finally:
         spool.close()
     assert status_json(capsys, cfgfile, "listed")["studies_listed"] == 3
@@ -400,3 +447,41 @@ def test_the_installed_command_runs_it(cfgfile: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "fastroute", "migrate", "status", "nope", "-c", str(cfgfile)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr.startswith("error: unknown migration job 'nope'")
+
+
+def test_against_a_running_router_cli_and_api_see_the_same_job(tmp_path: Path) -> None:
+    """`fastroute serve` running: a job started by the CLI is in its spool, the HTTP process lists
+    it, pauses it for an API caller, and the CLI sees that (both audited with who did it)."""
+    import urllib.request
+
+    from peers import free_port, wait_until
+    from router import Router, destination
+
+    http_port = free_port()
+    config = {"destinations": {"newpacs": destination(free_port(), "NEWPACS", query=True)},
+              "sources": {"oldpacs": {"ae_title": "OLDPACS", "host": "127.0.0.1", "port": free_port()}},
+              "http": {"host": "127.0.0.1", "port": http_port, "token": "s3cret"}}
+    with Router(tmp_path / "r", config) as router:
+        res = router.cli("migrate", "start", "--from", "oldpacs", "--to", "newpacs", "--name", "live")
+        assert res.stdout == "live\n"
+
+        def api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": "Bearer s3cret", "X-Fastroute-Operator": "ops1",
+                                                  "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+
+        def listed() -> bool:
+            try:
+                return [j["name"] for j in api("GET", "/api/migrations")["migrations"]] == ["live"]
+            except OSError:
+                return False     # the HTTP process still starting
+        wait_until(listed, 30, message=lambda: f"the API never listed the job:\n{router.log_tail()}")
+        assert api("POST", "/api/migrations/live/pause", {"why": "clinical peak"})["state"] == "paused"
+        doc = json.loads(router.cli("migrate", "status", "live", "--json").stdout)
+        assert doc["state"] == "paused" and STATUS_KEYS <= set(doc)
+        audit = [json.loads(line) for line in router.cli("audit").stdout.splitlines()]
+        mine = [(e["action"], e["who"].split(" ")[0]) for e in audit if e["action"].startswith("migration_")]
+        assert mine == [("migration_start", whoami()), ("migration_pause", "ops1")], mine

@@ -26,9 +26,10 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, TypeVar
 
 from aiohttp import web
 
@@ -531,15 +532,39 @@ async def get_migration_report(request: web.Request) -> web.StreamResponse:
     plane = request.app[PLANE]
     name = request.match_info["name"]
     fmt = request.query.get("format", "csv")
-    chunks = await plane.io(mig.report_chunks, plane.spool, name, fmt)   # NotFound/BadRequest before any byte
+    chunks = _Serial(await plane.io(mig.report_chunks, plane.spool, name, fmt))   # 404/400 before any byte
     resp = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/json; charset=utf-8",
         "Content-Disposition": f'attachment; filename="{name}-report.{fmt}"'})
-    await resp.prepare(request)
-    while (chunk := await plane.io(next, chunks, None)) is not None:
-        await resp.write(chunk.encode("utf-8"))
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        while (chunk := await plane.io(chunks.next)) is not None:
+            await resp.write(chunk.encode("utf-8"))
+        await resp.write_eof()
+    except ConnectionResetError:   # the client left mid-report: nothing to answer
+        log.info("migration %s: report to %s stopped, the client went away", name, request.remote,
+                 extra=fields(peer=request.remote))
+    finally:   # end its read transaction now, on the pool, not whenever the generator is collected
+        await plane.io(chunks.close)
     return resp
+
+
+class _Serial:
+    """A generator driven from pool threads: a handler cancelled (client gone) while one thread
+    runs ``next`` must not ``close`` it from another at the same time ("generator already
+    executing"), so both take one lock."""
+
+    def __init__(self, gen: Generator[str, None, None]) -> None:
+        self.gen = gen
+        self.lock = threading.Lock()
+
+    def next(self) -> str | None:
+        with self.lock:
+            return next(self.gen, None)
+
+    def close(self) -> None:
+        with self.lock:
+            self.gen.close()
 
 
 def _strings(body: dict[str, Any], key: str) -> list[str]:
@@ -564,8 +589,8 @@ async def post_migration_start(request: web.Request) -> web.Response:
     if not isinstance(verify, bool):
         raise ops.BadRequest("'verify' must be true or false")
     for key in ("source", "name", "rate", "why"):
-        if body.get(key) is not None and not isinstance(body.get(key), (str, int, float)) \
-                or isinstance(body.get(key), bool):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
             raise ops.BadRequest(f"'{key}' must be a string")
     if not body.get("source"):
         raise ops.BadRequest("'source' is required: a key of the configuration's 'sources:'")

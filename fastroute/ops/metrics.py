@@ -238,18 +238,20 @@ class SpoolCollector(Collector):
 
     def _migrations(self) -> Iterator[Metric]:
         """Per migration job, from its record's totals (no inventory scan per scrape). Every
-        study state is seeded at zero so that a sum over states is the job's total."""
+        study state is seeded at zero so that a sum over states is the job's total. The job's
+        label is ``migration``, not ``job``: Prometheus sets ``job`` on every scraped series
+        itself and would rename ours to ``exported_job``."""
         studies = GaugeMetricFamily("fastroute_migration_studies", "Studies of a migration job, by state",
-                                    labels=["job", "state"])
+                                    labels=["migration", "state"])
         instances = GaugeMetricFamily("fastroute_migration_instances", "Instances of a migration job: expected "
                                       "(listed at the source), received (spooled), delivered (to every "
-                                      "destination)", labels=["job", "kind"])
+                                      "destination)", labels=["migration", "kind"])
         rate = GaugeMetricFamily("fastroute_migration_rate", "Instances received per second over the last "
-                                 "minute", labels=["job"])
+                                 "minute", labels=["migration"])
         eta = GaugeMetricFamily("fastroute_migration_eta_seconds", "Estimated seconds to the end of the job "
-                                "(absent while unknown)", labels=["job"])
+                                "(absent while unknown)", labels=["migration"])
         state = GaugeMetricFamily("fastroute_migration_state", "Always 1, one series per job: its current state "
-                                  f"in the label ({', '.join(JobState)})", labels=["job", "state"])
+                                  f"in the label ({', '.join(JobState)})", labels=["migration", "state"])
         jobs = jobs_of(self.spool)
         for name in jobs.names():
             st = jobs.status(name)

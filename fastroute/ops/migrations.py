@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Generator, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from fastroute.config import Config
 from fastroute.ops.actions import BadRequest, Conflict, NotFound
@@ -35,26 +35,22 @@ log = logging.getLogger("fastroute.ops.migrations")
 STUDY_QUERY_KEYS = frozenset({
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "OtherPatientIDs",
     "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyInstanceUID", "ModalitiesInStudy",
-    "SOPClassesInStudy", "ReferringPhysicianName", "StudyDescription", "InstitutionName",
-    "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription", "PatientAge", "PatientSize",
-    "PatientWeight", "Occupation", "AdditionalPatientHistory", "InstitutionalDepartmentName",
-    "IssuerOfAccessionNumberSequence", "BodyPartExamined",
+    "SOPClassesInStudy", "ReferringPhysicianName", "StudyDescription", "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription", "PatientAge", "PatientSize", "PatientWeight", "Occupation",
+    "AdditionalPatientHistory",
 })
-STUDIES_HEADERS = {"studyinstanceuid": "uid", "study_instance_uid": "uid", "study": "uid", "uid": "uid",
-                   "accessionnumber": "accession", "accession_number": "accession", "accession": "accession"}
+# A studies CSV's column, by its header (lower case, spaces and '_' removed): UIDs preferred.
+STUDIES_HEADERS = {"studyinstanceuid": 0, "studyuid": 0, "study": 0, "uid": 0,
+                   "accessionnumber": 1, "accession": 1, "accessionno": 1}
 FINAL_JOB_STATES = frozenset({JobState.DONE, JobState.DONE_WITH_ERRORS, JobState.CANCELLED})
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-FAILURE_SCAN_LIMIT = 200_000     # studies read to find a job's failures for the dashboard
+FAILURE_SCAN_LIMIT = 50_000      # studies read per call to find a job's failures (dashboard)
 REPORT_BATCH = 500               # rows per chunk of a streamed report
 
 
 def jobs_of(spool: Spool) -> Jobs:
-    """The spool's job store (the Spool opens it on mig-store; built here from its environment
-    and sub-databases otherwise)."""
-    jobs = getattr(spool, "jobs", None)
-    if isinstance(jobs, Jobs):
-        return jobs
-    return Jobs(spool.env, spool._dbs)   # noqa: SLF001 - the sub-databases the Spool opened
+    """The spool's job store (one per Spool, opened with it)."""
+    return spool.jobs
 
 
 # -- parsing what an operator typed -------------------------------------------------------------
@@ -71,10 +67,22 @@ def parse_rate(text: str | None) -> tuple[float | None, float | None]:
 
 
 def parse_windows(texts: Iterable[str]) -> tuple[Window, ...]:
+    """Each ``[DAYS ]HH:MM-HH:MM``; a days-only item (``sat,sun`` typed unquoted, so the shell
+    split it from its span) is joined to the span after it."""
+    items: list[str] = []
+    pending = ""
+    for text in (str(t).strip() for t in texts):
+        if text and ":" not in text:
+            pending = f"{pending},{text}" if pending else text
+            continue
+        items.append(f"{pending} {text}" if pending else text)
+        pending = ""
+    if pending:
+        items.append(pending)          # days without a span: Window.parse says what is missing
     out = []
-    for text in texts:
+    for text in items:
         try:
-            out.append(Window.parse(str(text)))
+            out.append(Window.parse(text))
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"bad window {text!r}: {exc}",
                              hint="HH:MM-HH:MM local time (19:00-07:00 crosses midnight), optionally "
@@ -129,8 +137,9 @@ def read_studies(path: str | Path) -> tuple[str, ...]:
                 if line.strip() and not line.lstrip().startswith("#"):
                     first = line
                     break
-            head = [c.strip().lower() for c in next(csv.reader([first]))] if first else []
-            column = next((i for i, c in enumerate(head) if c in STUDIES_HEADERS), None)
+            head = [re.sub(r"[\s_]", "", c.lower()) for c in next(csv.reader([first]))] if first else []
+            named = sorted((STUDIES_HEADERS[c], i) for i, c in enumerate(head) if c in STUDIES_HEADERS)
+            column = named[0][1] if named else None
             if column is not None:
                 for row in csv.reader(f):
                     if len(row) > column and row[column].strip():
@@ -216,13 +225,13 @@ def _row(rec: StudyRecord) -> dict[str, Any]:
     return {k: row.get(k) for k in REPORT_COLUMNS}
 
 
-def report_chunks(spool: Spool, name: str, fmt: str = "csv") -> Iterator[str]:
+def report_chunks(spool: Spool, name: str, fmt: str = "csv") -> Generator[str, None, None]:
     """The report as text chunks of REPORT_BATCH rows: CSV with its header, or a JSON list."""
     if fmt not in ("csv", "json"):
         raise BadRequest(f"unknown report format {fmt!r} (csv or json)")
     rows = report_rows(spool, name)   # NotFound now, before the first chunk is sent
 
-    def chunks() -> Iterator[str]:
+    def chunks() -> Generator[str, None, None]:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         if fmt == "csv":
@@ -295,14 +304,14 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
     spool.audit_record("migration_start", who=who, why=why, job=created, source=source,
                        destinations=dests, query=keys, studies=len(listed), rate=rate or "",
                        windows=[str(w) for w in spec.windows], verify=verify)
-    log.info("migration %s started by %s: source=%s (AE %s) -> %s%s%s", created, who or whoami(), source,
-             cfg.sources[source].ae_title, ", ".join(dests),
-             f" query={keys}" if keys else "", f" studies={len(listed)}" if listed else " (whole archive)"
-             if not keys else "")
+    what = (f"{len(listed)} listed stud{'y' if len(listed) == 1 else 'ies'}" if listed else "") + \
+        (f"{' matching ' if listed else 'studies matching '}{keys}" if keys else "")
+    log.info("migration %s started by %s: source=%s (AE %s) -> %s: %s", created, who or whoami(), source,
+             cfg.sources[source].ae_title, ", ".join(dests), what or "the whole archive")
     return job_view(jobs, created, now)
 
 
-def _act(spool: Spool, name: str, verb: str, who: str | None, why: str) -> tuple[Jobs, Any]:
+def _act(spool: Spool, name: str, verb: str) -> tuple[Jobs, Any]:
     jobs = jobs_of(spool)
     _known(jobs, name)
     try:
@@ -325,17 +334,16 @@ def cancel(spool: Spool, name: str, *, who: str | None = None, why: str = "") ->
 
 
 def _change(spool: Spool, name: str, verb: str, who: str | None, why: str) -> dict[str, Any]:
-    jobs, st = _act(spool, name, verb, who, why)
+    jobs, st = _act(spool, name, verb)
     spool.audit_record(f"migration_{verb}", who=who, why=why, job=name, state=str(st.state))
-    log.info("migration %s %s by %s%s: now %s", name, {"pause": "paused", "resume": "resumed",
-             "cancel": "cancelled"}[verb], who or whoami(), f" ({why})" if why else "", st.state,
-             )
+    done = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[verb]
+    log.info("migration %s %s by %s%s: now %s", name, done, who or whoami(), f" ({why})" if why else "", st.state)
     return job_view(jobs, name)
 
 
 def retry(spool: Spool, name: str, *, who: str | None = None, why: str = "") -> dict[str, Any]:
     """Failed and incomplete studies again; how many, and the job's status."""
-    jobs, count = _act(spool, name, "retry", who, why)
+    jobs, count = _act(spool, name, "retry")
     spool.audit_record("migration_retry", who=who, why=why, job=name, count=int(count))
     log.info("migration %s: %d failed or incomplete stud%s queued again by %s%s", name, count,
              "y" if count == 1 else "ies", who or whoami(), f" ({why})" if why else "")
