@@ -375,6 +375,8 @@ class MigrationRunner:
             return
         finally:
             _close_quietly(client)
+        if self.stop.is_set():
+            return            # stopped mid-way: its progress is in the spool, the next run resumes
         state = self.jobs.inventory_done(name, self.clock())
         self.jobs.set_error(name, "")
         log.info("migration %s: inventory of %s done: %d studies; %s", name, source.ae_title,
@@ -454,7 +456,7 @@ class MigrationRunner:
         # Arrivals already spooled (a crash mid-retrieve, a final response that came early)
         # count before anything is fetched again.
         missing = self._attribute(name, study)
-        if not missing:
+        if not missing and not self._short(name, seq):
             self._received_all(name, spec, study)
             return
         if study.attempts >= MAX_ATTEMPTS:
@@ -469,11 +471,16 @@ class MigrationRunner:
                                        now=self.clock())
         listed = study.source_instances or len(missing)
         slots = self._sources[source.name]
-        units = plan_units(uid, missing, listed, source.series_threshold,
-                           image_chunk=1 if slots.single_uids else IMAGE_CHUNK)
+        if missing:
+            units = plan_units(uid, missing, listed, source.series_threshold,
+                               image_chunk=1 if slots.single_uids else IMAGE_CHUNK)
+        else:
+            # Counts only (a source without IMAGE level): no UIDs to ask for, the whole study
+            # again; what arrives is attributed by its Move Originator all the same.
+            units = [Unit(Level.STUDY, {"StudyInstanceUID": uid}, (), frozenset())]
         outcome = self._retrieve(name, spec, source, calling, study, units)
         missing = self._attribute(name, study, wait_for=outcome.expected, since=outcome.started)
-        if not missing:
+        if not missing and not self._short(name, seq):
             self._received_all(name, spec, study)
             backoff = self._sources[source.name].backoff
             if backoff.failures:
@@ -493,6 +500,14 @@ class MigrationRunner:
                     "fetching them again in %.0fs", name, uid, len(missing), listed, study.attempts,
                     escape_control(why), delay, extra=fields(study_uid=uid))
 
+    def _short(self, name: str, seq: int) -> int:
+        """How many instances a counts-only study still lacks (0 for a listed one: its missing
+        list says it all)."""
+        study = self.jobs.get_study(name, seq)
+        if study is None or study.source_instances is None:
+            return 0
+        return max(0, study.source_instances - study.received)
+
     def _may_retrieve(self, name: str) -> bool:
         """Pause, cancel and windows are read again before each retrieve: a pause is prompt."""
         try:
@@ -505,8 +520,15 @@ class MigrationRunner:
         from fastroute.migration import inventory
         instances = inventory.list_study(client, study.study_instance_uid, source)
         now = self.clock()
-        study = self.jobs.set_instances(name, study.seq, instances, now=now)
+        counts_only = bool(getattr(instances, "counts_only", False))
+        study = self.jobs.set_instances(
+            name, study.seq, instances, now=now,
+            source_instances=getattr(instances, "source_instances", None) if counts_only else None)
         uid = study.study_instance_uid
+        if counts_only and study.source_instances:
+            log.info("migration %s: study %s: %d instance(s) by count (%s has no IMAGE level)", name, uid,
+                     study.source_instances, source.ae_title, extra=fields(study_uid=uid))
+            return study
         if not instances:
             log.warning("migration %s: study %s lists no instances at %s", name, uid, source.ae_title,
                         extra=fields(study_uid=uid))
