@@ -290,8 +290,8 @@ def _uid_values(value: Any) -> list[str]:
 def fake_archive() -> Iterator[Callable[..., qrpeers.FakeArchive]]:
     started: list[qrpeers.FakeArchive] = []
 
-    def make(**kw: Any) -> qrpeers.FakeArchive:
-        pacs = qrpeers.FakeArchive(**kw)
+    def make(kind: type[qrpeers.FakeArchive] = qrpeers.FakeArchive, **kw: Any) -> qrpeers.FakeArchive:
+        pacs = kind(**kw)
         started.append(pacs)
         return pacs
 
@@ -333,3 +333,103 @@ def test_busy_source_is_backed_off_then_a_failed_list_is_fetched_again_alone(
     assert all(q.identifier.QueryRetrieveLevel == "IMAGE" for q in again)
     assert "0xA702" in r.log_text()
     assert_all_at(orthanc, sop_uids(files), compare=1)
+
+
+class MoveHangingArchive(qrpeers.FakeArchive):
+    """``hang`` for C-MOVE only: the inventory's and the listing's C-FINDs are answered."""
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int, Any]]:
+        hang, self.hang = self.hang, False       # one association at a time (max_associations 1)
+        try:
+            yield from super()._on_find(event)
+        finally:
+            self.hang = hang
+
+
+def _fake_source(router: Callable[..., Router], orthanc: peers.Orthanc,
+                 fake_archive: Callable[..., qrpeers.FakeArchive], files: list[Path],
+                 knobs: dict[str, Any] | None = None, **src: Any) -> tuple[Router, qrpeers.FakeArchive]:
+    """A started FakeArchive (with ``knobs`` set) and a router configured for it (not started)."""
+    r = router(config(orthanc, {}), start=False)
+    kind = MoveHangingArchive if (knobs or {}).get("hang") else qrpeers.FakeArchive
+    pacs = fake_archive(kind, ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)},
+                        **(knobs or {}))
+    pacs.add_files(files)
+    pacs.start()
+    r.write_config(**config(orthanc, {"fake": source("FAKEPACS", pacs.port, **src)}))
+    qrpeers.register_modality(orthanc, "fastroute", ROUTER_AE, r.port)
+    return r, pacs
+
+
+def test_a_final_response_before_the_last_c_store_waits_for_it(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=4, tiny=True)
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, {"early_final": True, "early_final_delay": 2.0})
+    r.start()
+    name = start_job(r, "fake", "--name", "early")
+    assert_done_verified(r, name, study_uids(files), timeout=120)
+    # One C-MOVE: the late C-STORE was waited for, attributed by its Move Originator, not re-fetched.
+    assert [q.command for q in pacs.requests if q.command == "C-MOVE"] == ["C-MOVE"]
+    assert_all_at(orthanc, sop_uids(files), compare=1)
+
+
+def test_a_retrieve_past_its_timeout_is_cancelled_and_what_is_missing_fetched_again(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=4, tiny=True)
+    # the first C-MOVE sends all but its last object, then hangs
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, {"hang": True}, retrieve_timeout=3,
+                           max_associations=1)
+    r.start()
+    name = start_job(r, "fake", "--name", "slow")
+    deadline = time.monotonic() + 60
+    while pacs.cancels == 0 and not any(q.status == 0xFE00 for q in pacs.requests):
+        assert time.monotonic() < deadline, f"{pacs.requests}\n{r.log_tail(40)}"
+        time.sleep(0.1)
+    pacs.hang = False
+    assert_done_verified(r, name, study_uids(files), timeout=120)
+    moves = [q for q in pacs.requests if q.command == "C-MOVE"]
+    assert moves[0].status == 0xFE00 and len(moves) >= 2
+    last = _uid_values(moves[-1].identifier.get("SOPInstanceUID"))
+    assert len(last) == 1, "only the instance the cancelled move did not send is fetched again"
+    assert "retrieve_timeout" in r.log_text()
+
+
+def test_an_unknown_move_destination_is_a_job_error_naming_the_ae_to_register(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=2, tiny=True)
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, {"unknown_destination": True})
+    r.start()
+    name = start_job(r, "fake", "--name", "unregistered")
+    deadline = time.monotonic() + 60
+    while "0xA801" not in (err := status(r, name)["error"]):
+        assert time.monotonic() < deadline, r.log_tail(40)
+        time.sleep(0.2)
+    assert ROUTER_AE in err and str(r.port) in err and "FAKEPACS" in err
+    assert status(r, name)["studies_failed"] == 0      # the source's setup, not the study's fault
+    pacs.unknown_destination = False                   # the operator registered us
+    assert_done_verified(r, name, study_uids(files), timeout=900)
+
+
+def test_pause_stops_new_retrieves_and_resume_finishes(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    studies = [synth_study(n_instances=2, tiny=True, seed=i) for i in range(4)]
+    files = [f for s in studies for f in s]
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, max_associations=1)
+    r.start()
+    name = start_job(r, "fake", "--name", "pausable", "--rate", "1200/h")   # a study per 3 s
+    deadline = time.monotonic() + 60
+    while not any(q.command == "C-MOVE" for q in pacs.requests):
+        assert time.monotonic() < deadline, r.log_tail(40)
+        time.sleep(0.1)
+    r.cli("migrate", "pause", name)
+    time.sleep(1.0)    # a retrieve that had already started may finish
+    moves = len([q for q in pacs.requests if q.command == "C-MOVE"])
+    time.sleep(5.0)    # not synchronisation: a period in which no retrieve may start
+    assert len([q for q in pacs.requests if q.command == "C-MOVE"]) == moves
+    assert status(r, name)["state"] == "paused"
+    r.cli("migrate", "resume", name)
+    assert_done_verified(r, name, study_uids(files), timeout=120)
