@@ -433,3 +433,49 @@ def test_pause_stops_new_retrieves_and_resume_finishes(
     assert status(r, name)["state"] == "paused"
     r.cli("migrate", "resume", name)
     assert_done_verified(r, name, study_uids(files), timeout=120)
+
+
+# -- the process -------------------------------------------------------------------------------
+
+def _started(r: Router, name: str) -> list[int]:
+    import re
+    return [int(p) for p in re.findall(rf"started {name} \(pid (\d+)\)", r.log_text())]
+
+
+def _alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_the_migration_process_runs_with_sources_and_restarts_when_they_change(
+        router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    import os
+    import signal
+
+    from peers import wait_until
+
+    scp = storescp("DEST")
+    dests = {"newpacs": destination(scp.port, "DEST")}
+    r = router({"destinations": dests, "sources": {"oldpacs": source("OLDPACS", 104)}})
+    wait_until(lambda: _started(r, "migration"), 30, message=lambda: r.log_tail())
+    first = _started(r, "migration")[0]
+    assert _alive(first)
+    assert b"fastroute: migration" in Path(f"/proc/{first}/cmdline").read_bytes()
+    listeners = _started(r, "listener-0")
+    assert r.proc is not None
+    r.write_config(sources={"oldpacs": source("OLDPACS", 104, max_associations=4)})
+    os.kill(r.proc.pid, signal.SIGHUP)
+    wait_until(lambda: len(_started(r, "migration")) == 2, 30, message=lambda: r.log_tail())
+    wait_until(lambda: not _alive(first), 30, message="the old migration process kept running")
+    assert "migration (sources)" in r.log_text()
+    assert _started(r, "listener-0") == listeners           # nothing else restarted
+    second = _started(r, "migration")[1]
+    r.write_config(sources={})
+    os.kill(r.proc.pid, signal.SIGHUP)
+    wait_until(lambda: not _alive(second), 30, message="the migration process outlived its sources")
+    wait_until(lambda: "reload applied" in r.log_text().rsplit("reloading configuration", 1)[-1], 30)
+    assert len(_started(r, "migration")) == 2
