@@ -479,3 +479,58 @@ def test_the_migration_process_runs_with_sources_and_restarts_when_they_change(
     wait_until(lambda: not _alive(second), 30, message="the migration process outlived its sources")
     wait_until(lambda: "reload applied" in r.log_text().rsplit("reloading configuration", 1)[-1], 30)
     assert len(_started(r, "migration")) == 2
+
+
+# -- verification ------------------------------------------------------------------------------
+
+LOSE_ONCE = """
+lost = {}
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  local uid = tags['SOPInstanceUID']
+  if uid == '%s' and not lost[uid] then
+    lost[uid] = true
+    Delete(instanceId)
+  end
+end
+"""
+
+
+def test_an_instance_the_destination_lost_is_fetched_again_and_then_verified(
+        router: Callable[..., Router], fake_archive: Callable[..., qrpeers.FakeArchive], tmp_path: Path,
+        synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=4, tiny=True)
+    lost = list(sop_uids(files))[2]
+    lua = tmp_path / "lose-once.lua"
+    lua.write_text(LOSE_ONCE % lost)       # acknowledged, then silently dropped, the first time
+    dest = peers.Orthanc("NEWPACS", workdir=tmp_path / "newpacs", extra_config={"LuaScripts": [str(lua)]})
+    dest.start()
+    try:
+        r, pacs = _fake_source(router, dest, fake_archive, files)
+        r.start()
+        name = start_job(r, "fake", "--name", "lossy-destination")
+        assert_done_verified(r, name, study_uids(files), timeout=120)
+        moves = [q for q in pacs.requests if q.command == "C-MOVE"]
+        assert len(moves) == 2 and _uid_values(moves[1].identifier.get("SOPInstanceUID")) == [lost]
+        assert "not found at the destination" in r.log_text()
+        assert_all_at(dest, sop_uids(files), compare=1)
+        r.stop()
+    finally:
+        dest.stop()
+
+
+def test_no_verify_ends_each_study_delivered(router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP],
+                                             fake_archive: Callable[..., qrpeers.FakeArchive],
+                                             synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_instances=3, tiny=True) + synth_study(modality="MR", n_instances=2, tiny=True)
+    scp = storescp("STORESCP")
+    r = router({"destinations": {"newpacs": destination(scp.port)}}, start=False)
+    pacs = fake_archive(ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)})
+    pacs.add_files(files).start()
+    r.write_config(sources={"fake": source("FAKEPACS", pacs.port)})
+    r.start()
+    name = start_job(r, "fake", "--name", "unverified", "--no-verify")
+    st = wait_state(r, name, {"done", "done-with-errors"}, timeout=120)
+    rows = report(r, name)
+    assert st["state"] == "done" and {row["state"] for row in rows} == {"delivered"}, rows
+    assert all(row["found_at_destination"] in (None, "") for row in rows)
+    assert sorted(p.name for p in scp.wait_for(len(files))) and len(scp.files()) == len(files)

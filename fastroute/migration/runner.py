@@ -479,6 +479,11 @@ class MigrationRunner:
             # again; what arrives is attributed by its Move Originator all the same.
             units = [Unit(Level.STUDY, {"StudyInstanceUID": uid}, (), frozenset())]
         outcome = self._retrieve(name, spec, source, calling, study, units)
+        if self.stop.is_set() or self.jobs.state(name) is JobState.CANCELLED:
+            # Our own shutdown or a cancel aborted it: not the study's fault. What arrived is
+            # attributed by the next run (or stays in the report of the cancelled job).
+            self.jobs.update_study(name, seq, attempts=max(0, study.attempts - 1))
+            return
         missing = self._attribute(name, study, wait_for=outcome.expected, since=outcome.started)
         if not missing and not self._short(name, seq):
             self._received_all(name, spec, study)
