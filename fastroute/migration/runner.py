@@ -370,6 +370,8 @@ class MigrationRunner:
         client = self.client(source, calling)
         try:
             inventory.run_inventory(client, self.jobs, name, spec, source, stop=self.stop)
+        except inventory.InventoryInterrupted:
+            return            # stopping, paused or cancelled: its progress is kept for the next run
         except (QueryFailed, RetrieveFailed, OSError) as exc:
             self._source_trouble(name, source, getattr(exc, "status", None), f"inventory: {exc}")
             return
@@ -461,9 +463,11 @@ class MigrationRunner:
             return
         if study.attempts >= MAX_ATTEMPTS:
             last = f" (last: {study.reason})" if study.reason else ""
-            self.jobs.update_study(name, seq, state=StudyState.FAILED,
-                                   reason=f"{len(missing)} instance(s) not received after {study.attempts} "
-                                          f"retrieve(s){last}: {_uid_list(i.sop_instance_uid for i in missing)}")
+            what = (f"{len(missing)} instance(s) not received after {study.attempts} retrieve(s){last}: "
+                    f"{_uid_list(i.sop_instance_uid for i in missing)}" if missing else
+                    f"{self._short(name, seq)} instance(s) the source counts but never sent or listed "
+                    f"({study.attempts} retrieve(s)){last}")
+            self.jobs.update_study(name, seq, state=StudyState.FAILED, reason=what)
             log.error("migration %s: study %s failed: %d instance(s) missing after %d retrieves from %s",
                       name, uid, len(missing), study.attempts, source.ae_title, extra=fields(study_uid=uid))
             return
@@ -525,10 +529,10 @@ class MigrationRunner:
         from fastroute.migration import inventory
         instances = inventory.list_study(client, study.study_instance_uid, source)
         now = self.clock()
-        counts_only = bool(getattr(instances, "counts_only", False))
-        study = self.jobs.set_instances(
-            name, study.seq, instances, now=now,
-            source_instances=getattr(instances, "source_instances", None) if counts_only else None)
+        counts_only = instances.counts_only
+        # The source's own count: more than the list where a series listed short of it.
+        study = self.jobs.set_instances(name, study.seq, instances, now=now,
+                                        source_instances=instances.source_instances)
         uid = study.study_instance_uid
         if counts_only and study.source_instances:
             log.info("migration %s: study %s: %d instance(s) by count (%s has no IMAGE level)", name, uid,
