@@ -464,7 +464,8 @@ def test_the_migration_process_runs_with_sources_and_restarts_when_they_change(
     wait_until(lambda: _started(r, "migration"), 30, message=lambda: r.log_tail())
     first = _started(r, "migration")[0]
     assert _alive(first)
-    assert b"fastroute: migration" in Path(f"/proc/{first}/cmdline").read_bytes()
+    wait_until(lambda: b"fastroute: migration" in Path(f"/proc/{first}/cmdline").read_bytes(), 30,
+               message="the migration process has no title of its own")
     listeners = _started(r, "listener-0")
     assert r.proc is not None
     r.write_config(sources={"oldpacs": source("OLDPACS", 104, max_associations=4)})
