@@ -535,3 +535,28 @@ def test_no_verify_ends_each_study_delivered(router: Callable[..., Router], stor
     assert st["state"] == "done" and {row["state"] for row in rows} == {"delivered"}, rows
     assert all(row["found_at_destination"] in (None, "") for row in rows)
     assert sorted(p.name for p in scp.wait_for(len(files))) and len(scp.files()) == len(files)
+
+
+def test_cancel_aborts_the_retrieve_in_flight_and_starts_no_other(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    studies = [synth_study(n_instances=2, tiny=True, seed=i) for i in range(3)]
+    files = [f for s in studies for f in s]
+    # Every C-MOVE hangs (never ends by itself): only the cancel can end the first one.
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, {"hang": True, "ignore_cancel": True},
+                           max_associations=1)
+    r.start()
+    name = start_job(r, "fake", "--name", "cancelled")
+    deadline = time.monotonic() + 60
+    while not any(q.command == "C-MOVE" for q in pacs.requests):
+        assert time.monotonic() < deadline, r.log_tail(40)
+        time.sleep(0.1)
+    r.cli("migrate", "cancel", name)
+    wait_until_log = time.monotonic() + 30
+    while "cancelled: aborting its retrieve in flight" not in r.log_text():
+        assert time.monotonic() < wait_until_log, r.log_tail(40)
+        time.sleep(0.2)
+    time.sleep(3.0)    # not synchronisation: a period in which no retrieve may start
+    assert len([q for q in pacs.requests if q.command == "C-MOVE"]) == 1
+    st = status(r, name)
+    assert st["state"] == "cancelled" and st["studies_verified"] == 0
