@@ -856,6 +856,12 @@ class MigrationRunner:
                 self.jobs.update_study(name, study.seq, next_at=now + POLL, now=now)
 
     def _start_verifications(self, name: str, spec: JobSpec, now: float) -> None:
+        cannot = [d for d in spec.destinations if not self.cfg.destinations[d].query]
+        if cannot:
+            # `migrate start` refuses this; a reload may have turned `query` off since.
+            self.jobs.set_error(name, f"cannot verify at {', '.join(cannot)}: 'query: true' is not set there "
+                                      "(studies wait in verifying until it is)")
+            return
         for study in self.jobs.due(name, StudyState.VERIFYING, DUE_BATCH, now):
             key = (name, study.seq)
             with self._lock:
