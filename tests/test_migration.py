@@ -348,7 +348,8 @@ class MoveHangingArchive(qrpeers.FakeArchive):
 
 def _fake_source(router: Callable[..., Router], orthanc: peers.Orthanc,
                  fake_archive: Callable[..., qrpeers.FakeArchive], files: list[Path],
-                 knobs: dict[str, Any] | None = None, **src: Any) -> tuple[Router, qrpeers.FakeArchive]:
+                 knobs: dict[str, Any] | None = None, *, max_attempts: int | None = None,
+                 **src: Any) -> tuple[Router, qrpeers.FakeArchive]:
     """A started FakeArchive (with ``knobs`` set) and a router configured for it (not started)."""
     r = router(config(orthanc, {}), start=False)
     kind = MoveHangingArchive if (knobs or {}).get("hang") else qrpeers.FakeArchive
@@ -356,7 +357,8 @@ def _fake_source(router: Callable[..., Router], orthanc: peers.Orthanc,
                         **(knobs or {}))
     pacs.add_files(files)
     pacs.start()
-    r.write_config(**config(orthanc, {"fake": source("FAKEPACS", pacs.port, **src)}))
+    dest_extra = {} if max_attempts is None else {"max_attempts": max_attempts}
+    r.write_config(**config(orthanc, {"fake": source("FAKEPACS", pacs.port, **src)}, **dest_extra))
     qrpeers.register_modality(orthanc, "fastroute", ROUTER_AE, r.port)
     return r, pacs
 
@@ -560,3 +562,40 @@ def test_cancel_aborts_the_retrieve_in_flight_and_starts_no_other(
     assert len([q for q in pacs.requests if q.command == "C-MOVE"]) == 1
     st = status(r, name)
     assert st["state"] == "cancelled" and st["studies_verified"] == 0
+
+
+DISCARD = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  return dicom.SOPInstanceUID ~= '%s'
+end
+"""
+
+
+def test_an_instance_the_destination_always_discards_fails_its_study_with_the_list(
+        router: Callable[..., Router], fake_archive: Callable[..., qrpeers.FakeArchive], tmp_path: Path,
+        synth_study: Callable[..., list[Path]]) -> None:
+    lossy = synth_study(n_instances=3, tiny=True)
+    fine = synth_study(modality="MR", n_instances=2, tiny=True)
+    lost = list(sop_uids(lossy))[1]
+    lua = tmp_path / "discard.lua"
+    lua.write_text(DISCARD % lost)     # Orthanc 1.10 answers Success and keeps nothing
+    dest = peers.Orthanc("NEWPACS", workdir=tmp_path / "newpacs", extra_config={"LuaScripts": [str(lua)]})
+    dest.start()
+    try:
+        r, pacs = _fake_source(router, dest, fake_archive, lossy + fine)
+        r.start()
+        name = start_job(r, "fake", "--name", "discarding-destination")
+        st = wait_state(r, name, {"done", "done-with-errors"}, timeout=180)
+        rows = {row["study_instance_uid"]: row for row in report(r, name)}
+        bad, good = rows[next(iter(study_uids(lossy)))], rows[next(iter(study_uids(fine)))]
+        assert st["state"] == "done-with-errors" and st["studies_failed"] == 1, st
+        assert good["state"] == "verified"
+        assert bad["state"] == "failed" and bad["found_at_destination"] == 2
+        assert bad["reason"] == f"1 of 3 instance(s) not found at the destination: {lost}", bad
+        # fetched again after each failed verification, by its UID alone
+        again = [q for q in pacs.requests if q.command == "C-MOVE"
+                 and _uid_values(q.identifier.get("SOPInstanceUID")) == [lost]]
+        assert len(again) == 2, pacs.requests
+        r.stop()
+    finally:
+        dest.stop()
