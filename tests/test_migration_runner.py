@@ -74,3 +74,17 @@ def test_throttle_spaces_retrieves_by_studies_per_hour_or_instances_per_second()
 def test_message_ids_are_unique_and_wrap_within_16_bits() -> None:
     ids = MessageIds(65534)
     assert [ids.take() for _ in range(4)] == [65534, 65535, 1, 2]
+
+
+def test_a_copy_a_destination_gave_up_on_names_the_destination_and_status() -> None:
+    from fastroute.migration.runner import _delivered_everywhere, _refused
+    from fastroute.spool.records import Delivery, Failure, RoutingRecord
+
+    rec = RoutingRecord(CT, "1.2.3.4", "1.2.840.10008.1.2.1", 10, 0.0, outstanding=[], routed_to=["a", "b"],
+                        delivered={"a": Delivery(1.0, 0)}, failed={"b": Failure(2.0, 0x0122, "no context\n")})
+    assert not _delivered_everywhere(rec, ["a", "b"]) and _delivered_everywhere(rec, ["a"])
+    why = _refused(rec, ["a", "b"])
+    assert why.startswith("b refused 1.2.3.4 (1.2.840.10008.5.1.4.1.1.2): 0x0122") and "\\n" in why
+    still_trying = RoutingRecord(CT, "1.2.3.4", "1.2.840.10008.1.2.1", 10, 0.0, outstanding=["b"],
+                                 failed={"b": Failure(2.0, 0xA700, "busy")})
+    assert _refused(still_trying, ["b"]) == ""      # a retry is still due: not refused yet
