@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from fastroute.config import SourceConfig
 from fastroute.dicom.qr import Level, QueryFailed
-from fastroute.migration.inventory import NOT_FOUND, date_bounds, list_study, run_inventory
+from fastroute.migration.inventory import NOT_FOUND, InventoryInterrupted, date_bounds, list_study, run_inventory
 from fastroute.spool import Spool
 from fastroute.spool.jobs import JobSpec, JobState, StudyState
 
@@ -62,6 +62,8 @@ class FakeSource:
                  busy_over: int | None = None, empty: str = "honour") -> None:
         self.studies = sorted(studies, key=lambda s: (s.date, s.time))
         self.dates = [s.date for s in self.studies]
+        self.by_pid = sorted(studies, key=lambda s: s.patient_id)    # undated PatientID* queries
+        self.pids = [s.patient_id for s in self.by_pid]
         self.limit, self.timeout_over, self.busy_over, self.empty = limit, timeout_over, busy_over, empty
         self.queries: list[dict[str, Any]] = []
         self.answered = 0
@@ -80,6 +82,11 @@ class FakeSource:
                 return self.studies[:bisect.bisect_right(self.dates, "")]
             date = ""
         if not date:
+            pid = str(keys.get("PatientID") or "")
+            if pid.endswith("*") and "*" not in pid[:-1]:
+                a = bisect.bisect_left(self.pids, pid[:-1])
+                b = bisect.bisect_left(self.pids, pid[:-1] + "\U0010ffff")
+                return self.by_pid[a:b]
             return self.studies
         lo, _, hi = date.partition("-") if "-" in date else (date, "", date)
         a = bisect.bisect_left(self.dates, lo or "00000000")
@@ -107,8 +114,8 @@ class FakeSource:
 
     def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
              timeout: float | None = None) -> Iterator[Dataset]:
-        assert isinstance(identifier, Mapping)
-        keys = dict(identifier)
+        keys = (dict(identifier) if isinstance(identifier, Mapping)
+                else {e.keyword: e.value for e in identifier if e.keyword != "QueryRetrieveLevel"})
         self.queries.append(keys)
         if self.crash_after is not None and len(self.queries) > self.crash_after:
             raise Crash(f"killed at query {len(self.queries)}")
@@ -239,6 +246,9 @@ def test_one_day_too_large_is_split_by_study_time_and_said(spool: Spool) -> None
     assert any(str(q.get("StudyTime", "")).count("-") == 1 for q in fake.queries)
     err = spool.jobs.status(name).error
     assert "OLDPACS has more than 40 studies on 20220202" in err and "StudyTime" in err
+    # the note outlives the job error (which the runner clears when the inventory is done)
+    spool.jobs.set_error(name, "")
+    assert any("20220202" in n for n in spool.jobs.status(name).inventory_notes)
 
 
 def test_a_time_slot_that_cannot_be_split_is_reported(spool: Spool) -> None:
@@ -338,7 +348,8 @@ def test_stop_event_ends_the_run_and_keeps_the_place(spool: Spool) -> None:
     fake = FakeSource(studies, limit=20)
     fake.stop_after = (5, stop)
     name, spec = start(spool)
-    run_inventory(fake, spool.jobs, name, spec, source(max_results=20), stop=stop, today=TODAY)
+    with pytest.raises(InventoryInterrupted, match="router is stopping; it continues where it stopped"):
+        run_inventory(fake, spool.jobs, name, spec, source(max_results=20), stop=stop, today=TODAY)
     assert len(fake.queries) == 5 and spool.jobs.inventory_progress(name)["phase"] == "dates"
     rest = FakeSource(studies, limit=20)
     run_inventory(rest, spool.jobs, name, spec, source(max_results=20), today=TODAY)
@@ -368,6 +379,14 @@ def test_list_study_image_level_and_counts_only() -> None:
     counts = list_study(FakeSource([s]), "1.9", source(image_level=False))
     assert list(counts) == [] and counts.counts_only and counts.source_instances == 3
 
+    class Capped(FakeSource):       # IMAGE-level answers capped at one match
+        def _lower(self, level: Level, keys: dict[str, Any]) -> Iterator[Dataset]:
+            for n, ds in enumerate(super()._lower(level, keys)):
+                if level is Level.SERIES or n < 1:
+                    yield ds
+    short = list_study(Capped([s]), "1.9", source())
+    assert len(short) == 2 and short.source_instances == 3 and not short.counts_only
+
 
 def _rss_anon() -> int:
     """This process's anonymous resident memory (the Python heap; not the LMDB map's file pages)."""
@@ -379,7 +398,8 @@ def _rss_anon() -> int:
 
 
 def test_scale_100k_studies_bounded_memory(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """100,000 studies over 4 years, max_results 1000: the process's anonymous memory (sampled
+    """100,000 studies over 4 years (100 without StudyDate, found by empty-value matching),
+    max_results 1000: the process's anonymous memory (sampled
     every 20 ms: tracemalloc would slow this run several times) grows far less than holding
     the inventory would take (100,000 StudyRecords are ~50 MB); time printed. The time includes
     the fake source building ~230,000 pydicom Datasets (capped answers are read up to the cap
@@ -387,8 +407,9 @@ def test_scale_100k_studies_bounded_memory(spool: Spool, monkeypatch: pytest.Mon
     monkeypatch.setattr(pydicom_config.settings, "writing_validation_mode", pydicom_config.IGNORE)
     monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
     n = 100_000
-    studies = [FakeStudy(f"1.2.826.0.1.3680043.2.{i}", date=(dt.date(2020, 1, 1) + dt.timedelta(days=i * 1461 // n)).strftime("%Y%m%d"),
-                         time="120000", patient_id=f"P{i % 9973}", accession=f"A{i}") for i in range(n)]
+    studies = [FakeStudy(f"1.2.826.0.1.3680043.2.{i}", time="120000", patient_id=f"P{i % 9973}", accession=f"A{i}",
+                         date="" if i % 1000 == 7 else (dt.date(2020, 1, 1) + dt.timedelta(days=i * 1461 // n)).strftime("%Y%m%d"))
+               for i in range(n)]
     fake = FakeSource(studies, limit=1000)
     name, spec = start(spool)
     gc.collect()
@@ -413,6 +434,7 @@ def test_scale_100k_studies_bounded_memory(spool: Spool, monkeypatch: pytest.Mon
     print(f"\ninventory of {n} studies: {elapsed:.1f} s ({n / elapsed:.0f} studies/s), {len(fake.queries)} C-FINDs, "
           f"{fake.answered} matches read, anonymous memory growth {(peak - base) / 1e6:.1f} MB")
     assert st.studies_total == n and st.instances_expected == 3 * n
+    assert not any(str(q.get("PatientID", "")).endswith("*") for q in fake.queries)   # "" was honoured
     assert peak - base < 20e6, f"the inventory grew the heap by {(peak - base) / 1e6:.1f} MB"
 
 
@@ -450,3 +472,47 @@ def test_inventory_over_the_network_against_the_fake_archive(spool: Spool) -> No
     assert sorted(i.sop_instance_uid for i in listing) == sorted(
         f"{gen.study_uid(3)}.{s}.{k}" for s in range(2) for k in range(2))
     assert {i.series_instance_uid for i in listing} == {f"{gen.study_uid(3)}.{s}" for s in range(2)}
+
+
+def test_studies_file_lookup_resumes_after_a_crash(tmp_path: Path) -> None:
+    studies = spread(30, dt.date(2020, 1, 1), 30)
+    entries = tuple(s.uid for s in studies) + ("1.2.3.404",)
+    path = tmp_path / "s"
+    sp = Spool(path, map_size=64 * 1024**2)
+    name, spec = start(sp, studies=entries)
+    fake = FakeSource(studies)
+    fake.crash_after = 17
+    with pytest.raises(Crash):
+        run_inventory(fake, sp.jobs, name, spec, source(), today=TODAY, batch=5)
+    done_before = sp.jobs.inventory_progress(name)["next"]
+    sp.close()
+    assert done_before == 15                     # three batches of five were committed
+    sp = Spool(path, map_size=64 * 1024**2)
+    try:
+        again = FakeSource(studies)
+        run_inventory(again, sp.jobs, name, sp.jobs.spec(name), source(), today=TODAY, batch=5)
+        got = uids(sp, name)
+        assert len(got) == len(set(got)) == 31
+        asked = [q["StudyInstanceUID"] for q in again.queries if q["StudyInstanceUID"]]
+        assert asked[0] == studies[15].uid and len(asked) == 15 + 1     # the rest, and 1.2.3.404
+    finally:
+        sp.close()
+
+
+def test_pausing_the_job_interrupts_its_inventory(spool: Spool) -> None:
+    studies = spread(200, dt.date(2020, 1, 1), 300)
+
+    class PausedOnThird(FakeSource):
+        def find(self, level: Level, identifier: Dataset | Mapping[str, Any], *,
+                 timeout: float | None = None) -> Iterator[Dataset]:
+            if len(self.queries) == 2:
+                spool.jobs.pause(name)              # an operator, from another process
+            return super().find(level, identifier, timeout=timeout)
+    fake = PausedOnThird(studies, limit=20)
+    name, spec = start(spool)
+    with pytest.raises(InventoryInterrupted, match="the job is paused"):
+        run_inventory(fake, spool.jobs, name, spec, source(max_results=20), today=TODAY)
+    assert len(fake.queries) == 3 and not spool.jobs.status(name).inventory_done
+    assert spool.jobs.resume(name).state is JobState.INVENTORY
+    run_inventory(FakeSource(studies, limit=20), spool.jobs, name, spec, source(max_results=20), today=TODAY)
+    assert sorted(uids(spool, name)) == sorted(s.uid for s in studies)

@@ -333,3 +333,40 @@ def test_parse_rate() -> None:
         with pytest.raises(ValueError, match="bad rate") as info:
             parse_rate(bad)
         assert repr(bad) in str(info.value)
+
+
+def test_instance_records_are_compact_and_round_trip(spool: Spool) -> None:
+    """A migration may hold 100M instance records: the packed value stays near its content."""
+    from fastroute.spool.jobs import _decode_inst, _encode_inst
+
+    sop = "1.2.826.0.1.3680043.8.498.12345678901234567890.1.2.3.4.5.6.7"
+    series = "1.2.826.0.1.3680043.8.498.12345678901234567890.1.2.3.4.5"
+    digest = "ab" * 32
+    rec = InstanceRecord(sop, series, "1.2.840.10008.5.1.4.1.1.2", oid=2**40 + 3, digest=digest,
+                         delivered=True, found=False, received=True, conflict=True)
+    raw = _encode_inst(rec)
+    assert _decode_inst(sop, raw) == rec
+    assert len(raw) <= 9 + 2 + 3 + 1 + 25 + 32          # flags+oid, series suffix, class, digest
+    odd = InstanceRecord("9.9", "1.2.3", "", digest="not hex é")
+    assert _decode_inst("9.9", _encode_inst(odd)) == odd
+    bare = InstanceRecord("9.8")
+    assert _decode_inst("9.8", _encode_inst(bare)) == bare and len(_encode_inst(bare)) == 12
+
+
+def test_retry_crosses_batches_and_leaves_final_successes(spool: Spool) -> None:
+    jobs = spool.jobs
+    name = jobs.create(JobSpec(name="many", source="old", destinations=("new",)))
+    jobs.add_studies(name, [StudyRecord(seq=-1, study_instance_uid=f"5.{i}") for i in range(1203)])
+    other = make_job(jobs, "zz-other", n=3)
+    jobs.update_study(other, 0, state=StudyState.FAILED, reason="x")
+    jobs.inventory_done(name)
+    for seq in range(1203):
+        jobs.update_study(name, seq, state=StudyState.VERIFIED if seq % 3 == 0 else StudyState.FAILED,
+                          reason="" if seq % 3 == 0 else "no answer", add_attempt=True)
+    assert jobs.finish(name) is JobState.DONE_WITH_ERRORS
+    assert jobs.retry(name) == 802
+    st = jobs.status(name)
+    assert st.state is JobState.RUNNING and st.studies_by_state == {"verified": 401, "pending": 802}
+    assert all(r.reason == "" and r.attempts == 0 for r in jobs.report(name) if r.state is StudyState.PENDING)
+    assert jobs.count(other, StudyState.FAILED) == 1          # another job's studies untouched
+    assert len(jobs.due(name, StudyState.PENDING, 2000)) == 802

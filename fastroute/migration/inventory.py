@@ -29,12 +29,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from fastroute.config import SourceConfig
 from fastroute.dicom.qr import Level, QueryFailed
 from fastroute.logsetup import fields
-from fastroute.spool.jobs import InstanceRecord, Jobs, JobSpec, StudyRecord, StudyState
+from fastroute.spool.jobs import InstanceRecord, Jobs, JobSpec, JobState, StudyRecord, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,12 @@ STUDY_RETURN_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyD
                      "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
 NOT_FOUND = "not found at source"
+EMPTY_VALUE = '""'               # empty-value matching (PS3.4 C.2.2.2.1)
+
+
+class InventoryInterrupted(Exception):
+    """The inventory stopped before it was complete (router stopping, job paused or
+    cancelled): the job's inventory is NOT done; its progress is kept for the next run."""
 
 
 class FindClient(Protocol):
@@ -182,23 +191,38 @@ class Inventory:
         return self.stop is not None and self.stop.is_set()
 
     def run(self) -> int:
-        """Until the inventory is complete or ``stop`` is set; how many studies were added."""
+        """Until the inventory is complete; how many studies were added. InventoryInterrupted
+        when ``stop`` is set or the job leaves the ``inventory`` state (paused, cancelled)
+        first: the progress is kept, and the next run continues from it."""
         self._start()
         t0 = time.monotonic()
-        while not self._stopped():
-            phase = self.progress["phase"]
-            if phase == "done":
+        why = ""
+        while self.progress["phase"] != "done":
+            if self._stopped():
+                why = "the router is stopping"
+                break
+            state = self.jobs.state(self.name)
+            if state is not JobState.INVENTORY:
+                why = f"the job is {state}"
                 break
             step = {"studies": self._studies_step, "dates": self._dates_step,
-                    "empty": self._empty_step, "fallback": self._fallback_step}[phase]
+                    "empty": self._empty_step, "fallback": self._fallback_step}[self.progress["phase"]]
             step()
         log.info("migration %s: inventory of %s %s: %d new studies, %d queries, %.1f s", self.name,
-                 self.source.ae_title, "done" if self.progress["phase"] == "done" else "stopped",
+                 self.source.ae_title, f"interrupted ({why})" if why else "done",
                  self.added, self.progress.get("queries", 0), time.monotonic() - t0)
+        if why:
+            raise InventoryInterrupted(f"inventory of job {self.name} at {self.source.ae_title} interrupted: "
+                                       f"{why}; it continues where it stopped")
         return self.added
 
     def _commit(self, studies: list[StudyRecord]) -> None:
-        """The batch that completes a step, with the progress after it: one transaction."""
+        """The batch that completes a step, with the progress after it: one transaction. The
+        progress lives in the job record, rewritten with every study update: once done, only
+        its summary is kept."""
+        if self.progress["phase"] == "done":
+            for key in ("todo", "fb", "next"):
+                self.progress.pop(key, None)
         self.added += self.jobs.add_studies(self.name, studies, progress=self.progress)
 
     def _note(self, text: str) -> None:
@@ -222,7 +246,7 @@ class Inventory:
         buf: list[StudyRecord] = []
         answer: Iterator[Dataset] | None = None
         try:
-            answer = self.client.find(level, dict(keys), timeout=self.source.query_timeout)
+            answer = self.client.find(level, identifier(keys), timeout=self.source.query_timeout)
             for ds in answer:
                 n += 1
                 rec = study_record(ds)
@@ -262,7 +286,7 @@ class Inventory:
         keys["StudyDate"] = lo if lo == hi else f"{lo}-{hi}"
         keep = None
         if tlo == -1:
-            keys["StudyTime"] = '""'
+            keys["StudyTime"] = EMPTY_VALUE
             keep = _no_time
         elif tlo is not None:
             keys["StudyTime"] = f"{_hms(tlo)}-{_hms(thi)}"
@@ -294,7 +318,7 @@ class Inventory:
         """Studies with an empty StudyDate, by empty-value matching; the fallback when the
         source's answer shows it does not honour it (dated matches, capped, refused)."""
         keys = dict(self.keys)
-        keys["StudyDate"] = '""'
+        keys["StudyDate"] = EMPTY_VALUE
         honoured = True
 
         def keep(rec: StudyRecord, ds: Dataset) -> bool:
@@ -389,6 +413,21 @@ class Inventory:
         return None
 
 
+def identifier(keys: Mapping[str, Any]) -> Dataset:
+    """A C-FIND identifier from {keyword: value}; the empty-value key ``""`` is set without
+    pydicom's value validation (it is valid in a query, not as a date, and would warn)."""
+    ds = Dataset()
+    for keyword, value in keys.items():
+        if value == EMPTY_VALUE:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise KeyError(f"{keyword!r} is not a DICOM keyword")
+            ds.add(DataElement(tag, dictionary_VR(tag), value, validation_mode=pydicom_config.IGNORE))
+        else:
+            setattr(ds, keyword, "" if value is None else value)
+    return ds
+
+
 def _no_date(rec: StudyRecord, ds: Dataset) -> bool:
     return not rec.study_date
 
@@ -406,9 +445,10 @@ def run_inventory(client: FindClient, jobs: Jobs, name: str, spec: JobSpec, sour
                   stop: threading.Event | None = None, batch: int = BATCH,
                   today: dt.date | None = None) -> int:
     """Inventory ``name``'s studies at ``source`` into the spool, resuming where a previous run
-    stopped; returns how many studies it added. The caller marks the job's inventory done
-    (:meth:`Jobs.inventory_done`) when this returns without ``stop`` set; QueryFailed (source
-    down, a failure status) propagates, with the progress kept."""
+    stopped; returns how many studies it added, and only when the inventory is complete: the
+    caller then marks it done (:meth:`Jobs.inventory_done`). InventoryInterrupted (``stop`` set,
+    job paused or cancelled) and QueryFailed (source down, a failure status) propagate, with
+    the progress kept; the caller must NOT mark the inventory done then."""
     return Inventory(client, jobs, name, spec, source, stop=stop, batch=batch, today=today).run()
 
 
@@ -422,7 +462,8 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
 
     A source without IMAGE level (``source.image_level`` false) gives a counts-only listing:
     the sum of NumberOfSeriesRelatedInstances (or the study's NumberOfStudyRelatedInstances when
-    the series do not say)."""
+    the series do not say). Pass ``listing.source_instances`` to :meth:`Jobs.set_instances`: it
+    is more than ``len(listing)`` where a series listed fewer instances than it counts."""
     series: list[tuple[str, str, int | None]] = []
     for ds in client.find(Level.SERIES, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "",
                                          "Modality": "", "NumberOfSeriesRelatedInstances": ""},
@@ -441,6 +482,7 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
                 total = _int(ds, "NumberOfStudyRelatedInstances") or 0
         return Listing(source_instances=total, counts_only=True)
     out: dict[str, InstanceRecord] = {}
+    short = 0
     for series_uid, _modality, expected in series:
         got = 0
         for ds in client.find(Level.IMAGE, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
@@ -454,8 +496,11 @@ def list_study(client: FindClient, study_uid: str, source: SourceConfig) -> List
         if expected is not None and got < expected:
             log.warning("study %s series %s: %s lists %d of the %d instances it counts", study_uid,
                         series_uid, source.ae_title, got, expected, extra=fields(study_uid=study_uid))
-    return Listing(out.values())
+            short += expected - got
+    # an archive that caps the IMAGE-level answer lists fewer than it counts: the count stays
+    # the expectation, so such a study is never taken as complete on the short list alone
+    return Listing(out.values(), source_instances=len(out) + short)
 
 
-__all__ = ["run_inventory", "Inventory", "list_study", "Listing", "study_record", "date_bounds",
+__all__ = ["run_inventory", "Inventory", "InventoryInterrupted", "list_study", "Listing", "study_record", "date_bounds",
            "looks_like_uid", "inventory_complete", "NOT_FOUND", "FindClient"]

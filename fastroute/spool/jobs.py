@@ -14,7 +14,7 @@ Sub-databases (opened by :class:`fastroute.spool.store.Spool`):
 ``mjob``   job name -> job record (JSON: spec, state, totals, rate samples)
 ``mstudy`` job name 0x00 u64 seq -> study record (JSON), seq = inventory order
 ``mstuid`` job name 0x00 Study Instance UID -> u64 seq (one study once per job)
-``minst``  job name 0x00 u64 seq 0x00 SOP Instance UID -> instance record (packed/JSON)
+``minst``  job name 0x00 u64 seq 0x00 SOP Instance UID -> instance record (packed, _encode_inst)
 ``mwork``  job name 0x00 state code 0x00 u64 next_at (ms) u64 seq -> b"" : non-final studies by
            state, earliest due first, so the runner finds the next study to retrieve/verify
            without scanning the inventory
@@ -191,12 +191,14 @@ class JobStatus:
     instances_found: int = 0    # found at the destination by the last verifications
     conflicts: int = 0          # SOP UIDs received twice with different content
     inventory_done: bool = False
+    inventory_notes: list[str] = field(default_factory=list)   # what the inventory could not do cleanly
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["state"] = str(self.state)
         out["destinations"] = list(self.destinations)
         out["studies_by_state"] = dict(self.studies_by_state)
+        out["inventory_notes"] = list(self.inventory_notes)
         return out
 
 
@@ -294,7 +296,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _U64 = struct.Struct(">Q")
 _WORK = struct.Struct(">QQ")          # next_at (ms), seq
 _INST = struct.Struct(">BQ")          # flags, oid
-_F_RECEIVED, _F_DELIVERED, _F_FOUND, _F_CONFLICT = 1, 2, 4, 8
+_F_RECEIVED, _F_DELIVERED, _F_FOUND, _F_CONFLICT, _F_HEXDIGEST = 1, 2, 4, 8, 16
+_HEX_RE = re.compile(r"[0-9a-f]+")
 _SPEC_SUFFIX = b"\x00spec"            # mjob: name -> job record, name 0x00 "spec" -> the spec
 _FINAL_JOB = frozenset({JobState.DONE, JobState.DONE_WITH_ERRORS, JobState.CANCELLED})
 _STATE_CODE = {StudyState.PENDING: b"p", StudyState.LISTED: b"l", StudyState.RETRIEVING: b"r",
@@ -338,18 +341,42 @@ def _decode_study(seq: int, raw: bytes | memoryview) -> StudyRecord:
     return StudyRecord(seq=seq, **kw)
 
 
+def _common(a: str, b: str) -> int:
+    n = min(len(a), len(b), 255)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _encode_inst(r: InstanceRecord) -> bytes:
+    """Packed, as a migration may hold 100M of these: flags and oid; the Series UID as the
+    length of its common prefix with the SOP UID (the key) plus the rest; the SOP Class UID;
+    the digest as raw bytes when it is hex (half the size), else as text."""
     flags = ((_F_RECEIVED if r.received else 0) | (_F_DELIVERED if r.delivered else 0)
              | (_F_FOUND if r.found else 0) | (_F_CONFLICT if r.conflict else 0))
-    tail = "\x00".join((r.series_instance_uid, r.sop_class_uid, r.digest))
-    return _INST.pack(flags, r.oid or 0) + (tail.encode() if tail != "\x00\x00" else b"")
+    series, sop_class = r.series_instance_uid.encode()[:255], r.sop_class_uid.encode()[:255]
+    cp = _common(r.series_instance_uid, r.sop_instance_uid) if r.series_instance_uid.isascii() else 0
+    digest = r.digest.encode()
+    if r.digest and len(r.digest) % 2 == 0 and _HEX_RE.fullmatch(r.digest):
+        flags |= _F_HEXDIGEST
+        digest = bytes.fromhex(r.digest)
+    rest = series[cp:]
+    return b"".join((_INST.pack(flags, r.oid or 0), bytes((cp, len(rest))), rest,
+                     bytes((len(sop_class),)), sop_class, digest))
 
 
 def _decode_inst(sop: str, raw: bytes | memoryview) -> InstanceRecord:
     b = bytes(raw)
     flags, oid = _INST.unpack_from(b)
-    series, sop_class, digest = (b[_INST.size:].decode().split("\x00") if len(b) > _INST.size
-                                 else ("", "", ""))
+    i = _INST.size
+    cp, n = b[i], b[i + 1]
+    series = sop[:cp] + b[i + 2:i + 2 + n].decode()
+    i += 2 + n
+    n = b[i]
+    sop_class = b[i + 1:i + 1 + n].decode()
+    tail = b[i + 1 + n:]
+    digest = tail.hex() if flags & _F_HEXDIGEST else tail.decode()
     received = bool(flags & _F_RECEIVED)
     return InstanceRecord(sop_instance_uid=sop, series_instance_uid=series, sop_class_uid=sop_class,
                           oid=oid if received else None, digest=digest,
@@ -522,7 +549,8 @@ class Jobs:
                          instances_delivered=job["dlv"], rate=round(rate, 3), eta_s=eta,
                          source=job["src"], destinations=tuple(job["dst"]), studies_done=done,
                          studies_by_state=by, error=job["err"], created_at=job["ca"], updated_at=job["ua"],
-                         instances_found=job["fnd"], conflicts=job["cfl"], inventory_done=job["inv_done"])
+                         instances_found=job["fnd"], conflicts=job["cfl"], inventory_done=job["inv_done"],
+                         inventory_notes=list(job["inv"].get("notes", ())))
 
     def _transition(self, name: str, allowed: Iterable[JobState], verb: str,
                     to: Callable[[dict[str, Any]], JobState]) -> JobStatus:
