@@ -367,6 +367,8 @@ def _print_job(doc: dict[str, Any]) -> None:
     print(f"  asked: {'; '.join(limits)}")
     if doc.get("error"):
         print(f"  error: {doc['error']}")
+    for note in doc.get("inventory_notes") or ():
+        print(f"  inventory note: {note}")
 
 
 def cmd_migrate_start(args: argparse.Namespace) -> int:

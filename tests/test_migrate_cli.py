@@ -158,10 +158,12 @@ def test_status_text_and_counts_follow_the_runner(cfgfile: Path, capsys: pytest.
     spool = spool_of(cfgfile)
     try:
         spool.jobs.set_error("j", "OLDPACS answered 0xA801: register AE FASTROUTE as a move destination there")
+        spool.jobs.save_inventory_progress("j", {"notes": ["StudyDate 20190101-20190101 still capped at 1 day"]})
     finally:
         spool.close()
     out = cli(capsys, "migrate", "status", "j", "-c", c)[1]
     assert "  error: OLDPACS answered 0xA801: register AE FASTROUTE as a move destination there\n" in out
+    assert "  inventory note: StudyDate 20190101-20190101 still capped at 1 day\n" in out
     assert status_json(capsys, cfgfile, "j")["error"].startswith("OLDPACS answered 0xA801")
     assert f"  failed studies:\n    {STUDY}.2 (patient PAT2, accession ACC2): missing at newpacs after 2 re-sends: " \
         f"{STUDY}.2.3\n" in out

@@ -757,7 +757,7 @@ def _migration_schemas() -> dict[str, Any]:
             "studies_by_state": {"type": "object", "additionalProperties": _I}, "error": _S, "created_at": _N,
             "updated_at": _N, "instances_found": _I, "conflicts": _I, "inventory_done": _B, "verify": _B,
             "windows": _array(_S), "rate_limit": _S, "query": {"type": "object", "additionalProperties": _S},
-            "studies_listed": _I}
+            "studies_listed": _I, "inventory_notes": _array(_S)}
     row = {"study_instance_uid": _S, "patient_id": _S, "accession_number": _S, "study_date": _S,
            "modalities": _S, "source_instances": _NI, "received": _I, "delivered": _I,
            "found_at_destination": _NI, "state": {"type": "string", "enum": sorted(mig.StudyState)}, "reason": _S}
