@@ -599,3 +599,17 @@ def test_an_instance_the_destination_always_discards_fails_its_study_with_the_li
         r.stop()
     finally:
         dest.stop()
+
+
+def test_a_source_without_image_level_is_retrieved_by_study_and_counted(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_series=2, n_instances=3, tiny=True)
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, {"image_level": False}, image_level=False)
+    r.start()
+    name = start_job(r, "fake", "--name", "counts-only")
+    assert_done_verified(r, name, study_uids(files), timeout=120)
+    assert not any(q.command == "C-FIND" and q.identifier.QueryRetrieveLevel == "IMAGE" for q in pacs.requests)
+    moves = [q for q in pacs.requests if q.command == "C-MOVE"]
+    assert [q.identifier.QueryRetrieveLevel for q in moves] == ["STUDY"]
+    assert_all_at(orthanc, sop_uids(files), compare=1)
