@@ -613,3 +613,16 @@ def test_a_source_without_image_level_is_retrieved_by_study_and_counted(
     moves = [q for q in pacs.requests if q.command == "C-MOVE"]
     assert [q.identifier.QueryRetrieveLevel for q in moves] == ["STUDY"]
     assert_all_at(orthanc, sop_uids(files), compare=1)
+
+
+def test_a_study_above_the_series_threshold_is_retrieved_series_by_series(
+        router: Callable[..., Router], orthanc: peers.Orthanc,
+        fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
+    files = synth_study(n_series=3, n_instances=2, tiny=True)
+    r, pacs = _fake_source(router, orthanc, fake_archive, files, series_threshold=4)
+    r.start()
+    name = start_job(r, "fake", "--name", "by-series")
+    assert_done_verified(r, name, study_uids(files), timeout=120)
+    moves = [q for q in pacs.requests if q.command == "C-MOVE"]
+    assert [q.identifier.QueryRetrieveLevel for q in moves] == ["SERIES"] * 3
+    assert len({str(q.identifier.SeriesInstanceUID) for q in moves}) == 3
