@@ -626,3 +626,17 @@ def test_a_study_above_the_series_threshold_is_retrieved_series_by_series(
     moves = [q for q in pacs.requests if q.command == "C-MOVE"]
     assert [q.identifier.QueryRetrieveLevel for q in moves] == ["SERIES"] * 3
     assert len({str(q.identifier.SeriesInstanceUID) for q in moves}) == 3
+
+
+def test_fastroute_retrieve_moves_one_study_and_waits_for_its_verification(
+        router: Callable[..., Router], orthanc: peers.Orthanc, oldpacs: peers.Orthanc,
+        synth_study: Callable[..., list[Path]]) -> None:
+    wanted, other = synth_study(n_instances=3, tiny=True), synth_study(n_instances=2, tiny=True)
+    qrpeers.load_orthanc(oldpacs, wanted + other)
+    r = serve(router, orthanc, {"oldpacs": source("OLDPACS", oldpacs.dicom_port)})
+    qrpeers.register_modality(oldpacs, "fastroute", ROUTER_AE, r.port)
+    uid = next(iter(study_uids(wanted)))
+    res = r.cli("retrieve", "oldpacs", "--study", uid, "--to", "newpacs", "--wait", "--timeout", "120")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_all_at(orthanc, sop_uids(wanted), compare=1)
+    assert all(orthanc.find_instance(s) is None for s in sop_uids(other)), "only the study asked for"
