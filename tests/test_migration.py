@@ -640,3 +640,32 @@ def test_fastroute_retrieve_moves_one_study_and_waits_for_its_verification(
     assert res.returncode == 0, res.stdout + res.stderr
     assert_all_at(orthanc, sop_uids(wanted), compare=1)
     assert all(orthanc.find_instance(s) is None for s in sop_uids(other)), "only the study asked for"
+
+
+def test_a_destination_refusing_image_level_is_verified_by_its_study_count(
+        tmp_path: Path, fake_archive: Callable[..., qrpeers.FakeArchive],
+        synth_study: Callable[..., list[Path]]) -> None:
+    """query_level image (the default) against an archive that refuses IMAGE-level C-FIND:
+    the verification falls back to NumberOfStudyRelatedInstances by itself."""
+    from fastroute.config import loads
+    from fastroute.migration.runner import MigrationRunner
+
+    files = synth_study(n_series=2, n_instances=2, tiny=True)
+    pacs = fake_archive(ae_title="NEWPACS", image_level=False)
+    pacs.add_files(files).start()
+    cfg = loads(f"""
+ae_title: {ROUTER_AE}
+spool: {tmp_path / 'spool'}
+destinations:
+  newpacs: {{ae_title: NEWPACS, host: 127.0.0.1, port: {pacs.port}, query: true}}
+""")
+    spool = Spool(cfg.spool)
+    try:
+        runner = MigrationRunner(cfg, spool)
+        found, count = runner._query_destination(cfg.destinations["newpacs"], next(iter(study_uids(files))))
+        runner.close()
+    finally:
+        spool.close()
+    assert found is None and count == len(files)
+    levels = [str(q.identifier.QueryRetrieveLevel) for q in pacs.requests]
+    assert levels == ["IMAGE", "STUDY"] and pacs.requests[0].status == 0xA900
