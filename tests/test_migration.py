@@ -374,6 +374,11 @@ def test_a_final_response_before_the_last_c_store_waits_for_it(
     # One C-MOVE: the late C-STORE was waited for, attributed by its Move Originator, not re-fetched.
     assert [q.command for q in pacs.requests if q.command == "C-MOVE"] == ["C-MOVE"]
     assert_all_at(orthanc, sop_uids(files), compare=1)
+    spool = Spool(r.spool_path)
+    try:    # everything arrived: its registration was removed, not left to expire
+        assert list(spool.moves.active()) == []
+    finally:
+        spool.close()
 
 
 def test_a_retrieve_past_its_timeout_is_cancelled_and_what_is_missing_fetched_again(

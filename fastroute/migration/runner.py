@@ -268,6 +268,7 @@ class MigrationRunner:
         self._wake = threading.Event()
         self._committer: Any = None           # C-GET's group commit, made on first use
         self._get_services: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._prune_at = 0.0
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -310,6 +311,11 @@ class MigrationRunner:
             except JobError as exc:
                 log.warning("migration %s: %s", name, exc)
         self._release_cancelled()
+        if now >= self._prune_at:
+            self._prune_at = now + 300.0
+            pruned = self.spool.moves.prune(now=now)
+            if pruned:
+                log.info("migration: %d expired C-MOVE registration(s) removed", pruned)
         return delay
 
     def _advance(self, name: str, now: float) -> float:
@@ -491,6 +497,8 @@ class MigrationRunner:
         missing = self._attribute(name, study, wait_for=outcome.expected, since=outcome.started)
         if not missing and not self._short(name, seq):
             self._received_all(name, spec, study)
+            for ae, msg_id in outcome.moves:     # nothing more can come: free the ids now
+                self.spool.moves.unregister(ae, msg_id)
             backoff = self._sources[source.name].backoff
             if backoff.failures:
                 backoff.succeeded()
@@ -554,6 +562,7 @@ class MigrationRunner:
         transient: bool = False      # back off the source, then again
         status: int | None = None
         why: str = ""
+        moves: list[tuple[str, int]] = field(default_factory=list)   # (originator AE, id) registered
 
     def _retrieve(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
                   study: StudyRecord, units: list[Unit]) -> MigrationRunner._Outcome:
@@ -575,7 +584,8 @@ class MigrationRunner:
                     client = self._get_client(name, spec, source, calling, study.seq, unit)
                 elif client is None:
                     client = self._open_client(name, study.seq, source, calling)
-                result = self._one(name, spec, source, calling, client, study, unit, deadline_each)
+                result = self._one(name, spec, source, calling, client, study, unit, deadline_each,
+                                   out.moves)
                 if source.retrieve == "get":
                     self._close_client(name, study.seq, client)
                     client = None
@@ -646,7 +656,8 @@ class MigrationRunner:
         return out
 
     def _one(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
-             client: QueryRetrieveClient, study: StudyRecord, unit: Unit, timeout: float) -> RetrieveResult:
+             client: QueryRetrieveClient, study: StudyRecord, unit: Unit, timeout: float,
+             registered: list[tuple[str, int]]) -> RetrieveResult:
         uid = study.study_instance_uid
         destination = source.move_destination or self.cfg.ae_title
 
@@ -657,12 +668,12 @@ class MigrationRunner:
         if source.retrieve == "get":
             result = client.get(unit.identifier, level=unit.level, timeout=timeout, on_pending=pending)
         else:
-            msg_id = self._register_move(name, spec, source, calling, client, uid, timeout)
+            registered += self._register_move(name, spec, source, calling, client, uid, timeout)
+            # Not unregistered here: C-STOREs committed after the final response (or after a
+            # cancel) must still find their job. _study unregisters once everything arrived;
+            # otherwise the entry expires after the retrieve timeout.
             result = client.move(unit.identifier, destination, level=unit.level, timeout=timeout,
                                  on_pending=pending)
-            # Not unregistered here: C-STOREs committed after the final response (or after a
-            # cancel) must still find their job; the entry expires after the retrieve timeout.
-            del msg_id
         c = result.counts
         log.info("migration %s: %s %s of study %s from %s: status %s, %s completed, %s failed, %s warning%s",
                  name, "C-GET" if source.retrieve == "get" else f"C-MOVE (to {destination})", unit.level, uid,
@@ -672,9 +683,9 @@ class MigrationRunner:
         return result
 
     def _register_move(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
-                       client: QueryRetrieveClient, study_uid: str, timeout: float) -> int:
-        """Register the move under the Message ID it will carry, before it is sent: an id
-        unique among this process's moves to ``source`` (the listener tells moves apart by
+                       client: QueryRetrieveClient, study_uid: str, timeout: float) -> list[tuple[str, int]]:
+        """Register the move under the Message ID it will carry, before it is sent (the keys
+        registered are returned): an id unique among this process's moves to ``source`` (the listener tells moves apart by
         Move Originator AE + Message ID, and all our associations share the calling AE)."""
         ids = self._sources[source.name].ids
         expires = self.clock() + timeout + MOVE_EXPIRY_MARGIN
@@ -684,13 +695,14 @@ class MigrationRunner:
             client.conn.msg_id = msg_id - 1
             assert client.next_message_id() == msg_id
             if self.spool.moves.register(calling, msg_id, name, study_uid, tuple(spec.destinations), expires):
-                if source.ae_title.strip() != calling.strip():
-                    # Some archives (pynetdicom-based ones among them) put their OWN AE title
-                    # in the Move Originator AE Title of the C-STOREs: the same Message ID under
-                    # the source's title finds the move too. Still keyed by our Message ID.
-                    self.spool.moves.register(source.ae_title, msg_id, name, study_uid,
-                                              tuple(spec.destinations), expires)
-                return msg_id
+                keys = [(calling, msg_id)]
+                # Some archives (pynetdicom-based ones among them) put their OWN AE title in
+                # the Move Originator AE Title of the C-STOREs: the same Message ID under the
+                # source's title finds the move too. Still keyed by our Message ID.
+                if source.ae_title.strip() != calling.strip() and self.spool.moves.register(
+                        source.ae_title, msg_id, name, study_uid, tuple(spec.destinations), expires):
+                    keys.append((source.ae_title, msg_id))
+                return keys
         raise RetrieveFailed(f"no free Move Originator Message ID for {calling} (64 tried): too many "
                              "moves registered at once", None)
 
