@@ -497,8 +497,6 @@ class MigrationRunner:
         missing = self._attribute(name, study, wait_for=outcome.expected, since=outcome.started)
         if not missing and not self._short(name, seq):
             self._received_all(name, spec, study)
-            for ae, msg_id in outcome.moves:     # nothing more can come: free the ids now
-                self.spool.moves.unregister(ae, msg_id)
             backoff = self._sources[source.name].backoff
             if backoff.failures:
                 backoff.succeeded()
@@ -562,7 +560,6 @@ class MigrationRunner:
         transient: bool = False      # back off the source, then again
         status: int | None = None
         why: str = ""
-        moves: list[tuple[str, int]] = field(default_factory=list)   # (originator AE, id) registered
 
     def _retrieve(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
                   study: StudyRecord, units: list[Unit]) -> MigrationRunner._Outcome:
@@ -584,8 +581,7 @@ class MigrationRunner:
                     client = self._get_client(name, spec, source, calling, study.seq, unit)
                 elif client is None:
                     client = self._open_client(name, study.seq, source, calling)
-                result = self._one(name, spec, source, calling, client, study, unit, deadline_each,
-                                   out.moves)
+                result = self._one(name, spec, source, calling, client, study, unit, deadline_each)
                 if source.retrieve == "get":
                     self._close_client(name, study.seq, client)
                     client = None
@@ -656,8 +652,7 @@ class MigrationRunner:
         return out
 
     def _one(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
-             client: QueryRetrieveClient, study: StudyRecord, unit: Unit, timeout: float,
-             registered: list[tuple[str, int]]) -> RetrieveResult:
+             client: QueryRetrieveClient, study: StudyRecord, unit: Unit, timeout: float) -> RetrieveResult:
         uid = study.study_instance_uid
         destination = source.move_destination or self.cfg.ae_title
 
@@ -668,10 +663,10 @@ class MigrationRunner:
         if source.retrieve == "get":
             result = client.get(unit.identifier, level=unit.level, timeout=timeout, on_pending=pending)
         else:
-            registered += self._register_move(name, spec, source, calling, client, uid, timeout)
+            self._register_move(name, spec, source, calling, client, uid, timeout)
             # Not unregistered here: C-STOREs committed after the final response (or after a
-            # cancel) must still find their job. _study unregisters once everything arrived;
-            # otherwise the entry expires after the retrieve timeout.
+            # cancel) must still find their job. _received_all unregisters once everything
+            # arrived; otherwise the entry expires after the retrieve timeout.
             result = client.move(unit.identifier, destination, level=unit.level, timeout=timeout,
                                  on_pending=pending)
         c = result.counts
@@ -789,6 +784,11 @@ class MigrationRunner:
 
     def _received_all(self, name: str, spec: JobSpec, study: StudyRecord) -> None:
         self._refetch.pop((name, study.seq), None)
+        # Nothing more can come for this study: free its moves' Message IDs (16-bit) now
+        # rather than when they expire.
+        for move in self.spool.moves.active():
+            if move.job == name and move.study_uid == study.study_instance_uid:
+                self.spool.moves.unregister(move.originator_ae, move.message_id)
         self.jobs.update_study(name, study.seq, state=StudyState.DELIVERING, reason="", now=self.clock())
         log.info("migration %s: study %s: every instance received; delivering to %s", name,
                  study.study_instance_uid, ", ".join(spec.destinations), extra=fields(study_uid=study.study_instance_uid))
