@@ -373,6 +373,7 @@ def test_a_final_response_before_the_last_c_store_waits_for_it(
     assert_done_verified(r, name, study_uids(files), timeout=120)
     # One C-MOVE: the late C-STORE was waited for, attributed by its Move Originator, not re-fetched.
     assert [q.command for q in pacs.requests if q.command == "C-MOVE"] == ["C-MOVE"]
+    assert "still missing" not in r.log_text(), "waited for within the same attempt"
     assert_all_at(orthanc, sop_uids(files), compare=1)
     spool = Spool(r.spool_path)
     try:    # everything arrived: its registration was removed, not left to expire

@@ -585,8 +585,13 @@ class MigrationRunner:
                 if source.retrieve == "get":
                     self._close_client(name, study.seq, client)
                     client = None
-                out.expected += (result.counts.completed or 0) + (result.counts.warning or 0)
                 c = result.counts
+                done = (c.completed or 0) + (c.warning or 0)
+                if result.status == 0 and unit.sop_uids:
+                    # Success says every instance asked for was sent, whatever counts a final
+                    # response that overtook its last C-STOREs reports: wait for them all.
+                    done = max(done, len(unit.sop_uids) - (c.failed or 0))
+                out.expected += done
                 if (unit.level is Level.IMAGE and len(unit.sop_uids) > 1 and result.status == 0
                         and not (c.completed or c.failed or c.warning)):
                     # A success that moved nothing for a list of UIDs: this archive does not
