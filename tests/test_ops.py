@@ -36,15 +36,19 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 AGE = 120.0   # seconds since the scenario's objects arrived
 
 
-def config_text(spool: Path, token: str | None = "s3cret", port: int = 11112) -> str:
+def config_text(spool: Path, token: str | None = "s3cret", port: int = 11112, sources: bool = False) -> str:
+    """``sources``: with an archive to migrate from (issue 13), before ``alerts:`` (which
+    tests append to, and whose line numbers they check without it)."""
     http = f"http: {{host: 127.0.0.1, port: 8080, token: {token}}}" if token else "http: {host: 127.0.0.1}"
+    if sources:
+        http += "\nsources:\n  oldpacs: {ae_title: OLDPACS, host: 127.0.0.1, port: 1}"
     return f"""\
 spool: {spool}
 port: {port}
 spool_max_bytes: 256MiB
 min_free_bytes: 0
 destinations:
-  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1}}
+  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1, query: true}}
   vna: {{ae_title: VNA, host: 127.0.0.1, port: 1}}
 rules:
   - name: ct-to-pacs

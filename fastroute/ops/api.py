@@ -26,15 +26,17 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, TypeVar
 
 from aiohttp import web
 
 from fastroute import __version__
 
 from fastroute.ops import actions as ops
+from fastroute.ops import migrations as mig
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
@@ -509,6 +511,115 @@ async def post_send_now(request: web.Request) -> web.Response:
                                 who=_who(request, body), why=str(body.get("why", ""))))
 
 
+# -- migrations (issue 13): the REST mirror of `fastroute migrate` -------------------------------
+
+async def get_migrations(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    return _json({"migrations": await plane.io(mig.list_jobs, plane.spool)})
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    """A job's status, with its failed studies and their reasons (what the dashboard shows)."""
+    plane = request.app[PLANE]
+    name = request.match_info["name"]
+    doc = await plane.io(mig.status, plane.spool, name)
+    doc["failures"] = await plane.io(mig.failures, plane.spool, name, _int_param(request, "limit", 50, hi=1000))
+    return _json(doc)
+
+
+async def get_migration_report(request: web.Request) -> web.StreamResponse:
+    """One row per study, streamed in chunks read on the pool: never the whole report in memory."""
+    plane = request.app[PLANE]
+    name = request.match_info["name"]
+    fmt = request.query.get("format", "csv")
+    chunks = _Serial(await plane.io(mig.report_chunks, plane.spool, name, fmt))   # 404/400 before any byte
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/json; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{name}-report.{fmt}"'})
+    try:
+        await resp.prepare(request)
+        while (chunk := await plane.io(chunks.next)) is not None:
+            await resp.write(chunk.encode("utf-8"))
+        await resp.write_eof()
+    except ConnectionResetError:   # the client left mid-report: nothing to answer
+        log.info("migration %s: report to %s stopped, the client went away", name, request.remote,
+                 extra=fields(peer=request.remote))
+    finally:   # end its read transaction now, on the pool, not whenever the generator is collected
+        await plane.io(chunks.close)
+    return resp
+
+
+class _Serial:
+    """A generator driven from pool threads: a handler cancelled (client gone) while one thread
+    runs ``next`` must not ``close`` it from another at the same time ("generator already
+    executing"), so both take one lock."""
+
+    def __init__(self, gen: Generator[str, None, None]) -> None:
+        self.gen = gen
+        self.lock = threading.Lock()
+
+    def next(self) -> str | None:
+        with self.lock:
+            return next(self.gen, None)
+
+    def close(self) -> None:
+        with self.lock:
+            self.gen.close()
+
+
+def _strings(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ops.BadRequest(f"'{key}' must be a string or a list of strings")
+    return value
+
+
+@mutating
+async def post_migration_start(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    query = body.get("query") or {}
+    if not isinstance(query, (dict, list)) or (isinstance(query, list) and not all(isinstance(q, str) for q in query)):
+        raise ops.BadRequest("'query' must be an object of STUDY-level keys or a list of KEY=VALUE strings")
+    verify = body.get("verify", True)
+    if not isinstance(verify, bool):
+        raise ops.BadRequest("'verify' must be true or false")
+    for key in ("source", "name", "rate", "why"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ops.BadRequest(f"'{key}' must be a string")
+    if not body.get("source"):
+        raise ops.BadRequest("'source' is required: a key of the configuration's 'sources:'")
+    result = await plane.io(mig.start, plane.cfg, plane.spool, source=str(body["source"]),
+                            destinations=_strings(body, "destinations") or _strings(body, "to"),
+                            name=str(body.get("name") or ""), query=query, studies=_strings(body, "studies"),
+                            rate=str(body["rate"]) if body.get("rate") not in (None, "") else None,
+                            windows=_strings(body, "windows"), verify=verify, who=_who(request, body),
+                            why=str(body.get("why", "")))
+    return _json(result, status=201)
+
+
+def _migration_action(verb: str) -> Handler:
+    @mutating
+    async def handler(request: web.Request) -> web.Response:
+        plane = request.app[PLANE]
+        body = await _body(request)
+        return _json(await plane.io(getattr(mig, verb), plane.spool, request.match_info["name"],
+                                    who=_who(request, body), why=str(body.get("why", ""))))
+    handler.__name__ = f"post_migration_{verb}"
+    return handler
+
+
+post_migration_pause = _migration_action("pause")
+post_migration_resume = _migration_action("resume")
+post_migration_cancel = _migration_action("cancel")
+post_migration_retry = _migration_action("retry")
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/", index),
     ("GET", "/healthz", healthz),
@@ -534,6 +645,14 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/queues/{destination}/resume", post_resume),
     ("POST", "/api/studies/{study_instance_uid}/retry", post_study_retry),
     ("POST", "/api/destinations/{destination}/send-now", post_send_now),
+    ("GET", "/api/migrations", get_migrations),
+    ("GET", "/api/migrations/{name}", get_migration),
+    ("GET", "/api/migrations/{name}/report", get_migration_report),
+    ("POST", "/api/migrations", post_migration_start),
+    ("POST", "/api/migrations/{name}/pause", post_migration_pause),
+    ("POST", "/api/migrations/{name}/resume", post_migration_resume),
+    ("POST", "/api/migrations/{name}/cancel", post_migration_cancel),
+    ("POST", "/api/migrations/{name}/retry", post_migration_retry),
 )
 
 
@@ -583,11 +702,11 @@ def _ref(name: str) -> dict[str, Any]:
 
 def _op(summary: str, *, returns: dict[str, Any], params: tuple[dict[str, Any], ...] = (),
         body: dict[str, Any] | None = None, auth: bool = False, ok: str = "application/json",
-        extra: dict[str, str] | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
+        extra: dict[str, str] | None = None, also: tuple[str, ...] = (), ok_status: str = "200") -> dict[str, Any]:
     """One operation; ``returns`` is the schema of its 200 body (the suite validates real
     responses against it), ``also`` more content types of that body (plain text)."""
     content = {ok: {"schema": returns}, **{t: {"schema": {"type": "string"}} for t in also}}
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    responses: dict[str, Any] = {ok_status: {"description": "OK", "content": content}}
     for code, text in (extra or {}).items():
         responses[code] = {"description": text, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -627,6 +746,29 @@ def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None, *,
 
 def _array(items: dict[str, Any]) -> dict[str, Any]:
     return {"type": "array", "items": items}
+
+
+def _migration_schemas() -> dict[str, Any]:
+    """A job's status (the keys ``migrate status --json`` prints) and a report row."""
+    job = {"name": _S, "state": {"type": "string", "enum": sorted(mig.JobState)}, "studies_total": _I,
+           "studies_verified": _I, "studies_failed": _I, "instances_expected": _I, "instances_received": _I,
+           "instances_delivered": _I, "rate": _N, "eta_s": _NN}
+    more = {"source": _S, "destinations": _array(_S), "studies_done": _I,
+            "studies_by_state": {"type": "object", "additionalProperties": _I}, "error": _S, "created_at": _N,
+            "updated_at": _N, "instances_found": _I, "conflicts": _I, "inventory_done": _B, "verify": _B,
+            "windows": _array(_S), "rate_limit": _S, "query": {"type": "object", "additionalProperties": _S},
+            "studies_listed": _I, "inventory_notes": _array(_S)}
+    row = {"study_instance_uid": _S, "patient_id": _S, "accession_number": _S, "study_date": _S,
+           "modalities": _S, "source_instances": _NI, "received": _I, "delivered": _I,
+           "found_at_destination": _NI, "state": {"type": "string", "enum": sorted(mig.StudyState)}, "reason": _S}
+    return {
+        "Migration": _obj(job, more, closed=False),
+        "Migrations": _obj({"migrations": _array(_ref("Migration"))}),
+        "MigrationDetail": _obj({**job, "failures": _array(_ref("MigrationReportRow"))}, more, closed=False),
+        "MigrationRetried": _obj({**job, "retried": _I}, more, closed=False),
+        "MigrationReportRow": _obj(row),
+        "MigrationReport": _array(_ref("MigrationReportRow")),
+    }
 
 
 def _response_schemas() -> dict[str, Any]:
@@ -692,6 +834,7 @@ def _response_schemas() -> dict[str, Any]:
         "Retried": _obj({"retried": counts, "count": _I}),
         "Purged": _obj({"destination": _S, "states": _array(_S), "purged": _array(_I), "count": _I}),
         "Paused": _obj({"destination": _S, "paused": _B}, {"note": _S}),
+        **_migration_schemas(),
         "SendNow": _obj({"destinations": _array(_obj(
             {"destination": _S, "made_due": _I, "paused": _B, "was": _S, "consecutive_failures": _I},
             {"note": _S})), "made_due": _I}),
@@ -702,6 +845,7 @@ def openapi_spec() -> dict[str, Any]:
     """The OpenAPI 3 description of every route (a test holds it equal to the router)."""
     dest = _param("destination", "path", "destination name ('unrouted' for objects no rule routed)")
     study = _param("study_instance_uid", "path", "Study Instance UID")
+    job = _param("name", "path", "migration job name")
     why = {"type": "string", "description": "recorded in the audit trail"}
     who = {"type": "string", "description": "operator name recorded in the audit trail "
                                             "(or header X-Fastroute-Operator)"}
@@ -781,6 +925,49 @@ def openapi_spec() -> dict[str, Any]:
         "/api/studies/{study_instance_uid}/retry": {"post": _op(
             "Queue a study's failed objects again (every destination, or one)", returns=_ref("Retried"), params=(study,), auth=True,
             extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
+        "/api/migrations": {
+            "get": _op("Every migration job: state, studies, instances, rate and ETA", returns=_ref("Migrations")),
+            "post": _op("Start a migration job (as `fastroute migrate start`); it is created in state inventory",
+                        returns=_ref("Migration"), auth=True, ok_status="201",
+                        extra={"400": "bad query key, rate, window or study list",
+                               "404": "unknown source or destination", "409": "a job of that name exists"},
+                        body=_json_body({
+                            "source": {"type": "string", "description": "a key of 'sources:'"},
+                            "destinations": {"type": "array", "items": {"type": "string"}},
+                            "name": {"type": "string", "description": "default <source>-<yyyymmdd-hhmmss>"},
+                            "query": {"type": "object", "additionalProperties": {"type": "string"},
+                                      "description": "STUDY-level C-FIND keys, e.g. {\"StudyDate\": \"2019\"}"},
+                            "studies": {"type": "array", "items": {"type": "string"},
+                                        "description": "Study Instance UIDs or Accession Numbers"},
+                            "rate": {"type": "string", "description": "N/h studies per hour or N/s instances per second"},
+                            "windows": {"type": "array", "items": {"type": "string"},
+                                        "description": "HH:MM-HH:MM local time ('sat,sun 00:00-24:00')"},
+                            "verify": {"type": "boolean", "default": True}, "why": why, "who": who},
+                            required=("source", "destinations")))},
+        "/api/migrations/{name}": {"get": _op(
+            "One job's status and its failed studies with their reasons", returns=_ref("MigrationDetail"),
+            params=(job, _param("limit", schema={"type": "integer", "default": 50})), extra={"404": "unknown job"})},
+        "/api/migrations/{name}/report": {"get": _op(
+            "One row per study (streamed): CSV with a header row (default) or a JSON list",
+            returns=_ref("MigrationReport"), also=("text/csv",), params=(
+                job, _param("format", description="csv (default) or json")),
+            extra={"400": "unknown format", "404": "unknown job"})},
+        "/api/migrations/{name}/pause": {"post": _op(
+            "Pause a job (audited)", returns=_ref("Migration"), params=(job,), auth=True,
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
+        "/api/migrations/{name}/resume": {"post": _op(
+            "Resume a paused job (audited)", returns=_ref("Migration"), params=(job,), auth=True,
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
+        "/api/migrations/{name}/cancel": {"post": _op(
+            "Cancel a job; its studies keep their states for the report (audited)", returns=_ref("Migration"), params=(job,), auth=True,
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
+        "/api/migrations/{name}/retry": {"post": _op(
+            "Failed and incomplete studies of a job again (audited)", returns=_ref("MigrationRetried"), params=(job,), auth=True,
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
     }
     for method, path, handler in ROUTES:   # the same rule as auth_middleware, so the two cannot drift
         if not is_public(handler):

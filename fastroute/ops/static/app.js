@@ -505,11 +505,72 @@ function markUnreachable(err) {
   document.getElementById("updated").textContent = `unreachable since ${unreachableSince.toLocaleTimeString()}`;
 }
 
+// -- migrations (issue 13): progress, rate, ETA, failures with reasons, pause/resume -------------
+
+const JOB_TEXT = { inventory: "inventory", running: "running", paused: "paused", "waiting-window": "waiting for its window",
+                   done: "done", "done-with-errors": "done with errors", cancelled: "cancelled" };
+const JOB_FINAL = new Set(["done", "done-with-errors", "cancelled"]);
+
+function jobActions(j) {
+  const name = encodeURIComponent(j.name);
+  if (j.state === "paused") {
+    return el("button", { class: "resume", onclick: () => act(`/api/migrations/${name}/resume`, { why: "dashboard" },
+      (d) => `Migration ${j.name} resumed: ${JOB_TEXT[d.state] || d.state}.`) }, "resume");
+  }
+  if (JOB_FINAL.has(j.state)) return "";
+  return el("button", { class: "pause", onclick: () => act(`/api/migrations/${name}/pause`, { why: "dashboard" },
+    () => `Migration ${j.name} paused: nothing more is retrieved until it is resumed.`) }, "pause");
+}
+
+function renderMigrations(jobs, details) {
+  document.getElementById("migrations-card").hidden = !jobs.length;
+  const body = document.querySelector("#migrations tbody");
+  body.replaceChildren(...jobs.map((j) => {
+    const done = j.studies_done !== undefined ? j.studies_done : j.studies_verified + j.studies_failed;
+    const share = j.studies_total ? done / j.studies_total : 0;
+    return el("tr", { "data-job": j.name },
+      el("td", { class: "name" }, j.name, el("div", { class: "muted" },
+        `${j.source || "?"} → ${(j.destinations || []).join(", ")}`)),
+      el("td", { class: "state" }, el("span", { class: `badge ${j.state}` }, JOB_TEXT[j.state] || j.state),
+        j.error ? el("div", { class: "muted error-text" }, j.error) : ""),
+      el("td", { class: "progress" },
+        el("div", { class: "bar" }, el("div", { style: `width:${(100 * share).toFixed(1)}%` })),
+        el("div", { class: "muted" }, `${j.instances_received} of ${j.instances_expected} instances received, ` +
+          `${j.instances_delivered} delivered`)),
+      el("td", { class: "num studies" }, `${done} / ${j.studies_total}`),
+      el("td", { class: "num failed-count" + (j.studies_failed ? "" : " zero") }, j.studies_failed),
+      el("td", { class: "num rate" }, Number(j.rate || 0).toFixed(1)),
+      el("td", { class: "num eta" }, JOB_FINAL.has(j.state) ? "–" : age(j.eta_s)),
+      el("td", { class: "actions" }, jobActions(j)));
+  }));
+  labelCells(document.getElementById("migrations"));
+  document.getElementById("migration-failures").replaceChildren(...details.filter((d) => d.failures.length).map((d) =>
+    el("div", { class: "migration-failures", "data-job": d.name },
+      el("h3", {}, `${d.name}: ${plural(d.studies_failed, "failed study", "failed studies")}`,
+        d.failures.length < d.studies_failed ? el("span", { class: "muted" }, ` (first ${d.failures.length}; ` +
+          "the report lists all)") : ""),
+      el("div", { class: "scroll" }, el("table", {},
+        el("thead", {}, el("tr", {}, el("th", {}, "study"), el("th", {}, "patient"), el("th", {}, "accession"),
+          el("th", { class: "num" }, "source"), el("th", { class: "num" }, "found"), el("th", {}, "reason"))),
+        el("tbody", {}, d.failures.map((f) => el("tr", { "data-study": f.study_instance_uid },
+          el("td", { class: "uid" }, f.study_instance_uid), el("td", {}, f.patient_id), el("td", {}, f.accession_number),
+          el("td", { class: "num" }, f.source_instances === null ? "–" : f.source_instances),
+          el("td", { class: "num" }, f.found_at_destination === null ? "–" : f.found_at_destination),
+          el("td", { class: "error-text reason" }, f.reason || "–")))))))));
+}
+
+async function fetchMigrations() {
+  const jobs = (await getJSON("/api/migrations")).migrations;
+  const details = await Promise.all(jobs.filter((j) => j.studies_failed > 0).map((j) =>
+    getJSON(`/api/migrations/${encodeURIComponent(j.name)}?limit=20`)));
+  return [jobs, details];
+}
+
 async function refresh() {
   clearTimeout(timer);
   try {
-    const [status, raw, failures] = await Promise.all([
-      getJSON("/api/status"), getJSON("/api/throughput"), getJSON("/api/failures?limit=25")]);
+    const [status, raw, failures, migrations] = await Promise.all([
+      getJSON("/api/status"), getJSON("/api/throughput"), getJSON("/api/failures?limit=25"), fetchMigrations()]);
     const series = mergeHistory(raw);
     const l = status.listener;
     document.getElementById("listener").textContent =
@@ -518,6 +579,7 @@ async function refresh() {
     renderDestinations(status.destinations, series);
     renderUsage(status);
     renderFailures(failures.failures);
+    renderMigrations(...migrations);
     drawChart(series);
     markReachable();
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
