@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastroute import __version__
-from fastroute.config import Config, load
+from fastroute.config import USER_ROLES, Config, load
 from fastroute.errors import ConfigError, FastrouteError
 
 STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
@@ -518,6 +518,61 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0 if row is not None and state == good else 1
 
 
+def cmd_user_add(args: argparse.Namespace) -> int:
+    """A new user's token, printed once, and the entry (with only its hash) for http.users."""
+    from fastroute.config import USER_NAME_RE
+    from fastroute.ops.auth import hash_token, new_token
+
+    if not USER_NAME_RE.fullmatch(args.name):
+        print(f"error: {args.name!r} is not a user name (1-64 letters, digits and . _ @ -)", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = {"role": args.role, "token_hash": hash_token(token)}
+    if args.json:
+        print(json.dumps({"user": args.name, **entry, "token": token}))
+        return 0
+    print(f"token for {args.name} (shown only now; fastroute stores only its hash):\n  {token}\n")
+    print("add under http.users in the configuration, then reload:")
+    print(f"  {args.name}: {{role: {args.role}, token_hash: \"{entry['token_hash']}\"}}")
+    return 0
+
+
+def cmd_user_hash_token(args: argparse.Namespace) -> int:
+    """The hash of a token read from stdin (one line), or of a new one printed with it."""
+    from fastroute.ops.auth import hash_token, new_token
+
+    if args.new:
+        token = new_token()
+        print(f"token: {token}")
+    else:
+        if sys.stdin.isatty():
+            import getpass
+            token = getpass.getpass("token: ")
+        else:
+            token = sys.stdin.readline().strip()
+        if len(token) < 16:
+            print("error: a token of at least 16 characters is needed (or --new for a random one)",
+                  file=sys.stderr)
+            return 2
+    print(f"token_hash: \"{hash_token(token)}\"")
+    return 0
+
+
+def _add_user_commands(sub: Any) -> None:
+    up = sub.add_parser("user", help="HTTP plane users: add, hash-token",
+                        description="users of the management plane (http.users): tokens are stored hashed")
+    usub = up.add_subparsers(dest="user_command", required=True, metavar="COMMAND", title="commands")
+    sp = usub.add_parser("add", help="a new token for NAME and its http.users entry (only the hash)")
+    sp.add_argument("name", help="user name (shown in the audit trail)")
+    sp.add_argument("--role", required=True, choices=USER_ROLES,
+                    help="viewer: read (patient data included); operator: also act; admin: also configure")
+    sp.add_argument("--json", action="store_true", help="one JSON object: user, role, token_hash, token")
+    sp.set_defaults(func=cmd_user_add, config_required=False)
+    sp = usub.add_parser("hash-token", help="hash a token read from stdin (e.g. the old http.token)")
+    sp.add_argument("--new", action="store_true", help="make a new random token and print it with its hash")
+    sp.set_defaults(func=cmd_user_hash_token, config_required=False)
+
+
 def _add_migration_commands(sub: Any, cmd: Any) -> None:
     """``migrate ...`` and ``retrieve``; ``-c`` is accepted at every level (its own dest at each,
     folded by parse_args)."""
@@ -660,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--until", metavar="ISO", help="up to this datetime, or the end of this date")
     sp.add_argument("--study", metavar="UID", help="only events of this Study Instance UID")
     _add_migration_commands(sub, cmd)
+    _add_user_commands(sub)
     # Every argument goes to bench's own parser: no prefix character, so '--quick' stays a value.
     sp = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                         help="capacity benchmark (source checkout only; same as python -m bench)")

@@ -786,7 +786,7 @@ class TlsPeerConfig:
 
 USER_ROLES = ("viewer", "operator", "admin")   # ascending: each may do what those before it may
 _TOKEN_HASH_RE = re.compile(r"(scrypt\$\d+\$\d+\$\d+|pbkdf2_sha256\$\d+)\$[A-Za-z0-9+/=_-]+\$[A-Za-z0-9+/=_-]+")
-_USER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+USER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 def _token_hash(v: Any) -> str:
@@ -821,7 +821,7 @@ def _read_users(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     users: dict[str, HttpUserConfig] = {}
     for name, knode, vnode in _mapping(ctx, node, key):
         sub = f"{key}.{name}"
-        if not _USER_NAME_RE.fullmatch(name):
+        if not USER_NAME_RE.fullmatch(name):
             raise ctx.error(knode, sub, "a user name is 1-64 letters, digits and . _ @ -")
         kw: dict[str, Any] = {}
         _read_fields(ctx, HttpUserConfig, vnode, sub, kw)

@@ -831,6 +831,7 @@ ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/openapi.json"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
+    ("GET", "/static/{filename}"): PUBLIC,     # the dashboard's assets (add_static, not in ROUTES)
     ("GET", "/api/status"): VIEW,
     ("GET", "/api/queues"): VIEW,
     ("GET", "/api/queues/{destination}"): VIEW,
@@ -861,7 +862,7 @@ ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/api/migrations/{name}/retry"): OPERATE,
     ("GET", "/api/whoami"): VIEW,
 }
-_routes = {(m, p) for m, p, _ in ROUTES}
+_routes = {(m, p) for m, p, _ in ROUTES} | {("GET", "/static/{filename}")}
 if set(ACCESS) != _routes:   # not an assert: it must hold under python -O too
     raise RuntimeError(f"ACCESS and ROUTES differ: {sorted(set(ACCESS) ^ _routes)}")
 for _m, _p, _h in ROUTES:
@@ -1189,11 +1190,11 @@ def openapi_spec() -> dict[str, Any]:
     paths["/api/whoami"] = {"get": _op("The user this request is authenticated as, its role and what it may do",
                                        returns=_ref("WhoAmI"))}
     for (method, path), access in ACCESS.items():   # the table auth_middleware enforces
+        paths[path][method.lower()]["x-required-role"] = str(access.role) if access.role else "none"
         if access.role is None:
             continue
         op = paths[path][method.lower()]
         op["security"] = [{"bearerAuth": []}]
-        op["x-required-role"] = str(access.role)
         op["x-patient-data"] = access.phi
         op["responses"]["401"] = {"description": "missing or wrong credentials"}
         op["responses"]["403"] = {"description": f"the user's role is below {access.role}"
