@@ -110,6 +110,9 @@ def tls_findings(cfg: Config) -> int:
     from fastroute.config import TlsPeerConfig
     from fastroute.dicom import tls
     findings = tls.check_listener(cfg.tls) if cfg.tls is not None else []
+    if cfg.http is not None and cfg.http.tls is not None:   # HTTPS of the management plane
+        from fastroute.ops.api import http_tls_as_listener
+        findings += tls.check_listener(http_tls_as_listener(cfg.http.tls), prefix="http.tls")
     peers: list[tuple[str, str, object]] = [
         *(("destinations", name, d) for name, d in cfg.destinations.items()),
         *(("sources", name, s) for name, s in cfg.sources.items())]

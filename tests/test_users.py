@@ -359,3 +359,22 @@ def test_https_with_client_certificates(tmp_path: Path, hashes: dict[str, str], 
         assert [(e["who"], e["via"], e["patient_id"]) for e in reads] == [("dave", "client-cert", "PAT1")]
     finally:
         spool.close()
+
+
+def test_check_validates_http_tls(tmp_path: Path, hashes: dict[str, str], pki: Pki) -> None:
+    """``fastroute check``: the HTTPS files exist, the key matches the certificate, expiry shown."""
+    def check(cert: str, key: str) -> subprocess.CompletedProcess[str]:
+        tls = f"  tls: {{cert: {pki.p(cert)}, key: {pki.p(key)}}}\n"
+        d = tmp_path / f"{cert}-{key}"
+        d.mkdir()
+        _, path = make_cfg(d, hashes, http_extra=tls)
+        return subprocess.run([sys.executable, "-m", "fastroute.cli", "check", "-c", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    good = check("server.pem", "server.key")
+    assert good.returncode == 0, good.stderr
+    assert "ok: http.tls.cert" in good.stdout and "days left" in good.stdout
+    bad = check("server.pem", "dave.key")
+    assert bad.returncode == 1 and "error: http.tls" in bad.stderr and "does not match" in bad.stderr
+    missing = check("nope.pem", "server.key")
+    assert missing.returncode == 1 and "http.tls.cert" in missing.stderr and "no such file" in missing.stderr

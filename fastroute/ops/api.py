@@ -40,7 +40,8 @@ from fastroute.ops import migrations as mig
 from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, cert_fingerprint,
                                 subject_from_peercert)
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
-from fastroute.config import Config, HttpConfig
+from fastroute.config import Config, HttpConfig, HttpTlsConfig, TlsListenerConfig
+from fastroute.dicom import tls
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
 from fastroute.logsetup import fields
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
@@ -1224,19 +1225,18 @@ def openapi_spec() -> dict[str, Any]:
 # -- process entry point ------------------------------------------------------------------------
 
 def https_context(http: HttpConfig) -> ssl.SSLContext | None:
-    """The HTTPS server context of ``http.tls`` (TLS 1.2 at least), or None for plain HTTP. With a
-    ``ca``, client certificates are asked for (required with ``require_client_cert``) and verified
-    against it; they then name the user (``http.users.NAME.cert_subject`` / ``cert_fingerprint``)."""
-    tls = http.tls
-    if tls is None:
+    """The HTTPS server context of ``http.tls``, or None for plain HTTP: the same BCP 195 profile
+    as the DICOM TLS listener (TLS 1.2 at least). With a ``ca``, client certificates are asked for
+    (required with ``require_client_cert``), verified against it, and name the user
+    (``http.users.NAME.cert_subject`` / ``cert_fingerprint``). Raises TlsSetupError naming the file."""
+    if http.tls is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    if tls.ca is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    return ctx
+    return tls.server_context(http_tls_as_listener(http.tls))
+
+
+def http_tls_as_listener(t: HttpTlsConfig) -> TlsListenerConfig:
+    """``http.tls`` in the listener's terms, so both share one context builder and one check."""
+    return TlsListenerConfig(cert=t.cert, key=t.key, ca=t.ca, require_client_cert=t.require_client_cert)
 
 
 async def _serve(cfg: Config, config_path: str | None) -> int:
@@ -1247,8 +1247,8 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         await runner.setup()
         try:
             context = https_context(http)
-        except (OSError, ssl.SSLError) as exc:
-            log.error("http: cannot load the HTTPS certificate or key of http.tls: %s", exc)
+        except tls.TlsSetupError as exc:
+            log.error("http: cannot set up HTTPS (http.tls): %s", exc)
             await runner.cleanup()
             return 1
         try:
@@ -1290,4 +1290,4 @@ def http_main(cfg: Config, config_path: str | None) -> None:
         sys.exit(code)
 
 
-__all__ = ["make_app", "http_main", "openapi_spec", "https_context", "ROUTES", "ACCESS", "Access", "PLANE", "Plane"]
+__all__ = ["make_app", "http_main", "openapi_spec", "https_context", "http_tls_as_listener", "ROUTES", "ACCESS", "Access", "PLANE", "Plane"]
