@@ -378,3 +378,55 @@ def test_check_validates_http_tls(tmp_path: Path, hashes: dict[str, str], pki: P
     assert bad.returncode == 1 and "error: http.tls" in bad.stderr and "does not match" in bad.stderr
     missing = check("nope.pem", "server.key")
     assert missing.returncode == 1 and "http.tls.cert" in missing.stderr and "no such file" in missing.stderr
+
+
+def test_https_through_the_supervisor_with_dcmtk_traffic(router: Any, tmp_path: Path, pki: Pki,
+                                                         hashes: dict[str, str]) -> None:
+    """End to end: ``fastroute serve`` with http.users and http.tls; DCMTK storescu sends a study;
+    a client-certificate user reads it over HTTPS, a viewer token may not act, and the audit trail
+    names them."""
+    import peers
+    import pydicom
+    import synth
+    import urllib.error
+    import urllib.request
+
+    port = peers.free_port()
+    users = {n: {"role": ROLES[n], "token_hash": h} for n, h in hashes.items()}
+    users["dave"] = {"role": "operator", "cert_subject": "CN=dave.hospital,O=Test Hospital"}
+    r = router({"http": {"host": "127.0.0.1", "port": port, "users": users,
+                         "tls": {"cert": str(pki.p("server.pem")), "key": str(pki.p("server.key")),
+                                 "ca": str(pki.p("ca.pem"))}}})
+    files = synth.make_tiny(tmp_path / "study", n=3)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    sent = peers.storescu(r.port, files)
+    assert sent.returncode == 0, sent.stderr
+
+    def call(path: str, who: str | None, headers: dict[str, str] | None = None,
+             data: bytes | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(f"https://localhost:{port}{path}", headers=headers or {}, data=data,
+                                     method="POST" if data is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, context=_client_ctx(pki, who), timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    peers.wait_until(lambda: peers.is_listening(port), 30, message=lambda: r.log_tail())
+    lookup = f"/api/lookup?study_instance_uid={ds.StudyInstanceUID}"
+    status, doc = peers.wait_until(lambda: (lambda s: s if s[0] == 200 and s[1]["count"] == 3 else None)(
+        call(lookup, "dave")), 30, message=lambda: r.log_tail())
+    assert doc["objects"][0]["patient_id"] == ds.PatientID
+    status, doc = call(lookup, None)
+    assert status == 401 and ds.PatientID not in json.dumps(doc)
+    status, doc = call("/api/queues/unrouted/purge", None, headers={**bearer("vera"), "Content-Type":
+                                                                    "application/json"},
+                       data=b'{"states": ["unrouted"], "reason": "x"}')
+    assert status == 403 and "needs operator" in doc["error"]
+    assert f"dashboard and API on https://127.0.0.1:{port}/" in r.log_text()
+    out = r.cli("audit", "--study", ds.StudyInstanceUID).stdout
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["who"], e["via"]) for e in events if e["action"] == "http_read"] == [("dave", "client-cert")]
+    out = r.cli("audit").stdout
+    denied = [json.loads(line) for line in out.splitlines() if '"http_denied"' in line]
+    assert {(e["who"], e["status"]) for e in denied} == {("anonymous", 401), ("vera", 403)}
