@@ -1118,6 +1118,7 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 
 __all__ = [
-    "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "HttpUserConfig", "HttpTlsConfig", "USER_ROLES", "AlertsConfig", "load", "loads",
+    "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
+    "HttpUserConfig", "HttpTlsConfig", "USER_ROLES", "USER_NAME_RE",
 ]
