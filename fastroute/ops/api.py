@@ -40,10 +40,11 @@ from fastroute.ops import migrations as mig
 from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, cert_fingerprint,
                                 subject_from_peercert)
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
-from fastroute.config import Config, HttpConfig, HttpTlsConfig, TlsListenerConfig
-from fastroute.dicom import tls
+from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
 from fastroute.logsetup import fields
+from fastroute.config import HttpTlsConfig, TlsListenerConfig   # HTTPS (issue 14)
+from fastroute.dicom import tls
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
 from fastroute.spool import Spool, open_spool
 
