@@ -272,6 +272,19 @@ def test_identity_from_a_trusted_proxy_only(tmp_path: Path, hashes: dict[str, st
                 assert (await resp.json())["user"] == "carol" and (await resp.json())["role"] == "operator"
                 resp = await c.get("/api/whoami", headers={"X-Forwarded-User": "mallory"})
                 assert resp.status == 401 and "mallory" in (await resp.json())["error"]
+                # the proxy's session rides along with any request the browser makes: a page of
+                # another site may not make it act; the dashboard's own origin may
+                proxied = {"X-Forwarded-User": "ada"}
+                resp = await c.post("/api/queues/pacs/pause", headers={**proxied, "Origin": "https://evil.example"})
+                assert resp.status == 403 and "cross-site" in (await resp.json())["error"]
+                resp = await c.post("/api/queues/pacs/pause", headers={**proxied, "Sec-Fetch-Site": "cross-site"})
+                assert resp.status == 403 and not spool.is_paused("pacs")
+                origin = f"http://{c.server.host}:{c.server.port}"
+                resp = await c.post("/api/queues/pacs/pause", headers={**proxied, "Origin": origin})
+                assert resp.status == 200 and spool.is_paused("pacs")
+                # a bearer token is never sent by the browser on its own: no origin check needed
+                resp = await c.post("/api/queues/pacs/resume", headers={**bearer("otto"), "Origin": "https://x.example"})
+                assert resp.status == 200
             else:
                 assert resp.status == 401
                 # a token still works from an untrusted address; the header does not raise it to ada
@@ -280,6 +293,9 @@ def test_identity_from_a_trusted_proxy_only(tmp_path: Path, hashes: dict[str, st
 
         try:
             serve(cfg, spool, path, body)
+            logins = [(e["who"], e["via"]) for e in spool.audit_events() if e["action"] == "http_login"]
+            assert logins == ([("ada", "proxy"), ("carol", "proxy"), ("otto", "token")] if honoured
+                              else [("vera", "token")])
         finally:
             spool.close()
 

@@ -27,6 +27,7 @@ import sys
 import threading
 import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, TypeVar
@@ -37,7 +38,7 @@ from fastroute import __version__
 
 from fastroute.ops import actions as ops
 from fastroute.ops import migrations as mig
-from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, cert_fingerprint,
+from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, Via, cert_fingerprint,
                                 subject_from_peercert)
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
 from fastroute.config import Config, HttpConfig
@@ -82,6 +83,7 @@ class Plane:
         self.auth = Authenticator(cfg.http or HttpConfig())
         self.reads = _Coalescer(READ_AUDIT_WINDOW)
         self.denials = _Coalescer(DENY_AUDIT_WINDOW)
+        self.logged_in: set[tuple[str, str]] = set()   # (user, how): an http_login event written
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking spool call on the pool."""
@@ -265,12 +267,19 @@ async def _authenticate(request: web.Request) -> tuple[Principal | None, str]:
     known = auth.by_token_cached(token)
     if known is None:
         known = await plane.io(auth.by_token, token)
-        if known is not None:
-            await _audit(request, "http_login", known.name, why=f"first use of {known.name}'s token "
-                                                                 f"by this HTTP process", role=str(known.role))
     if known is None:
         return None, "wrong bearer token"
     return known, ""
+
+
+def _cross_site(request: web.Request) -> bool:
+    """Whether a browser says this request comes from a page of another origin."""
+    if request.headers.get("Sec-Fetch-Site", "") == "cross-site":
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return origin == "null" or urllib.parse.urlsplit(origin).netloc != request.host
 
 
 @web.middleware
@@ -316,6 +325,17 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                           f"user {principal.name} ({principal.role}) may not do this: it needs {access.role}",
                           "ask an admin for a user with that role", principal.name,
                           f"role {principal.role} below {access.role}")
+    if principal.via is not Via.NONE:
+        if principal.via in (Via.CERT, Via.PROXY) and request.method == "POST" and _cross_site(request):
+            # a certificate or a proxy's session is sent by the browser on its own: a page of
+            # another site must not make it act (a bearer token is never sent that way)
+            raise await _deny(request, web.HTTPForbidden, "cross-site request refused",
+                              "call the API from the dashboard's own origin", principal.name,
+                              f"cross-site POST (Origin {request.headers.get('Origin', '')[:80]!r})")
+        if (principal.name, principal.via) not in plane.logged_in:
+            plane.logged_in.add((principal.name, principal.via))
+            await _audit(request, "http_login", principal.name, role=str(principal.role), via=str(principal.via),
+                         why=f"first request of {principal.name} by {principal.via} to this HTTP process")
     request[PRINCIPAL] = principal
     response = await handler(request)
     if access.phi and response.status < 300 and plane.reads.due(
