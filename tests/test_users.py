@@ -221,6 +221,16 @@ def test_reads_of_patient_data_are_audited_once_per_window(env: Any) -> None:
         assert (await c.get("/api/lookup?accession_number=ACC2", headers=bearer("vera"))).status == 200
         for _ in range(3):
             assert (await c.get("/api/lookup", headers={"Authorization": "Bearer frt_guessed"})).status == 401
+        # after a wrong token, an address's next unknown token is not even hashed for a second
+        # (guessing cannot eat CPU); tokens already known to the process are not held up
+        resp = await c.get("/api/whoami", headers=bearer("ada"))
+        assert resp.status == 401 and "waits" in (await resp.json())["error"]
+        assert (await c.get("/api/whoami", headers=bearer("vera"))).status == 200
+        deadline = time.monotonic() + 10
+        while (resp := await c.get("/api/whoami", headers=bearer("ada"))).status != 200:
+            assert time.monotonic() < deadline, "ada's token never accepted after the delay"
+            await asyncio.sleep(0.1)
+        assert (await resp.json())["user"] == "ada"
 
     serve(cfg, spool, path, body)
     events = list(spool.audit_events())
@@ -230,7 +240,11 @@ def test_reads_of_patient_data_are_audited_once_per_window(env: Any) -> None:
                      ("otto", f"/api/studies/{STUDY_A}", STUDY_A, None, "token"),
                      ("vera", "/api/lookup", None, "ACC2", "token")]
     denied = [e for e in events if e["action"] == "http_denied"]
-    assert [(e["who"], e["why"], e["peer"]) for e in denied] == [("anonymous", "wrong bearer token", "127.0.0.1")]
+    waits = "wrong bearer token (after a wrong token, this address waits 1 s)"
+    # coalesced per client, route and reason: three events for the 3 + 1 (+ polls) refusals
+    assert [(e["who"], e["path"], e["why"], e["peer"]) for e in denied] == [
+        ("anonymous", "/api/lookup", "wrong bearer token", "127.0.0.1"),
+        ("anonymous", "/api/lookup", waits, "127.0.0.1"), ("anonymous", "/api/whoami", waits, "127.0.0.1")]
     assert spool.audit_verify()[0]
 
 

@@ -84,6 +84,8 @@ class Plane:
         self.reads = _Coalescer(READ_AUDIT_WINDOW)
         self.denials = _Coalescer(DENY_AUDIT_WINDOW)
         self.logged_in: set[tuple[str, str]] = set()   # (user, how): an http_login event written
+        self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-scrypt")
+        self.token_backoff: dict[str, float] = {}      # address -> monotonic time of its next token check
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking spool call on the pool."""
@@ -163,6 +165,7 @@ ADMINISTER = Access(Role.ADMIN)
 PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated user of a request
 READ_AUDIT_WINDOW = 300.0   # seconds: the same user's same read is audited once per window
 DENY_AUDIT_WINDOW = 60.0    # seconds: the same client's same refusal is audited once per window
+TOKEN_RETRY_DELAY = 1.0     # seconds an address waits after a wrong token before another is hashed
 
 
 class _Coalescer:
@@ -265,8 +268,19 @@ async def _authenticate(request: web.Request) -> tuple[Principal | None, str]:
     if not token:
         return None, "malformed Authorization header (not Bearer)"
     known = auth.by_token_cached(token)
-    if known is None:
-        known = await plane.io(auth.by_token, token)
+    if known is None and auth.hashed:
+        # An unknown token costs one scrypt per user: checked on a thread of its own (never more
+        # than one core, never the spool's pool) and, after a wrong one, not again from the same
+        # address for TOKEN_RETRY_DELAY, so guessing cannot eat the CPU the receive path needs.
+        now = time.monotonic()
+        remote = request.remote or ""
+        if now < plane.token_backoff.get(remote, 0.0):
+            return None, f"wrong bearer token (after a wrong token, this address waits {TOKEN_RETRY_DELAY:g} s)"
+        known = await asyncio.get_running_loop().run_in_executor(plane.hasher, auth.by_token, token)
+        if known is None:
+            if len(plane.token_backoff) > 10000:
+                plane.token_backoff = {k: t for k, t in plane.token_backoff.items() if t > now}
+            plane.token_backoff[remote] = time.monotonic() + TOKEN_RETRY_DELAY
     if known is None:
         return None, "wrong bearer token"
     return known, ""
@@ -923,6 +937,7 @@ def make_app(cfg: Config, spool: Spool, config_path: str | None, *,
         if plane.webhook is not None:
             await plane.webhook.close()
         plane.pool.shutdown(wait=True)   # no spool read may outlive the app
+        plane.hasher.shutdown(wait=True)
 
     app.cleanup_ctx.append(background)
     return app

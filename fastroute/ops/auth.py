@@ -145,6 +145,11 @@ class Authenticator:
         self._lock = threading.Lock()
 
     @property
+    def hashed(self) -> bool:
+        """Whether checking an unknown token costs scrypt (some user has a token hash)."""
+        return bool(self._hashes)
+
+    @property
     def configured(self) -> bool:
         """Whether anyone can log in at all (else patient data is served to no one)."""
         return bool(self.roles)
