@@ -329,6 +329,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     pki.issue("server", "localhost", days=90)
     pki.issue("dave", "dave.hospital")
     pki.issue("stranger", "dave.hospital", ca="otherca")
+    pki.issue("nurse", "nurse.hospital")        # a valid certificate no user names
     return pki
 
 
@@ -374,6 +375,11 @@ def test_https_with_client_certificates(tmp_path: Path, hashes: dict[str, str], 
                         assert (await r.json())["user"] == "vera"
                     async with s.get(f"{base}/api/lookup?patient_id=PAT1", ssl=_client_ctx(pki, None)) as r:
                         assert r.status == 401 and "PAT1" not in await r.text()
+                # a valid certificate no user names: refused, unless the request has a token too
+                async with s.get(f"{base}/api/whoami", ssl=_client_ctx(pki, "nurse")) as r:
+                    assert r.status == 401 and "CN=nurse.hospital" in (await r.json())["error"]
+                async with s.get(f"{base}/api/whoami", ssl=_client_ctx(pki, "nurse"), headers=bearer("vera")) as r:
+                    assert (await r.json())["user"] == "vera"
                 with pytest.raises(aiohttp.ClientError):   # a certificate of another CA is refused
                     async with s.get(f"{base}/healthz", ssl=_client_ctx(pki, "stranger")) as r:
                         await r.read()

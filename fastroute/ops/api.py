@@ -247,11 +247,13 @@ async def _authenticate(request: web.Request) -> tuple[Principal | None, str]:
     plane = request.app[PLANE]
     auth = plane.auth
     subject, fp = _peer_cert(request)
+    unmapped = ""
     if subject or fp:
         p = auth.by_cert(subject, fp)
         if p is not None:
             return p, ""
-        return None, f"client certificate {subject or fp} is no configured user"
+        # a hospital certificate no user names: the request may still carry a token
+        unmapped = f"client certificate {subject or fp} is no configured user"
     if auth.trusted_proxy(request.remote):
         p = auth.by_proxy(request.headers)
         if p is not None:
@@ -264,7 +266,7 @@ async def _authenticate(request: web.Request) -> tuple[Principal | None, str]:
                     extra=fields(peer=request.remote))
     token = _bearer(request)
     if token is None:
-        return None, ""
+        return None, unmapped
     if not token:
         return None, "malformed Authorization header (not Bearer)"
     known = auth.by_token_cached(token)
