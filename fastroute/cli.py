@@ -84,7 +84,16 @@ def describe(cfg: Config) -> str:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
     if cfg.http is not None:
-        lines.append(f"  dashboard, REST API and /metrics: http://{cfg.http.host}:{cfg.http.port}/")
+        h = cfg.http
+        lines.append(f"  dashboard, REST API and /metrics: {'https' if h.tls else 'http'}://{h.host}:{h.port}/")
+        users = sorted(h.users.items())
+        if users or h.token:
+            lines.append("  users: " + ", ".join([f"{n} ({u.role})" for n, u in users]
+                                                 + (["http.token (admin, deprecated)"] if h.token else [])))
+        else:
+            lines.append("  users: none: patient data and actions are served to no one (fastroute user add)")
+        if h.trusted_proxies:
+            lines.append(f"  user identity from proxies at: {', '.join(h.trusted_proxies)}")
     if cfg.default:
         lines.append(f"  objects no rule matches -> {', '.join(cfg.default)}")
     else:
@@ -102,7 +111,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
         print(f"warning: {warning}")
+    for warning in http_warnings(cfg):
+        print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
+
+
+def http_warnings(cfg: Config) -> list[str]:
+    """What ``fastroute check`` says about the management plane's exposure (issue 14)."""
+    import ipaddress
+    h = cfg.http
+    if h is None:
+        return []
+    out = []
+    if h.token:
+        out.append("http.token is deprecated: it is one admin shared by everyone who has it; give each "
+                   "person a user (fastroute user add NAME --role R) and remove it")
+    try:
+        loopback = ipaddress.ip_address(h.host).is_loopback
+    except ValueError:
+        loopback = h.host == "localhost"
+    if h.tls is None and not loopback and not h.trusted_proxies:
+        out.append(f"http.host {h.host} serves tokens and patient data over plain HTTP to the network: "
+                   "set http.tls, or listen on 127.0.0.1 behind a TLS reverse proxy (http.trusted_proxies)")
+    return out
 
 
 def tls_findings(cfg: Config) -> int:

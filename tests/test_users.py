@@ -410,6 +410,9 @@ def test_check_validates_http_tls(tmp_path: Path, hashes: dict[str, str], pki: P
     good = check("server.pem", "server.key")
     assert good.returncode == 0, good.stderr
     assert "ok: http.tls.cert" in good.stdout and "days left" in good.stdout
+    assert "https://127.0.0.1:8080/" in good.stdout
+    assert "users: ada (admin), otto (operator), vera (viewer)" in good.stdout
+    assert "warning: http" not in good.stdout
     bad = check("server.pem", "dave.key")
     assert bad.returncode == 1 and "error: http.tls" in bad.stderr and "does not match" in bad.stderr
     missing = check("nope.pem", "server.key")
@@ -488,3 +491,15 @@ def test_receipts_are_audited_per_study_and_sender_not_per_object(tmp_path: Path
         assert spool.audit_verify()[0]
     finally:
         spool.close()
+
+
+def test_check_warns_about_a_shared_token_and_plain_http_to_the_network(tmp_path: Path) -> None:
+    text = config_text(tmp_path / "spool", token="old-shared-secret").replace("host: 127.0.0.1, port: 8080",
+                                                                               "host: 0.0.0.0, port: 8080")
+    (tmp_path / "r.yaml").write_text(text)
+    out = subprocess.run([sys.executable, "-m", "fastroute.cli", "check", "-c", str(tmp_path / "r.yaml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "warning: http.token is deprecated" in out.stdout
+    assert "warning: http.host 0.0.0.0 serves tokens and patient data over plain HTTP" in out.stdout
+    assert "users: http.token (admin, deprecated)" in out.stdout
