@@ -857,6 +857,9 @@ class HttpConfig:
     token: str | None = field(default=None, metadata=key(_str, "a token string"))
     users: Mapping[str, HttpUserConfig] = field(default_factory=dict, metadata=key(
         shape=Shape.CUSTOM, read=_read_users, if_null=IfNull.DEFAULT))
+    # more users, in a YAML file of their own (same shape as users; read by load(), relative to
+    # the configuration file): kept apart so the main file can be shared without the hashes
+    users_file: Path | None = field(default=None, metadata=key(_path, "a YAML file path", if_null=IfNull.NONE))
     tls: HttpTlsConfig | None = field(default=None, metadata=key(
         shape=Shape.SECTION, section=HttpTlsConfig, if_null=IfNull.NONE))
     # reverse proxies whose identity headers are believed (every other client's are ignored)
@@ -1016,6 +1019,28 @@ def loads(text: str, source: str = "<string>") -> Config:
     return Config(**kw)
 
 
+def load_users_file(path: Path) -> dict[str, HttpUserConfig]:
+    """``http.users_file``: a mapping of user name to ``{role, token_hash | cert_subject | ...}``."""
+    source = str(path)
+    text = _read(path)
+    ctx = _Ctx(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source=source,
+                          line=mark.line + 1 if mark else None) from None
+    if root is None:
+        return {}
+    done, fields = ctx.attempt(lambda: _read_users(ctx, root, "users"))
+    if ctx.errors:
+        if len(ctx.errors) == 1:
+            raise ctx.errors[0]
+        raise ConfigErrors(ctx.errors)
+    users: dict[str, HttpUserConfig] = fields["users"] if done else {}
+    return users
+
+
 def _check_tls(kw: dict[str, Any], source: str) -> None:
     """What the ``tls`` section's keys mean together (each was valid alone)."""
     tls: TlsListenerConfig | None = kw.get("tls")
@@ -1109,6 +1134,15 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))
     if cfg.tls is not None:   # and so are the TLS files
         cfg = dataclasses.replace(cfg, tls=resolve_tls_paths(cfg.tls, p.parent))
+    if cfg.http is not None and cfg.http.users_file is not None:
+        ufile = _relative_to(p.parent, cfg.http.users_file) or cfg.http.users_file
+        extra = load_users_file(ufile)
+        both = sorted(set(extra) & set(cfg.http.users))
+        if both:
+            raise ConfigError(f"user(s) {', '.join(both)} defined both in http.users and in {ufile}",
+                              source=source, key="http.users_file", hint="keep each user in one place")
+        cfg = dataclasses.replace(cfg, http=dataclasses.replace(
+            cfg.http, users_file=ufile, users={**cfg.http.users, **extra}))
     if cfg.http is not None and cfg.http.tls is not None:   # the HTTPS files too
         t = cfg.http.tls
         t = dataclasses.replace(t, cert=_relative_to(p.parent, t.cert) or t.cert,

@@ -503,3 +503,25 @@ def test_check_warns_about_a_shared_token_and_plain_http_to_the_network(tmp_path
     assert "warning: http.token is deprecated" in out.stdout
     assert "warning: http.host 0.0.0.0 serves tokens and patient data over plain HTTP" in out.stdout
     assert "users: http.token (admin, deprecated)" in out.stdout
+
+
+def test_users_file_beside_the_configuration(tmp_path: Path, hashes: dict[str, str]) -> None:
+    """``http.users_file``: users kept out of the main file (relative to it), merged with http.users."""
+    from fastroute.errors import ConfigError
+    (tmp_path / "users.yaml").write_text(f'otto: {{role: operator, token_hash: "{hashes["otto"]}"}}\n')
+    text = config_text(tmp_path / "spool", token=None).replace(
+        "http: {host: 127.0.0.1}\n", f'http:\n  users_file: users.yaml\n  users:\n'
+                                     f'    vera: {{role: viewer, token_hash: "{hashes["vera"]}"}}\n')
+    (tmp_path / "r.yaml").write_text(text)
+    cfg = load(tmp_path / "r.yaml")
+    assert cfg.http is not None and {n: u.role for n, u in cfg.http.users.items()} == {
+        "vera": "viewer", "otto": "operator"}
+    assert cfg.http.users_file == tmp_path / "users.yaml"
+    (tmp_path / "users.yaml").write_text(f'otto: {{role: operator, token_hash: "{hashes["otto"]}"}}\n'
+                                         f'vera: {{role: admin, token_hash: "{hashes["vera"]}"}}\n')
+    with pytest.raises(ConfigError, match="vera defined both"):
+        load(tmp_path / "r.yaml")
+    (tmp_path / "users.yaml").write_text("otto: {role: operator}\nnina: {role: boss, cert_subject: CN=n}\n")
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "r.yaml")
+    assert "users.yaml" in str(info.value) and ":1:" in str(info.value) and "no way to log in" in str(info.value)
