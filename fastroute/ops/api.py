@@ -958,7 +958,7 @@ def _ref(name: str) -> dict[str, Any]:
 
 
 def _op(summary: str, *, returns: dict[str, Any], params: tuple[dict[str, Any], ...] = (),
-        body: dict[str, Any] | None = None, auth: bool = False, ok: str = "application/json",
+        body: dict[str, Any] | None = None, ok: str = "application/json",
         extra: dict[str, str] | None = None, also: tuple[str, ...] = (), ok_status: str = "200") -> dict[str, Any]:
     """One operation; ``returns`` is the schema of its 200 body (the suite validates real
     responses against it), ``also`` more content types of that body (plain text)."""
@@ -1157,35 +1157,35 @@ def openapi_spec() -> dict[str, Any]:
         "/api/config/reload": {"post": _op(
             "Validate the configuration file (or the posted text, then written atomically to it), audit the "
             "change with a diff, and signal the supervisor (SIGHUP); a bad configuration is rejected and the "
-            "running one kept", returns=_ref("Reload"), body=yaml_body, auth=True,
+            "running one kept", returns=_ref("Reload"), body=yaml_body,
             extra={"409": "no supervisor running, or no configuration file", "422": "invalid configuration"})},
         "/api/queues/{destination}/retry": {"post": _op(
             "Queue a destination's failed objects again (all, some oids, or one study's)", returns=_ref("Retried"), params=(dest,),
-            auth=True, extra=bad,
+            extra=bad,
             body=_json_body({"oids": oids, "study_instance_uid": {"type": "string"}, "why": why, "who": who}))},
         "/api/queues/{destination}/purge": {"post": _op(
             "Remove queue entries for good (explicit states and a reason are required; audited)", returns=_ref("Purged"), params=(dest,),
-            auth=True, extra=bad, body=_json_body({
+            extra=bad, body=_json_body({
                 "states": {"type": "array", "items": {"enum": sorted(ops.STATES)}},
                 "reason": why, "oids": oids, "study_instance_uid": {"type": "string"}, "who": who},
                 required=("states", "reason")))},
         "/api/queues/{destination}/pause": {"post": _op(
-            "Pause sending to a destination (its queue keeps filling)", returns=_ref("Paused"), params=(dest,), auth=True, extra=bad,
+            "Pause sending to a destination (its queue keeps filling)", returns=_ref("Paused"), params=(dest,), extra=bad,
             body=_json_body({"why": why, "who": who}))},
         "/api/queues/{destination}/resume": {"post": _op(
-            "Resume sending to a destination and wake its sender (its backoff ends: it tries at once)", returns=_ref("Paused"), params=(dest,), auth=True, extra=bad,
+            "Resume sending to a destination and wake its sender (its backoff ends: it tries at once)", returns=_ref("Paused"), params=(dest,), extra=bad,
             body=_json_body({"why": why, "who": who}))},
         "/api/destinations/{destination}/send-now": {"post": _op(
             "End a destination's backoff now: its pending objects waiting out a retry delay become due, "
-            "its sender forgets its failure streak and is woken (audited)", returns=_ref("SendNow"), params=(dest,), auth=True,
+            "its sender forgets its failure streak and is woken (audited)", returns=_ref("SendNow"), params=(dest,),
             extra=bad, body=_json_body({"why": why, "who": who}))},
         "/api/studies/{study_instance_uid}/retry": {"post": _op(
-            "Queue a study's failed objects again (every destination, or one)", returns=_ref("Retried"), params=(study,), auth=True,
+            "Queue a study's failed objects again (every destination, or one)", returns=_ref("Retried"), params=(study,),
             extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
         "/api/migrations": {
             "get": _op("Every migration job: state, studies, instances, rate and ETA", returns=_ref("Migrations")),
             "post": _op("Start a migration job (as `fastroute migrate start`); it is created in state inventory",
-                        returns=_ref("Migration"), auth=True, ok_status="201",
+                        returns=_ref("Migration"), ok_status="201",
                         extra={"400": "bad query key, rate, window or study list",
                                "404": "unknown source or destination", "409": "a job of that name exists"},
                         body=_json_body({
@@ -1210,19 +1210,19 @@ def openapi_spec() -> dict[str, Any]:
                 job, _param("format", description="csv (default) or json")),
             extra={"400": "unknown format", "404": "unknown job"})},
         "/api/migrations/{name}/pause": {"post": _op(
-            "Pause a job (audited)", returns=_ref("Migration"), params=(job,), auth=True,
+            "Pause a job (audited)", returns=_ref("Migration"), params=(job,),
             extra={"404": "unknown job", "409": "not possible in the job's state"},
             body=_json_body({"why": why, "who": who}))},
         "/api/migrations/{name}/resume": {"post": _op(
-            "Resume a paused job (audited)", returns=_ref("Migration"), params=(job,), auth=True,
+            "Resume a paused job (audited)", returns=_ref("Migration"), params=(job,),
             extra={"404": "unknown job", "409": "not possible in the job's state"},
             body=_json_body({"why": why, "who": who}))},
         "/api/migrations/{name}/cancel": {"post": _op(
-            "Cancel a job; its studies keep their states for the report (audited)", returns=_ref("Migration"), params=(job,), auth=True,
+            "Cancel a job; its studies keep their states for the report (audited)", returns=_ref("Migration"), params=(job,),
             extra={"404": "unknown job", "409": "not possible in the job's state"},
             body=_json_body({"why": why, "who": who}))},
         "/api/migrations/{name}/retry": {"post": _op(
-            "Failed and incomplete studies of a job again (audited)", returns=_ref("MigrationRetried"), params=(job,), auth=True,
+            "Failed and incomplete studies of a job again (audited)", returns=_ref("MigrationRetried"), params=(job,),
             extra={"404": "unknown job", "409": "not possible in the job's state"},
             body=_json_body({"why": why, "who": who}))},
     }
