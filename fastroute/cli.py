@@ -108,10 +108,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
           f"rules read {len(rs.tags)} attribute(s)")
     print(describe(cfg))
+    for warning in http_warnings(cfg):   # the management plane's exposure (issue 14)
+        print(f"warning: {warning}")
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
-        print(f"warning: {warning}")
-    for warning in http_warnings(cfg):
         print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
 
