@@ -174,6 +174,7 @@ def test_role_matrix_over_every_route_of_the_openapi_document(env: Any) -> None:
             assert op["x-required-role"] == ACCESS[(m, p)].role
     assert spec["paths"]["/api/lookup"]["get"]["x-patient-data"] is True
     assert spec["paths"]["/api/config/reload"]["post"]["x-required-role"] == "admin"
+    assert spec["paths"]["/api/audit"]["get"]["x-required-role"] == "admin"   # who read whose data
     assert spec["paths"]["/api/queues/{destination}/purge"]["post"]["x-required-role"] == "operator"
     (cfg.spool / "run").mkdir(exist_ok=True)
 

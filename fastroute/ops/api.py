@@ -162,6 +162,7 @@ VIEW = Access(Role.VIEWER)
 VIEW_PHI = Access(Role.VIEWER, phi=True)
 OPERATE = Access(Role.OPERATOR)
 ADMINISTER = Access(Role.ADMIN)
+ADMIN_PHI = Access(Role.ADMIN, phi=True)
 PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated user of a request
 READ_AUDIT_WINDOW = 300.0   # seconds: the same user's same read is audited once per window
 DENY_AUDIT_WINDOW = 60.0    # seconds: the same client's same refusal is audited once per window
@@ -880,7 +881,7 @@ ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/api/lookup"): VIEW_PHI,
     ("GET", "/api/studies/{study_instance_uid}"): VIEW_PHI,
     ("GET", "/api/objects/{oid}"): VIEW_PHI,
-    ("GET", "/api/audit"): VIEW_PHI,          # events name studies and users
+    ("GET", "/api/audit"): ADMIN_PHI,         # who read which patient's data: a security officer's view
     ("GET", "/api/audit/verify"): VIEW,
     ("POST", "/api/config/validate"): ADMINISTER,
     ("POST", "/api/config/reload"): ADMINISTER,
