@@ -527,7 +527,13 @@ def test_login_shows_the_user_and_hides_what_the_role_cannot_do(tmp_path: Path, 
             wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused by otto")
             wait(browser, lambda d: [e["who"] for e in spool.audit_events() if e["action"] == "pause"] == ["otto"],
                  "the pause audited under otto's name")
+            browser.find_element(By.ID, "logout").click()
+            wait(browser, lambda d: who.text == "not logged in", "logged out")
+            assert browser.execute_script("return sessionStorage.getItem('fastroute-token')") == ""
+            assert not browser.find_element(By.ID, "logout").is_displayed()
+            wait(browser, lambda d: "enter it in the token field" in d.find_element(By.ID, "auth").text,
+                 "the token asked for again")
             enter_token(browser, "frt_wrong-token-0123456789")
-            wait(browser, lambda d: who.text == "not logged in", "logged out with a wrong token")
+            wait(browser, lambda d: who.text == "not logged in", "not logged in with a wrong token")
     finally:
         spool.close()

@@ -67,6 +67,7 @@ async function whoami() {
     const me = resp.ok ? await resp.json() : null;
     const role = me && me.role;
     box.textContent = role ? `${me.user} (${role})` : "not logged in";
+    document.getElementById("logout").hidden = !tokenInput.value;
     document.body.classList.toggle("can-act", !!(me && me.can.act));
     document.body.classList.toggle("can-configure", !!(me && me.can.configure));
     document.body.dataset.role = role || "";
@@ -110,6 +111,11 @@ tokenInput.addEventListener("change", () => {
     refresh();
     route();   // a study link opened before the token was entered
   });
+});
+// Log out: forget the token in this tab (the API keeps no session to end).
+document.getElementById("logout").addEventListener("click", () => {
+  tokenInput.value = "";
+  tokenInput.dispatchEvent(new Event("change"));
 });
 
 // Each action answers with a sentence an operator can read, built from the API's JSON.
