@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastroute import __version__
-from fastroute.config import Config, load
+from fastroute.config import USER_ROLES, Config, load
 from fastroute.errors import ConfigError, FastrouteError
 
 STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
@@ -84,7 +84,16 @@ def describe(cfg: Config) -> str:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
     if cfg.http is not None:
-        lines.append(f"  dashboard, REST API and /metrics: http://{cfg.http.host}:{cfg.http.port}/")
+        h = cfg.http
+        lines.append(f"  dashboard, REST API and /metrics: {'https' if h.tls else 'http'}://{h.host}:{h.port}/")
+        users = sorted(h.users.items())
+        if users or h.token:
+            lines.append("  users: " + ", ".join([f"{n} ({u.role})" for n, u in users]
+                                                 + (["http.token (admin, deprecated)"] if h.token else [])))
+        else:
+            lines.append("  users: none: patient data and actions are served to no one (fastroute user add)")
+        if h.trusted_proxies:
+            lines.append(f"  user identity from proxies at: {', '.join(h.trusted_proxies)}")
     if cfg.default:
         lines.append(f"  objects no rule matches -> {', '.join(cfg.default)}")
     else:
@@ -99,10 +108,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
           f"rules read {len(rs.tags)} attribute(s)")
     print(describe(cfg))
+    for warning in http_warnings(cfg):   # the management plane's exposure (issue 14)
+        print(f"warning: {warning}")
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
         print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
+
+
+def http_warnings(cfg: Config) -> list[str]:
+    """What ``fastroute check`` says about the management plane's exposure (issue 14)."""
+    import ipaddress
+    h = cfg.http
+    if h is None:
+        return []
+    out = []
+    if h.token:
+        out.append("http.token is deprecated: it is one admin shared by everyone who has it; give each "
+                   "person a user (fastroute user add NAME --role R) and remove it")
+    try:
+        loopback = ipaddress.ip_address(h.host).is_loopback
+    except ValueError:
+        loopback = h.host == "localhost"
+    if h.tls is None and not loopback and not h.trusted_proxies:
+        out.append(f"http.host {h.host} serves tokens and patient data over plain HTTP to the network: "
+                   "set http.tls, or listen on 127.0.0.1 behind a TLS reverse proxy (http.trusted_proxies)")
+    return out
 
 
 def tls_findings(cfg: Config) -> int:
@@ -110,6 +141,9 @@ def tls_findings(cfg: Config) -> int:
     from fastroute.config import TlsPeerConfig
     from fastroute.dicom import tls
     findings = tls.check_listener(cfg.tls) if cfg.tls is not None else []
+    if cfg.http is not None and cfg.http.tls is not None:   # HTTPS of the management plane
+        from fastroute.ops.api import http_tls_as_listener
+        findings += tls.check_listener(http_tls_as_listener(cfg.http.tls), prefix="http.tls")
     peers: list[tuple[str, str, object]] = [
         *(("destinations", name, d) for name, d in cfg.destinations.items()),
         *(("sources", name, s) for name, s in cfg.sources.items())]
@@ -518,6 +552,61 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0 if row is not None and state == good else 1
 
 
+def cmd_user_add(args: argparse.Namespace) -> int:
+    """A new user's token, printed once, and the entry (with only its hash) for http.users."""
+    from fastroute.config import USER_NAME_RE
+    from fastroute.ops.auth import hash_token, new_token
+
+    if not USER_NAME_RE.fullmatch(args.name):
+        print(f"error: {args.name!r} is not a user name (1-64 letters, digits and . _ @ -)", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = {"role": args.role, "token_hash": hash_token(token)}
+    if args.json:
+        print(json.dumps({"user": args.name, **entry, "token": token}))
+        return 0
+    print(f"token for {args.name} (shown only now; fastroute stores only its hash):\n  {token}\n")
+    print("add under http.users in the configuration, then reload:")
+    print(f"  {args.name}: {{role: {args.role}, token_hash: \"{entry['token_hash']}\"}}")
+    return 0
+
+
+def cmd_user_hash_token(args: argparse.Namespace) -> int:
+    """The hash of a token read from stdin (one line), or of a new one printed with it."""
+    from fastroute.ops.auth import hash_token, new_token
+
+    if args.new:
+        token = new_token()
+        print(f"token: {token}")
+    else:
+        if sys.stdin.isatty():
+            import getpass
+            token = getpass.getpass("token: ")
+        else:
+            token = sys.stdin.readline().strip()
+        if len(token) < 16:
+            print("error: a token of at least 16 characters is needed (or --new for a random one)",
+                  file=sys.stderr)
+            return 2
+    print(f"token_hash: \"{hash_token(token)}\"")
+    return 0
+
+
+def _add_user_commands(sub: Any) -> None:
+    up = sub.add_parser("user", help="HTTP plane users: add, hash-token",
+                        description="users of the management plane (http.users): tokens are stored hashed")
+    usub = up.add_subparsers(dest="user_command", required=True, metavar="COMMAND", title="commands")
+    sp = usub.add_parser("add", help="a new token for NAME and its http.users entry (only the hash)")
+    sp.add_argument("name", help="user name (shown in the audit trail)")
+    sp.add_argument("--role", required=True, choices=USER_ROLES,
+                    help="viewer: read (patient data included); operator: also act; admin: also configure")
+    sp.add_argument("--json", action="store_true", help="one JSON object: user, role, token_hash, token")
+    sp.set_defaults(func=cmd_user_add, config_required=False)
+    sp = usub.add_parser("hash-token", help="hash a token read from stdin (e.g. the old http.token)")
+    sp.add_argument("--new", action="store_true", help="make a new random token and print it with its hash")
+    sp.set_defaults(func=cmd_user_hash_token, config_required=False)
+
+
 def _add_migration_commands(sub: Any, cmd: Any) -> None:
     """``migrate ...`` and ``retrieve``; ``-c`` is accepted at every level (its own dest at each,
     folded by parse_args)."""
@@ -660,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--until", metavar="ISO", help="up to this datetime, or the end of this date")
     sp.add_argument("--study", metavar="UID", help="only events of this Study Instance UID")
     _add_migration_commands(sub, cmd)
+    _add_user_commands(sub)
     # Every argument goes to bench's own parser: no prefix character, so '--quick' stays a value.
     sp = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                         help="capacity benchmark (source checkout only; same as python -m bench)")

@@ -24,7 +24,7 @@ from yarl import URL
 
 import fastroute
 from fastroute import native
-from fastroute.ops.api import MAX_BODY_BYTES, ROUTES, http_main, is_public, make_app, openapi_spec
+from fastroute.ops.api import ACCESS, MAX_BODY_BYTES, ROUTES, http_main, is_public, make_app, openapi_spec
 from fastroute.config import Config
 from fastroute.spool.senderstate import DestinationState, SenderState
 from fastroute.spool import Outcome, OutcomeKind, Spool
@@ -114,15 +114,26 @@ def test_read_endpoints(env: Any) -> None:
         await get_json(c, "/api/objects/424242", 404)
 
         events = (await get_json(c, "/api/audit"))["events"]
-        assert [e["action"] for e in events] == ["delivered", "failed"]
-        assert (await get_json(c, f"/api/audit?study_instance_uid={STUDY_B}"))["events"] == []
+        routed = ["delivered", "failed"]
+        assert [e["action"] for e in events if e["action"] not in ("received", "http_read", "http_login")] == routed
+        # the reads of patient data above are audited (who, from where, which study); failed ones not
+        reads = [e for e in events if e["action"] == "http_read"]
+        assert {e["who"] for e in reads} == {"http.token"} and all(e["peer"] == "127.0.0.1" for e in reads)
+        assert [e["path"] for e in reads if e.get("study_instance_uid") == STUDY_B] == [f"/api/studies/{STUDY_B}"]
+        assert sorted(e.get("patient_id", "") for e in reads if e["path"] == "/api/lookup") == ["", "", "PAT1"]
+        assert [e["accession_number"] for e in reads if "accession_number" in e] == ["ACC2"]   # alias named
+        assert not [e for e in reads if e["path"] in ("/api/studies/9.9.9", "/api/objects/424242")]
+        study_b = (await get_json(c, f"/api/audit?study_instance_uid={STUDY_B}"))["events"]
+        assert [e["action"] for e in study_b] == ["received", "http_read"]
         assert (await get_json(c, "/api/audit?until=2000-01-01"))["events"] == []
         await get_json(c, "/api/audit?since=yesterday", 400)
         resp = await c.get("/api/audit?format=csv")
         assert resp.content_type == "text/csv"
-        assert [r["action"] for r in csv.DictReader(io.StringIO(await resp.text()))] == ["delivered", "failed"]
+        assert [r["action"] for r in csv.DictReader(io.StringIO(await resp.text()))
+                if r["action"] not in ("received", "http_read", "http_login")] == routed
         resp = await c.get("/api/audit?format=jsonl")
-        assert len((await resp.text()).splitlines()) == 2
+        assert len([ln for ln in (await resp.text()).splitlines()
+                    if "\"http_" not in ln and "\"received\"" not in ln]) == 2
         assert (await get_json(c, "/api/audit/verify"))["ok"]
 
         resp = await c.get("/")
@@ -259,6 +270,7 @@ SAMPLE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("POST", "/api/migrations/{name}/resume"): (f"/api/migrations/{JOB}/resume", {}),
     ("POST", "/api/migrations/{name}/cancel"): (f"/api/migrations/{JOB}/cancel", {}),
     ("POST", "/api/migrations/{name}/retry"): (f"/api/migrations/{JOB}/retry", {}),
+    ("GET", "/api/whoami"): ("/api/whoami", {}),
 }
 
 
@@ -411,22 +423,37 @@ def test_every_route_but_the_shell_needs_the_token(env: Any) -> None:
     serve(cfg, spool, path, body, token=False)
 
 
-def test_reads_open_without_a_token_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_patient_data_without_users_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14: no patient identifier is readable without a login. With no users configured the
+    status without patient data stays open; every patient-data route is refused (and audited)."""
     cfg, path = make_config(tmp_path, token=None)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
-    fill(spool, time.time() - AGE)
+    oids = fill(spool, time.time() - AGE)
+    phi = [(m, p) for (m, p), a in ACCESS.items() if a.phi]
+    assert ("GET", "/api/lookup") in phi and ("GET", "/api/queues/{destination}/entries") in phi
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
-        assert (await get_json(c, "/api/lookup?patient_id=PAT1"))["count"] == 3
-        assert (await c.get("/api/audit")).status == 200
+        for method, p in phi:
+            resp = await c.request(method, concrete_read(p, oids[1]))
+            text = await resp.text()
+            assert resp.status == 403 and "no users" in text, (p, resp.status, text)
+            assert "PAT1" not in text and STUDY_A not in text
+        status = await get_json(c, "/api/status")
+        assert status["token_configured"] is False
+        assert "PAT1" not in json.dumps(status)
+        assert (await get_json(c, "/api/whoami"))["user"] == "anonymous"
 
     try:
         with caplog.at_level(logging.WARNING, logger="fastroute.api"):
             serve(cfg, spool, path, body, token=False)
+        denied = [e for e in spool.audit_events() if e["action"] == "http_denied"]
+        # one event per route (coalesced per client and route), naming the client and the reason
+        assert len(denied) == len(phi) and all(e["who"] == "anonymous" and e["peer"] == "127.0.0.1"
+                                               and e["status"] == 403 for e in denied)
     finally:
         spool.close()
-    warned = [r.getMessage() for r in caplog.records if "WITHOUT authentication" in r.getMessage()]
-    assert len(warned) == 1 and "patient data" in warned[0] and "http.token" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "served to NO ONE" in r.getMessage()]
+    assert len(warned) == 1 and "patient data" in warned[0] and "http.users" in warned[0]
 
 
 async def expect_400(c: TestClient, method: str, url: Any, what: str, status: int = 400,   # type: ignore[type-arg]
@@ -547,7 +574,8 @@ def test_actions_are_applied_and_audited(env: Any) -> None:
         assert spool.is_paused("pacs")
         assert (await get_json(c, "/api/queues/pacs"))["status"] == "paused"
         ev = list(spool.audit_events())[-1]
-        assert ev["action"] == "pause" and ev["who"].startswith("erin via http ") and ev["why"] == "maintenance"
+        # the shared deprecated token: the client's name is kept, marked as the token's
+        assert ev["action"] == "pause" and ev["who"] == "erin (http.token)" and ev["why"] == "maintenance"
         resp = await c.post("/api/queues/pacs/resume", headers=TOKEN)
         assert resp.status == 200 and not spool.is_paused("pacs")
         assert (await c.post("/api/queues/nope/pause", headers=TOKEN)).status == 404
@@ -848,7 +876,7 @@ def test_migration_endpoints_mirror_the_commands(env: Any) -> None:
         assert resp.status == 200 and (await resp.json())["state"] == "paused"
         ev = list(spool.audit_events())[-1]
         assert (ev["action"], ev["job"], ev["why"]) == ("migration_pause", JOB, "clinical peak")
-        assert ev["who"].startswith("erin via http ")
+        assert ev["who"] == "erin (http.token)"
         resp = await c.post(f"/api/migrations/{JOB}/pause", headers=TOKEN)
         assert resp.status == 409 and "cannot pause" in (await resp.json())["error"]
         assert (await (await c.post(f"/api/migrations/{JOB}/resume", headers=TOKEN)).json())["state"] == "running"
@@ -864,7 +892,7 @@ def test_migration_endpoints_mirror_the_commands(env: Any) -> None:
         assert doc["windows"] == ["19:00-07:00"] and doc["rate_limit"] == "20/s"
         ev = list(spool.audit_events())[-1]
         assert (ev["action"], ev["job"], ev["why"]) == ("migration_start", "night", "phase 1")
-        assert ev["who"].startswith("erin via http ")
+        assert ev["who"] == "erin (http.token)"
         for payload, status, text in (
                 ({"source": "oldpacs", "destinations": ["pacs"], "name": "night"}, 409, "exists"),
                 ({"source": "nope", "destinations": ["pacs"]}, 404, "unknown source"),

@@ -485,3 +485,55 @@ def add_migration(spool: Spool) -> Any:
     jobs.update_study("y2019", f"{STUDY_A}.1", state=StudyState.FAILED,
                       reason="0xA801: register FASTROUTE as a move destination at OLDPACS")
     return jobs
+
+
+def test_login_shows_the_user_and_hides_what_the_role_cannot_do(tmp_path: Path, browser: Any) -> None:
+    """Issue 14: log in with a personal token (kept in sessionStorage for the tab), see who and which
+    role, and only the actions that role may do."""
+    from selenium.webdriver.common.by import By
+
+    from fastroute.config import load
+    from fastroute.ops.auth import hash_token
+    from test_ops import config_text
+
+    tokens = {"vera": "frt_dash-viewer-0123456789abcdef", "otto": "frt_dash-operator-0123456789abcdef"}
+    roles = {"vera": "viewer", "otto": "operator"}
+    users = "".join(f"    {n}: {{role: {roles[n]}, token_hash: \"{hash_token(t)}\"}}\n" for n, t in tokens.items())
+    path = tmp_path / "router.yaml"
+    path.write_text(config_text(tmp_path / "spool", token=None).replace(
+        "http: {host: 127.0.0.1}\n", f"http:\n  users:\n{users}"))
+    cfg = load(path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            who = browser.find_element(By.ID, "whoami")
+            pause = 'tr[data-destination="pacs"] button.pause'
+            assert who.text == "not logged in"
+            enter_token(browser, tokens["vera"])
+            wait(browser, lambda d: who.text == "vera (viewer)", "the viewer shown")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-destination="pacs"]'), "the pacs row")
+            assert "0xA900" in browser.find_element(By.CSS_SELECTOR, "#failures tbody").text   # may read
+            assert browser.find_elements(By.CSS_SELECTOR, pause)                             # in the page,
+            assert not browser.find_element(By.CSS_SELECTOR, pause).is_displayed()           # but hidden
+            assert not any(b.is_displayed() for b in browser.find_elements(By.CSS_SELECTOR, "button.purge"))
+            assert browser.execute_script("return sessionStorage.getItem('fastroute-token')") == tokens["vera"]
+            assert browser.execute_script("return localStorage.length") == 0
+            enter_token(browser, tokens["otto"])
+            wait(browser, lambda d: who.text == "otto (operator)", "the operator shown")
+            wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, pause).is_displayed(), "pause offered")
+            browser.find_element(By.CSS_SELECTOR, pause).click()
+            wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused by otto")
+            wait(browser, lambda d: [e["who"] for e in spool.audit_events() if e["action"] == "pause"] == ["otto"],
+                 "the pause audited under otto's name")
+            browser.find_element(By.ID, "logout").click()
+            wait(browser, lambda d: who.text == "not logged in", "logged out")
+            assert browser.execute_script("return sessionStorage.getItem('fastroute-token')") == ""
+            assert not browser.find_element(By.ID, "logout").is_displayed()
+            wait(browser, lambda d: "enter it in the token field" in d.find_element(By.ID, "auth").text,
+                 "the token asked for again")
+            enter_token(browser, "frt_wrong-token-0123456789")
+            wait(browser, lambda d: who.text == "not logged in", "not logged in with a wrong token")
+    finally:
+        spool.close()

@@ -55,8 +55,27 @@ function authHeaders(extra) {
   return headers;
 }
 
-const TOKEN_NEEDED = "This router requires its API token (http.token) to show patient data: enter it in the token field at the top right.";
-const TOKEN_WRONG = "The API token entered was refused: check it against http.token and enter it again.";
+const TOKEN_NEEDED = "This router requires your API token (a login) to show patient data: enter it in the token field at the top right.";
+const TOKEN_WRONG = "The API token entered was refused: check it (fastroute user add prints one) and enter it again.";
+
+// Who is logged in, and what that role may do: actions the role cannot do are hidden (the API
+// refuses them anyway; hiding them only spares the operator a 403).
+async function whoami() {
+  const box = document.getElementById("whoami");
+  try {
+    const resp = await fetch("/api/whoami", { cache: "no-store", headers: authHeaders() });
+    const me = resp.ok ? await resp.json() : null;
+    const role = me && me.role;
+    box.textContent = role ? `${me.user} (${role})` : "not logged in";
+    document.getElementById("logout").hidden = !tokenInput.value;
+    document.body.classList.toggle("can-act", !!(me && me.can.act));
+    document.body.classList.toggle("can-configure", !!(me && me.can.configure));
+    document.body.dataset.role = role || "";
+  } catch (err) {
+    box.textContent = "not logged in";
+    document.body.classList.remove("can-act", "can-configure");
+  }
+}
 
 function authMessage() { return tokenInput.value ? TOKEN_WRONG : TOKEN_NEEDED; }
 
@@ -88,8 +107,15 @@ tokenInput.addEventListener("change", () => {
   if (tokenInput.value === appliedToken) return;   // a second change event on blur: nothing new
   appliedToken = tokenInput.value;
   sessionStorage.setItem("fastroute-token", tokenInput.value);
-  refresh();
-  route();   // a study link opened before the token was entered
+  whoami().then(() => {
+    refresh();
+    route();   // a study link opened before the token was entered
+  });
+});
+// Log out: forget the token in this tab (the API keeps no session to end).
+document.getElementById("logout").addEventListener("click", () => {
+  tokenInput.value = "";
+  tokenInput.dispatchEvent(new Event("change"));
 });
 
 // Each action answers with a sentence an operator can read, built from the API's JSON.
@@ -595,4 +621,4 @@ async function refresh() {
   timer = setTimeout(refresh, POLL_MS);
 }
 
-detectSendNow().finally(() => { refresh(); route(); });
+Promise.all([detectSendNow(), whoami()]).finally(() => { refresh(); route(); });
