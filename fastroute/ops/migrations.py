@@ -23,6 +23,7 @@ from fastroute.config import Config
 from fastroute.ops.actions import BadRequest, Conflict, NotFound
 from fastroute.spool import Spool
 from fastroute.spool.audit import whoami
+from fastroute.spool.wakeup import MIGRATION, Notifier
 from fastroute.spool.jobs import (FINAL_STUDY_STATES, REPORT_COLUMNS, JobError, Jobs, JobSpec, JobState,
                                   StudyRecord, StudyState, Window)
 from fastroute.spool.jobs import parse_rate as jobs_parse_rate
@@ -301,6 +302,7 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
         created = jobs.create(spec)
     except JobError as exc:
         raise Conflict(str(exc), hint="choose another --name, or `fastroute migrate list`") from None
+    _wake(spool)
     spool.audit_record("migration_start", who=who, why=why, job=created, source=source,
                        destinations=dests, query=keys, studies=len(listed), rate=rate or "",
                        windows=[str(w) for w in spec.windows], verify=verify)
@@ -311,6 +313,19 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
     return job_view(jobs, created, now)
 
 
+def _wake(spool: Spool) -> None:
+    """Tell the migration process a job changed, so it acts now rather than at its next poll
+    (fire and forget: a router that is not running finds the job when it starts)."""
+    try:
+        notifier = Notifier(spool.path)
+    except OSError:
+        return
+    try:
+        notifier.notify(MIGRATION)
+    finally:
+        notifier.close()
+
+
 def _act(spool: Spool, name: str, verb: str) -> tuple[Jobs, Any]:
     jobs = jobs_of(spool)
     _known(jobs, name)
@@ -318,6 +333,7 @@ def _act(spool: Spool, name: str, verb: str) -> tuple[Jobs, Any]:
         result = getattr(jobs, verb)(name)
     except JobError as exc:
         raise Conflict(f"cannot {verb} migration {name}: {exc}") from None
+    _wake(spool)
     return jobs, result
 
 
