@@ -586,6 +586,13 @@ class DestinationConfig:
     # NumberOfStudyRelatedInstances is compared (for a PACS without IMAGE-level queries).
     # With image, a refused IMAGE-level query falls back to study level by itself.
     query_level: str = field(default="image", metadata=key(_choice("image", "study"), "image or study"))
+    # Storage Commitment (issue 14): after delivery, ask it to commit what it got, per study
+    # (N-ACTION). The report (N-EVENT-REPORT) comes on the sending association, kept open for
+    # it, or on a new association to our listener (the PACS proposes the SCP role for it).
+    commitment: str = field(default="off", metadata=key(
+        _choice("off", "same-association", "new-association"), "off, same-association or new-association"))
+    # no report this long after the request: ask again; no report again: alert (still open)
+    commitment_timeout: float = field(default=600.0, metadata=_DURATION)
 
 
 @dataclass(frozen=True, slots=True)

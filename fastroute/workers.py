@@ -50,6 +50,8 @@ def listener_main(cfg: Config, index: int) -> None:
     from fastroute.dicom.dimse import CommandField
     from fastroute.dicom.scp import Listener
     from fastroute.native import PEEK_IMPL
+    from fastroute.dicom.commitment import STORAGE_COMMITMENT_SOP_CLASS
+    from fastroute.routing.commitment import report_handler
     from fastroute.routing.intake import StoreService, association_counter, refusal_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
@@ -66,7 +68,11 @@ def listener_main(cfg: Config, index: int) -> None:
     log.info("listener-%d: fastroute %s (peek=%s) from %s", index, __version__, PEEK_IMPL, Path(__file__).parent)
     tally = EventTally(spool)     # association and refusal counts, at most one commit a second
     store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store}, stager=committer.stager(cfg.stream_threshold))
+    # Storage commitment reports from destinations on a new association (issue 14): the
+    # Storage Commitment SOP class is accepted, with the SCP role its senders propose.
+    reports = report_handler(spool, notifier.notify)
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store, CommandField.N_EVENT_REPORT_RQ: reports},
+                        sop_classes=[STORAGE_COMMITMENT_SOP_CLASS], stager=committer.stager(cfg.stream_threshold))
     receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
     committer.siblings = receiver.active
     try:

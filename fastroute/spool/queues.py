@@ -37,6 +37,7 @@ import lmdb
 
 from fastroute.logsetup import fields
 from fastroute.spool.audit import AuditChain
+from fastroute.spool.commitments import Commitments
 from fastroute.spool.staging import Manifest, StagedData, digest_parts
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
 from fastroute.spool.records import (
@@ -223,6 +224,7 @@ class Queues:
         self._objc, self._chunk, self._stage = dbs["objc"], dbs["chunk"], dbs["stage"]
         self.audit = audit
         self.duplicate_window = duplicate_window
+        self.commitments: Commitments | None = None    # set by the Spool: holds bytes until committed
 
     def _incr(self, txn: lmdb.Transaction, kind: CounterKind, dest: str = "", by: int = 1) -> int:
         return incr(txn, self._info, kind, dest, by=by)
@@ -362,10 +364,26 @@ class Queues:
         if raw is None:
             return None
         new, facts = update_record(raw, dest, delivery=delivery, drop=drop, digest=digest.hex())
-        if facts.finished and not txn.delete(key, db=self._obj):
-            self._delete_chunked(txn, key)
+        # Storage commitment (issue 14): bytes a destination has yet to commit stay.
+        held = (self.commitments is not None and delivery is not None
+                and self.commitments.on_delivered(txn, oid, dest, new, delivery.at))
+        if facts.finished and not held:
+            self.drop_bytes(txn, oid)
         txn.put(key, new, db=self._meta)
         return facts
+
+    def drop_bytes(self, txn: lmdb.Transaction, oid: int) -> None:
+        """Remove an object's bytes (small or chunked); its routing record stays."""
+        key = oid_key(oid)
+        if not txn.delete(key, db=self._obj):
+            self._delete_chunked(txn, key)
+
+    def requeue(self, txn: lmdb.Transaction, dest: str, oid: int, now: float, error: str) -> None:
+        """Queue an object again for ``dest`` (its commitment failed), due now, unless it
+        is already waiting there."""
+        if any(txn.get(qkey(dest, s, oid), db=self._q) is not None for s in (_P, _B, _I)):
+            return
+        txn.put(qkey(dest, self._class_of(txn, oid), oid), QueueRecord.pack(0, now, None, 0, error), db=self._q)
 
     # -- chunked (large) objects, see :mod:`staging` ------------------------------------------
 

@@ -18,6 +18,7 @@ Layout (named sub-databases in one LMDB environment):
           ``stream_threshold``, :mod:`staging`); such an object has no ``obj`` entry.
 ``chunk`` staging id + chunk index -> at most ``staging.CHUNK`` bytes of a chunked object.
 ``stage`` staging id -> owning process, while its chunks belong to no object yet.
+``scmt``  storage commitment: holds, per-object states, transactions (:mod:`commitments`).
 ``mjob`` ``mstudy`` ``mstuid`` ``minst`` ``mwork``: migration jobs and their inventories
           (:mod:`jobs`). ``mmove``: the C-MOVEs in flight, by Move Originator (:mod:`moves`).
 """
@@ -35,6 +36,7 @@ from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
+from fastroute.spool.commitments import Commitments
 from fastroute.spool.jobs import Jobs
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
@@ -58,7 +60,9 @@ if TYPE_CHECKING:
 _U64 = struct.Struct(">Q")
 _DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "chunk", "stage",
              # migration jobs (:mod:`jobs`) and the moves in flight (:mod:`moves`), issue 13
-             "mjob", "mstudy", "mstuid", "minst", "mwork", "mmove")
+             "mjob", "mstudy", "mstuid", "minst", "mwork", "mmove",
+             # storage commitment as SCU (:mod:`commitments`), issue 14
+             "scmt")
 
 
 def _state(state: QueueState | bytes | str) -> QueueState:
@@ -102,6 +106,9 @@ class Spool:
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
         self.moves = MoveTable(self.env, self._dbs["mmove"])
         self.jobs = Jobs(self.env, self._dbs)
+        self.commitments = Commitments(self.env, self._dbs["scmt"], self._info, self._meta, self.audit,
+                                       self.queues)
+        self.queues.commitments = self.commitments
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
 
