@@ -1,0 +1,226 @@
+"""Storage commitment as SCU (issue 14 section 2): a destination commits what it was delivered.
+
+Against Orthanc (a storage-commitment SCP that reports on a new association to the modality
+it knows, here fastroute's listener) and a small pynetdicom peer for what real peers do not
+produce on demand: a report on the same association, and a partial failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pydicom
+import pytest
+import yaml
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+
+import peers
+import synth
+from fastroute.config import Config, loads
+from fastroute.dicom import commitment as sc
+from fastroute.errors import SpoolError
+from fastroute.routing.schedule import DestinationSender
+from fastroute.spool import Spool
+from fastroute.spool.commitments import CommitState
+from fastroute.spool.counters import CounterKind
+from peers import free_port, storescu, wait_until
+from router import Router, destination
+from fastroute.cli import read_part10
+from fastroute.spool import Incoming
+
+
+class CommitPeer:
+    """A pynetdicom Storage SCP and Storage Commitment SCP that reports on the same
+    association; the instances in ``fail_once`` fail (0x0110) the first time they are asked."""
+
+    def __init__(self, ae_title: str = "PACS", fail_once: set[str] | None = None, *,
+                 silent: bool = False) -> None:
+        self.port = free_port()
+        self.silent = silent            # accepts the request, never reports
+        self.stored: list[str] = []
+        self.requests: list[str] = []
+        self.fail_once = set(fail_once or ())
+        self.lock = threading.Lock()
+        ae = AE(ae_title)
+        ae.supported_contexts = StoragePresentationContexts
+        ae.add_supported_context(sc.STORAGE_COMMITMENT_SOP_CLASS)
+        self.ae = ae
+        self.server: Any = None
+
+    def _store(self, event: Any) -> int:
+        with self.lock:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    def _action(self, event: Any) -> tuple[int, None]:
+        ds = event.action_information
+        uid = str(ds.TransactionUID)
+        refs = [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)) for i in ds.ReferencedSOPSequence]
+        with self.lock:
+            self.requests.append(uid)
+            failed = [r for r in refs if r[1] in self.fail_once]
+            self.fail_once -= {r[1] for r in failed}
+        ok = [r for r in refs if r not in failed]
+        assoc = event.assoc
+        if self.silent:
+            return 0, None
+
+        def report() -> None:
+            time.sleep(0.05)   # after the N-ACTION-RSP: a report is a request of its own
+            out = Dataset()
+            out.TransactionUID = uid
+            if ok:
+                out.ReferencedSOPSequence = [_item(c, s) for c, s in ok]
+            if failed:
+                items = [_item(c, s) for c, s in failed]
+                for item in items:
+                    item.FailureReason = 0x0110
+                out.FailedSOPSequence = items
+            assoc.send_n_event_report(out, 2 if failed else 1, sc.STORAGE_COMMITMENT_SOP_CLASS,
+                                      sc.STORAGE_COMMITMENT_INSTANCE)
+
+        threading.Thread(target=report, daemon=True).start()
+        return 0, None
+
+    def __enter__(self) -> CommitPeer:
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+def queue_files(spool: Spool, files: list[Path]) -> list[int]:
+    """Queue files for "pacs" as the listener would (with their Study Instance UID); their oids."""
+    items = []
+    for f in files:
+        ts, data = read_part10(f)
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        items.append(Incoming(data, ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ("pacs",),
+                              {"calling_ae": "CT1", "study_instance_uid": str(ds.StudyInstanceUID)}))
+    results = spool.put_many(items)
+    oids = [r.oid for r in results if not isinstance(r, BaseException)]
+    assert len(oids) == len(items)
+    return oids
+
+
+def _item(sop_class: str, sop_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_uid
+    return item
+
+
+def config(tmp_path: Path, port: int, **dest: Any) -> Config:
+    doc = {"spool": str(tmp_path / "spool"), "spool_max_bytes": "256MiB",
+           "destinations": {"pacs": destination(port, "PACS", **dest)}, "default": ["pacs"]}
+    return loads(yaml.safe_dump(doc))
+
+
+@contextlib.contextmanager
+def running_sender(cfg: Config) -> Iterator[Spool]:
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
+    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
+    thread = threading.Thread(target=sender.run, daemon=True)
+    thread.start()
+    try:
+        yield spool
+    finally:
+        sender.stop()
+        thread.join(30)
+        spool.close()
+
+
+def _states(spool: Spool, oids: list[int]) -> list[CommitState | None]:
+    out = []
+    for oid in oids:
+        st = spool.commitments.states(oid).get("pacs")
+        out.append(st.state if st else None)
+    return out
+
+
+def _has_bytes(spool: Spool, oid: int) -> bool:
+    try:
+        spool.read(oid)
+        return True
+    except SpoolError:
+        return False
+
+
+def test_same_association_partial_failure_resent_and_committed(tmp_path: Path) -> None:
+    files = synth.make_study(tmp_path / "s", modality="CT", n_instances=3, rows=32, cols=32)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with CommitPeer(fail_once={uids[1]}) as peer:
+        cfg = config(tmp_path, peer.port, commitment="same-association", commitment_timeout=30)
+        seed = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+        oids = queue_files(seed, files)
+        seed.close()
+        assert len(oids) == 3
+        with running_sender(cfg) as spool:
+            wait_until(lambda: _states(spool, oids) == [CommitState.COMMITTED] * 3, 30,
+                       message=lambda: f"not all committed: {_states(spool, oids)}")
+            # the failed instance was sent again and asked for again, in a second transaction
+            assert sorted(peer.stored) == sorted(uids + [uids[1]])
+            assert len(peer.requests) == 2
+            counters = spool.counters()
+            assert counters.of(CounterKind.COMMITTED, "pacs") == 3
+            assert counters.of(CounterKind.COMMIT_FAILED, "pacs") == 1
+            # committed and delivered everywhere: the held bytes are gone now
+            assert not any(_has_bytes(spool, oid) for oid in oids)
+            actions = [e["action"] for e in spool.audit_events(study_instance_uid=study)]
+            assert actions.count("committed") == 3 and actions.count("commit-failed") == 1
+            assert not spool.commitments.transactions("pacs")
+
+
+def test_bytes_held_until_committed(tmp_path: Path) -> None:
+    """A destination that never reports: delivered, requested, asked again, alerted; the
+    bytes stay in the spool (a re-send may need them)."""
+    files = synth.make_study(tmp_path / "s", modality="CT", n_instances=2, rows=32, cols=32)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with CommitPeer(silent=True) as peer:
+        cfg = config(tmp_path, peer.port, commitment="same-association", commitment_timeout=1)
+        seed = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+        oids = queue_files(seed, files)
+        seed.close()
+        with running_sender(cfg) as spool:
+            wait_until(lambda: any(t.alerted for t in spool.commitments.transactions("pacs")), 30,
+                       message=lambda: f"no alert: {spool.commitments.transactions('pacs')}")
+            (tx,) = spool.commitments.transactions("pacs")
+            assert tx.attempts == 2 and peer.requests == [tx.uid, tx.uid]
+            assert _states(spool, oids) == [CommitState.REQUESTED] * 2
+            assert all(_has_bytes(spool, oid) for oid in oids)
+            assert spool.counters().of(CounterKind.COMMIT_REQUESTS, "pacs") == 2
+
+
+@pytest.mark.usefixtures("orthanc")
+def test_orthanc_reports_on_a_new_association(tmp_path: Path, router: Callable[..., Router]) -> None:
+    """Orthanc commits what fastroute delivered and reports on a new association to the
+    listener (as SCP of the Storage Commitment class, role negotiated)."""
+    files = synth.make_study(tmp_path / "s", modality="MR", n_instances=3, rows=32, cols=32)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    pacs = peers.Orthanc("ORTHANC", workdir=tmp_path / "orthanc")
+    r = router({"destinations": {"pacs": destination(pacs.dicom_port, "ORTHANC", commitment="new-association",
+                                                     commitment_timeout=60)},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]}, start=False)
+    pacs.config["DicomModalities"] = {"fastroute": ["FASTROUTE", "127.0.0.1", r.port]}
+    with pacs:
+        r.start()
+        assert storescu(r.port, files).returncode == 0
+        spool = Spool(r.workdir / "spool")
+        try:
+            def states() -> list[Any]:
+                return [st.state for oid, _ in spool.lookup(study_instance_uid=study)
+                        for st in spool.commitments.states(oid).values()]
+            wait_until(lambda: states() == [CommitState.COMMITTED] * 3, 60,
+                       message=lambda: f"not committed: {states()}\n{r.log_tail()}")
+            assert spool.counters().of(CounterKind.COMMITTED, "pacs") == 3
+        finally:
+            spool.close()
