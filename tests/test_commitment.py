@@ -19,6 +19,8 @@ import yaml
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # noqa: F401  (pynetdicom's registry loaded)
+from pynetdicom import build_role
 
 import peers
 import synth
@@ -40,9 +42,13 @@ class CommitPeer:
     association; the instances in ``fail_once`` fail (0x0110) the first time they are asked."""
 
     def __init__(self, ae_title: str = "PACS", fail_once: set[str] | None = None, *,
-                 silent: bool = False) -> None:
+                 silent: bool = False, report_to: tuple[str, int, str] | None = None) -> None:
         self.port = free_port()
         self.silent = silent            # accepts the request, never reports
+        # (host, port, AE title): report on a new association there, asking the SCP role
+        # with a role selection item and refusing to send unless the AC granted it
+        self.report_to = report_to
+        self.report_status: list[Any] = []
         self.stored: list[str] = []
         self.requests: list[str] = []
         self.fail_once = set(fail_once or ())
@@ -85,7 +91,28 @@ class CommitPeer:
             assoc.send_n_event_report(out, 2 if failed else 1, sc.STORAGE_COMMITMENT_SOP_CLASS,
                                       sc.STORAGE_COMMITMENT_INSTANCE)
 
-        threading.Thread(target=report, daemon=True).start()
+        def report_new() -> None:
+            assert self.report_to is not None
+            host, port, called = self.report_to
+            out = Dataset()
+            out.TransactionUID = uid
+            out.ReferencedSOPSequence = [_item(c, s) for c, s in ok]
+            ae = AE("PACS")
+            ae.add_requested_context(sc.STORAGE_COMMITMENT_SOP_CLASS)
+            role = build_role(sc.STORAGE_COMMITMENT_SOP_CLASS, scu_role=False, scp_role=True)
+            other = ae.associate(host, port, ae_title=called, ext_neg=[role])
+            try:
+                cx = other.accepted_contexts[0] if other.accepted_contexts else None
+                if cx is None or not cx.as_scp:
+                    self.report_status.append("role not granted")
+                    return
+                rsp = other.send_n_event_report(out, 1, sc.STORAGE_COMMITMENT_SOP_CLASS,
+                                                sc.STORAGE_COMMITMENT_INSTANCE)
+                self.report_status.append(rsp[0].Status if rsp[0] else None)
+            finally:
+                other.release()
+
+        threading.Thread(target=report if self.report_to is None else report_new, daemon=True).start()
         return 0, None
 
     def __enter__(self) -> CommitPeer:
@@ -214,7 +241,7 @@ def test_orthanc_reports_on_a_new_association(tmp_path: Path, router: Callable[.
     with pacs:
         r.start()
         assert storescu(r.port, files).returncode == 0
-        spool = Spool(r.workdir / "spool")
+        spool = Spool(r.spool_path)
         try:
             def states() -> list[Any]:
                 return [st.state for oid, _ in spool.lookup(study_instance_uid=study)
@@ -222,5 +249,31 @@ def test_orthanc_reports_on_a_new_association(tmp_path: Path, router: Callable[.
             wait_until(lambda: states() == [CommitState.COMMITTED] * 3, 60,
                        message=lambda: f"not committed: {states()}\n{r.log_tail()}")
             assert spool.counters().of(CounterKind.COMMITTED, "pacs") == 3
+        finally:
+            spool.close()
+
+
+def test_report_on_a_new_association_with_strict_role_checks(tmp_path: Path, router: Callable[..., Router]) -> None:
+    """The destination reports on a new association to the listener, proposing the SCP role
+    for the Storage Commitment class and sending only when the A-ASSOCIATE-AC grants it."""
+    files = synth.make_study(tmp_path / "s", modality="CT", n_instances=2, rows=32, cols=32)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    peer = CommitPeer()
+    r = router({"destinations": {"pacs": destination(peer.port, "PACS", commitment="new-association",
+                                                     commitment_timeout=60)},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]}, start=False)
+    peer.report_to = ("127.0.0.1", r.port, "FASTROUTE")
+    with peer:
+        r.start()
+        assert storescu(r.port, files).returncode == 0
+        wait_until(lambda: peer.report_status, 30, message=lambda: f"no report sent\n{r.log_tail()}")
+        assert peer.report_status == [0x0000]
+        spool = Spool(r.spool_path)
+        try:
+            def states() -> list[Any]:
+                return [st.state for oid, _ in spool.lookup(study_instance_uid=study)
+                        for st in spool.commitments.states(oid).values()]
+            wait_until(lambda: states() == [CommitState.COMMITTED] * 2, 30,
+                       message=lambda: f"not committed: {states()}\n{r.log_tail()}")
         finally:
             spool.close()
