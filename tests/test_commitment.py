@@ -27,6 +27,9 @@ import synth
 from fastroute.config import Config, loads
 from fastroute.dicom import commitment as sc
 from fastroute.errors import SpoolError
+from fastroute.ops import actions as ops
+from fastroute.ops.alerts import Reading, evaluate
+from fastroute.ops.metrics import make_registry, render
 from fastroute.routing.schedule import DestinationSender
 from fastroute.spool import Spool
 from fastroute.spool.commitments import CommitState
@@ -205,6 +208,20 @@ def test_same_association_partial_failure_resent_and_committed(tmp_path: Path) -
             actions = [e["action"] for e in spool.audit_events(study_instance_uid=study)]
             assert actions.count("committed") == 3 and actions.count("commit-failed") == 1
             assert not spool.commitments.transactions("pacs")
+            # views: the study trace, its rollup, the queue view and /metrics show committed
+            # apart from delivered
+            found = ops.lookup(cfg, spool, study_instance_uid=study)
+            steps = [step for o in found["objects"] for step in o["path"]]
+            assert [st["state"] for st in steps] == ["delivered"] * 3
+            assert [st["commitment"]["state"] for st in steps] == ["committed"] * 3
+            (rollup,) = ops.study_rollup(found["objects"])
+            assert rollup["destinations"][0]["delivered"] == 3 and rollup["destinations"][0]["committed"] == 3
+            (q,) = [q for q in ops.destination_status(cfg, spool) if q["destination"] == "pacs"]
+            assert (q["delivered"], q["committed"], q["commit_failed"], q["commit_waiting"]) == (4, 3, 1, 0)
+            text = render(make_registry(cfg, spool)).decode()
+            assert 'fastroute_committed_total{destination="pacs"} 3.0' in text
+            assert 'fastroute_commit_failed_total{destination="pacs"} 1.0' in text
+            assert 'fastroute_commit_waiting_objects{destination="pacs"} 0.0' in text
 
 
 def test_bytes_held_until_committed(tmp_path: Path) -> None:
@@ -225,6 +242,11 @@ def test_bytes_held_until_committed(tmp_path: Path) -> None:
             assert _states(spool, oids) == [CommitState.REQUESTED] * 2
             assert all(_has_bytes(spool, oid) for oid in oids)
             assert spool.counters().of(CounterKind.COMMIT_REQUESTS, "pacs") == 2
+            (q,) = [q for q in ops.destination_status(cfg, spool) if q["destination"] == "pacs"]
+            assert (q["commit_waiting"], q["commit_overdue"]) == (2, 2)
+            checks = evaluate(cfg.alerts, [Reading("pacs", None, 0, q["commit_overdue"])], None)
+            alert = checks[("commit_overdue", "pacs")]
+            assert alert is not None and alert.value == 2
 
 
 @pytest.mark.usefixtures("orthanc")

@@ -176,6 +176,10 @@ class Commitments:
                 out.setdefault(study, []).append(Instance(_U64.unpack(k[-8:])[0], sop_class, sop_uid))
         return out
 
+    def waiting_count(self, txn: lmdb.Transaction, dest: str) -> int:
+        """How many delivered instances wait for a request (inside the caller's read)."""
+        return len(_prefix_items(txn, self.db, b"w" + dest.encode() + b"\0"))
+
     def open(self, dest: str, study: str, instances: list[Instance], uid: str, now: float) -> Transaction:
         """Record a transaction about to be requested; its instances stop waiting."""
         tx = Transaction(uid, dest, study, now, instances)

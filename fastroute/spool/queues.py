@@ -199,6 +199,10 @@ class QueueStats:
     suppressed: int
     unknown_outcomes: int
     bulk_pending: int = 0          # of ``pending``: a migration's objects (the BULK class)
+    committed: int = 0             # storage commitment (issue 14): instances the destination committed
+    commit_failed: int = 0         # ... and instances its reports failed (re-sent)
+    commit_waiting: int = 0        # delivered instances whose commitment is not answered yet
+    commit_overdue: int = 0        # of those: unanswered after a request and a re-request (alerted)
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,9 +343,11 @@ class Spool:
         now = time.time() if now is None else now
         names = sorted(set(dests or ()) | set(self.destinations()) | {UNROUTED})
         counters = self.counters()
+        open_tx = self.commitments.transactions()
         out = []
         with self.env.begin() as txn:
             for dest in names:
+                mine = [t for t in open_tx if t.destination == dest]
                 counts, oldest = self.queues.counts(txn, dest, now)
                 out.append(QueueStats(
                     destination=dest, pending=(counts[QueueState.PENDING] + counts[QueueState.UNROUTED]
@@ -356,7 +358,11 @@ class Spool:
                     failed_total=counters.of(CounterKind.FAILED, dest),
                     suppressed=counters.of(CounterKind.SUPPRESSED, dest),
                     unknown_outcomes=counters.of(CounterKind.UNKNOWN_OUTCOMES, dest),
-                    bulk_pending=counts[QueueState.BULK]))
+                    bulk_pending=counts[QueueState.BULK],
+                    committed=counters.of(CounterKind.COMMITTED, dest),
+                    commit_failed=counters.of(CounterKind.COMMIT_FAILED, dest),
+                    commit_waiting=sum(len(t.instances) for t in mine) + self.commitments.waiting_count(txn, dest),
+                    commit_overdue=sum(len(t.instances) for t in mine if t.alerted)))
         return out
 
     def entries(self, dest: str, state: QueueState | bytes | str, limit: int = 1000) -> list[QueueEntry]:
