@@ -667,6 +667,54 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageCommitmentConfig:
+    """Storage commitment as SCP for modalities (issue 14): when an instance a modality asks
+    about counts as committed, and how long it may take before it is reported failed."""
+
+    # spooled: once in the spool; delivered: once every destination it was routed to confirmed
+    # it; committed: once every destination with ``commitment`` on committed it (the others:
+    # delivered)
+    commit_when: str = field(default="delivered", metadata=key(
+        _choice("spooled", "delivered", "committed"), "spooled, delivered or committed"))
+    timeout: float = field(default=3600.0, metadata=_DURATION)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """A modality's address, for a storage commitment report on a new association (its AE
+    title is its key under ``peers:``). A scu.Remote: the timeouts have defaults."""
+
+    ae_title: str
+    host: str = field(metadata=key(_str, "a host name or address"))
+    port: int = field(metadata=_PORT)
+    calling_ae: str | None = field(default=None, metadata=_AE)   # ours towards it (default: ae_title)
+    acse_timeout: float = field(default=30.0, metadata=_DURATION)
+    dimse_timeout: float = field(default=60.0, metadata=_DURATION)
+    network_timeout: float = field(default=60.0, metadata=_DURATION)
+    max_pdu: int = field(default=262144, metadata=_PDU)
+
+
+def _read_peers(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    peers: dict[str, PeerConfig] = {}
+    ok = True
+    for name, nknode, vnode in _mapping(ctx, node, key):
+        def read(name: str = name, nknode: yaml.Node = nknode, vnode: yaml.Node = vnode) -> PeerConfig:
+            if not name or len(name) > 16 or "\\" in name:
+                raise ctx.error(nknode, f"{key}.{name}", "a peer's key is its AE title (1-16 characters)")
+            kw: dict[str, Any] = {"ae_title": name}
+            _read_fields(ctx, PeerConfig, vnode, f"{key}.{name}", kw)
+            return PeerConfig(**kw)
+        done, peer = ctx.attempt(read)
+        if done:
+            peers[name] = peer
+        else:
+            ok = False
+    if not ok:
+        raise _Invalid
+    return {"peers": peers}
+
+
+@dataclass(frozen=True, slots=True)
 class AlertsConfig:
     """Thresholds the HTTP process checks; every one is off unless configured."""
 
@@ -741,6 +789,12 @@ class Config:
         _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True,
         if_null=IfNull.EMPTY))
     http: HttpConfig | None = field(default=None, metadata=key(shape=Shape.SECTION, section=HttpConfig))
+    # storage commitment as SCP for modalities (issue 14)
+    storage_commitment: StorageCommitmentConfig = field(default_factory=StorageCommitmentConfig, metadata=key(
+        shape=Shape.SECTION, section=StorageCommitmentConfig, if_null=IfNull.DEFAULT))
+    # modalities by AE title: where a storage commitment report goes on a new association
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict, metadata=key(
+        shape=Shape.CUSTOM, read=_read_peers, if_null=IfNull.DEFAULT))
     alerts: AlertsConfig = field(default_factory=AlertsConfig, metadata=key(
         shape=Shape.SECTION, section=AlertsConfig, if_null=IfNull.DEFAULT))
     # prune audit events older than this (None: keep)
@@ -863,6 +917,6 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 
 __all__ = [
-    "Config", "DestinationConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
+    "Config", "DestinationConfig", "SourceConfig", "StorageCommitmentConfig", "PeerConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

@@ -51,7 +51,7 @@ def listener_main(cfg: Config, index: int) -> None:
     from fastroute.dicom.scp import Listener
     from fastroute.native import PEEK_IMPL
     from fastroute.dicom.commitment import STORAGE_COMMITMENT_SOP_CLASS
-    from fastroute.routing.commitment import report_handler
+    from fastroute.routing.commitment import ModalityService, report_handler
     from fastroute.routing.intake import StoreService, association_counter, refusal_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
@@ -70,8 +70,11 @@ def listener_main(cfg: Config, index: int) -> None:
     store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
     # Storage commitment reports from destinations on a new association (issue 14): the
     # Storage Commitment SOP class is accepted, with the SCP role its senders propose.
+    # Modalities' own commitment requests (N-ACTION) are answered here, reported later.
     reports = report_handler(spool, notifier.notify)
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store, CommandField.N_EVENT_REPORT_RQ: reports},
+    modality = ModalityService(cfg, spool, lambda *args: receiver.send_request(*args))
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store, CommandField.N_EVENT_REPORT_RQ: reports,
+                              CommandField.N_ACTION_RQ: modality},
                         sop_classes=[STORAGE_COMMITMENT_SOP_CLASS], stager=committer.stager(cfg.stream_threshold))
     receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
     committer.siblings = receiver.active
@@ -80,8 +83,10 @@ def listener_main(cfg: Config, index: int) -> None:
     except OSError as exc:
         log.error("listener-%d: cannot listen on %s:%d: %s", index, cfg.host, cfg.port, exc)
         sys.exit(EXIT_CONFIG)
+    modality.start()
     stop.wait()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
+    modality.stop()
     receiver.stop(cfg.shutdown_grace)
     store.close()
     tally.close()

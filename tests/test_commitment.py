@@ -299,3 +299,126 @@ def test_report_on_a_new_association_with_strict_role_checks(tmp_path: Path, rou
                        message=lambda: f"not committed: {states()}\n{r.log_tail()}")
         finally:
             spool.close()
+
+
+# -- storage commitment as SCP, for modalities -----------------------------------------------------
+
+class Modality:
+    """A pynetdicom modality: C-STOREs to the router, asks it to commit (N-ACTION), collects
+    the N-EVENT-REPORTs it gets, on its own association or (``listen``) on a new one."""
+
+    def __init__(self, ae_title: str = "CT1", *, listen: bool = False) -> None:
+        self.ae_title = ae_title
+        self.reports: list[tuple[str, int, Dataset]] = []     # (how, event type, dataset)
+        self.port = free_port()
+        self.server: Any = None
+        self.listen = listen
+
+    def _on_report(self, how: str) -> Callable[[Any], tuple[int, None]]:
+        def handle(event: Any) -> tuple[int, None]:
+            self.reports.append((how, int(event.event_type), event.event_information))
+            return 0, None
+        return handle
+
+    def __enter__(self) -> Modality:
+        if self.listen:
+            ae = AE(self.ae_title)
+            # accepts fastroute as SCP of the class (the role selection it proposes)
+            ae.add_supported_context(sc.STORAGE_COMMITMENT_SOP_CLASS, scu_role=True, scp_role=True)
+            self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+                (evt.EVT_N_EVENT_REPORT, self._on_report("new"))])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+    def associate(self, port: int) -> Any:
+        ae = AE(self.ae_title)
+        ae.requested_contexts = StoragePresentationContexts[:120]
+        ae.add_requested_context(sc.STORAGE_COMMITMENT_SOP_CLASS)
+        assoc = ae.associate("127.0.0.1", port, ae_title="FASTROUTE",
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report("same"))])
+        assert assoc.is_established
+        return assoc
+
+    @staticmethod
+    def store_and_request(assoc: Any, files: list[Path], extra_uids: tuple[str, ...] = ()) -> str:
+        refs = []
+        for f in files:
+            ds = pydicom.dcmread(f)
+            assert assoc.send_c_store(ds).Status == 0
+            refs.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+        refs += [(refs[0][0], uid) for uid in extra_uids]
+        request = Dataset()
+        request.TransactionUID = sc.new_transaction_uid()
+        request.ReferencedSOPSequence = [_item(c, s) for c, s in refs]
+        status, _ = assoc.send_n_action(request, 1, sc.STORAGE_COMMITMENT_SOP_CLASS, sc.STORAGE_COMMITMENT_INSTANCE)
+        assert status.Status == 0
+        return str(request.TransactionUID)
+
+
+def _uids(ds: Dataset, keyword: str) -> dict[str, int | None]:
+    return {str(i.ReferencedSOPInstanceUID): (int(i.FailureReason) if "FailureReason" in i else None)
+            for i in getattr(ds, keyword, [])}
+
+
+def test_modality_report_on_its_association_unknown_instance_fails_0112(
+        tmp_path: Path, router: Callable[..., Router]) -> None:
+    files = synth.make_tiny(tmp_path / "s", n=2)
+    r = router({"storage_commitment": {"commit_when": "spooled"}})
+    with Modality() as ct:
+        assoc = ct.associate(r.port)
+        try:
+            uid = ct.store_and_request(assoc, files, extra_uids=("1.2.3.4.5.6.7.8.9",))
+            wait_until(lambda: ct.reports, 20, message=lambda: f"no report\n{r.log_tail()}")
+        finally:
+            assoc.release()
+    ((how, event_type, ds),) = ct.reports
+    assert how == "same" and event_type == 2 and str(ds.TransactionUID) == uid
+    stored = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert set(_uids(ds, "ReferencedSOPSequence")) == stored
+    assert _uids(ds, "FailedSOPSequence") == {"1.2.3.4.5.6.7.8.9": 0x0112}
+
+
+def test_modality_released_early_report_on_new_association_when_delivered(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    """commit_when: delivered -- the report waits for the destination's confirmation and,
+    the modality having released, goes to its peers: address on a new association."""
+    files = synth.make_tiny(tmp_path / "s", n=3)
+    port = free_port()
+    with Modality(listen=True) as ct:
+        r = router({"storage_commitment": {"commit_when": "delivered", "timeout": "60s"},
+                    "peers": {"CT1": {"host": "127.0.0.1", "port": ct.port}},
+                    "destinations": {"pacs": destination(port, "PACS", backoff_initial=0.2, backoff_max=0.5)},
+                    "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+        assoc = ct.associate(r.port)
+        uid = ct.store_and_request(assoc, files)
+        assoc.release()                                   # an SCU that does not wait
+        assert not ct.reports
+        scp = storescp("PACS", port=port)                 # the destination comes up
+        scp.wait_for(3, timeout=60)
+        wait_until(lambda: ct.reports, 30, message=lambda: f"no report\n{r.log_tail()}")
+    ((how, event_type, ds),) = ct.reports
+    assert how == "new" and event_type == 1 and str(ds.TransactionUID) == uid
+    assert len(_uids(ds, "ReferencedSOPSequence")) == 3 and not _uids(ds, "FailedSOPSequence")
+
+
+def test_modality_without_peers_entry_gets_report_on_its_next_association(
+        tmp_path: Path, router: Callable[..., Router]) -> None:
+    files = synth.make_tiny(tmp_path / "s", n=1)
+    r = router({"storage_commitment": {"commit_when": "spooled"}})
+    with Modality() as ct:
+        first = ct.associate(r.port)
+        uid = ct.store_and_request(first, files)
+        first.release()
+        wait_until(lambda: "waits for its next association" in r.log_text(), 20,
+                   message=lambda: f"not waiting\n{r.log_tail()}")
+        assert not ct.reports
+        second = ct.associate(r.port)
+        try:
+            wait_until(lambda: ct.reports, 20, message=lambda: f"no report\n{r.log_tail()}")
+        finally:
+            second.release()
+    ((how, event_type, ds),) = ct.reports
+    assert how == "same" and event_type == 1 and str(ds.TransactionUID) == uid

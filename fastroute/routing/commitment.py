@@ -19,15 +19,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
-from fastroute.config import DestinationConfig
+from fastroute.config import Config, DestinationConfig
 from fastroute.dicom import commitment as sc
 from fastroute.dicom.dimse import CommandField, Handler, Message, Peer, Reply
 from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
 from fastroute.dicom.status import Status, describe
 from fastroute.logsetup import fields
 from fastroute.spool import Spool
-from fastroute.spool.commitments import Transaction
+from fastroute.spool.commitments import InstanceState, ModalityRequest, Transaction, process_token
 
 log = logging.getLogger("fastroute.commitment")
 
@@ -171,3 +172,177 @@ class Requester:
                   self.dest.ae_title, tx.uid, tx.study_instance_uid, describe(status),
                   rsp.error_comment, extra=self._fields(tx.study_instance_uid, status))
         return False
+
+
+# -- storage commitment as SCP, for modalities ----------------------------------------------------
+
+SendOnOpen = Callable[[str, str, Callable[[int, str], tuple[bytes, bytes | None]]], "Future[Message]"]
+REPORT_POLL = 0.5          # how often the reporter looks at the open requests
+REPORT_RETRY = 30.0        # a report that could not be sent (modality unreachable) is tried again
+
+
+class ModalityService:
+    """A modality's N-ACTION (Request Storage Commitment) is answered at once (success: the
+    request is accepted and recorded in the spool); a reporter thread sends its N-EVENT-REPORT
+    once every instance reached ``storage_commitment.commit_when`` (or ``timeout`` passed:
+    the rest fail, 0x0110; an instance never received fails at once with 0x0112): on an open
+    association from the modality (the one it asked on, while it keeps it, or its next one),
+    else on a new association to its ``peers:`` address (SCP role proposed), else it waits for
+    the modality's next association (PS3.4 J.3.3)."""
+
+    def __init__(self, cfg: Config, spool: Spool, send_on_open: SendOnOpen) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.send_on_open = send_on_open
+        self.token = process_token()
+        self.stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    # the N-ACTION handler (on the listener's loop: one small commit) -------------------------
+
+    def __call__(self, peer: Peer, msg: Message) -> Reply:
+        where = f"{peer.calling_ae}@{peer.ip}"
+        log_fields = fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip)
+        if msg.sop_class_uid != sc.STORAGE_COMMITMENT_SOP_CLASS:
+            return Reply(Status.SOP_CLASS_NOT_SUPPORTED)
+        if msg.sop_instance_uid != sc.STORAGE_COMMITMENT_INSTANCE:
+            return Reply(0x0117, "not the well-known Storage Commitment SOP instance")   # invalid instance
+        action = msg.command.get(sc.ACTION_TYPE_ID)
+        if action != sc.ACTION_REQUEST_COMMIT:
+            return Reply(0x0123, f"no such action type {action}")    # PS3.7 10.1.4.1.10
+        data = msg.data
+        if not isinstance(data, (bytes, bytearray)):
+            return Reply(Status.PROCESSING_FAILURE, "storage commitment request without a dataset")
+        try:
+            request = sc.decode_action(data, peer.contexts.get(msg.context_id, sc.SYNTAXES[0]))
+        except ValueError as exc:
+            log.warning("%s: %s", where, exc, extra=log_fields)
+            return Reply(Status.INVALID_ATTRIBUTE_VALUE, str(exc))
+        now = time.time()
+        self.spool.modality_requests.add(ModalityRequest(
+            request.transaction_uid, peer.calling_ae, peer.ip, peer.called_ae,
+            [(r.sop_class_uid, r.sop_instance_uid) for r in request.refs], now,
+            now + self.cfg.storage_commitment.timeout, self.token))
+        log.info("%s: storage commitment requested, transaction_uid=%s, %d instance(s); reported when %s",
+                 where, request.transaction_uid, len(request.refs), self.cfg.storage_commitment.commit_when,
+                 extra=log_fields)
+        self._wake.set()
+        return Reply(Status.SUCCESS)
+
+    # the reporter ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.spool.modality_requests.take_orphans(self.token)
+        self._thread = threading.Thread(target=self._run, name="commitment-reporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        last_orphans = time.monotonic()
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() - last_orphans > 60:
+                    last_orphans = time.monotonic()
+                    self.spool.modality_requests.take_orphans(self.token)
+                self.tick()
+            except Exception:
+                log.exception("storage commitment reporter failed; retrying")
+            self._wake.wait(REPORT_POLL)
+            self._wake.clear()
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        when = self.cfg.storage_commitment.commit_when
+        for req in self.spool.modality_requests.all():
+            if req.owner != self.token:
+                continue
+            # An open association from the modality is tried on every round (its next one
+            # may come any time); a new association to it only every REPORT_RETRY.
+            dial = not req.report_tries or now >= req.reported_at + REPORT_RETRY
+            states = {uid: self.spool.modality_requests.state(uid, when) for _, uid in req.refs}
+            if any(s == InstanceState.WAITING for s in states.values()) and now < req.deadline:
+                continue
+            report = sc.EventReport(
+                req.uid, committed=tuple(sc.Ref(c, u) for c, u in req.refs if states[u] == InstanceState.DONE),
+                failed=tuple(sc.Failed(c, u, sc.NO_SUCH_OBJECT_INSTANCE if states[u] == InstanceState.UNKNOWN
+                                       else sc.PROCESSING_FAILURE)
+                             for c, u in req.refs if states[u] != InstanceState.DONE),
+                retrieve_ae=self.cfg.ae_title)
+            how = self._send(req, report, dial)
+            if how:
+                self.spool.modality_requests.remove(req.uid)
+                self.spool.audit_record("commitment-reported", who=req.calling_ae, transaction_uid=req.uid,
+                                        committed=len(report.committed), failed=len(report.failed), via=how)
+                log.log(logging.WARNING if report.failed else logging.INFO,
+                        "%s@%s: storage commitment report sent (%s), transaction_uid=%s: %d committed, %d failed%s",
+                        req.calling_ae, req.ip, how, req.uid, len(report.committed), len(report.failed),
+                        "".join(f" {f.sop_instance_uid}=0x{f.reason:04X}" for f in report.failed[:20]),
+                        extra=fields(calling_ae=req.calling_ae, peer=req.ip))
+            elif dial:
+                req.report_tries += 1
+                req.reported_at = now
+                self.spool.modality_requests.save(req)
+
+    def _send(self, req: ModalityRequest, report: sc.EventReport, dial: bool = True) -> str:
+        """Send the report: the way it went ("same association", "new association"), or ""
+        when it could not go yet; ``dial``: a new association may be tried."""
+        def build(msg_id: int, ts: str) -> tuple[bytes, bytes | None]:
+            return sc.encode_n_event_report_rq(msg_id, report.event_type), sc.encode_event(report, ts)
+
+        timeout = self.cfg.dimse_timeout
+        try:
+            rsp = self.send_on_open(req.calling_ae, sc.STORAGE_COMMITMENT_SOP_CLASS, build).result(timeout)
+            self._check(req, rsp.status, "same association")
+            return "same association"
+        except LookupError:
+            pass                           # no association from it open here
+        except Exception as exc:
+            log.warning("%s@%s: storage commitment report on its association failed: %s", req.calling_ae,
+                        req.ip, exc, extra=fields(calling_ae=req.calling_ae, peer=req.ip))
+        peer = self.cfg.peers.get(req.calling_ae)
+        if not dial:
+            return ""
+        if peer is None:
+            if not req.report_tries:
+                log.info("%s@%s: transaction_uid=%s: the modality released its association and has no "
+                         "peers: entry; the report waits for its next association", req.calling_ae, req.ip,
+                         req.uid, extra=fields(calling_ae=req.calling_ae, peer=req.ip))
+            return ""
+        conn = Connection(peer, self.cfg.ae_title)
+        try:
+            assoc = conn.associate([(sc.STORAGE_COMMITMENT_SOP_CLASS, list(sc.SYNTAXES))],
+                                   scp_roles=[sc.STORAGE_COMMITMENT_SOP_CLASS])
+            granted = assoc.roles.get(sc.STORAGE_COMMITMENT_SOP_CLASS)
+            if granted is not None and not granted[1]:
+                log.warning("%s: refused us the SCP role for storage commitment; sending the report anyway",
+                            assoc.where, extra=fields(calling_ae=req.calling_ae))
+            ts = sc.pick_syntax(conn.accepted(sc.STORAGE_COMMITMENT_SOP_CLASS))
+            cx = conn.context_for(sc.STORAGE_COMMITMENT_SOP_CLASS, ts) if ts else None
+            if ts is None or cx is None:
+                raise NoContextAccepted("Storage Commitment not accepted", {})
+            msg_id = conn.next_id()
+            command, data = build(msg_id, ts)
+            conn.send(cx, command, data, f"N-EVENT-REPORT transaction {req.uid}")
+            rsp = conn.response(msg_id, CommandField.N_EVENT_REPORT_RSP)
+            self._check(req, rsp.status, "new association")
+            return "new association"
+        except (AssociationFailed, NoContextAccepted, OutcomeUnknown) as exc:
+            log.warning("%s@%s:%d: storage commitment report for transaction_uid=%s not sent: %s; retrying in %gs",
+                        req.calling_ae, peer.host, peer.port, req.uid, exc, REPORT_RETRY,
+                        extra=fields(calling_ae=req.calling_ae, peer=peer.host))
+            return ""
+        finally:
+            conn.release()
+
+    @staticmethod
+    def _check(req: ModalityRequest, status: int | None, how: str) -> None:
+        if status not in (None, Status.SUCCESS):
+            log.warning("%s: answered the storage commitment report (%s) for transaction_uid=%s with %s",
+                        req.calling_ae, how, req.uid, describe(status),
+                        extra=fields(calling_ae=req.calling_ae, status=status))

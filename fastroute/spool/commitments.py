@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -31,6 +32,7 @@ import lmdb
 from fastroute.logsetup import fields
 from fastroute.spool.audit import AuditChain
 from fastroute.spool.counters import CounterKind, incr
+from fastroute.spool.staging import owner_alive
 
 log = logging.getLogger("fastroute.spool")
 
@@ -289,3 +291,122 @@ class Commitments:
                 counts = out.setdefault(dest, {s.value: 0 for s in CommitState})
                 counts[st.state.value] += 1
         return out
+
+
+# -- storage commitment as SCP: what modalities asked fastroute to commit -----------------------
+#
+# ``m`` transaction uid -> JSON :class:`ModalityRequest`. Kept until its report was sent (on the
+# modality's association, a new one to its ``peers:`` address, or its next association).
+
+_OWNER = struct.Struct(">IQ")   # pid, start time: as staging's owners (a recycled pid is not us)
+
+
+def process_token() -> str:
+    """This process, as a request's owner: pid and start time, hex."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        started = int(raw[raw.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        started = 0
+    return _OWNER.pack(pid, started).hex()
+
+
+def token_alive(token: str) -> bool:
+    try:
+        return owner_alive(bytes.fromhex(token))
+    except (ValueError, struct.error):
+        return False
+
+
+class InstanceState(enum.StrEnum):
+    """Where an instance a modality asked about stands against ``commit_when``."""
+
+    DONE = "done"            # reached the condition: reported committed
+    WAITING = "waiting"      # not yet (until the timeout)
+    UNKNOWN = "unknown"      # never received: failed, 0x0112 no such object instance
+
+
+@dataclass(slots=True)
+class ModalityRequest:
+    uid: str
+    calling_ae: str
+    ip: str
+    called_ae: str
+    refs: list[tuple[str, str]]                 # (SOP class, SOP instance)
+    received_at: float
+    deadline: float
+    owner: str                                  # the listener process answering it
+    reported_at: float = 0.0                    # 0: not yet
+    report_tries: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(raw: bytes | memoryview) -> ModalityRequest:
+        d = json.loads(bytes(raw))
+        d["refs"] = [tuple(r) for r in d["refs"]]
+        return ModalityRequest(**d)
+
+
+class ModalityRequests:
+    """The requests modalities made, and the state of what they named (read from ``sop`` and
+    ``meta``, and the destinations' commitment states)."""
+
+    def __init__(self, env: lmdb.Environment, db: Any, sop: Any, meta: Any, commitments: Commitments) -> None:
+        self.env, self.db, self._sop, self._meta = env, db, sop, meta
+        self.commitments = commitments
+
+    def add(self, req: ModalityRequest) -> None:
+        with self.env.begin(write=True, db=self.db) as txn:
+            txn.put(b"m" + req.uid.encode(), req.encode())
+
+    def save(self, req: ModalityRequest) -> None:
+        self.add(req)
+
+    def remove(self, uid: str) -> None:
+        with self.env.begin(write=True, db=self.db) as txn:
+            txn.delete(b"m" + uid.encode())
+
+    def all(self) -> list[ModalityRequest]:
+        with self.env.begin(db=self.db) as txn:
+            return [ModalityRequest.decode(v) for _, v in _prefix_items(txn, self.db, b"m")]
+
+    def take_orphans(self, token: str) -> int:
+        """Requests whose listener process is gone become this one's; how many."""
+        n = 0
+        with self.env.begin(write=True, db=self.db) as txn:
+            for k, v in _prefix_items(txn, self.db, b"m"):
+                req = ModalityRequest.decode(v)
+                if req.owner != token and not token_alive(req.owner):
+                    req.owner = token
+                    txn.put(k, req.encode())
+                    n += 1
+        return n
+
+    def state(self, sop_instance_uid: str, commit_when: str) -> InstanceState:
+        """``commit_when``: spooled | delivered | committed (see StorageCommitmentConfig)."""
+        with self.env.begin() as txn:
+            raw_oid = txn.get(sop_instance_uid.encode(), db=self._sop)
+            if raw_oid is None:
+                return InstanceState.UNKNOWN
+            oid_bytes = bytes(raw_oid)[:8]
+            raw = txn.get(oid_bytes, db=self._meta)
+            if raw is None:
+                return InstanceState.UNKNOWN
+            if commit_when == "spooled":
+                return InstanceState.DONE
+            rec = json.loads(bytes(raw))
+            dropped = rec.get("dropped") or {}
+            if rec.get("outstanding") or any(d.get("how") == "purged" for d in dropped.values()
+                                            if isinstance(d, dict)):
+                return InstanceState.WAITING
+            if commit_when == "committed":
+                oid = _U64.unpack(oid_bytes)[0]
+                prefix = b"o" + _oid(oid)
+                for _, v in _prefix_items(txn, self.db, prefix):
+                    if json.loads(v).get("s") != CommitState.COMMITTED.value:
+                        return InstanceState.WAITING
+            return InstanceState.DONE

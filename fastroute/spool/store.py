@@ -36,7 +36,7 @@ from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
-from fastroute.spool.commitments import Commitments
+from fastroute.spool.commitments import Commitments, ModalityRequests
 from fastroute.spool.jobs import Jobs
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
@@ -109,6 +109,8 @@ class Spool:
         self.commitments = Commitments(self.env, self._dbs["scmt"], self._info, self._meta, self.audit,
                                        self.queues)
         self.queues.commitments = self.commitments
+        self.modality_requests = ModalityRequests(self.env, self._dbs["scmt"], self._dbs["sop"], self._meta,
+                                                  self.commitments)
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
 
