@@ -247,6 +247,15 @@ def test_bytes_held_until_committed(tmp_path: Path) -> None:
             checks = evaluate(cfg.alerts, [Reading("pacs", None, 0, q["commit_overdue"])], None)
             alert = checks[("commit_overdue", "pacs")]
             assert alert is not None and alert.value == 2
+        # switched off: nothing waits for a report any more, the bytes go
+        off = config(tmp_path, peer.port, commitment="off")
+        spool = Spool(off.spool, map_size=off.spool_max_bytes)
+        try:
+            DestinationSender(off, off.destinations["pacs"], spool)
+            assert not any(_has_bytes(spool, oid) for oid in oids)
+            assert not spool.commitments.transactions("pacs")
+        finally:
+            spool.close()
 
 
 @pytest.mark.usefixtures("orthanc")
@@ -422,3 +431,28 @@ def test_modality_without_peers_entry_gets_report_on_its_next_association(
             second.release()
     ((how, event_type, ds),) = ct.reports
     assert how == "same" and event_type == 1 and str(ds.TransactionUID) == uid
+
+
+def test_modality_commit_when_committed_waits_for_the_destinations_report(
+        tmp_path: Path, router: Callable[..., Router]) -> None:
+    """End to end: the modality's report says committed only after the destination's own
+    storage commitment report committed every instance (one failed once, re-sent first)."""
+    files = synth.make_tiny(tmp_path / "s", n=2)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    with CommitPeer(fail_once={uids[0]}) as pacs, Modality() as ct:
+        r = router({"storage_commitment": {"commit_when": "committed", "timeout": "60s"},
+                    "destinations": {"pacs": destination(pacs.port, "PACS", commitment="same-association",
+                                                         commitment_timeout=30)},
+                    "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+        assoc = ct.associate(r.port)
+        try:
+            uid = ct.store_and_request(assoc, files)
+            wait_until(lambda: ct.reports, 30, message=lambda: f"no report\n{r.log_tail()}")
+        finally:
+            assoc.release()
+        # the failed one was re-sent and asked for again before the modality heard "committed"
+        # (how many requests the first deliveries took depends on how they were batched)
+        assert len(pacs.requests) >= 2 and sorted(pacs.stored) == sorted(uids + [uids[0]])
+    ((how, event_type, ds),) = ct.reports
+    assert how == "same" and event_type == 1 and str(ds.TransactionUID) == uid
+    assert set(_uids(ds, "ReferencedSOPSequence")) == set(uids)

@@ -128,12 +128,33 @@ class Commitments:
 
     # -- the destination's switch -----------------------------------------------------------
 
-    def set_enabled(self, dest: str, on: bool) -> None:
-        with self.env.begin(write=True, db=self.db) as txn:
+    def set_enabled(self, dest: str, on: bool) -> int:
+        """Switch a destination's commitment on or off (its sender, at start). Switched off,
+        whatever it still held is let go: no report will come for it. Returns how many
+        objects were let go."""
+        key = b"c" + dest.encode()
+        released = 0
+        with self.env.begin(write=True) as txn:
             if on:
-                txn.put(b"c" + dest.encode(), b"1")
-            else:
-                txn.delete(b"c" + dest.encode())
+                txn.put(key, b"1", db=self.db)
+                return 0
+            if not txn.delete(key, db=self.db):
+                return 0
+            name = dest.encode()
+            for k, v in _prefix_items(txn, self.db, b"h"):
+                if k[9:] == name:
+                    txn.delete(k, db=self.db)
+                    self._drop_if_done(txn, _U64.unpack(k[1:9])[0])
+                    released += 1
+            for k, _ in _prefix_items(txn, self.db, b"w" + name + b"\0"):
+                txn.delete(k, db=self.db)
+            for k, v in _prefix_items(txn, self.db, b"t"):
+                if Transaction.decode(v).destination == dest:
+                    txn.delete(k, db=self.db)
+        if released:
+            log.warning("destination=%s: storage commitment switched off; %d delivered object(s) no longer "
+                        "wait for a report", dest, released, extra=fields(destination=dest))
+        return released
 
     def enabled(self, txn: lmdb.Transaction, dest: str) -> bool:
         return txn.get(b"c" + dest.encode(), db=self.db) is not None
