@@ -19,7 +19,6 @@ import yaml
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification  # noqa: F401  (pynetdicom's registry loaded)
 from pynetdicom import build_role
 
 import peers
