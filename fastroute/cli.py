@@ -75,10 +75,15 @@ def describe(cfg: Config) -> str:
         lines.append(f"  accepts calling AEs: {', '.join(cfg.allowed_calling_aes)}")
     for d in cfg.destinations.values():
         lines.append(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port} "
-                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''})")
+                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''}"
+                     + (f", storage commitment {d.commitment}" if d.commitment != "off" else "") + ")")
     for r in cfg.rules:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
+    sc = cfg.storage_commitment
+    if sc.commit_when != "delivered" or cfg.peers:
+        lines.append(f"  storage commitment for modalities: reported when {sc.commit_when} (timeout {sc.timeout:g}s)"
+                     + "".join(f"; {p.ae_title}@{p.host}:{p.port}" for p in cfg.peers.values()))
     if cfg.http is not None:
         lines.append(f"  dashboard, REST API and /metrics: http://{cfg.http.host}:{cfg.http.port}/")
     if cfg.default:
