@@ -34,6 +34,7 @@ from fastroute.spool import Spool
 from fastroute.spool.commitments import CommitState
 from fastroute.spool.counters import CounterKind
 from peers import free_port, storescu, wait_until
+from conftest import unavailable
 from router import Router, destination
 from fastroute.cli import read_part10
 from fastroute.spool import Incoming
@@ -257,10 +258,12 @@ def test_bytes_held_until_committed(tmp_path: Path) -> None:
             spool.close()
 
 
-@pytest.mark.usefixtures("orthanc")
-def test_orthanc_reports_on_a_new_association(tmp_path: Path, router: Callable[..., Router]) -> None:
+def test_orthanc_reports_on_a_new_association(tmp_path: Path, router: Callable[..., Router],
+                                              peer_check: peers.PeerCheck) -> None:
     """Orthanc commits what fastroute delivered and reports on a new association to the
     listener (as SCP of the Storage Commitment class, role negotiated)."""
+    if peer_check.orthanc_missing:
+        unavailable(peer_check.orthanc_missing)
     files = synth.make_study(tmp_path / "s", modality="MR", n_instances=3, rows=32, cols=32)
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     pacs = peers.Orthanc("ORTHANC", workdir=tmp_path / "orthanc")
@@ -307,6 +310,28 @@ def test_report_on_a_new_association_with_strict_role_checks(tmp_path: Path, rou
                        message=lambda: f"not committed: {states()}\n{r.log_tail()}")
         finally:
             spool.close()
+
+
+def test_codecs_round_trip_and_n_action_response_names_its_class() -> None:
+    refs = (sc.Ref("1.2.840.10008.5.1.4.1.1.2", "1.2.3.1"), sc.Ref("1.2.840.10008.5.1.4.1.1.4", "1.2.3.2"))
+    for ts in sc.SYNTAXES:
+        action = sc.decode_action(sc.encode_action(sc.ActionRequest("1.2.9", refs), ts), ts)
+        assert action == sc.ActionRequest("1.2.9", refs)
+        report = sc.EventReport("1.2.9", refs[:1], (sc.Failed(refs[1].sop_class_uid, refs[1].sop_instance_uid,
+                                                               sc.NO_SUCH_OBJECT_INSTANCE),), "FASTROUTE")
+        assert sc.decode_event(sc.encode_event(report, ts), ts) == report
+        assert report.event_type == sc.EVENT_FAILURES
+    with pytest.raises(ValueError, match="Transaction UID"):
+        sc.decode_action(sc.encode_action(sc.ActionRequest("", refs)), sc.SYNTAXES[0])
+    # an N-ACTION-RSP carries the Affected SOP Class/Instance UIDs the request named as
+    # Requested (PS3.7 10.3.4.2): (0000,0003) was read as (0000,1003) before
+    from fastroute.dicom import pdu
+    from fastroute.dicom.dimse import encode_response
+    rq = pdu.decode_command(memoryview(sc.encode_n_action_rq(7)))
+    rsp = pdu.decode_command(memoryview(encode_response(rq, 0)))
+    assert rsp[pdu.AFFECTED_SOP_CLASS_UID] == sc.STORAGE_COMMITMENT_SOP_CLASS
+    assert rsp[pdu.AFFECTED_SOP_INSTANCE_UID] == sc.STORAGE_COMMITMENT_INSTANCE
+    assert rsp[pdu.MESSAGE_ID_BEING_RESPONDED_TO] == 7
 
 
 # -- storage commitment as SCP, for modalities -----------------------------------------------------

@@ -174,6 +174,12 @@ class Commitments:
             return True
         return self.held(txn, oid)
 
+    def release(self, txn: lmdb.Transaction, oid: int, dest: str) -> bool:
+        """``dest`` no longer needs the object (dropped there); True if another still holds it."""
+        if txn.delete(b"h" + _oid(oid) + dest.encode(), db=self.db):
+            txn.delete(b"o" + _oid(oid) + dest.encode(), db=self.db)
+        return self.held(txn, oid)
+
     def held(self, txn: lmdb.Transaction, oid: int) -> bool:
         cur = txn.cursor(db=self.db)
         prefix = b"h" + _oid(oid)
@@ -287,7 +293,8 @@ class Commitments:
         if self.held(txn, oid):
             return
         raw = txn.get(_oid(oid), db=self._meta)
-        if raw is not None and not json.loads(bytes(raw)).get("outstanding"):
+        # no record (history pruned meanwhile) or nothing outstanding: the bytes can go
+        if raw is None or not json.loads(bytes(raw)).get("outstanding"):
             self.queues.drop_bytes(txn, oid)
 
     # -- views -------------------------------------------------------------------------------

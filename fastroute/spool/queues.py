@@ -369,8 +369,12 @@ class Queues:
             return None
         new, facts = update_record(raw, dest, delivery=delivery, drop=drop, digest=digest.hex())
         # Storage commitment (issue 14): bytes a destination has yet to commit stay.
-        held = (self.commitments is not None and delivery is not None
-                and self.commitments.on_delivered(txn, oid, dest, new, delivery.at))
+        held = False
+        if self.commitments is not None:
+            if delivery is not None:
+                held = self.commitments.on_delivered(txn, oid, dest, new, delivery.at)
+            else:     # superseded or purged there: no commitment will be asked for it
+                held = self.commitments.release(txn, oid, dest)
         if facts.finished and not held:
             self.drop_bytes(txn, oid)
         txn.put(key, new, db=self._meta)
