@@ -205,6 +205,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
         for q in queues:
             print(f"{q['name']:<20} {q['status']:<12} {q['pending']:>8} {q['in_flight']:>9} {q['failed']:>7} "
                   f"{_age(q['oldest_age']):>7} {q['delivered']:>9} {q['suppressed']:>10} {q['unknown_outcomes']:>7}")
+            if q.get("committed") or q.get("commit_failed") or q.get("commit_waiting"):
+                print(f"{'':<20} storage commitment: {q['committed']} committed, {q['commit_failed']} failed "
+                      f"(re-sent), {q['commit_waiting']} waiting ({q['commit_overdue']} overdue)")
             if q["last_error"] and q["status"] != "up":
                 print(f"{'':<20} last error: {q['last_error']}")
         for e in failed or []:

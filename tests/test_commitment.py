@@ -284,6 +284,9 @@ def test_orthanc_reports_on_a_new_association(tmp_path: Path, router: Callable[.
             assert spool.counters().of(CounterKind.COMMITTED, "pacs") == 3
         finally:
             spool.close()
+        q = r.queue()["pacs"]
+        assert (q["delivered"], q["committed"], q["commit_waiting"]) == (3, 3, 0)
+        assert "storage commitment: 3 committed, 0 failed (re-sent), 0 waiting" in r.cli("queue").stdout
 
 
 def test_report_on_a_new_association_with_strict_role_checks(tmp_path: Path, router: Callable[..., Router]) -> None:
