@@ -163,7 +163,7 @@ class Commitments:
 
     def on_delivered(self, txn: lmdb.Transaction, oid: int, dest: str, record: bytes, now: float) -> bool:
         """A delivery to ``dest`` was recorded: when it asks for commitment, hold the bytes
-        and wait for a request. True when the bytes are held (by this or another destination)."""
+        and wait for a request. True when this destination holds them."""
         if self.enabled(txn, dest):
             d = json.loads(record)
             study = str(d.get("study_instance_uid") or "")
@@ -172,13 +172,12 @@ class Commitments:
                     json.dumps([d["sop_class_uid"], d["sop_instance_uid"]]).encode(), db=self.db)
             self._set_state(txn, oid, dest, CommitState.DELIVERED, "", now)
             return True
-        return self.held(txn, oid)
+        return False
 
-    def release(self, txn: lmdb.Transaction, oid: int, dest: str) -> bool:
-        """``dest`` no longer needs the object (dropped there); True if another still holds it."""
+    def release(self, txn: lmdb.Transaction, oid: int, dest: str) -> None:
+        """``dest`` no longer needs the object (dropped there): its hold, if any, ends."""
         if txn.delete(b"h" + _oid(oid) + dest.encode(), db=self.db):
             txn.delete(b"o" + _oid(oid) + dest.encode(), db=self.db)
-        return self.held(txn, oid)
 
     def held(self, txn: lmdb.Transaction, oid: int) -> bool:
         cur = txn.cursor(db=self.db)

@@ -370,11 +370,14 @@ class Queues:
         new, facts = update_record(raw, dest, delivery=delivery, drop=drop, digest=digest.hex())
         # Storage commitment (issue 14): bytes a destination has yet to commit stay.
         held = False
-        if self.commitments is not None:
+        commitments = self.commitments
+        if commitments is not None:
             if delivery is not None:
-                held = self.commitments.on_delivered(txn, oid, dest, new, delivery.at)
+                held = commitments.on_delivered(txn, oid, dest, new, delivery.at)
             else:     # superseded or purged there: no commitment will be asked for it
-                held = self.commitments.release(txn, oid, dest)
+                commitments.release(txn, oid, dest)
+            # another destination's hold (read only when the bytes would go)
+            held = held or (facts.finished and commitments.held(txn, oid))
         if facts.finished and not held:
             self.drop_bytes(txn, oid)
         txn.put(key, new, db=self._meta)
