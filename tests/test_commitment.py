@@ -207,6 +207,9 @@ def test_same_association_partial_failure_resent_and_committed(tmp_path: Path) -
             assert not any(_has_bytes(spool, oid) for oid in oids)
             actions = [e["action"] for e in spool.audit_events(study_instance_uid=study)]
             assert actions.count("committed") == 3 and actions.count("commit-failed") == 1
+            reports = [e for e in spool.audit_events(study_instance_uid=study) if e["action"] == "commitment-report"]
+            assert [r["failed"] for r in reports if r["failed"]] == [[{"sop_instance_uid": uids[1], "reason": 0x0110}]]
+            assert sum(r["committed"] for r in reports) == 3 and {r["reporter"] for r in reports} == {"PACS"}
             assert not spool.commitments.transactions("pacs")
             # views: the study trace, its rollup, the queue view and /metrics show committed
             # apart from delivered

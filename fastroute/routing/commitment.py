@@ -36,13 +36,16 @@ MAX_REFS = 1000            # instances per N-ACTION: a huge study is asked for i
 KEEP_OPEN_POLL = 0.2       # how often an idle sender keeping an association for a report reads it
 
 
-def report_handler(spool: Spool, on_requeue: Callable[[str], None] = lambda dest: None) -> Handler:
+def report_handler(spool: Spool, on_requeue: Callable[[str], None] = lambda dest: None, *,
+                   on_our_association: bool = False) -> Handler:
     """The N-EVENT-REPORT-RQ service for storage commitment reports, on either association:
     applies the report to its transaction; ``on_requeue(dest)`` after failed instances were
-    queued again (to wake that destination's sender)."""
+    queued again (to wake that destination's sender). ``on_our_association``: served on the
+    sender's own association, where the reporting AE is the called one."""
 
     def handle(peer: Peer, msg: Message) -> Reply:
-        where = f"{peer.calling_ae}@{peer.ip} -> {peer.called_ae}"
+        reporter = peer.called_ae if on_our_association else peer.calling_ae
+        where = f"{reporter}@{peer.ip}"
         if msg.sop_class_uid != sc.STORAGE_COMMITMENT_SOP_CLASS:
             return Reply(Status.SOP_CLASS_NOT_SUPPORTED, "only storage commitment reports are served")
         event = msg.command.get(sc.EVENT_TYPE_ID)
@@ -54,19 +57,20 @@ def report_handler(spool: Spool, on_requeue: Callable[[str], None] = lambda dest
         try:
             report = sc.decode_event(data, peer.contexts.get(msg.context_id, sc.SYNTAXES[0]))
         except ValueError as exc:
-            log.warning("%s: %s", where, exc, extra=fields(calling_ae=peer.calling_ae, peer=peer.ip,
-                                                           status=int(Status.INVALID_ATTRIBUTE_VALUE)))
+            log.warning("%s: %s", where, exc, extra=fields(
+                calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
+                status=int(Status.INVALID_ATTRIBUTE_VALUE)))
             return Reply(Status.INVALID_ATTRIBUTE_VALUE, str(exc))
         done = spool.commitments.complete(
             report.transaction_uid, (r.sop_instance_uid for r in report.committed),
-            ((f.sop_instance_uid, f.reason) for f in report.failed), time.time(), reporter=peer.calling_ae)
+            ((f.sop_instance_uid, f.reason) for f in report.failed), time.time(), reporter=reporter)
         if not done.known:
             # A report for a transaction already answered (a re-request's second report) or
             # not ours: acknowledged, nothing to change.
             log.info("%s: storage commitment report for unknown transaction_uid=%s (%d committed, "
                      "%d failed): already answered or not ours", where, report.transaction_uid,
                      len(report.committed), len(report.failed),
-                     extra=fields(calling_ae=peer.calling_ae, peer=peer.ip))
+                     extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip))
         elif done.failed:
             on_requeue(done.destination)
         return Reply(Status.SUCCESS)
@@ -81,7 +85,7 @@ class Requester:
     def __init__(self, spool: Spool, dest: DestinationConfig, on_requeue: Callable[[str], None]) -> None:
         self.spool = spool
         self.dest = dest
-        self.handler = report_handler(spool, on_requeue)
+        self.handler = report_handler(spool, on_requeue, on_our_association=True)
         self._lock = threading.Lock()
         self._refused_until = 0.0
         spool.commitments.set_enabled(dest.name, True)

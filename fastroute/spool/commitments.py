@@ -276,6 +276,11 @@ class Commitments:
                     done.failed.append((i.sop_instance_uid, reason))
                     self.audit.append(txn, {"action": "commit-failed", "reason": reason, **base}, now)
             txn.delete(b"t" + uid.encode(), db=self.db)
+            # the study's line: what the report said as a whole, failed instances listed
+            self.audit.append(txn, {
+                "action": "commitment-report", "destination": dest, "study_instance_uid": tx.study_instance_uid,
+                "transaction_uid": uid, "reporter": reporter, "committed": len(done.committed),
+                "failed": [{"sop_instance_uid": s, "reason": r} for s, r in done.failed]}, now)
             if done.committed:
                 incr(txn, self._info, CounterKind.COMMITTED, dest, by=len(done.committed))
             if done.failed:
