@@ -107,6 +107,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
         print(f"warning: {warning}")
+    from fastroute.routing.commitment import commitment_warnings
+    for warning in commitment_warnings(cfg):
+        print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
 
 

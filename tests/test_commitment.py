@@ -486,3 +486,19 @@ def test_modality_commit_when_committed_waits_for_the_destinations_report(
     ((how, event_type, ds),) = ct.reports
     assert how == "same" and event_type == 1 and str(ds.TransactionUID) == uid
     assert set(_uids(ds, "ReferencedSOPSequence")) == set(uids)
+
+
+def test_check_warns_about_commitment_settings_that_cannot_work_as_written(tmp_path: Path) -> None:
+    from fastroute.routing.commitment import commitment_warnings
+
+    def warnings(**doc: Any) -> list[str]:
+        return commitment_warnings(loads(yaml.safe_dump({"spool": str(tmp_path / "spool"), **doc})))
+
+    assert warnings() == []
+    (w,) = warnings(storage_commitment={"commit_when": "committed"})
+    assert "no destination has commitment on" in w
+    (w,) = warnings(destinations={"pacs": destination(104, "PACS", commitment="new-association")})
+    assert "PACS must know AE FASTROUTE" in w and "port 11112" in w
+    (w,) = warnings(destinations={"pacs": destination(104, "PACS", commitment="same-association",
+                                                      commitment_timeout="10s")})
+    assert "commitment_timeout 10s is short" in w

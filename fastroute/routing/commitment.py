@@ -350,3 +350,21 @@ class ModalityService:
             log.warning("%s: answered the storage commitment report (%s) for transaction_uid=%s with %s",
                         req.calling_ae, how, req.uid, describe(status),
                         extra=fields(calling_ae=req.calling_ae, status=status))
+
+
+def commitment_warnings(cfg: Config) -> list[str]:
+    """What ``fastroute check`` says about storage commitment settings that load but will not
+    do what they seem to."""
+    out = []
+    asking = [d for d in cfg.destinations.values() if d.commitment != "off"]
+    if cfg.storage_commitment.commit_when == "committed" and not asking:
+        out.append("storage_commitment.commit_when is 'committed' but no destination has commitment on: "
+                   "modalities are told 'committed' once delivered")
+    for d in asking:
+        if d.commitment == "new-association":
+            out.append(f"destinations.{d.name}: commitment new-association: {d.ae_title} must know "
+                       f"AE {d.calling_ae or cfg.ae_title} at this host, port {cfg.port}, to report")
+        if d.commitment_timeout < 2 * d.dimse_timeout and d.commitment_timeout < 60:
+            out.append(f"destinations.{d.name}: commitment_timeout {d.commitment_timeout:g}s is short: "
+                       "requests are repeated, then alerted, before a slow archive has answered")
+    return out
