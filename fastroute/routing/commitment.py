@@ -202,6 +202,9 @@ class ModalityService:
         self.stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        # per request: instances already found done (not read again; a big study waiting
+        # for its destinations costs one read per instance still waiting, per round)
+        self._done: dict[str, set[str]] = {}
 
     # the N-ACTION handler (on the listener's loop: one small commit) -------------------------
 
@@ -269,7 +272,10 @@ class ModalityService:
             # An open association from the modality is tried on every round (its next one
             # may come any time); a new association to it only every REPORT_RETRY.
             dial = not req.report_tries or now >= req.reported_at + REPORT_RETRY
-            states = {uid: self.spool.modality_requests.state(uid, when) for _, uid in req.refs}
+            done = self._done.setdefault(req.uid, set())
+            states = dict.fromkeys(done, InstanceState.DONE)
+            states.update(self.spool.modality_requests.states((u for _, u in req.refs if u not in done), when))
+            done.update(u for u, s in states.items() if s == InstanceState.DONE)
             if any(s == InstanceState.WAITING for s in states.values()) and now < req.deadline:
                 continue
             report = sc.EventReport(
@@ -281,6 +287,7 @@ class ModalityService:
             how = self._send(req, report, dial)
             if how:
                 self.spool.modality_requests.remove(req.uid)
+                self._done.pop(req.uid, None)
                 self.spool.audit_record("commitment-reported", who=req.calling_ae, transaction_uid=req.uid,
                                         committed=len(report.committed), failed=len(report.failed), via=how)
                 log.log(logging.WARNING if report.failed else logging.INFO,

@@ -420,25 +420,31 @@ class ModalityRequests:
 
     def state(self, sop_instance_uid: str, commit_when: str) -> InstanceState:
         """``commit_when``: spooled | delivered | committed (see StorageCommitmentConfig)."""
+        return self.states([sop_instance_uid], commit_when)[sop_instance_uid]
+
+    def states(self, sop_instance_uids: Iterable[str], commit_when: str) -> dict[str, InstanceState]:
+        """:meth:`state` of each, in one read transaction."""
         with self.env.begin() as txn:
-            raw_oid = txn.get(sop_instance_uid.encode(), db=self._sop)
-            if raw_oid is None:
-                return InstanceState.UNKNOWN
-            oid_bytes = bytes(raw_oid)[:8]
-            raw = txn.get(oid_bytes, db=self._meta)
-            if raw is None:
-                return InstanceState.UNKNOWN
-            if commit_when == "spooled":
-                return InstanceState.DONE
-            rec = json.loads(bytes(raw))
-            dropped = rec.get("dropped") or {}
-            if rec.get("outstanding") or any(d.get("how") == "purged" for d in dropped.values()
-                                            if isinstance(d, dict)):
-                return InstanceState.WAITING
-            if commit_when == "committed":
-                oid = _U64.unpack(oid_bytes)[0]
-                prefix = b"o" + _oid(oid)
-                for _, v in _prefix_items(txn, self.db, prefix):
-                    if json.loads(v).get("s") != CommitState.COMMITTED.value:
-                        return InstanceState.WAITING
+            return {uid: self._state(txn, uid, commit_when) for uid in sop_instance_uids}
+
+    def _state(self, txn: lmdb.Transaction, sop_instance_uid: str, commit_when: str) -> InstanceState:
+        raw_oid = txn.get(sop_instance_uid.encode(), db=self._sop)
+        if raw_oid is None:
+            return InstanceState.UNKNOWN
+        oid_bytes = bytes(raw_oid)[:8]
+        raw = txn.get(oid_bytes, db=self._meta)
+        if raw is None:
+            return InstanceState.UNKNOWN
+        if commit_when == "spooled":
             return InstanceState.DONE
+        rec = json.loads(bytes(raw))
+        dropped = rec.get("dropped") or {}
+        if rec.get("outstanding") or any(d.get("how") == "purged" for d in dropped.values()
+                                        if isinstance(d, dict)):
+            return InstanceState.WAITING
+        if commit_when == "committed":
+            oid = _U64.unpack(oid_bytes)[0]
+            for _, v in _prefix_items(txn, self.db, b"o" + _oid(oid)):
+                if json.loads(v).get("s") != CommitState.COMMITTED.value:
+                    return InstanceState.WAITING
+        return InstanceState.DONE
