@@ -444,13 +444,19 @@ def test_modality_released_early_report_on_new_association_when_delivered(
 
 
 def test_modality_without_peers_entry_gets_report_on_its_next_association(
-        tmp_path: Path, router: Callable[..., Router]) -> None:
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    """Ready only after the modality released (its destination was down), with no peers:
+    entry: the report waits for the modality's next association and goes on it."""
     files = synth.make_tiny(tmp_path / "s", n=1)
-    r = router({"storage_commitment": {"commit_when": "spooled"}})
+    port = free_port()
+    r = router({"storage_commitment": {"commit_when": "delivered"},
+                "destinations": {"pacs": destination(port, "PACS", backoff_initial=0.2, backoff_max=0.5)},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
     with Modality() as ct:
         first = ct.associate(r.port)
         uid = ct.store_and_request(first, files)
         first.release()
+        storescp("PACS", port=port).wait_for(1, timeout=60)
         wait_until(lambda: "waits for its next association" in r.log_text(), 20,
                    message=lambda: f"not waiting\n{r.log_tail()}")
         assert not ct.reports
