@@ -79,11 +79,14 @@ def describe(cfg: Config) -> str:
         lines.append(f"  accepts calling AEs: {', '.join(cfg.allowed_calling_aes)}")
     for d in cfg.destinations.values():
         lines.append(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port} "
-                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''}"
-                     + (f", storage commitment {d.commitment}" if d.commitment != "off" else "") + ")")
+                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''})")
     for r in cfg.rules:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
+    for d in cfg.destinations.values():
+        if d.commitment != "off":
+            lines.append(f"  destination {d.name}: storage commitment ({d.commitment}, timeout "
+                         f"{d.commitment_timeout:g}s)")
     sc = cfg.storage_commitment
     if sc.commit_when != "delivered" or cfg.peers:
         lines.append(f"  storage commitment for modalities: reported when {sc.commit_when} (timeout {sc.timeout:g}s)"
