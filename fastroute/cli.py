@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastroute import __version__
-from fastroute.config import Config, load
+from fastroute.config import USER_ROLES, Config, load
 from fastroute.errors import ConfigError, FastrouteError
 
 STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
@@ -92,7 +92,16 @@ def describe(cfg: Config) -> str:
         lines.append(f"  storage commitment for modalities: reported when {sc.commit_when} (timeout {sc.timeout:g}s)"
                      + "".join(f"; {p.ae_title}@{p.host}:{p.port}" for p in cfg.peers.values()))
     if cfg.http is not None:
-        lines.append(f"  dashboard, REST API and /metrics: http://{cfg.http.host}:{cfg.http.port}/")
+        h = cfg.http
+        lines.append(f"  dashboard, REST API and /metrics: {'https' if h.tls else 'http'}://{h.host}:{h.port}/")
+        users = sorted(h.users.items())
+        if users or h.token:
+            lines.append("  users: " + ", ".join([f"{n} ({u.role})" for n, u in users]
+                                                 + (["http.token (admin, deprecated)"] if h.token else [])))
+        else:
+            lines.append("  users: none: patient data and actions are served to no one (fastroute user add)")
+        if h.trusted_proxies:
+            lines.append(f"  user identity from proxies at: {', '.join(h.trusted_proxies)}")
     if cfg.default:
         lines.append(f"  objects no rule matches -> {', '.join(cfg.default)}")
     else:
@@ -107,6 +116,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s), "
           f"rules read {len(rs.tags)} attribute(s)")
     print(describe(cfg))
+    for warning in http_warnings(cfg):   # the management plane's exposure (issue 14)
+        print(f"warning: {warning}")
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
         print(f"warning: {warning}")
@@ -116,11 +127,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if tls_findings(cfg) else 0
 
 
+def http_warnings(cfg: Config) -> list[str]:
+    """What ``fastroute check`` says about the management plane's exposure (issue 14)."""
+    import ipaddress
+    h = cfg.http
+    if h is None:
+        return []
+    out = []
+    if h.token:
+        out.append("http.token is deprecated: it is one admin shared by everyone who has it; give each "
+                   "person a user (fastroute user add NAME --role R) and remove it")
+    try:
+        loopback = ipaddress.ip_address(h.host).is_loopback
+    except ValueError:
+        loopback = h.host == "localhost"
+    if h.tls is None and not loopback and not h.trusted_proxies:
+        out.append(f"http.host {h.host} serves tokens and patient data over plain HTTP to the network: "
+                   "set http.tls, or listen on 127.0.0.1 behind a TLS reverse proxy (http.trusted_proxies)")
+    return out
+
+
 def tls_findings(cfg: Config) -> int:
     """Print what ``fastroute check`` finds in the TLS files; the number of errors."""
     from fastroute.config import TlsPeerConfig
     from fastroute.dicom import tls
     findings = tls.check_listener(cfg.tls) if cfg.tls is not None else []
+    if cfg.http is not None and cfg.http.tls is not None:   # HTTPS of the management plane
+        from fastroute.ops.api import http_tls_as_listener
+        findings += tls.check_listener(http_tls_as_listener(cfg.http.tls), prefix="http.tls")
     peers: list[tuple[str, str, object]] = [
         *(("destinations", name, d) for name, d in cfg.destinations.items()),
         *(("sources", name, s) for name, s in cfg.sources.items())]
@@ -378,6 +412,270 @@ def cmd_audit(args: argparse.Namespace) -> int:
     finally:
         spool.close()
 
+# -- migrations (issue 13): thin wrappers over ops.migrations ------------------------------------
+
+def _migration_spool(args: argparse.Namespace) -> tuple[Config, Any]:
+    """The configuration and its EXISTING spool (the running router's: jobs live there)."""
+    cfg = _config(args)
+    return cfg, _spool(cfg)
+
+
+def _print_job(doc: dict[str, Any]) -> None:
+    eta = _age(doc.get("eta_s")) if doc.get("eta_s") is not None else "-"
+    print(f"{doc['name']}: {doc['state']} ({doc.get('source', '?')} -> {', '.join(doc.get('destinations', ()))})")
+    print(f"  studies: {doc['studies_total']} total, {doc['studies_verified']} verified, "
+          f"{doc['studies_failed']} failed"
+          + (f" ({', '.join(f'{k} {v}' for k, v in sorted(doc['studies_by_state'].items()) if v)})"
+             if doc.get("studies_by_state") else ""))
+    print(f"  instances: {doc['instances_expected']} expected, {doc['instances_received']} received, "
+          f"{doc['instances_delivered']} delivered")
+    print(f"  rate: {doc['rate']:.1f} instances/s over the last minute, ETA {eta}")
+    limits = [f"at most {doc['rate_limit']}" if doc.get("rate_limit") else "no rate limit",
+              f"windows {', '.join(doc['windows'])}" if doc.get("windows") else "any time",
+              "verified at the destination" if doc.get("verify", True) else "not verified (--no-verify)"]
+    print(f"  asked: {'; '.join(limits)}")
+    if doc.get("error"):
+        print(f"  error: {doc['error']}")
+    for note in doc.get("inventory_notes") or ():
+        print(f"  inventory note: {note}")
+
+
+def cmd_migrate_start(args: argparse.Namespace) -> int:
+    from fastroute.ops import migrations as mig
+
+    cfg, spool = _migration_spool(args)
+    try:
+        if args.studies and not os.access(args.studies, os.R_OK):
+            raise CliError(f"studies file {args.studies}: missing or not readable")
+        doc = mig.start(cfg, spool, source=args.source, destinations=args.to, name=args.name or "",
+                        query=args.query or (), studies_file=args.studies, rate=args.rate,
+                        windows=args.window or (), verify=args.verify, why=args.reason or "")
+    finally:
+        spool.close()
+    print(doc["name"])
+    print(f"migration {doc['name']} created ({doc['state']}); follow it with `fastroute migrate status "
+          f"{doc['name']}`", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate_list(args: argparse.Namespace) -> int:
+    from fastroute.ops import migrations as mig
+
+    cfg, spool = _migration_spool(args)
+    try:
+        jobs = mig.list_jobs(spool)
+    finally:
+        spool.close()
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    if not jobs:
+        print("no migration jobs (start one with `fastroute migrate start`)")
+        return 0
+    print(f"{'job':<28} {'state':<17} {'studies':>8} {'verified':>8} {'failed':>7} {'received':>9} "
+          f"{'expected':>9} {'rate/s':>7} {'eta':>6}")
+    for j in jobs:
+        print(f"{j['name']:<28} {j['state']:<17} {j['studies_total']:>8} {j['studies_verified']:>8} "
+              f"{j['studies_failed']:>7} {j['instances_received']:>9} {j['instances_expected']:>9} "
+              f"{j['rate']:>7.1f} {_age(j['eta_s']):>6}")
+    return 0
+
+
+def cmd_migrate_status(args: argparse.Namespace) -> int:
+    from fastroute.ops import migrations as mig
+
+    cfg, spool = _migration_spool(args)
+    try:
+        doc = mig.status(spool, args.name)
+        failed = mig.failures(spool, args.name, limit=10) if doc["studies_failed"] and not args.json else []
+    finally:
+        spool.close()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    _print_job(doc)
+    if failed:
+        more = f" (first {len(failed)}; `fastroute migrate report {args.name}` lists all)" \
+            if len(failed) < doc["studies_failed"] else ""
+        print(f"  failed studies{more}:")
+        for f in failed:
+            print(f"    {f['study_instance_uid']} (patient {f['patient_id'] or '-'}, accession "
+                  f"{f['accession_number'] or '-'}): {f['reason'] or 'no reason recorded'}")
+    return 0
+
+
+def cmd_migrate_action(args: argparse.Namespace) -> int:
+    from fastroute.ops import migrations as mig
+
+    cfg, spool = _migration_spool(args)
+    try:
+        doc = getattr(mig, args.action)(spool, args.name, why=args.reason or "")
+    finally:
+        spool.close()
+    extra = f", {doc['retried']} stud{'y' if doc['retried'] == 1 else 'ies'} queued again" \
+        if args.action == "retry" else ""
+    print(f"{doc['name']}: {doc['state']}{extra}; audited")
+    return 0
+
+
+def cmd_migrate_report(args: argparse.Namespace) -> int:
+    from fastroute.ops import migrations as mig
+
+    cfg, spool = _migration_spool(args)
+    try:
+        mig.write_report(spool, args.name, sys.stdout, args.format)
+    finally:
+        spool.close()
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    import time
+
+    from fastroute.ops import migrations as mig
+
+    cfg, spool = _migration_spool(args)
+    try:
+        doc = mig.retrieve(cfg, spool, source=args.source, study_instance_uid=args.study, destinations=args.to,
+                           verify=args.verify, why=args.reason or "")
+        name = doc["name"]
+        print(name, flush=True)
+        if not args.wait:
+            return 0
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        seen = ""
+        while not mig.is_final(doc["state"]):
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"{name}: still {doc['state']} after {args.timeout:g}s (the job goes on; "
+                      f"`fastroute migrate status {name}`)", file=sys.stderr)
+                return 1
+            time.sleep(1.0)   # polling the spool the router's migration process writes
+            doc = mig.status(spool, name)
+            line = (f"{name}: {doc['state']}, {doc['instances_received']}/{doc['instances_expected']} received, "
+                    f"{doc['instances_delivered']} delivered" + (f"; {doc['error']}" if doc.get("error") else ""))
+            if line != seen:
+                print(line, file=sys.stderr)
+                seen = line
+        row = mig.study_outcome(spool, name, args.study)
+    finally:
+        spool.close()
+    good = "verified" if args.verify else "delivered"
+    state = row["state"] if row else "not found"
+    why = f": {row['reason']}" if row and row.get("reason") else ""
+    print(f"study {args.study}: {state}{why} (job {doc['state']})")
+    return 0 if row is not None and state == good else 1
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    """A new user's token, printed once, and the entry (with only its hash) for http.users."""
+    from fastroute.config import USER_NAME_RE
+    from fastroute.ops.auth import hash_token, new_token
+
+    if not USER_NAME_RE.fullmatch(args.name):
+        print(f"error: {args.name!r} is not a user name (1-64 letters, digits and . _ @ -)", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = {"role": args.role, "token_hash": hash_token(token)}
+    if args.json:
+        print(json.dumps({"user": args.name, **entry, "token": token}))
+        return 0
+    print(f"token for {args.name} (shown only now; fastroute stores only its hash):\n  {token}\n")
+    print("add under http.users in the configuration, then reload:")
+    print(f"  {args.name}: {{role: {args.role}, token_hash: \"{entry['token_hash']}\"}}")
+    return 0
+
+
+def cmd_user_hash_token(args: argparse.Namespace) -> int:
+    """The hash of a token read from stdin (one line), or of a new one printed with it."""
+    from fastroute.ops.auth import hash_token, new_token
+
+    if args.new:
+        token = new_token()
+        print(f"token: {token}")
+    else:
+        if sys.stdin.isatty():
+            import getpass
+            token = getpass.getpass("token: ")
+        else:
+            token = sys.stdin.readline().strip()
+        if len(token) < 16:
+            print("error: a token of at least 16 characters is needed (or --new for a random one)",
+                  file=sys.stderr)
+            return 2
+    print(f"token_hash: \"{hash_token(token)}\"")
+    return 0
+
+
+def _add_user_commands(sub: Any) -> None:
+    up = sub.add_parser("user", help="HTTP plane users: add, hash-token",
+                        description="users of the management plane (http.users): tokens are stored hashed")
+    usub = up.add_subparsers(dest="user_command", required=True, metavar="COMMAND", title="commands")
+    sp = usub.add_parser("add", help="a new token for NAME and its http.users entry (only the hash)")
+    sp.add_argument("name", help="user name (shown in the audit trail)")
+    sp.add_argument("--role", required=True, choices=USER_ROLES,
+                    help="viewer: read (patient data included); operator: also act; admin: also configure")
+    sp.add_argument("--json", action="store_true", help="one JSON object: user, role, token_hash, token")
+    sp.set_defaults(func=cmd_user_add, config_required=False)
+    sp = usub.add_parser("hash-token", help="hash a token read from stdin (e.g. the old http.token)")
+    sp.add_argument("--new", action="store_true", help="make a new random token and print it with its hash")
+    sp.set_defaults(func=cmd_user_hash_token, config_required=False)
+
+
+def _add_migration_commands(sub: Any, cmd: Any) -> None:
+    """``migrate ...`` and ``retrieve``; ``-c`` is accepted at every level (its own dest at each,
+    folded by parse_args)."""
+    mp = sub.add_parser("migrate", help="PACS migration jobs: start, list, status, pause, resume, cancel, "
+                        "retry, report", description="PACS migration jobs (see README 'Migrating a PACS')")
+    mp.add_argument("-c", "--config", dest="group_config", metavar="CONFIG", help="YAML configuration file")
+    msub = mp.add_subparsers(dest="migrate_command", required=True, metavar="COMMAND",
+                             title="commands")
+
+    def sub_cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        sp = msub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", help="YAML configuration file")
+        sp.set_defaults(func=func, config_required=False)
+        return sp
+
+    sp = sub_cmd("start", cmd_migrate_start, "create a migration job in the router's spool; prints its name")
+    sp.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="a key of 'sources:'")
+    sp.add_argument("--to", action="append", required=True, metavar="DEST", help="destination (repeatable)")
+    sp.add_argument("--name", help="job name (default: <source>-<yyyymmdd-hhmmss>)")
+    sp.add_argument("--query", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="STUDY-level C-FIND keys, e.g. StudyDate=20190101-20191231 ModalitiesInStudy=CT")
+    sp.add_argument("--studies", metavar="FILE", help="Study Instance UIDs or Accession Numbers, one a line "
+                    "(or CSV with a header)")
+    sp.add_argument("--rate", metavar="N/h|N/s", help="studies per hour or instances per second")
+    sp.add_argument("--window", action="extend", nargs="+", metavar="HH:MM-HH:MM",
+                    help="retrieve only inside these daily windows (local time; repeatable; "
+                    "days first: sat,sun 00:00-24:00)")
+    sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="verify each study by C-FIND at the destinations (default: yes)")
+    sp.add_argument("--reason", default="", help="recorded in the audit trail")
+    sp = sub_cmd("list", cmd_migrate_list, "every migration job and its progress")
+    sp.add_argument("--json", action="store_true")
+    sp = sub_cmd("status", cmd_migrate_status, "one job's state, counts, rate and ETA")
+    sp.add_argument("name")
+    sp.add_argument("--json", action="store_true")
+    for action, help in (("pause", "pause a job (audited)"), ("resume", "resume a paused job (audited)"),
+                         ("cancel", "cancel a job; its studies keep their states (audited)"),
+                         ("retry", "failed and incomplete studies again (audited)")):
+        sp = sub_cmd(action, cmd_migrate_action, help)
+        sp.add_argument("name")
+        sp.add_argument("--reason", default="", help="recorded in the audit trail")
+        sp.set_defaults(action=action)
+    sp = sub_cmd("report", cmd_migrate_report, "one row per study (streamed)")
+    sp.add_argument("name")
+    sp.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default csv)")
+    sp = cmd("retrieve", cmd_retrieve, "retrieve one study from a source into a destination (a one-study job)")
+    sp.add_argument("source", help="a key of 'sources:'")
+    sp.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    sp.add_argument("--to", action="append", required=True, metavar="DEST", help="destination (repeatable)")
+    sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="verify by C-FIND at the destination (default: yes)")
+    sp.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only when verified")
+    sp.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up waiting after this")
+    sp.add_argument("--reason", default="", help="recorded in the audit trail")
+
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -464,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", metavar="ISO", help="from this date/datetime (UTC when no zone)")
     sp.add_argument("--until", metavar="ISO", help="up to this datetime, or the end of this date")
     sp.add_argument("--study", metavar="UID", help="only events of this Study Instance UID")
+    _add_migration_commands(sub, cmd)
+    _add_user_commands(sub)
     # Every argument goes to bench's own parser: no prefix character, so '--quick' stays a value.
     sp = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                         help="capacity benchmark (source checkout only; same as python -m bench)")
@@ -483,11 +783,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.keys += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    early = getattr(args, "global_config", None)
-    if early is not None and getattr(args, "config", None) not in (None, early):
-        parser.error(f"-c given twice with different files ({early}, {args.config})")
-    if early is not None:
-        args.config = early
+    for early in (getattr(args, "global_config", None), getattr(args, "group_config", None)):
+        if early is not None and getattr(args, "config", None) not in (None, early):
+            parser.error(f"-c given twice with different files ({early}, {args.config})")
+        if early is not None:
+            args.config = early
     if getattr(args, "config_required", False) and getattr(args, "config", None) is None:
         parser.error(f"the {args.command} command needs -c FILE")
     return args

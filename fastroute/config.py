@@ -791,11 +791,91 @@ class TlsPeerConfig:
         return {k: p for k, p in (("ca", self.ca), ("cert", self.cert), ("key", self.key)) if p is not None}
 
 
+USER_ROLES = ("viewer", "operator", "admin")   # ascending: each may do what those before it may
+_TOKEN_HASH_RE = re.compile(r"(scrypt\$\d+\$\d+\$\d+|pbkdf2_sha256\$\d+)\$[A-Za-z0-9+/=_-]+\$[A-Za-z0-9+/=_-]+")
+USER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def _token_hash(v: Any) -> str:
+    """A stored token hash as ``fastroute user hash-token`` prints it, never a token itself."""
+    if not isinstance(v, str) or not _TOKEN_HASH_RE.fullmatch(v):
+        raise ValueError("expected a hash from 'fastroute user hash-token' (scrypt$N$r$p$salt$hash "
+                         "or pbkdf2_sha256$iterations$salt$hash), not the token itself")
+    return v
+
+
+def _dn(v: Any) -> str:
+    normalise_dn(_str(v))
+    return str(v)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpUserConfig:
+    """One ``http.users`` entry: a role and how the user proves who they are (a bearer token,
+    stored only as its salted hash, and/or a client certificate on the HTTPS listener or as
+    passed on by a trusted reverse proxy)."""
+
+    role: str = field(metadata=_key(_choice(*USER_ROLES), "a role: viewer, operator or admin"))
+    token_hash: str | None = field(default=None, metadata=_key(_token_hash, "a token hash", if_null=IfNull.NONE))
+    cert_subject: str | None = field(default=None, metadata=_key(
+        _dn, "a distinguished name such as CN=alice,O=hospital", if_null=IfNull.NONE))
+    cert_fingerprint: str | None = field(default=None, metadata=_key(
+        normalise_fingerprint, "a SHA-256 fingerprint", if_null=IfNull.NONE))
+
+
+def _read_users(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    """``users: {alice: {role: admin, token_hash: ...}, ...}``."""
+    users: dict[str, HttpUserConfig] = {}
+    for name, knode, vnode in _mapping(ctx, node, key):
+        sub = f"{key}.{name}"
+        if not USER_NAME_RE.fullmatch(name):
+            raise ctx.error(knode, sub, "a user name is 1-64 letters, digits and . _ @ -")
+        kw: dict[str, Any] = {}
+        _read_fields(ctx, HttpUserConfig, vnode, sub, kw)
+        user = HttpUserConfig(**kw)
+        if user.token_hash is None and user.cert_subject is None and user.cert_fingerprint is None:
+            raise ctx.error(vnode, sub, f"user {name!r} has no way to log in",
+                            hint="set token_hash (fastroute user add NAME --role R prints one) "
+                                 "or cert_subject / cert_fingerprint")
+        users[name] = user
+    return {"users": users}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTlsConfig:
+    """``http.tls``: HTTPS for the management plane; with ``ca``, client certificates are
+    asked for (and required with ``require_client_cert``) and map to users by subject or
+    fingerprint. Relative paths are relative to the configuration file."""
+
+    cert: Path = field(metadata=_key(_path, "a PEM certificate file"))
+    key: Path = field(metadata=_key(_path, "a PEM private key file"))
+    ca: Path | None = field(default=None, metadata=_key(_path, "a PEM CA file", if_null=IfNull.NONE))
+    require_client_cert: bool = field(default=False, metadata=_BOOL)
+
+    def files(self) -> dict[str, Path]:
+        return {k: p for k, p in (("cert", self.cert), ("key", self.key), ("ca", self.ca)) if p is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     host: str = field(default="127.0.0.1", metadata=key(_str, "a listen address"))
     port: int = field(default=8080, metadata=_PORT)
+    # deprecated: one shared token, treated as the admin user "http.token"; use users
     token: str | None = field(default=None, metadata=key(_str, "a token string"))
+    users: Mapping[str, HttpUserConfig] = field(default_factory=dict, metadata=key(
+        shape=Shape.CUSTOM, read=_read_users, if_null=IfNull.DEFAULT))
+    # more users, in a YAML file of their own (same shape as users; read by load(), relative to
+    # the configuration file): kept apart so the main file can be shared without the hashes
+    users_file: Path | None = field(default=None, metadata=key(_path, "a YAML file path", if_null=IfNull.NONE))
+    tls: HttpTlsConfig | None = field(default=None, metadata=key(
+        shape=Shape.SECTION, section=HttpTlsConfig, if_null=IfNull.NONE))
+    # reverse proxies whose identity headers are believed (every other client's are ignored)
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata=key(
+        _cidr, "IP addresses or CIDR networks", shape=Shape.LIST, if_null=IfNull.EMPTY))
+    # the header a trusted proxy names the authenticated user in (a key of users)
+    proxy_user_header: str = field(default="X-Forwarded-User", metadata=key(_str, "an HTTP header name"))
+    # the header a trusted proxy passes the verified client certificate's subject DN in
+    proxy_cert_header: str = field(default="X-SSL-Client-S-DN", metadata=key(_str, "an HTTP header name"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1000,6 +1080,28 @@ def loads(text: str, source: str = "<string>") -> Config:
     return Config(**kw)
 
 
+def load_users_file(path: Path) -> dict[str, HttpUserConfig]:
+    """``http.users_file``: a mapping of user name to ``{role, token_hash | cert_subject | ...}``."""
+    source = str(path)
+    text = _read(path)
+    ctx = _Ctx(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", source=source,
+                          line=mark.line + 1 if mark else None) from None
+    if root is None:
+        return {}
+    done, fields = ctx.attempt(lambda: _read_users(ctx, root, "users"))
+    if ctx.errors:
+        if len(ctx.errors) == 1:
+            raise ctx.errors[0]
+        raise ConfigErrors(ctx.errors)
+    users: dict[str, HttpUserConfig] = fields["users"] if done else {}
+    return users
+
+
 def _check_tls(kw: dict[str, Any], source: str) -> None:
     """What the ``tls`` section's keys mean together (each was valid alone)."""
     tls: TlsListenerConfig | None = kw.get("tls")
@@ -1093,10 +1195,25 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))
     if cfg.tls is not None:   # and so are the TLS files
         cfg = dataclasses.replace(cfg, tls=resolve_tls_paths(cfg.tls, p.parent))
+    if cfg.http is not None and cfg.http.users_file is not None:
+        ufile = _relative_to(p.parent, cfg.http.users_file) or cfg.http.users_file
+        extra = load_users_file(ufile)
+        both = sorted(set(extra) & set(cfg.http.users))
+        if both:
+            raise ConfigError(f"user(s) {', '.join(both)} defined both in http.users and in {ufile}",
+                              source=source, key="http.users_file", hint="keep each user in one place")
+        cfg = dataclasses.replace(cfg, http=dataclasses.replace(
+            cfg.http, users_file=ufile, users={**cfg.http.users, **extra}))
+    if cfg.http is not None and cfg.http.tls is not None:   # the HTTPS files too
+        t = cfg.http.tls
+        t = dataclasses.replace(t, cert=_relative_to(p.parent, t.cert) or t.cert,
+                                key=_relative_to(p.parent, t.key) or t.key, ca=_relative_to(p.parent, t.ca))
+        cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, tls=t))
     return cfg
 
 
 __all__ = [
     "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "StorageCommitmentConfig", "PeerConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
+    "HttpUserConfig", "HttpTlsConfig", "USER_ROLES", "USER_NAME_RE",
 ]

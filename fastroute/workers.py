@@ -170,6 +170,23 @@ def http_main(cfg: Config, config_path: str | None) -> None:
     run(cfg, config_path)
 
 
+def migration_main(cfg: Config) -> None:
+    """The migration process (issue 13): advances every job in the spool. One process for all
+    sources: its work is waiting on archives, not CPU; it is restarted on a reload that changes
+    ``sources:`` or ``destinations:`` and, like every child, after a crash (the jobs' state is
+    in the spool, so it continues where it stopped)."""
+    from fastroute.migration.runner import MigrationRunner
+
+    stop = _child_setup(cfg, "migration", ())
+    spool = open_spool(cfg)
+    runner = MigrationRunner(cfg, spool, stop)
+    try:
+        runner.run()
+    finally:
+        runner.close()
+        spool.close()
+
+
 @dataclass
 class Supervisor:
     cfg: Config
@@ -190,6 +207,8 @@ class Supervisor:
         self.children += [_Child(f"sender-{name}", sender_main, (cfg, name)) for name in cfg.destinations]
         if cfg.http is not None:
             self.children.append(_Child("http", http_main, (cfg, self.config_path)))
+        if cfg.sources:
+            self.children.append(_Child("migration", migration_main, (cfg,)))
 
     def _do_reload(self) -> None:
         """SIGHUP: load the file again and restart only the processes whose settings changed.
@@ -223,6 +242,8 @@ class Supervisor:
         gone = {f"sender-{name}" for name in [*change.restart, *change.stop]}
         if change.http:
             gone.add("http")
+        if change.migration or not new.sources:
+            gone.add("migration")
         self._stop_children([c for c in self.children if c.name in gone], old.shutdown_grace)
         self.children = [c for c in self.children if c.name not in gone]
         for c in self.children:          # a later crash-restart runs with the new settings
@@ -231,6 +252,8 @@ class Supervisor:
                  for name in [*change.restart, *change.start]]
         if change.http and new.http is not None:
             fresh.append(_Child("http", http_main, (new, self.config_path)))
+        if new.sources and not any(c.name == "migration" for c in self.children):
+            fresh.append(_Child("migration", migration_main, (new,)))
         for c in fresh:
             self._start(c)
         self.children += fresh

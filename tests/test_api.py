@@ -24,22 +24,25 @@ from yarl import URL
 
 import fastroute
 from fastroute import native
-from fastroute.ops.api import MAX_BODY_BYTES, ROUTES, http_main, is_public, make_app, openapi_spec
+from fastroute.ops.api import ACCESS, MAX_BODY_BYTES, ROUTES, http_main, is_public, make_app, openapi_spec
 from fastroute.config import Config
 from fastroute.spool.senderstate import DestinationState, SenderState
 from fastroute.spool import Outcome, OutcomeKind, Spool
+from fastroute.spool.jobs import REPORT_COLUMNS, InstanceRecord, JobSpec, StudyRecord, StudyState
 
 from test_ops import AGE, STUDY_A, STUDY_B, Hup, fill, make_config
 
 TOKEN = {"Authorization": "Bearer s3cret"}
+JOB = "m1"   # a migration job every env has (issue 13)
 Body = Callable[[TestClient, web.Application], Awaitable[None]]   # type: ignore[type-arg]
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[Config, Path, Spool, list[int]]]:
-    cfg, path = make_config(tmp_path)
+    cfg, path = make_config(tmp_path, sources=True)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
     oids = fill(spool, time.time() - AGE)
+    spool.jobs.create(JobSpec(name=JOB, source="oldpacs", destinations=("pacs",)))
     yield cfg, path, spool, oids
     spool.close()
 
@@ -111,15 +114,26 @@ def test_read_endpoints(env: Any) -> None:
         await get_json(c, "/api/objects/424242", 404)
 
         events = (await get_json(c, "/api/audit"))["events"]
-        assert [e["action"] for e in events] == ["delivered", "failed"]
-        assert (await get_json(c, f"/api/audit?study_instance_uid={STUDY_B}"))["events"] == []
+        routed = ["delivered", "failed"]
+        assert [e["action"] for e in events if e["action"] not in ("received", "http_read", "http_login")] == routed
+        # the reads of patient data above are audited (who, from where, which study); failed ones not
+        reads = [e for e in events if e["action"] == "http_read"]
+        assert {e["who"] for e in reads} == {"http.token"} and all(e["peer"] == "127.0.0.1" for e in reads)
+        assert [e["path"] for e in reads if e.get("study_instance_uid") == STUDY_B] == [f"/api/studies/{STUDY_B}"]
+        assert sorted(e.get("patient_id", "") for e in reads if e["path"] == "/api/lookup") == ["", "", "PAT1"]
+        assert [e["accession_number"] for e in reads if "accession_number" in e] == ["ACC2"]   # alias named
+        assert not [e for e in reads if e["path"] in ("/api/studies/9.9.9", "/api/objects/424242")]
+        study_b = (await get_json(c, f"/api/audit?study_instance_uid={STUDY_B}"))["events"]
+        assert [e["action"] for e in study_b] == ["received", "http_read"]
         assert (await get_json(c, "/api/audit?until=2000-01-01"))["events"] == []
         await get_json(c, "/api/audit?since=yesterday", 400)
         resp = await c.get("/api/audit?format=csv")
         assert resp.content_type == "text/csv"
-        assert [r["action"] for r in csv.DictReader(io.StringIO(await resp.text()))] == ["delivered", "failed"]
+        assert [r["action"] for r in csv.DictReader(io.StringIO(await resp.text()))
+                if r["action"] not in ("received", "http_read", "http_login")] == routed
         resp = await c.get("/api/audit?format=jsonl")
-        assert len((await resp.text()).splitlines()) == 2
+        assert len([ln for ln in (await resp.text()).splitlines()
+                    if "\"http_" not in ln and "\"received\"" not in ln]) == 2
         assert (await get_json(c, "/api/audit/verify"))["ok"]
 
         resp = await c.get("/")
@@ -247,6 +261,16 @@ SAMPLE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("POST", "/api/studies/{study_instance_uid}/retry"): (f"/api/studies/{STUDY_A}/retry", {}),
     ("POST", "/api/destinations/{destination}/send-now"): ("/api/destinations/vna/send-now",
                                                            {"json": {"why": "VNA back"}}),
+    ("GET", "/api/migrations"): ("/api/migrations", {}),
+    ("GET", "/api/migrations/{name}"): (f"/api/migrations/{JOB}", {}),
+    ("GET", "/api/migrations/{name}/report"): (f"/api/migrations/{JOB}/report", {}),
+    ("POST", "/api/migrations"): ("/api/migrations", {"json": {"source": "oldpacs", "destinations": ["pacs"],
+                                                               "name": "m2", "query": {"StudyDate": "2019"}}}),
+    ("POST", "/api/migrations/{name}/pause"): (f"/api/migrations/{JOB}/pause", {}),
+    ("POST", "/api/migrations/{name}/resume"): (f"/api/migrations/{JOB}/resume", {}),
+    ("POST", "/api/migrations/{name}/cancel"): (f"/api/migrations/{JOB}/cancel", {}),
+    ("POST", "/api/migrations/{name}/retry"): (f"/api/migrations/{JOB}/retry", {}),
+    ("GET", "/api/whoami"): ("/api/whoami", {}),
 }
 
 
@@ -318,12 +342,12 @@ MUTATING = [("POST", p) for m, p, h in ROUTES if getattr(h, "mutating", False)]
 
 
 def concrete(p: str) -> str:
-    return p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A)
+    return p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A).replace("{name}", JOB)
 
 
 def test_mutating_calls_need_the_token(env: Any) -> None:
     cfg, path, spool, _ = env
-    assert len(MUTATING) == 7
+    assert len(MUTATING) == 12
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
         for _, p in MUTATING:
@@ -333,6 +357,7 @@ def test_mutating_calls_need_the_token(env: Any) -> None:
                 assert resp.headers["WWW-Authenticate"].startswith("Bearer")
                 assert "token" in (await resp.json())["error"]
         assert not spool.is_paused("pacs") and spool.stats(["pacs"])[0].failed == 1
+        assert spool.jobs.names() == [JOB] and spool.jobs.state(JOB) == "inventory"
 
     serve(cfg, spool, path, body, token=False)
 
@@ -398,22 +423,37 @@ def test_every_route_but_the_shell_needs_the_token(env: Any) -> None:
     serve(cfg, spool, path, body, token=False)
 
 
-def test_reads_open_without_a_token_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_patient_data_without_users_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14: no patient identifier is readable without a login. With no users configured the
+    status without patient data stays open; every patient-data route is refused (and audited)."""
     cfg, path = make_config(tmp_path, token=None)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
-    fill(spool, time.time() - AGE)
+    oids = fill(spool, time.time() - AGE)
+    phi = [(m, p) for (m, p), a in ACCESS.items() if a.phi]
+    assert ("GET", "/api/lookup") in phi and ("GET", "/api/queues/{destination}/entries") in phi
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
-        assert (await get_json(c, "/api/lookup?patient_id=PAT1"))["count"] == 3
-        assert (await c.get("/api/audit")).status == 200
+        for method, p in phi:
+            resp = await c.request(method, concrete_read(p, oids[1]))
+            text = await resp.text()
+            assert resp.status == 403 and "no users" in text, (p, resp.status, text)
+            assert "PAT1" not in text and STUDY_A not in text
+        status = await get_json(c, "/api/status")
+        assert status["token_configured"] is False
+        assert "PAT1" not in json.dumps(status)
+        assert (await get_json(c, "/api/whoami"))["user"] == "anonymous"
 
     try:
         with caplog.at_level(logging.WARNING, logger="fastroute.api"):
             serve(cfg, spool, path, body, token=False)
+        denied = [e for e in spool.audit_events() if e["action"] == "http_denied"]
+        # one event per route (coalesced per client and route), naming the client and the reason
+        assert len(denied) == len(phi) and all(e["who"] == "anonymous" and e["peer"] == "127.0.0.1"
+                                               and e["status"] == 403 for e in denied)
     finally:
         spool.close()
-    warned = [r.getMessage() for r in caplog.records if "WITHOUT authentication" in r.getMessage()]
-    assert len(warned) == 1 and "patient data" in warned[0] and "http.token" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "served to NO ONE" in r.getMessage()]
+    assert len(warned) == 1 and "patient data" in warned[0] and "http.users" in warned[0]
 
 
 async def expect_400(c: TestClient, method: str, url: Any, what: str, status: int = 400,   # type: ignore[type-arg]
@@ -534,7 +574,8 @@ def test_actions_are_applied_and_audited(env: Any) -> None:
         assert spool.is_paused("pacs")
         assert (await get_json(c, "/api/queues/pacs"))["status"] == "paused"
         ev = list(spool.audit_events())[-1]
-        assert ev["action"] == "pause" and ev["who"].startswith("erin via http ") and ev["why"] == "maintenance"
+        # the shared deprecated token: the client's name is kept, marked as the token's
+        assert ev["action"] == "pause" and ev["who"] == "erin (http.token)" and ev["why"] == "maintenance"
         resp = await c.post("/api/queues/pacs/resume", headers=TOKEN)
         assert resp.status == 200 and not spool.is_paused("pacs")
         assert (await c.post("/api/queues/nope/pause", headers=TOKEN)).status == 404
@@ -789,3 +830,155 @@ def test_http_main_serves_until_sigterm(tmp_path: Path) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+
+# -- migrations (issue 13) ------------------------------------------------------------------------
+
+def seed_job(spool: Spool, name: str = JOB) -> None:
+    """Play the migration runner: two studies, one verified, one failed with its reason."""
+    jobs = spool.jobs
+    jobs.add_studies(name, [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.9", patient_id="PAT1",
+                                        accession_number="ACC1", modalities="CT"),
+                            StudyRecord(seq=0, study_instance_uid=f"{STUDY_B}.9", patient_id="PAT2")])
+    jobs.inventory_done(name)
+    jobs.set_instances(name, f"{STUDY_A}.9", [InstanceRecord(f"{STUDY_A}.9.1")])
+    jobs.mark_received(name, f"{STUDY_A}.9", {f"{STUDY_A}.9.1": 1})
+    jobs.mark_delivered(name, f"{STUDY_A}.9", [f"{STUDY_A}.9.1"])
+    jobs.mark_found(name, f"{STUDY_A}.9", [f"{STUDY_A}.9.1"])
+    jobs.update_study(name, f"{STUDY_A}.9", state=StudyState.VERIFIED)
+    jobs.update_study(name, f"{STUDY_B}.9", state=StudyState.FAILED, reason="0xA801: register FASTROUTE at OLDPACS")
+
+
+def test_migration_endpoints_mirror_the_commands(env: Any) -> None:
+    cfg, path, spool, _ = env
+    seed_job(spool)
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        jobs = (await get_json(c, "/api/migrations"))["migrations"]
+        assert [(j["name"], j["state"], j["studies_total"], j["studies_verified"], j["studies_failed"])
+                for j in jobs] == [(JOB, "running", 2, 1, 1)]
+        detail = await get_json(c, f"/api/migrations/{JOB}")
+        assert [(f["study_instance_uid"], f["reason"]) for f in detail["failures"]] == [
+            (f"{STUDY_B}.9", "0xA801: register FASTROUTE at OLDPACS")]
+        assert "unknown migration job" in (await get_json(c, "/api/migrations/nope", 404))["error"]
+
+        resp = await c.get(f"/api/migrations/{JOB}/report")
+        assert resp.status == 200 and resp.content_type == "text/csv"
+        rows = list(csv.reader(io.StringIO(await resp.text())))
+        assert rows[0] == list(REPORT_COLUMNS) and [r[0] for r in rows[1:]] == [f"{STUDY_A}.9", f"{STUDY_B}.9"]
+        doc = await get_json(c, f"/api/migrations/{JOB}/report?format=json")
+        assert [r["state"] for r in doc] == ["verified", "failed"] and list(doc[0]) == list(REPORT_COLUMNS)
+        await get_json(c, f"/api/migrations/{JOB}/report?format=xml", 400)
+        await get_json(c, "/api/migrations/nope/report", 404)
+
+        hdrs = {**TOKEN, "X-Fastroute-Operator": "erin"}
+        resp = await c.post(f"/api/migrations/{JOB}/pause", json={"why": "clinical peak"}, headers=hdrs)
+        assert resp.status == 200 and (await resp.json())["state"] == "paused"
+        ev = list(spool.audit_events())[-1]
+        assert (ev["action"], ev["job"], ev["why"]) == ("migration_pause", JOB, "clinical peak")
+        assert ev["who"] == "erin (http.token)"
+        resp = await c.post(f"/api/migrations/{JOB}/pause", headers=TOKEN)
+        assert resp.status == 409 and "cannot pause" in (await resp.json())["error"]
+        assert (await (await c.post(f"/api/migrations/{JOB}/resume", headers=TOKEN)).json())["state"] == "running"
+        retried = await (await c.post(f"/api/migrations/{JOB}/retry", headers=TOKEN)).json()
+        assert retried["retried"] == 1 and retried["studies_failed"] == 0
+        assert (await c.post("/api/migrations/nope/cancel", headers=TOKEN)).status == 404
+
+        resp = await c.post("/api/migrations", headers=hdrs, json={
+            "source": "oldpacs", "destinations": ["pacs"], "name": "night", "query": {"ModalitiesInStudy": "CT"},
+            "rate": "20/s", "windows": ["19:00-07:00"], "why": "phase 1"})
+        doc = await resp.json()
+        assert resp.status == 201 and doc["name"] == "night" and doc["state"] == "inventory", doc
+        assert doc["windows"] == ["19:00-07:00"] and doc["rate_limit"] == "20/s"
+        ev = list(spool.audit_events())[-1]
+        assert (ev["action"], ev["job"], ev["why"]) == ("migration_start", "night", "phase 1")
+        assert ev["who"] == "erin (http.token)"
+        for payload, status, text in (
+                ({"source": "oldpacs", "destinations": ["pacs"], "name": "night"}, 409, "exists"),
+                ({"source": "nope", "destinations": ["pacs"]}, 404, "unknown source"),
+                ({"source": "oldpacs", "destinations": ["vna"]}, 400, "cannot verify at vna"),
+                ({"source": "oldpacs", "destinations": ["pacs"], "windows": ["later"]}, 400, "bad window"),
+                ({"source": "oldpacs", "destinations": ["pacs"], "rate": "lots"}, 400, "bad rate"),
+                ({"source": "oldpacs", "destinations": ["pacs"], "query": {"SeriesNumber": "1"}}, 400, "STUDY-level"),
+                ({"source": "oldpacs", "destinations": "pacs", "verify": "yes"}, 400, "'verify'"),
+                ({"destinations": ["pacs"]}, 400, "'source' is required"),
+                ({"source": "oldpacs", "destinations": [1]}, 400, "'destinations'")):
+            resp = await c.post("/api/migrations", json=payload, headers=TOKEN)
+            assert resp.status == status and text in (await resp.json())["error"], (payload, await resp.text())
+        assert sorted(spool.jobs.names()) == [JOB, "night"]
+
+    serve(cfg, spool, path, body)
+
+
+def test_migration_report_streams_in_chunks(env: Any) -> None:
+    """A report larger than one chunk arrives chunked (no Content-Length: never built whole)."""
+    cfg, path, spool, _ = env
+    spool.jobs.add_studies(JOB, [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}") for i in range(1500)])
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        resp = await c.get(f"/api/migrations/{JOB}/report")
+        assert resp.status == 200 and resp.headers.get("Transfer-Encoding") == "chunked"
+        assert "Content-Length" not in resp.headers
+        lines = (await resp.text()).splitlines()
+        assert len(lines) == 1501 and lines[1].startswith(f"{STUDY_A}.0,")
+        doc = await get_json(c, f"/api/migrations/{JOB}/report?format=json")
+        assert len(doc) == 1500 and doc[-1]["study_instance_uid"] == f"{STUDY_A}.1499"
+
+    serve(cfg, spool, path, body)
+
+
+def test_migration_metrics_per_job(env: Any) -> None:
+    cfg, path, spool, _ = env
+    seed_job(spool)
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        fams = families(await (await c.get("/metrics")).text())
+        studies = {s.labels["state"]: s.value for s in fams["fastroute_migration_studies"].samples
+                   if s.labels["migration"] == JOB}
+        assert studies["verified"] == 1 and studies["failed"] == 1 and studies["pending"] == 0
+        assert set(studies) == {s.value for s in StudyState}      # every state seeded: sum() is the total
+        assert sample(fams, "fastroute_migration_instances", "fastroute_migration_instances", migration=JOB,
+                      kind="received") == 1
+        assert sample(fams, "fastroute_migration_instances", "fastroute_migration_instances", migration=JOB,
+                      kind="delivered") == 1
+        assert sample(fams, "fastroute_migration_instances", "fastroute_migration_instances", migration=JOB,
+                      kind="expected") >= 1
+        assert sample(fams, "fastroute_migration_rate", "fastroute_migration_rate", migration=JOB) >= 0
+        states = [s for s in fams["fastroute_migration_state"].samples if s.labels["migration"] == JOB]
+        assert [(s.labels["state"], s.value) for s in states] == [("running", 1.0)]
+        await c.post(f"/api/migrations/{JOB}/pause", headers=TOKEN)
+        fams = families(await (await c.get("/metrics")).text())
+        assert [s.labels["state"] for s in fams["fastroute_migration_state"].samples] == ["paused"]
+
+    serve(cfg, spool, path, body)
+
+
+def test_migration_report_client_leaving_mid_stream(env: Any) -> None:
+    """A client that reads the first chunk of a large report and disconnects: no 5xx logged, the
+    report's reader is closed, the job store stays writable and the API keeps answering."""
+    cfg, path, spool, _ = env
+    spool.jobs.add_studies(JOB, [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}") for i in range(5000)])
+
+    async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
+        for _ in range(3):
+            resp = await c.get(f"/api/migrations/{JOB}/report")
+            assert resp.status == 200
+            assert (await resp.content.read(100)).startswith(b"study_instance_uid,")
+            resp.close()                                     # gone, with most of the report unsent
+        spool.jobs.add_studies(JOB, [StudyRecord(seq=0, study_instance_uid=f"{STUDY_B}.1")])
+        assert (await get_json(c, f"/api/migrations/{JOB}"))["studies_total"] == 5001
+
+    with_errors: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                with_errors.append(record)
+
+    handler = Catch()
+    logging.getLogger("fastroute.api").addHandler(handler)
+    try:
+        serve(cfg, spool, path, body)
+    finally:
+        logging.getLogger("fastroute.api").removeHandler(handler)
+    assert not with_errors, [r.getMessage() for r in with_errors]

@@ -258,13 +258,14 @@ def set_width(browser: Any, width: int) -> None:
 @pytest.mark.parametrize("width", [390, 768])
 def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int) -> None:
     """Phone and tablet widths: nothing wider than the viewport; at 390 px the destinations reflow
-    into labelled blocks with their actions on screen."""
+    into labelled blocks with their actions on screen; a migration job with a failed study too."""
     from selenium.webdriver.common.by import By
 
     cfg, path = make_config(tmp_path)
     spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
     try:
         fill(spool, time.time() - AGE)
+        add_migration(spool)
         with LiveServer(cfg, spool, str(path)) as server:
             set_width(browser, width)
             browser.get(server.url + "/")
@@ -274,6 +275,8 @@ def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int)
             wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results .study"), "the study")
             browser.find_element(By.CSS_SELECTOR, "details.series summary").click()
             wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".object")) == 3, "its instances")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#migration-failures td.reason"),
+                 "the migration's failed study")
             viewport, scroll_width, bad = browser.execute_script(OVERFLOW_JS)   # viewport less its scrollbar
             assert width - 20 <= viewport <= width and scroll_width <= viewport, (viewport, scroll_width)
             assert not bad, bad
@@ -284,6 +287,11 @@ def test_dashboard_fits_narrow_screens(tmp_path: Path, browser: Any, width: int)
                 assert not browser.find_element(By.CSS_SELECTOR, "#destinations thead").is_displayed()
                 pending = browser.find_element(By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.pending')
                 assert pending.get_attribute("data-label") == "pending" and pending.text == "2"
+                studies = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] td.studies')
+                assert studies.get_attribute("data-label") == "studies" and studies.text == "2 / 4"
+            job_pause = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.pause')
+            rect = job_pause.rect
+            assert job_pause.is_displayed() and rect["x"] >= 0 and rect["x"] + rect["width"] <= width
     finally:
         spool.close()
 
@@ -406,5 +414,126 @@ def test_purge_asks_in_words_and_answers_in_words(tmp_path: Path, browser: Any) 
                 By.CSS_SELECTOR, 'tr[data-destination="pacs"] td.failed').text == "0", "pacs with no failed")
             purges = [e for e in audit_events(spool) if e.get("action") == "purge"]
             assert len(purges) == 1 and purges[0]["why"] == "sent again by the modality", purges
+    finally:
+        spool.close()
+
+
+def test_migrations_view_progress_failures_pause_resume(tmp_path: Path, browser: Any) -> None:
+    """Issue 13: the migrations card appears with a job: progress, rate, ETA, the failed studies
+    with their reasons, and pause/resume that act on the job (audited) and answer in words."""
+    from selenium.webdriver.common.by import By
+
+    cfg, path = make_config(tmp_path, sources=True)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            enter_token(browser, "s3cret")
+            loaded(browser)
+            card = browser.find_element(By.ID, "migrations-card")
+            assert not card.is_displayed()                       # no job: no empty card
+
+            jobs = add_migration(spool)
+
+            def cell(col: str) -> str:
+                found = browser.find_elements(By.CSS_SELECTOR, f'#migrations tr[data-job="y2019"] td.{col}')
+                return str(found[0].text) if found else ""
+
+            wait(browser, lambda d: card.is_displayed() and cell("studies") == "2 / 4", "the job's row")
+            assert "running" in cell("state") and cell("failed-count") == "1"
+            jobs.set_error("y2019", "OLDPACS refused the C-MOVE with 0xA801: register AE FASTROUTE there")
+            wait(browser, lambda d: "register AE FASTROUTE there" in cell("state"), "the job's error under its state")
+            assert "1 of 1 instances received, 1 delivered" in cell("progress") and "oldpacs → pacs" in cell("name")
+            bar = browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] .bar > div')
+            assert bar.get_attribute("style").replace(" ", "") == "width:50%;"      # 2 of 4 studies final
+            failures = browser.find_element(By.CSS_SELECTOR, '#migration-failures [data-job="y2019"]')
+            assert "y2019: 1 failed study" in failures.text
+            row = failures.find_element(By.CSS_SELECTOR, f'tr[data-study="{STUDY_A}.1"]')
+            assert "register FASTROUTE as a move destination at OLDPACS" in row.find_element(
+                By.CSS_SELECTOR, "td.reason").text
+
+            browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.pause').click()
+            wait(browser, lambda d: jobs.state("y2019") == "paused", "the job paused")
+            message = browser.find_element(By.ID, "message")
+            wait(browser, lambda d: "Migration y2019 paused" in message.text, "the pause message")
+            wait(browser, lambda d: "paused" in cell("state") and browser.find_elements(
+                By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.resume'), "the resume button")
+            browser.find_element(By.CSS_SELECTOR, '#migrations tr[data-job="y2019"] button.resume').click()
+            wait(browser, lambda d: jobs.state("y2019") == "running", "the job resumed")
+            wait(browser, lambda d: message.text == "Migration y2019 resumed: running.", "the resume message")
+            acts = [(e["action"], e["why"]) for e in audit_events(spool) if e["action"].startswith("migration_")]
+            assert acts == [("migration_pause", "dashboard"), ("migration_resume", "dashboard")], acts
+    finally:
+        spool.close()
+
+
+def add_migration(spool: Spool) -> Any:
+    """Job y2019 as the runner leaves it: 4 studies, one verified, one failed with its reason."""
+    from fastroute.spool.jobs import InstanceRecord, JobSpec, StudyRecord, StudyState
+
+    jobs = spool.jobs
+    jobs.create(JobSpec(name="y2019", source="oldpacs", destinations=("pacs",)))
+    jobs.add_studies("y2019", [StudyRecord(seq=0, study_instance_uid=f"{STUDY_A}.{i}", patient_id=f"P{i}")
+                               for i in range(4)])
+    jobs.inventory_done("y2019")
+    jobs.set_instances("y2019", f"{STUDY_A}.0", [InstanceRecord(f"{STUDY_A}.0.1")])
+    jobs.mark_received("y2019", f"{STUDY_A}.0", {f"{STUDY_A}.0.1": 1})
+    jobs.mark_delivered("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
+    jobs.mark_found("y2019", f"{STUDY_A}.0", [f"{STUDY_A}.0.1"])
+    jobs.update_study("y2019", f"{STUDY_A}.0", state=StudyState.VERIFIED)
+    jobs.update_study("y2019", f"{STUDY_A}.1", state=StudyState.FAILED,
+                      reason="0xA801: register FASTROUTE as a move destination at OLDPACS")
+    return jobs
+
+
+def test_login_shows_the_user_and_hides_what_the_role_cannot_do(tmp_path: Path, browser: Any) -> None:
+    """Issue 14: log in with a personal token (kept in sessionStorage for the tab), see who and which
+    role, and only the actions that role may do."""
+    from selenium.webdriver.common.by import By
+
+    from fastroute.config import load
+    from fastroute.ops.auth import hash_token
+    from test_ops import config_text
+
+    tokens = {"vera": "frt_dash-viewer-0123456789abcdef", "otto": "frt_dash-operator-0123456789abcdef"}
+    roles = {"vera": "viewer", "otto": "operator"}
+    users = "".join(f"    {n}: {{role: {roles[n]}, token_hash: \"{hash_token(t)}\"}}\n" for n, t in tokens.items())
+    path = tmp_path / "router.yaml"
+    path.write_text(config_text(tmp_path / "spool", token=None).replace(
+        "http: {host: 127.0.0.1}\n", f"http:\n  users:\n{users}"))
+    cfg = load(path)
+    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes)
+    try:
+        fill(spool, time.time() - AGE)
+        with LiveServer(cfg, spool, str(path)) as server:
+            browser.get(server.url + "/")
+            who = browser.find_element(By.ID, "whoami")
+            pause = 'tr[data-destination="pacs"] button.pause'
+            assert who.text == "not logged in"
+            enter_token(browser, tokens["vera"])
+            wait(browser, lambda d: who.text == "vera (viewer)", "the viewer shown")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-destination="pacs"]'), "the pacs row")
+            assert "0xA900" in browser.find_element(By.CSS_SELECTOR, "#failures tbody").text   # may read
+            assert browser.find_elements(By.CSS_SELECTOR, pause)                             # in the page,
+            assert not browser.find_element(By.CSS_SELECTOR, pause).is_displayed()           # but hidden
+            assert not any(b.is_displayed() for b in browser.find_elements(By.CSS_SELECTOR, "button.purge"))
+            assert browser.execute_script("return sessionStorage.getItem('fastroute-token')") == tokens["vera"]
+            assert browser.execute_script("return localStorage.length") == 0
+            enter_token(browser, tokens["otto"])
+            wait(browser, lambda d: who.text == "otto (operator)", "the operator shown")
+            wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, pause).is_displayed(), "pause offered")
+            browser.find_element(By.CSS_SELECTOR, pause).click()
+            wait(browser, lambda d: spool.is_paused("pacs"), "pacs paused by otto")
+            wait(browser, lambda d: [e["who"] for e in spool.audit_events() if e["action"] == "pause"] == ["otto"],
+                 "the pause audited under otto's name")
+            browser.find_element(By.ID, "logout").click()
+            wait(browser, lambda d: who.text == "not logged in", "logged out")
+            assert browser.execute_script("return sessionStorage.getItem('fastroute-token')") == ""
+            assert not browser.find_element(By.ID, "logout").is_displayed()
+            wait(browser, lambda d: "enter it in the token field" in d.find_element(By.ID, "auth").text,
+                 "the token asked for again")
+            enter_token(browser, "frt_wrong-token-0123456789")
+            wait(browser, lambda d: who.text == "not logged in", "not logged in with a wrong token")
     finally:
         spool.close()

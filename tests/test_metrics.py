@@ -342,3 +342,43 @@ def test_failures_without_a_status_are_counted_by_cause(tmp_path: Path) -> None:
     assert not series(s, name, status="none")
     [row] = series(s, name, status="no-decoder")
     assert "no decoder" in row["meaning"]
+
+
+def test_migration_gauges_per_job(tmp_path: Path) -> None:
+    """Issue 13: per-job gauges (label ``migration``: Prometheus owns ``job``) from the job records (studies by state, instances by kind, rate,
+    ETA only while known, one state series per job)."""
+    from fastroute.spool.jobs import InstanceRecord, JobSpec, StudyRecord, StudyState
+
+    cfg = _cfg(tmp_path)
+    spool = Spool(cfg.spool)
+    try:
+        jobs = spool.jobs
+        now = time.time()    # the job and the runner's calls half a minute ago and just now (the rate's window)
+        jobs.create(JobSpec(name="y2019", source="oldpacs", destinations=("pacs",), verify=False,
+                            created_at=now - 31))
+        jobs.create(JobSpec(name="idle", source="oldpacs", destinations=("pacs",), verify=False))
+        jobs.add_studies("y2019", [StudyRecord(seq=0, study_instance_uid=f"1.2.3.{i}") for i in range(4)], now=now - 31)
+        jobs.inventory_done("y2019", now=now - 31)
+        jobs.set_instances("y2019", "1.2.3.0", [InstanceRecord(f"1.2.3.0.{i}") for i in range(3)], now=now - 31)
+        jobs.mark_received("y2019", "1.2.3.0", {"1.2.3.0.0": 1}, now=now - 30)
+        jobs.mark_received("y2019", "1.2.3.0", {"1.2.3.0.1": 2, "1.2.3.0.2": 3}, now=now - 1)
+        jobs.mark_delivered("y2019", "1.2.3.0", [f"1.2.3.0.{i}" for i in range(2)], now=now - 1)
+        jobs.update_study("y2019", "1.2.3.1", state=StudyState.FAILED, reason="no instances at the source",
+                          now=now - 1)
+        s = scrape(render(make_registry(cfg, spool)).decode())
+        jobs.pause("idle")
+        after = scrape(render(make_registry(cfg, spool)).decode())
+    finally:
+        spool.close()
+    assert value(s, "fastroute_migration_studies", migration="y2019") == 4          # states sum to the total
+    assert value(s, "fastroute_migration_studies", migration="y2019", state="failed") == 1
+    assert len(series(s, "fastroute_migration_studies", migration="idle")) == len(StudyState)   # seeded at 0
+    assert value(s, "fastroute_migration_instances", migration="y2019", kind="expected") == 3
+    assert value(s, "fastroute_migration_instances", migration="y2019", kind="received") == 3
+    assert value(s, "fastroute_migration_instances", migration="y2019", kind="delivered") == 2
+    assert 0.05 < value(s, "fastroute_migration_rate", migration="y2019") < 0.15   # ~3 in 31 s
+    assert series(s, "fastroute_migration_eta_seconds", migration="y2019")     # known: all received
+    assert series(s, "fastroute_migration_eta_seconds", migration="idle") == []      # unknown: absent, not 0
+    assert series(s, "fastroute_migration_state", migration="y2019") == [{"migration": "y2019", "state": "running"}]
+    assert series(s, "fastroute_migration_state", migration="idle") == [{"migration": "idle", "state": "inventory"}]
+    assert series(after, "fastroute_migration_state", migration="idle") == [{"migration": "idle", "state": "paused"}]

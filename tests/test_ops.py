@@ -36,15 +36,19 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 AGE = 120.0   # seconds since the scenario's objects arrived
 
 
-def config_text(spool: Path, token: str | None = "s3cret", port: int = 11112) -> str:
+def config_text(spool: Path, token: str | None = "s3cret", port: int = 11112, sources: bool = False) -> str:
+    """``sources``: with an archive to migrate from (issue 13), before ``alerts:`` (which
+    tests append to, and whose line numbers they check without it)."""
     http = f"http: {{host: 127.0.0.1, port: 8080, token: {token}}}" if token else "http: {host: 127.0.0.1}"
+    if sources:
+        http += "\nsources:\n  oldpacs: {ae_title: OLDPACS, host: 127.0.0.1, port: 1}"
     return f"""\
 spool: {spool}
 port: {port}
 spool_max_bytes: 256MiB
 min_free_bytes: 0
 destinations:
-  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1}}
+  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1, query: true}}
   vna: {{ae_title: VNA, host: 127.0.0.1, port: 1}}
 rules:
   - name: ct-to-pacs
@@ -431,12 +435,12 @@ def test_audit_export_jsonl_csv_and_filters(env: Any) -> None:
     buf = io.StringIO()
     n = ops.audit_export(spool, buf, fmt="jsonl")
     events = [json.loads(line) for line in buf.getvalue().splitlines()]
-    assert n == len(events) == 3
-    assert [e["action"] for e in events] == ["delivered", "failed", "retry"]
+    assert n == len(events) == 6   # a receipt per study and sender of the group commit (issue 14)
+    assert [e["action"] for e in events] == ["received"] * 3 + ["delivered", "failed", "retry"]
 
     buf = io.StringIO()
     ops.audit_export(spool, buf, fmt="csv", study_instance_uid=STUDY_A)
-    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    rows = [r for r in csv.DictReader(io.StringIO(buf.getvalue())) if r["action"] != "received"]
     assert [r["action"] for r in rows] == ["delivered", "failed"]
     assert rows[1]["status"] == str(0xA900) and rows[1]["error"] == "dataset does not match"
     assert rows[0]["time"].endswith("Z") and json.loads(rows[0]["details"])["oid"] > 0
@@ -459,7 +463,7 @@ def test_retention_prunes_old_events_and_keeps_the_chain(tmp_path: Path) -> None
         fill(spool, time.time() - AGE)
         ops.retry(cfg, spool, destination="pacs")
         done = ops.apply_retention(cfg, spool)
-        assert done["audit_pruned"] == 2
+        assert done["audit_pruned"] == 5   # 3 receipts, a delivery, a failure
         # the prune anchors the chain's new start in an event of its own (issue 11 item 9)
         assert [e["action"] for e in spool.audit_events()] == ["retry", "audit_prune", "retention"]
         assert spool.audit_verify()[0]
@@ -528,7 +532,7 @@ def test_cli_queue_retry_purge_audit(env: Any, capsys: pytest.CaptureFixture[str
     assert "unknown destination 'nope'" in capsys.readouterr().err
     assert cli_main(["audit", "-c", c, "--format", "csv", "--study", STUDY_A]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["action"] for r in rows] == ["delivered", "failed", "retry"]
+    assert [r["action"] for r in rows] == ["received", "delivered", "failed", "retry"]
     assert cli_main(["audit", "-c", c, "--since", "2000-01-01", "--until", "2000-12-31"]) == 0
     assert capsys.readouterr().out == ""
     assert cli_main(["audit", "-c", c, "--verify"]) == 0

@@ -226,7 +226,7 @@ def test_audit_chain_detects_tampering(spool: Spool) -> None:
     ok, msg = spool.audit_verify()
     assert ok, msg
     events = list(spool.audit_events())
-    assert [e["action"] for e in events] == ["delivered", "purge"]
+    assert [e["action"] for e in events] == ["received", "delivered", "purge"]   # receipt per study batch
     # Alter the first event behind the spool's back.
     env = spool.env
     db = env.open_db(b"audit")

@@ -18,27 +18,34 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import hashlib
-import hmac
 import io
 import json
 import logging
 import re
 import signal
 import sys
+import threading
+import ssl
 import time
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, TypeVar
 
 from aiohttp import web
 
 from fastroute import __version__
 
 from fastroute.ops import actions as ops
+from fastroute.ops import migrations as mig
+from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, Via, cert_fingerprint,
+                                subject_from_peercert)
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
 from fastroute.logsetup import fields
+from fastroute.config import HttpTlsConfig, TlsListenerConfig   # HTTPS (issue 14)
+from fastroute.dicom import tls
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
 from fastroute.spool import Spool, open_spool
 
@@ -73,6 +80,12 @@ class Plane:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-spool")
         self.retention_due = 0.0
         self.started = time.time()
+        self.auth = Authenticator(cfg.http or HttpConfig())
+        self.reads = _Coalescer(READ_AUDIT_WINDOW)
+        self.denials = _Coalescer(DENY_AUDIT_WINDOW)
+        self.logged_in: set[tuple[str, str]] = set()   # (user, how): an http_login event written
+        self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-scrypt")
+        self.token_backoff: dict[str, float] = {}      # address -> monotonic time of its next token check
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking spool call on the pool."""
@@ -135,43 +148,224 @@ def is_public(handler: Any) -> bool:
     return bool(getattr(handler, "public", False))
 
 
-def _check_token(request: web.Request, token: str) -> None:
-    """Raise 401 unless the request carries ``Bearer <token>`` (constant-time comparison)."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Digests of equal length, so not even the token's length leaks; errors="replace": a header with
-    # odd characters is a wrong token, not a crash.
-    digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, hashlib.sha256(
-            token.encode("utf-8", "replace")).digest()):
-        log.warning("refused %s %s from %s: missing or wrong bearer token", request.method, request.path,
-                    request.remote, extra=fields(peer=request.remote))
-        raise _fail(web.HTTPUnauthorized, "missing or wrong bearer token",
-                    hint="send 'Authorization: Bearer <http.token>'")
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a route needs: a role (None: public), and whether it returns patient data (then
+    every answered read is audited, and it is never served without a login)."""
+
+    role: Role | None
+    phi: bool = False
+
+
+PUBLIC = Access(None)
+VIEW = Access(Role.VIEWER)
+VIEW_PHI = Access(Role.VIEWER, phi=True)
+OPERATE = Access(Role.OPERATOR)
+ADMINISTER = Access(Role.ADMIN)
+ADMIN_PHI = Access(Role.ADMIN, phi=True)
+PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated user of a request
+READ_AUDIT_WINDOW = 300.0   # seconds: the same user's same read is audited once per window
+DENY_AUDIT_WINDOW = 60.0    # seconds: the same client's same refusal is audited once per window
+TOKEN_RETRY_DELAY = 1.0     # seconds an address waits after a wrong token before another is hashed
+
+
+class _Coalescer:
+    """Remembers which audit events were written recently, so a polling dashboard or a client
+    hammering a refused route cannot turn the audit trail (and the spool's write lock, which the
+    receive path shares) into a log of every request."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.seen: dict[tuple[str, ...], float] = {}
+
+    def due(self, key: tuple[str, ...], now: float) -> bool:
+        if len(self.seen) > 10000:
+            self.seen = {k: t for k, t in self.seen.items() if now - t < self.window}
+        last = self.seen.get(key)
+        if last is not None and now - last < self.window:
+            return False
+        self.seen[key] = now
+        return True
+
+
+def _bearer(request: web.Request) -> str | None:
+    """The bearer token sent, "" for a malformed Authorization header, None for none."""
+    raw = request.headers.get("Authorization")
+    if raw is None:
+        return None
+    scheme, _, given = raw.partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else ""
+
+
+def _peer_cert(request: web.Request) -> tuple[str, str]:
+    """Subject and fingerprint of the client certificate on this HTTPS connection, if any."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return "", ""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return "", ""
+    return subject_from_peercert(ssl_object.getpeercert()), cert_fingerprint(der)
+
+
+def _target(request: web.Request) -> dict[str, str]:
+    """Which patient data a call concerns, for its audit event."""
+    out = {}
+    for k in ("study_instance_uid", "oid", "name", "destination"):
+        if k in request.match_info:
+            out["job" if k == "name" else k] = request.match_info[k]
+    for k, alias in (("study_instance_uid", "study"), ("accession_number", "accession"),
+                     ("patient_id", "patient"), ("state", "state")):
+        value = request.query.get(k) or request.query.get(alias)
+        if value:
+            out[k] = value
+    return out
+
+
+async def _audit(request: web.Request, action: str, who: str, **details: Any) -> None:
+    """An access event (PS3.15 / ATNA style: who, what, when, from where, which study)."""
+    plane = request.app[PLANE]
+    try:
+        await plane.io(plane.spool.audit_record, action, who=who, method=request.method,
+                       path=request.path, peer=request.remote or "", **details)
+    except FastrouteError as exc:   # the answer still goes out; the failure is logged
+        log.error("audit of %s %s by %s failed: %s", request.method, request.path, who, exc)
+
+
+async def _deny(request: web.Request, exc_class: type[web.HTTPException], message: str, hint: str,
+                who: str, reason: str) -> web.HTTPException:
+    plane = request.app[PLANE]
+    log.warning("refused %s %s from %s (%s): %s", request.method, request.path, request.remote, who, reason,
+                extra=fields(peer=request.remote))
+    if plane.denials.due((who, request.remote or "", request.method, request.path, reason), time.time()):
+        await _audit(request, "http_denied", who, why=reason, status=exc_class.status_code)
+    return _fail(exc_class, message, hint)
+
+
+async def _authenticate(request: web.Request) -> tuple[Principal | None, str]:
+    """Who sent this request, or None and why not ("" when it carried no credentials)."""
+    plane = request.app[PLANE]
+    auth = plane.auth
+    subject, fp = _peer_cert(request)
+    unmapped = ""
+    if subject or fp:
+        p = auth.by_cert(subject, fp)
+        if p is not None:
+            return p, ""
+        # a hospital certificate no user names: the request may still carry a token
+        unmapped = f"client certificate {subject or fp} is no configured user"
+    if auth.trusted_proxy(request.remote):
+        p = auth.by_proxy(request.headers)
+        if p is not None:
+            return p, ""
+        named = request.headers.get(auth.http.proxy_user_header) or request.headers.get(auth.http.proxy_cert_header)
+        if named:
+            return None, f"the proxy named {named[:80]!r}, who is no configured user"
+    elif request.headers.get(auth.http.proxy_user_header) or request.headers.get(auth.http.proxy_cert_header):
+        log.warning("ignored identity headers from %s: not in http.trusted_proxies", request.remote,
+                    extra=fields(peer=request.remote))
+    token = _bearer(request)
+    if token is None:
+        return None, unmapped
+    if not token:
+        return None, "malformed Authorization header (not Bearer)"
+    known = auth.by_token_cached(token)
+    if known is None and auth.hashed:
+        # An unknown token costs one scrypt per user: checked on a thread of its own (never more
+        # than one core, never the spool's pool) and, after a wrong one, not again from the same
+        # address for TOKEN_RETRY_DELAY, so guessing cannot eat the CPU the receive path needs.
+        now = time.monotonic()
+        remote = request.remote or ""
+        if now < plane.token_backoff.get(remote, 0.0):
+            return None, f"wrong bearer token (after a wrong token, this address waits {TOKEN_RETRY_DELAY:g} s)"
+        known = await asyncio.get_running_loop().run_in_executor(plane.hasher, auth.by_token, token)
+        if known is None:
+            if len(plane.token_backoff) > 10000:
+                plane.token_backoff = {k: t for k, t in plane.token_backoff.items() if t > now}
+            plane.token_backoff[remote] = time.monotonic() + TOKEN_RETRY_DELAY
+    if known is None:
+        return None, "wrong bearer token"
+    return known, ""
+
+
+def _cross_site(request: web.Request) -> bool:
+    """Whether a browser says this request comes from a page of another origin."""
+    if request.headers.get("Sec-Fetch-Site", "") == "cross-site":
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return origin == "null" or urllib.parse.urlsplit(origin).netloc != request.host
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Deny by default: every matched route but the :func:`public` ones needs the configured token."""
-    token = (request.app[PLANE].cfg.http or HttpConfig()).token
+    """Deny by default: every route's :data:`ACCESS` entry says the role it needs, checked here and
+    nowhere else; refusals and answered reads of patient data are audited."""
     info = request.match_info
-    if token and info.http_exception is None and not is_public(info.handler) \
-            and not isinstance(info.route.resource, web.StaticResource):
-        _check_token(request, token)
-    return await handler(request)
+    if info.http_exception is not None or isinstance(info.route.resource, web.StaticResource):
+        return await handler(request)
+    resource = info.route.resource
+    if resource is None:   # not a routed request (aiohttp's own answers): nothing to guard
+        return await handler(request)
+    canonical = resource.canonical
+    access = ACCESS[(request.method if request.method != "HEAD" else "GET", canonical)]
+    if access.role is None:
+        return await handler(request)
+    plane = request.app[PLANE]
+    principal, why = await _authenticate(request)
+    if principal is None:
+        if why and plane.auth.configured:
+            raise await _deny(request, web.HTTPUnauthorized, f"missing or wrong bearer token: {why}",
+                              "send 'Authorization: Bearer <your token>' (fastroute user add prints one)",
+                              "anonymous", why)
+        if not plane.auth.configured:
+            if access.role is Role.VIEWER and not access.phi:
+                principal = ANONYMOUS   # status without patient data stays open, as before users
+            elif access.phi:
+                raise await _deny(request, web.HTTPForbidden,
+                                  "patient data is not served: no users (and no http.token) are configured",
+                                  "configure http.users (fastroute user add NAME --role viewer)", "anonymous",
+                                  "patient data without users configured")
+            else:
+                raise await _deny(request, web.HTTPForbidden,
+                                  "mutating API calls are disabled because no token is configured",
+                                  "configure http.users (fastroute user add NAME --role operator); "
+                                  "the deprecated http.token also works", "anonymous",
+                                  "action without users configured")
+        else:
+            raise await _deny(request, web.HTTPUnauthorized, "missing or wrong bearer token: none was sent",
+                              "send 'Authorization: Bearer <your token>'", "anonymous", "no credentials")
+    elif principal.role is None or not principal.role.allows(access.role):
+        raise await _deny(request, web.HTTPForbidden,
+                          f"user {principal.name} ({principal.role}) may not do this: it needs {access.role}",
+                          "ask an admin for a user with that role", principal.name,
+                          f"role {principal.role} below {access.role}")
+    if principal.via is not Via.NONE:
+        if principal.via in (Via.CERT, Via.PROXY) and request.method == "POST" and _cross_site(request):
+            # a certificate or a proxy's session is sent by the browser on its own: a page of
+            # another site must not make it act (a bearer token is never sent that way)
+            raise await _deny(request, web.HTTPForbidden, "cross-site request refused",
+                              "call the API from the dashboard's own origin", principal.name,
+                              f"cross-site POST (Origin {request.headers.get('Origin', '')[:80]!r})")
+        if (principal.name, principal.via) not in plane.logged_in:
+            plane.logged_in.add((principal.name, principal.via))
+            await _audit(request, "http_login", principal.name, role=str(principal.role), via=str(principal.via),
+                         why=f"first request of {principal.name} by {principal.via} to this HTTP process")
+    request[PRINCIPAL] = principal
+    response = await handler(request)
+    if access.phi and response.status < 300 and plane.reads.due(
+            (principal.name, request.method, canonical, request.query_string,
+             *(f"{k}={v}" for k, v in info.items())), time.time()):
+        await _audit(request, "http_read", principal.name, via=str(principal.via), **_target(request))
+    return response
 
 
 def mutating(handler: Handler) -> Handler:
-    """Mark a handler as changing state: it needs the bearer token, and a configured one."""
-    @functools.wraps(handler)
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        http = request.app[PLANE].cfg.http or HttpConfig()
-        if not http.token:
-            raise _fail(web.HTTPForbidden, "mutating API calls are disabled because no token is configured",
-                        hint="set http.token in the configuration and send 'Authorization: Bearer <token>'")
-        _check_token(request, http.token)   # also checked by auth_middleware; kept should that change
-        return await handler(request)
-    guarded.mutating = True   # type: ignore[attr-defined]
-    return guarded
+    """Mark a handler as changing state (the role it needs is in :data:`ACCESS`)."""
+    handler.mutating = True   # type: ignore[attr-defined]
+    return handler
 
 
 async def _text(request: web.Request) -> str:
@@ -212,9 +406,13 @@ async def _yaml_body(request: web.Request) -> tuple[str | None, dict[str, Any]]:
 
 
 def _who(request: web.Request, body: dict[str, Any]) -> str:
-    """The operator named by the client (the token is shared), and where the call came from."""
-    named = str(body.get("who") or request.headers.get("X-Fastroute-Operator", "")).strip()
-    return f"{named} via http {request.remote}" if named else f"http {request.remote}"
+    """The user the call was authenticated as (the audit trail's ``who``). Only the deprecated
+    shared token lets the client add a name of its own, marked as such."""
+    principal: Principal = request.get(PRINCIPAL, ANONYMOUS)
+    if principal.name == LEGACY_USER:
+        named = str(body.get("who") or request.headers.get("X-Fastroute-Operator", "")).strip()
+        return f"{named} ({LEGACY_USER})" if named else LEGACY_USER
+    return principal.name
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int = 1, hi: int = 100000) -> int:
@@ -332,8 +530,18 @@ async def get_status(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
     data = await plane.io(ops.status, plane.cfg, plane.spool)
     data.update(version=__version__, source=plane.cfg.source, alerts=plane.alerts.snapshot(),
-                http_started=plane.started, token_configured=bool((plane.cfg.http or HttpConfig()).token))
+                http_started=plane.started, token_configured=plane.auth.configured)
     return _json(data)
+
+
+async def get_whoami(request: web.Request) -> web.Response:
+    """Who the dashboard is logged in as, and what that role may do (it hides the rest)."""
+    principal: Principal = request.get(PRINCIPAL, ANONYMOUS)
+    role = principal.role
+    return _json({"user": principal.name, "role": str(role) if role else None, "via": str(principal.via),
+                  "can": {"read": role is not None,
+                          "act": role is not None and role.allows(Role.OPERATOR),
+                          "configure": role is not None and role.allows(Role.ADMIN)}})
 
 
 async def get_queues(request: web.Request) -> web.Response:
@@ -509,6 +717,115 @@ async def post_send_now(request: web.Request) -> web.Response:
                                 who=_who(request, body), why=str(body.get("why", ""))))
 
 
+# -- migrations (issue 13): the REST mirror of `fastroute migrate` -------------------------------
+
+async def get_migrations(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    return _json({"migrations": await plane.io(mig.list_jobs, plane.spool)})
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    """A job's status, with its failed studies and their reasons (what the dashboard shows)."""
+    plane = request.app[PLANE]
+    name = request.match_info["name"]
+    doc = await plane.io(mig.status, plane.spool, name)
+    doc["failures"] = await plane.io(mig.failures, plane.spool, name, _int_param(request, "limit", 50, hi=1000))
+    return _json(doc)
+
+
+async def get_migration_report(request: web.Request) -> web.StreamResponse:
+    """One row per study, streamed in chunks read on the pool: never the whole report in memory."""
+    plane = request.app[PLANE]
+    name = request.match_info["name"]
+    fmt = request.query.get("format", "csv")
+    chunks = _Serial(await plane.io(mig.report_chunks, plane.spool, name, fmt))   # 404/400 before any byte
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/json; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{name}-report.{fmt}"'})
+    try:
+        await resp.prepare(request)
+        while (chunk := await plane.io(chunks.next)) is not None:
+            await resp.write(chunk.encode("utf-8"))
+        await resp.write_eof()
+    except ConnectionResetError:   # the client left mid-report: nothing to answer
+        log.info("migration %s: report to %s stopped, the client went away", name, request.remote,
+                 extra=fields(peer=request.remote))
+    finally:   # end its read transaction now, on the pool, not whenever the generator is collected
+        await plane.io(chunks.close)
+    return resp
+
+
+class _Serial:
+    """A generator driven from pool threads: a handler cancelled (client gone) while one thread
+    runs ``next`` must not ``close`` it from another at the same time ("generator already
+    executing"), so both take one lock."""
+
+    def __init__(self, gen: Generator[str, None, None]) -> None:
+        self.gen = gen
+        self.lock = threading.Lock()
+
+    def next(self) -> str | None:
+        with self.lock:
+            return next(self.gen, None)
+
+    def close(self) -> None:
+        with self.lock:
+            self.gen.close()
+
+
+def _strings(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ops.BadRequest(f"'{key}' must be a string or a list of strings")
+    return value
+
+
+@mutating
+async def post_migration_start(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    query = body.get("query") or {}
+    if not isinstance(query, (dict, list)) or (isinstance(query, list) and not all(isinstance(q, str) for q in query)):
+        raise ops.BadRequest("'query' must be an object of STUDY-level keys or a list of KEY=VALUE strings")
+    verify = body.get("verify", True)
+    if not isinstance(verify, bool):
+        raise ops.BadRequest("'verify' must be true or false")
+    for key in ("source", "name", "rate", "why"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ops.BadRequest(f"'{key}' must be a string")
+    if not body.get("source"):
+        raise ops.BadRequest("'source' is required: a key of the configuration's 'sources:'")
+    result = await plane.io(mig.start, plane.cfg, plane.spool, source=str(body["source"]),
+                            destinations=_strings(body, "destinations") or _strings(body, "to"),
+                            name=str(body.get("name") or ""), query=query, studies=_strings(body, "studies"),
+                            rate=str(body["rate"]) if body.get("rate") not in (None, "") else None,
+                            windows=_strings(body, "windows"), verify=verify, who=_who(request, body),
+                            why=str(body.get("why", "")))
+    return _json(result, status=201)
+
+
+def _migration_action(verb: str) -> Handler:
+    @mutating
+    async def handler(request: web.Request) -> web.Response:
+        plane = request.app[PLANE]
+        body = await _body(request)
+        return _json(await plane.io(getattr(mig, verb), plane.spool, request.match_info["name"],
+                                    who=_who(request, body), why=str(body.get("why", ""))))
+    handler.__name__ = f"post_migration_{verb}"
+    return handler
+
+
+post_migration_pause = _migration_action("pause")
+post_migration_resume = _migration_action("resume")
+post_migration_cancel = _migration_action("cancel")
+post_migration_retry = _migration_action("retry")
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/", index),
     ("GET", "/healthz", healthz),
@@ -534,7 +851,63 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/queues/{destination}/resume", post_resume),
     ("POST", "/api/studies/{study_instance_uid}/retry", post_study_retry),
     ("POST", "/api/destinations/{destination}/send-now", post_send_now),
+    ("GET", "/api/migrations", get_migrations),
+    ("GET", "/api/migrations/{name}", get_migration),
+    ("GET", "/api/migrations/{name}/report", get_migration_report),
+    ("POST", "/api/migrations", post_migration_start),
+    ("POST", "/api/migrations/{name}/pause", post_migration_pause),
+    ("POST", "/api/migrations/{name}/resume", post_migration_resume),
+    ("POST", "/api/migrations/{name}/cancel", post_migration_cancel),
+    ("POST", "/api/migrations/{name}/retry", post_migration_retry),
+    ("GET", "/api/whoami", get_whoami),
 )
+
+# What each route needs, declared once (auth_middleware enforces it, openapi_spec publishes it as
+# x-required-role): reads of patient data need a viewer and are audited, actions an operator,
+# configuration an admin. A route missing here fails at import, so none can be added unguarded.
+ACCESS: dict[tuple[str, str], Access] = {
+    ("GET", "/"): PUBLIC,
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/static/{filename}"): PUBLIC,     # the dashboard's assets (add_static, not in ROUTES)
+    ("GET", "/api/status"): VIEW,
+    ("GET", "/api/queues"): VIEW,
+    ("GET", "/api/queues/{destination}"): VIEW,
+    ("GET", "/api/queues/{destination}/entries"): VIEW_PHI,
+    ("GET", "/api/failures"): VIEW_PHI,
+    ("GET", "/api/throughput"): VIEW,
+    ("GET", "/api/alerts"): VIEW,
+    ("GET", "/api/lookup"): VIEW_PHI,
+    ("GET", "/api/studies/{study_instance_uid}"): VIEW_PHI,
+    ("GET", "/api/objects/{oid}"): VIEW_PHI,
+    ("GET", "/api/audit"): ADMIN_PHI,         # who read which patient's data: a security officer's view
+    ("GET", "/api/audit/verify"): VIEW,
+    ("POST", "/api/config/validate"): ADMINISTER,
+    ("POST", "/api/config/reload"): ADMINISTER,
+    ("POST", "/api/queues/{destination}/retry"): OPERATE,
+    ("POST", "/api/queues/{destination}/purge"): OPERATE,
+    ("POST", "/api/queues/{destination}/pause"): OPERATE,
+    ("POST", "/api/queues/{destination}/resume"): OPERATE,
+    ("POST", "/api/studies/{study_instance_uid}/retry"): OPERATE,
+    ("POST", "/api/destinations/{destination}/send-now"): OPERATE,
+    ("GET", "/api/migrations"): VIEW,
+    ("GET", "/api/migrations/{name}"): VIEW_PHI,          # failed studies with patient ids
+    ("GET", "/api/migrations/{name}/report"): VIEW_PHI,
+    ("POST", "/api/migrations"): OPERATE,
+    ("POST", "/api/migrations/{name}/pause"): OPERATE,
+    ("POST", "/api/migrations/{name}/resume"): OPERATE,
+    ("POST", "/api/migrations/{name}/cancel"): OPERATE,
+    ("POST", "/api/migrations/{name}/retry"): OPERATE,
+    ("GET", "/api/whoami"): VIEW,
+}
+_routes = {(m, p) for m, p, _ in ROUTES} | {("GET", "/static/{filename}")}
+if set(ACCESS) != _routes:   # not an assert: it must hold under python -O too
+    raise RuntimeError(f"ACCESS and ROUTES differ: {sorted(set(ACCESS) ^ _routes)}")
+for _m, _p, _h in ROUTES:
+    if is_public(_h) != (ACCESS[(_m, _p)].role is None) or \
+            getattr(_h, "mutating", False) != (_m == "POST" and _p != "/api/config/validate"):
+        raise RuntimeError(f"{_m} {_p}: its handler's marks disagree with ACCESS")
 
 
 def make_app(cfg: Config, spool: Spool, config_path: str | None, *,
@@ -543,10 +916,13 @@ def make_app(cfg: Config, spool: Spool, config_path: str | None, *,
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
     plane = Plane(cfg, spool, config_path, monitor_interval)
     http = cfg.http or HttpConfig()
-    if not http.token:
-        log.warning("http: no http.token configured: patient data (lookups, studies, objects, queue entries, "
-                    "failures) and the audit trail are served WITHOUT authentication to anyone who can reach "
-                    "%s:%d, and mutating calls are refused (403); set http.token", http.host, http.port)
+    if not plane.auth.configured:
+        log.warning("http: no http.users configured: patient data (lookups, studies, objects, queue entries, "
+                    "failures) and the audit trail are served to NO ONE, and actions are refused (403); status "
+                    "stays open on %s:%d; configure http.users (fastroute user add)", http.host, http.port)
+    if http.token:
+        log.warning("http: http.token is deprecated: it acts as the admin user %r, shared by everyone who "
+                    "has it; give each person a user of their own (http.users, fastroute user add)", LEGACY_USER)
     app[PLANE] = plane
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
@@ -564,6 +940,7 @@ def make_app(cfg: Config, spool: Spool, config_path: str | None, *,
         if plane.webhook is not None:
             await plane.webhook.close()
         plane.pool.shutdown(wait=True)   # no spool read may outlive the app
+        plane.hasher.shutdown(wait=True)
 
     app.cleanup_ctx.append(background)
     return app
@@ -582,17 +959,15 @@ def _ref(name: str) -> dict[str, Any]:
 
 
 def _op(summary: str, *, returns: dict[str, Any], params: tuple[dict[str, Any], ...] = (),
-        body: dict[str, Any] | None = None, auth: bool = False, ok: str = "application/json",
-        extra: dict[str, str] | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
+        body: dict[str, Any] | None = None, ok: str = "application/json",
+        extra: dict[str, str] | None = None, also: tuple[str, ...] = (), ok_status: str = "200") -> dict[str, Any]:
     """One operation; ``returns`` is the schema of its 200 body (the suite validates real
     responses against it), ``also`` more content types of that body (plain text)."""
     content = {ok: {"schema": returns}, **{t: {"schema": {"type": "string"}} for t in also}}
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    responses: dict[str, Any] = {ok_status: {"description": "OK", "content": content}}
     for code, text in (extra or {}).items():
         responses[code] = {"description": text, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Error"}}}}
-    if auth:
-        responses["403"] = {"description": "no http.token configured: mutating calls are disabled"}
     op: dict[str, Any] = {"summary": summary, "parameters": list(params), "responses": responses}
     if body is not None:
         op["requestBody"] = body
@@ -627,6 +1002,29 @@ def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None, *,
 
 def _array(items: dict[str, Any]) -> dict[str, Any]:
     return {"type": "array", "items": items}
+
+
+def _migration_schemas() -> dict[str, Any]:
+    """A job's status (the keys ``migrate status --json`` prints) and a report row."""
+    job = {"name": _S, "state": {"type": "string", "enum": sorted(mig.JobState)}, "studies_total": _I,
+           "studies_verified": _I, "studies_failed": _I, "instances_expected": _I, "instances_received": _I,
+           "instances_delivered": _I, "rate": _N, "eta_s": _NN}
+    more = {"source": _S, "destinations": _array(_S), "studies_done": _I,
+            "studies_by_state": {"type": "object", "additionalProperties": _I}, "error": _S, "created_at": _N,
+            "updated_at": _N, "instances_found": _I, "conflicts": _I, "inventory_done": _B, "verify": _B,
+            "windows": _array(_S), "rate_limit": _S, "query": {"type": "object", "additionalProperties": _S},
+            "studies_listed": _I, "inventory_notes": _array(_S)}
+    row = {"study_instance_uid": _S, "patient_id": _S, "accession_number": _S, "study_date": _S,
+           "modalities": _S, "source_instances": _NI, "received": _I, "delivered": _I,
+           "found_at_destination": _NI, "state": {"type": "string", "enum": sorted(mig.StudyState)}, "reason": _S}
+    return {
+        "Migration": _obj(job, more, closed=False),
+        "Migrations": _obj({"migrations": _array(_ref("Migration"))}),
+        "MigrationDetail": _obj({**job, "failures": _array(_ref("MigrationReportRow"))}, more, closed=False),
+        "MigrationRetried": _obj({**job, "retried": _I}, more, closed=False),
+        "MigrationReportRow": _obj(row),
+        "MigrationReport": _array(_ref("MigrationReportRow")),
+    }
 
 
 def _response_schemas() -> dict[str, Any]:
@@ -690,6 +1088,8 @@ def _response_schemas() -> dict[str, Any]:
             {"seq": _I, "time": _N, "action": _S, "prev": _S, "hash": _S},
             {"who": _S, "why": _S}, closed=False))}),
         "AuditVerify": _obj({"ok": _B, "detail": _S}),
+        "WhoAmI": _obj({"user": _S, "role": {"type": "string", "nullable": True, "enum": [*Role, None]},
+                        "via": _S, "can": _obj({"read": _B, "act": _B, "configure": _B})}),
         "ConfigValidation": _obj({"valid": _B, "errors": _array({"type": "object"})},
                                  {"summary": _obj({"destinations": _array(_S), "rules": _array(_S),
                                                    "default": _array(_S)})}),
@@ -697,6 +1097,7 @@ def _response_schemas() -> dict[str, Any]:
         "Retried": _obj({"retried": counts, "count": _I}),
         "Purged": _obj({"destination": _S, "states": _array(_S), "purged": _array(_I), "count": _I}),
         "Paused": _obj({"destination": _S, "paused": _B}, {"note": _S}),
+        **_migration_schemas(),
         "SendNow": _obj({"destinations": _array(_obj(
             {"destination": _S, "made_due": _I, "paused": _B, "was": _S, "consecutive_failures": _I},
             {"note": _S})), "made_due": _I}),
@@ -707,6 +1108,7 @@ def openapi_spec() -> dict[str, Any]:
     """The OpenAPI 3 description of every route (a test holds it equal to the router)."""
     dest = _param("destination", "path", "destination name ('unrouted' for objects no rule routed)")
     study = _param("study_instance_uid", "path", "Study Instance UID")
+    job = _param("name", "path", "migration job name")
     why = {"type": "string", "description": "recorded in the audit trail"}
     who = {"type": "string", "description": "operator name recorded in the audit trail "
                                             "(or header X-Fastroute-Operator)"}
@@ -761,45 +1163,97 @@ def openapi_spec() -> dict[str, Any]:
         "/api/config/reload": {"post": _op(
             "Validate the configuration file (or the posted text, then written atomically to it), audit the "
             "change with a diff, and signal the supervisor (SIGHUP); a bad configuration is rejected and the "
-            "running one kept", returns=_ref("Reload"), body=yaml_body, auth=True,
+            "running one kept", returns=_ref("Reload"), body=yaml_body,
             extra={"409": "no supervisor running, or no configuration file", "422": "invalid configuration"})},
         "/api/queues/{destination}/retry": {"post": _op(
             "Queue a destination's failed objects again (all, some oids, or one study's)", returns=_ref("Retried"), params=(dest,),
-            auth=True, extra=bad,
+            extra=bad,
             body=_json_body({"oids": oids, "study_instance_uid": {"type": "string"}, "why": why, "who": who}))},
         "/api/queues/{destination}/purge": {"post": _op(
             "Remove queue entries for good (explicit states and a reason are required; audited)", returns=_ref("Purged"), params=(dest,),
-            auth=True, extra=bad, body=_json_body({
+            extra=bad, body=_json_body({
                 "states": {"type": "array", "items": {"enum": sorted(ops.STATES)}},
                 "reason": why, "oids": oids, "study_instance_uid": {"type": "string"}, "who": who},
                 required=("states", "reason")))},
         "/api/queues/{destination}/pause": {"post": _op(
-            "Pause sending to a destination (its queue keeps filling)", returns=_ref("Paused"), params=(dest,), auth=True, extra=bad,
+            "Pause sending to a destination (its queue keeps filling)", returns=_ref("Paused"), params=(dest,), extra=bad,
             body=_json_body({"why": why, "who": who}))},
         "/api/queues/{destination}/resume": {"post": _op(
-            "Resume sending to a destination and wake its sender (its backoff ends: it tries at once)", returns=_ref("Paused"), params=(dest,), auth=True, extra=bad,
+            "Resume sending to a destination and wake its sender (its backoff ends: it tries at once)", returns=_ref("Paused"), params=(dest,), extra=bad,
             body=_json_body({"why": why, "who": who}))},
         "/api/destinations/{destination}/send-now": {"post": _op(
             "End a destination's backoff now: its pending objects waiting out a retry delay become due, "
-            "its sender forgets its failure streak and is woken (audited)", returns=_ref("SendNow"), params=(dest,), auth=True,
+            "its sender forgets its failure streak and is woken (audited)", returns=_ref("SendNow"), params=(dest,),
             extra=bad, body=_json_body({"why": why, "who": who}))},
         "/api/studies/{study_instance_uid}/retry": {"post": _op(
-            "Queue a study's failed objects again (every destination, or one)", returns=_ref("Retried"), params=(study,), auth=True,
+            "Queue a study's failed objects again (every destination, or one)", returns=_ref("Retried"), params=(study,),
             extra=bad, body=_json_body({"destination": {"type": "string"}, "why": why, "who": who}))},
+        "/api/migrations": {
+            "get": _op("Every migration job: state, studies, instances, rate and ETA", returns=_ref("Migrations")),
+            "post": _op("Start a migration job (as `fastroute migrate start`); it is created in state inventory",
+                        returns=_ref("Migration"), ok_status="201",
+                        extra={"400": "bad query key, rate, window or study list",
+                               "404": "unknown source or destination", "409": "a job of that name exists"},
+                        body=_json_body({
+                            "source": {"type": "string", "description": "a key of 'sources:'"},
+                            "destinations": {"type": "array", "items": {"type": "string"}},
+                            "name": {"type": "string", "description": "default <source>-<yyyymmdd-hhmmss>"},
+                            "query": {"type": "object", "additionalProperties": {"type": "string"},
+                                      "description": "STUDY-level C-FIND keys, e.g. {\"StudyDate\": \"2019\"}"},
+                            "studies": {"type": "array", "items": {"type": "string"},
+                                        "description": "Study Instance UIDs or Accession Numbers"},
+                            "rate": {"type": "string", "description": "N/h studies per hour or N/s instances per second"},
+                            "windows": {"type": "array", "items": {"type": "string"},
+                                        "description": "HH:MM-HH:MM local time ('sat,sun 00:00-24:00')"},
+                            "verify": {"type": "boolean", "default": True}, "why": why, "who": who},
+                            required=("source", "destinations")))},
+        "/api/migrations/{name}": {"get": _op(
+            "One job's status and its failed studies with their reasons", returns=_ref("MigrationDetail"),
+            params=(job, _param("limit", schema={"type": "integer", "default": 50})), extra={"404": "unknown job"})},
+        "/api/migrations/{name}/report": {"get": _op(
+            "One row per study (streamed): CSV with a header row (default) or a JSON list",
+            returns=_ref("MigrationReport"), also=("text/csv",), params=(
+                job, _param("format", description="csv (default) or json")),
+            extra={"400": "unknown format", "404": "unknown job"})},
+        "/api/migrations/{name}/pause": {"post": _op(
+            "Pause a job (audited)", returns=_ref("Migration"), params=(job,),
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
+        "/api/migrations/{name}/resume": {"post": _op(
+            "Resume a paused job (audited)", returns=_ref("Migration"), params=(job,),
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
+        "/api/migrations/{name}/cancel": {"post": _op(
+            "Cancel a job; its studies keep their states for the report (audited)", returns=_ref("Migration"), params=(job,),
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
+        "/api/migrations/{name}/retry": {"post": _op(
+            "Failed and incomplete studies of a job again (audited)", returns=_ref("MigrationRetried"), params=(job,),
+            extra={"404": "unknown job", "409": "not possible in the job's state"},
+            body=_json_body({"why": why, "who": who}))},
     }
-    for method, path, handler in ROUTES:   # the same rule as auth_middleware, so the two cannot drift
-        if not is_public(handler):
-            op = paths[path][method.lower()]
-            op["security"] = [{"bearerAuth": []}]
-            op["responses"]["401"] = {"description": "missing or wrong bearer token (when http.token is set)"}
+    paths["/api/whoami"] = {"get": _op("The user this request is authenticated as, its role and what it may do",
+                                       returns=_ref("WhoAmI"))}
+    for (method, path), access in ACCESS.items():   # the table auth_middleware enforces
+        paths[path][method.lower()]["x-required-role"] = str(access.role) if access.role else "none"
+        if access.role is None:
+            continue
+        op = paths[path][method.lower()]
+        op["security"] = [{"bearerAuth": []}]
+        op["x-patient-data"] = access.phi
+        op["responses"]["401"] = {"description": "missing or wrong credentials"}
+        op["responses"]["403"] = {"description": f"the user's role is below {access.role}"
+                                  + ("" if access.role is Role.VIEWER and not access.phi
+                                     else ", or no users are configured")}
     return {
         "openapi": "3.0.3",
         "info": {"title": "fastroute management API", "version": __version__,
-                 "description": "With http.token configured, every call marked with bearerAuth needs "
-                                "'Authorization: Bearer <http.token>' (they return patient data, the audit trail "
-                                "or change state); without it reads are open and mutating calls are refused "
-                                "with 403. Malformed requests get 400 (413 beyond the body limit) with a JSON "
-                                "error."},
+                 "description": "Every call marked with bearerAuth needs a user (http.users): "
+                                "'Authorization: Bearer <token>', a client certificate (HTTPS), or a trusted "
+                                "proxy's identity header; x-required-role names the least role (viewer < operator "
+                                "< admin). Calls with x-patient-data are audited and, without users configured, "
+                                "refused (403), like every action. Malformed requests get 400 (413 beyond the "
+                                "body limit) with a JSON error."},
         "paths": paths,
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
@@ -814,6 +1268,21 @@ def openapi_spec() -> dict[str, Any]:
 
 # -- process entry point ------------------------------------------------------------------------
 
+def https_context(http: HttpConfig) -> ssl.SSLContext | None:
+    """The HTTPS server context of ``http.tls``, or None for plain HTTP: the same BCP 195 profile
+    as the DICOM TLS listener (TLS 1.2 at least). With a ``ca``, client certificates are asked for
+    (required with ``require_client_cert``), verified against it, and name the user
+    (``http.users.NAME.cert_subject`` / ``cert_fingerprint``). Raises TlsSetupError naming the file."""
+    if http.tls is None:
+        return None
+    return tls.server_context(http_tls_as_listener(http.tls))
+
+
+def http_tls_as_listener(t: HttpTlsConfig) -> TlsListenerConfig:
+    """``http.tls`` in the listener's terms, so both share one context builder and one check."""
+    return TlsListenerConfig(cert=t.cert, key=t.key, ca=t.ca, require_client_cert=t.require_client_cert)
+
+
 async def _serve(cfg: Config, config_path: str | None) -> int:
     http = cfg.http or HttpConfig()
     spool = open_spool(cfg)
@@ -821,13 +1290,20 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         runner = web.AppRunner(make_app(cfg, spool, config_path), access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            await web.TCPSite(runner, http.host, http.port).start()
+            context = https_context(http)
+        except tls.TlsSetupError as exc:
+            log.error("http: cannot set up HTTPS (http.tls): %s", exc)
+            await runner.cleanup()
+            return 1
+        try:
+            await web.TCPSite(runner, http.host, http.port, ssl_context=context).start()
         except OSError as exc:
             log.error("http: cannot listen on %s:%d: %s (hint: change http.port or stop what uses it)",
                       http.host, http.port, exc)
             await runner.cleanup()
             return 1   # the management plane never stops the data plane: restarted with backoff
-        log.info("http: dashboard and API on http://%s:%d/ (metrics at /metrics)", http.host, http.port)
+        log.info("http: dashboard and API on %s://%s:%d/ (metrics at /metrics)",
+                 "https" if context else "http", http.host, http.port)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
@@ -858,4 +1334,4 @@ def http_main(cfg: Config, config_path: str | None) -> None:
         sys.exit(code)
 
 
-__all__ = ["make_app", "http_main", "openapi_spec", "ROUTES", "PLANE", "Plane"]
+__all__ = ["make_app", "http_main", "openapi_spec", "https_context", "http_tls_as_listener", "ROUTES", "ACCESS", "Access", "PLANE", "Plane"]

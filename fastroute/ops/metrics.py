@@ -27,8 +27,10 @@ from fastroute.config import Config
 from fastroute.dicom.status import meaning
 from fastroute.ops.actions import DestinationStatus, destination_status, display_name
 from fastroute.ops.alerts import AlertBook
+from fastroute.ops.migrations import jobs_of
 from fastroute.spool import CounterKey, CounterKind, Counters, Spool
 from fastroute.spool.counters import LATENCY_BUCKETS, FailureCause
+from fastroute.spool.jobs import JobState, StudyState
 
 # Failures without a DICOM status, by cause (the ``status`` label then holds the cause).
 _CAUSES: dict[str, str] = {
@@ -98,6 +100,7 @@ class SpoolCollector(Collector):
         yield self._latency(counters)
         yield from self._queues(queues, counters)
         yield from self._usage()
+        yield from self._migrations()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
 
@@ -244,6 +247,38 @@ class SpoolCollector(Collector):
                                   "Free-space floor below which new objects are refused (0xA700)")
         floor.add_metric([], float(self.cfg.min_free_bytes))
         yield floor
+
+    def _migrations(self) -> Iterator[Metric]:
+        """Per migration job, from its record's totals (no inventory scan per scrape). Every
+        study state is seeded at zero so that a sum over states is the job's total. The job's
+        label is ``migration``, not ``job``: Prometheus sets ``job`` on every scraped series
+        itself and would rename ours to ``exported_job``."""
+        studies = GaugeMetricFamily("fastroute_migration_studies", "Studies of a migration job, by state",
+                                    labels=["migration", "state"])
+        instances = GaugeMetricFamily("fastroute_migration_instances", "Instances of a migration job: expected "
+                                      "(listed at the source), received (spooled), delivered (to every "
+                                      "destination)", labels=["migration", "kind"])
+        rate = GaugeMetricFamily("fastroute_migration_rate", "Instances received per second over the last "
+                                 "minute", labels=["migration"])
+        eta = GaugeMetricFamily("fastroute_migration_eta_seconds", "Estimated seconds to the end of the job "
+                                "(absent while unknown)", labels=["migration"])
+        state = GaugeMetricFamily("fastroute_migration_state", "Always 1, one series per job: its current state "
+                                  f"in the label ({', '.join(JobState)})", labels=["migration", "state"])
+        jobs = jobs_of(self.spool)
+        for name in jobs.names():
+            st = jobs.status(name)
+            by_state = {s.value: 0 for s in StudyState}
+            by_state.update(st.studies_by_state)
+            for key, value in sorted(by_state.items()):
+                studies.add_metric([name, key], float(value))
+            for kind, value in (("expected", st.instances_expected), ("received", st.instances_received),
+                                ("delivered", st.instances_delivered)):
+                instances.add_metric([name, kind], float(value))
+            rate.add_metric([name], float(st.rate))
+            if st.eta_s is not None:
+                eta.add_metric([name], float(st.eta_s))
+            state.add_metric([name, str(st.state)], 1.0)
+        yield from (studies, instances, rate, eta, state)
 
     @staticmethod
     def _alerts(book: AlertBook) -> Metric:

@@ -177,7 +177,9 @@ class Spool:
             return [exc for _ in items]
         try:
             with self.env.begin(write=True) as txn:
-                return [self.queues.put(txn, item, now) for item in items]
+                results: list[PutResult | BaseException] = [self.queues.put(txn, item, now) for item in items]
+                self.audit.append_receipts(txn, items, results, now)   # per study, not per object
+                return results
         except lmdb.MapFullError:
             if len(items) == 1:
                 return [SpoolFullError(f"spool {self.path} is full (spool_max_bytes reached)")]

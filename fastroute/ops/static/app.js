@@ -55,8 +55,27 @@ function authHeaders(extra) {
   return headers;
 }
 
-const TOKEN_NEEDED = "This router requires its API token (http.token) to show patient data: enter it in the token field at the top right.";
-const TOKEN_WRONG = "The API token entered was refused: check it against http.token and enter it again.";
+const TOKEN_NEEDED = "This router requires your API token (a login) to show patient data: enter it in the token field at the top right.";
+const TOKEN_WRONG = "The API token entered was refused: check it (fastroute user add prints one) and enter it again.";
+
+// Who is logged in, and what that role may do: actions the role cannot do are hidden (the API
+// refuses them anyway; hiding them only spares the operator a 403).
+async function whoami() {
+  const box = document.getElementById("whoami");
+  try {
+    const resp = await fetch("/api/whoami", { cache: "no-store", headers: authHeaders() });
+    const me = resp.ok ? await resp.json() : null;
+    const role = me && me.role;
+    box.textContent = role ? `${me.user} (${role})` : "not logged in";
+    document.getElementById("logout").hidden = !tokenInput.value;
+    document.body.classList.toggle("can-act", !!(me && me.can.act));
+    document.body.classList.toggle("can-configure", !!(me && me.can.configure));
+    document.body.dataset.role = role || "";
+  } catch (err) {
+    box.textContent = "not logged in";
+    document.body.classList.remove("can-act", "can-configure");
+  }
+}
 
 function authMessage() { return tokenInput.value ? TOKEN_WRONG : TOKEN_NEEDED; }
 
@@ -88,8 +107,15 @@ tokenInput.addEventListener("change", () => {
   if (tokenInput.value === appliedToken) return;   // a second change event on blur: nothing new
   appliedToken = tokenInput.value;
   sessionStorage.setItem("fastroute-token", tokenInput.value);
-  refresh();
-  route();   // a study link opened before the token was entered
+  whoami().then(() => {
+    refresh();
+    route();   // a study link opened before the token was entered
+  });
+});
+// Log out: forget the token in this tab (the API keeps no session to end).
+document.getElementById("logout").addEventListener("click", () => {
+  tokenInput.value = "";
+  tokenInput.dispatchEvent(new Event("change"));
 });
 
 // Each action answers with a sentence an operator can read, built from the API's JSON.
@@ -514,11 +540,72 @@ function markUnreachable(err) {
   document.getElementById("updated").textContent = `unreachable since ${unreachableSince.toLocaleTimeString()}`;
 }
 
+// -- migrations (issue 13): progress, rate, ETA, failures with reasons, pause/resume -------------
+
+const JOB_TEXT = { inventory: "inventory", running: "running", paused: "paused", "waiting-window": "waiting for its window",
+                   done: "done", "done-with-errors": "done with errors", cancelled: "cancelled" };
+const JOB_FINAL = new Set(["done", "done-with-errors", "cancelled"]);
+
+function jobActions(j) {
+  const name = encodeURIComponent(j.name);
+  if (j.state === "paused") {
+    return el("button", { class: "resume", onclick: () => act(`/api/migrations/${name}/resume`, { why: "dashboard" },
+      (d) => `Migration ${j.name} resumed: ${JOB_TEXT[d.state] || d.state}.`) }, "resume");
+  }
+  if (JOB_FINAL.has(j.state)) return "";
+  return el("button", { class: "pause", onclick: () => act(`/api/migrations/${name}/pause`, { why: "dashboard" },
+    () => `Migration ${j.name} paused: nothing more is retrieved until it is resumed.`) }, "pause");
+}
+
+function renderMigrations(jobs, details) {
+  document.getElementById("migrations-card").hidden = !jobs.length;
+  const body = document.querySelector("#migrations tbody");
+  body.replaceChildren(...jobs.map((j) => {
+    const done = j.studies_done !== undefined ? j.studies_done : j.studies_verified + j.studies_failed;
+    const share = j.studies_total ? done / j.studies_total : 0;
+    return el("tr", { "data-job": j.name },
+      el("td", { class: "name" }, j.name, el("div", { class: "muted" },
+        `${j.source || "?"} → ${(j.destinations || []).join(", ")}`)),
+      el("td", { class: "state" }, el("span", { class: `badge ${j.state}` }, JOB_TEXT[j.state] || j.state),
+        j.error ? el("div", { class: "muted error-text" }, j.error) : ""),
+      el("td", { class: "progress" },
+        el("div", { class: "bar" }, el("div", { style: `width:${(100 * share).toFixed(1)}%` })),
+        el("div", { class: "muted" }, `${j.instances_received} of ${j.instances_expected} instances received, ` +
+          `${j.instances_delivered} delivered`)),
+      el("td", { class: "num studies" }, `${done} / ${j.studies_total}`),
+      el("td", { class: "num failed-count" + (j.studies_failed ? "" : " zero") }, j.studies_failed),
+      el("td", { class: "num rate" }, Number(j.rate || 0).toFixed(1)),
+      el("td", { class: "num eta" }, JOB_FINAL.has(j.state) ? "–" : age(j.eta_s)),
+      el("td", { class: "actions" }, jobActions(j)));
+  }));
+  labelCells(document.getElementById("migrations"));
+  document.getElementById("migration-failures").replaceChildren(...details.filter((d) => d.failures.length).map((d) =>
+    el("div", { class: "migration-failures", "data-job": d.name },
+      el("h3", {}, `${d.name}: ${plural(d.studies_failed, "failed study", "failed studies")}`,
+        d.failures.length < d.studies_failed ? el("span", { class: "muted" }, ` (first ${d.failures.length}; ` +
+          "the report lists all)") : ""),
+      el("div", { class: "scroll" }, el("table", {},
+        el("thead", {}, el("tr", {}, el("th", {}, "study"), el("th", {}, "patient"), el("th", {}, "accession"),
+          el("th", { class: "num" }, "source"), el("th", { class: "num" }, "found"), el("th", {}, "reason"))),
+        el("tbody", {}, d.failures.map((f) => el("tr", { "data-study": f.study_instance_uid },
+          el("td", { class: "uid" }, f.study_instance_uid), el("td", {}, f.patient_id), el("td", {}, f.accession_number),
+          el("td", { class: "num" }, f.source_instances === null ? "–" : f.source_instances),
+          el("td", { class: "num" }, f.found_at_destination === null ? "–" : f.found_at_destination),
+          el("td", { class: "error-text reason" }, f.reason || "–")))))))));
+}
+
+async function fetchMigrations() {
+  const jobs = (await getJSON("/api/migrations")).migrations;
+  const details = await Promise.all(jobs.filter((j) => j.studies_failed > 0).map((j) =>
+    getJSON(`/api/migrations/${encodeURIComponent(j.name)}?limit=20`)));
+  return [jobs, details];
+}
+
 async function refresh() {
   clearTimeout(timer);
   try {
-    const [status, raw, failures] = await Promise.all([
-      getJSON("/api/status"), getJSON("/api/throughput"), getJSON("/api/failures?limit=25")]);
+    const [status, raw, failures, migrations] = await Promise.all([
+      getJSON("/api/status"), getJSON("/api/throughput"), getJSON("/api/failures?limit=25"), fetchMigrations()]);
     const series = mergeHistory(raw);
     const l = status.listener;
     document.getElementById("listener").textContent =
@@ -527,6 +614,7 @@ async function refresh() {
     renderDestinations(status.destinations, series);
     renderUsage(status);
     renderFailures(failures.failures);
+    renderMigrations(...migrations);
     drawChart(series);
     markReachable();
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
@@ -542,4 +630,4 @@ async function refresh() {
   timer = setTimeout(refresh, POLL_MS);
 }
 
-detectSendNow().finally(() => { refresh(); route(); });
+Promise.all([detectSendNow(), whoami()]).finally(() => { refresh(); route(); });
