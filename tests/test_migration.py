@@ -334,12 +334,14 @@ def fake_archive() -> Iterator[Callable[..., qrpeers.FakeArchive]]:
         pacs.stop()
 
 
+@pytest.mark.parametrize("uid_lists", ["matched", "ignored"])
 def test_busy_source_is_backed_off_then_a_failed_list_is_fetched_again_alone(
-        router: Callable[..., Router], orthanc: peers.Orthanc,
+        uid_lists: str, router: Callable[..., Router], orthanc: peers.Orthanc,
         fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
     files = synth_study(n_instances=6, tiny=True)
     r = router(config(orthanc, {}), start=False)
-    pacs = fake_archive(ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)})
+    pacs = fake_archive(ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)},
+                        ignore_uid_lists=uid_lists == "ignored")
     pacs.add_files(files)
     uids = list(sop_uids(files))
     pacs.busy_moves = 1                         # 0xA702 first
@@ -361,10 +363,17 @@ def test_busy_source_is_backed_off_then_a_failed_list_is_fetched_again_alone(
     # (FakeArchive records no status for a retrieve that matched nothing: None)
     assert again and all(q.status in (0, None) for q in again), [(q.status, q.message_id) for q in moves]
     refetched = {u for q in again for u in _uid_values(q.identifier.get("SOPInstanceUID"))}
-    # Only the failed instances are fetched again: by IMAGE level, by their UIDs (as a list,
-    # then one by one: FakeArchive, like some archives, does not match UID lists).
+    # Only the failed instances are fetched again: by IMAGE level, by their UIDs as a list;
+    # an archive that ignores UID lists (it answers the list with nothing) one by one after.
     assert refetched == set(uids[:2]), "only the failed instances are fetched again"
     assert all(q.identifier.QueryRetrieveLevel == "IMAGE" for q in again)
+    asked = [sorted(_uid_values(q.identifier.get("SOPInstanceUID"))) for q in again]
+    one_by_one = "retrieving them one by one" in r.log_text()
+    if uid_lists == "matched":
+        assert asked == [sorted(uids[:2])] and again[0].status == 0 and not one_by_one
+    else:
+        assert asked[0] == sorted(uids[:2]) and again[0].status in (0, None)
+        assert sorted(map(tuple, asked[1:])) == sorted((u,) for u in uids[:2]) and one_by_one
     assert "0xA702" in r.log_text()
     assert_all_at(orthanc, sop_uids(files), compare=1)
 
