@@ -71,6 +71,10 @@ def describe(cfg: Config) -> str:
              f"refuses new objects below {cfg.min_free_bytes / 1024**2:.0f} MiB free disk"
              + (f", {cfg.spool_prealloc / 1024**2:.0f} MiB written ahead" if cfg.spool_prealloc else "")
              + ")"]
+    if cfg.tls is not None:
+        lines.append(f"  DICOM TLS on {cfg.host}:{cfg.tls.port} (min TLS {cfg.tls.min_version}, client "
+                     f"certificates {'required' if cfg.tls.require_client_cert else 'optional'})"
+                     + ("" if cfg.port else "; no plain listener"))
     if cfg.allowed_calling_aes is not None:
         lines.append(f"  accepts calling AEs: {', '.join(cfg.allowed_calling_aes)}")
     for d in cfg.destinations.values():
@@ -98,7 +102,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
         print(f"warning: {warning}")
-    return 0
+    return 1 if tls_findings(cfg) else 0
+
+
+def tls_findings(cfg: Config) -> int:
+    """Print what ``fastroute check`` finds in the TLS files; the number of errors."""
+    from fastroute.config import TlsPeerConfig
+    from fastroute.dicom import tls
+    findings = tls.check_listener(cfg.tls) if cfg.tls is not None else []
+    peers: list[tuple[str, str, object]] = [
+        *(("destinations", name, d) for name, d in cfg.destinations.items()),
+        *(("sources", name, s) for name, s in cfg.sources.items())]
+    for section, name, peer in peers:    # a destination's or a source's own tls: (tls-scu)
+        peer_tls = getattr(peer, "tls", None)
+        if isinstance(peer_tls, TlsPeerConfig):
+            findings += tls.check_peer(peer_tls, f"{section}.{name}.tls")
+    for f in findings:
+        print(f, file=sys.stderr if f.level == "error" else sys.stdout)
+    return sum(f.level == "error" for f in findings)
 
 
 IMPLICIT_LE = "1.2.840.10008.1.2"

@@ -158,6 +158,31 @@ def _ts(v: Any) -> str:
     return parse_uid(v)
 
 
+def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
+    """A distinguished name as sorted (TYPE, value) pairs: "CN=a,O=b" and "O = b, CN = a"
+    (openssl's default one-line order) compare equal; attribute types are case-insensitive."""
+    pairs = []
+    for part in re.split(r"(?<!\\)[,+/]", dn):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise ValueError(f"not a distinguished name: {dn!r}")
+        pairs.append((k.strip().upper(), v.strip().replace("\\", "")))
+    return tuple(sorted(pairs))
+
+
+def normalise_fingerprint(fp: str) -> str:
+    """"sha256:AB:CD..." / "AB CD ..." / "abcd..." -> "sha256:abcd..." (64 hex digits)."""
+    body = fp.strip().lower()
+    if body.startswith("sha256:") or body.startswith("sha256="):
+        body = body[7:]
+    hexdigits = re.sub(r"[\s:]", "", body)
+    if not re.fullmatch(r"[0-9a-f]{64}", hexdigits):
+        raise ValueError("expected a SHA-256 fingerprint: sha256: and 64 hex digits")
+    return "sha256:" + hexdigits
+
+
 # -- reading YAML nodes -------------------------------------------------------------------------
 
 class ConfigErrors(ConfigError):
@@ -497,6 +522,59 @@ def _read_match(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     return {"match": value}
 
 
+@dataclass(frozen=True, slots=True)
+class CertBinding:
+    """An ``allowed_calling_aes`` entry that binds a calling AE title to a client certificate
+    (TLS listener): by subject (a distinguished name, any attribute order) or by the SHA-256
+    fingerprint of the certificate, or both (both must match)."""
+
+    ae: str
+    cert_subject: str | None = None
+    cert_fingerprint: str | None = None     # normalised: "sha256:" + 64 lower-case hex digits
+
+
+_BINDING_KEYS = ("ae", "cert_subject", "cert_fingerprint")
+
+
+def _read_allowed_calling_aes(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    """Plain AE titles, or ``{ae: CT1, cert_subject: "CN=ct1.hospital"}`` /
+    ``{ae: CT1, cert_fingerprint: "sha256:..."}`` items binding an AE to its certificate."""
+    if not isinstance(node, yaml.SequenceNode):
+        raise ctx.error(node, key, f"expected a list of AE titles, got {_describe(node)}")
+    aes: list[str] = []
+    bindings: dict[str, list[CertBinding]] = {}
+    for i, item in enumerate(node.value):
+        sub = f"{key}[{i}]"
+        if not isinstance(item, yaml.MappingNode):
+            aes.append(_scalar(ctx, item, sub, parse_ae, "an AE title"))
+            continue
+        got: dict[str, Any] = {}
+        for k, knode, vnode in _mapping(ctx, item, sub):
+            if k not in _BINDING_KEYS:
+                dym = did_you_mean(k, list(_BINDING_KEYS), cutoff=0.6)
+                raise ctx.error(knode, f"{sub}.{k}", "unknown key",
+                                hint=(f"{dym} " if dym else "") + f"valid keys: {', '.join(_BINDING_KEYS)}")
+            if k == "ae":
+                got[k] = _scalar(ctx, vnode, f"{sub}.ae", parse_ae, "an AE title")
+            elif k == "cert_subject":
+                got[k] = _scalar(ctx, vnode, f"{sub}.{k}", _str, "a distinguished name such as CN=ct1.hospital")
+                try:
+                    normalise_dn(got[k])
+                except ValueError as exc:
+                    raise ctx.error(vnode, f"{sub}.{k}", str(exc)) from None
+            else:
+                got[k] = _scalar(ctx, vnode, f"{sub}.{k}", normalise_fingerprint, "a SHA-256 fingerprint")
+        if "ae" not in got:
+            raise ctx.error(item, sub, "missing required key 'ae'")
+        if "cert_subject" not in got and "cert_fingerprint" not in got:
+            raise ctx.error(item, sub, "a mapping entry binds an AE title to a certificate: "
+                            "give cert_subject or cert_fingerprint", hint="or write the AE title alone")
+        aes.append(got["ae"])
+        bindings.setdefault(got["ae"], []).append(CertBinding(**got))
+    return {"allowed_calling_aes": tuple(dict.fromkeys(aes)),
+            "calling_ae_certs": {ae: tuple(b) for ae, b in bindings.items()}}
+
+
 def _read_oldest_age(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     """One duration for every destination, or a mapping of ``default`` and destination names."""
     if not isinstance(node, yaml.MappingNode):
@@ -652,6 +730,56 @@ class RuleConfig:
         object.__setattr__(self, "matcher", compiled)
 
 
+# the classes below have a field named "key", which hides key() in their bodies
+_key = key
+_MIN_TLS = _key(_choice("1.2", "1.3"), "a TLS version: 1.2 or 1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsListenerConfig:
+    """``tls:``: the DICOM TLS listener, beside the plain one (top-level ``port: 0`` turns the
+    plain one off). PS3.15 Annex B.9, the non-downgrading BCP 195 profile, unless
+    ``legacy_ciphers`` also admits the retired profiles' RSA/CBC suites (old modalities).
+    Relative file paths are relative to the configuration file."""
+
+    cert: Path = field(metadata=_key(_path, "a PEM certificate file"))     # ours, with its chain
+    key: Path = field(metadata=_key(_path, "a PEM private key file"))
+    port: int = field(default=2762, metadata=_PORT)
+    # CA certificates client certificates must chain to (None: no client certificates asked for)
+    ca: Path | None = field(default=None, metadata=_key(_path, "a PEM CA file", if_null=IfNull.NONE))
+    require_client_cert: bool = field(default=True, metadata=_BOOL)
+    min_version: str = field(default="1.2", metadata=_MIN_TLS)
+    # a PEM CRL of the CA: client (leaf) certificates are checked against it
+    crl: Path | None = field(default=None, metadata=_key(_path, "a PEM CRL file", if_null=IfNull.NONE))
+    legacy_ciphers: bool = field(default=False, metadata=_BOOL)
+    # a TCP client that has not finished the TLS handshake by then is closed
+    handshake_timeout: float = field(default=10.0, metadata=_DURATION)
+
+    def files(self) -> dict[str, Path]:
+        """The files it names, by key (for ``fastroute check`` and reloads)."""
+        out = {"cert": self.cert, "key": self.key}
+        if self.ca is not None:
+            out["ca"] = self.ca
+        if self.crl is not None:
+            out["crl"] = self.crl
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPeerConfig:
+    """``tls:`` of a destination or a source: fastroute is the TLS client. The server's
+    certificate is verified against ``ca`` (None: the system's trust store) and, with
+    ``verify_hostname``, its name against the host; ``cert``/``key`` present ours (mutual TLS)."""
+
+    ca: Path | None = field(default=None, metadata=_key(_path, "a PEM CA file", if_null=IfNull.NONE))
+    cert: Path | None = field(default=None, metadata=_key(_path, "a PEM certificate file", if_null=IfNull.NONE))
+    key: Path | None = field(default=None, metadata=_key(_path, "a PEM private key file", if_null=IfNull.NONE))
+    verify_hostname: bool = field(default=True, metadata=_BOOL)
+
+    def files(self) -> dict[str, Path]:
+        return {k: p for k, p in (("ca", self.ca), ("cert", self.cert), ("key", self.key)) if p is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     host: str = field(default="127.0.0.1", metadata=key(_str, "a listen address"))
@@ -680,7 +808,8 @@ class AlertsConfig:
 class Config:
     ae_title: str = field(default="FASTROUTE", metadata=_AE)
     host: str = field(default="0.0.0.0", metadata=key(_str, "a listen address"))
-    port: int = field(default=11112, metadata=_PORT)
+    # the plain DICOM port; 0: none (TLS only, ``tls:`` must be set)
+    port: int = field(default=11112, metadata=key(_int(0, 65535), "a TCP port (0: no plain listener)"))
     spool: Path = field(default=Path("./fastroute-spool"), metadata=key(_path, "a folder path"))
     # LMDB map size: the spool never grows past it
     spool_max_bytes: int = field(default=64 * 1024**3, metadata=_SIZE)
@@ -688,8 +817,11 @@ class Config:
     min_free_bytes: int = field(default=512 * 1024**2, metadata=_SIZE)
     # room written into the spool file before the start
     spool_prealloc: int = field(default=0, metadata=_SIZE)
-    allowed_calling_aes: tuple[str, ...] | None = field(
-        default=None, metadata=key(parse_ae, "AE titles", shape=Shape.LIST, if_null=IfNull.NONE))
+    # AE titles; an entry may bind its AE to a client certificate (CertBinding): such an AE is
+    # accepted only over TLS with a certificate that matches one of its bindings
+    allowed_calling_aes: tuple[str, ...] | None = field(default=None, metadata=key(
+        shape=Shape.CUSTOM, read=_read_allowed_calling_aes, if_null=IfNull.NONE))
+    calling_ae_certs: Mapping[str, tuple[CertBinding, ...]] = field(default_factory=dict)
     allowed_peers: tuple[str, ...] | None = field(     # CIDRs / addresses
         default=None, metadata=key(_cidr, "IP addresses or CIDR networks", shape=Shape.LIST,
                                    if_null=IfNull.NONE))
@@ -733,6 +865,9 @@ class Config:
     default: tuple[str, ...] = field(default=(), metadata=key(
         _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True,
         if_null=IfNull.EMPTY))
+    # the DICOM TLS listener (None: none); same processes, same handlers as the plain port
+    tls: TlsListenerConfig | None = field(default=None, metadata=key(
+        shape=Shape.SECTION, section=TlsListenerConfig, if_null=IfNull.NONE))
     http: HttpConfig | None = field(default=None, metadata=key(shape=Shape.SECTION, section=HttpConfig))
     alerts: AlertsConfig = field(default_factory=AlertsConfig, metadata=key(
         shape=Shape.SECTION, section=AlertsConfig, if_null=IfNull.DEFAULT))
@@ -796,7 +931,46 @@ def loads(text: str, source: str = "<string>") -> Config:
         raise ctx.errors[0]
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
+    _check_tls(kw, source)
     return Config(**kw)
+
+
+def _check_tls(kw: dict[str, Any], source: str) -> None:
+    """What the ``tls`` section's keys mean together (each was valid alone)."""
+    tls: TlsListenerConfig | None = kw.get("tls")
+    port = kw.get("port", 11112)
+    if port == 0 and tls is None:
+        raise ConfigError("port 0 (no plain listener) needs a tls: listener", source=source, key="port",
+                          hint="set a port, or configure tls: {cert: ..., key: ...}")
+    if tls is None:
+        return
+    if tls.port == port:
+        raise ConfigError(f"tls.port {tls.port} is the plain port too", source=source, key="tls.port")
+    if tls.require_client_cert and tls.ca is None:
+        raise ConfigError("require_client_cert needs a ca to verify client certificates against",
+                          source=source, key="tls.ca",
+                          hint="set tls.ca, or require_client_cert: false")
+
+
+def _relative_to(base: Path, p: Path | None) -> Path | None:
+    return p if p is None or p.is_absolute() else base / p
+
+
+def resolve_peer_tls_paths(tls: TlsPeerConfig | None, base: Path) -> TlsPeerConfig | None:
+    """A destination's or a source's TLS files relative to the configuration file's folder."""
+    if tls is None:
+        return None
+    return dataclasses.replace(tls, ca=_relative_to(base, tls.ca), cert=_relative_to(base, tls.cert),
+                               key=_relative_to(base, tls.key))
+
+
+def resolve_tls_paths(tls: TlsListenerConfig | None, base: Path) -> TlsListenerConfig | None:
+    """The listener's TLS files relative to the configuration file's folder ``base``."""
+    if tls is None:
+        return None
+    return dataclasses.replace(tls, cert=_relative_to(base, tls.cert) or tls.cert,
+                               key=_relative_to(base, tls.key) or tls.key,
+                               ca=_relative_to(base, tls.ca), crl=_relative_to(base, tls.crl))
 
 
 def _read(p: Path) -> str:
@@ -852,10 +1026,12 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
     # A relative spool path is relative to the configuration file, not the working directory.
     if not cfg.spool.is_absolute():
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))
+    if cfg.tls is not None:   # and so are the TLS files
+        cfg = dataclasses.replace(cfg, tls=resolve_tls_paths(cfg.tls, p.parent))
     return cfg
 
 
 __all__ = [
-    "Config", "DestinationConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
+    "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
 ]

@@ -38,6 +38,7 @@ READERS: dict[str, frozenset[Role]] = {
     "min_free_bytes": _ALL,
     "spool_prealloc": frozenset(),            # applied once, at start
     "allowed_calling_aes": frozenset({_L}),
+    "calling_ae_certs": frozenset({_L}),      # read with allowed_calling_aes
     "allowed_peers": frozenset({_L}),
     "require_called_ae": frozenset({_L}),
     "max_pdu": frozenset({_L}),
@@ -61,6 +62,7 @@ READERS: dict[str, frozenset[Role]] = {
     "rules": frozenset({_L, _H}),
     "default": frozenset({_L, _H}),
     "sources": frozenset({_M, _H}),
+    "tls": frozenset({_L, _H}),               # the TLS listener; /metrics shows its certificates
     "http": frozenset({_H}),
     "alerts": frozenset({_H}),                # thresholds are evaluated in the HTTP process
     "audit_retention": frozenset({_H}),

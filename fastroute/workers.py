@@ -49,6 +49,7 @@ def listener_main(cfg: Config, index: int) -> None:
     from fastroute import __version__
     from fastroute.dicom.dimse import CommandField
     from fastroute.dicom.scp import Listener
+    from fastroute.dicom.tls import TlsSetupError
     from fastroute.native import PEEK_IMPL
     from fastroute.routing.intake import StoreService, association_counter, refusal_counter
     from fastroute.routing.rules import RuleSet
@@ -58,6 +59,16 @@ def listener_main(cfg: Config, index: int) -> None:
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
     stop = _child_setup(cfg, f"listener-{index}", cpus)
+    # The supervisor relays SIGHUP: read the certificate files again. (Started with SIGHUP
+    # ignored, see Supervisor._start, so that one relayed early cannot kill it.)
+    hup, wake = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        (hup if signum == signal.SIGHUP else stop).set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     spool = open_spool(cfg)
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
@@ -68,13 +79,27 @@ def listener_main(cfg: Config, index: int) -> None:
     store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
     receiver = Listener(cfg, {CommandField.C_STORE_RQ: store}, stager=committer.stager(cfg.stream_threshold))
     receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
+
+    def audit_denied(event: dict[str, Any]) -> None:
+        spool.audit.record(**event)
+
+    receiver.on_denied = audit_denied
     committer.siblings = receiver.active
     try:
         receiver.start()
-    except OSError as exc:
-        log.error("listener-%d: cannot listen on %s:%d: %s", index, cfg.host, cfg.port, exc)
+    except TlsSetupError as exc:
+        log.error("listener-%d: cannot start the TLS listener: %s", index, exc)
         sys.exit(EXIT_CONFIG)
-    stop.wait()
+    except OSError as exc:
+        log.error("listener-%d: cannot listen on %s:%d%s: %s", index, cfg.host, cfg.port,
+                  f" / TLS {cfg.tls.port}" if cfg.tls is not None else "", exc)
+        sys.exit(EXIT_CONFIG)
+    while not stop.is_set():
+        wake.wait()
+        wake.clear()
+        if hup.is_set():
+            hup.clear()
+            receiver.reload_tls()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
     receiver.stop(cfg.shutdown_grace)
     store.close()
@@ -183,6 +208,8 @@ class Supervisor:
             return
         change = reload.plan(self.cfg, new, sender_cpus)
         log.info("reloading configuration from %s: restarting %s", self.config_path, change.describe())
+        if not change.listeners and new.tls is not None:
+            self._relay_hup()         # same paths, perhaps new contents: listeners reload them
         old = self.cfg
         if change.listeners and not self._replace_listeners(old, new):
             return
@@ -203,6 +230,18 @@ class Supervisor:
         self.children += fresh
         log.info("reload applied")
 
+    def _relay_hup(self) -> None:
+        """Ask each running listener to build its TLS context from the files again (new
+        connections get it, open associations keep theirs; a bad file keeps the old one)."""
+        for c in self.children:
+            if c.name.startswith("listener-") and c.proc is not None and c.proc.is_alive():
+                try:
+                    os.kill(c.proc.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    continue
+                log.info("%s (pid %d): reloading its TLS certificates", c.name, c.proc.pid,
+                         extra=fields(worker=c.name))
+
     def _replace_listeners(self, old: Config, new: Config) -> bool:
         """Start the new listeners, wait until each listens, then retire the old ones."""
         fresh = [_Child(f"listener-{i}", listener_main, (new, i)) for i in range(new.listeners)]
@@ -210,7 +249,8 @@ class Supervisor:
             self._start(c)
         deadline = time.monotonic() + LISTEN_TIMEOUT
         while True:
-            waiting = [c for c in fresh if reload.listening(c.proc.pid, new.port) is False]
+            port = new.port or (new.tls.port if new.tls is not None else 0)   # 0: TLS only
+            waiting = [c for c in fresh if reload.listening(c.proc.pid, port) is False]
             if not waiting:
                 break
             dead = [c for c in waiting if not c.proc.is_alive()]
@@ -218,7 +258,7 @@ class Supervisor:
                 why = (f"{dead[0].name} exited with code {dead[0].proc.exitcode}" if dead
                        else f"{waiting[0].name} not listening after {LISTEN_TIMEOUT:.0f}s")
                 log.error("reload refused: the new listeners could not take over port %d (%s); "
-                          "keeping the running listeners and configuration", new.port, why)
+                          "keeping the running listeners and configuration", port, why)
                 self._stop_children(fresh, 0.0)
                 return False
             multiprocessing.connection.wait([c.proc.sentinel for c in waiting], 0.02)
@@ -253,7 +293,17 @@ class Supervisor:
 
     def _start(self, child: _Child) -> None:
         child.proc = self._ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
-        child.proc.start()
+        # A child starts with SIGHUP ignored (SIG_IGN survives exec; a handler would not), so a
+        # SIGHUP relayed before it installs its own handler cannot kill it.
+        try:
+            previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except ValueError:            # not the main thread: leave the disposition alone
+            previous = None
+        try:
+            child.proc.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGHUP, previous)
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid, extra=fields(worker=child.name))
 

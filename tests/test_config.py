@@ -14,7 +14,7 @@ import pytest
 import fastroute.config
 from fastroute.config import (
     EMBEDDED_DEFAULT_YAML, AlertsConfig, Config, DestinationConfig, HttpConfig, Key, RuleConfig,
-    Shape, load, loads, parse_duration, parse_size, schema, warn_deprecated_engine,
+    Shape, TlsListenerConfig, TlsPeerConfig, load, loads, parse_duration, parse_size, schema, warn_deprecated_engine,
 )
 from fastroute.errors import ConfigError
 from fastroute.routing.rules import RuleSet
@@ -80,7 +80,7 @@ def test_engine_pynetdicom_is_deprecated_and_ignored(caplog: pytest.LogCaptureFi
 
 
 @pytest.mark.parametrize("text,line,key,fragment", [
-    ("port: 70000\n", 1, "port", "between 1 and 65535"),
+    ("port: 70000\n", 1, "port", "between 0 and 65535"),
     ("ae_title: FASTROUTE\nprot: 11112\n", 2, "prot", "unknown key"),
     ("destinations:\n  pacs: {ae_title: X, host: h}\n", 2, "destinations.pacs", "missing required key 'port'"),
     ("destinations:\n  pacs: {ae_title: X, host: h, port: 1}\nrules:\n  - send_to: [nowhere]\n",
@@ -148,7 +148,8 @@ def test_shipped_tuning_profiles_validate(tmp_path: Path, profile: Path) -> None
 
 # Fields that are filled in by the loader, not written as keys.
 NOT_KEYS = {DestinationConfig: {"name"}, RuleConfig: {"line", "matcher"},
-            AlertsConfig: {"oldest_age_for"}, HttpConfig: set(), Config: {"source"}}
+            AlertsConfig: {"oldest_age_for"}, HttpConfig: set(), Config: {"source", "calling_ae_certs"},
+            TlsListenerConfig: set(), TlsPeerConfig: set()}
 
 
 @pytest.mark.parametrize("cls", list(NOT_KEYS), ids=lambda c: c.__name__)

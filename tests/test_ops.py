@@ -364,7 +364,7 @@ def test_validate_config_names_line_and_key(tmp_path: Path) -> None:
     result = ops.validate_config(bad)
     assert not result["valid"]
     err = result["errors"][0]
-    assert (err["line"], err["key"]) == (2, "port") and "between 1 and 65535" in err["message"]
+    assert (err["line"], err["key"]) == (2, "port") and "between 0 and 65535" in err["message"]
     typo = good.replace("  consecutive_failures: 3", "  consecutive_failure: 3")
     err = ops.validate_config(typo)["errors"][0]
     assert err["key"] == "alerts.consecutive_failure" and err["line"] == typo.splitlines().index(

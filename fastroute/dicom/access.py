@@ -5,7 +5,8 @@ import ipaddress
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from fastroute.config import Config
+from fastroute.config import CertBinding, Config, normalise_dn
+from fastroute.dicom.tls import CertificateFacts
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -17,6 +18,7 @@ class Rejection(NamedTuple):
     source: int
     reason: int
     why: str
+    audit: bool = False               # a security event for the audit trail, not only the log
 
 
 def parse_networks(cfg: Config) -> list[Network] | None:
@@ -26,7 +28,7 @@ def parse_networks(cfg: Config) -> list[Network] | None:
 
 def check_access(cfg: Config, networks: Sequence[Network] | None,
                  calling: str, called: str, ip: str, others: int, same_ae: int = 0,
-                 same_ip: int = 0) -> Rejection | None:
+                 same_ip: int = 0, certificate: CertificateFacts | None = None) -> Rejection | None:
     """Decide an association request; None accepts it.
 
     ``others`` is the number of associations already established (on every listener process),
@@ -34,7 +36,9 @@ def check_access(cfg: Config, networks: Sequence[Network] | None,
     precedence is the one pynetdicom's acceptor had (and DCMTK peers were tested against):
     peer address, calling AE, then the association limits over the called AE title. Every
     limit answers transient "local limit exceeded" (PS3.8 9.3.4: result 2, source 3, reason
-    2): the modality may retry once an association ends.
+    2): the modality may retry once an association ends. ``certificate`` is the client
+    certificate of a TLS association (None: plain, or TLS without one); a calling AE bound to
+    certificates (``allowed_calling_aes`` mappings) needs one that matches.
     """
     if networks is not None:
         try:
@@ -46,6 +50,12 @@ def check_access(cfg: Config, networks: Sequence[Network] | None,
             return Rejection(0x01, 0x01, 0x01, "peer address not in allowed_peers")
     if cfg.allowed_calling_aes is not None and calling not in cfg.allowed_calling_aes:
         return Rejection(0x01, 0x01, 0x03, "calling AE title not in allowed_calling_aes")
+    bound = cfg.calling_ae_certs.get(calling)
+    if bound and not any(certificate_matches(b, certificate) for b in bound):
+        presented = (f"certificate {certificate.subject} ({certificate.fingerprint})"
+                     if certificate is not None else "no client certificate")
+        return Rejection(0x01, 0x01, 0x03, f"calling AE title {calling} is bound to a client "
+                         f"certificate and the association presented {presented}", audit=True)
     if others >= cfg.max_associations:
         return Rejection(0x02, 0x03, 0x02,
                          f"max_associations ({cfg.max_associations}) reached: local limit exceeded")
@@ -58,3 +68,14 @@ def check_access(cfg: Config, networks: Sequence[Network] | None,
     if cfg.require_called_ae and called != cfg.ae_title:
         return Rejection(0x01, 0x01, 0x07, f"called AE title {called!r} is not {cfg.ae_title!r}")
     return None
+
+
+def certificate_matches(binding: CertBinding, cert: CertificateFacts | None) -> bool:
+    """Whether ``cert`` is the one ``binding`` names (every given criterion must hold)."""
+    if cert is None:
+        return False
+    if binding.cert_fingerprint is not None and binding.cert_fingerprint != cert.fingerprint:
+        return False
+    if binding.cert_subject is not None and normalise_dn(binding.cert_subject) != normalise_dn(cert.subject):
+        return False
+    return True

@@ -20,9 +20,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from fastroute.dicom import pdu
+
+if TYPE_CHECKING:
+    from fastroute.dicom.tls import CertificateFacts
 from fastroute.dicom.acse import VERIFICATION_SOP_CLASS
 from fastroute.dicom.attrs import MAX_OBJECT_BYTES   # one dataset larger than this is aborted
 from fastroute.dicom.pdu import (AFFECTED_SOP_CLASS_UID, AFFECTED_SOP_INSTANCE_UID, COMMAND_DATA_SET_TYPE,
@@ -151,6 +154,8 @@ class Peer:
     called_ae: str
     ip: str                           # the peer's address (for the SCU: the destination host)
     contexts: dict[int, str]          # accepted presentation context ID -> transfer syntax
+    # the client certificate of a TLS association (subject, fingerprint), for access and audit
+    certificate: CertificateFacts | None = None
 
 
 @dataclass(slots=True)

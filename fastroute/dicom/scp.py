@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -34,6 +36,7 @@ from fastroute.dicom.dimse import (CommandField, Handler, Message, MessageTooLar
                                    message_buffers)
 from fastroute.dicom.slots import SlotTable
 from fastroute.dicom.status import Status, describe
+from fastroute.dicom.tls import CertificateFacts, TlsSetupError, file_facts, peer_facts, server_context
 from fastroute.dicom.ul import (AssociateRequest, PeerAbort, ReleaseRequest, Role, State, UnexpectedPdu,
                                 UpperLayer)
 from fastroute.logsetup import fields
@@ -95,6 +98,8 @@ class _Connection(asyncio.Protocol):
         self.accept_rx = -1               # rx_bytes that the A-ASSOCIATE-RQ accounted for
         self.slot: int | None = None      # our record in the listeners' shared slot table
         self.timer: asyncio.TimerHandle | None = None
+        self.certificate: CertificateFacts | None = None   # the TLS client's, once handshaken
+        self.tls = False
 
     # asyncio callbacks -------------------------------------------------------------------
 
@@ -102,6 +107,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else "?"
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = True
+            self.certificate = peer_facts(ssl_object)
         self.r._conns.add(self)
         self.last_rx = self.loop.time()
         self.timer = self.loop.call_later(self.r.cfg.acse_timeout, self._on_timer)
@@ -250,12 +259,15 @@ class _Connection(asyncio.Protocol):
         # Counts and the claim under one lock, across every listener process of the spool.
         self.slot, rejection = self.r.slots.admit(
             self.calling, self.ip, lambda total, same_ae, same_ip: check_access(
-                cfg, networks, self.calling, self.called, self.ip, total, same_ae, same_ip))
-        self.peer = Peer(self.calling, self.called, self.ip, {})
+                cfg, networks, self.calling, self.called, self.ip, total, same_ae, same_ip,
+                certificate=self.certificate))
+        self.peer = Peer(self.calling, self.called, self.ip, {}, self.certificate)
         if rejection is not None:
             log.warning("rejecting association from %s@%s to %s: %s (A-ASSOCIATE-RJ %d/%d/%d)",
                         self.calling, self.ip, self.called, rejection.why,
                         rejection.result, rejection.source, rejection.reason, extra=self._fields())
+            if rejection.audit:
+                self.r.audit_denied(self.calling, self.called, self.ip, self.certificate, rejection.why)
             self._write([self.ul.reject(rejection.result, rejection.source, rejection.reason)])
             self.outcome = "rejected"
             self.r.on_association("rejected", rejection.source, rejection.reason)
@@ -268,9 +280,16 @@ class _Connection(asyncio.Protocol):
         self.r.on_association("accepted", 0, 0)
         self.accept_rx = self.rx_bytes - self.ul.buffered
         self._restart_timer(min(self.r.cfg.network_timeout, self.r.cfg.association_idle_timeout))
-        log.info("association from %s@%s to %s accepted (%d of %d contexts)", self.calling, self.ip,
+        log.info("association from %s@%s to %s accepted (%d of %d contexts)%s", self.calling, self.ip,
                  self.called, len(contexts), len(rq.presentation_context_definition_list),
-                 extra=self._fields())
+                 self._tls_note(), extra=self._fields())
+
+    def _tls_note(self) -> str:
+        if not self.tls:
+            return ""
+        if self.certificate is None:
+            return " over TLS, no client certificate"
+        return f" over TLS, client certificate {self.certificate.subject} ({self.certificate.fingerprint})"
 
     def _fields(self, status: int | None = None) -> dict[str, Any]:
         """The association's log fields (calling/called AE titles, peer address); the AE
@@ -355,12 +374,30 @@ class _Connection(asyncio.Protocol):
         self._abort(f"no data for {idle:.1f}s (network_timeout)", REASON_NOT_SPECIFIED, logging.WARNING)
 
 
+def _handshake_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in words an operator can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or exc)
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no client certificate (tls.require_client_cert)"
+        return reason.lower().replace("_", " ")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionAbortedError)):
+        return f"handshake not finished in time ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Listener:
     """The SCP of one listener process: one asyncio loop thread serving every association.
 
     ``handlers`` maps a request's command field to its service (C-ECHO is added unless given);
     ``sop_classes`` are accepted besides Verification and Storage (those a new service needs).
-    ``start()`` binds (raising OSError in the caller) and starts the loop thread;
+    With ``cfg.tls`` a TLS port is served beside the plain one (or alone: ``port: 0``), by
+    the same loop and handlers; ``reload_tls()`` (SIGHUP) gives new connections a context built
+    from the files again, while open ones keep theirs.
+    ``start()`` binds (raising OSError, or TlsSetupError for bad TLS files, in the caller)
+    and starts the loop thread;
     ``stop(grace)`` stops accepting, lets associations finish for ``grace`` seconds, aborts the
     rest and waits for their pending replies (commits already queued).
     """
@@ -372,6 +409,7 @@ class Listener:
         self.stager = stager              # where datasets past its threshold are streamed
         self.handlers: dict[int, Handler] = {CommandField.C_ECHO_RQ: echo_handler, **handlers}
         # called with (outcome, A-ASSOCIATE-RJ source, reason) for metrics; must not block
+        # (a failed TLS handshake: outcome "rejected/tls_handshake_failed", 0, 0)
         self.on_association: Callable[[str, int, int], None] = lambda outcome, source, reason: None
         self.on_refusal: Callable[[int], None] = lambda status: None   # a C-STORE answered with a failure
         self.max_object_bytes = cfg.max_object_bytes if max_object_bytes is None else max_object_bytes
@@ -379,6 +417,13 @@ class Listener:
         self.networks = parse_networks(cfg)
         self.contexts = acse.supported_contexts(sop_classes)
         self.port = cfg.port
+        self.tls_port = cfg.tls.port if cfg.tls is not None else 0
+        # called (in an executor thread) with an audit event for a refused certificate binding
+        self.on_denied: Callable[[dict[str, Any]], None] = lambda event: None
+        self._tls_context: ssl.SSLContext | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._tls_accept: asyncio.Task[None] | None = None
+        self._tls_sock: socket.socket | None = None
         self.slots = SlotTable(cfg.spool / "run" / "associations.slots")
         self.loop = _new_loop()
         self._conns: set[_Connection] = set()
@@ -388,23 +433,121 @@ class Listener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        sock = _listen_socket(self.cfg.host, self.cfg.port)
-        self.port = int(sock.getsockname()[1])
+        tls = self.cfg.tls
+        if tls is not None:
+            self._tls_context = server_context(tls)        # TlsSetupError: refuse to start
+        sock = _listen_socket(self.cfg.host, self.cfg.port) if self.cfg.port else None
+        try:
+            tls_sock = _listen_socket(self.cfg.host, tls.port) if tls is not None else None
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        if sock is not None:
+            self.port = int(sock.getsockname()[1])
+        if tls_sock is not None:
+            self.tls_port = int(tls_sock.getsockname()[1])
         self._thread = threading.Thread(target=self.loop.run_forever, name="fastroute-scp-loop",
                                         daemon=True)
         self._thread.start()
 
-        async def serve() -> asyncio.AbstractServer:
-            return await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=128)
+        async def serve() -> None:
+            if sock is not None:
+                self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=128)
+            if tls_sock is not None:
+                self._tls_sock = tls_sock
+                self._tls_accept = self.loop.create_task(self._accept_tls(tls_sock))
 
         try:
-            self._server = asyncio.run_coroutine_threadsafe(serve(), self.loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(serve(), self.loop).result(timeout=30)
         except BaseException:
-            sock.close()
+            for s in (sock, tls_sock):
+                if s is not None:
+                    s.close()
             self._stop_loop()
             raise
-        log.info("listening as %s on %s:%d (asyncio, %s)", self.cfg.ae_title, self.cfg.host,
-                 self.port, type(self.loop).__module__.split(".")[0])
+        impl = type(self.loop).__module__.split(".")[0]
+        if sock is not None:
+            log.info("listening as %s on %s:%d (asyncio, %s)", self.cfg.ae_title, self.cfg.host,
+                     self.port, impl)
+        if tls is not None:
+            log.info("listening as %s on %s:%d with DICOM TLS (min TLS %s, client certificates %s%s); %s",
+                     self.cfg.ae_title, self.cfg.host, self.tls_port, tls.min_version,
+                     "required" if tls.require_client_cert and tls.ca else
+                     "optional" if tls.ca else "not asked for",
+                     ", legacy ciphers allowed" if tls.legacy_ciphers else "", _cert_summary(tls.cert))
+
+    async def _accept_tls(self, listen: socket.socket) -> None:
+        """The TLS port's accept loop: it only accepts; each handshake is a task of its own,
+        so a client that sends nothing, or slowly, delays no one else (pynetdicom's server
+        handshakes in its accept loop) and ends at ``tls.handshake_timeout``."""
+        while True:
+            try:
+                sock, _addr = await self.loop.sock_accept(listen)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:          # EMFILE and the like: do not spin
+                log.error("TLS port %d: accept failed: %s", self.tls_port, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = self.loop.create_task(self._handshake(sock))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        """One TLS connection's handshake, then its association (a :class:`_Connection`,
+        which the loop starts once the handshake is done)."""
+        assert self.cfg.tls is not None and self._tls_context is not None
+        try:
+            ip = str(sock.getpeername()[0])
+        except OSError:
+            ip = "?"
+        timeout = self.cfg.tls.handshake_timeout
+        try:
+            # the context current now: a reload between connections changes the next one's
+            await asyncio.wait_for(self.loop.connect_accepted_socket(
+                lambda: _Connection(self), sock, ssl=self._tls_context,
+                ssl_handshake_timeout=timeout), timeout + 1.0)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception as exc:
+            log.warning("TLS handshake from %s on port %d failed: %s; connection closed", ip,
+                        self.tls_port, _handshake_failure(exc), extra=fields(peer=ip))
+            sock.close()
+            # fastroute_associations_in{outcome="rejected", reason="tls_handshake_failed"}
+            self.on_association("rejected/tls_handshake_failed", 0, 0)
+
+    def reload_tls(self) -> bool:
+        """Build the TLS context again from the configured files (their contents may have
+        changed under the same paths). A bad file keeps the running context. Any thread."""
+        tls = self.cfg.tls
+        if tls is None:
+            return False
+        try:
+            ctx = server_context(tls)
+        except TlsSetupError as exc:
+            log.error("TLS certificates NOT reloaded, keeping the current ones: %s", exc)
+            return False
+        self._tls_context = ctx           # one reference swap: read per handshake on the loop
+        log.info("TLS certificates reloaded for new connections (open associations keep theirs); %s",
+                 _cert_summary(tls.cert))
+        return True
+
+    def audit_denied(self, calling: str, called: str, ip: str, cert: CertificateFacts | None,
+                     why: str) -> None:
+        """Hand a refused certificate binding to ``on_denied`` off the loop (a spool write)."""
+        event: dict[str, Any] = {
+            "action": "association_denied", "who": f"{calling}@{ip}", "why": why,
+            "calling_ae": calling, "called_ae": called, "peer": ip,
+            "cert_subject": cert.subject if cert else None,
+            "cert_fingerprint": cert.fingerprint if cert else None}
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("could not audit the refused association from %s@%s: %s", calling, ip,
+                          f.exception(), extra=fields(calling_ae=calling, peer=ip))
+
+        self.loop.run_in_executor(None, self.on_denied, event).add_done_callback(done)
 
     def active(self) -> int:
         """Established associations (safe to call from any thread)."""
@@ -424,6 +567,14 @@ class Listener:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._tls_accept is not None:
+            self._tls_accept.cancel()
+            self._tls_accept = None
+        if self._tls_sock is not None:
+            self._tls_sock.close()
+            self._tls_sock = None
+        for task in list(self._handshakes):   # not yet associations: nothing to finish
+            task.cancel()
         deadline = time.monotonic() + grace
         while self._conns and time.monotonic() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -451,6 +602,19 @@ class Listener:
         if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
             self.slots.close()
+
+
+def _cert_summary(path: Path) -> str:
+    """The listener certificate's subject, fingerprint and expiry, for the log."""
+    try:
+        facts = file_facts(path)
+    except (OSError, ValueError) as exc:
+        return f"certificate {path}: unreadable ({exc})"
+    if not facts:
+        return f"certificate {path}: none found"
+    f = facts[0]
+    return (f"certificate {f.subject} ({f.fingerprint}), valid until {f.not_after:%Y-%m-%d %H:%M} UTC "
+            f"({f.days_left():.0f} days)")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
