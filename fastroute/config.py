@@ -617,6 +617,19 @@ def warn_deprecated_engine(key: str, value: str) -> None:
             "and uses it; remove the key", key, value)
 
 
+def _read_peer_tls(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    """A destination's or a source's ``tls:`` section. A reader rather than ``Shape.SECTION``
+    because TlsPeerConfig is defined further down, beside the listener's TlsListenerConfig."""
+    kw: dict[str, Any] = {}
+    _read_fields(ctx, TlsPeerConfig, node, key, kw)
+    if (kw.get("cert") is None) != (kw.get("key") is None):
+        raise ctx.error(node, key, "cert and key go together (mutual TLS), or neither")
+    return {"tls": TlsPeerConfig(**kw)}
+
+
+_PEER_TLS = key(shape=Shape.CUSTOM, read=_read_peer_tls, if_null=IfNull.NONE)
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
     """A DICOM Storage SCP that fastroute sends to."""
@@ -664,6 +677,8 @@ class DestinationConfig:
     # NumberOfStudyRelatedInstances is compared (for a PACS without IMAGE-level queries).
     # With image, a refused IMAGE-level query falls back to study level by itself.
     query_level: str = field(default="image", metadata=key(_choice("image", "study"), "image or study"))
+    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
+    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,6 +715,8 @@ class SourceConfig:
     dimse_timeout: float = field(default=120.0, metadata=_DURATION)
     network_timeout: float = field(default=120.0, metadata=_DURATION)
     max_pdu: int = field(default=262144, metadata=_PDU)
+    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
+    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1028,6 +1045,16 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))
     if cfg.tls is not None:   # and so are the TLS files
         cfg = dataclasses.replace(cfg, tls=resolve_tls_paths(cfg.tls, p.parent))
+    peers_tls = {n: resolve_peer_tls_paths(d.tls, p.parent) for n, d in cfg.destinations.items() if d.tls}
+    if peers_tls:
+        cfg = dataclasses.replace(cfg, destinations={
+            n: dataclasses.replace(d, tls=peers_tls[n]) if n in peers_tls else d
+            for n, d in cfg.destinations.items()})
+    src_tls = {n: resolve_peer_tls_paths(s.tls, p.parent) for n, s in cfg.sources.items() if s.tls}
+    if src_tls:
+        cfg = dataclasses.replace(cfg, sources={
+            n: dataclasses.replace(s, tls=src_tls[n]) if n in src_tls else s
+            for n, s in cfg.sources.items()})
     return cfg
 
 

@@ -1,0 +1,173 @@
+"""DICOM TLS on the sending side (issue 14 section 1): fastroute as the TLS client of a
+destination (DCMTK ``storescp +tls``, Orthanc with ``DicomTlsEnabled``) and of a source
+(Orthanc's C-FIND over TLS), mutual authentication, each way verification fails named in the
+error, the TLS send path byte-exact, and certificate expiry in /metrics and the alerts.
+
+The PKI is bench/tlspki.py's (openssl command line).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peers
+import pytest
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import ImplicitVRLittleEndian
+
+from bench.tlspki import Pki, make_pki
+from fastroute.config import DestinationConfig, SourceConfig, TlsPeerConfig
+from fastroute.dicom import scu
+from fastroute.dicom.scu import AssociationFailed, Connection, StoreResult
+
+StoreSCPFactory = Callable[..., peers.StoreSCP]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def body_of(path: Path) -> tuple[str, str, str, bytes]:
+    """(SOP class, SOP instance, transfer syntax, dataset bytes as a C-STORE carries them)."""
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        return (str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                str(meta.TransferSyntaxUID), fp.read())
+
+
+def tls_args(pki: Pki, server: str = "server", *, trust: str = "ca", peer_cert: str = "-rc") -> list[str]:
+    """DCMTK server-side TLS options: our key and certificate, the CA client certificates
+    must chain to, and whether one is required (-rc, DCMTK's default) or not (-ic)."""
+    return ["+tls", str(pki.key(server)), str(pki.cert(server)), "+cf", str(pki.cert(trust)), peer_cert]
+
+
+def tls_peer(pki: Pki, *, ca: str = "ca", client: str | None = "client", verify_hostname: bool = True) -> TlsPeerConfig:
+    return TlsPeerConfig(ca=pki.cert(ca), cert=pki.cert(client) if client else None,
+                         key=pki.key(client) if client else None, verify_hostname=verify_hostname)
+
+
+def destination(port: int, tls: TlsPeerConfig | None, *, host: str = "localhost", ae_title: str = "DEST",
+                **options: Any) -> DestinationConfig:
+    options.setdefault("dimse_timeout", 30.0)
+    options.setdefault("acse_timeout", 10.0)
+    return DestinationConfig(name="dest", ae_title=ae_title, host=host, port=port, tls=tls, **options)
+
+
+def store(conn: Connection, body: tuple[str, str, str, bytes]) -> StoreResult:
+    sop_class, sop_uid, ts, data = body
+    conn.ensure({(sop_class, ts)})
+    cx = conn.context_for(sop_class, ts)
+    assert cx is not None, f"{sop_class} in {ts} not accepted"
+    return conn.send_raw(cx, sop_class, sop_uid, memoryview(data))
+
+
+# -- the send path over TLS, against DCMTK storescp +tls ------------------------------------------
+
+@pytest.mark.parametrize("peer_max_pdu", [None, 16384, 4096])
+def test_mutual_tls_bytes_arrive_exactly_as_sent(storescp: StoreSCPFactory, pki: Pki,
+                                                 synth_study: Callable[..., list[Path]],
+                                                 peer_max_pdu: int | None) -> None:
+    """Tiny and multi-MB objects over one mutual-TLS association, in PDUs of the record size,
+    smaller and larger: storescp +B writes what arrived, which must be what was sent (the
+    gathering of headers into records must not reorder, drop or repeat a byte)."""
+    files = synth_study(n_instances=3, tiny=True)
+    files += synth_study(n_instances=1, rows=1024, cols=1024, transfer_syntax=ImplicitVRLittleEndian)
+    bodies = [body_of(f) for f in files]
+    assert max(len(b[3]) for b in bodies) > 2_000_000
+    scp = storescp("DEST", bit_preserving=True, max_pdu=peer_max_pdu, extra_args=tls_args(pki))
+    conn = Connection(destination(scp.port, tls_peer(pki)), "FASTROUTE")
+    assoc = conn.ensure({(b[0], b[2]) for b in bodies})
+    assert assoc.tls and "(TLS)" in assoc.where
+    for body in bodies:
+        assert store(conn, body) == StoreResult(0, "")
+    assert conn.assoc is assoc, "the association was not reused"
+    assert conn.usable(), "an idle TLS association (session tickets read) taken as closed"
+    assert conn.assoc is assoc
+    conn.release()
+    scp.wait_for(len(bodies), timeout=30)
+    for sop_class, sop_uid, ts, data in bodies:
+        received = scp.file_for(sop_uid)
+        assert received is not None, f"{sop_uid} not received"
+        assert body_of(received) == (sop_class, sop_uid, ts, data), f"{sop_uid}: bytes differ"
+
+
+def test_send_tls_gathers_headers_into_records() -> None:
+    """The gathering itself: every byte in order, records full except the last of a message,
+    and a long payload's whole-record middle handed over as a view of its own memory."""
+    writes: list[bytes | bytearray | memoryview] = []
+
+    class Sock:
+        def sendall(self, data: bytes | bytearray | memoryview) -> None:
+            writes.append(data if isinstance(data, memoryview) else bytes(data))
+
+    big = bytes(range(256)) * 400                       # 102400 bytes
+    buffers: list[bytes | memoryview] = [b"H" * 12, b"c" * 70, b"H" * 12, memoryview(big),
+                                         b"H" * 12, b"tail"]
+    sent = [0]
+    scu._send_tls(Sock(), buffers, sent)  # type: ignore[arg-type]
+    joined = b"".join(bytes(w) for w in writes)
+    assert joined == b"".join(bytes(b) for b in buffers)
+    assert sent[0] == len(joined)
+    assert all(len(w) % scu.TLS_RECORD == 0 for w in writes[:-1])
+    views = [w for w in writes if isinstance(w, memoryview)]
+    assert views and views[0].obj is big, "the large payload was copied"
+    assert len(writes) == 3, [len(w) for w in writes]
+
+
+def test_wrong_ca_names_the_failed_check(storescp: StoreSCPFactory, pki: Pki) -> None:
+    """A server certificate from a CA we do not trust: AssociationFailed names the peer and
+    the X.509 check that failed; nothing reaches the upper layer."""
+    scp = storescp("DEST", extra_args=tls_args(pki, "stranger", trust="ca"))
+    conn = Connection(destination(scp.port, tls_peer(pki)), "FASTROUTE")
+    with pytest.raises(AssociationFailed) as err:
+        conn.ensure({("1.2.840.10008.1.1", "1.2.840.10008.1.2")})
+    msg = str(err.value)
+    assert f"FASTROUTE -> DEST@localhost:{scp.port} (TLS)" in msg
+    assert "certificate verify failed: unable to get local issuer certificate" in msg, msg
+
+
+def test_hostname_checked_unless_turned_off(storescp: StoreSCPFactory, pki: Pki) -> None:
+    scp = storescp("DEST", extra_args=tls_args(pki, "wronghost"))
+    conn = Connection(destination(scp.port, tls_peer(pki)), "FASTROUTE")
+    with pytest.raises(AssociationFailed, match=r"certificate verify failed: Hostname mismatch.*'localhost'"):
+        conn.ensure({("1.2.840.10008.1.1", "1.2.840.10008.1.2")})
+    ok, words = scu.echo(destination(scp.port, tls_peer(pki, verify_hostname=False)), "FASTROUTE")
+    assert ok, words
+
+
+def test_server_refuses_a_missing_client_certificate(storescp: StoreSCPFactory, pki: Pki) -> None:
+    """TLS 1.3: the client's handshake ends before the server checks our (absent) certificate;
+    its alert arrives on the first read and is named as such."""
+    scp = storescp("DEST", extra_args=tls_args(pki))
+    ok, words = scu.echo(destination(scp.port, tls_peer(pki, client=None)), "FASTROUTE")
+    assert not ok
+    assert f"DEST@localhost:{scp.port} (TLS)" in words
+    # the alert itself, or the reset that can overtake it
+    assert ("the peer refused our certificate" in words
+            or "it may refuse our client certificate (we presented none)" in words), words
+    ok, words = scu.echo(destination(scp.port, tls_peer(pki)), "FASTROUTE")
+    assert ok, words
+
+
+def test_plain_peer_on_a_tls_destination(storescp: StoreSCPFactory, pki: Pki) -> None:
+    scp = storescp("DEST")
+    ok, words = scu.echo(destination(scp.port, tls_peer(pki), acse_timeout=5.0), "FASTROUTE")
+    assert not ok and "TLS handshake with FASTROUTE -> DEST@localhost" in words, words
+
+
+def test_missing_file_named(pki: Pki, tmp_path: Path) -> None:
+    cfg = TlsPeerConfig(ca=tmp_path / "nope.pem")
+    ok, words = scu.echo(destination(peers.free_port(), cfg), "FASTROUTE")
+    assert not ok
+    assert words == (f"TLS to FASTROUTE -> DEST@localhost:{peers_port(words)} not possible: "
+                     f"tls.ca {tmp_path / 'nope.pem'}: no such file"), words
+
+
+def peers_port(words: str) -> str:
+    return words.split("@localhost:")[1].split(" ")[0]
