@@ -16,6 +16,7 @@ from typing import Any
 
 import peers
 import pytest
+import synth
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ImplicitVRLittleEndian
 
@@ -23,6 +24,10 @@ from bench.tlspki import Pki, make_pki
 from fastroute.config import DestinationConfig, SourceConfig, TlsPeerConfig
 from fastroute.dicom import scu
 from fastroute.dicom.scu import AssociationFailed, Connection, StoreResult
+from peers import wait_until
+from qrpeers import register_modality
+from router import Router
+from router import destination as destination_yaml
 
 StoreSCPFactory = Callable[..., peers.StoreSCP]
 
@@ -171,3 +176,117 @@ def test_missing_file_named(pki: Pki, tmp_path: Path) -> None:
 
 def peers_port(words: str) -> str:
     return words.split("@localhost:")[1].split(" ")[0]
+
+
+# -- the router: a TLS destination, and one whose CA is wrong -----------------------------------
+
+def tls_yaml(pki: Pki, *, ca: str = "ca", client: str | None = "client") -> dict[str, Any]:
+    out: dict[str, Any] = {"ca": str(pki.cert(ca))}
+    if client:
+        out.update(cert=str(pki.cert(client)), key=str(pki.key(client)))
+    return out
+
+
+def test_router_delivers_over_mutual_tls_and_backs_off_on_a_wrong_ca(
+        tmp_path: Path, router: Callable[..., Router], storescp: StoreSCPFactory, pki: Pki) -> None:
+    """One router, two TLS destinations: ``pacs`` (our CA) receives everything; ``bad`` trusts
+    another CA, so its sender backs off with the failed check as its last error, and the
+    objects wait in its queue (none failed: the destination is down, not the objects)."""
+    files = synth.make_tiny(tmp_path / "t", n=3)
+    good = storescp("PACS", extra_args=tls_args(pki))
+    bad = storescp("BAD", extra_args=tls_args(pki))
+    r = router({"destinations": {
+        "pacs": destination_yaml(good.port, "PACS", host="localhost", tls=tls_yaml(pki)),
+        "bad": destination_yaml(bad.port, "BAD", host="localhost", tls=tls_yaml(pki, ca="otherca"),
+                                backoff_initial=0.2, backoff_max=1)},
+        "rules": [{"name": "all", "match": None, "send_to": ["pacs", "bad"]}]})
+    res = peers.storescu(r.port, files)
+    assert res.returncode == 0, res.stderr
+    good.wait_for(3, timeout=60)
+    wait_until(lambda: r.queue()["pacs"]["delivered"] == 3, 30, message="pacs: not all delivered")
+    wait_until(lambda: r.queue()["bad"]["state"]["state"] == "backing_off", 30,
+               message="bad: never backed off")
+    q = r.queue()["bad"]
+    assert q["failed"] == 0 and q["delivered"] == 0 and q["pending"] + q["in_flight"] == 3
+    error = q["state"]["last_error"]
+    assert f"BAD@localhost:{bad.port} (TLS)" in error, error
+    # DCMTK sends its CA along with its certificate: the chain ends in a root we do not trust
+    assert "certificate verify failed: self-signed certificate in certificate chain" in error, error
+    assert not bad.receptions()
+
+
+# -- Orthanc with DicomTlsEnabled: a TLS destination and a TLS source (C-FIND) --------------------
+
+ORTHANC_TLS_SINCE = (1, 9, 0)      # DicomTlsEnabled and its keys (Orthanc 1.9.0 release notes)
+
+
+def _orthanc_version() -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([str(peers.orthanc_binary()), "--version"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.split()[1] if len(out.split()) > 1 else ""
+    try:
+        return tuple(int(p) for p in first.split("."))
+    except ValueError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def tls_orthanc(peer_check: peers.PeerCheck, pki: Pki,
+                tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if peer_check.orthanc_missing:
+        pytest.skip(peer_check.orthanc_missing)
+    version = _orthanc_version()
+    if version is None or version < ORTHANC_TLS_SINCE:
+        pytest.skip(f"Orthanc {version} has no DICOM TLS (DicomTlsEnabled came in 1.9.0)")
+    server = peers.Orthanc("ORTHANCTLS", workdir=tmp_path_factory.mktemp("orthanc-tls"), extra_config={
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(pki.cert("server")),
+        "DicomTlsPrivateKey": str(pki.key("server")),
+        "DicomTlsTrustedCertificates": str(pki.cert("ca")),
+        "DicomTlsRemoteCertificateRequired": True,
+    })
+    server.start()
+    yield server
+    server.stop()
+    assert not server.running() and not peers.is_listening(server.dicom_port)
+
+
+def test_orthanc_tls_destination_and_source(tls_orthanc: Any, pki: Pki,
+                                            synth_study: Callable[..., list[Path]]) -> None:
+    """Store into Orthanc over mutual TLS, then find the study back from it as a TLS source
+    (Study Root C-FIND): both directions of the Q/R client run over the same TLS path."""
+    from fastroute.dicom.qr import Level, QueryRetrieveClient
+    files = synth_study(n_instances=2, tiny=True)
+    bodies = [body_of(f) for f in files]
+    dest = destination(tls_orthanc.dicom_port, tls_peer(pki), ae_title="ORTHANCTLS")
+    conn = Connection(dest, "FASTROUTE")
+    for body in bodies:
+        assert store(conn, body) == StoreResult(0, "")
+    conn.release()
+    for _, sop_uid, _, _ in bodies:
+        tls_orthanc.wait_for_instance(sop_uid)
+    import pydicom
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    source = SourceConfig(name="arch", ae_title="ORTHANCTLS", host="localhost",
+                          port=tls_orthanc.dicom_port, tls=tls_peer(pki), acse_timeout=10.0,
+                          dimse_timeout=30.0)
+    register_modality(tls_orthanc, "fastroute", "FASTROUTE", peers.free_port())  # may C-FIND
+    with QueryRetrieveClient(source, "FASTROUTE") as qr:
+        assert qr.conn.assoc is None
+        found = list(qr.find(Level.IMAGE, {"StudyInstanceUID": study_uid, "SOPInstanceUID": ""}))
+        assert qr.conn.assoc is not None and qr.conn.assoc.tls
+    assert sorted(str(ds.SOPInstanceUID) for ds in found) == sorted(b[1] for b in bodies)
+
+
+def test_orthanc_refuses_a_client_without_a_certificate(tls_orthanc: Any, pki: Pki) -> None:
+    ok, words = scu.echo(destination(tls_orthanc.dicom_port, tls_peer(pki, client=None),
+                                     ae_title="ORTHANCTLS"), "FASTROUTE")
+    assert not ok
+    assert ("the peer refused our certificate" in words
+            or "it may refuse our client certificate (we presented none)" in words), words
+    ok, words = scu.echo(destination(tls_orthanc.dicom_port, tls_peer(pki), ae_title="ORTHANCTLS"),
+                         "FASTROUTE")
+    assert ok, words
