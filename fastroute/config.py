@@ -806,7 +806,8 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class AlertsConfig:
-    """Thresholds the HTTP process checks; every one is off unless configured."""
+    """Thresholds the HTTP process checks; every one is off unless configured, except
+    ``certificate_expiry`` (30 days), which checks only the TLS certificates configured."""
 
     # seconds, for every destination (``oldest_age: {default: 1h, pacs: 10m}`` sets both fields)
     oldest_age: float | None = field(default=None, metadata=key(shape=Shape.CUSTOM, read=_read_oldest_age))
@@ -816,6 +817,10 @@ class AlertsConfig:
         default=None, metadata=key(_int(1, 1000000), "a number of failures"))
     spool_min_free: int | None = field(default=None, metadata=_SIZE)   # bytes free on the spool's disk
     webhook: str | None = field(default=None, metadata=key(_url, "a webhook URL"))   # POSTed JSON on raise and clear
+    # seconds: a configured TLS certificate with less validity left raises certificate_expiry
+    # (on by default, 30 days; null turns it off)
+    certificate_expiry: float | None = field(default=30 * 86400.0, metadata=key(
+        parse_duration, "a duration such as 30d", if_null=IfNull.NONE))
 
     def oldest_age_limit(self, dest: str) -> float | None:
         return self.oldest_age_for.get(dest, self.oldest_age)

@@ -290,3 +290,155 @@ def test_orthanc_refuses_a_client_without_a_certificate(tls_orthanc: Any, pki: P
     ok, words = scu.echo(destination(tls_orthanc.dicom_port, tls_peer(pki), ae_title="ORTHANCTLS"),
                          "FASTROUTE")
     assert ok, words
+
+
+# -- certificate expiry: /metrics, the alert, the webhook ------------------------------------------
+
+def expiry_config(tmp_path: Path, pki: Pki, dest_cert: str, *, extra: str = "") -> Any:
+    from fastroute.config import loads
+    return loads(f"""
+spool: {tmp_path / 'spool'}
+tls: {{cert: {pki.cert('server')}, key: {pki.key('server')}, ca: {pki.cert('ca')}}}
+http: {{token: s3cret}}
+destinations:
+  pacs:
+    ae_title: PACS
+    host: localhost
+    port: 2762
+    tls: {{ca: {pki.cert('ca')}, cert: {pki.cert(dest_cert)}, key: {pki.key(dest_cert)}}}
+  plain: {{ae_title: PLAIN, host: localhost, port: 104}}
+sources:
+  arch: {{ae_title: ARCH, host: localhost, port: 2762, tls: {{ca: {pki.cert('otherca')}}}}}
+{extra}""")
+
+
+def test_expiry_days_per_configured_certificate_in_metrics(tmp_path: Path, pki: Pki) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fastroute.ops.metrics import make_registry, render
+    from fastroute.spool import Spool
+    pki.issue("soon", "soon.fastroute.test", days=10, san="DNS:soon.fastroute.test")
+    cfg = expiry_config(tmp_path, pki, "soon")
+    spool = Spool(cfg.spool, map_size=64 * 1024**2)
+    try:
+        text = render(make_registry(cfg, spool)).decode()
+    finally:
+        spool.close()
+    fam = {f.name: f for f in text_string_to_metric_families(text)}["fastroute_tls_certificate_expiry_days"]
+    got = {(s.labels["role"], s.labels["name"], s.labels["subject"]): s.value for s in fam.samples}
+    assert set(got) == {
+        ("listener", "tls", "CN=localhost,O=fastroute test"),           # its certificate
+        ("listener", "tls", "CN=fastroute test CA,O=fastroute test"),   # the client CA
+        ("destination", "pacs", "CN=soon.fastroute.test,O=fastroute test"),
+        ("destination", "pacs", "CN=fastroute test CA,O=fastroute test"),
+        ("source", "arch", "CN=another CA,O=fastroute test"),
+    }, got
+    assert got[("destination", "pacs", "CN=soon.fastroute.test,O=fastroute test")] == pytest.approx(10, abs=0.1)
+    assert got[("listener", "tls", "CN=localhost,O=fastroute test")] == pytest.approx(90, abs=0.1)
+    assert got[("source", "arch", "CN=another CA,O=fastroute test")] == pytest.approx(365, abs=0.1)
+
+
+def test_expiry_alert_raised_under_30_days_cleared_on_renewal(tmp_path: Path, pki: Pki) -> None:
+    """Through the HTTP plane's monitor: the alert appears in /api/alerts and /metrics and is
+    POSTed to the webhook; the file renewed in place clears it on the next round (no restart);
+    an unreadable file raises it too."""
+    import asyncio
+    import dataclasses
+    import shutil
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from fastroute.ops.api import make_app
+    from fastroute.spool import Spool
+    d = tmp_path / "certs"
+    d.mkdir()
+    pki.issue("renew", "renew.fastroute.test", days=5, san="DNS:renew.fastroute.test")
+    for ext in ("pem", "key"):
+        shutil.copy(pki.dir / f"renew.{ext}", d / f"client.{ext}")
+    cfg = expiry_config(tmp_path, pki, "renew")
+    pacs = cfg.destinations["pacs"]
+    cfg = dataclasses.replace(cfg, destinations={**cfg.destinations, "pacs": dataclasses.replace(
+        pacs, tls=dataclasses.replace(pacs.tls, cert=d / "client.pem", key=d / "client.key"))})
+    received: list[dict[str, Any]] = []
+    spool = Spool(cfg.spool, map_size=64 * 1024**2)
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    async def until(fetch: Callable[[], Any], check: Callable[[Any], bool], what: str) -> Any:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            value = await fetch()
+            if check(value):
+                return value
+            assert asyncio.get_running_loop().time() < deadline, f"{what}: {value!r}"
+            await asyncio.sleep(0.02)
+
+    async def main() -> None:
+        hook_app = web.Application()
+        hook_app.router.add_post("/hook", hook)
+        async with TestServer(hook_app) as hook_server:
+            with_hook = dataclasses.replace(cfg, alerts=dataclasses.replace(
+                cfg.alerts, webhook=str(hook_server.make_url("/hook"))))
+            app = make_app(with_hook, spool, None, monitor_interval=0.05)
+            async with TestClient(TestServer(app), headers={"Authorization": "Bearer s3cret"}) as c:
+                async def alerts() -> list[dict[str, Any]]:
+                    resp = await c.get("/api/alerts")
+                    assert resp.status == 200
+                    return [a for a in (await resp.json())["alerts"] if a["name"] == "certificate_expiry"]
+
+                raised = await until(alerts, lambda a: len(a) == 1, "certificate_expiry raised")
+                a = raised[0]
+                assert a["destination"] == "pacs" and a["threshold"] == 30
+                assert a["value"] == pytest.approx(5, abs=0.1)
+                assert "CN=renew.fastroute.test" in a["message"] and "expires in 5 day(s)" in a["message"]
+                assert f"destinations.pacs.tls.cert {d / 'client.pem'}" in a["message"]
+                metrics = await (await c.get("/metrics")).text()
+                assert any(line.startswith("fastroute_alert{") and 'name="certificate_expiry"' in line
+                           and line.endswith(" 1.0") for line in metrics.splitlines()), metrics
+
+                pki.issue("renewed", "renew.fastroute.test", days=200, san="DNS:renew.fastroute.test")
+                for ext in ("pem", "key"):          # renewed in place, as certbot would
+                    shutil.copy(pki.dir / f"renewed.{ext}", d / f"client.{ext}")
+                await until(alerts, lambda a: not a, "certificate_expiry cleared after the renewal")
+
+                (d / "client.pem").write_text("garbage")
+                unreadable = await until(alerts, lambda a: len(a) == 1, "unreadable file alert")
+                assert "cannot be read" in unreadable[0]["message"]
+                await until(lambda: asyncio.sleep(0, [(e["event"], e["name"]) for r in received
+                                                      for e in r["events"]]),
+                            lambda ev: len(ev) >= 3, "webhook events")
+        events = [(e["event"], e["name"], e["destination"]) for r in received for e in r["events"]]
+        assert events[:3] == [("raised", "certificate_expiry", "pacs"), ("cleared", "certificate_expiry", "pacs"),
+                              ("raised", "certificate_expiry", "pacs")], events
+
+    try:
+        asyncio.run(main())
+    finally:
+        spool.close()
+
+
+def test_expiry_alert_threshold_configurable_and_off() -> None:
+    from fastroute.config import AlertsConfig, loads
+    from fastroute.ops.alerts import evaluate
+    from fastroute.ops.certificates import CertificateExpiry
+    assert loads("alerts: {certificate_expiry: 60d}\n").alerts.certificate_expiry == 60 * 86400
+    assert loads("alerts: {certificate_expiry: null}\n").alerts.certificate_expiry is None
+    now = dt.datetime.now(dt.UTC)
+    c = CertificateExpiry("source", "arch", "sources.arch.tls.ca", Path("/x/ca.pem"), "CN=x",
+                          now + dt.timedelta(days=40), 40.0)
+    assert evaluate(AlertsConfig(), [], None, [c]) == {("certificate_expiry", "sources.arch.tls.ca CN=x"): None}
+    hit = evaluate(AlertsConfig(certificate_expiry=60 * 86400.0), [], None, [c])
+    alert = hit[("certificate_expiry", "sources.arch.tls.ca CN=x")]
+    assert alert is not None and alert.destination == "" and "source arch" in alert.message
+    assert evaluate(AlertsConfig(certificate_expiry=None), [], None, [c]) == {}
+    expired = dataclasses_replace(c, not_after=now - dt.timedelta(days=3), days_left=-3.0)
+    alert = evaluate(AlertsConfig(), [], None, [expired])[("certificate_expiry", "sources.arch.tls.ca CN=x")]
+    assert alert is not None and "EXPIRED 3 day(s) ago" in alert.message
+
+
+def dataclasses_replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+    return dataclasses.replace(obj, **changes)

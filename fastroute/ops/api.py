@@ -36,6 +36,7 @@ from fastroute import __version__
 
 from fastroute.ops import actions as ops
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
+from fastroute.ops.certificates import certificate_expiry
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
 from fastroute.logsetup import fields
@@ -84,7 +85,8 @@ class Plane:
         self.history.add(now, self.spool.counters())
         readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"])
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
-        checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"])
+        checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"],
+                          certificate_expiry(self.cfg))
         if now >= self.retention_due:
             self.retention_due = now + RETENTION_INTERVAL
             try:

@@ -27,6 +27,7 @@ from fastroute.config import Config
 from fastroute.dicom.status import meaning
 from fastroute.ops.actions import DestinationStatus, destination_status, display_name
 from fastroute.ops.alerts import AlertBook
+from fastroute.ops.certificates import certificate_expiry
 from fastroute.spool import CounterKey, CounterKind, Counters, Spool
 from fastroute.spool.counters import LATENCY_BUCKETS, FailureCause
 
@@ -90,8 +91,20 @@ class SpoolCollector(Collector):
         yield self._latency(counters)
         yield from self._queues(queues, counters)
         yield from self._usage()
+        yield self._certificates()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
+
+    def _certificates(self) -> Metric:
+        """Days left per configured TLS certificate (own and CA; negative: expired). A file
+        that cannot be read has no series here (the certificate_expiry alert names it)."""
+        fam = GaugeMetricFamily("fastroute_tls_certificate_expiry_days",
+                                "Days until the certificate's notAfter, per configured TLS certificate",
+                                labels=["role", "name", "subject"])
+        for c in certificate_expiry(self.cfg):
+            if c.days_left is not None:
+                fam.add_metric([c.role, c.name, c.subject], round(c.days_left, 3))
+        return fam
 
     @staticmethod
     def _build_info() -> Metric:
