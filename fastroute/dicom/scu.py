@@ -16,9 +16,9 @@ method here beside :meth:`Connection.send_raw` and :meth:`Connection.echo`.
 DICOM TLS (a peer config with ``tls:``, issue 14): the socket is wrapped after the TCP connect
 with :func:`fastroute.dicom.tls.client_context` (SNI and, unless ``verify_hostname: false``,
 the certificate's name checked against ``host``). SSL sockets have no ``sendmsg``: the PDUs'
-12-byte headers are gathered with the payload that follows them into full TLS records (one
-copy, at most a record per buffer run), and payload runs of whole records go to ``sendall``
-as views, uncopied by us (OpenSSL encrypts them straight from the buffer).
+12-byte headers and small payloads are gathered into whole TLS records (one copy, up to
+TLS_GATHER per write), and payload runs of whole records go to ``sendall`` as views, uncopied
+by us (OpenSSL encrypts them straight from the buffer).
 
 We identify as ``acse.IMPLEMENTATION_CLASS_UID`` / ``acse.IMPLEMENTATION_VERSION_NAME``, as the
 SCP does.
@@ -61,7 +61,8 @@ IOV_BATCH = 256             # buffers per sendmsg call (Linux IOV_MAX is 1024)
 RELEASE_TIMEOUT = 10.0      # cap on waiting for A-RELEASE-RP: a release must not stall a thread
 MIN_READER_PDU = 1024 * 1024
 IDLE_REQUEST_TIMEOUT = 10.0  # cap on waiting for the rest of a request the peer began while idle
-TLS_RECORD = 16384          # the TLS maximum plaintext record (RFC 8446 5.1): one SSL_write each
+TLS_RECORD = 16384          # the TLS maximum plaintext record (RFC 8446 5.1)
+TLS_GATHER = 4 * TLS_RECORD  # small buffers are copied together up to this, one SSL_write each
 
 
 class Remote(Protocol):
@@ -267,11 +268,12 @@ def _wrap_tls(sock: socket.socket, ctx: ssl.SSLContext, host: str, where: str, t
 
 
 def _send_tls(sock: socket.socket, buffers: Iterable[bytes | memoryview], sent: list[int]) -> None:
-    """``_send_all`` for an SSL socket (no ``sendmsg``). Small buffers (PDU headers, short
-    payloads) are gathered into full TLS records, so a 12-byte header does not cost a record,
-    a MAC and a syscall of its own; the whole-record middle of a large payload is written from
-    its own memory. ``sent[0]``: as in _send_all, but a failed SSL write may have sent part
-    of its data, so it counts as sent unless the peer was gone before it (EPIPE, reset)."""
+    """``_send_all`` for an SSL socket (no ``sendmsg``). Small buffers (PDU headers, the
+    payloads of small PDUs) are gathered, up to TLS_GATHER, into whole TLS records, so a
+    12-byte header does not cost a record, a MAC and a syscall of its own; the whole-record
+    middle of a large payload is written from its own memory (bench/tls_send.py measures
+    the alternatives). ``sent[0]``: as in _send_all, but a failed SSL write may have sent
+    part of its data, so it counts as sent unless the peer was gone before it (EPIPE, reset)."""
     pending = bytearray()
 
     def write(data: bytes | bytearray | memoryview) -> None:
@@ -284,17 +286,16 @@ def _send_tls(sock: socket.socket, buffers: Iterable[bytes | memoryview], sent: 
         sent[0] += len(data)
 
     for buf in buffers:
-        n = len(buf)
-        room = TLS_RECORD - len(pending)
-        if n < room:
+        if len(pending) + len(buf) < TLS_GATHER:
             pending += buf
             continue
         view = memoryview(buf)
-        if pending:                    # complete the record begun with the header
-            pending += view[:room]
+        if pending:                    # complete the record begun, then write what is gathered
+            take = -len(pending) % TLS_RECORD
+            pending += view[:take]
+            view = view[take:]
             write(pending)
             pending = bytearray()
-            view = view[room:]
         whole = len(view) - len(view) % TLS_RECORD
         if whole:
             write(view[:whole])
