@@ -160,15 +160,19 @@ def _ts(v: Any) -> str:
 
 def normalise_dn(dn: str) -> tuple[tuple[str, str], ...]:
     """A distinguished name as sorted (TYPE, value) pairs: "CN=a,O=b" and "O = b, CN = a"
-    (openssl's default one-line order) compare equal; attribute types are case-insensitive."""
+    (openssl's default one-line order) compare equal; types and values compare without case
+    (X.520 caseIgnoreMatch, which the usual attributes CN, O, OU, L, ST, C use)."""
     pairs = []
-    for part in re.split(r"(?<!\\)[,+/]", dn):
+    # openssl's old one-line form "/O=b/CN=a" is split on "/", RFC 4514 (and openssl's default
+    # "O = b, CN = a") on "," and "+": a "/" inside a value stays in it
+    parts = re.split(r"(?<!\\)/", dn[1:]) if dn.startswith("/") else re.split(r"(?<!\\)[,+]", dn)
+    for part in parts:
         if not part.strip():
             continue
         k, sep, v = part.partition("=")
         if not sep:
             raise ValueError(f"not a distinguished name: {dn!r}")
-        pairs.append((k.strip().upper(), v.strip().replace("\\", "")))
+        pairs.append((k.strip().upper(), v.strip().replace("\\", "").casefold()))   # caseIgnoreMatch
     return tuple(sorted(pairs))
 
 

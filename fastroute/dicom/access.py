@@ -76,6 +76,9 @@ def certificate_matches(binding: CertBinding, cert: CertificateFacts | None) -> 
         return False
     if binding.cert_fingerprint is not None and binding.cert_fingerprint != cert.fingerprint:
         return False
-    if binding.cert_subject is not None and normalise_dn(binding.cert_subject) != normalise_dn(cert.subject):
-        return False
+    if binding.cert_subject is not None:
+        try:
+            return normalise_dn(binding.cert_subject) == normalise_dn(cert.subject)
+        except ValueError:            # a subject we cannot take apart matches nothing
+            return False
     return True

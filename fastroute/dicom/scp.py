@@ -424,6 +424,10 @@ class Listener:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._tls_accept: asyncio.Task[None] | None = None
         self._tls_sock: socket.socket | None = None
+        # connections in their TLS handshake at once; past it new ones are closed at once
+        self.max_handshakes = max(16, 4 * cfg.max_associations)
+        self._shed = 0
+        self._shed_logged = 0.0
         self.slots = SlotTable(cfg.spool / "run" / "associations.slots")
         self.loop = _new_loop()
         self._conns: set[_Connection] = set()
@@ -490,9 +494,29 @@ class Listener:
                 log.error("TLS port %d: accept failed: %s", self.tls_port, exc)
                 await asyncio.sleep(0.1)
                 continue
+            if len(self._handshakes) >= self.max_handshakes:
+                self._shed_handshake(sock)
+                continue
             task = self.loop.create_task(self._handshake(sock))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+
+    def _shed_handshake(self, sock: socket.socket) -> None:
+        """Too many connections mid-handshake (a flood of idle TCP clients): close this one
+        at once rather than run out of file descriptors; logged at most once a second."""
+        try:
+            ip = str(sock.getpeername()[0])
+        except OSError:
+            ip = "?"
+        self._shed += 1
+        now = time.monotonic()
+        if now - self._shed_logged >= 1.0:
+            log.warning("TLS port %d: %d connection(s) still in their handshake (the most allowed); "
+                        "closed %d new one(s), the last from %s", self.tls_port, len(self._handshakes),
+                        self._shed, ip, extra=fields(peer=ip))
+            self._shed, self._shed_logged = 0, now
+        sock.close()
+        self.on_association("rejected/tls_handshakes_full", 0, 0)
 
     async def _handshake(self, sock: socket.socket) -> None:
         """One TLS connection's handshake, then its association (a :class:`_Connection`,

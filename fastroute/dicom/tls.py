@@ -266,6 +266,47 @@ def certificate_facts(der: bytes) -> CertificateFacts:
                             not_before=not_before, not_after=not_after, common_name=cn)
 
 
+@dataclass(frozen=True, slots=True)
+class CrlFacts:
+    """When a CRL was issued and when the next is due: past ``next_update`` OpenSSL refuses
+    every client certificate it is asked to check against it ("CRL has expired")."""
+
+    issuer: str
+    this_update: dt.datetime
+    next_update: dt.datetime | None
+
+
+def crl_facts(der: bytes) -> CrlFacts:
+    """The facts of one DER CRL (CertificateList, RFC 5280 5.1); raises DerError."""
+    try:
+        _, cs, _ = _tlv(der, 0)                       # CertificateList
+        _, ts, te = _tlv(der, cs)                     # TBSCertList
+        fields = list(_children(der, ts, te))
+        if fields and fields[0][0] == 0x02:           # version INTEGER (v2)
+            fields = fields[1:]
+        # signature, issuer, thisUpdate, nextUpdate OPTIONAL, ...
+        issuer, _ = _name(der, fields[1][1], fields[1][2])
+        this_update = _time(fields[2][0], der[fields[2][1]:fields[2][2]])
+        nxt = fields[3] if len(fields) > 3 and fields[3][0] in (0x17, 0x18) else None
+        next_update = _time(nxt[0], der[nxt[1]:nxt[2]]) if nxt is not None else None
+    except (IndexError, ValueError, UnicodeDecodeError) as exc:
+        raise DerError(f"not an X.509 CRL: {exc}") from None
+    return CrlFacts(issuer, this_update, next_update)
+
+
+_CRL_RE = re.compile(r"-----BEGIN X509 CRL-----(.+?)-----END X509 CRL-----", re.S)
+
+
+def file_crls(path: Path) -> list[CrlFacts]:
+    """Every CRL of a PEM file (OSError when unreadable, DerError when malformed)."""
+    import base64
+    text = path.read_text("ascii", "replace")
+    try:
+        return [crl_facts(base64.b64decode(m.group(1))) for m in _CRL_RE.finditer(text)]
+    except ValueError as exc:
+        raise DerError(f"not PEM: {exc}") from None
+
+
 _PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -334,6 +375,31 @@ def _expiry(key: str, path: Path, now: dt.datetime, findings: list[Finding]) -> 
             findings.append(Finding("ok", key, f"{path}: {what} ({days:.0f} days left)"))
 
 
+def _crl_check(key: str, path: Path, now: dt.datetime, findings: list[Finding]) -> None:
+    """A CRL past its nextUpdate fails every handshake: an error; due within a day: a warning."""
+    try:
+        crls = file_crls(path)
+    except (OSError, DerError) as exc:
+        findings.append(Finding("error", key, f"{path}: {exc}"))
+        return
+    if not crls:
+        findings.append(Finding("error", key, f"{path}: no PEM CRL in it"))
+        return
+    for c in crls:
+        if c.next_update is None:
+            findings.append(Finding("ok", key, f"{path}: CRL of {c.issuer}, no next update given"))
+            continue
+        hours = (c.next_update - now).total_seconds() / 3600
+        what = f"CRL of {c.issuer}, next update due {c.next_update:%Y-%m-%d %H:%M} UTC"
+        if hours < 0:
+            findings.append(Finding("error", key, f"{path}: {what}: OUT OF DATE, every client "
+                                    "certificate will be refused until a new CRL is installed"))
+        elif hours < 24:
+            findings.append(Finding("warning", key, f"{path}: {what}: in {hours:.0f} hours"))
+        else:
+            findings.append(Finding("ok", key, f"{path}: {what}"))
+
+
 def _context_check(prefix: str, build: Callable[[], object], findings: list[Finding]) -> None:
     try:
         build()
@@ -358,6 +424,8 @@ def check_listener(cfg: TlsListenerConfig, prefix: str = "tls",
     _expiry(f"{prefix}.cert", cfg.cert, now, findings)
     if cfg.ca is not None:
         _expiry(f"{prefix}.ca", cfg.ca, now, findings)
+    if cfg.crl is not None:
+        _crl_check(f"{prefix}.crl", cfg.crl, now, findings)
     return findings
 
 
@@ -386,5 +454,5 @@ __all__ = [
     "BCP195_CIPHERS", "LEGACY_CIPHERS", "TlsSetupError", "readable", "server_context", "client_context",
     "CertificateFacts", "DerError", "certificate_facts", "pem_certificates", "file_facts",
     "peer_facts", "normalise_dn", "normalise_fingerprint", "Finding", "check_listener", "check_peer",
-    "EXPIRY_WARNING_DAYS",
+    "EXPIRY_WARNING_DAYS", "CrlFacts", "crl_facts", "file_crls",
 ]
