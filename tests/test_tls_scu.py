@@ -105,7 +105,7 @@ def test_mutual_tls_bytes_arrive_exactly_as_sent(storescp: StoreSCPFactory, pki:
 def test_send_tls_gathers_headers_into_records() -> None:
     """The gathering itself: every byte in order, records full except the last of a message,
     and a long payload's whole-record middle handed over as a view of its own memory. (Why
-    gather: bench/tls_send.py — a sendall per buffer ran at a fifth of the speed with 4 KiB
+    gather: bench/tls_send.py — a sendall per buffer ran at a quarter of the speed with 4 KiB
     PDUs.)"""
     writes: list[bytes | bytearray | memoryview] = []
 
@@ -450,3 +450,37 @@ def test_expiry_alert_threshold_configurable_and_off() -> None:
 def dataclasses_replace(obj: Any, **changes: Any) -> Any:
     import dataclasses
     return dataclasses.replace(obj, **changes)
+
+
+# -- configuration: relative paths, fastroute check ------------------------------------------------
+
+def test_peer_tls_paths_relative_to_the_config_file_and_checked(tmp_path: Path, pki: Pki) -> None:
+    """``tls:`` files of destinations and sources are relative to the configuration file;
+    ``fastroute check`` validates them (missing file, cert without key, expiry)."""
+    import shutil
+    import sys
+
+    from fastroute.config import load
+    (tmp_path / "tls").mkdir()
+    for name in ("ca.pem", "client.pem", "client.key"):
+        shutil.copy(pki.dir / name, tmp_path / "tls" / name)
+    path = tmp_path / "router.yaml"
+    path.write_text(f"""spool: {tmp_path / 'spool'}
+destinations:
+  pacs: {{ae_title: PACS, host: localhost, port: 2762,
+          tls: {{ca: tls/ca.pem, cert: tls/client.pem, key: tls/client.key}}}}
+sources:
+  arch: {{ae_title: ARCH, host: localhost, port: 2762, tls: {{ca: tls/missing.pem}}}}
+""")
+    cfg = load(path)
+    assert cfg.destinations["pacs"].tls == TlsPeerConfig(
+        ca=tmp_path / "tls/ca.pem", cert=tmp_path / "tls/client.pem", key=tmp_path / "tls/client.key")
+    assert cfg.sources["arch"].tls is not None and cfg.sources["arch"].tls.ca == tmp_path / "tls/missing.pem"
+    res = subprocess.run([sys.executable, "-m", "fastroute", "check", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode != 0
+    assert "sources.arch.tls.ca" in res.stderr and "no such file" in res.stderr, res.stderr
+    assert "destinations.pacs.tls" not in res.stderr, res.stderr
+    with pytest.raises(Exception, match="cert and key go together"):
+        from fastroute.config import loads
+        loads("destinations:\n  pacs: {ae_title: P, host: h, port: 1, tls: {cert: a.pem}}\n")
