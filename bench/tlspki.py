@@ -47,6 +47,39 @@ class Pki:
                  "-copy_extensions", "copy")
 
 
+_CA_CNF = """[ca]
+default_ca = ca_default
+[ca_default]
+dir = {dir}
+database = {dir}/index.txt
+new_certs_dir = {dir}
+serial = {dir}/serial
+default_md = sha256
+policy = policy_any
+unique_subject = no
+copy_extensions = copy
+[policy_any]
+commonName = supplied
+organizationName = optional
+"""
+
+
+def issue_dated(pki: Pki, name: str, cn: str, start: str, end: str, *, ca: str = "ca",
+                san: str = "DNS:localhost,IP:127.0.0.1") -> None:
+    """A certificate with explicit validity (``YYYYMMDDHHMMSSZ``), e.g. one long expired:
+    ``openssl ca`` (``x509 -req`` of OpenSSL 3.0 cannot set past dates)."""
+    d = pki.dir
+    if not (d / "ca.cnf").exists():
+        (d / "index.txt").write_text("")
+        (d / "serial").write_text("1000\n")
+        (d / "ca.cnf").write_text(_CA_CNF.format(dir=d))
+    _openssl(d, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=fastroute test/CN={cn}",
+             "-addext", f"subjectAltName={san}")
+    _openssl(d, "ca", "-batch", "-config", "ca.cnf", "-cert", f"{ca}.pem", "-keyfile", f"{ca}.key",
+             "-in", f"{name}.csr", "-out", f"{name}.pem", "-notext", "-startdate", start, "-enddate", end)
+
+
 def make_pki(d: Path) -> Pki:
     d.mkdir(parents=True, exist_ok=True)
     pki = Pki(d)
@@ -59,4 +92,4 @@ def make_pki(d: Path) -> Pki:
     return pki
 
 
-__all__ = ["Pki", "make_pki"]
+__all__ = ["Pki", "make_pki", "issue_dated"]

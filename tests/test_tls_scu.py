@@ -20,7 +20,7 @@ import synth
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ImplicitVRLittleEndian
 
-from bench.tlspki import Pki, make_pki
+from bench.tlspki import Pki, issue_dated, make_pki
 from fastroute.config import DestinationConfig, SourceConfig, TlsPeerConfig
 from fastroute.dicom import scu
 from fastroute.dicom.scu import AssociationFailed, Connection, StoreResult
@@ -91,6 +91,13 @@ def test_mutual_tls_bytes_arrive_exactly_as_sent(storescp: StoreSCPFactory, pki:
     assert assoc.tls and "(TLS)" in assoc.where
     for body in bodies:
         assert store(conn, body) == StoreResult(0, "")
+    # a chunked spool object (pages as a list of views; a PDV spans two of them)
+    sop_class, sop_uid, ts, data = bodies[-1]
+    cuts = [0, 1, 16373, len(data) // 2 + 7, len(data)]
+    parts = [memoryview(data)[a:b] for a, b in zip(cuts, cuts[1:])]
+    cx = conn.context_for(sop_class, ts)
+    assert cx is not None
+    assert conn.send_raw(cx, sop_class, sop_uid, parts) == StoreResult(0, "")
     assert conn.assoc is assoc, "the association was not reused"
     assert conn.usable(), "an idle TLS association (session tickets read) taken as closed"
     assert conn.assoc is assoc
@@ -143,6 +150,14 @@ def test_wrong_ca_names_the_failed_check(storescp: StoreSCPFactory, pki: Pki) ->
     msg = str(err.value)
     assert f"FASTROUTE -> DEST@localhost:{scp.port} (TLS)" in msg
     assert "certificate verify failed: unable to get local issuer certificate" in msg, msg
+
+
+def test_expired_server_certificate_named(storescp: StoreSCPFactory, pki: Pki) -> None:
+    issue_dated(pki, "expired", "localhost", "20200101000000Z", "20210101000000Z")
+    scp = storescp("DEST", extra_args=tls_args(pki, "expired"))
+    ok, words = scu.echo(destination(scp.port, tls_peer(pki)), "FASTROUTE")
+    assert not ok
+    assert "certificate verify failed: certificate has expired (X509 verify code 10)" in words, words
 
 
 def test_hostname_checked_unless_turned_off(storescp: StoreSCPFactory, pki: Pki) -> None:
