@@ -499,3 +499,23 @@ sources:
     with pytest.raises(Exception, match="cert and key go together"):
         from fastroute.config import loads
         loads("destinations:\n  pacs: {ae_title: P, host: h, port: 1, tls: {cert: a.pem}}\n")
+
+
+def test_client_context_rebuilt_when_a_file_is_renewed_in_place(tmp_path: Path, pki: Pki) -> None:
+    """Built once per file content: the same context while the files are unchanged (no
+    rebuild per association), a new one after a renewal in place (the next association
+    presents the new certificate; a sender restart is not needed)."""
+    import os
+    import shutil
+    for name in ("ca.pem", "client.pem", "client.key"):
+        shutil.copy(pki.dir / name, tmp_path / name)
+    cfg = TlsPeerConfig(ca=tmp_path / "ca.pem", cert=tmp_path / "client.pem", key=tmp_path / "client.key")
+    first = scu.tls_context(cfg)
+    assert scu.tls_context(cfg) is first
+    shutil.copy(pki.cert("server"), tmp_path / "client.pem")
+    shutil.copy(pki.key("server"), tmp_path / "client.key")
+    st = (tmp_path / "client.pem").stat()
+    os.utime(tmp_path / "client.pem", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = scu.tls_context(cfg)
+    assert second is not first and scu.tls_context(cfg) is second
+    assert sum(1 for k in scu._contexts if k[0] == cfg) == 1     # the old one is let go

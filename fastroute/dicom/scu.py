@@ -215,8 +215,8 @@ def tls_context(cfg: TlsPeerConfig) -> ssl.SSLContext:
     ctx = _contexts.get(key)
     if ctx is None:
         ctx = client_context(cfg)
-        for old in [k for k in _contexts if k[0] == cfg]:
-            del _contexts[old]
+        for old in [k for k in list(_contexts) if k[0] == cfg]:
+            _contexts.pop(old, None)    # sender threads may race here: both build, one stays
         _contexts[key] = ctx
     return ctx
 
