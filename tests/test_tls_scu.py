@@ -303,6 +303,22 @@ def test_orthanc_tls_destination_and_source(tls_orthanc: Any, pki: Pki,
         assert qr.conn.assoc is not None and qr.conn.assoc.tls
     assert sorted(str(ds.SOPInstanceUID) for ds in found) == sorted(b[1] for b in bodies)
 
+    # C-GET over TLS: Orthanc's C-STOREs arrive on our TLS association and are answered on it
+    from fastroute.dicom.dimse import Message, Peer, Reply
+    from fastroute.dicom.status import Status
+    got: dict[str, bytes] = {}
+
+    def keep(peer: Peer, msg: Message) -> Reply:
+        got[msg.sop_instance_uid] = bytes(msg.data or b"")
+        return Reply(Status.SUCCESS)
+
+    storage = sorted({(b[0], (b[2],)) for b in bodies})
+    with QueryRetrieveClient(source, "FASTROUTE", store=keep, storage=storage) as qr:
+        result = qr.get({"StudyInstanceUID": study_uid})
+        assert result.status == Status.SUCCESS, result
+        assert qr.conn.assoc is not None and qr.conn.assoc.tls
+    assert got == {b[1]: b[3] for b in bodies}, "C-GET over TLS: not the bytes stored"
+
 
 def test_orthanc_refuses_a_client_without_a_certificate(tls_orthanc: Any, pki: Pki) -> None:
     ok, words = scu.echo(destination(tls_orthanc.dicom_port, tls_peer(pki, client=None),
