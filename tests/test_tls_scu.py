@@ -236,6 +236,7 @@ def test_router_delivers_over_mutual_tls_and_backs_off_on_a_wrong_ca(
     # DCMTK sends its CA along with its certificate: the chain ends in a root we do not trust
     assert "certificate verify failed: self-signed certificate in certificate chain" in error, error
     assert not bad.receptions()
+    assert f"destination bad: BAD@localhost:{bad.port} (1 association, TLS)" in r.log_text()
 
 
 # -- Orthanc with DicomTlsEnabled: a TLS destination and a TLS source (C-FIND) --------------------
