@@ -166,7 +166,7 @@ def test_hostname_checked_unless_turned_off(storescp: StoreSCPFactory, pki: Pki)
     with pytest.raises(AssociationFailed, match=r"certificate verify failed: Hostname mismatch.*'localhost'"):
         conn.ensure({("1.2.840.10008.1.1", "1.2.840.10008.1.2")})
     ok, words = scu.echo(destination(scp.port, tls_peer(pki, verify_hostname=False)), "FASTROUTE")
-    assert ok, words
+    assert ok and words == f"C-ECHO FASTROUTE -> DEST@localhost:{scp.port} (TLS): success", words
 
 
 def test_server_refuses_a_missing_client_certificate(storescp: StoreSCPFactory, pki: Pki) -> None:

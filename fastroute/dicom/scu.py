@@ -824,6 +824,8 @@ def echo(dest: Remote, calling_ae: str) -> tuple[bool, str]:
     """C-ECHO a destination on a fresh association; (ok, what happened in words)."""
     conn = Connection(dest, calling_ae)
     head = f"C-ECHO {conn.calling_ae} -> {dest.ae_title}@{dest.host}:{dest.port}"
+    if isinstance(getattr(dest, "tls", None), TlsPeerConfig):
+        head += " (TLS)"
     try:
         conn.ensure({(acse.VERIFICATION_SOP_CLASS, acse.IMPLICIT_VR_LITTLE_ENDIAN)})
         status = conn.echo()
