@@ -59,16 +59,13 @@ def listener_main(cfg: Config, index: int) -> None:
 
     cpus = (cfg.listener_cpus[index % len(cfg.listener_cpus)],) if cfg.listener_cpus else ()
     stop = _child_setup(cfg, f"listener-{index}", cpus)
-    # The supervisor relays SIGHUP: read the certificate files again. (Started with SIGHUP
-    # ignored, see Supervisor._start, so that one relayed early cannot kill it.)
-    hup, wake = threading.Event(), threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        (hup if signum == signal.SIGHUP else stop).set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # SIGTERM stops, SIGHUP (relayed by the supervisor) reads the TLS files again; both are
+    # taken with sigwait below, so no handler runs while the main thread holds a lock. Blocked
+    # before any thread starts (threads inherit the mask, so none takes them instead). SIGHUP
+    # was ignored until here (Supervisor._start): an ignored signal is discarded even when
+    # blocked, so it gets a (never called) handler first.
+    signal.signal(signal.SIGHUP, lambda _s, _f: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
     spool = open_spool(cfg)
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
@@ -94,12 +91,10 @@ def listener_main(cfg: Config, index: int) -> None:
         log.error("listener-%d: cannot listen on %s:%d%s: %s", index, cfg.host, cfg.port,
                   f" / TLS {cfg.tls.port}" if cfg.tls is not None else "", exc)
         sys.exit(EXIT_CONFIG)
-    while not stop.is_set():
-        wake.wait()
-        wake.clear()
-        if hup.is_set():
-            hup.clear()
-            receiver.reload_tls()
+    while not stop.is_set():          # set by a SIGTERM taken before the mask
+        if signal.sigwait({signal.SIGTERM, signal.SIGHUP}) == signal.SIGTERM:
+            break
+        receiver.reload_tls()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
     receiver.stop(cfg.shutdown_grace)
     store.close()
