@@ -25,8 +25,8 @@ SCP does.
 """
 from __future__ import annotations
 
-import logging
 import errno
+import logging
 import select
 import socket
 import ssl
