@@ -536,3 +536,40 @@ def test_client_context_rebuilt_when_a_file_is_renewed_in_place(tmp_path: Path, 
     second = scu.tls_context(cfg)
     assert second is not first and scu.tls_context(cfg) is second
     assert sum(1 for k in scu._contexts if k[0] == cfg) == 1     # the old one is let go
+
+
+def test_cli_echo_and_query_over_tls_from_the_config_file(tls_orthanc: Any, pki: Pki, tmp_path: Path,
+                                                          synth_study: Callable[..., list[Path]]) -> None:
+    """End to end from YAML (relative certificate paths): ``fastroute echo`` a TLS destination
+    and ``fastroute query`` a TLS source, both Orthanc with DicomTlsEnabled."""
+    import shutil
+    import sys
+
+    import pydicom
+    files = synth_study(n_instances=1, tiny=True)
+    conn = Connection(destination(tls_orthanc.dicom_port, tls_peer(pki), ae_title="ORTHANCTLS"), "FASTROUTE")
+    assert store(conn, body_of(files[0])) == StoreResult(0, "")
+    conn.release()
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    register_modality(tls_orthanc, "fastroute", "FASTROUTE", peers.free_port())
+    (tmp_path / "tls").mkdir()
+    for name in ("ca.pem", "client.pem", "client.key"):
+        shutil.copy(pki.dir / name, tmp_path / "tls" / name)
+    tls_keys = "{ca: tls/ca.pem, cert: tls/client.pem, key: tls/client.key}"
+    path = tmp_path / "router.yaml"
+    path.write_text(f"""spool: {tmp_path / 'spool'}
+destinations:
+  pacs: {{ae_title: ORTHANCTLS, host: localhost, port: {tls_orthanc.dicom_port}, tls: {tls_keys}}}
+sources:
+  arch: {{ae_title: ORTHANCTLS, host: localhost, port: {tls_orthanc.dicom_port}, tls: {tls_keys}}}
+""")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fastroute", *args, "-c", str(path)],
+                              capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path.parent)
+    res = cli("echo", "pacs")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"C-ECHO FASTROUTE -> ORTHANCTLS@localhost:{tls_orthanc.dicom_port} (TLS): success" in res.stdout
+    res = cli("query", "arch", f"StudyInstanceUID={study_uid}", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert study_uid in res.stdout
