@@ -654,6 +654,8 @@ class DestinationConfig:
     allow_lossy: bool = field(default=False, metadata=_BOOL)
     # our AE title towards this peer (default: ae_title)
     calling_ae: str | None = field(default=None, metadata=_AE)
+    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
+    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
     # objects claimed per association round
     batch_size: int = field(default=32, metadata=key(_int(1, 10000), "a batch size"))
     # per object, for object-level transient failures
@@ -681,8 +683,6 @@ class DestinationConfig:
     # NumberOfStudyRelatedInstances is compared (for a PACS without IMAGE-level queries).
     # With image, a refused IMAGE-level query falls back to study level by itself.
     query_level: str = field(default="image", metadata=key(_choice("image", "study"), "image or study"))
-    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
-    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,6 +700,8 @@ class SourceConfig:
     max_associations: int = field(default=2, metadata=key(_int(1, 64), "a number of associations (1-64)"))
     # our AE title towards this source (default: the router's ae_title)
     calling_ae: str | None = field(default=None, metadata=_AE)
+    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
+    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
     # the AE the source must send C-MOVE sub-operations to, as registered at the source
     # (default: the router's ae_title)
     move_destination: str | None = field(default=None, metadata=_AE)
@@ -719,8 +721,6 @@ class SourceConfig:
     dimse_timeout: float = field(default=120.0, metadata=_DURATION)
     network_timeout: float = field(default=120.0, metadata=_DURATION)
     max_pdu: int = field(default=262144, metadata=_PDU)
-    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
-    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -999,6 +999,15 @@ def resolve_tls_paths(tls: TlsListenerConfig | None, base: Path) -> TlsListenerC
                                ca=_relative_to(base, tls.ca), crl=_relative_to(base, tls.crl))
 
 
+def _resolve_peers_tls(cfg: Config, base: Path) -> Config:
+    """Every destination's and source's ``tls:`` files relative to the configuration file."""
+    dests = {n: dataclasses.replace(d, tls=resolve_peer_tls_paths(d.tls, base)) if d.tls else d
+             for n, d in cfg.destinations.items()}
+    sources = {n: dataclasses.replace(s, tls=resolve_peer_tls_paths(s.tls, base)) if s.tls else s
+               for n, s in cfg.sources.items()}
+    return dataclasses.replace(cfg, destinations=dests, sources=sources)
+
+
 def _read(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
@@ -1049,21 +1058,12 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
         cfg = loads(yaml.safe_dump(merged, sort_keys=False), f"{source} + {profile}")
     if p is None:
         return cfg
+    cfg = _resolve_peers_tls(cfg, p.parent)     # destinations' and sources' tls: files
     # A relative spool path is relative to the configuration file, not the working directory.
     if not cfg.spool.is_absolute():
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))
     if cfg.tls is not None:   # and so are the TLS files
         cfg = dataclasses.replace(cfg, tls=resolve_tls_paths(cfg.tls, p.parent))
-    peers_tls = {n: resolve_peer_tls_paths(d.tls, p.parent) for n, d in cfg.destinations.items() if d.tls}
-    if peers_tls:
-        cfg = dataclasses.replace(cfg, destinations={
-            n: dataclasses.replace(d, tls=peers_tls[n]) if n in peers_tls else d
-            for n, d in cfg.destinations.items()})
-    src_tls = {n: resolve_peer_tls_paths(s.tls, p.parent) for n, s in cfg.sources.items() if s.tls}
-    if src_tls:
-        cfg = dataclasses.replace(cfg, sources={
-            n: dataclasses.replace(s, tls=src_tls[n]) if n in src_tls else s
-            for n, s in cfg.sources.items()})
     return cfg
 
 

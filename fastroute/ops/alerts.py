@@ -36,7 +36,7 @@ class Reading:
 
 @dataclass(frozen=True)
 class Alert:
-    name: str            # oldest_age | consecutive_failures | spool_free | certificate_expiry
+    name: str            # oldest_age | consecutive_failures | spool_free
     destination: str
     value: float
     threshold: float

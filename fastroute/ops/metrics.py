@@ -27,7 +27,6 @@ from fastroute.config import Config
 from fastroute.dicom.status import meaning
 from fastroute.ops.actions import DestinationStatus, destination_status, display_name
 from fastroute.ops.alerts import AlertBook
-from fastroute.ops.certificates import certificate_expiry
 from fastroute.spool import CounterKey, CounterKind, Counters, Spool
 from fastroute.spool.counters import LATENCY_BUCKETS, FailureCause
 
@@ -86,18 +85,19 @@ class SpoolCollector(Collector):
         counters = self.spool.counters()
         queues = destination_status(self.cfg, self.spool)
         yield self._build_info()
+        yield self._certificates()
         yield from self._counters(counters)
         yield from self._events(counters)
         yield self._latency(counters)
         yield from self._queues(queues, counters)
         yield from self._usage()
-        yield self._certificates()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
 
     def _certificates(self) -> Metric:
         """Days left per configured TLS certificate (own and CA; negative: expired). A file
         that cannot be read has no series here (the certificate_expiry alert names it)."""
+        from fastroute.ops.certificates import certificate_expiry
         fam = GaugeMetricFamily("fastroute_tls_certificate_expiry_days",
                                 "Days until the certificate's notAfter, per configured TLS certificate",
                                 labels=["role", "name", "subject"])
