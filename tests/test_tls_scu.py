@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import ssl
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +108,21 @@ def test_mutual_tls_bytes_arrive_exactly_as_sent(storescp: StoreSCPFactory, pki:
         received = scp.file_for(sop_uid)
         assert received is not None, f"{sop_uid} not received"
         assert body_of(received) == (sop_class, sop_uid, ts, data), f"{sop_uid}: bytes differ"
+
+
+def test_next_association_resumes_the_tls_session(storescp: StoreSCPFactory, pki: Pki) -> None:
+    """A PACS that ends every association: the second one resumes the TLS session (no
+    certificate exchange), and C-ECHO works on it."""
+    scp = storescp("DEST", extra_args=tls_args(pki))
+    conn = Connection(destination(scp.port, tls_peer(pki)), "FASTROUTE")
+    reused = []
+    for _ in range(3):
+        assoc = conn.ensure({("1.2.840.10008.1.1", "1.2.840.10008.1.2")})
+        assert isinstance(assoc.sock, ssl.SSLSocket)
+        reused.append(assoc.sock.session_reused)
+        assert conn.echo() == 0
+        conn.release()
+    assert reused == [False, True, True], reused
 
 
 def test_send_tls_gathers_headers_into_records() -> None:

@@ -198,6 +198,10 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
 # -- TLS ------------------------------------------------------------------------------------------
 
 _contexts: dict[tuple[TlsPeerConfig, tuple[int, ...]], ssl.SSLContext] = {}
+# the last TLS session per (context, host, port): the next association resumes it (no
+# certificate exchange, no signature: a PACS that ends each association after a study costs a
+# full handshake only once); a renewed context starts its own sessions
+_sessions: dict[tuple[ssl.SSLContext, str, int], ssl.SSLSession] = {}
 
 
 def tls_context(cfg: TlsPeerConfig) -> ssl.SSLContext:
@@ -252,12 +256,13 @@ def _presented(cfg: object) -> str:
         return f"we presented {cfg.cert}"
 
 
-def _wrap_tls(sock: socket.socket, ctx: ssl.SSLContext, host: str, where: str, timeout: float) -> ssl.SSLSocket:
-    """The TLS handshake on a connected socket (closed on failure); AssociationFailed naming
-    the peer and the TLS failure."""
+def _wrap_tls(sock: socket.socket, ctx: ssl.SSLContext, host: str, port: int, where: str,
+              timeout: float) -> ssl.SSLSocket:
+    """The TLS handshake on a connected socket (closed on failure), resuming the last session
+    with the peer where it has one; AssociationFailed naming the peer and the TLS failure."""
     try:
         sock.settimeout(timeout)
-        return ctx.wrap_socket(sock, server_hostname=host)
+        return ctx.wrap_socket(sock, server_hostname=host, session=_sessions.get((ctx, host, port)))
     except socket.timeout as exc:
         sock.close()
         raise AssociationFailed(f"TLS handshake with {where} failed: no answer within the ACSE "
@@ -424,7 +429,7 @@ class Connection:
             raise AssociationFailed(f"cannot connect to {where}: {why}") from exc
         if ctx is not None:
             where = f"{where} (TLS)"
-            sock = _wrap_tls(sock, ctx, d.host, where, d.acse_timeout)
+            sock = _wrap_tls(sock, ctx, d.host, d.port, where, d.acse_timeout)
         assoc = Association(sock, ul, where, 0, Peer(self.calling_ae, d.ae_title, d.host, {}),
                             tls=isinstance(sock, ssl.SSLSocket))
         deadline = time.monotonic() + d.acse_timeout
@@ -476,11 +481,26 @@ class Connection:
                 "presentation context(s) proposed", reasons)
         assoc.peer.contexts = {int(cx.context_id or 0): str(cx.transfer_syntax[0])
                                for cx in assoc.contexts}
+        if ctx is not None and isinstance(sock, ssl.SSLSocket):
+            self._keep_session(ctx, sock)
         ul.established(assoc.peer.contexts)
         log.debug("associated %s: %d of %d contexts accepted, peer max PDU %d, implementation %s",
                   where, len(assoc.contexts), len(results), assoc.peer_max_pdu,
                   assoc.peer_implementation, extra=_fields(assoc))
         return assoc
+
+    def _keep_session(self, ctx: ssl.SSLContext, sock: ssl.SSLSocket) -> None:
+        """Remember the association's TLS session for the next one (TLS 1.3: its ticket came
+        with the A-ASSOCIATE-AC, so it is there now); drop sessions of replaced contexts."""
+        session = sock.session
+        if session is None:
+            return
+        live = set(_contexts.values())
+        for key in [k for k in list(_sessions) if k[0] not in live]:
+            _sessions.pop(key, None)
+        _sessions[(ctx, self.dest.host, self.dest.port)] = session
+        if sock.session_reused:
+            log.debug("%s: TLS session resumed", _where(self.calling_ae, self.dest))
 
     def usable(self) -> bool:
         """Whether there is an association the peer has not ended while it was idle."""
