@@ -125,6 +125,36 @@ def test_next_association_resumes_the_tls_session(storescp: StoreSCPFactory, pki
     assert reused == [False, True, True], reused
 
 
+def test_peer_ending_an_idle_tls_association_is_noticed_before_sending(pki: Pki) -> None:
+    """A TLS peer that ends an idle association (pynetdicom with a 1 s network timeout: an
+    A-ABORT inside TLS, then the close; DCMTK's storescp keeps idle associations): the idle
+    check reads it through TLS and ensure() associates again."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from fastroute.config import TlsListenerConfig
+    from fastroute.dicom import tls
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(Verification)
+    ae.network_timeout = 1.0
+    ctx = tls.server_context(TlsListenerConfig(cert=pki.cert("server"), key=pki.key("server"),
+                                               ca=pki.cert("ca")))
+    port = peers.free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ctx)
+    try:
+        conn = Connection(destination(port, tls_peer(pki)), "FASTROUTE")
+        pair = {("1.2.840.10008.1.1", "1.2.840.10008.1.2")}
+        first = conn.ensure(pair)
+        assert first.tls and conn.echo() == 0
+        wait_until(lambda: not conn.usable(), 15, message="the peer's abort was not noticed")
+        assert conn.assoc is None and not first.is_established
+        second = conn.ensure(pair)
+        assert second is not first and conn.echo() == 0
+        conn.release()
+    finally:
+        server.shutdown()
+
+
 def test_send_tls_gathers_headers_into_records() -> None:
     """The gathering itself: every byte in order, records full except the last of a message,
     and a long payload's whole-record middle handed over as a view of its own memory. (Why
