@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--orthanc", action="store_true",
                    help="routed runs also deliver to Orthanc (/usr/sbin/Orthanc), and dcmsend -> Orthanc "
                         "is measured as a reference")
+    r.add_argument("--tls", action="store_true",
+                   help="DICOM TLS (mutual) on every leg: storescu +tls -> storescp +tls --fork (reference) "
+                        "vs storescu +tls -> fastroute's TLS listener -> its TLS sender -> the same storescp "
+                        "(routed); certificates made with openssl in the work folder. Not with --fanout, "
+                        "--orthanc, --storescu, --soak, --migration")
     r.add_argument("--receiver", choices=("auto", "dcmrecv", "storescp"), default="auto",
                    help="the DCMTK receiver: dcmrecv (one association at a time) or storescp --fork; "
                         "auto: dcmrecv unless the router opens more than one association per destination")
@@ -154,6 +159,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             setattr(args, k, v)
     if args.rounds < 1 or args.senders < 1 or args.tiny < 0 or args.studies < 0:
         raise SystemExit("bench: --rounds and --senders must be >= 1, --tiny and --studies >= 0")
+    if args.tls and (args.fanout or args.orthanc or args.storescu or args.soak is not None or args.migration):
+        raise SystemExit("bench: --tls measures its own two paths; drop --fanout, --orthanc, --storescu, "
+                         "--soak and --migration")
     if args.soak is None and args.tiny == 0 and args.studies == 0:
         raise SystemExit("bench: nothing to send (--tiny 0 and --studies 0)")
     return vars(args)
@@ -261,12 +269,19 @@ def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, A
     receiver = args.receiver
     if receiver == "auto":
         receiver = "storescp" if _associations(args, profile) > 1 else "dcmrecv"
+    pki_dir = None
+    if args.tls:                      # storescp +tls --fork: dcmrecv's TLS is not measured
+        from .tlspki import make_pki
+        receiver, pki_dir = "storescp", work / "pki"
+        if not (pki_dir / "client.pem").exists():
+            make_pki(pki_dir)
     opts = Options(senders=args.senders, listeners=(args.listeners or [None])[0],
                    associations=(args.associations or [None])[0],
                    receiver=receiver, fanout=args.fanout, orthanc=args.orthanc, storescu=args.storescu,
                    profile=profile, timeout=args.timeout, stall=args.stall_timeout, keep=args.keep,
                    run_dir=work / f"run-{stamp}",
-                   receiver_dir=args.receiver_dir / f"run-{stamp}" if args.receiver_dir else None)
+                   receiver_dir=args.receiver_dir / f"run-{stamp}" if args.receiver_dir else None,
+                   tls=pki_dir)
     log = progress.line if progress.tty else (lambda text: None)
     if args.migration:
         return _migration(args, progress, started, out, work, log)
@@ -293,7 +308,8 @@ def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, A
     settings["work_dir"] = str(work) + ("" if args.work_dir else " (temporary, removed)")
     settings["router"] = (f"listeners={_shown(args.listeners) or profile.get('listeners', 1)}, "
                           f"associations per destination={_shown(args.associations) or _associations(args, profile)}, "
-                          f"profile={args.profile or 'none'}, receiver={receiver}, fastroute={args.fastroute}")
+                          f"profile={args.profile or 'none'}, receiver={receiver}, fastroute={args.fastroute}"
+                          + (", DICOM TLS on every leg (mutual)" if args.tls else ""))
     progress.line(f"machine: probing; output to {out}")
     doc: dict[str, Any] = {
         "tool": "fastroute bench", "format": 2, "started": started.isoformat(timespec="seconds"),

@@ -57,10 +57,12 @@ class Receiver:
     association, for concurrent associations). ``ignore`` receives without storing (soak).
     """
 
-    def __init__(self, kind: str, workdir: Path, ae_title: str, *, ignore: bool = False) -> None:
+    def __init__(self, kind: str, workdir: Path, ae_title: str, *, ignore: bool = False,
+                 tls_args: list[str] | None = None) -> None:
         if kind not in ("dcmrecv", "storescp"):
             raise ValueError(f"receiver kind {kind!r}: expected dcmrecv or storescp")
         self.kind = kind
+        self.tls_args = list(tls_args or [])     # ``--tls``: storescp +tls ... (DICOM TLS)
         self.workdir = workdir
         self.ae_title = ae_title
         self.ignore = ignore
@@ -70,7 +72,8 @@ class Receiver:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}{' --fork' if self.kind == 'storescp' else ''} ({self.ae_title})"
+        tls = " +tls" if self.tls_args else ""
+        return f"{self.kind}{tls}{' --fork' if self.kind == 'storescp' else ''} ({self.ae_title})"
 
     def start(self) -> "Receiver":
         self.output.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,7 @@ class Receiver:
                 argv = [str(dcmtk_tool("storescp")), "-aet", self.ae_title, "-od", str(self.output),
                         "-uf", "-fe", ".dcm", "-dhl", "+xa", "--fork"]
             argv += ["--ignore"] if self.ignore else []
+            argv += self.tls_args
             self.proc = Managed([*argv, str(self.port)], self.kind, self.workdir / f"{self.kind}.log",
                                 env=server_env(), cwd=self.workdir)
             return self.proc.start()
@@ -235,6 +239,8 @@ class Router:
         self.workdir = workdir
         self.config = dict(config)
         self.port = int(self.config["port"])
+        # the TLS listener's port (bench --tls): the senders' port, ready only once it listens
+        self.tls_port = int((self.config.get("tls") or {}).get("port") or 0) or None
         self.spool = Path(self.config["spool"])
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "router.yaml"
@@ -255,6 +261,8 @@ class Router:
         assert self.proc is not None
         self.proc.check()
         if not group_listens(self.proc.pid, self.port):
+            return False
+        if self.tls_port is not None and not group_listens(self.proc.pid, self.tls_port):
             return False
         for d in dests:
             try:

@@ -8,6 +8,12 @@ Paths (``PATHS``):
 * ``routed`` — dcmsend -> ``fastroute serve`` -> the same receiver (plus a second one with
   ``--fanout``, plus Orthanc with ``--orthanc``).
 
+With ``--tls`` (DICOM TLS, mutual, on every leg) the two paths are ``reference`` = storescu
++tls -> storescp +tls --fork and ``routed`` = storescu +tls -> the router's TLS listener ->
+the router's TLS sender -> the same storescp +tls: the ratio is then the cost of routing
+under TLS, both sides paying for the encryption. Certificates: bench/tlspki.py, made once in
+the work folder.
+
 The clock starts when the first sender is started, after every peer (and, for routed runs, the
 router: listening, every destination's sender process ready) is up, and stops when every
 destination holds every object (complete files, none still open) and, for routed runs, the
@@ -17,12 +23,13 @@ fresh spool.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,6 +80,7 @@ class Options:
     keep: bool = False
     run_dir: Path = Path("bench/results/run")
     receiver_dir: Path | None = None      # where receivers write; None: run_dir / "peers"
+    tls: Path | None = None               # --tls: the PKI folder (bench/tlspki.py)
 
 
 class Progress:
@@ -145,17 +153,26 @@ class Bench:
         self.opts = opts
         self.progress = progress
         peers = opts.receiver_dir or opts.run_dir / "peers"
+        if opts.tls is not None:
+            self.dest1 = Receiver("storescp", peers / "dest1", "DEST1", tls_args=tls_server_args(opts.tls))
+            self.dest2 = self.storescp = None
+            return
         self.dest1 = Receiver(opts.receiver, peers / "dest1", "DEST1")
         self.dest2 = Receiver(opts.receiver, peers / "dest2", "DEST2") if opts.fanout else None
         self.storescp = Receiver("storescp", peers / "storescp", "STORESCP") if opts.storescu else None
 
     def paths(self) -> list[str]:
+        if self.opts.tls is not None:
+            return ["reference", "routed"]
         out = ["reference"]
         out += ["reference-storescu"] if self.opts.storescu else []
         out += ["reference-orthanc"] if self.opts.orthanc else []
         return [*out, "routed"]
 
     def describe(self, path: str) -> str:
+        if self.opts.tls is not None:
+            return {"reference": f"storescu +tls -> {self.dest1.label}",
+                    "routed": f"storescu +tls -> fastroute (TLS in, TLS out) -> {self.dest1.label}"}[path]
         dests = [self.dest1.label] + ([self.dest2.label] if self.dest2 else []) + \
             (["Orthanc"] if self.opts.orthanc else [])
         return DESCRIPTIONS[path].format(recv=self.dest1.label, dests=" + ".join(dests))
@@ -194,6 +211,13 @@ class Bench:
             if self.opts.associations is not None:
                 d["max_associations"] = self.opts.associations
             dests[name] = d
+        if self.opts.tls is not None:
+            pki = self.opts.tls
+            cfg["tls"] = {"port": free_port(), "cert": str(pki / "server.pem"), "key": str(pki / "server.key"),
+                          "ca": str(pki / "ca.pem"), "require_client_cert": True}
+            for d in dests.values():
+                d["tls"] = {"ca": str(pki / "ca.pem"), "cert": str(pki / "client.pem"),
+                            "key": str(pki / "client.key")}
         cfg["destinations"] = dests
         cfg["rules"] = []
         cfg["default"] = list(targets)
@@ -237,12 +261,15 @@ class Bench:
                 router = Router(workdir, cfg).start()
                 from fastroute.spool import Spool
                 spool = Spool(router.spool, readonly=True)
-                port, called = router.port, str(cfg["ae_title"])
+                port, called = router.tls_port or router.port, str(cfg["ae_title"])
             else:
                 (only,) = targets.values()
                 port, called = only.port, only.ae_title
-            make_argv = storescu_argv if path == "reference-storescu" else dcmsend_argv
+            make_argv: Callable[..., list[str]] = (storescu_argv if path == "reference-storescu"
+                                                   else dcmsend_argv)
             sender_name = "storescu" if path == "reference-storescu" else "dcmsend"
+            if self.opts.tls is not None:       # dcmsend has no TLS: storescu +tls on both paths
+                make_argv, sender_name = functools.partial(tls_storescu_argv, self.opts.tls), "storescu"
 
             def pids() -> dict[int, str]:
                 named: dict[int, str] = {}
@@ -382,6 +409,24 @@ class Bench:
             raise RunFailed(f"the spool records {len(values)} deliveries, {expected} expected "
                             f"({missing} recorded without delivery)")
         return latency_summary(values)
+
+
+def tls_server_args(pki: Path) -> list[str]:
+    """DCMTK acceptor TLS options: its key and certificate, client certificates required
+    and checked against the CA (DCMTK's default profile: non-downgrading BCP 195)."""
+    return ["+tls", str(pki / "server.key"), str(pki / "server.pem"), "+cf", str(pki / "ca.pem"), "-rc"]
+
+
+def tls_client_args(pki: Path) -> list[str]:
+    """DCMTK requestor TLS options: our client key and certificate, the server's CA."""
+    return ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
+
+
+def tls_storescu_argv(pki: Path, port: int, called_ae: str, paths: Iterable[Path]) -> list[str]:
+    """storescu_argv with the client's TLS options (before the address)."""
+    argv = storescu_argv(port, called_ae, paths)
+    at = argv.index(HOST)
+    return [*argv[:at], *tls_client_args(pki), *argv[at:]]
 
 
 def sustained_rate(samples: list[tuple[float, int]], n: int) -> float | None:

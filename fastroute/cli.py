@@ -79,7 +79,9 @@ def describe(cfg: Config) -> str:
         lines.append(f"  accepts calling AEs: {', '.join(cfg.allowed_calling_aes)}")
     for d in cfg.destinations.values():
         lines.append(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port} "
-                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''})")
+                     f"({d.max_associations} association{'s' if d.max_associations > 1 else ''}"
+                     + (f", TLS{'' if d.tls.cert else ' without a client certificate'}" if d.tls else "")
+                     + ")")
     for r in cfg.rules:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")

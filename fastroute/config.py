@@ -621,6 +621,19 @@ def warn_deprecated_engine(key: str, value: str) -> None:
             "and uses it; remove the key", key, value)
 
 
+def _read_peer_tls(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    """A destination's or a source's ``tls:`` section. A reader rather than ``Shape.SECTION``
+    because TlsPeerConfig is defined further down, beside the listener's TlsListenerConfig."""
+    kw: dict[str, Any] = {}
+    _read_fields(ctx, TlsPeerConfig, node, key, kw)
+    if (kw.get("cert") is None) != (kw.get("key") is None):
+        raise ctx.error(node, key, "cert and key go together (mutual TLS), or neither")
+    return {"tls": TlsPeerConfig(**kw)}
+
+
+_PEER_TLS = key(shape=Shape.CUSTOM, read=_read_peer_tls, if_null=IfNull.NONE)
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
     """A DICOM Storage SCP that fastroute sends to."""
@@ -641,6 +654,8 @@ class DestinationConfig:
     allow_lossy: bool = field(default=False, metadata=_BOOL)
     # our AE title towards this peer (default: ae_title)
     calling_ae: str | None = field(default=None, metadata=_AE)
+    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
+    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
     # objects claimed per association round
     batch_size: int = field(default=32, metadata=key(_int(1, 10000), "a batch size"))
     # per object, for object-level transient failures
@@ -692,6 +707,8 @@ class SourceConfig:
     max_associations: int = field(default=2, metadata=key(_int(1, 64), "a number of associations (1-64)"))
     # our AE title towards this source (default: the router's ae_title)
     calling_ae: str | None = field(default=None, metadata=_AE)
+    # DICOM TLS towards it (None: plain TCP); see TlsPeerConfig
+    tls: TlsPeerConfig | None = field(default=None, metadata=_PEER_TLS)
     # the AE the source must send C-MOVE sub-operations to, as registered at the source
     # (default: the router's ae_title)
     move_destination: str | None = field(default=None, metadata=_AE)
@@ -928,7 +945,8 @@ def _read_peers(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class AlertsConfig:
-    """Thresholds the HTTP process checks; every one is off unless configured."""
+    """Thresholds the HTTP process checks; every one is off unless configured, except
+    ``certificate_expiry`` (30 days), which checks only the TLS certificates configured."""
 
     # seconds, for every destination (``oldest_age: {default: 1h, pacs: 10m}`` sets both fields)
     oldest_age: float | None = field(default=None, metadata=key(shape=Shape.CUSTOM, read=_read_oldest_age))
@@ -938,6 +956,10 @@ class AlertsConfig:
         default=None, metadata=key(_int(1, 1000000), "a number of failures"))
     spool_min_free: int | None = field(default=None, metadata=_SIZE)   # bytes free on the spool's disk
     webhook: str | None = field(default=None, metadata=key(_url, "a webhook URL"))   # POSTed JSON on raise and clear
+    # seconds: a configured TLS certificate with less validity left raises certificate_expiry
+    # (on by default, 30 days; null turns it off)
+    certificate_expiry: float | None = field(default=30 * 86400.0, metadata=key(
+        parse_duration, "a duration such as 30d", if_null=IfNull.NONE))
 
     def oldest_age_limit(self, dest: str) -> float | None:
         return self.oldest_age_for.get(dest, self.oldest_age)
@@ -1140,6 +1162,15 @@ def resolve_tls_paths(tls: TlsListenerConfig | None, base: Path) -> TlsListenerC
                                ca=_relative_to(base, tls.ca), crl=_relative_to(base, tls.crl))
 
 
+def _resolve_peers_tls(cfg: Config, base: Path) -> Config:
+    """Every destination's and source's ``tls:`` files relative to the configuration file."""
+    dests = {n: dataclasses.replace(d, tls=resolve_peer_tls_paths(d.tls, base)) if d.tls else d
+             for n, d in cfg.destinations.items()}
+    sources = {n: dataclasses.replace(s, tls=resolve_peer_tls_paths(s.tls, base)) if s.tls else s
+               for n, s in cfg.sources.items()}
+    return dataclasses.replace(cfg, destinations=dests, sources=sources)
+
+
 def _read(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
@@ -1190,6 +1221,7 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
         cfg = loads(yaml.safe_dump(merged, sort_keys=False), f"{source} + {profile}")
     if p is None:
         return cfg
+    cfg = _resolve_peers_tls(cfg, p.parent)     # destinations' and sources' tls: files
     # A relative spool path is relative to the configuration file, not the working directory.
     if not cfg.spool.is_absolute():
         cfg = dataclasses.replace(cfg, spool=(p.parent / cfg.spool))

@@ -59,6 +59,30 @@ def test_quick_bench_delivers_everything_and_reports_ratios(tmp_path: Path, dcmt
     assert doc["headline"]["studies_per_h"] > 0 and "studies/hour on this machine:" in res.stdout
 
 
+def test_tls_bench_routes_over_tls_on_both_legs(tmp_path: Path, dcmtk: object) -> None:
+    """``--tls``: storescu +tls -> storescp +tls against storescu +tls -> fastroute (TLS
+    listener, TLS destination) -> the same storescp, with the ratio (issue 14)."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "bench", "--tls", "--quick", "--tiny", "30", "--studies", "0",
+                          "--fastroute", "checkout", "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    paths = doc["summary"]["tiny"]["paths"]
+    assert set(paths) == {"reference", "routed"}
+    assert paths["reference"]["description"].startswith("storescu +tls -> storescp +tls --fork")
+    assert "TLS in, TLS out" in paths["routed"]["description"]
+    assert doc["summary"]["tiny"]["ratio"]["value"] > 0
+    routed = [r for r in doc["rounds"] if r["path"] == "routed"][0]
+    assert routed["router_config"]["tls"]["require_client_cert"] is True
+    assert all("tls" in d for d in routed["router_config"]["destinations"].values())
+    assert "DICOM TLS on every leg" in doc["settings"]["router"]
+    bad = subprocess.run([sys.executable, "-m", "bench", "--tls", "--fanout"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--tls measures its own two paths" in bad.stderr
+
+
 def test_a_sweep_prints_a_scaling_table_and_work_files_go_to_a_temporary_folder(tmp_path: Path,
                                                                                 dcmtk: object) -> None:
     out, tmp = tmp_path / "out", tmp_path / "tmp"

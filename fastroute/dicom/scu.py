@@ -13,16 +13,25 @@ handler registered for its command field in ``Connection.handlers`` and is answe
 the wait goes on; one without a handler gets 0x0211. A new DIMSE service the SCU *sends* is a
 method here beside :meth:`Connection.send_raw` and :meth:`Connection.echo`.
 
+DICOM TLS (a peer config with ``tls:``, issue 14): the socket is wrapped after the TCP connect
+with :func:`fastroute.dicom.tls.client_context` (SNI and, unless ``verify_hostname: false``,
+the certificate's name checked against ``host``). SSL sockets have no ``sendmsg``: the PDUs'
+12-byte headers and small payloads are gathered into whole TLS records (one copy, up to
+TLS_GATHER per write), and payload runs of whole records go to ``sendall`` as views, uncopied
+by us (OpenSSL encrypts them straight from the buffer).
+
 We identify as ``acse.IMPLEMENTATION_CLASS_UID`` / ``acse.IMPLEMENTATION_VERSION_NAME``, as the
 SCP does.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
+import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,6 +44,8 @@ from fastroute.dicom.dimse import (CommandField, Handler, Message, Peer, Pending
                                    encode_c_echo_rq, encode_c_store_rq, encode_response,
                                    message_buffers)
 from fastroute.dicom.status import Status, describe
+from fastroute.config import TlsPeerConfig
+from fastroute.dicom.tls import TlsSetupError, client_context, file_facts
 from fastroute.logsetup import fields
 from fastroute.dicom.ul import (AssociateAccept, AssociateReject, Event, PeerAbort, ReleaseReply,
                                 ReleaseRequest, Role, UnexpectedPdu, UpperLayer)
@@ -50,13 +61,17 @@ IOV_BATCH = 256             # buffers per sendmsg call (Linux IOV_MAX is 1024)
 RELEASE_TIMEOUT = 10.0      # cap on waiting for A-RELEASE-RP: a release must not stall a thread
 MIN_READER_PDU = 1024 * 1024
 IDLE_REQUEST_TIMEOUT = 10.0  # cap on waiting for the rest of a request the peer began while idle
+TLS_RECORD = 16384          # the TLS maximum plaintext record (RFC 8446 5.1)
+TLS_GATHER = 4 * TLS_RECORD  # small buffers are copied together up to this, one SSL_write each
 
 
 class Remote(Protocol):
     """What an association needs of a peer: a source or a destination config fits
     (``fastroute.dicom.qr.Remote``, the Q/R contract's name for it, is this).
 
-    Read-only members (properties), so the frozen config dataclasses match the protocol."""
+    Read-only members (properties), so the frozen config dataclasses match the protocol.
+    A ``tls`` attribute (TlsPeerConfig, the configs' ``tls:``) makes associations DICOM TLS;
+    it is read with getattr, so a remote without one is plain TCP."""
 
     @property
     def ae_title(self) -> str: ...
@@ -130,6 +145,7 @@ class Association:
     is_established: bool = True
     # SOP class -> (SCU role, SCP role) from the AC's role selection items (C-GET's storage)
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    tls: bool = False                            # sock is an ssl.SSLSocket
 
 
 def _fields(assoc: Association | None, *, sop_uid: str | None = None, status: int | None = None) -> dict[str, object]:
@@ -177,6 +193,121 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
             sock.close()
             error = exc
     raise error or OSError(f"no address for {host}")
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+_contexts: dict[tuple[TlsPeerConfig, tuple[int, ...]], ssl.SSLContext] = {}
+# the last TLS session per (context, host, port): the next association resumes it (no
+# certificate exchange, no signature: a PACS that ends each association after a study costs a
+# full handshake only once); a renewed context starts its own sessions
+_sessions: dict[tuple[ssl.SSLContext, str, int], ssl.SSLSession] = {}
+
+
+def tls_context(cfg: TlsPeerConfig) -> ssl.SSLContext:
+    """The client context of a peer's ``tls:``, built once per content of its files (keyed by
+    their modification times too): a certificate renewed in place is used by the next
+    association, without a restart, and none of the open ones is dropped. TlsSetupError
+    names the file that is wrong."""
+    stamps: list[int] = []
+    for path in cfg.files().values():
+        try:
+            stamps.append(path.stat().st_mtime_ns)
+        except OSError:
+            stamps.append(-1)            # client_context says what is wrong with it
+    key = (cfg, tuple(stamps))
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = client_context(cfg)
+        for old in [k for k in list(_contexts) if k[0] == cfg]:
+            _contexts.pop(old, None)    # sender threads may race here: both build, one stays
+        _contexts[key] = ctx
+    return ctx
+
+
+def tls_failure(exc: BaseException) -> str:
+    """A TLS failure in words: which verification check failed (ours of the peer's
+    certificate), or which alert the peer sent (its check of ours), or the OpenSSL reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"certificate verify failed: {exc.verify_message} "
+                f"(X509 verify code {exc.verify_code})")
+    reason = str(getattr(exc, "reason", "") or "")
+    if "ALERT" in reason:
+        words = reason.lower().replace("_", " ")
+        if any(w in reason for w in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")):
+            return f"the peer refused our certificate or its absence ({words})"
+        return f"the peer ended the handshake ({words})"
+    if reason == "WRONG_VERSION_NUMBER":
+        return "the peer does not speak TLS on this port (wrong version number)"
+    if reason:
+        return reason.lower().replace("_", " ")
+    if isinstance(exc, ssl.SSLEOFError) or isinstance(exc, ConnectionResetError):
+        return "the peer closed the connection during the TLS handshake"
+    return str(exc)
+
+
+def _presented(cfg: object) -> str:
+    """Which client certificate we presented, in words, for an error message."""
+    if not isinstance(cfg, TlsPeerConfig) or cfg.cert is None:
+        return "we presented none"
+    try:
+        return f"we presented {file_facts(cfg.cert)[0].describe()}"
+    except (OSError, ValueError, IndexError):
+        return f"we presented {cfg.cert}"
+
+
+def _wrap_tls(sock: socket.socket, ctx: ssl.SSLContext, host: str, port: int, where: str,
+              timeout: float) -> ssl.SSLSocket:
+    """The TLS handshake on a connected socket (closed on failure), resuming the last session
+    with the peer where it has one; AssociationFailed naming the peer and the TLS failure."""
+    try:
+        sock.settimeout(timeout)
+        return ctx.wrap_socket(sock, server_hostname=host, session=_sessions.get((ctx, host, port)))
+    except socket.timeout as exc:
+        sock.close()
+        raise AssociationFailed(f"TLS handshake with {where} failed: no answer within the ACSE "
+                                f"timeout ({timeout:g} s)") from exc
+    except OSError as exc:                        # ssl.SSLError is one
+        sock.close()
+        raise AssociationFailed(f"TLS handshake with {where} failed: {tls_failure(exc)}") from exc
+
+
+def _send_tls(sock: socket.socket, buffers: Iterable[bytes | memoryview], sent: list[int]) -> None:
+    """``_send_all`` for an SSL socket (no ``sendmsg``). Small buffers (PDU headers, the
+    payloads of small PDUs) are gathered, up to TLS_GATHER, into whole TLS records, so a
+    12-byte header does not cost a record, a MAC and a syscall of its own; the whole-record
+    middle of a large payload is written from its own memory (bench/tls_send.py measures
+    the alternatives). ``sent[0]``: as in _send_all, but a failed SSL write may have sent
+    part of its data, so it counts as sent unless the peer was gone before it (EPIPE, reset)."""
+    pending = bytearray()
+
+    def write(data: bytes | bytearray | memoryview) -> None:
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            if not (sent[0] == 0 and exc.errno in (errno.EPIPE, errno.ECONNRESET)):
+                sent[0] += 1
+            raise
+        sent[0] += len(data)
+
+    for buf in buffers:
+        if len(pending) + len(buf) < TLS_GATHER:
+            pending += buf
+            continue
+        view = memoryview(buf)
+        if pending:                    # complete the record begun, then write what is gathered
+            take = -len(pending) % TLS_RECORD
+            pending += view[:take]
+            view = view[take:]
+            write(pending)
+            pending = bytearray()
+        whole = len(view) - len(view) % TLS_RECORD
+        if whole:
+            write(view[:whole])
+        if whole < len(view):
+            pending += view[whole:]
+    if pending:
+        write(pending)
 
 
 def _send_all(sock: socket.socket, buffers: list[bytes | memoryview], sent: list[int]) -> None:
@@ -282,6 +413,13 @@ class Connection:
         reader_max = max(d.max_pdu or pdu.PduReader().max_pdu_length, MIN_READER_PDU)
         ul = UpperLayer(Role.REQUESTOR, max_pdu_in=reader_max)
         encoded = ul.associate(rq)
+        tls_cfg = getattr(d, "tls", None)
+        ctx: ssl.SSLContext | None = None
+        if isinstance(tls_cfg, TlsPeerConfig):
+            try:                   # before connecting: a wrong file is no network problem
+                ctx = tls_context(tls_cfg)
+            except TlsSetupError as exc:
+                raise AssociationFailed(f"TLS to {where} not possible: {exc}") from exc
         try:
             sock = _connect(d.host, d.port, d.acse_timeout)
         except OSError as exc:
@@ -289,7 +427,11 @@ class Connection:
             # closed at once (a proxy or load balancer in front of a dead PACS).
             why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
             raise AssociationFailed(f"cannot connect to {where}: {why}") from exc
-        assoc = Association(sock, ul, where, 0, Peer(self.calling_ae, d.ae_title, d.host, {}))
+        if ctx is not None:
+            where = f"{where} (TLS)"
+            sock = _wrap_tls(sock, ctx, d.host, d.port, where, d.acse_timeout)
+        assoc = Association(sock, ul, where, 0, Peer(self.calling_ae, d.ae_title, d.host, {}),
+                            tls=isinstance(sock, ssl.SSLSocket))
         deadline = time.monotonic() + d.acse_timeout
         try:
             sock.settimeout(d.acse_timeout)
@@ -299,6 +441,13 @@ class Connection:
             self._drop(assoc, abort=not isinstance(exc, _Closed))
             why = {_Timeout: f"no answer within the ACSE timeout ({d.acse_timeout:g} s)",
                    _Closed: "the peer closed the connection"}.get(type(exc), str(exc))
+            if isinstance(exc, ssl.SSLError) and "ALERT" in str(getattr(exc, "reason", "")):
+                why = f"TLS: {tls_failure(exc)}"
+            elif assoc.tls and isinstance(exc, (_Closed, ssl.SSLError, ConnectionError)):
+                # TLS 1.3: the server checks our certificate after our handshake ended; its
+                # alert may be lost to the reset that follows it
+                why = ("the peer closed the TLS connection before answering; it may refuse our "
+                       f"client certificate ({_presented(tls_cfg)})")
             raise AssociationFailed(f"association with {where} failed: {why}") from exc
         if isinstance(event, AssociateReject):
             self._drop(assoc, abort=False)
@@ -332,11 +481,26 @@ class Connection:
                 "presentation context(s) proposed", reasons)
         assoc.peer.contexts = {int(cx.context_id or 0): str(cx.transfer_syntax[0])
                                for cx in assoc.contexts}
+        if ctx is not None and isinstance(sock, ssl.SSLSocket):
+            self._keep_session(ctx, sock)
         ul.established(assoc.peer.contexts)
         log.debug("associated %s: %d of %d contexts accepted, peer max PDU %d, implementation %s",
                   where, len(assoc.contexts), len(results), assoc.peer_max_pdu,
                   assoc.peer_implementation, extra=_fields(assoc))
         return assoc
+
+    def _keep_session(self, ctx: ssl.SSLContext, sock: ssl.SSLSocket) -> None:
+        """Remember the association's TLS session for the next one (TLS 1.3: its ticket came
+        with the A-ASSOCIATE-AC, so it is there now); drop sessions of replaced contexts."""
+        session = sock.session
+        if session is None:
+            return
+        live = set(_contexts.values())
+        for key in [k for k in list(_sessions) if k[0] not in live]:
+            _sessions.pop(key, None)
+        _sessions[(ctx, self.dest.host, self.dest.port)] = session
+        if sock.session_reused:
+            log.debug("%s: TLS session resumed", _where(self.calling_ae, self.dest))
 
     def usable(self) -> bool:
         """Whether there is an association the peer has not ended while it was idle."""
@@ -459,6 +623,9 @@ class Connection:
         """Command then dataset PDUs, IOV_BATCH buffers per sendmsg, payloads never copied.
 
         A stalled peer fails a sendmsg after ``network_timeout`` without progress."""
+        if assoc.tls:
+            _send_tls(assoc.sock, message_buffers(context_id, command, data, assoc.peer_max_pdu), sent)
+            return
         batch: list[bytes | memoryview] = []
         for buffer in message_buffers(context_id, command, data, assoc.peer_max_pdu):
             batch.append(buffer)
@@ -504,18 +671,29 @@ class Connection:
         Between our messages a peer may only send requests of its own (served here) or end
         the association; one that did is dropped here, before any byte of the next message.
         """
-        try:
-            readable, _, _ = select.select([assoc.sock], [], [], 0)
-        except (OSError, ValueError):
-            readable = [assoc.sock]
+        readable: list[socket.socket]
+        if isinstance(assoc.sock, ssl.SSLSocket) and assoc.sock.pending():
+            readable = [assoc.sock]           # decrypted already, held in OpenSSL
+        else:
+            try:
+                readable, _, _ = select.select([assoc.sock], [], [], 0)
+            except (OSError, ValueError):
+                readable = [assoc.sock]
         if not readable:
             return False
         why = ""
         deadline = time.monotonic() + min(self.dest.network_timeout, IDLE_REQUEST_TIMEOUT)
         try:
             assoc.sock.settimeout(0.0)
-            data = assoc.sock.recv(RECV_SIZE)
-            if not data:
+            try:
+                data: bytes | None = assoc.sock.recv(RECV_SIZE)
+            except ssl.SSLWantReadError:
+                # TLS: only a record without data for us (a TLS 1.3 session ticket) or part
+                # of one arrived; nothing the association has to act on yet
+                data = None
+            if data is None:
+                pass
+            elif not data:
                 why = "closed the connection"
             else:
                 assoc.ul.feed(data)
@@ -666,6 +844,8 @@ def echo(dest: Remote, calling_ae: str) -> tuple[bool, str]:
     """C-ECHO a destination on a fresh association; (ok, what happened in words)."""
     conn = Connection(dest, calling_ae)
     head = f"C-ECHO {conn.calling_ae} -> {dest.ae_title}@{dest.host}:{dest.port}"
+    if isinstance(getattr(dest, "tls", None), TlsPeerConfig):
+        head += " (TLS)"
     try:
         conn.ensure({(acse.VERIFICATION_SOP_CLASS, acse.IMPLICIT_VR_LITTLE_ENDIAN)})
         status = conn.echo()

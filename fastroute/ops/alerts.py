@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from fastroute.config import AlertsConfig
 from fastroute.logsetup import fields
+from fastroute.ops.certificates import CertificateExpiry
 
 log = logging.getLogger("fastroute.alerts")
 
@@ -43,9 +44,13 @@ class Alert:
     message: str
 
 
-def evaluate(cfg: AlertsConfig, readings: Iterable[Reading], disk_free: int | None) -> dict[AlertKey, Alert | None]:
+def evaluate(cfg: AlertsConfig, readings: Iterable[Reading], disk_free: int | None,
+             certificates: Iterable[CertificateExpiry] = ()) -> dict[AlertKey, Alert | None]:
     """One entry per configured check: the Alert when over its threshold, else None."""
     checks: dict[AlertKey, Alert | None] = {}
+    if cfg.certificate_expiry is not None:
+        for c in certificates:
+            checks[("certificate_expiry", c.ident)] = _certificate_alert(c, cfg.certificate_expiry / 86400.0)
     for r in readings:
         limit = cfg.oldest_age_limit(r.destination)
         if limit is not None:
@@ -74,6 +79,25 @@ def evaluate(cfg: AlertsConfig, readings: Iterable[Reading], disk_free: int | No
             f"{cfg.spool_min_free / 1024**2:.0f} MiB); free space or fix a stuck destination before "
             "the router refuses objects") if disk_free < cfg.spool_min_free else None
     return checks
+
+
+def _certificate_alert(c: CertificateExpiry, limit_days: float) -> Alert | None:
+    """certificate_expiry: under ``limit_days`` left, expired, or unreadable (value -1).
+    ``destination`` is the destination's name for its own certificates, else ""."""
+    dest = c.name if c.role == "destination" else ""
+    where = f"{c.key} {c.path}"
+    if c.days_left is None or c.not_after is None:
+        return Alert("certificate_expiry", dest, -1.0, limit_days,
+                     f"TLS certificate file {where} cannot be read: {c.error}; fix it before the "
+                     f"next {c.role} restart or reload")
+    if c.days_left >= limit_days:
+        return None
+    when = f"{c.not_after:%Y-%m-%d %H:%M} UTC"
+    left = (f"EXPIRED {-c.days_left:.0f} day(s) ago ({when})" if c.days_left < 0
+            else f"expires in {c.days_left:.0f} day(s), on {when}")
+    return Alert("certificate_expiry", dest, round(c.days_left, 2), limit_days,
+                 f"TLS certificate {c.subject} ({where}, {c.role} {c.name}) {left} "
+                 f"(threshold {limit_days:.0f} days); renew it, then reload (SIGHUP)")
 
 
 @dataclass(frozen=True)

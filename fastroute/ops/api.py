@@ -41,6 +41,7 @@ from fastroute.ops import migrations as mig
 from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, Via, cert_fingerprint,
                                 subject_from_peercert)
 from fastroute.ops.alerts import AlertBook, Reading, Transition, Webhook, evaluate
+from fastroute.ops.certificates import certificate_expiry
 from fastroute.config import Config, HttpConfig
 from fastroute.errors import ConfigError, FastrouteError, SpoolError
 from fastroute.logsetup import fields
@@ -97,7 +98,8 @@ class Plane:
         self.history.add(now, self.spool.counters())
         readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0))
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
-        checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"])
+        checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"],
+                          certificate_expiry(self.cfg))
         if now >= self.retention_due:
             self.retention_due = now + RETENTION_INTERVAL
             try:

@@ -95,6 +95,7 @@ class SpoolCollector(Collector):
         counters = self.spool.counters()
         queues = destination_status(self.cfg, self.spool)
         yield self._build_info()
+        yield self._certificates()
         yield from self._counters(counters)
         yield from self._events(counters)
         yield self._latency(counters)
@@ -103,6 +104,18 @@ class SpoolCollector(Collector):
         yield from self._migrations()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
+
+    def _certificates(self) -> Metric:
+        """Days left per configured TLS certificate (own and CA; negative: expired). A file
+        that cannot be read has no series here (the certificate_expiry alert names it)."""
+        from fastroute.ops.certificates import certificate_expiry
+        fam = GaugeMetricFamily("fastroute_tls_certificate_expiry_days",
+                                "Days until the certificate's notAfter, per configured TLS certificate",
+                                labels=["role", "name", "subject"])
+        for c in certificate_expiry(self.cfg):
+            if c.days_left is not None:
+                fam.add_metric([c.role, c.name, c.subject], round(c.days_left, 3))
+        return fam
 
     @staticmethod
     def _build_info() -> Metric:
