@@ -83,6 +83,14 @@ def describe(cfg: Config) -> str:
     for r in cfg.rules:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
+    for d in cfg.destinations.values():
+        if d.commitment != "off":
+            lines.append(f"  destination {d.name}: storage commitment ({d.commitment}, timeout "
+                         f"{d.commitment_timeout:g}s)")
+    sc = cfg.storage_commitment
+    if sc.commit_when != "delivered" or cfg.peers:
+        lines.append(f"  storage commitment for modalities: reported when {sc.commit_when} (timeout {sc.timeout:g}s)"
+                     + "".join(f"; {p.ae_title}@{p.host}:{p.port}" for p in cfg.peers.values()))
     if cfg.http is not None:
         h = cfg.http
         lines.append(f"  dashboard, REST API and /metrics: {'https' if h.tls else 'http'}://{h.host}:{h.port}/")
@@ -112,6 +120,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     from fastroute.spool.space import space_warnings
     for warning in space_warnings(cfg.spool, cfg.min_free_bytes, cfg.spool_max_bytes):
+        print(f"warning: {warning}")
+    from fastroute.routing.commitment import commitment_warnings
+    for warning in commitment_warnings(cfg):
         print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
 
@@ -255,6 +266,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
         for q in queues:
             print(f"{q['name']:<20} {q['status']:<12} {q['pending']:>8} {q['in_flight']:>9} {q['failed']:>7} "
                   f"{_age(q['oldest_age']):>7} {q['delivered']:>9} {q['suppressed']:>10} {q['unknown_outcomes']:>7}")
+            if q.get("committed") or q.get("commit_failed") or q.get("commit_waiting"):
+                print(f"{'':<20} storage commitment: {q['committed']} committed, {q['commit_failed']} failed "
+                      f"(re-sent), {q['commit_waiting']} waiting ({q['commit_overdue']} overdue)")
             if q["last_error"] and q["status"] != "up":
                 print(f"{'':<20} last error: {q['last_error']}")
         for e in failed or []:

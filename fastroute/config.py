@@ -668,6 +668,13 @@ class DestinationConfig:
     # NumberOfStudyRelatedInstances is compared (for a PACS without IMAGE-level queries).
     # With image, a refused IMAGE-level query falls back to study level by itself.
     query_level: str = field(default="image", metadata=key(_choice("image", "study"), "image or study"))
+    # Storage Commitment (issue 14): after delivery, ask it to commit what it got, per study
+    # (N-ACTION). The report (N-EVENT-REPORT) comes on the sending association, kept open for
+    # it, or on a new association to our listener (the PACS proposes the SCP role for it).
+    commitment: str = field(default="off", metadata=key(
+        _choice("off", "same-association", "new-association"), "off, same-association or new-association"))
+    # no report this long after the request: ask again; no report again: alert (still open)
+    commitment_timeout: float = field(default=600.0, metadata=_DURATION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -872,6 +879,54 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageCommitmentConfig:
+    """Storage commitment as SCP for modalities (issue 14): when an instance a modality asks
+    about counts as committed, and how long it may take before it is reported failed."""
+
+    # spooled: once in the spool; delivered: once every destination it was routed to confirmed
+    # it; committed: once every destination with ``commitment`` on committed it (the others:
+    # delivered)
+    commit_when: str = field(default="delivered", metadata=key(
+        _choice("spooled", "delivered", "committed"), "spooled, delivered or committed"))
+    timeout: float = field(default=3600.0, metadata=_DURATION)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """A modality's address, for a storage commitment report on a new association (its AE
+    title is its key under ``peers:``). A scu.Remote: the timeouts have defaults."""
+
+    ae_title: str
+    host: str = field(metadata=key(_str, "a host name or address"))
+    port: int = field(metadata=_PORT)
+    calling_ae: str | None = field(default=None, metadata=_AE)   # ours towards it (default: ae_title)
+    acse_timeout: float = field(default=30.0, metadata=_DURATION)
+    dimse_timeout: float = field(default=60.0, metadata=_DURATION)
+    network_timeout: float = field(default=60.0, metadata=_DURATION)
+    max_pdu: int = field(default=262144, metadata=_PDU)
+
+
+def _read_peers(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    peers: dict[str, PeerConfig] = {}
+    ok = True
+    for name, nknode, vnode in _mapping(ctx, node, key):
+        def read(name: str = name, nknode: yaml.Node = nknode, vnode: yaml.Node = vnode) -> PeerConfig:
+            if not name or len(name) > 16 or "\\" in name:
+                raise ctx.error(nknode, f"{key}.{name}", "a peer's key is its AE title (1-16 characters)")
+            kw: dict[str, Any] = {"ae_title": name}
+            _read_fields(ctx, PeerConfig, vnode, f"{key}.{name}", kw)
+            return PeerConfig(**kw)
+        done, peer = ctx.attempt(read)
+        if done:
+            peers[name] = peer
+        else:
+            ok = False
+    if not ok:
+        raise _Invalid
+    return {"peers": peers}
+
+
+@dataclass(frozen=True, slots=True)
 class AlertsConfig:
     """Thresholds the HTTP process checks; every one is off unless configured."""
 
@@ -953,6 +1008,12 @@ class Config:
     tls: TlsListenerConfig | None = field(default=None, metadata=key(
         shape=Shape.SECTION, section=TlsListenerConfig, if_null=IfNull.NONE))
     http: HttpConfig | None = field(default=None, metadata=key(shape=Shape.SECTION, section=HttpConfig))
+    # storage commitment as SCP for modalities (issue 14)
+    storage_commitment: StorageCommitmentConfig = field(default_factory=StorageCommitmentConfig, metadata=key(
+        shape=Shape.SECTION, section=StorageCommitmentConfig, if_null=IfNull.DEFAULT))
+    # modalities by AE title: where a storage commitment report goes on a new association
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict, metadata=key(
+        shape=Shape.CUSTOM, read=_read_peers, if_null=IfNull.DEFAULT))
     alerts: AlertsConfig = field(default_factory=AlertsConfig, metadata=key(
         shape=Shape.SECTION, section=AlertsConfig, if_null=IfNull.DEFAULT))
     # prune audit events older than this (None: keep)
@@ -1152,7 +1213,7 @@ def load(path: str | Path | None, profile: str | Path | None = None) -> Config:
 
 
 __all__ = [
-    "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
+    "Config", "CertBinding", "DestinationConfig", "TlsListenerConfig", "TlsPeerConfig", "SourceConfig", "StorageCommitmentConfig", "PeerConfig", "RuleConfig", "HttpConfig", "AlertsConfig", "load", "loads",
     "EMBEDDED_DEFAULT_YAML", "ConfigErrors", "RESERVED_DESTINATION_NAMES", "resolve_profile", "parse_size", "parse_duration", "Key", "Shape", "IfNull", "schema",
     "HttpUserConfig", "HttpTlsConfig", "USER_ROLES", "USER_NAME_RE",
 ]

@@ -64,7 +64,9 @@ READERS: dict[str, frozenset[Role]] = {
     "sources": frozenset({_M, _H}),
     "tls": frozenset({_L, _H}),               # the TLS listener; /metrics shows its certificates
     "http": frozenset({_H}),
-    "alerts": frozenset({_H}),                # thresholds are evaluated in the HTTP process
+    "alerts": frozenset({_H}),
+    "storage_commitment": frozenset({_L}),    # the listeners answer and report (issue 14)
+    "peers": frozenset({_L}),                # thresholds are evaluated in the HTTP process
     "audit_retention": frozenset({_H}),
     "audit_key": _ALL,                        # every process's spool handle keys its audit events
     "history_retention": frozenset({_H}),

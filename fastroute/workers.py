@@ -51,6 +51,8 @@ def listener_main(cfg: Config, index: int) -> None:
     from fastroute.dicom.scp import Listener
     from fastroute.dicom.tls import TlsSetupError
     from fastroute.native import PEEK_IMPL
+    from fastroute.dicom.commitment import STORAGE_COMMITMENT_SOP_CLASS
+    from fastroute.routing.commitment import ModalityService, report_handler
     from fastroute.routing.intake import StoreService, association_counter, refusal_counter
     from fastroute.routing.rules import RuleSet
     from fastroute.spool.commit import Committer
@@ -74,7 +76,14 @@ def listener_main(cfg: Config, index: int) -> None:
     log.info("listener-%d: fastroute %s (peek=%s) from %s", index, __version__, PEEK_IMPL, Path(__file__).parent)
     tally = EventTally(spool)     # association and refusal counts, at most one commit a second
     store = StoreService(rules, committer, max_object_bytes=cfg.max_object_bytes)
-    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store}, stager=committer.stager(cfg.stream_threshold))
+    # Storage commitment reports from destinations on a new association (issue 14): the
+    # Storage Commitment SOP class is accepted, with the SCP role its senders propose.
+    # Modalities' own commitment requests (N-ACTION) are answered here, reported later.
+    reports = report_handler(spool, notifier.notify)
+    modality = ModalityService(cfg, spool, lambda *args: receiver.send_request(*args))
+    receiver = Listener(cfg, {CommandField.C_STORE_RQ: store, CommandField.N_EVENT_REPORT_RQ: reports,
+                              CommandField.N_ACTION_RQ: modality},
+                        sop_classes=[STORAGE_COMMITMENT_SOP_CLASS], stager=committer.stager(cfg.stream_threshold))
     receiver.on_association, receiver.on_refusal = association_counter(tally), refusal_counter(tally)
 
     def audit_denied(event: dict[str, Any]) -> None:
@@ -91,11 +100,13 @@ def listener_main(cfg: Config, index: int) -> None:
         log.error("listener-%d: cannot listen on %s:%d%s: %s", index, cfg.host, cfg.port,
                   f" / TLS {cfg.tls.port}" if cfg.tls is not None else "", exc)
         sys.exit(EXIT_CONFIG)
+    modality.start()
     while not stop.is_set():          # set by a SIGTERM taken before the mask
         if signal.sigwait({signal.SIGTERM, signal.SIGHUP}) == signal.SIGTERM:
             break
         receiver.reload_tls()
     log.info("listener-%d: stopping (grace %.0fs)", index, cfg.shutdown_grace)
+    modality.stop()
     receiver.stop(cfg.shutdown_grace)
     store.close()
     tally.close()

@@ -76,7 +76,15 @@ def supported_contexts(sop_classes: Iterable[str] = ()) -> list[PresentationCont
     out = [build_context(VERIFICATION_SOP_CLASS, ACCEPTED_SYNTAXES)]
     out += [build_context(str(cx.abstract_syntax), ACCEPTED_SYNTAXES)
             for cx in AllStoragePresentationContexts]
-    out += [build_context(uid, ACCEPTED_SYNTAXES) for uid in sop_classes]
+    for uid in sop_classes:
+        # A service added here may be proposed with SCP/SCU role selection (Storage Commitment:
+        # the SCP proposes the SCP role to send its N-EVENT-REPORT on a new association).
+        # Accepting both roles answers each proposal as proposed, with a reply item (PS3.7
+        # D.3.3.4), which strict peers require; a proposal without an item keeps the defaults.
+        cx = build_context(uid, ACCEPTED_SYNTAXES)
+        cx.scu_role = True
+        cx.scp_role = True
+        out.append(cx)
     return out
 
 

@@ -33,7 +33,7 @@ from fastroute.dicom.pdu import (AFFECTED_SOP_CLASS_UID, AFFECTED_SOP_INSTANCE_U
                                  MESSAGE_ID_BEING_RESPONDED_TO, MOVE_ORIGINATOR_AE_TITLE,
                                  MOVE_ORIGINATOR_MESSAGE_ID, PRIORITY, STATUS)
 
-REQUESTED_SOP_CLASS_UID = 0x1003
+REQUESTED_SOP_CLASS_UID = 0x0003   # PS3.7 E.1-1 (was 0x1003, no such element)
 REQUESTED_SOP_INSTANCE_UID = 0x1001
 NO_DATASET = 0x0101       # CommandDataSetType: anything else means a dataset follows
 DATASET_PRESENT = 0x0001  # what pynetdicom sends (DCMTK sends 0x0102): any value but 0x0101

@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,6 +99,11 @@ class _Connection(asyncio.Protocol):
         self.accept_rx = -1               # rx_bytes that the A-ASSOCIATE-RQ accounted for
         self.slot: int | None = None      # our record in the listeners' shared slot table
         self.timer: asyncio.TimerHandle | None = None
+        # requests we send the peer (storage commitment reports): context id -> SOP class,
+        # and the futures waiting for their responses by Message ID
+        self.abstract: dict[int, str] = {}
+        self.outgoing: dict[int, Future[Message]] = {}
+        self.next_msg = 0
         self.certificate: CertificateFacts | None = None   # the TLS client's, once handshaken
         self.tls = False
 
@@ -134,6 +140,10 @@ class _Connection(asyncio.Protocol):
             self.r.slots.release(self.slot)
             self.slot = None
         self.ul.assembler.discard()       # a large object cut off mid-way: its staging goes now
+        for waiter in self.outgoing.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the association ended before the response"))
+        self.outgoing.clear()
         if not self.outcome and self.ul.state is State.ESTABLISHED:
             partial = " (an unacknowledged object was discarded)" if self.ul.in_message() else ""
             self._finish("aborted", f"connection closed by the peer{partial}", logging.WARNING)
@@ -195,6 +205,12 @@ class _Connection(asyncio.Protocol):
         """Dispatch a request to its handler; a response from the peer is a protocol error
         (we sent no request), a request without a handler gets 0x0211."""
         field = msg.field
+        if field & 0x8000:
+            waiter = self.outgoing.pop(msg.responds_to, None)
+            if waiter is not None:        # the response to a request we sent (send_request)
+                if not waiter.done():
+                    waiter.set_result(msg)
+                return
         handler = self.r.handlers.get(field)
         if handler is None:
             if field & 0x8000:
@@ -275,6 +291,9 @@ class _Connection(asyncio.Protocol):
             return
         ac, contexts = acse.negotiate(rq, self.r.contexts, self.r.cfg.max_pdu)
         self.peer.contexts = contexts
+        self.abstract = {int(cx.context_id): str(cx.abstract_syntax)
+                         for cx in rq.presentation_context_definition_list
+                         if cx.context_id is not None and int(cx.context_id) in contexts}
         self._write([self.ul.accept(ac, contexts)])
         self.r._established.add(self)
         self.r.on_association("accepted", 0, 0)
@@ -435,6 +454,36 @@ class Listener:
         self._pending: set[asyncio.Future[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
+
+    def send_request(self, calling_ae: str, sop_class: str,
+                     build: Callable[[int, str], tuple[bytes, bytes | None]]) -> Future[Message]:
+        """Send a request of our own (a storage commitment N-EVENT-REPORT) on an established
+        association from ``calling_ae`` that accepted ``sop_class``; any thread. ``build``
+        gets the Message ID and the context's transfer syntax and gives the command set and
+        dataset. The future gets the response, or LookupError when no such association is
+        open, ConnectionError when it ends first."""
+        result: Future[Message] = Future()
+
+        def run() -> None:
+            for conn in list(self._established):
+                if conn.calling != calling_ae or conn.closing or conn.transport is None:
+                    continue
+                cx = next((c for c, a in conn.abstract.items() if a == sop_class), None)
+                if cx is None:
+                    continue
+                conn.next_msg = conn.next_msg % 65535 + 1
+                try:
+                    command, data = build(conn.next_msg, conn.peer.contexts[cx])
+                except Exception as exc:
+                    result.set_exception(exc)
+                    return
+                conn.outgoing[conn.next_msg] = result
+                conn._send_command(cx, command, data)
+                return
+            result.set_exception(LookupError(f"no association from {calling_ae} with {sop_class} open"))
+
+        self.loop.call_soon_threadsafe(run)
+        return result
 
     def start(self) -> None:
         tls = self.cfg.tls

@@ -31,11 +31,12 @@ class Reading:
     destination: str
     oldest_age: float | None
     consecutive_failures: int
+    commit_overdue: int = 0    # instances whose storage commitment went unanswered twice
 
 
 @dataclass(frozen=True)
 class Alert:
-    name: str            # oldest_age | consecutive_failures | spool_free
+    name: str            # oldest_age | consecutive_failures | spool_free | commit_overdue
     destination: str
     value: float
     threshold: float
@@ -60,6 +61,12 @@ def evaluate(cfg: AlertsConfig, readings: Iterable[Reading], disk_free: int | No
                 f"destination={r.destination}: {n} destination-level failures in a row "
                 f"(threshold {cfg.consecutive_failures}); it cannot be reached or refuses associations"
             ) if n >= cfg.consecutive_failures else None
+        if r.commit_overdue:    # always checked: the destination was asked twice and never answered
+            checks[("commit_overdue", r.destination)] = Alert(
+                "commit_overdue", r.destination, r.commit_overdue, 0,
+                f"destination={r.destination}: no storage commitment report for {r.commit_overdue} "
+                "delivered instance(s) after a request and a re-request; their bytes stay in the "
+                "spool; check the destination's storage commitment SCP and how it reaches us")
     if cfg.spool_min_free is not None and disk_free is not None:
         checks[("spool_free", "")] = Alert(
             "spool_free", "", disk_free, cfg.spool_min_free,

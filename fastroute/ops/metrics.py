@@ -63,6 +63,14 @@ _LABELLED = {
                                    "destination"),
     CounterKind.PURGED: ("fastroute_purged_objects", "Queue entries purged by an operator", "destination"),
     CounterKind.TRANSCODED: ("fastroute_transcoded_objects", "Objects transcoded before sending", "destination"),
+    # storage commitment (issue 14): committed is counted apart from delivered
+    CounterKind.COMMITTED: ("fastroute_committed", "Delivered instances the destination committed "
+                            "(Storage Commitment N-EVENT-REPORT)", "destination"),
+    CounterKind.COMMIT_FAILED: ("fastroute_commit_failed",
+                                "Delivered instances a commitment report failed (re-sent)", "destination"),
+    CounterKind.COMMIT_REQUESTS: ("fastroute_commit_requests",
+                                  "Storage commitment requests (N-ACTION) sent, re-requests included",
+                                  "destination"),
 }
 STATES = tuple(s.value for s in DestinationStatus)
 # Seeded at zero so that rate() and absent-free alert expressions work from the first scrape.
@@ -208,6 +216,9 @@ class SpoolCollector(Collector):
                                   "Destination-level failures (connect/associate) in a row", labels=["destination"])
         paused = GaugeMetricFamily("fastroute_destination_paused", "1 when paused (config or operator)",
                                    labels=["destination"])
+        waiting = GaugeMetricFamily("fastroute_commit_waiting_objects",
+                                    "Delivered instances whose storage commitment is not answered yet "
+                                    "(their bytes stay in the spool)", labels=["destination"])
         for q in queues:
             name = str(q["name"])
             for key in ("pending", "in_flight", "failed"):
@@ -219,7 +230,8 @@ class SpoolCollector(Collector):
                                                float(counters.of(CounterKind.LAST_SUCCESS, q["destination"]))))
                 fails.add_metric([name], float(q["consecutive_failures"]))
                 paused.add_metric([name], 1.0 if q["paused"] else 0.0)
-        yield from (depth, age, state, last_ok, fails, paused)
+                waiting.add_metric([name], float(q.get("commit_waiting", 0)))
+        yield from (depth, age, state, last_ok, fails, paused, waiting)
 
     def _usage(self) -> Iterator[Metric]:
         usage = self.spool.usage()

@@ -37,6 +37,7 @@ from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
 from fastroute.spool.counters import CounterKind, EventTally, FailureCause
 from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
 from fastroute.spool.staging import ChunkedView, digest_parts
+from fastroute.routing.commitment import KEEP_OPEN_POLL, Requester
 from fastroute.routing.syntax import SyntaxPlanner
 from fastroute.routing.transcode import syntax_label
 from fastroute.spool.wakeup import Waker
@@ -123,6 +124,11 @@ class DestinationSender:
         # _destination_failed). The attempt's start is per thread.
         self._last_failure_at = 0.0
         self._attempt = threading.local()
+        # Storage commitment (issue 14): requested by association thread 0 after delivery.
+        self.commit = Requester(spool, dest, lambda _dest: self.poke()) if dest.commitment != "off" else None
+        if self.commit is None:
+            spool.commitments.set_enabled(dest.name, False)
+        self._commit_ticked = 0.0
         request = read_send_now(cfg.spool, dest.name)
         self._send_now_seen = request.at if request else 0.0   # older requests were for a former sender
 
@@ -304,6 +310,9 @@ class DestinationSender:
 
     def _worker(self, index: int) -> None:
         conn = make_connection(self.dest, self.cfg.ae_title)
+        commit = self.commit if index == 0 else None
+        if self.commit is not None:
+            self.commit.serve_on(conn)     # a report may come on any of its associations
         name, size = self.dest.name, self.dest.batch_size
         carried: list[Claimed] = []   # claimed by the last settle's own transaction
         held: list[Outcome] = []      # deliveries not recorded yet (see SETTLE_DELAY)
@@ -344,12 +353,21 @@ class DestinationSender:
                         self._spool_failed(exc)
                         continue
                     self._spool_errors = 0
+                keep = False
+                if commit is not None and (not batch or time.monotonic() - self._commit_ticked >= 1.0):
+                    self._commit_ticked = time.monotonic()
+                    commit.tick(conn)
+                    keep = not batch and commit.keep_open()
                 if not batch:
                     idle = time.monotonic() - conn.last_used
-                    if conn.assoc is not None and idle >= self.dest.idle_release:
+                    if keep and conn.assoc is not None:
+                        conn.usable()      # serves a report waiting on the socket
+                    if conn.assoc is not None and idle >= self.dest.idle_release and not keep:
                         conn.release()
                     timeout = self._flush_progress() or SAFETY_WAKE
-                    if conn.assoc is not None:
+                    if keep:
+                        timeout = min(timeout, KEEP_OPEN_POLL)
+                    elif conn.assoc is not None:
                         timeout = min(timeout, self.dest.idle_release - idle)
                     if earliest is not None:
                         timeout = min(timeout, earliest - time.time())

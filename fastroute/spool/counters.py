@@ -52,6 +52,9 @@ class CounterKind(enum.StrEnum):
     REFUSED = "refused"                    # extra: the C-STORE failure status, decimal
     WORKER_RESTARTS = "worker_restarts"    # extra: the worker's role (listener, sender, http)
     LAST_SUCCESS = "last_success"          # per destination: unix time of the last delivery (a maximum)
+    COMMITTED = "committed"                # per destination: instances the destination committed (issue 14)
+    COMMIT_FAILED = "commit_failed"        # per destination: instances its commitment report failed
+    COMMIT_REQUESTS = "commit_requests"    # per destination: N-ACTION requests sent (re-requests too)
 
 
 _GLOBAL = frozenset({CounterKind.SEQ, CounterKind.AUDIT_SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES})

@@ -37,6 +37,7 @@ import lmdb
 
 from fastroute.logsetup import fields
 from fastroute.spool.audit import AuditChain
+from fastroute.spool.commitments import Commitments
 from fastroute.spool.staging import Manifest, StagedData, digest_parts
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
 from fastroute.spool.records import (
@@ -198,6 +199,10 @@ class QueueStats:
     suppressed: int
     unknown_outcomes: int
     bulk_pending: int = 0          # of ``pending``: a migration's objects (the BULK class)
+    committed: int = 0             # storage commitment (issue 14): instances the destination committed
+    commit_failed: int = 0         # ... and instances its reports failed (re-sent)
+    commit_waiting: int = 0        # delivered instances whose commitment is not answered yet
+    commit_overdue: int = 0        # of those: unanswered after a request and a re-request (alerted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +228,7 @@ class Queues:
         self._objc, self._chunk, self._stage = dbs["objc"], dbs["chunk"], dbs["stage"]
         self.audit = audit
         self.duplicate_window = duplicate_window
+        self.commitments: Commitments | None = None    # set by the Spool: holds bytes until committed
 
     def _incr(self, txn: lmdb.Transaction, kind: CounterKind, dest: str = "", by: int = 1) -> int:
         return incr(txn, self._info, kind, dest, by=by)
@@ -362,10 +368,33 @@ class Queues:
         if raw is None:
             return None
         new, facts = update_record(raw, dest, delivery=delivery, drop=drop, digest=digest.hex())
-        if facts.finished and not txn.delete(key, db=self._obj):
-            self._delete_chunked(txn, key)
+        # Storage commitment (issue 14): bytes a destination has yet to commit stay.
+        held = False
+        commitments = self.commitments
+        if commitments is not None:
+            if delivery is not None:
+                held = commitments.on_delivered(txn, oid, dest, new, delivery.at)
+            else:     # superseded or purged there: no commitment will be asked for it
+                commitments.release(txn, oid, dest)
+            # another destination's hold (read only when the bytes would go)
+            held = held or (facts.finished and commitments.held(txn, oid))
+        if facts.finished and not held:
+            self.drop_bytes(txn, oid)
         txn.put(key, new, db=self._meta)
         return facts
+
+    def drop_bytes(self, txn: lmdb.Transaction, oid: int) -> None:
+        """Remove an object's bytes (small or chunked); its routing record stays."""
+        key = oid_key(oid)
+        if not txn.delete(key, db=self._obj):
+            self._delete_chunked(txn, key)
+
+    def requeue(self, txn: lmdb.Transaction, dest: str, oid: int, now: float, error: str) -> None:
+        """Queue an object again for ``dest`` (its commitment failed), due now, unless it
+        is already waiting there."""
+        if any(txn.get(qkey(dest, s, oid), db=self._q) is not None for s in (_P, _B, _I)):
+            return
+        txn.put(qkey(dest, self._class_of(txn, oid), oid), QueueRecord.pack(0, now, None, 0, error), db=self._q)
 
     # -- chunked (large) objects, see :mod:`staging` ------------------------------------------
 

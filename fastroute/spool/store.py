@@ -18,6 +18,7 @@ Layout (named sub-databases in one LMDB environment):
           ``stream_threshold``, :mod:`staging`); such an object has no ``obj`` entry.
 ``chunk`` staging id + chunk index -> at most ``staging.CHUNK`` bytes of a chunked object.
 ``stage`` staging id -> owning process, while its chunks belong to no object yet.
+``scmt``  storage commitment: holds, per-object states, transactions (:mod:`commitments`).
 ``mjob`` ``mstudy`` ``mstuid`` ``minst`` ``mwork``: migration jobs and their inventories
           (:mod:`jobs`). ``mmove``: the C-MOVEs in flight, by Move Originator (:mod:`moves`).
 """
@@ -35,6 +36,7 @@ from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
+from fastroute.spool.commitments import Commitments, ModalityRequests
 from fastroute.spool.jobs import Jobs
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
@@ -58,7 +60,9 @@ if TYPE_CHECKING:
 _U64 = struct.Struct(">Q")
 _DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "chunk", "stage",
              # migration jobs (:mod:`jobs`) and the moves in flight (:mod:`moves`), issue 13
-             "mjob", "mstudy", "mstuid", "minst", "mwork", "mmove")
+             "mjob", "mstudy", "mstuid", "minst", "mwork", "mmove",
+             # storage commitment as SCU (:mod:`commitments`), issue 14
+             "scmt")
 
 
 def _state(state: QueueState | bytes | str) -> QueueState:
@@ -102,6 +106,11 @@ class Spool:
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window)
         self.moves = MoveTable(self.env, self._dbs["mmove"])
         self.jobs = Jobs(self.env, self._dbs)
+        self.commitments = Commitments(self.env, self._dbs["scmt"], self._info, self._meta, self.audit,
+                                       self.queues)
+        self.queues.commitments = self.commitments
+        self.modality_requests = ModalityRequests(self.env, self._dbs["scmt"], self._dbs["sop"], self._meta,
+                                                  self.commitments)
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
 
@@ -338,9 +347,11 @@ class Spool:
         now = time.time() if now is None else now
         names = sorted(set(dests or ()) | set(self.destinations()) | {UNROUTED})
         counters = self.counters()
+        open_tx = self.commitments.transactions()
         out = []
         with self.env.begin() as txn:
             for dest in names:
+                mine = [t for t in open_tx if t.destination == dest]
                 counts, oldest = self.queues.counts(txn, dest, now)
                 out.append(QueueStats(
                     destination=dest, pending=(counts[QueueState.PENDING] + counts[QueueState.UNROUTED]
@@ -351,7 +362,11 @@ class Spool:
                     failed_total=counters.of(CounterKind.FAILED, dest),
                     suppressed=counters.of(CounterKind.SUPPRESSED, dest),
                     unknown_outcomes=counters.of(CounterKind.UNKNOWN_OUTCOMES, dest),
-                    bulk_pending=counts[QueueState.BULK]))
+                    bulk_pending=counts[QueueState.BULK],
+                    committed=counters.of(CounterKind.COMMITTED, dest),
+                    commit_failed=counters.of(CounterKind.COMMIT_FAILED, dest),
+                    commit_waiting=sum(len(t.instances) for t in mine) + self.commitments.waiting_count(txn, dest),
+                    commit_overdue=sum(len(t.instances) for t in mine if t.alerted)))
         return out
 
     def entries(self, dest: str, state: QueueState | bytes | str, limit: int = 1000) -> list[QueueEntry]:

@@ -258,7 +258,10 @@ function renderDestinations(queues, series) {
     el("td", { class: "num in_flight" }, q.in_flight),
     el("td", { class: "num failed" }, q.failed),
     el("td", { class: "num oldest" }, age(q.oldest_age)),
-    el("td", { class: "num delivered" }, q.delivered),
+    // storage commitment: committed apart from delivered, under it (no column: narrow screens)
+    el("td", { class: "num delivered" }, q.delivered, q.committed || q.commit_waiting
+      ? el("div", { class: "muted committed", title: "committed by the destination (storage commitment)" },
+        `${q.committed} committed${q.commit_waiting ? `, ${q.commit_waiting} waiting` : ""}`) : ""),
     el("td", { class: "num rate" }, lastMinuteRate(series, q.name).toFixed(2)),
     el("td", { class: "actions" }, actions(q)))));
   if (!queues.length) {
@@ -386,6 +389,12 @@ function stepView(s) {
   if (s.attempts !== null && s.attempts !== undefined) bits.push(el("span", { class: "muted" }, ` · ${s.attempts} attempt(s)`));
   if (s.next_at && s.state === "pending") bits.push(el("span", { class: "muted" }, ` · next try ${when(s.next_at)}`));
   if (s.error) bits.push(" ", el("span", { class: "error-text" }, s.error));
+  if (s.commitment) {   // storage commitment: committed is shown apart from delivered
+    const c = s.commitment;
+    bits.push(" ", el("span", { class: `badge commit ${c.state}`, "data-commitment": c.state }, c.state),
+      c.at ? el("span", { class: "muted" }, ` ${when(c.at)}`) : "",
+      c.reason ? el("span", { class: "error-text" }, ` reason 0x${c.reason.toString(16).toUpperCase().padStart(4, "0")}`) : "");
+  }
   if (s.last_failure && s.state !== "failed") {
     bits.push(el("div", { class: "muted" }, `earlier failure ${when(s.last_failure.at)}: ${s.last_failure.status_text} ${s.last_failure.error}`));
   }
@@ -408,7 +417,7 @@ function objectView(o) {
 // rendered only when opened, so a 50-image study is a few lines, not 50 boxes.
 function studyLink(uid) { return `#/study/${encodeURIComponent(uid)}`; }
 
-const BUCKETS = ["delivered", "waiting", "failed", "dropped"];
+const BUCKETS = ["delivered", "committed", "waiting", "failed", "dropped"];
 
 function chips(dests) {
   return dests.map((d) => el("span", { class: "dest-chips", "data-destination": d.destination },
@@ -430,7 +439,7 @@ function studyView(study, byOid) {
       `${plural(study.received, "object")} received in ${plural(study.series.length, "series", "series")}`,
       when1 ? ` · ${when(when1)}${when2 && when2 - when1 >= 1 ? ` – ${when(when2)}` : ""}` : ""),
     el("div", { class: "scroll" }, el("table", { class: "rollup" }, el("thead", {}, head),
-      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 6, class: "muted" }, "routed nowhere"))))),
+      el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 7, class: "muted" }, "routed nowhere"))))),
     study.series.map((se) => seriesView(se, byOid)));
 }
 
