@@ -95,7 +95,8 @@ class Plane:
         """One monitor round's blocking part (on the pool): sample, check, prune."""
         now = time.time()
         self.history.add(now, self.spool.counters())
-        readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0))
+        readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0),
+                            q.get("verify_failed_now", 0))
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
         checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"])
         if now >= self.retention_due:
