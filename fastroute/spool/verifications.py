@@ -226,9 +226,14 @@ class Verifications:
         lost = set(missing)
         with self.env.begin(write=True, db=self.db) as txn:
             sv = self._load(txn, dest, study)
+            ok = 0
             for i in delivered:
                 bad = by_count or i.sop_instance_uid in lost
+                ok += not bad
                 self._settle_one(txn, dest, study, i.oid, VerifyState.VERIFY_FAILED if bad else VerifyState.VERIFIED)
+            sv.verified_total += ok
+            if ok:     # listed ones are verified, also in a study that failed
+                incr(txn, self._info, CounterKind.VERIFIED, dest, by=ok)
             sv.state, sv.checked_at, sv.by_count = VerifyState.VERIFY_FAILED.value, now, by_count
             sv.missing = sorted(lost)
             txn.put(_skey(dest, study), sv.encode())
