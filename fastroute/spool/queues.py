@@ -207,7 +207,7 @@ class QueueStats:
     verified: int = 0              # verify: find (issue 14): instances the destination's C-FIND listed
     verify_failed: int = 0         # ... studies marked verify-failed (counter, since the spool began)
     verify_waiting: int = 0        # studies delivered there and not verified yet
-    verify_failed_now: int = 0     # studies in the verify-failed state now (the alert's reading)
+    verify_failed_now: int = 0     # studies verify-failed within the last day (the alert's reading)
 
 
 @dataclass(frozen=True, slots=True)

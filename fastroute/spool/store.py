@@ -357,7 +357,7 @@ class Spool:
             for dest in names:
                 mine = [t for t in open_tx if t.destination == dest]
                 counts, oldest = self.queues.counts(txn, dest, now)
-                v_waiting, v_failed = self.verifications.counts(txn, dest)
+                v_waiting, v_failed = self.verifications.counts(txn, dest, now)
                 out.append(QueueStats(
                     destination=dest, pending=(counts[QueueState.PENDING] + counts[QueueState.UNROUTED]
                                                + counts[QueueState.BULK]),

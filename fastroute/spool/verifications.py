@@ -13,6 +13,11 @@ Keys (by first byte, none shared with :mod:`commitments`):
 ``v`` dest                          -> b"1" while the destination verifies (its sender sets it)
 ``V`` dest 0 study 0 oid(8)         -> JSON [sop class, sop instance]: delivered, not verified
 ``Y`` dest 0 study                  -> JSON :class:`StudyVerification`
+``W`` dest 0 study                  -> b"" while the study waits (the verifier's scan: verified
+                                       studies are not read again every round)
+``F`` dest 0 study                  -> failed at (>d) while the study is verify-failed: the views'
+                                       count and the alert's reading (failures of the last
+                                       FAILED_WINDOW seconds, so the alert clears by itself)
 ``u`` oid(8) dest                   -> the object's :class:`VerifyState` at ``dest``
 ``h`` oid(8) dest 0 "verify"        -> b"" the hold
 """
@@ -36,6 +41,8 @@ log = logging.getLogger("fastroute.spool")
 
 _U64 = struct.Struct(">Q")
 _HOLD = b"\0verify"
+_AT = struct.Struct(">d")
+FAILED_WINDOW = 86400.0      # a verify-failed study counts in the views and the alert for a day
 
 
 class VerifyState(enum.StrEnum):
@@ -82,6 +89,10 @@ def _skey(dest: str, study: str) -> bytes:
     return b"Y" + dest.encode() + b"\0" + study.encode()
 
 
+def _wkey(dest: str, study: str) -> bytes:
+    return b"W" + dest.encode() + b"\0" + study.encode()
+
+
 def _vprefix(dest: str, study: str) -> bytes:
     return b"V" + dest.encode() + b"\0" + study.encode() + b"\0"
 
@@ -116,9 +127,11 @@ class Verifications:
                 if txn.delete(b"h" + _oid(oid) + name + _HOLD):
                     self.commitments._drop_if_done(txn, oid)
                     released += 1
-            for k, v in _prefix_items(txn, self.db, b"Y" + name + b"\0"):
-                if StudyVerification.decode(v).state == VerifyState.WAITING.value:
-                    txn.delete(k)
+            for k, _ in _prefix_items(txn, self.db, b"W" + name + b"\0"):
+                txn.delete(k)
+                txn.delete(b"Y" + k[1:])
+            for k, _ in _prefix_items(txn, self.db, b"F" + name + b"\0"):
+                txn.delete(k)
         if released:
             log.warning("destination=%s: verification switched off; %d delivered object(s) no longer wait "
                         "for it", dest, released, extra=fields(destination=dest))
@@ -145,6 +158,8 @@ class Verifications:
         sv.state = VerifyState.WAITING.value
         sv.last_delivered = max(sv.last_delivered, now)
         txn.put(_skey(dest, study), sv.encode(), db=self.db)
+        txn.put(_wkey(dest, study), b"", db=self.db)
+        txn.delete(b"F" + _wkey(dest, study)[1:], db=self.db)    # delivered again: waits again
         return True
 
     def release(self, txn: lmdb.Transaction, oid: int, dest: str) -> None:
@@ -156,9 +171,13 @@ class Verifications:
     # -- the verifier's reads ----------------------------------------------------------------
 
     def waiting_studies(self, dest: str) -> list[StudyVerification]:
+        out = []
         with self.env.begin(db=self.db) as txn:
-            out = [StudyVerification.decode(v) for _, v in _prefix_items(txn, self.db, b"Y" + dest.encode() + b"\0")]
-        return [s for s in out if s.state == VerifyState.WAITING.value]
+            for k, _ in _prefix_items(txn, self.db, b"W" + dest.encode() + b"\0"):
+                raw = txn.get(b"Y" + k[1:])
+                if raw is not None:
+                    out.append(StudyVerification.decode(raw))
+        return out
 
     def study(self, dest: str, study: str) -> StudyVerification | None:
         with self.env.begin(db=self.db) as txn:
@@ -194,6 +213,8 @@ class Verifications:
             sv.state = (VerifyState.WAITING.value if _prefix_items(txn, self.db, _vprefix(dest, study))
                         else VerifyState.VERIFIED.value)
             txn.put(_skey(dest, study), sv.encode())
+            if sv.state == VerifyState.VERIFIED.value:
+                txn.delete(_wkey(dest, study))
             incr(txn, self._info, CounterKind.VERIFIED, dest, by=len(items))
             self.audit.append(txn, {"action": "verified", "destination": dest, "study_instance_uid": study,
                                     "instances": len(items), "by_count": by_count, "verifier": calling}, now)
@@ -237,6 +258,8 @@ class Verifications:
             sv.state, sv.checked_at, sv.by_count = VerifyState.VERIFY_FAILED.value, now, by_count
             sv.missing = sorted(lost)
             txn.put(_skey(dest, study), sv.encode())
+            txn.delete(_wkey(dest, study))
+            txn.put(b"F" + _wkey(dest, study)[1:], _AT.pack(now))
             incr(txn, self._info, CounterKind.VERIFY_FAILED, dest)
             self.audit.append(txn, {"action": "verify-failed", "destination": dest, "study_instance_uid": study,
                                     "attempts": sv.attempts, "by_count": by_count,
@@ -262,11 +285,10 @@ class Verifications:
             return {k[len(prefix):].decode(): VerifyState(v.decode())
                     for k, v in _prefix_items(txn, self.db, prefix)}
 
-    def counts(self, txn: lmdb.Transaction, dest: str) -> tuple[int, int]:
-        """(studies waiting to be verified, studies verify-failed now) at ``dest``."""
-        waiting = failed = 0
-        for _, v in _prefix_items(txn, self.db, b"Y" + dest.encode() + b"\0"):
-            state = json.loads(v).get("state")
-            waiting += state == VerifyState.WAITING.value
-            failed += state == VerifyState.VERIFY_FAILED.value
+    def counts(self, txn: lmdb.Transaction, dest: str, now: float) -> tuple[int, int]:
+        """(studies waiting to be verified, studies verify-failed in the last FAILED_WINDOW) at
+        ``dest``: the alert clears a day after the last failure without an operator's step."""
+        waiting = len(_prefix_items(txn, self.db, b"W" + dest.encode() + b"\0"))
+        failed = sum(1 for _, v in _prefix_items(txn, self.db, b"F" + dest.encode() + b"\0")
+                     if len(v) == _AT.size and now - _AT.unpack(v)[0] < FAILED_WINDOW)
         return waiting, failed
