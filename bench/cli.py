@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=1, help="seed of the synthetic pixel data (default 1)")
     w.add_argument("--migration", action="store_true",
                    help="instead: the PACS-migration workload. dcmqrscp (loaded with --studies of --mix) "
-                        "-> fastroute migrate -> dcmrecv, against movescu moving the same studies from "
-                        "dcmqrscp straight to dcmrecv in the same round (bench/migrate_bench.py)")
+                        "-> fastroute migrate -> storescp, against movescu moving the same studies from "
+                        "dcmqrscp straight to storescp in the same round (bench/migrate_bench.py)")
     r = p.add_argument_group("measurement")
     r.add_argument("--rounds", type=int, metavar="R",
                    help=f"rounds; each measures every path once, alternating their order (default {DEFAULTS['rounds']})")

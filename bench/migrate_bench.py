@@ -4,15 +4,15 @@ against the same archive moving straight to the destination, in the same run.
 * archive: DCMTK ``dcmqrscp`` loaded with the generated studies (storescu), answering C-FIND
   and C-MOVE;
 * reference ("direct move"): ``movescu`` asks the archive to C-MOVE every study (one query file
-  per study, one association) straight to a DCMTK ``dcmrecv``;
+  per study, one association) straight to a DCMTK ``storescp --fork``;
 * routed ("migration"): ``fastroute migrate start --from archive --to recv --no-verify`` on a
   running ``fastroute serve``: inventory by C-FIND, C-MOVE to fastroute's own AE, spool,
-  senders -> the same ``dcmrecv``.
+  senders -> the same receiver.
 
 Each round measures both, alternating which goes first, from the command's start until the
 receiver holds exactly the expected SOP instances. Reported: instances/s, MB/s, studies/hour,
 and the ratio migration / direct move of the same round (medians over rounds). Verification is
-off in the routed path (``dcmrecv`` answers no C-FIND), so both paths do the same work.
+off in the routed path (the receiver answers no C-FIND), so both paths do the same work.
 """
 from __future__ import annotations
 
@@ -185,7 +185,9 @@ def run_migration(workload: Workload, work: Path, rounds: int, timeout: float, s
     expected = workload.sop_uids
     studies = workload.study_uids
     nbytes = workload.bytes
-    receiver = Receiver("dcmrecv", work / "receiver", RECEIVER_AE).start()
+    # storescp --fork: one process per association, so the router's sender keeping its
+    # association open (idle_release) cannot hold up the direct move's association.
+    receiver = Receiver("storescp", work / "receiver", RECEIVER_AE).start()
     router_port = free_port()
     archive = Archive(work / "archive", {"recv": (RECEIVER_AE, receiver.port),
                                          "fastroute": (ROUTER_AE, router_port)}).start()
@@ -240,8 +242,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"migration workload: {result['studies']} studies, {result['instances']} instances, "
              f"{result['bytes'] / 1e6:.1f} MB (medians of {len(result['ratios'])} rounds)",
              f"{'path':<44} {'inst/s':>8} {'MB/s':>7} {'studies/h':>10} {'seconds':>8}"]
-    names = {"direct": "direct move (movescu: dcmqrscp -> dcmrecv)",
-             "migration": "migration (dcmqrscp -> fastroute -> dcmrecv)"}
+    names = {"direct": "direct move (movescu: dcmqrscp -> storescp)",
+             "migration": "migration (dcmqrscp -> fastroute -> storescp)"}
     for path in ("direct", "migration"):
         x = s[path]
         lines.append(f"{names[path]:<44} {x['instances_per_s']:>8.1f} {x['mb_per_s']:>7.2f} "

@@ -177,13 +177,25 @@ def migration_main(cfg: Config) -> None:
     in the spool, so it continues where it stopped)."""
     from fastroute.migration.runner import MigrationRunner
 
+    from fastroute.spool.wakeup import MIGRATION, Waker
+
     stop = _child_setup(cfg, "migration", ())
     spool = open_spool(cfg)
     runner = MigrationRunner(cfg, spool, stop)
+    waker = Waker(cfg.spool, MIGRATION)
+
+    def relay_wakeups() -> None:
+        """A job started, resumed or retried (CLI, API): its next round now, not at the poll."""
+        while not stop.is_set():
+            if waker.wait(1.0):
+                runner.wake()
+
+    threading.Thread(target=relay_wakeups, name="migration-wakeups", daemon=True).start()
     try:
         runner.run()
     finally:
         runner.close()
+        waker.close()
         spool.close()
 
 

@@ -193,10 +193,10 @@ def uids(spool: Spool, name: str) -> list[str]:
 
 
 def test_date_bounds() -> None:
-    assert date_bounds(None, TODAY) == (dt.date(1900, 1, 1), dt.date(2026, 12, 7))
+    assert date_bounds(None, TODAY) == (dt.date(1800, 1, 1), dt.date(9999, 12, 31))
     assert date_bounds("20190101-20191231", TODAY) == (dt.date(2019, 1, 1), dt.date(2019, 12, 31))
-    assert date_bounds("20190101-", TODAY) == (dt.date(2019, 1, 1), dt.date(2026, 12, 7))
-    assert date_bounds("-20000101", TODAY) == (dt.date(1900, 1, 1), dt.date(2000, 1, 1))
+    assert date_bounds("20190101-", TODAY) == (dt.date(2019, 1, 1), dt.date(9999, 12, 31))
+    assert date_bounds("-20000101", TODAY) == (dt.date(1800, 1, 1), dt.date(2000, 1, 1))
     assert date_bounds("20190102", TODAY) == (dt.date(2019, 1, 2),) * 2
     for bad in ("2019", "20191301", "20200101-20190101"):
         with pytest.raises(ValueError, match=f"bad StudyDate '{bad}'"):
@@ -204,20 +204,23 @@ def test_date_bounds() -> None:
 
 
 def test_capped_answers_are_split_until_each_is_small(spool: Spool) -> None:
-    studies = spread(300, dt.date(2020, 1, 1), 700) + [FakeStudy("9.1", patient_id="X1"), FakeStudy("9.2")]
+    # with studies dated in the future (a wrong modality clock) and long ago: the whole archive
+    future = [FakeStudy("8.1", date="20270301", patient_id="F1"), FakeStudy("8.2", date="20361231", patient_id="F2"),
+              FakeStudy("8.3", date="18991231", patient_id="F3")]
+    studies = spread(300, dt.date(2020, 1, 1), 700) + future + [FakeStudy("9.1", patient_id="X1"), FakeStudy("9.2")]
     fake = FakeSource(studies, limit=50)
     name, spec = start(spool)
     added = run_inventory(fake, spool.jobs, name, spec, source(max_results=50), today=TODAY)
-    assert added == 302 and sorted(uids(spool, name)) == sorted(s.uid for s in studies)
+    assert added == 305 and sorted(uids(spool, name)) == sorted(s.uid for s in studies)
     st = spool.jobs.status(name)
-    assert (st.studies_total, st.instances_expected, st.studies_by_state) == (302, 302 * 3, {"pending": 302})
+    assert (st.studies_total, st.instances_expected, st.studies_by_state) == (305, 305 * 3, {"pending": 305})
     assert fake.cancelled > 0                      # capped answers were cancelled, not read to the end
     complete = [q for q in fake.queries if q.get("StudyDate") not in ('""',)]
     assert all(str(q["StudyDate"]) for q in complete)
     assert spool.jobs.inventory_progress(name)["phase"] == "done"
     assert st.error == ""
-    # the whole archive was asked for: 1900-01-01 up to tomorrow
-    assert fake.queries[0]["StudyDate"] == "19000101-20261207" and fake.queries[0]["NumberOfStudyRelatedInstances"] == ""
+    # the whole archive was asked for, future dates included
+    assert fake.queries[0]["StudyDate"] == "18000101-99991231" and fake.queries[0]["NumberOfStudyRelatedInstances"] == ""
     # a second run has nothing left to do
     before = len(fake.queries)
     assert run_inventory(fake, spool.jobs, name, spec, source(), today=TODAY) == 0 and len(fake.queries) == before
@@ -365,7 +368,7 @@ def test_other_failures_propagate_with_progress_kept(spool: Spool) -> None:
     name, spec = start(spool)
     with pytest.raises(QueryFailed, match="rejected"):
         run_inventory(Down([]), spool.jobs, name, spec, source(), today=TODAY)
-    assert spool.jobs.inventory_progress(name)["todo"] == [["19000101", "20261207", None, None]]
+    assert spool.jobs.inventory_progress(name)["todo"] == [["18000101", "99991231", None, None]]
 
 
 def test_list_study_image_level_and_counts_only() -> None:

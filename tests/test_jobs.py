@@ -166,9 +166,9 @@ def test_due_uses_next_at_and_state_and_keeps_mwork_in_sync(spool: Spool) -> Non
     with pytest.raises(JobError, match="never due"):
         jobs.due(name, StudyState.FAILED, 1)
     assert jobs.count(name, StudyState.PENDING) == 4 and jobs.count(name, StudyState.FAILED) == 1
-    # one mwork entry per non-final study, always
+    # one mwork entry per non-final study, always, and one per failed study (operators' list)
     with spool.env.begin() as txn:
-        assert txn.stat(spool._dbs["mwork"])["entries"] == 4
+        assert txn.stat(spool._dbs["mwork"])["entries"] == 4 + 1
 
 
 def test_job_states_pause_resume_cancel_retry_finish(spool: Spool) -> None:
@@ -370,3 +370,20 @@ def test_retry_crosses_batches_and_leaves_final_successes(spool: Spool) -> None:
     assert all(r.reason == "" and r.attempts == 0 for r in jobs.report(name) if r.state is StudyState.PENDING)
     assert jobs.count(other, StudyState.FAILED) == 1          # another job's studies untouched
     assert len(jobs.due(name, StudyState.PENDING, 2000)) == 802
+
+
+def test_failed_studies_are_listed_from_the_index_in_inventory_order(spool: Spool) -> None:
+    """Operators' views list failures without scanning the inventory (a million-study job):
+    the index follows every change, a retry takes a study out of it."""
+    jobs = spool.jobs
+    name = jobs.create(JobSpec(name="idx", source="old", destinations=("new",)))
+    jobs.add_studies(name, [StudyRecord(seq=0, study_instance_uid=f"1.2.{i}") for i in range(30)])
+    for uid in ("1.2.25", "1.2.3", "1.2.17"):
+        jobs.update_study(name, uid, state=StudyState.FAILED, reason=f"lost {uid}")
+    failed = jobs.in_state(name, StudyState.FAILED, 10)
+    assert [s.study_instance_uid for s in failed] == ["1.2.3", "1.2.17", "1.2.25"]
+    assert [s.reason for s in failed] == ["lost 1.2.3", "lost 1.2.17", "lost 1.2.25"]
+    assert len(jobs.in_state(name, StudyState.FAILED, 2)) == 2
+    jobs.retry(name)
+    assert jobs.in_state(name, StudyState.FAILED, 10) == []
+    assert len(jobs.due(name, StudyState.PENDING, 100)) == 30      # the index is not "due"

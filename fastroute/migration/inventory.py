@@ -1,7 +1,7 @@
 """The STUDY-level inventory of a migration: what the source holds, written into the spool.
 
 Archives cap or time out large C-FIND answers, so the inventory never asks for "everything":
-it walks the job's StudyDate range (or the whole archive, 19000101 to tomorrow) and splits any
+it walks the job's StudyDate range (or the whole archive, 18000101 to 99991231) and splits any
 range whose answer reaches ``source.max_results`` matches, times out (``source.query_timeout``)
 or is refused for lack of resources (0xA700): date ranges are halved, a single day still too
 large is split by StudyTime (and said so in the job's error). Studies whose StudyDate is empty
@@ -41,7 +41,11 @@ from fastroute.spool.jobs import InstanceRecord, Jobs, JobSpec, JobState, StudyR
 
 log = logging.getLogger(__name__)
 
-FIRST_DATE = dt.date(1900, 1, 1)
+# The whole archive, as dates go: modality clocks put studies decades off either way (a
+# 1899 default, a 2036 typo, a study scheduled ahead), and a range ending "tomorrow" would
+# never find them. The halving costs one empty answer per level for the unused years.
+FIRST_DATE = dt.date(1800, 1, 1)
+LAST_DATE = dt.date(9999, 12, 31)
 BATCH = 500                      # studies per spool transaction
 MAX_NOTES = 20                   # job-error notes kept in the progress (bounded)
 # the fallback for sources without empty-value matching: PatientID prefixes, one character more
@@ -116,7 +120,7 @@ def study_record(ds: Dataset | Mapping[str, Any], state: StudyState = StudyState
 
 
 def _ymd(d: dt.date) -> str:
-    return d.strftime("%Y%m%d")
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}"     # strftime's %Y is not zero-padded everywhere
 
 
 def _date(text: str) -> dt.date:
@@ -125,8 +129,9 @@ def _date(text: str) -> dt.date:
 
 def date_bounds(value: str | None, today: dt.date) -> tuple[dt.date, dt.date]:
     """The inclusive range a StudyDate key names (``A-B``, ``A-``, ``-B``, ``A``); none: the
-    whole archive (1900-01-01 to tomorrow). ValueError naming the bad text."""
-    last = today + dt.timedelta(days=1)
+    whole archive (FIRST_DATE to LAST_DATE: future dates included). ValueError naming the bad
+    text. ``today`` is kept for callers; open ends no longer depend on it."""
+    last = LAST_DATE
     if not value:
         return FIRST_DATE, last
     lo_text, dash, hi_text = value.strip().partition("-")

@@ -56,6 +56,10 @@ IMAGE_CHUNK = 200           # SOP Instance UIDs per IMAGE-level retrieve of a fe
 MAX_GET_CLASSES = 127       # storage SOP classes per C-GET association (128 contexts, one for C-GET)
 DUE_BATCH = 64              # studies read from the work index per state per round
 MOVE_EXPIRY_MARGIN = 600.0  # a registered move outlives its retrieve timeout by this much
+# A source's FIND/MOVE association is kept for the next study rather than released after
+# each: an archive forking a process per association (dcmqrscp) or checking its AE table
+# costs tens of milliseconds an association, a study's listing and move two of them.
+KEEP_IDLE = 10.0            # a kept association unused this long is released
 
 TRANSIENT = frozenset({0xA700, 0xA701, 0xA702})
 UNKNOWN_DESTINATION = 0xA801
@@ -270,6 +274,7 @@ class MigrationRunner:
         self._committer: Any = None           # C-GET's group commit, made on first use
         self._get_services: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._prune_at = 0.0
+        self._idle: dict[str, list[tuple[QueryRetrieveClient, float]]] = {}   # source -> kept, idle
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -286,11 +291,16 @@ class MigrationRunner:
             if self.stop.is_set():
                 break
 
+    def wake(self) -> None:
+        """Run the next round now (a job was started or changed by an operator)."""
+        self._wake.set()
+
     def close(self) -> None:
         self.stop.set()
         with self._lock:
             for client in list(self._open.values()):
                 _abort_quietly(client)
+        self._release_idle(float("inf"))
         for slots in self._sources.values():
             slots.pool.shutdown(wait=True, cancel_futures=True)
         self._verifiers.shutdown(wait=True, cancel_futures=True)
@@ -312,6 +322,7 @@ class MigrationRunner:
             except JobError as exc:
                 log.warning("migration %s: %s", name, exc)
         self._release_cancelled()
+        self._release_idle(KEEP_IDLE)
         if now >= self._prune_at:
             self._prune_at = now + 300.0
             pruned = self.spool.moves.prune(now=now)
@@ -455,7 +466,7 @@ class MigrationRunner:
                                      f"listing study {uid}: {exc}", seq)
                 return
             finally:
-                self._close_client(name, seq, client)
+                self._close_client(name, seq, client, source=source)
             if study.state is not StudyState.LISTED:
                 return
         if study.verify_attempts and (name, seq) not in self._refetch:
@@ -654,7 +665,8 @@ class MigrationRunner:
             out.why = f"retrieve from {source.ae_title} failed: {escape_control(str(exc))}"
         finally:
             if client is not None:
-                self._close_client(name, study.seq, client)
+                self._close_client(name, study.seq, client,
+                                   source=source if source.retrieve != "get" else None)
         return out
 
     def _one(self, name: str, spec: JobSpec, source: SourceConfig, calling: str,
@@ -708,10 +720,34 @@ class MigrationRunner:
                              "moves registered at once", None)
 
     def _open_client(self, name: str, seq: int, source: SourceConfig, calling: str) -> QueryRetrieveClient:
-        client = self.client(source, calling)
+        """A FIND/MOVE client for ``source``: a kept one (its association still open) when
+        there is one, else a new one; :meth:`_close_client` keeps it again."""
+        client = None
+        with self._lock:
+            idle = self._idle.get(source.name, [])
+            while idle and client is None:
+                kept, _ = idle.pop()
+                if kept.calling_ae == calling:
+                    client = kept
+                else:
+                    _close_quietly(kept)
+        if client is None:
+            client = self.client(source, calling)
         with self._lock:
             self._open[(name, seq)] = client
         return client
+
+    def _release_idle(self, older_than: float) -> None:
+        """Release kept associations unused for ``older_than`` seconds (inf: every one)."""
+        now = time.monotonic()
+        gone: list[QueryRetrieveClient] = []
+        with self._lock:
+            for name, idle in self._idle.items():
+                keep = [(c, t) for c, t in idle if older_than != float("inf") and now - t < older_than]
+                gone += [c for c, t in idle if (c, t) not in keep]
+                self._idle[name] = keep
+        for client in gone:
+            _close_quietly(client)
 
     def _get_client(self, name: str, spec: JobSpec, source: SourceConfig, calling: str, seq: int,
                     unit: Unit) -> QueryRetrieveClient:
@@ -744,10 +780,17 @@ class MigrationRunner:
             return services[key]
         return make
 
-    def _close_client(self, name: str, seq: int, client: QueryRetrieveClient) -> None:
+    def _close_client(self, name: str, seq: int, client: QueryRetrieveClient, *,
+                      source: SourceConfig | None = None) -> None:
+        """Done with ``client``: kept for the next study of ``source`` while its association is
+        usable and the runner goes on (a C-GET client, made for one study's classes, is not)."""
         with self._lock:
             if self._open.get((name, seq)) is client:
                 del self._open[(name, seq)]
+        if source is not None and not self.stop.is_set() and _usable(client):
+            with self._lock:
+                self._idle.setdefault(source.name, []).append((client, time.monotonic()))
+            return
         _close_quietly(client)
 
     def _attribute(self, name: str, study: StudyRecord, *, wait_for: int = 0,
@@ -1004,6 +1047,17 @@ class MigrationRunner:
             if state is JobState.CANCELLED:
                 log.info("migration %s: cancelled: aborting its retrieve in flight", name)
                 _abort_quietly(client)
+
+
+def _usable(client: Any) -> bool:
+    """Whether a client's association can serve the next operation as it is (a test's fake
+    client without a connection: never kept)."""
+    conn = getattr(client, "conn", None)
+    usable = getattr(conn, "usable", None)
+    try:
+        return bool(usable()) if usable is not None else False
+    except Exception:
+        return False
 
 
 def _close_quietly(client: QueryRetrieveClient) -> None:

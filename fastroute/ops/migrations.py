@@ -23,6 +23,7 @@ from fastroute.config import Config
 from fastroute.ops.actions import BadRequest, Conflict, NotFound
 from fastroute.spool import Spool
 from fastroute.spool.audit import whoami
+from fastroute.spool.wakeup import MIGRATION, Notifier
 from fastroute.spool.jobs import (FINAL_STUDY_STATES, REPORT_COLUMNS, JobError, Jobs, JobSpec, JobState,
                                   StudyRecord, StudyState, Window)
 from fastroute.spool.jobs import parse_rate as jobs_parse_rate
@@ -44,7 +45,6 @@ STUDIES_HEADERS = {"studyinstanceuid": 0, "studyuid": 0, "study": 0, "uid": 0,
                    "accessionnumber": 1, "accession": 1, "accessionno": 1}
 FINAL_JOB_STATES = frozenset({JobState.DONE, JobState.DONE_WITH_ERRORS, JobState.CANCELLED})
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-FAILURE_SCAN_LIMIT = 50_000      # studies read per call to find a job's failures (dashboard)
 REPORT_BATCH = 500               # rows per chunk of a streamed report
 
 
@@ -200,18 +200,11 @@ def status(spool: Spool, name: str, now: float | None = None) -> dict[str, Any]:
 
 
 def failures(spool: Spool, name: str, limit: int = 50) -> list[dict[str, Any]]:
-    """The job's failed studies with their reasons, in inventory order (bounded scan)."""
+    """The job's failed studies with their reasons, in inventory order (from the job's index
+    of failed studies: a million-study job's are listed without reading its inventory)."""
     jobs = jobs_of(spool)
     _known(jobs, name)
-    out = []
-    for i, rec in enumerate(jobs.report(name)):
-        if rec.state == StudyState.FAILED:
-            out.append(rec.report_row())
-            if len(out) >= limit:
-                break
-        if i >= FAILURE_SCAN_LIMIT:
-            break
-    return out
+    return [rec.report_row() for rec in jobs.in_state(name, StudyState.FAILED, limit)]
 
 
 def report_rows(spool: Spool, name: str) -> Iterator[dict[str, Any]]:
@@ -301,6 +294,7 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
         created = jobs.create(spec)
     except JobError as exc:
         raise Conflict(str(exc), hint="choose another --name, or `fastroute migrate list`") from None
+    _wake(spool)
     spool.audit_record("migration_start", who=who, why=why, job=created, source=source,
                        destinations=dests, query=keys, studies=len(listed), rate=rate or "",
                        windows=[str(w) for w in spec.windows], verify=verify)
@@ -311,6 +305,19 @@ def start(cfg: Config, spool: Spool, *, source: str, destinations: Sequence[str]
     return job_view(jobs, created, now)
 
 
+def _wake(spool: Spool) -> None:
+    """Tell the migration process a job changed, so it acts now rather than at its next poll
+    (fire and forget: a router that is not running finds the job when it starts)."""
+    try:
+        notifier = Notifier(spool.path)
+    except OSError:
+        return
+    try:
+        notifier.notify(MIGRATION)
+    finally:
+        notifier.close()
+
+
 def _act(spool: Spool, name: str, verb: str) -> tuple[Jobs, Any]:
     jobs = jobs_of(spool)
     _known(jobs, name)
@@ -318,6 +325,7 @@ def _act(spool: Spool, name: str, verb: str) -> tuple[Jobs, Any]:
         result = getattr(jobs, verb)(name)
     except JobError as exc:
         raise Conflict(f"cannot {verb} migration {name}: {exc}") from None
+    _wake(spool)
     return jobs, result
 
 

@@ -302,6 +302,9 @@ _SPEC_SUFFIX = b"\x00spec"            # mjob: name -> job record, name 0x00 "spe
 _FINAL_JOB = frozenset({JobState.DONE, JobState.DONE_WITH_ERRORS, JobState.CANCELLED})
 _STATE_CODE = {StudyState.PENDING: b"p", StudyState.LISTED: b"l", StudyState.RETRIEVING: b"r",
                StudyState.DELIVERING: b"d", StudyState.VERIFYING: b"v"}
+# Final states indexed in ``mwork`` too, in inventory order (next_at 0), so that operators'
+# views list a million-study job's failures without scanning it; never "due".
+_LISTED_CODE = {StudyState.FAILED: b"x"}
 _RATE_WINDOW = 60.0                   # status' rate: instances received over the last minute
 _SAMPLE_EVERY = 5.0                   # rate samples closer than this are merged
 _BATCH = 500                          # studies per read transaction when streaming
@@ -479,7 +482,8 @@ class Jobs:
     def _work_key(self, name: str, st: StudyRecord) -> bytes | None:
         code = _STATE_CODE.get(st.state)
         if code is None:
-            return None
+            listed = _LISTED_CODE.get(st.state)
+            return None if listed is None else self._prefix(name) + listed + b"\x00" + _WORK.pack(0, st.seq)
         return self._prefix(name) + code + b"\x00" + _WORK.pack(max(0, int(st.next_at * 1000)), st.seq)
 
     def _put(self, txn: lmdb.Transaction, name: str, job: dict[str, Any], old: StudyRecord | None,
@@ -842,6 +846,27 @@ class Jobs:
                     at = _WORK.unpack(bytes(cur.key())[len(prefix):])[0] / 1000.0
                     best = at if best is None else min(best, at)
         return best
+
+    def in_state(self, name: str, state: StudyState, limit: int) -> list[StudyRecord]:
+        """Up to ``limit`` studies in ``state`` (failed, or any non-final one), in inventory order
+        for failed ones; from ``mwork``, without a scan of the inventory."""
+        code = _STATE_CODE.get(state) or _LISTED_CODE.get(state)
+        if code is None:
+            raise JobError(f"studies in state {state} are not indexed; use report()")
+        prefix = self._prefix(name) + code + b"\x00"
+        out: list[StudyRecord] = []
+        with self.env.begin() as txn:
+            self._load(txn, name)
+            cur = txn.cursor(db=self._work)
+            if not cur.set_range(prefix):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                if len(out) >= limit or not bytes(key).startswith(prefix):
+                    break
+                st = self._get(txn, name, _WORK.unpack(bytes(key)[len(prefix):])[1])
+                if st is not None:
+                    out.append(st)
+        return out
 
     def count(self, name: str, state: StudyState) -> int:
         """Studies in ``state`` (from the totals)."""

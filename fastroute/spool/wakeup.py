@@ -16,6 +16,11 @@ from pathlib import Path
 MAX_UNIX_PATH = 103
 
 
+# The migration process's wake-up name: '@' is not allowed in a destination name, so it can
+# never be a destination's (operators' job changes wake it rather than waiting for its poll).
+MIGRATION = "@migration"
+
+
 def socket_path(spool: Path, dest: str) -> Path:
     return spool / "run" / f"{dest}.wake"
 
