@@ -225,3 +225,30 @@ def test_orthanc_instance_deleted_after_delivery_is_resent_and_verified(
         assert (q["verified"], q["verify_waiting"], q["verify_failed_now"]) == (3, 0, 0)
         assert "verification (find, quiet 3s): 3 verified, 0 study(ies) waiting, 0 verify-failed" in \
             r.cli("queue").stdout
+
+
+def test_bytes_held_until_verified_and_let_go_when_switched_off(tmp_path: Path) -> None:
+    """Delivered, not settled yet (a long quiet period): the bytes stay for a re-send; with
+    verify switched off nothing waits any more and they go."""
+    files, uids, study = _study(tmp_path, 2)
+    with StoringArchive() as pacs:
+        cfg = config(tmp_path, pacs.port, verify_quiet=3600)
+        oids = _seed(cfg, files)
+        with running_sender(cfg) as spool:
+            wait_until(lambda: sorted(pacs.stored) == sorted(uids), 30, message=lambda: f"stored {pacs.stored}")
+            wait_until(lambda: not any(q["pending"] or q["in_flight"] for q in ops.destination_status(cfg, spool)
+                                       if q["destination"] == "pacs"), 30, message="delivery not settled")
+            assert all(_has_bytes(spool, o) for o in oids)
+            assert [spool.verifications.states(o)["pacs"] for o in oids] == [VerifyState.WAITING] * 2
+            (q,) = [q for q in ops.destination_status(cfg, spool) if q["destination"] == "pacs"]
+            assert (q["verify_waiting"], q["verified"]) == (1, 0)
+            assert not [r for r in pacs.requests if r.command == "C-FIND"]     # not settled: not queried
+    off = config(tmp_path, pacs.port, verify="off")
+    spool = Spool(off.spool, map_size=off.spool_max_bytes)
+    try:
+        DestinationSender(off, off.destinations["pacs"], spool)
+        assert not any(_has_bytes(spool, o) for o in oids)
+        assert spool.verifications.waiting_studies("pacs") == []
+        assert spool.verifications.study("pacs", study) is None
+    finally:
+        spool.close()
