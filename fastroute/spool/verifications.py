@@ -155,6 +155,8 @@ class Verifications:
         txn.put(b"u" + _oid(oid) + dest.encode(), VerifyState.WAITING.value.encode(), db=self.db)
         raw = txn.get(_skey(dest, study), db=self.db)
         sv = StudyVerification.decode(raw) if raw is not None else StudyVerification(dest, study)
+        if sv.state != VerifyState.WAITING.value:    # more of a finished study: a fresh round of re-sends
+            sv.attempts, sv.missing = 0, []
         sv.state = VerifyState.WAITING.value
         sv.last_delivered = max(sv.last_delivered, now)
         txn.put(_skey(dest, study), sv.encode(), db=self.db)
