@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Self
 
 import pydicom
+import pytest
 import yaml
 from pynetdicom import evt
 
@@ -252,3 +253,21 @@ def test_bytes_held_until_verified_and_let_go_when_switched_off(tmp_path: Path) 
         assert spool.verifications.study("pacs", study) is None
     finally:
         spool.close()
+
+
+def test_config_keys_defaults_and_banner(tmp_path: Path) -> None:
+    from fastroute.cli import describe
+    from fastroute.errors import ConfigError
+
+    plain = loads(yaml.safe_dump({"spool": str(tmp_path / "spool"), "destinations": {"pacs": destination(104)}}))
+    d = plain.destinations["pacs"]
+    assert (d.verify, d.verify_quiet, d.verify_attempts) == ("off", 120.0, 3)
+    assert "verification" not in describe(plain)
+    cfg = config(tmp_path, 104, verify_quiet="2m", verify_attempts=5, query_level="study")
+    d = cfg.destinations["pacs"]
+    assert (d.verify, d.verify_quiet, d.verify_attempts) == ("find", 120.0, 5)
+    assert ("destination pacs: verification by C-FIND (study level) once a study settled (120s quiet), "
+            "5 re-send(s)") in describe(cfg)
+    for bad in ({"verify": "sometimes"}, {"verify_attempts": 0}):
+        with pytest.raises(ConfigError, match="verify"):
+            config(tmp_path, 104, **bad)
