@@ -127,6 +127,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fastroute.routing.commitment import commitment_warnings
     for warning in commitment_warnings(cfg):
         print(f"warning: {warning}")
+    from fastroute.routing.verify import verify_warnings
+    for warning in verify_warnings(cfg):
+        print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
 
 

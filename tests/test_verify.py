@@ -28,7 +28,7 @@ from fastroute.ops import actions as ops
 from fastroute.ops.alerts import Reading, evaluate
 from fastroute.ops.metrics import make_registry, render
 from fastroute.routing.schedule import DestinationSender
-from fastroute.routing.verify import settled
+from fastroute.routing.verify import settled, verify_warnings
 from fastroute.spool import OutcomeKind, Spool
 from fastroute.spool.queues import Outcome
 from fastroute.spool.counters import CounterKind
@@ -268,6 +268,11 @@ def test_config_keys_defaults_and_banner(tmp_path: Path) -> None:
     assert (d.verify, d.verify_quiet, d.verify_attempts) == ("find", 120.0, 5)
     assert ("destination pacs: verification by C-FIND (study level) once a study settled (120s quiet), "
             "5 re-send(s)") in describe(cfg)
+    assert verify_warnings(plain) == []
+    assert verify_warnings(cfg) == [
+        "destinations.pacs: verify: find: FAKEPACS must answer Study Root C-FIND (study level) from AE FASTROUTE"]
+    (_, quiet) = verify_warnings(config(tmp_path, 104))
+    assert quiet.startswith("destinations.pacs: verify_quiet 0.5s: an archive that indexes in the background")
     for bad in ({"verify": "sometimes"}, {"verify_attempts": 0}):
         with pytest.raises(ConfigError, match="verify"):
             config(tmp_path, 104, **bad)

@@ -201,10 +201,28 @@ class Verifier:
         self.on_resend()
 
 
+MIN_QUIET = 10.0           # below this an archive that indexes in the background may not list yet
+
+
+def verify_warnings(cfg: Config) -> list[str]:
+    """What ``fastroute check`` says about verification settings that load but will not do
+    what they seem to."""
+    out = []
+    for d in cfg.destinations.values():
+        if d.verify == "off":
+            continue
+        out.append(f"destinations.{d.name}: verify: find: {d.ae_title} must answer Study Root C-FIND "
+                   f"({d.query_level} level) from AE {d.calling_ae or cfg.ae_title}")
+        if d.verify_quiet < MIN_QUIET:
+            out.append(f"destinations.{d.name}: verify_quiet {d.verify_quiet:g}s: an archive that indexes in the "
+                       "background may not list what it just stored; instances may be re-sent needlessly")
+    return out
+
+
 def _uid_list(uids: Any, limit: int = 20) -> str:
     items = list(uids)
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
-__all__ = ["Found", "Verifier", "query_destination", "settled", "close_quietly"]
+__all__ = ["Found", "Verifier", "query_destination", "settled", "close_quietly", "verify_warnings"]
