@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE
 
 import peers
@@ -52,11 +53,16 @@ UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE
 
 def _matches(value: Any, key: Any) -> bool:
     """Whether one attribute ``value`` of a stored object matches the request key ``key``."""
+    if isinstance(key, (list, tuple, MultiValue)):
+        # List of UID matching (PS3.4 C.2.2.2.2): pydicom decodes "uid1\\uid2" as a MultiValue,
+        # whose str() is a Python list, not the backslash-separated value
+        items = [str(k) for k in key]
+        return any(_matches(value, k) for k in items if k) or not any(items)
     if key is None or str(key) == "":
         return True                                    # universal match: a return key
     text = "" if value is None else str(value)
     wanted = str(key)
-    if "\\" in wanted:                                 # list of UIDs (or values)
+    if "\\" in wanted:                                 # list of UIDs (or values), as text
         return text in wanted.split("\\")
     if "-" in wanted and wanted.replace("-", "").replace(".", "").isdigit():
         low, _, high = wanted.partition("-")           # date/time range; open ends allowed
@@ -64,6 +70,15 @@ def _matches(value: Any, key: Any) -> bool:
     if "*" in wanted or "?" in wanted:
         return fnmatch.fnmatchcase(text, wanted)
     return text == wanted
+
+
+def _values(identifier: Dataset, keyword: str) -> list[str]:
+    """A key's values: one, or several for a list of UIDs (a MultiValue once decoded)."""
+    value = identifier.get(keyword)
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v) for v in value if str(v)]
+    text = "" if value is None else str(value)
+    return [v for v in text.split("\\") if v]
 
 
 @dataclass
@@ -101,6 +116,8 @@ class FakeArchive:
       a query's total timeout then ends it, and the caller must split it).
     - ``image_level``: False refuses IMAGE-level C-FIND with 0xA900 (identifier does not match).
     - ``refuse_get_role``: SCP/SCU role selection refused (no C-GET possible); set before start.
+    - ``ignore_uid_lists``: a key holding a LIST of UIDs matches nothing (archives that take
+      "uid1\\uid2" as one value). By default lists match any of their UIDs (PS3.4 C.2.2.2.2).
 
     Content: ``add_files`` / ``add`` (held in memory), and/or ``generated=Generated(100_000)``
     (made on demand: a scale test's archive costs an index, not the studies).
@@ -123,6 +140,7 @@ class FakeArchive:
     match_delay: float = 0.0
     image_level: bool = True
     refuse_get_role: bool = False
+    ignore_uid_lists: bool = False
     datasets: dict[str, Dataset] = field(default_factory=dict)      # SOP Instance UID -> object
     generated: Generated | None = None       # lazily made studies instead of (besides) datasets
     requests: list[Request] = field(default_factory=list)
@@ -203,6 +221,9 @@ class FakeArchive:
         keys = [(elem.keyword, elem.value) for elem in identifier
                 if elem.keyword and elem.keyword != "QueryRetrieveLevel" and elem.VR != "SQ"
                 and elem.keyword not in _COMPUTED]
+        if self.ignore_uid_lists and any(isinstance(v, (list, tuple, MultiValue)) and len(v) > 1
+                                         for _, v in keys):
+            return
         candidates: Iterable[Dataset] = self.datasets.values()
         if self.generated is not None:
             made = (self.generated.study_headers(identifier) if study_level
@@ -618,9 +639,9 @@ class Generated:
         """Candidate study indexes: by UID, else by StudyDate (range or exact), else all."""
         import bisect
 
-        uid = str(identifier.get("StudyInstanceUID", "") or "")
-        if uid:
-            for one in uid.split("\\"):
+        uids = _values(identifier, "StudyInstanceUID")
+        if uids:
+            for one in uids:
                 found = self._index(one, 1)
                 if found is not None:
                     yield found[0]
@@ -639,10 +660,10 @@ class Generated:
 
     def headers(self, identifier: Dataset) -> Iterator[Dataset]:
         """Every instance (header only) of the candidate studies; FakeArchive matches them."""
-        series_uid = str(identifier.get("SeriesInstanceUID", "") or "")
+        series_uids = _values(identifier, "SeriesInstanceUID")
         for i in self._studies(identifier):
             for s in range(self.series):
-                if series_uid and f"{self.study_uid(i)}.{s}" not in series_uid.split("\\"):
+                if series_uids and f"{self.study_uid(i)}.{s}" not in series_uids:
                     continue
                 for k in range(self.per_series):
                     yield self.instance(i, s, k)

@@ -40,6 +40,7 @@ class FakeStudy:
     time: str = ""
     patient_id: str = ""
     accession: str = ""
+    patient_name: str = ""
     modalities: tuple[str, ...] = ("CT",)
     series: dict[str, list[str]] = field(default_factory=dict)
 
@@ -103,12 +104,13 @@ class FakeSource:
             lo, _, hi = t.partition("-")
             if not s.time or not lo <= s.time <= hi:
                 return False
-        pid = str(keys.get("PatientID") or "")
-        if pid and not (s.patient_id.startswith(pid[:-1]) if pid.endswith("*") else s.patient_id == pid):
-            return False
-        for key, value in (("StudyInstanceUID", s.uid), ("AccessionNumber", s.accession)):
-            if keys.get(key) and keys[key] != value:
+        for key, value in (("PatientID", s.patient_id), ("PatientName", s.patient_name),
+                           ("AccessionNumber", s.accession)):
+            want = str(keys.get(key) or "")
+            if want and not (value.startswith(want[:-1]) if want.endswith("*") else value == want):
                 return False
+        if keys.get("StudyInstanceUID") and keys["StudyInstanceUID"] != s.uid:
+            return False
         mod = keys.get("ModalitiesInStudy")
         return not mod or mod in s.modalities
 
@@ -143,6 +145,7 @@ class FakeSource:
                 yield Dataset({tag: DataElement(tag, vr, value) for tag, vr, value in (
                     (0x0020000D, "UI", s.uid), (0x00100020, "LO", s.patient_id), (0x00080050, "SH", s.accession),
                     (0x00080020, "DA", s.date), (0x00080030, "TM", s.time), (0x00080061, "CS", list(s.modalities)),
+                    (0x00100010, "PN", s.patient_name),
                     (0x00201208, "IS", s.count))})
         except GeneratorExit:
             self.cancelled += 1
@@ -279,6 +282,54 @@ def test_studies_without_study_date_are_found(spool: Spool, empty: str) -> None:
         assert all(q["StudyDate"] == "" for q in fallback)
         # 'A' has more than 30 studies (dated ones too): it was split to 'A0'...
         assert any(q["PatientID"] == "A1*" for q in fallback)
+
+
+@pytest.mark.parametrize("empty", ["ignore", "literal", "refuse"])
+def test_undated_studies_without_patient_id_are_found_whatever_keys_are_empty(spool: Spool, empty: str) -> None:
+    """No StudyDate and no PatientID (pydicom's image_dfl.dcm, test-SR.dcm): the PatientName,
+    AccessionNumber and ModalitiesInStudy passes find them; one with none of these keys only
+    the capped undated query can, and the job's notes say so."""
+    dated = spread(120, dt.date(2019, 5, 1), 300)
+    undated = [FakeStudy(f"4.{i}", patient_id=f"P{i}") for i in range(40)]
+    named = FakeStudy("5.1", patient_name="Test^S R")
+    accessioned = FakeStudy("5.2", accession="A77")
+    sr_only = FakeStudy("5.3", modalities=("SR",))
+    bare = FakeStudy("5.4", modalities=())
+    fake = FakeSource(dated + undated + [named, accessioned, sr_only, bare], limit=30, empty=empty)
+    name, spec = start(spool)
+    run_inventory(fake, spool.jobs, name, spec, source(max_results=30), today=TODAY)
+    got = set(uids(spool, name))
+    assert {s.uid for s in dated + undated} | {"5.1", "5.2", "5.3"} <= got
+    assert any(q.get("PatientName") == "T*" for q in fake.queries)
+    assert any(q.get("AccessionNumber") == "A*" for q in fake.queries)
+    assert any(q.get("ModalitiesInStudy") == "SR" for q in fake.queries)
+    error = spool.jobs.status(name).error
+    assert "the undated query without other keys ended capped after" in error
+    assert "the inventory may be incomplete" in error
+    assert spool.jobs.inventory_progress(name)["phase"] == "done"
+
+
+def test_an_undated_answer_that_fits_ends_the_inventory_with_every_study(spool: Spool) -> None:
+    """A source that takes StudyDate "" literally but whose undated answer is not capped: one
+    query finds every undated study, whatever keys they lack; no passes, no warning."""
+    dated = spread(20, dt.date(2019, 5, 1), 300)
+    bare = [FakeStudy("5.4", modalities=()), FakeStudy("5.5", patient_name="^^^^")]
+    fake = FakeSource(dated + bare, limit=50, empty="literal")
+    name, spec = start(spool)
+    run_inventory(fake, spool.jobs, name, spec, source(max_results=50), today=TODAY)
+    assert set(uids(spool, name)) == {s.uid for s in dated + bare}
+    assert not any(str(q.get(k, "")).endswith("*") for q in fake.queries for k in ("PatientID", "PatientName"))
+    assert not spool.jobs.status(name).error
+
+
+def test_the_jobs_own_patient_id_is_never_replaced_by_a_prefix(spool: Spool) -> None:
+    studies = [FakeStudy(f"6.{i}", patient_id="X1", accession=f"N{i}") for i in range(8)]
+    others = [FakeStudy(f"7.{i}", patient_id=f"Y{i}") for i in range(40)]
+    fake = FakeSource(studies + others, limit=5, empty="literal")
+    name, spec = start(spool, query={"PatientID": "X1"})
+    run_inventory(fake, spool.jobs, name, spec, source(max_results=5), today=TODAY)
+    assert set(uids(spool, name)) == {s.uid for s in studies}
+    assert all(q["PatientID"] == "X1" for q in fake.queries)
 
 
 def test_query_keys_reach_every_query(spool: Spool) -> None:

@@ -36,12 +36,8 @@ def real_files(pydicom_data_dir: Path) -> list[Path]:
     """Real objects, one per SOP Instance UID (some pydicom-data files share theirs)."""
     files = [pydicom_data_dir / n for n in DATA_STORE_FILES] + [Path(str(get_testdata_file(n))) for n in PYDICOM_FILES]
     seen: dict[str, Path] = {}
-    for f in files:
+    for f in files:     # image_dfl.dcm, test-SR.dcm: neither StudyDate nor PatientID
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        if not ds.get("StudyDate") and not ds.get("PatientID"):
-            # image_dfl.dcm, test-SR.dcm: neither a date nor a patient to split the inventory
-            # by; branch mig-store's inventory does not find such studies yet (reported).
-            continue
         seen.setdefault(str(ds.SOPInstanceUID), f)
     return list(seen.values())
 
@@ -152,8 +148,6 @@ def test_orthanc_to_orthanc_every_study_verified(retrieve: str, router: Callable
                                                   synth_study: Callable[..., list[Path]]) -> None:
     orthanc.clear()
     files = real_files(pydicom_data_dir)
-    if retrieve == "get":   # see test_c_get_of_an_object_orthanc_transcodes (mig-qr bug)
-        files = [f for f in files if f.name != "693_J2KR.dcm"]
     files += synth_study(n_series=2, n_instances=4, tiny=True) + synth_study(modality="MR", n_instances=3, tiny=True)
     qrpeers.load_orthanc(oldpacs, files)
     r = serve(router, orthanc, {"oldpacs": source("OLDPACS", oldpacs.dicom_port, retrieve=retrieve)})
@@ -161,41 +155,77 @@ def test_orthanc_to_orthanc_every_study_verified(retrieve: str, router: Callable
     name = start_job(r, "oldpacs", "--name", f"orthanc-{retrieve}")
     st = assert_done_verified(r, name, study_uids(files))
     assert st["instances_expected"] == st["instances_received"] == len(files)
-    if retrieve == "move":
-        assert_all_at(orthanc, sop_uids(files), compare=len(files))
-    else:
-        # C-GET: Orthanc sends in the syntax it picks among those offered (every one fastroute
-        # accepts, one context per class: see the report), so compressed objects may arrive
-        # decompressed; compare element by element where no pixel codec is involved.
-        plain = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
-                 in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")]
-        uids = sop_uids(files)
-        assert_all_at(orthanc, {**sop_uids(plain), **uids}, compare=len(plain))
+    # C-MOVE and C-GET alike: every object arrives as stored (C-GET offers each class once per
+    # stored syntax), compressed ones included
+    assert_all_at(orthanc, sop_uids(files), compare=len(files))
 
 
-@pytest.mark.xfail(strict=True, reason="Q/R SCU (branch mig-qr): a C-STORE sub-operation that Orthanc "
-                   "transcodes on a C-GET association fails with 'malformed PDU ... (0008,0000) at offset 118 "
-                   "is not in the command group'")
-def test_c_get_of_an_object_orthanc_transcodes(oldpacs: peers.Orthanc, pydicom_data_dir: Path) -> None:
+def _dataset_bytes(path: Path) -> tuple[str, bytes]:
+    """A file's transfer syntax and the bytes of its dataset (what follows the file meta)."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    # preamble + "DICM", the (0002,0000) element, then the group length it declares
+    return str(meta.TransferSyntaxUID), path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):]
+
+
+def assert_same_as_stored(got: bytes, stored: bytes, ts: str) -> None:
+    """The dataset as stored: same length, the compressed pixel data (every fragment) byte for
+    byte, every other element with the same value. Orthanc's network layer (DCMTK) rewrites a
+    dataset as it sends it: it recomputes (gggg,0000) group lengths and writes encapsulated
+    Pixel Data with VR OB where the file said OW, so a few header bytes may differ."""
+    assert len(got) == len(stored)
+
+    def read(raw: bytes) -> pydicom.Dataset:
+        ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+        return ds
+
+    a, b = read(got), read(stored)
+    assert a.PixelData == b.PixelData
+    tags = {t for t in b.keys() if t.element != 0}
+    assert {t for t in a.keys() if t.element != 0} == tags
+    for tag in tags:
+        assert a[tag].value == b[tag].value, tag
+
+
+@pytest.mark.parametrize("name", ["693_J2KR.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"])
+def test_c_get_from_orthanc_sends_compressed_objects_as_stored(name: str, oldpacs: peers.Orthanc,
+                                                               pydicom_data_dir: Path) -> None:
+    """One context per (class, syntax): Orthanc sends each object in its stored syntax, byte for
+    byte. Offered only Explicit VR Little Endian it must transcode, and cannot for JPEG 2000:
+    that sub-operation fails and the final response lists the instance (Orthanc puts the list
+    in the command set, past its group length: read, not a malformed PDU)."""
     from fastroute.config import SourceConfig
     from fastroute.dicom.dimse import Message, Peer, Reply
-    from fastroute.dicom.qr import QueryRetrieveClient
+    from fastroute.dicom.qr import Level, QueryRetrieveClient, storage_contexts
 
-    f = pydicom_data_dir / "693_J2KR.dcm"            # JPEG 2000 lossless CT
+    f = pydicom_data_dir / name
     ds = pydicom.dcmread(f, stop_before_pixels=True)
+    stored_ts, stored = _dataset_bytes(f)
     qrpeers.load_orthanc(oldpacs, [f])
     qrpeers.register_modality(oldpacs, "getter", "GETTER", 1)
-    got: list[str] = []
+    got: list[tuple[str, str, bytes]] = []
 
     def store(peer: Peer, msg: Message) -> Reply:
-        got.append(msg.sop_instance_uid)
+        assert isinstance(msg.data, bytearray)
+        got.append((msg.sop_instance_uid, peer.contexts[msg.context_id], bytes(msg.data)))
         return Reply(0)
 
     src = SourceConfig(name="s", ae_title="OLDPACS", host="127.0.0.1", port=oldpacs.dicom_port)
-    # Explicit VR Little Endian only: Orthanc must transcode from JPEG 2000.
-    with QueryRetrieveClient(src, "GETTER", store=store, storage=[(str(ds.SOPClassUID), ("1.2.840.10008.1.2.1",))]) as c:
+    with QueryRetrieveClient(src, "GETTER", store=store, storage=storage_contexts([str(ds.SOPClassUID)])) as c:
         result = c.get({"StudyInstanceUID": str(ds.StudyInstanceUID)})
-    assert result.status == 0 and got == [str(ds.SOPInstanceUID)]
+        assert result.status == 0 and result.counts.completed == 1, result
+    assert [(uid, ts) for uid, ts, _ in got] == [(str(ds.SOPInstanceUID), stored_ts)]
+    assert_same_as_stored(got[0][2], stored, stored_ts)
+
+    if stored_ts == "1.2.840.10008.1.2.4.90":
+        got.clear()
+        with QueryRetrieveClient(src, "GETTER", store=store,
+                                 storage=[(str(ds.SOPClassUID), ("1.2.840.10008.1.2.1",))]) as c:
+            result = c.get({"StudyInstanceUID": str(ds.StudyInstanceUID)})
+            assert result.status != 0 and result.failed_sop_instance_uids == [str(ds.SOPInstanceUID)]
+            assert list(c.find(Level.STUDY, {"StudyInstanceUID": str(ds.StudyInstanceUID)}))   # still usable
+        assert got == []
 
 
 def test_kill_9_mid_job_then_serve_again_continues_and_fetches_nothing_verified_twice(
@@ -300,12 +330,14 @@ def fake_archive() -> Iterator[Callable[..., qrpeers.FakeArchive]]:
         pacs.stop()
 
 
+@pytest.mark.parametrize("uid_lists", ["matched", "ignored"])
 def test_busy_source_is_backed_off_then_a_failed_list_is_fetched_again_alone(
-        router: Callable[..., Router], orthanc: peers.Orthanc,
+        uid_lists: str, router: Callable[..., Router], orthanc: peers.Orthanc,
         fake_archive: Callable[..., qrpeers.FakeArchive], synth_study: Callable[..., list[Path]]) -> None:
     files = synth_study(n_instances=6, tiny=True)
     r = router(config(orthanc, {}), start=False)
-    pacs = fake_archive(ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)})
+    pacs = fake_archive(ae_title="FAKEPACS", destinations={ROUTER_AE: ("127.0.0.1", r.port)},
+                        ignore_uid_lists=uid_lists == "ignored")
     pacs.add_files(files)
     uids = list(sop_uids(files))
     pacs.busy_moves = 1                         # 0xA702 first
@@ -327,10 +359,17 @@ def test_busy_source_is_backed_off_then_a_failed_list_is_fetched_again_alone(
     # (FakeArchive records no status for a retrieve that matched nothing: None)
     assert again and all(q.status in (0, None) for q in again), [(q.status, q.message_id) for q in moves]
     refetched = {u for q in again for u in _uid_values(q.identifier.get("SOPInstanceUID"))}
-    # Only the failed instances are fetched again: by IMAGE level, by their UIDs (as a list,
-    # then one by one: FakeArchive, like some archives, does not match UID lists).
+    # Only the failed instances are fetched again: by IMAGE level, by their UIDs as a list;
+    # an archive that ignores UID lists (it answers the list with nothing) one by one after.
     assert refetched == set(uids[:2]), "only the failed instances are fetched again"
     assert all(q.identifier.QueryRetrieveLevel == "IMAGE" for q in again)
+    asked = [sorted(_uid_values(q.identifier.get("SOPInstanceUID"))) for q in again]
+    one_by_one = "retrieving them one by one" in r.log_text()
+    if uid_lists == "matched":
+        assert asked == [sorted(uids[:2])] and again[0].status == 0 and not one_by_one
+    else:
+        assert asked[0] == sorted(uids[:2]) and again[0].status in (0, None)
+        assert sorted(map(tuple, asked[1:])) == sorted((u,) for u in uids[:2]) and one_by_one
     assert "0xA702" in r.log_text()
     assert_all_at(orthanc, sop_uids(files), compare=1)
 

@@ -52,6 +52,24 @@ def test_c_get_with_more_storage_classes_than_one_association_holds_is_split() -
     assert split_classes(unit, insts, limit=300) == [unit]
 
 
+def test_c_get_units_fit_one_association_of_per_syntax_contexts() -> None:
+    """Each class is offered once per stored syntax: the default split keeps a unit's
+    contexts within one association (127 beside the C-GET context)."""
+    from fastroute.dicom.qr import MAX_STORAGE_CLASSES, QueryRetrieveClient, storage_contexts
+    from fastroute.dicom.dimse import Reply
+    from fastroute.config import SourceConfig
+
+    insts = [InstanceRecord(f"1.2.3.0.{i}", "1.2.3.0", f"1.2.840.99.{i % 20}") for i in range(40)]
+    unit = plan_units("1.2.3", insts, len(insts), series_threshold=1000)[0]
+    parts = split_classes(unit, insts)
+    assert len(parts) == 3 and sorted(u for p in parts for u in p.sop_uids) == sorted(unit.sop_uids)
+    src = SourceConfig(name="s", ae_title="X", host="127.0.0.1", port=1)
+    for part in parts:
+        contexts = storage_contexts(sorted(part.sop_classes))
+        assert len(contexts) <= MAX_STORAGE_CLASSES
+        QueryRetrieveClient(src, "ME", store=lambda p, m: Reply(0), storage=contexts)
+
+
 def test_backoff_is_exponential_and_capped() -> None:
     b = Backoff(initial=5, cap=30)
     assert [b.failed(100.0) for _ in range(5)] == [5, 10, 20, 30, 30]

@@ -619,6 +619,51 @@ def test_storage_batches_keep_a_class_together() -> None:
         QueryRetrieveClient(source("X", 1), CALLING, store=lambda p, m: Reply(0), storage=batch)
 
 
+def test_storage_contexts_one_per_class_and_stored_syntax_split_by_whole_classes() -> None:
+    from fastroute.dicom.qr import (STORED_SYNTAXES, classes_per_association, storage_batches,
+                                    storage_contexts)
+
+    contexts = storage_contexts([f"1.2.3.{i}" for i in range(20)] + ["1.2.3.0"])
+    assert len(contexts) == 20 * len(STORED_SYNTAXES)
+    assert all(len(ts) == 1 for _, ts in contexts)
+    assert {ts[0] for c, ts in contexts if c == "1.2.3.7"} == set(STORED_SYNTAXES)
+    per = classes_per_association()
+    assert per * len(STORED_SYNTAXES) <= MAX_STORAGE_CLASSES < (per + 1) * len(STORED_SYNTAXES)
+    batches = storage_batches(contexts)
+    assert [len({c for c, _ in b}) for b in batches] == [per, per, 20 - 2 * per]
+    for batch in batches:       # each fits one association beside the C-GET context
+        QueryRetrieveClient(source("X", 1), CALLING, store=lambda p, m: Reply(0), storage=batch)
+
+
+def test_set_next_message_id_is_the_id_the_next_request_carries(archive: Any) -> None:
+    pacs, dest, studies = archive
+    study = uid_of(studies[0][0], "StudyInstanceUID")
+    with QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        client.set_next_message_id(4242)
+        assert client.next_message_id() == 4242
+        result = client.move({"StudyInstanceUID": study}, DEST_AE)
+        assert result.message_id == 4242 and pacs.requests[-1].message_id == 4242
+        client.set_next_message_id(65535)
+        assert client.move({"StudyInstanceUID": study}, DEST_AE).message_id == 65535
+        assert client.next_message_id() == 1                  # wraps past 65535
+        with pytest.raises(ValueError):
+            client.set_next_message_id(0)
+
+
+def test_fake_archive_matches_a_list_of_uids_in_one_request(archive: Any) -> None:
+    """PS3.4 C.2.2.2.2: a UID key with several values matches any of them."""
+    pacs, dest, studies = archive
+    wanted = [uid_of(studies[0][0]), uid_of(studies[1][2])]
+    with QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
+        found = list(client.find(Level.IMAGE, {"StudyInstanceUID": None, "SOPInstanceUID": wanted}))
+        assert sorted(str(d.SOPInstanceUID) for d in found) == sorted(wanted)
+        studies_found = list(client.find(Level.STUDY, {"StudyInstanceUID": [uid_of(s[0], "StudyInstanceUID")
+                                                                             for s in studies]}))
+        assert len(studies_found) == 2
+        pacs.ignore_uid_lists = True           # like archives that take the list as one value
+        assert list(client.find(Level.IMAGE, {"StudyInstanceUID": None, "SOPInstanceUID": wanted})) == []
+
+
 def test_slow_archive_find_ends_at_its_total_timeout(tmp_path: Path) -> None:
     pacs = FakeArchive(match_delay=0.3)
     pacs.add_files(p for s in make_studies(tmp_path, 10, per_study=1) for p in s)

@@ -38,7 +38,28 @@ STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 # Identifiers are small: offered in both little-endian uncompressed syntaxes, the peer picks.
 QR_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
-MAX_STORAGE_CLASSES = acse.MAX_CONTEXTS - 1     # beside the C-GET context itself
+MAX_STORAGE_CLASSES = acse.MAX_CONTEXTS - 1     # storage contexts beside the C-GET context itself
+#: The transfer syntaxes archives commonly store objects in. A presentation context accepts ONE
+#: syntax, so a class offered once with many syntaxes gets one of them and the source must
+#: transcode everything else (or fail: Orthanc cannot convert JPEG 2000). C-GET offers each
+#: storage class once per syntax here (:func:`storage_contexts`) so that every object stored
+#: in one of them can be sent as stored, byte for byte; the uncompressed ones come first and
+#: serve as the fallback for a source that stores something else and converts it.
+STORED_SYNTAXES = (
+    "1.2.840.10008.1.2.1",      # Explicit VR Little Endian
+    "1.2.840.10008.1.2",        # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",      # Explicit VR Big Endian (retired, still stored)
+    "1.2.840.10008.1.2.1.99",   # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.5",      # RLE Lossless
+    "1.2.840.10008.1.2.4.50",   # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",   # JPEG Extended
+    "1.2.840.10008.1.2.4.57",   # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",   # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",   # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",   # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",   # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+)
 CANCEL_DRAIN_TIMEOUT = 30.0   # cap on waiting for the final response after a C-CANCEL
 DEFAULT_QUERY_TIMEOUT = 300.0
 DEFAULT_RETRIEVE_TIMEOUT = 3600.0
@@ -116,8 +137,7 @@ class QueryRetrieveClient:
     transfer syntaxes mean every syntax fastroute accepts (``acse.ACCEPTED_SYNTAXES``). The
     acceptor picks ONE syntax per context, usually uncompressed, and a source that cannot
     convert what it stores (Orthanc with JPEG 2000) then fails that sub-operation: to get
-    objects as stored, give a class once more with just its stored syntax (one more context;
-    C-FIND's AvailableTransferSyntaxUID (0008,3002) says which, where the source answers it).
+    objects as stored, offer each class once per syntax (:func:`storage_contexts`).
 
     The association is made on the first operation and kept; one the peer closed while idle
     is made again. ``refused_storage`` says, after it is made, which storage classes cannot be
@@ -199,6 +219,13 @@ class QueryRetrieveClient:
     def next_message_id(self) -> int:
         """The Message ID the next request will carry (register it before a C-MOVE)."""
         return self.conn.peek_id()
+
+    def set_next_message_id(self, message_id: int) -> None:
+        """Make ``message_id`` (1..65535) the Message ID of the next request: a caller that
+        keeps several associations' moves apart chooses the ids (Move Originator Message ID)."""
+        if not 1 <= message_id <= 0xFFFF:
+            raise ValueError(f"Message ID {message_id} is not in 1..65535")
+        self.conn.msg_id = message_id - 1       # the last id taken; the next is one more
 
     def close(self) -> None:
         """Release the association (abort when the release is not answered)."""
@@ -441,6 +468,21 @@ class _Op:
     drain_until: float = 0.0
 
 
+def storage_contexts(sop_classes: Iterable[str],
+                     syntaxes: Iterable[str] = STORED_SYNTAXES) -> list[tuple[str, tuple[str, ...]]]:
+    """C-GET storage contexts that let a source send every object as stored: one context per
+    (class, syntax), each with that single syntax (see STORED_SYNTAXES). Split them over
+    associations with :func:`storage_batches` (at most :func:`classes_per_association`
+    classes each)."""
+    offered = tuple(dict.fromkeys(str(ts) for ts in syntaxes))
+    return [(str(cls), (ts,)) for cls in dict.fromkeys(str(c) for c in sop_classes) for ts in offered]
+
+
+def classes_per_association(syntaxes: Iterable[str] = STORED_SYNTAXES) -> int:
+    """How many storage classes fit one C-GET association when each is offered once per syntax."""
+    return max(1, MAX_STORAGE_CLASSES // max(1, len(tuple(dict.fromkeys(syntaxes)))))
+
+
 def storage_batches(storage: Iterable[tuple[str, Iterable[str]]],
                     per_association: int = MAX_STORAGE_CLASSES) -> list[list[tuple[str, tuple[str, ...]]]]:
     """Storage contexts for C-GET split into association-sized batches (one
@@ -529,4 +571,5 @@ def _failed_uids(data: bytes | bytearray, transfer_syntax: str) -> list[str]:
 
 __all__ = ["Level", "Remote", "QueryFailed", "RetrieveFailed", "SubOperations", "RetrieveResult",
            "QueryRetrieveClient", "STUDY_ROOT_FIND", "STUDY_ROOT_MOVE", "STUDY_ROOT_GET",
-           "make_identifier", "describe_retrieve", "storage_batches", "MAX_STORAGE_CLASSES", "QR_SYNTAXES"]
+           "make_identifier", "describe_retrieve", "storage_batches", "MAX_STORAGE_CLASSES", "QR_SYNTAXES",
+           "STORED_SYNTAXES", "storage_contexts", "classes_per_association"]

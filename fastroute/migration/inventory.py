@@ -7,9 +7,13 @@ or is refused for lack of resources (0xA700): date ranges are halved, a single d
 large is split by StudyTime (and said so in the job's error). Studies whose StudyDate is empty
 match no range: they are asked for by empty-value matching (PS3.4 C.2.2.2.1, the value ``""``),
 and where the answer does not show that the source honours it (refused, capped, dated matches,
-or no match at all, which may mean ``""`` was taken literally), by undated queries split by the
-first characters of PatientID, keeping only the empty-date matches (their cost: about one more
-pass over the archive).
+or no match at all, which may mean ``""`` was taken literally), by one undated query with no
+other key, keeping the empty-date matches: complete unless it too is capped. Then by undated
+queries split by the first characters of PatientID, then of PatientName (keeping those without
+a PatientID), of AccessionNumber (without either), then by ModalitiesInStudy (without any of
+the three): each pass finds what the passes before it could not (their cost: about one more
+pass over the archive each). A study with none of these keys can only come in the capped
+undated answer: the job's notes then say the inventory may be incomplete, with the count.
 
 Bounded memory: matches are written to the spool in batches as they arrive (duplicates across
 overlapping answers are dropped there, by Study Instance UID); what is held is one batch and a
@@ -53,6 +57,12 @@ MAX_NOTES = 20                   # job-error notes kept in the progress (bounded
 # empty, is found only by empty-value matching)
 PATIENT_ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_."
 MAX_PREFIX = 16
+# the undated passes, in order: each keeps the undated studies whose earlier keys are empty
+FALLBACK_KEYS = ("PatientID", "PatientName", "AccessionNumber")
+# the last undated pass, for studies with none of FALLBACK_KEYS: one query per modality
+MODALITIES = ("CT", "MR", "CR", "DX", "US", "XA", "RF", "MG", "NM", "PT", "OT", "SC", "SR", "KO", "PR",
+              "SEG", "DOC", "ES", "XC", "IO", "PX", "OP", "OPT", "SM", "ECG", "HD", "AU", "BMD", "IVUS",
+              "OCT", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTIMAGE", "RTRECORD", "PLAN", "M3D", "LS", "GM")
 OUT_OF_RESOURCES = 0xA700
 STUDY_RETURN_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime",
                      "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
@@ -159,11 +169,13 @@ def looks_like_uid(text: str) -> bool:
 class Inventory:
     """One job's inventory run; :func:`run_inventory` is the entry point.
 
-    Progress (the job record's ``inv``): ``phase`` (studies, dates, empty, fallback, done),
-    ``todo`` (a stack of [first day, last day, first second, last second] still to ask; the
-    seconds are None for whole days, -1 for the day's empty-StudyTime query), ``fb`` (the
-    PatientID prefixes still to ask), ``next`` (position in the ``--studies`` list),
-    ``queries``, ``notes``."""
+    Progress (the job record's ``inv``): ``phase`` (studies, dates, empty, undated, fallback,
+    modalities, done), ``todo`` (a stack of [first day, last day, first second, last second]
+    still to ask; the seconds are None for whole days, -1 for the day's empty-StudyTime query),
+    ``fbkey`` and ``fb`` (the undated pass's key, absent = PatientID, and its prefixes still to
+    ask), ``mods`` (modalities still to ask), ``capped`` (how the unconstrained undated query
+    ended when it was not complete, with its undated matches), ``next`` (position in the
+    ``--studies`` list), ``queries``, ``notes``."""
 
     def __init__(self, client: FindClient, jobs: Jobs, name: str, spec: JobSpec, source: SourceConfig, *,
                  stop: threading.Event | None = None, batch: int = BATCH,
@@ -211,7 +223,9 @@ class Inventory:
                 why = f"the job is {state}"
                 break
             step = {"studies": self._studies_step, "dates": self._dates_step,
-                    "empty": self._empty_step, "fallback": self._fallback_step}[self.progress["phase"]]
+                    "empty": self._empty_step, "undated": self._undated_step,
+                    "fallback": self._fallback_step,
+                    "modalities": self._modalities_step}[self.progress["phase"]]
             step()
         log.info("migration %s: inventory of %s %s: %d new studies, %d queries, %.1f s", self.name,
                  self.source.ae_title, f"interrupted ({why})" if why else "done",
@@ -226,7 +240,7 @@ class Inventory:
         progress lives in the job record, rewritten with every study update: once done, only
         its summary is kept."""
         if self.progress["phase"] == "done":
-            for key in ("todo", "fb", "next"):
+            for key in ("todo", "fb", "fbkey", "mods", "next"):
                 self.progress.pop(key, None)
         self.added += self.jobs.add_studies(self.name, studies, progress=self.progress)
 
@@ -343,31 +357,97 @@ class Inventory:
         else:
             # no match at all is ambiguous: no undated study, or "" taken literally (as some
             # archives do); only the fallback can tell, and completeness is the point
-            log.info("migration %s: %s: empty-value matching on StudyDate not usable (%s): undated "
-                     "queries by PatientID prefix", self.name, self.source.ae_title,
+            log.info("migration %s: %s: empty-value matching on StudyDate not usable (%s): one "
+                     "undated query", self.name, self.source.ae_title,
                      outcome if outcome != "ok" else "dated matches" if not honoured else "no match")
-            self.progress["phase"] = "fallback"
-            self.progress["fb"] = list(reversed(PATIENT_ID_CHARS))
+            self.progress["phase"] = "undated"
         self._commit(rest)
 
+    def _passes(self) -> list[str]:
+        """The undated passes' keys: those the job's own query does not constrain (a prefix
+        would replace its value, and a key it constrains is never empty in its studies)."""
+        return [k for k in FALLBACK_KEYS if not self.keys.get(k)]
+
+    def _undated_step(self) -> None:
+        """One undated query with no other key: every study the job's keys match, the undated
+        kept. Complete when the source answers it whole; else split by the passes."""
+        keys = dict(self.keys)
+        keys["StudyDate"] = ""
+        outcome, rest = self._query(keys, _no_date)
+        if outcome == "ok":
+            self.progress["phase"] = "done"
+        else:
+            log.info("migration %s: %s: the undated query ended %s after %d undated matches: split by %s",
+                     self.name, self.source.ae_title, outcome, self.kept,
+                     ", ".join([*self._passes(), "ModalitiesInStudy"]))
+            self.progress["capped"] = [outcome, self.kept]
+            self._next_pass(None)
+        self._commit(rest)
+
+    def _next_pass(self, done: str | None) -> None:
+        """Move to the undated pass after ``done`` (None: the first)."""
+        passes = self._passes()
+        after = passes[passes.index(done) + 1:] if done in passes else passes if done is None else []
+        if after:
+            self.progress.update(phase="fallback", fbkey=after[0], fb=list(reversed(PATIENT_ID_CHARS)))
+        elif not self.keys.get("ModalitiesInStudy"):
+            self.progress.update(phase="modalities", mods=list(reversed(MODALITIES)))
+        else:
+            self._finish_undated()
+
+    def _keep_undated(self, before: list[str]) -> Callable[[StudyRecord, Dataset], bool]:
+        """Keep an undated match whose keys of the earlier passes are all empty (it was found
+        by none of them)."""
+        def keep(rec: StudyRecord, ds: Dataset) -> bool:
+            return not rec.study_date and not any(_text(ds, k) for k in before)
+        return keep
+
     def _fallback_step(self) -> None:
+        key: str = self.progress.get("fbkey", "PatientID")
         fb: list[str] = self.progress["fb"]
         if not fb:
-            self.progress["phase"] = "done"
+            self._next_pass(key)
             self._commit([])
             return
         prefix = fb[-1]
         keys = dict(self.keys)
-        keys["PatientID"] = prefix + "*"
-        outcome, rest = self._query(keys, _no_date)
+        keys[key] = prefix + "*"
+        passes = self._passes()
+        outcome, rest = self._query(keys, self._keep_undated(passes[:passes.index(key)] if key in passes else []))
         fb.pop()
         if outcome != "ok":
             if len(prefix) >= MAX_PREFIX:
-                self._note(f"{self.source.ae_title}: undated studies of PatientID {prefix}* still "
+                self._note(f"{self.source.ae_title}: undated studies of {key} {prefix}* still "
                            f"exceed one answer ({outcome}); some may be missing from the inventory")
             else:
                 fb.extend(prefix + c for c in reversed(PATIENT_ID_CHARS))
         self._commit(rest)
+
+    def _modalities_step(self) -> None:
+        mods: list[str] = self.progress["mods"]
+        if not mods:
+            self._finish_undated()
+            self._commit([])
+            return
+        keys = dict(self.keys)
+        keys["ModalitiesInStudy"] = mods[-1]
+        outcome, rest = self._query(keys, self._keep_undated(self._passes()))
+        if outcome != "ok":
+            self._note(f"{self.source.ae_title}: undated studies of modality {mods[-1]} without "
+                       f"{', '.join(self._passes())} exceed one answer ({outcome}); some may be "
+                       "missing from the inventory")
+        mods.pop()
+        self._commit(rest)
+
+    def _finish_undated(self) -> None:
+        """The passes are done: what no pass can find is said, with the undated query's count."""
+        self.progress["phase"] = "done"
+        outcome, kept = self.progress.get("capped") or ("", 0)
+        if outcome:
+            self._note(f"{self.source.ae_title}: the undated query without other keys ended {outcome} "
+                       f"after {kept} undated match(es); an undated study with none of "
+                       f"{', '.join([*self._passes(), 'ModalitiesInStudy'])} cannot be asked for "
+                       "otherwise: the inventory may be incomplete")
 
     def _studies_step(self) -> None:
         """``--studies``: each entry (a Study Instance UID, else an Accession Number) by its own

@@ -32,7 +32,7 @@ from typing import Any
 
 from fastroute.config import Config, DestinationConfig, SourceConfig
 from fastroute.dicom.qr import (Level, QueryFailed, QueryRetrieveClient, RetrieveFailed, RetrieveResult,
-                                SubOperations)
+                                SubOperations, classes_per_association, storage_contexts)
 from fastroute.dicom.scu import AssociationFailed, NoContextAccepted
 from fastroute.dicom.status import describe
 from fastroute.logsetup import escape_control, fields
@@ -53,7 +53,9 @@ RETRY_DELAY = 5.0           # before fetching missing instances again (0xB000, a
 BACKOFF_INITIAL = 5.0       # 0xA701/0xA702 or a source that cannot be reached
 BACKOFF_MAX = 600.0
 IMAGE_CHUNK = 200           # SOP Instance UIDs per IMAGE-level retrieve of a few missing instances
-MAX_GET_CLASSES = 127       # storage SOP classes per C-GET association (128 contexts, one for C-GET)
+# storage SOP classes per C-GET association: 128 contexts, one for C-GET, the rest one per
+# (class, stored syntax)
+MAX_GET_CLASSES = classes_per_association()
 DUE_BATCH = 64              # studies read from the work index per state per round
 MOVE_EXPIRY_MARGIN = 600.0  # a registered move outlives its retrieve timeout by this much
 # A source's FIND/MOVE association is kept for the next study rather than released after
@@ -704,9 +706,7 @@ class MigrationRunner:
         expires = self.clock() + timeout + MOVE_EXPIRY_MARGIN
         for _ in range(64):
             msg_id = ids.take()
-            # Connection.msg_id is the last id used: the next request carries msg_id.
-            client.conn.msg_id = msg_id - 1
-            assert client.next_message_id() == msg_id
+            client.set_next_message_id(msg_id)
             if self.spool.moves.register(calling, msg_id, name, study_uid, tuple(spec.destinations), expires):
                 keys = [(calling, msg_id)]
                 # Some archives (pynetdicom-based ones among them) put their OWN AE title in
@@ -754,8 +754,10 @@ class MigrationRunner:
         if self._get_store is None:
             self._get_store = self._default_get_store()
         store = self._get_store(name, tuple(spec.destinations))
-        # No syntaxes named: every one fastroute accepts, so the source sends what it stores.
-        storage: list[tuple[str, tuple[str, ...]]] = [(cls, ()) for cls in sorted(unit.sop_classes)]
+        # One context per (class, syntax): the source sends each object in the syntax it is
+        # stored in, byte for byte (a context with every syntax accepts one, and the source
+        # would transcode the rest). split_classes kept the unit within one association.
+        storage = storage_contexts(sorted(unit.sop_classes))
         client = self.client(source, calling, store=store, storage=storage)
         with self._lock:
             self._open[(name, seq)] = client
