@@ -86,6 +86,9 @@ def describe(cfg: Config) -> str:
         what = r.match if isinstance(r.match, str) else json.dumps(r.match) if r.match else "everything"
         lines.append(f"  rule {r.name}: {what} -> {', '.join(r.send_to) or 'nowhere'}{' (stop)' if r.stop else ''}")
     for d in cfg.destinations.values():
+        if d.verify != "off":
+            lines.append(f"  destination {d.name}: verification by C-FIND ({d.query_level} level) once a study "
+                         f"settled ({d.verify_quiet:g}s quiet), {d.verify_attempts} re-send(s)")
         if d.commitment != "off":
             lines.append(f"  destination {d.name}: storage commitment ({d.commitment}, timeout "
                          f"{d.commitment_timeout:g}s)")
@@ -125,6 +128,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     from fastroute.routing.commitment import commitment_warnings
     for warning in commitment_warnings(cfg):
+        print(f"warning: {warning}")
+    from fastroute.routing.verify import verify_warnings
+    for warning in verify_warnings(cfg):
         print(f"warning: {warning}")
     return 1 if tls_findings(cfg) else 0
 
@@ -271,6 +277,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if q.get("committed") or q.get("commit_failed") or q.get("commit_waiting"):
                 print(f"{'':<20} storage commitment: {q['committed']} committed, {q['commit_failed']} failed "
                       f"(re-sent), {q['commit_waiting']} waiting ({q['commit_overdue']} overdue)")
+            dc = cfg.destinations.get(q["destination"])
+            if dc is not None and dc.verify != "off":
+                print(f"{'':<20} verification ({dc.verify}, quiet {dc.verify_quiet:g}s): {q['verified']} verified, "
+                      f"{q['verify_waiting']} study(ies) waiting, {q['verify_failed_now']} verify-failed")
             if q["last_error"] and q["status"] != "up":
                 print(f"{'':<20} last error: {q['last_error']}")
         for e in failed or []:

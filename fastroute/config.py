@@ -690,6 +690,14 @@ class DestinationConfig:
         _choice("off", "same-association", "new-association"), "off, same-association or new-association"))
     # no report this long after the request: ask again; no report again: alert (still open)
     commitment_timeout: float = field(default=600.0, metadata=_DURATION)
+    # "Indexed, not sent" (issue 14): for a PACS without storage commitment. Once a study has
+    # settled here (no instance of it received for verify_quiet and none of it pending, bulk
+    # or in flight in this queue), C-FIND it (query_level) and compare with what was delivered;
+    # what is missing is re-sent (its bytes are held until verified), up to verify_attempts
+    # times, then the study is verify-failed and alerted. Needs ``query: true``.
+    verify: str = field(default="off", metadata=key(_choice("off", "find"), "off or find"))
+    verify_quiet: float = field(default=120.0, metadata=_DURATION)
+    verify_attempts: int = field(default=3, metadata=key(_int(1, 100), "a number of attempts (1-100)"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from fastroute.dicom.qr import (Level, QueryFailed, QueryRetrieveClient, Retriev
 from fastroute.dicom.scu import AssociationFailed, NoContextAccepted
 from fastroute.dicom.status import describe
 from fastroute.logsetup import escape_control, fields
+from fastroute.routing.verify import query_destination
 from fastroute.spool.jobs import (FINAL_STUDY_STATES, InstanceRecord, JobError, JobSpec, JobState, Jobs,
                                   StudyRecord, StudyState, in_windows)
 from fastroute.spool.records import RoutingRecord
@@ -1014,34 +1015,10 @@ class MigrationRunner:
 
     def _query_destination(self, dest: DestinationConfig, study_uid: str) -> tuple[set[str] | None, int | None]:
         """IMAGE level: the SOP Instance UIDs found. Study level (``query_level: study``, or the
-        destination refused IMAGE level): only NumberOfStudyRelatedInstances."""
-        calling = dest.calling_ae or self.cfg.ae_title
-        client = self.client(dest, calling)
-        try:
-            if dest.query_level == "image":
-                try:
-                    found = {str(ds.get("SOPInstanceUID", "")) for ds in client.find(
-                        Level.IMAGE, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "",
-                                      "SOPInstanceUID": ""}, timeout=dest.dimse_timeout * 4)}
-                    found.discard("")
-                    return found, len(found)
-                except QueryFailed as exc:
-                    if exc.status is None:
-                        raise
-                    log.info("%s refused the IMAGE-level C-FIND (%s): verifying study %s by its instance count",
-                             dest.ae_title, describe(exc.status), study_uid,
-                             extra=fields(study_uid=study_uid, called_ae=dest.ae_title, status=exc.status))
-                    _close_quietly(client)
-                    client = self.client(dest, calling)
-            count = 0
-            for ds in client.find(Level.STUDY, {"StudyInstanceUID": study_uid,
-                                                "NumberOfStudyRelatedInstances": ""},
-                                  timeout=dest.dimse_timeout * 4):
-                value = ds.get("NumberOfStudyRelatedInstances", 0)
-                count = max(count, int(value or 0))
-            return None, count
-        finally:
-            _close_quietly(client)
+        destination refused IMAGE level): only NumberOfStudyRelatedInstances. The same C-FIND
+        as a destination's ``verify: find`` (:func:`fastroute.routing.verify.query_destination`)."""
+        found = query_destination(self.client, dest, dest.calling_ae or self.cfg.ae_title, study_uid)
+        return found.uids, found.count
 
     # -- the end -----------------------------------------------------------------------------
 

@@ -312,13 +312,17 @@ def lookup(cfg: Config, spool: Spool, *, study_instance_uid: str = "", accession
             wanted.setdefault(dest, set()).add(oid)
     queue = _queue_entries(spool, wanted)
     objects = [object_view(oid, rec, queue) for oid, rec in found]
-    for o in objects:      # storage commitment (issue 14): shown beside the delivery
+    for o in objects:      # storage commitment and verify: find (issue 14): beside the delivery
         commits = spool.commitments.states(o["oid"])
+        verifications = spool.verifications.states(o["oid"])
         for step in o["path"]:
             c = commits.get(step["destination"])
             if c is not None:
                 step["commitment"] = {"state": c.state.value, "at": c.at, "transaction_uid": c.transaction_uid,
                                       **({"reason": c.reason} if c.reason is not None else {})}
+            v = verifications.get(step["destination"])
+            if v is not None:
+                step["verification"] = v.value      # waiting | verified | verify-failed
     objects.sort(key=lambda o: (o["study_instance_uid"], o["received_at"] or 0, o["oid"]))
     return {"query": {k: v for k, v in query.items() if v}, "count": len(objects),
             "truncated": truncated, "objects": objects}
@@ -344,13 +348,18 @@ _ROLLUP_BUCKET = {StepState.DELIVERED: "delivered", StepState.FAILED: "failed", 
                   StepState.PURGED: "dropped", StepState.SUPPRESSED: "dropped"}   # anything else: waiting
 
 
-def _count(counts: dict[str, dict[str, Any]], dest: str, state: str, committed: bool = False) -> None:
-    c = counts.setdefault(dest, {"destination": dest, "routed": 0, "delivered": 0, "committed": 0, "waiting": 0,
-                                 "failed": 0, "dropped": 0})
+def _count(counts: dict[str, dict[str, Any]], dest: str, state: str, committed: bool = False,
+           verification: str | None = None) -> None:
+    c = counts.setdefault(dest, {"destination": dest, "routed": 0, "delivered": 0, "committed": 0, "verified": 0,
+                                 "verify_failed": 0, "waiting": 0, "failed": 0, "dropped": 0})
     c["routed"] += 1
     c[_ROLLUP_BUCKET.get(StepState(state), "waiting")] += 1
     if committed:      # of the delivered ones: those the destination committed (storage commitment)
         c["committed"] += 1
+    if verification == "verified":         # ... and those its C-FIND listed (verify: find)
+        c["verified"] += 1
+    elif verification == "verify-failed":  # ... still missing there after the re-sends
+        c["verify_failed"] += 1
 
 
 def study_rollup(objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -376,8 +385,9 @@ def study_rollup(objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         se["oids"].append(o["oid"])
         for step in o["path"]:
             committed = (step.get("commitment") or {}).get("state") == "committed"
-            _count(st["destinations"], step["destination"], step["state"], committed)
-            _count(se["destinations"], step["destination"], step["state"], committed)
+            verification = step.get("verification")
+            _count(st["destinations"], step["destination"], step["state"], committed, verification)
+            _count(se["destinations"], step["destination"], step["state"], committed, verification)
     out = []
     for st in studies.values():
         for se in st["series"].values():

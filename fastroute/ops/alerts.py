@@ -33,11 +33,12 @@ class Reading:
     oldest_age: float | None
     consecutive_failures: int
     commit_overdue: int = 0    # instances whose storage commitment went unanswered twice
+    verify_failed: int = 0     # studies verify-failed there now (verify: find)
 
 
 @dataclass(frozen=True)
 class Alert:
-    name: str            # oldest_age | consecutive_failures | spool_free | commit_overdue
+    name: str            # oldest_age | consecutive_failures | spool_free | commit_overdue | verify_failed
     destination: str
     value: float
     threshold: float
@@ -72,6 +73,11 @@ def evaluate(cfg: AlertsConfig, readings: Iterable[Reading], disk_free: int | No
                 f"destination={r.destination}: no storage commitment report for {r.commit_overdue} "
                 "delivered instance(s) after a request and a re-request; their bytes stay in the "
                 "spool; check the destination's storage commitment SCP and how it reaches us")
+        if r.verify_failed:     # always checked: re-sent and still not listed by the destination
+            checks[("verify_failed", r.destination)] = Alert(
+                "verify_failed", r.destination, r.verify_failed, 0,
+                f"destination={r.destination}: {r.verify_failed} study(ies) still miss instances at the "
+                "destination after re-sending them (verify: find); the study trace lists what is missing")
     if cfg.spool_min_free is not None and disk_free is not None:
         checks[("spool_free", "")] = Alert(
             "spool_free", "", disk_free, cfg.spool_min_free,

@@ -96,7 +96,8 @@ class Plane:
         """One monitor round's blocking part (on the pool): sample, check, prune."""
         now = time.time()
         self.history.add(now, self.spool.counters())
-        readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0))
+        readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0),
+                            q.get("verify_failed_now", 0))
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
         checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"],
                           certificate_expiry(self.cfg))
@@ -1037,14 +1038,18 @@ def _response_schemas() -> dict[str, Any]:
         "status_text": _S, "error": _S, "sop_instance_uid": _S, "study_instance_uid": _S, "patient_id": _S,
         "accession_number": _S, "modality": _S, "calling_ae": _S, "received_at": _NN}
     rollup = _obj({"destination": _S, "routed": _I, "delivered": _I, "committed": _I, "waiting": _I, "failed": _I,
-                   "dropped": _I})
+                   "dropped": _I,
+                   # verify: find (issue 14): of the delivered, listed by the destination's C-FIND or not
+                   "verified": _I, "verify_failed": _I})
     step = _obj({"destination": _S, "state": {"type": "string", "enum": sorted(ops.StepState)},
                  "attempts": _NI, "at": _NN, "status": _NI, "error": _S, "status_text": _S},
                 {"syntax": _S, "next_at": _NN, "by_oid": _I,
                  "duplicate_of": _obj({"oid": _NI, "delivered_at": _N}),
                  "last_failure": _obj({"at": _N, "status": _NI, "error": _S, "status_text": _S}),
                  # storage commitment at that destination (issue 14)
-                 "commitment": _obj({"state": _S, "at": _N, "transaction_uid": _S}, {"reason": _I})})
+                 "commitment": _obj({"state": _S, "at": _N, "transaction_uid": _S}, {"reason": _I}),
+                 # verify: find at that destination (issue 14)
+                 "verification": {"type": "string", "enum": ["verified", "verify-failed", "waiting"]}})
     return {
         "Health": _obj({"ok": _B, "version": _S}),
         "OpenApi": _obj({"openapi": _S, "info": {"type": "object"}, "paths": {"type": "object"},
@@ -1055,6 +1060,8 @@ def _response_schemas() -> dict[str, Any]:
             "bulk_pending": _I,   # of pending: a migration's objects, sent after clinical ones
             # storage commitment (issue 14): committed apart from delivered
             "committed": _I, "commit_failed": _I, "commit_waiting": _I, "commit_overdue": _I,
+            # verify: find (issue 14): instances verified, studies failed (total, now), studies waiting
+            "verified": _I, "verify_failed": _I, "verify_failed_now": _I, "verify_waiting": _I,
             "paused": _B, "status": {"type": "string", "enum": sorted(ops.DestinationStatus)},
             "down_since": _NN, "retry_at": _NN, "consecutive_failures": _I, "last_error": _S,
             "last_success": _NN,

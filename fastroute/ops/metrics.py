@@ -71,6 +71,12 @@ _LABELLED = {
     CounterKind.COMMIT_REQUESTS: ("fastroute_commit_requests",
                                   "Storage commitment requests (N-ACTION) sent, re-requests included",
                                   "destination"),
+    # verify: find (issue 14): "indexed", not "sent"
+    CounterKind.VERIFIED: ("fastroute_verified", "Delivered instances the destination listed by C-FIND "
+                           "(verify: find)", "destination"),
+    CounterKind.VERIFY_FAILED: ("fastroute_verify_failed_studies",
+                                "Studies still missing instances at the destination after re-sending them "
+                                "(verify: find)", "destination"),
 }
 STATES = tuple(s.value for s in DestinationStatus)
 # Seeded at zero so that rate() and absent-free alert expressions work from the first scrape.
@@ -232,6 +238,9 @@ class SpoolCollector(Collector):
         waiting = GaugeMetricFamily("fastroute_commit_waiting_objects",
                                     "Delivered instances whose storage commitment is not answered yet "
                                     "(their bytes stay in the spool)", labels=["destination"])
+        verify_waiting = GaugeMetricFamily("fastroute_verify_waiting_studies",
+                                           "Studies delivered and not verified by C-FIND yet (verify: find; "
+                                           "their bytes stay in the spool)", labels=["destination"])
         for q in queues:
             name = str(q["name"])
             for key in ("pending", "in_flight", "failed"):
@@ -244,7 +253,8 @@ class SpoolCollector(Collector):
                 fails.add_metric([name], float(q["consecutive_failures"]))
                 paused.add_metric([name], 1.0 if q["paused"] else 0.0)
                 waiting.add_metric([name], float(q.get("commit_waiting", 0)))
-        yield from (depth, age, state, last_ok, fails, paused, waiting)
+                verify_waiting.add_metric([name], float(q.get("verify_waiting", 0)))
+        yield from (depth, age, state, last_ok, fails, paused, waiting, verify_waiting)
 
     def _usage(self) -> Iterator[Metric]:
         usage = self.spool.usage()

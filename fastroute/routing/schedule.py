@@ -38,6 +38,7 @@ from fastroute.spool.counters import CounterKind, EventTally, FailureCause
 from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
 from fastroute.spool.staging import ChunkedView, digest_parts
 from fastroute.routing.commitment import KEEP_OPEN_POLL, Requester
+from fastroute.routing.verify import Verifier
 from fastroute.routing.syntax import SyntaxPlanner
 from fastroute.routing.transcode import syntax_label
 from fastroute.spool.wakeup import Waker
@@ -129,6 +130,9 @@ class DestinationSender:
         if self.commit is None:
             spool.commitments.set_enabled(dest.name, False)
         self._commit_ticked = 0.0
+        # verify: find (issue 14): a thread of its own checks settled studies by C-FIND.
+        self.verifier = Verifier(cfg, dest, spool, on_resend=self.poke) if dest.verify == "find" else None
+        spool.verifications.set_enabled(dest.name, self.verifier is not None)
         request = read_send_now(cfg.spool, dest.name)
         self._send_now_seen = request.at if request else 0.0   # older requests were for a former sender
 
@@ -175,6 +179,8 @@ class DestinationSender:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.verifier is not None:
+            self.verifier.stop()
         self.poke()
 
     # -- state -------------------------------------------------------------------------------
@@ -295,6 +301,8 @@ class DestinationSender:
         threads = [threading.Thread(target=self._waker_loop, args=(waker,), name="waker", daemon=True)]
         threads += [threading.Thread(target=self._worker, args=(i,), name=f"assoc-{i}", daemon=True)
                     for i in range(self.dest.max_associations)]
+        if self.verifier is not None:
+            threads.append(threading.Thread(target=self.verifier.run, name="verify", daemon=True))
         for t in threads:
             t.start()
         try:

@@ -55,6 +55,8 @@ class CounterKind(enum.StrEnum):
     COMMITTED = "committed"                # per destination: instances the destination committed (issue 14)
     COMMIT_FAILED = "commit_failed"        # per destination: instances its commitment report failed
     COMMIT_REQUESTS = "commit_requests"    # per destination: N-ACTION requests sent (re-requests too)
+    VERIFIED = "verified"                  # per destination: instances its C-FIND listed (verify: find)
+    VERIFY_FAILED = "verify_failed"        # per destination: studies still missing instances after re-sends
 
 
 _GLOBAL = frozenset({CounterKind.SEQ, CounterKind.AUDIT_SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES})

@@ -38,6 +38,7 @@ import lmdb
 from fastroute.logsetup import fields
 from fastroute.spool.audit import AuditChain
 from fastroute.spool.commitments import Commitments
+from fastroute.spool.verifications import Verifications
 from fastroute.spool.staging import Manifest, StagedData, digest_parts
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
 from fastroute.spool.records import (
@@ -203,6 +204,10 @@ class QueueStats:
     commit_failed: int = 0         # ... and instances its reports failed (re-sent)
     commit_waiting: int = 0        # delivered instances whose commitment is not answered yet
     commit_overdue: int = 0        # of those: unanswered after a request and a re-request (alerted)
+    verified: int = 0              # verify: find (issue 14): instances the destination's C-FIND listed
+    verify_failed: int = 0         # ... studies marked verify-failed (counter, since the spool began)
+    verify_waiting: int = 0        # studies delivered there and not verified yet
+    verify_failed_now: int = 0     # studies verify-failed within the last day (the alert's reading)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +234,7 @@ class Queues:
         self.audit = audit
         self.duplicate_window = duplicate_window
         self.commitments: Commitments | None = None    # set by the Spool: holds bytes until committed
+        self.verifications: Verifications | None = None  # set by the Spool: holds bytes until verified
 
     def _incr(self, txn: lmdb.Transaction, kind: CounterKind, dest: str = "", by: int = 1) -> int:
         return incr(txn, self._info, kind, dest, by=by)
@@ -372,10 +378,15 @@ class Queues:
         held = False
         commitments = self.commitments
         if commitments is not None:
+            verifications = self.verifications
             if delivery is not None:
                 held = commitments.on_delivered(txn, oid, dest, new, delivery.at)
+                if verifications is not None:    # verify: find holds them too (issue 14)
+                    held = verifications.on_delivered(txn, oid, dest, new, delivery.at) or held
             else:     # superseded or purged there: no commitment will be asked for it
                 commitments.release(txn, oid, dest)
+                if verifications is not None:
+                    verifications.release(txn, oid, dest)
             # another destination's hold (read only when the bytes would go)
             held = held or (facts.finished and commitments.held(txn, oid))
         if facts.finished and not held:

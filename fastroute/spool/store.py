@@ -18,7 +18,8 @@ Layout (named sub-databases in one LMDB environment):
           ``stream_threshold``, :mod:`staging`); such an object has no ``obj`` entry.
 ``chunk`` staging id + chunk index -> at most ``staging.CHUNK`` bytes of a chunked object.
 ``stage`` staging id -> owning process, while its chunks belong to no object yet.
-``scmt``  storage commitment: holds, per-object states, transactions (:mod:`commitments`).
+``scmt``  storage commitment: holds, per-object states, transactions (:mod:`commitments`);
+          verification by C-FIND beside it, sharing the holds (:mod:`verifications`).
 ``mjob`` ``mstudy`` ``mstuid`` ``minst`` ``mwork``: migration jobs and their inventories
           (:mod:`jobs`). ``mmove``: the C-MOVEs in flight, by Move Originator (:mod:`moves`).
 """
@@ -37,6 +38,7 @@ from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
 from fastroute.spool.commitments import Commitments, ModalityRequests
+from fastroute.spool.verifications import Verifications
 from fastroute.spool.jobs import Jobs
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKey, CounterKind, Counters, add_counters
 from fastroute.spool.queues import (
@@ -109,6 +111,8 @@ class Spool:
         self.commitments = Commitments(self.env, self._dbs["scmt"], self._info, self._meta, self.audit,
                                        self.queues)
         self.queues.commitments = self.commitments
+        self.verifications = Verifications(self.env, self._dbs["scmt"], self._info, self.audit, self.commitments)
+        self.queues.verifications = self.verifications
         self.modality_requests = ModalityRequests(self.env, self._dbs["scmt"], self._dbs["sop"], self._meta,
                                                   self.commitments)
         if audit_key is not None and not readonly:
@@ -353,6 +357,7 @@ class Spool:
             for dest in names:
                 mine = [t for t in open_tx if t.destination == dest]
                 counts, oldest = self.queues.counts(txn, dest, now)
+                v_waiting, v_failed = self.verifications.counts(txn, dest, now)
                 out.append(QueueStats(
                     destination=dest, pending=(counts[QueueState.PENDING] + counts[QueueState.UNROUTED]
                                                + counts[QueueState.BULK]),
@@ -366,7 +371,10 @@ class Spool:
                     committed=counters.of(CounterKind.COMMITTED, dest),
                     commit_failed=counters.of(CounterKind.COMMIT_FAILED, dest),
                     commit_waiting=sum(len(t.instances) for t in mine) + self.commitments.waiting_count(txn, dest),
-                    commit_overdue=sum(len(t.instances) for t in mine if t.alerted)))
+                    commit_overdue=sum(len(t.instances) for t in mine if t.alerted),
+                    verified=counters.of(CounterKind.VERIFIED, dest),
+                    verify_failed=counters.of(CounterKind.VERIFY_FAILED, dest),
+                    verify_waiting=v_waiting, verify_failed_now=v_failed))
         return out
 
     def entries(self, dest: str, state: QueueState | bytes | str, limit: int = 1000) -> list[QueueEntry]:

@@ -261,7 +261,13 @@ function renderDestinations(queues, series) {
     // storage commitment: committed apart from delivered, under it (no column: narrow screens)
     el("td", { class: "num delivered" }, q.delivered, q.committed || q.commit_waiting
       ? el("div", { class: "muted committed", title: "committed by the destination (storage commitment)" },
-        `${q.committed} committed${q.commit_waiting ? `, ${q.commit_waiting} waiting` : ""}`) : ""),
+        `${q.committed} committed${q.commit_waiting ? `, ${q.commit_waiting} waiting` : ""}`) : "",
+      // verify: find: instances listed by the destination's C-FIND; failed studies stand out
+      q.verified || q.verify_waiting || q.verify_failed_now
+      ? el("div", { class: `muted verified${q.verify_failed_now ? " error-text" : ""}`,
+          title: "listed by the destination's C-FIND (verify: find)" },
+        `${q.verified} verified${q.verify_waiting ? `, ${q.verify_waiting} study(ies) waiting` : ""}` +
+        `${q.verify_failed_now ? `, ${q.verify_failed_now} verify-failed` : ""}`) : ""),
     el("td", { class: "num rate" }, lastMinuteRate(series, q.name).toFixed(2)),
     el("td", { class: "actions" }, actions(q)))));
   if (!queues.length) {
@@ -395,6 +401,10 @@ function stepView(s) {
       c.at ? el("span", { class: "muted" }, ` ${when(c.at)}`) : "",
       c.reason ? el("span", { class: "error-text" }, ` reason 0x${c.reason.toString(16).toUpperCase().padStart(4, "0")}`) : "");
   }
+  if (s.verification) {   // verify: find: waiting, verified or verify-failed at that destination
+    bits.push(" ", el("span", { class: `badge verify ${s.verification}`, "data-verification": s.verification },
+      s.verification));
+  }
   if (s.last_failure && s.state !== "failed") {
     bits.push(el("div", { class: "muted" }, `earlier failure ${when(s.last_failure.at)}: ${s.last_failure.status_text} ${s.last_failure.error}`));
   }
@@ -417,7 +427,7 @@ function objectView(o) {
 // rendered only when opened, so a 50-image study is a few lines, not 50 boxes.
 function studyLink(uid) { return `#/study/${encodeURIComponent(uid)}`; }
 
-const BUCKETS = ["delivered", "committed", "waiting", "failed", "dropped"];
+const BUCKETS = ["delivered", "committed", "verified", "verify_failed", "waiting", "failed", "dropped"];
 
 function chips(dests) {
   return dests.map((d) => el("span", { class: "dest-chips", "data-destination": d.destination },
