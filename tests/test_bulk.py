@@ -156,6 +156,7 @@ def test_migration_copy_with_different_content_is_recorded_and_logged(
     [line] = [r for r in caplog.records if "different content" in r.getMessage()]
     text = line.getMessage()
     assert "migration=mig1" in text and "sop_instance_uid=5.1" in text and "study_instance_uid=8.8" in text
+    spool.flush_receipts()        # receipts are gathered for a second (Spool.put_many)
     assert [e["action"] for e in spool.audit_events()][-2:] == ["content_conflict", "received"]
     # still one delivery: the newer copy superseded the pending older one
     assert new.superseded == (old.oid,)                                # type: ignore[union-attr]

@@ -464,8 +464,12 @@ def test_https_through_the_supervisor_with_dcmtk_traffic(router: Any, tmp_path: 
                        data=b'{"states": ["unrouted"], "reason": "x"}')
     assert status == 403 and "needs operator" in doc["error"]
     assert f"dashboard and API on https://127.0.0.1:{port}/" in r.log_text()
-    out = r.cli("audit", "--study", ds.StudyInstanceUID).stdout
-    events = [json.loads(line) for line in out.splitlines()]
+    def audited() -> list[dict[str, Any]] | None:
+        """The study's events once its 3 receipts are written (gathered for up to a second)."""
+        out = r.cli("audit", "--study", ds.StudyInstanceUID).stdout
+        found = [json.loads(line) for line in out.splitlines()]
+        return found if sum(e["objects"] for e in found if e["action"] == "received") >= 3 else None
+    events = peers.wait_until(audited, 30, message=lambda: r.log_tail())
     assert [(e["who"], e["via"]) for e in events if e["action"] == "http_read"] == [("dave", "client-cert")]
     receipts = [e for e in events if e["action"] == "received"]   # per study batch, not per object
     assert sum(e["objects"] for e in receipts) == 3 and len(receipts) <= 3

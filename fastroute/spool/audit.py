@@ -140,13 +140,11 @@ class AuditChain:
         txn.put(_HEAD, digest.encode(), db=self._info)
         return body
 
-    def append_receipts(self, txn: lmdb.Transaction, items: Sequence[Any], results: Sequence[Any],
-                        now: float) -> int:
-        """One ``received`` event per study and sender of a group commit, in its transaction (the
-        receipt commits with the objects): who sent (calling/called AE, address), which study,
-        how many objects and their oids. Per study batch, not per object, so receiving stays one
-        hash and two puts per study per commit (issue 14 section 3; cost measured in the README)."""
-        groups: dict[tuple[str, str, str, str], list[int]] = {}
+    @staticmethod
+    def gather_receipts(groups: dict[tuple[str, str, str, str], list[int]], items: Sequence[Any],
+                        results: Sequence[Any]) -> int:
+        """Add a group commit's accepted objects to ``groups`` (per sender and study); how many."""
+        n = 0
         for item, res in zip(items, results):
             oid = getattr(res, "oid", None)
             if oid is None:
@@ -155,11 +153,26 @@ class AuditChain:
             key = (str(m.get("calling_ae") or ""), str(m.get("called_ae") or ""), str(m.get("peer") or ""),
                    str(m.get("study_instance_uid") or ""))
             groups.setdefault(key, []).append(int(oid))
+            n += 1
+        return n
+
+    def append_receipt_groups(self, txn: lmdb.Transaction, groups: dict[tuple[str, str, str, str], list[int]],
+                              now: float) -> int:
+        """One ``received`` event per sender and study gathered: who sent (calling/called AE,
+        address), which study, how many objects and their oids (the first and last of more
+        than 16). Written in the caller's transaction (a group commit's own, see put_many)."""
         for (calling, called, peer, study), oids in groups.items():
             self.append(txn, {"action": RECEIVED_ACTION, "who": calling, "calling_ae": calling, "called_ae": called,
                               "peer": peer, "study_instance_uid": study, "objects": len(oids),
                               "oids": oids if len(oids) <= 16 else [oids[0], oids[-1]]}, now)
         return len(groups)
+
+    def append_receipts(self, txn: lmdb.Transaction, items: Sequence[Any], results: Sequence[Any],
+                        now: float) -> int:
+        """One ``received`` event per study and sender of these objects, in ``txn``."""
+        groups: dict[tuple[str, str, str, str], list[int]] = {}
+        self.gather_receipts(groups, items, results)
+        return self.append_receipt_groups(txn, groups, now)
 
     def record(self, action: str, *, who: str | None = None, why: str = "", **details: Any) -> dict[str, Any]:
         """Append an operator or configuration event in a transaction of its own."""

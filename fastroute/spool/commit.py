@@ -156,11 +156,19 @@ class Committer:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=30)
+        self._flush_receipts()
 
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._q.get()
+            try:
+                # Receipts gathered but not yet audited are written once their second is up,
+                # also when no further object comes (an idle router's audit trail is complete).
+                wait = self.spool.receipts_pending_for()
+                first = self._q.get(timeout=wait) if wait is not None else self._q.get()
+            except queue.Empty:
+                self._flush_receipts()
+                continue
             if first is None:
                 break
             if callable(first):
@@ -203,6 +211,12 @@ class Committer:
                     self.notifier.notify(dest)
             if after is not None:
                 self._job(after)
+
+    def _flush_receipts(self) -> None:
+        try:
+            self.spool.flush_receipts()
+        except Exception:        # the audit must never take the commit thread down
+            log.exception("writing the receipts' audit events failed; they are written with the next commit")
 
     @staticmethod
     def _job(job: _Job) -> None:
