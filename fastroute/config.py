@@ -470,24 +470,35 @@ def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
     return DestinationConfig(**kw)
 
 
-def _read_sources(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
-    sources: dict[str, SourceConfig] = {}
+def _read_named(ctx: _Ctx, node: yaml.Node, key: str, cls: type, name_field: str,
+                check: Callable[[str], str]) -> dict[str, Any]:
+    """A mapping of named entries of ``cls`` (``sources:``, ``peers:``): each entry's errors
+    recorded on its own; ``check(name)`` returns why a name is not allowed ("" when it is)."""
+    out: dict[str, Any] = {}
     ok = True
     for name, nknode, vnode in _mapping(ctx, node, key):
-        def read(name: str = name, nknode: yaml.Node = nknode, vnode: yaml.Node = vnode) -> SourceConfig:
-            if not _DEST_NAME_RE.fullmatch(name):
-                raise ctx.error(nknode, f"{key}.{name}", "source names use letters, digits, '_', '.', '-' (max 64)")
-            kw: dict[str, Any] = {"name": name}
-            _read_fields(ctx, SourceConfig, vnode, f"{key}.{name}", kw)
-            return SourceConfig(**kw)
-        done, src = ctx.attempt(read)
+        def read(name: str = name, nknode: yaml.Node = nknode, vnode: yaml.Node = vnode) -> Any:
+            why = check(name)
+            if why:
+                raise ctx.error(nknode, f"{key}.{name}", why)
+            kw: dict[str, Any] = {name_field: name}
+            _read_fields(ctx, cls, vnode, f"{key}.{name}", kw)
+            return cls(**kw)
+        done, entry = ctx.attempt(read)
         if done:
-            sources[name] = src
+            out[name] = entry
         else:
             ok = False
     if not ok:
         raise _Invalid
-    return {"sources": sources}
+    return out
+
+
+def _read_sources(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    return {"sources": _read_named(
+        ctx, node, key, SourceConfig, "name",
+        lambda name: "" if _DEST_NAME_RE.fullmatch(name) else
+        "source names use letters, digits, '_', '.', '-' (max 64)")}
 
 
 def _read_rules(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
@@ -932,23 +943,10 @@ class PeerConfig:
 
 
 def _read_peers(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
-    peers: dict[str, PeerConfig] = {}
-    ok = True
-    for name, nknode, vnode in _mapping(ctx, node, key):
-        def read(name: str = name, nknode: yaml.Node = nknode, vnode: yaml.Node = vnode) -> PeerConfig:
-            if not name or len(name) > 16 or "\\" in name:
-                raise ctx.error(nknode, f"{key}.{name}", "a peer's key is its AE title (1-16 characters)")
-            kw: dict[str, Any] = {"ae_title": name}
-            _read_fields(ctx, PeerConfig, vnode, f"{key}.{name}", kw)
-            return PeerConfig(**kw)
-        done, peer = ctx.attempt(read)
-        if done:
-            peers[name] = peer
-        else:
-            ok = False
-    if not ok:
-        raise _Invalid
-    return {"peers": peers}
+    return {"peers": _read_named(
+        ctx, node, key, PeerConfig, "ae_title",
+        lambda name: "" if name and len(name) <= 16 and "\\" not in name else
+        "a peer's key is its AE title (1-16 characters)")}
 
 
 @dataclass(frozen=True, slots=True)
