@@ -79,7 +79,8 @@ def listener_main(cfg: Config, index: int) -> None:
     # Storage commitment reports from destinations on a new association (issue 14): the
     # Storage Commitment SOP class is accepted, with the SCP role its senders propose.
     # Modalities' own commitment requests (N-ACTION) are answered here, reported later.
-    reports = report_handler(spool, notifier.notify)
+    reports = report_handler(spool, notifier.notify, reporter_for=lambda dest: (
+        cfg.destinations[dest].ae_title if dest in cfg.destinations else None))
     modality = ModalityService(cfg, spool, lambda *args: receiver.send_request(*args))
     receiver = Listener(cfg, {CommandField.C_STORE_RQ: store, CommandField.N_EVENT_REPORT_RQ: reports,
                               CommandField.N_ACTION_RQ: modality},

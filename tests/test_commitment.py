@@ -51,6 +51,7 @@ class CommitPeer:
         # (host, port, AE title): report on a new association there, asking the SCP role
         # with a role selection item and refusing to send unless the AC granted it
         self.report_to = report_to
+        self.report_ae = ae_title       # the calling AE of a report on a new association
         self.report_status: list[Any] = []
         self.stored: list[str] = []
         self.requests: list[str] = []
@@ -100,7 +101,7 @@ class CommitPeer:
             out = Dataset()
             out.TransactionUID = uid
             out.ReferencedSOPSequence = [_item(c, s) for c, s in ok]
-            ae = AE("PACS")
+            ae = AE(self.report_ae)
             ae.add_requested_context(sc.STORAGE_COMMITMENT_SOP_CLASS)
             role = build_role(sc.STORAGE_COMMITMENT_SOP_CLASS, scu_role=False, scp_role=True)
             other = ae.associate(host, port, ae_title=called, ext_neg=[role])
@@ -314,6 +315,35 @@ def test_report_on_a_new_association_with_strict_role_checks(tmp_path: Path, rou
                         for st in spool.commitments.states(oid).values()]
             wait_until(lambda: states() == [CommitState.COMMITTED] * 2, 30,
                        message=lambda: f"not committed: {states()}\n{r.log_tail()}")
+        finally:
+            spool.close()
+
+
+def test_a_report_from_another_ae_than_the_destination_is_refused(tmp_path: Path, router: Any) -> None:
+    """A report marks instances committed, which lets the spool drop their bytes: one from an
+    AE the transaction was not asked of is refused (0x0110), logged and audited, and changes
+    nothing."""
+    files = synth.make_study(tmp_path / "s", modality="CT", n_instances=2, rows=32, cols=32)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    peer = CommitPeer()
+    peer.report_ae = "ROGUE"
+    r = router({"destinations": {"pacs": destination(peer.port, "PACS", commitment="new-association",
+                                                     commitment_timeout=60)},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]}, start=False)
+    peer.report_to = ("127.0.0.1", r.port, "FASTROUTE")
+    with peer:
+        r.start()
+        assert storescu(r.port, files).returncode == 0
+        wait_until(lambda: peer.report_status, 30, message=lambda: f"no report sent\n{r.log_tail()}")
+        assert peer.report_status == [0x0110]
+        wait_until(lambda: "refused: it was asked of PACS" in r.log_text(), 10, message=r.log_tail)
+        spool = Spool(r.spool_path)
+        try:
+            states = [st.state for oid, _ in spool.lookup(study_instance_uid=study)
+                      for st in spool.commitments.states(oid).values()]
+            assert CommitState.COMMITTED not in states and len(states) == 2
+            refused = [e for e in spool.audit_events() if e["action"] == "commitment_report_refused"]
+            assert [(e["who"], e["expected_ae"], e["destination"]) for e in refused] == [("ROGUE", "PACS", "pacs")]
         finally:
             spool.close()
 

@@ -37,11 +37,14 @@ KEEP_OPEN_POLL = 0.2       # how often an idle sender keeping an association for
 
 
 def report_handler(spool: Spool, on_requeue: Callable[[str], None] = lambda dest: None, *,
-                   on_our_association: bool = False) -> Handler:
+                   on_our_association: bool = False,
+                   reporter_for: Callable[[str], str | None] = lambda dest: None) -> Handler:
     """The N-EVENT-REPORT-RQ service for storage commitment reports, on either association:
     applies the report to its transaction; ``on_requeue(dest)`` after failed instances were
     queued again (to wake that destination's sender). ``on_our_association``: served on the
-    sender's own association, where the reporting AE is the called one."""
+    sender's own association, where the reporting AE is the called one. ``reporter_for(dest)``
+    is the AE title a destination's reports must come from (None: not checked): a report
+    "committed" lets the spool drop the bytes, so only the destination asked may give it."""
 
     def handle(peer: Peer, msg: Message) -> Reply:
         reporter = peer.called_ae if on_our_association else peer.calling_ae
@@ -61,6 +64,18 @@ def report_handler(spool: Spool, on_requeue: Callable[[str], None] = lambda dest
                 calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
                 status=int(Status.INVALID_ATTRIBUTE_VALUE)))
             return Reply(Status.INVALID_ATTRIBUTE_VALUE, str(exc))
+        tx = spool.commitments.transaction(report.transaction_uid)
+        expected = reporter_for(tx.destination) if tx is not None else None
+        if expected is not None and reporter != expected:
+            log.warning("%s: storage commitment report for transaction_uid=%s refused: it was asked of "
+                        "%s (destination %s), not %s -> status 0x0110", where, report.transaction_uid,
+                        expected, tx.destination if tx is not None else "", reporter,
+                        extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
+                                     status=int(Status.PROCESSING_FAILURE)))
+            spool.audit_record("commitment_report_refused", who=reporter, peer=peer.ip,
+                               transaction_uid=report.transaction_uid, expected_ae=expected,
+                               destination=tx.destination if tx is not None else "")
+            return Reply(Status.PROCESSING_FAILURE, f"transaction not asked of {reporter}"[:64])
         done = spool.commitments.complete(
             report.transaction_uid, (r.sop_instance_uid for r in report.committed),
             ((f.sop_instance_uid, f.reason) for f in report.failed), time.time(), reporter=reporter)
