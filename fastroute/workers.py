@@ -246,8 +246,10 @@ class Supervisor:
             return
         change = reload.plan(self.cfg, new, sender_cpus)
         log.info("reloading configuration from %s: restarting %s", self.config_path, change.describe())
-        if not change.listeners and new.tls is not None:
-            self._relay_hup()         # same paths, perhaps new contents: listeners reload them
+        # Same paths, perhaps new contents (a renewed certificate): the processes not restarted
+        # read their TLS files again.
+        self._relay_hup(listeners=not change.listeners and new.tls is not None,
+                        http=not change.http and new.http is not None and new.http.tls is not None)
         old = self.cfg
         if change.listeners and not self._replace_listeners(old, new):
             return
@@ -272,11 +274,12 @@ class Supervisor:
         self.children += fresh
         log.info("reload applied")
 
-    def _relay_hup(self) -> None:
-        """Ask each running listener to build its TLS context from the files again (new
-        connections get it, open associations keep theirs; a bad file keeps the old one)."""
+    def _relay_hup(self, *, listeners: bool, http: bool) -> None:
+        """Ask each running listener and/or the HTTP process (HTTPS) to read its TLS files
+        again (new connections get them, open ones keep theirs; a bad file keeps the old one)."""
         for c in self.children:
-            if c.name.startswith("listener-") and c.proc is not None and c.proc.is_alive():
+            wanted = (listeners and c.name.startswith("listener-")) or (http and c.name == "http")
+            if wanted and c.proc is not None and c.proc.is_alive():
                 try:
                     os.kill(c.proc.pid, signal.SIGHUP)
                 except ProcessLookupError:

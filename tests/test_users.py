@@ -530,3 +530,42 @@ def test_users_file_beside_the_configuration(tmp_path: Path, hashes: dict[str, s
     with pytest.raises(ConfigError) as info:
         load(tmp_path / "r.yaml")
     assert "users.yaml" in str(info.value) and ":1:" in str(info.value) and "no way to log in" in str(info.value)
+
+
+def test_https_certificate_renewed_under_the_same_paths_is_served_after_sighup(
+        router: Any, tmp_path: Path, pki: Pki) -> None:
+    """A renewed certificate copied over the configured files is served to new connections once
+    the supervisor gets SIGHUP (relayed to the HTTP process, which is not restarted); a broken
+    renewal keeps the running certificate."""
+    import os
+    import shutil
+    import signal
+    import peers
+
+    pki.issue("renewed", "localhost", days=365)
+    cert, key = tmp_path / "http.pem", tmp_path / "http.key"
+    shutil.copy(pki.p("server.pem"), cert)
+    shutil.copy(pki.p("server.key"), key)
+    port = peers.free_port()
+    r = router({"http": {"host": "127.0.0.1", "port": port, "tls": {"cert": str(cert), "key": str(key)}}})
+    peers.wait_until(lambda: peers.is_listening(port), 30, message=lambda: r.log_tail())
+
+    def served() -> bytes:
+        return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port)))
+
+    def der(path: Path) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+    assert served() == der(pki.p("server.pem"))
+    http_pid = int(re.findall(r"started http \(pid (\d+)\)", r.log_text())[-1])
+    shutil.copy(pki.p("renewed.pem"), cert)
+    shutil.copy(pki.p("renewed.key"), key)
+    os.kill(r.proc.pid, signal.SIGHUP)
+    peers.wait_until(lambda: served() == der(pki.p("renewed.pem")), 30,
+                     message=lambda: r.log_tail())
+    assert "HTTPS certificate reloaded" in r.log_text()
+    assert int(re.findall(r"started http \(pid (\d+)\)", r.log_text())[-1]) == http_pid   # not restarted
+    key.write_text("not a key\n")                              # a broken renewal
+    os.kill(r.proc.pid, signal.SIGHUP)
+    peers.wait_until(lambda: "HTTPS certificate not reloaded" in r.log_text(), 30, message=lambda: r.log_tail())
+    assert served() == der(pki.p("renewed.pem"))

@@ -1287,6 +1287,24 @@ def https_context(http: HttpConfig) -> ssl.SSLContext | None:
     return tls.server_context(http_tls_as_listener(http.tls))
 
 
+def reload_https(context: ssl.SSLContext, http: HttpConfig) -> bool:
+    """SIGHUP (relayed by the supervisor): renewed certificate files under the same paths are
+    taken for new connections; open ones keep theirs. The files are checked by building a whole
+    new context first, so a bad renewal keeps the running certificate (and says so)."""
+    if http.tls is None:
+        return False
+    try:
+        https_context(http)
+        context.load_cert_chain(str(http.tls.cert), str(http.tls.key))
+        if http.tls.ca is not None:
+            context.load_verify_locations(cafile=str(http.tls.ca))
+    except (tls.TlsSetupError, OSError, ssl.SSLError) as exc:
+        log.error("http: HTTPS certificate not reloaded, keeping the running one: %s", exc)
+        return False
+    log.info("http: HTTPS certificate reloaded from %s", http.tls.cert)
+    return True
+
+
 def http_tls_as_listener(t: HttpTlsConfig) -> TlsListenerConfig:
     """``http.tls`` in the listener's terms, so both share one context builder and one check."""
     return TlsListenerConfig(cert=t.cert, key=t.key, ca=t.ca, require_client_cert=t.require_client_cert)
@@ -1314,7 +1332,10 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         log.info("http: dashboard and API on %s://%s:%d/ (metrics at /metrics)",
                  "https" if context else "http", http.host, http.port)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        if context is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload_https, context, http)
         await stop.wait()
         log.info("http: stopping")
         await runner.cleanup()
