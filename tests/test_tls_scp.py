@@ -102,16 +102,21 @@ def _make_ca(d: Path, name: str, cn: str) -> None:
              f"/O=Test Hospital/CN={cn}", cwd=d)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
+def new_pki(d: Path) -> Pki:
+    """A test CA ("ca") and a second one ("otherca") in ``d``, with ``openssl ca``'s files."""
     (d / "newcerts").mkdir()
     (d / "index.txt").write_text("")
     (d / "serial").write_text("1000\n")
     (d / "ca.cnf").write_text(_CA_CNF.format(dir=d))
     _make_ca(d, "ca", "Test CA")
     _make_ca(d, "otherca", "Other CA")
-    pki = Pki(d)
+    return Pki(d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    pki = new_pki(d)
     pki.issue("server", "localhost", days=90)
     pki.issue("server2", "localhost", days=20)
     pki.issue("client", "ct1.hospital")

@@ -25,7 +25,7 @@ from fastroute.spool import Spool
 from fastroute.spool.jobs import JobSpec
 
 from test_ops import AGE, STUDY_A, config_text, fill
-from test_tls_scp import _CA_CNF, Pki, _make_ca
+from test_tls_scp import Pki, new_pki
 
 JOB = "m1"
 # Fixed tokens, hashed once per module (scrypt is slow on purpose).
@@ -319,14 +319,7 @@ def test_identity_from_a_trusted_proxy_only(tmp_path: Path, hashes: dict[str, st
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("httpspki")
-    (d / "newcerts").mkdir()
-    (d / "index.txt").write_text("")
-    (d / "serial").write_text("1000\n")
-    (d / "ca.cnf").write_text(_CA_CNF.format(dir=d))
-    _make_ca(d, "ca", "Test CA")
-    _make_ca(d, "otherca", "Other CA")
-    pki = Pki(d)
+    pki = new_pki(tmp_path_factory.mktemp("httpspki"))
     pki.issue("server", "localhost", days=90)
     pki.issue("dave", "dave.hospital")
     pki.issue("stranger", "dave.hospital", ca="otherca")
