@@ -7,9 +7,6 @@ losing an instance every time it is sent (verify-failed, alerted).
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Self
@@ -36,7 +33,7 @@ from fastroute.spool.verifications import StudyVerification, VerifyState
 from peers import storescu, wait_until
 from qrpeers import FakeArchive
 from router import Router, destination
-from test_commitment import queue_files
+from test_commitment import queue_files, running_sender
 
 
 @dataclass
@@ -69,18 +66,6 @@ def config(tmp_path: Path, port: int, **dest: Any) -> Config:
     return loads(yaml.safe_dump(doc))
 
 
-@contextlib.contextmanager
-def running_sender(cfg: Config) -> Iterator[Spool]:
-    spool = Spool(cfg.spool, map_size=cfg.spool_max_bytes, durable=False)
-    sender = DestinationSender(cfg, cfg.destinations["pacs"], spool)
-    thread = threading.Thread(target=sender.run, daemon=True)
-    thread.start()
-    try:
-        yield spool
-    finally:
-        sender.stop()
-        thread.join(30)
-        spool.close()
 
 
 def _study(tmp_path: Path, n: int) -> tuple[list[Path], list[str], str]:
