@@ -9,6 +9,7 @@ result with the failed list, or a C-CANCEL after which the association is still 
 """
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -153,18 +154,27 @@ def test_peer_ignoring_cancel_is_aborted(archive: Any) -> None:
         assert len(list(client.find(Level.STUDY, STUDY_KEYS))) == 2   # a fresh association
 
 
+def wait_readable(sock: Any, timeout: float) -> bool:
+    """Whether ``sock`` has bytes to read within ``timeout`` s."""
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
 def test_find_closed_early_cancels_and_drains(tmp_path: Path) -> None:
     pacs = FakeArchive()
     pacs.add_files(p for s in make_studies(tmp_path, 5, per_study=1) for p in s)
     pacs.hang = True            # after its matches it would wait for a cancel forever
+    pacs.match_delay = 0.2      # one match at a time: the next arrives after the first is read
     with pacs, QueryRetrieveClient(source(pacs.ae_title, pacs.port), CALLING) as client:
         matches = client.find(Level.STUDY, STUDY_KEYS)
         first = next(matches)
         assert first.StudyInstanceUID
+        # the next match is on the wire, unread, when the C-CANCEL goes: it is the find's,
+        # not a sign that the peer ended the association
+        assert wait_readable(client.conn.assoc.sock, 10)
         matches.close()
-        assert client.closed_early and pacs.cancels == 1
+        assert client.closed_early and pacs.cancels == 1 and client.conn.assoc is not None
         assert pacs.requests[-1].status == 0xFE00
-        pacs.hang = False
+        pacs.hang, pacs.match_delay = False, 0.0
         assert len(list(client.find(Level.STUDY, STUDY_KEYS))) == 5
 
 

@@ -315,7 +315,8 @@ class QueryRetrieveClient:
         op.cancelled = True
         op.drain_until = time.monotonic() + min(CANCEL_DRAIN_TIMEOUT, self.remote.dimse_timeout)
         try:
-            self.conn.send(context_id, encode_c_cancel_rq(msg_id), None, f"C-CANCEL of {what}")
+            self.conn.send(context_id, encode_c_cancel_rq(msg_id), None, f"C-CANCEL of {what}",
+                           in_operation=True)
         except (AssociationFailed, OutcomeUnknown) as exc:
             raise error(f"{what}: C-CANCEL could not be sent: {exc}") from exc
 

@@ -575,13 +575,18 @@ class Connection:
         return rsp
 
     def send(self, context_id: int, command: bytes,
-             data: bytes | memoryview | list[memoryview] | None, what: str) -> Association:
+             data: bytes | memoryview | list[memoryview] | None, what: str, *,
+             in_operation: bool = False) -> Association:
         """Send one message (a request whose Message ID the caller took with :meth:`next_id`,
-        or a C-CANCEL); AssociationFailed when nothing left, OutcomeUnknown when part did."""
+        or a C-CANCEL); AssociationFailed when nothing left, OutcomeUnknown when part did.
+
+        ``in_operation``: the association is not idle (a C-CANCEL while the peer may still be
+        sending pending responses): whatever it has sent is that operation's, read later,
+        not a sign that it ended the association."""
         assoc = self.assoc
         if assoc is None:
             raise AssociationFailed("association is not established")
-        if self._closed_while_idle(assoc):
+        if not in_operation and self._closed_while_idle(assoc):
             raise AssociationFailed(f"association closed by the peer while idle ({assoc.where})")
         sent = [0]
         try:
