@@ -28,6 +28,8 @@ import yaml
 
 from fastroute.errors import ConfigError, RuleSyntaxError
 from fastroute.rulelang import ExpressionError, Matcher, compile_match, did_you_mean
+from fastroute.content.deidentify import DeidentifyConfig, parse_deidentify
+from fastroute.content.modify import ModifyAction, parse_modify
 
 # -- value parsers ------------------------------------------------------------------------------
 
@@ -632,6 +634,26 @@ def warn_deprecated_engine(key: str, value: str) -> None:
             "and uses it; remove the key", key, value)
 
 
+def _base_dir(ctx: _Ctx) -> Path | None:
+    """The configuration file's folder (relative paths in it are relative to it), if a file."""
+    p = Path(ctx.source)
+    return p.parent if ctx.source and not ctx.source.startswith("<") else None
+
+
+def _read_modify(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    try:
+        return {"modify": parse_modify(_construct(node), _base_dir(ctx))}
+    except ValueError as exc:
+        raise ctx.error(node, key, str(exc)) from None
+
+
+def _read_deidentify(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
+    try:
+        return {"deidentify": parse_deidentify(_construct(node), _base_dir(ctx))}
+    except ValueError as exc:
+        raise ctx.error(node, key, str(exc)) from None
+
+
 def _read_peer_tls(ctx: _Ctx, node: yaml.Node, key: str) -> dict[str, Any]:
     """A destination's or a source's ``tls:`` section. A reader rather than ``Shape.SECTION``
     because TlsPeerConfig is defined further down, beside the listener's TlsListenerConfig."""
@@ -709,6 +731,11 @@ class DestinationConfig:
     verify: str = field(default="off", metadata=key(_choice("off", "find"), "off or find"))
     verify_quiet: float = field(default=120.0, metadata=_DURATION)
     verify_attempts: int = field(default=3, metadata=key(_int(1, 100), "a number of attempts (1-100)"))
+    # Governed content changes (issue 15), applied in this destination's sender only:
+    # ``modify`` actions (fastroute.content.modify), then ``deidentify`` (PS3.15 Annex E).
+    modify: tuple[ModifyAction, ...] = field(default=(), metadata=key(shape=Shape.CUSTOM, read=_read_modify))
+    deidentify: DeidentifyConfig | None = field(default=None, metadata=key(
+        shape=Shape.CUSTOM, read=_read_deidentify, if_null=IfNull.NONE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -763,6 +790,9 @@ class RuleConfig:
     send_to: tuple[str, ...] = field(metadata=key(
         _str, "destination names", shape=Shape.LIST, one_or_list=True, destinations=True))
     stop: bool = field(default=False, metadata=_BOOL)
+    # applied (in each sender) for every destination this rule sends the object to, before
+    # the destination's own ``modify``
+    modify: tuple[ModifyAction, ...] = field(default=(), metadata=key(shape=Shape.CUSTOM, read=_read_modify))
     line: int | None = None
     compiled: InitVar[Matcher | None] = None
     matcher: Matcher = field(init=False, repr=False, compare=False)
@@ -1051,6 +1081,9 @@ class Config:
     # HMAC key of the audit chain, kept outside the spool (None: plain SHA-256)
     audit_key: str | None = field(default=None, metadata=key(
         _secret_ref, "env:NAME or file:PATH", if_null=IfNull.NONE))
+    # two_person: a change to destinations (modify, deidentify included) or to a rule's modify
+    # takes effect only after a second admin approves it (issue 15); off: audited, applied
+    governance: str = field(default="off", metadata=key(_choice("off", "two_person"), "off or two_person"))
     log_level: str = field(default="INFO", metadata=key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), "a log level"))
     log_format: str = field(default="text", metadata=key(_choice("text", "json"), "text or json"))
     source: str = "<embedded default>"      # the file it came from, for messages

@@ -59,7 +59,8 @@ READERS: dict[str, frozenset[Role]] = {
     "duplicate_window": frozenset({_L, _S}),
     "shutdown_grace": frozenset(),            # read by the supervisor, which never restarts
     "destinations": frozenset({_H, _M}),      # senders: per destination, below
-    "rules": frozenset({_L, _H}),
+    "rules": frozenset({_L, _H}),             # senders: a rule's modify, compared per destination
+    "governance": frozenset({_H}),
     "default": frozenset({_L, _H}),
     "sources": frozenset({_M, _H}),
     "tls": frozenset({_L, _H}),               # the TLS listener; /metrics shows its certificates

@@ -36,6 +36,9 @@ class QueueState(enum.StrEnum):
     # once the destination has no clinical (PENDING) object due, so a migration never
     # starves the clinical traffic through the same router (issue 13)
     BULK = "bulk"
+    # held back from this destination by its content plan (issue 15: a de-identified copy of
+    # an object with burned-in annotation): listed, audited, never sent, purged by an operator
+    QUARANTINED = "quarantined"
 
     @property
     def code(self) -> bytes:
@@ -47,7 +50,7 @@ class QueueState(enum.StrEnum):
 
 
 _STATE_CODES = {QueueState.PENDING: b"P", QueueState.IN_FLIGHT: b"I", QueueState.FAILED: b"F",
-                QueueState.UNROUTED: b"U", QueueState.BULK: b"B"}
+                QueueState.UNROUTED: b"U", QueueState.BULK: b"B", QueueState.QUARANTINED: b"Q"}
 _CODE_STATES = {v: k for k, v in _STATE_CODES.items()}
 
 
@@ -58,6 +61,7 @@ class OutcomeKind(enum.StrEnum):
     RETRY = "retry"           # transient failure: pending again after its backoff, one attempt spent
     FAILED = "failed"         # permanent failure, or out of attempts: kept in the failed state
     RELEASE = "release"       # not attempted (destination down, stopping): pending, no attempt spent
+    QUARANTINE = "quarantine"  # not to be sent there (issue 15): kept in the quarantined state
 
 
 class DropReason(enum.StrEnum):
