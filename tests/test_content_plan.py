@@ -16,7 +16,7 @@ from fastroute.config import Config, loads
 from fastroute.content.changes import Change
 from fastroute.content.plan import ContentPlan, preview
 from fastroute.routing.transcode import DEFLATED, _inflate
-from tests.dicomcompare import assert_same_dataset
+from dicomcompare import assert_same_dataset
 
 IMPLICIT, EXPLICIT, BIG = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
 
