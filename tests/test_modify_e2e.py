@@ -133,3 +133,53 @@ def test_modified_destination_gets_exactly_the_named_changes_plain_one_the_origi
     assert ct and ct[0]["changed_by"] == ["rule:ct-fix", "destination:pacs"]
     assert "(0008,1010)" in ct[0]["attributes_changed"]                  # StationName
     assert "changed by rule:ct-fix, destination:pacs" in r.log_text()
+
+
+def _sender_pid(r: Router, dest: str) -> int | None:
+    try:
+        return int(json.loads((r.spool_path / "run" / f"{dest}.state").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_lookup_on_missing_fail_keeps_the_object_failed_until_sighup_reloads_the_table(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import synth
+    monkeypatch.setenv("TCP_NODELAY", "1")
+    known = synth.make_study(tmp_path / "a", n_instances=3, rows=16, cols=16, patient_id="P-KNOWN", seed=1)
+    unknown = synth.make_study(tmp_path / "b", n_instances=2, rows=16, cols=16, patient_id="P-NEW", seed=2)
+    (tmp_path / "router").mkdir()
+    table = tmp_path / "router" / "ids.csv"        # beside router.yaml: a relative path
+    table.write_text("old,new\nP-KNOWN,R-001\n")
+    scp = storescp("LK", accept="all")
+    r = router({"destinations": {"lk": destination(scp.port, "LK", modify=[
+                    {"lookup": {"PatientID": "ids.csv"}, "on_missing": "fail"}])},
+                "rules": [{"name": "all", "match": None, "send_to": ["lk"]}]})
+    assert storescu(r.port, known + unknown).returncode == 0
+    wait_until(lambda: r.queue()["lk"]["failed"] == 2 and r.queue()["lk"]["delivered"] == 3, 60,
+               message=lambda: f"expected 3 delivered, 2 failed: {r.queue()['lk']}\n{r.log_tail()}")
+    scp.wait_for(3, timeout=30)
+    for f in known:
+        got = scp.file_for(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+        assert got is not None and pydicom.dcmread(got).PatientID == "R-001"
+    for f in unknown:                                 # never sent unmapped
+        assert scp.file_for(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)) is None
+    failed = [e for e in _audit(r) if e["action"] == "failed"]
+    assert len(failed) == 2 and all("PatientID 'P-NEW'" in e["error"] and e["sop_instance_uid"] in e["error"]
+                                    for e in failed)
+
+    pid = _sender_pid(r, "lk")
+    table.write_text("old,new\nP-KNOWN,R-001\nP-NEW,R-002\n")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    wait_until(lambda: "lookup table" in r.log_text() and "reloaded (2 entries)" in r.log_text(), 30,
+               message=lambda: f"the sender did not reload its table:\n{r.log_tail()}")
+    assert _sender_pid(r, "lk") == pid                # reloaded in place, not restarted
+    r.cli("retry", "lk", "--reason", "lookup table updated")
+    scp.wait_for(5, timeout=60)
+    for f in unknown:
+        got = scp.file_for(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+        assert got is not None and pydicom.dcmread(got).PatientID == "R-002"
