@@ -33,12 +33,16 @@ PACKAGE = "fastroute"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fastroute", "fastroute.errors", "fastroute.logsetup"),
     ("fastroute.rulelang",),
+    # Content-change engines (issue 15): config parses their sections, so they sit below it;
+    # the per-destination plan that runs them in the sender is routing's (it uses transcode).
+    ("fastroute.content", "fastroute.content.changes", "fastroute.content.modify",
+     "fastroute.content.deidentify"),
     ("fastroute.config",),
     # native.py picks the native or Python twin of each accelerated module; all of them are
     # dicom/'s (the peek and its structure check), so it sits in that layer.
     ("fastroute.dicom", "fastroute.dicom.*", "fastroute.native"),   # never imports spool/ or routing/: the
     ("fastroute.spool", "fastroute.spool.*"),        # listener is handed its handlers
-    ("fastroute.routing", "fastroute.routing.*"),
+    ("fastroute.routing", "fastroute.routing.*", "fastroute.content.plan"),
     # PACS migration (issue 13): query/retrieve jobs run on top of the router's data path.
     ("fastroute.migration", "fastroute.migration.*"),
     # The management plane, beside the data plane: above it so that nothing in the data plane
