@@ -39,6 +39,7 @@ _CAUSES: dict[str, str] = {
     FailureCause.NO_DECODER: "no decoder installed for the syntax the destination needs converted",
     FailureCause.NOT_CONVERTIBLE: "cannot be converted to a syntax the destination accepts",
     FailureCause.SPOOL_ERROR: "could not be read from the spool",
+    FailureCause.CONTENT_CHANGE: "the destination's modify refused it (e.g. a lookup with on_missing: fail)",
 }
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
