@@ -3,7 +3,10 @@
 A ``modify:`` list is applied in order; each entry is a mapping with exactly one action key,
 an optional ``when:`` (a rules-language expression, evaluated against the dataset as the
 earlier entries left it; ``missing`` holds for an absent or empty element) and an optional
-``record_original: true`` (the old values go into Original Attributes Sequence (0400,0561)).
+``record_original: true``: the entry appends one Original Attributes Sequence (0400,0561) item
+(PS3.3 C.12.1.1.9: Modified Attributes Sequence with the previous values of the attributes it
+replaced or removed -- an attribute it inserted had none --, Attribute Modification DateTime,
+Modifying System "fastroute", Reason "COERCE").
 
 * ``set: {InstitutionName: "General Hospital", "(0009,1001)": {value: X, vr: LO}}`` -- a
   private or unknown tag needs its VR; a list value is multi-valued;

@@ -8,7 +8,9 @@ plan (``build`` returns None) and its objects go out zero-copy as before.
 ``apply`` parses the stored bytes once (pydicom, no file meta, in the object's own transfer
 syntax; pixel data stays raw and encapsulated pixel data is kept as it is), runs the steps, and
 re-encodes once in the same syntax only when a step changed something: the syntax planner then
-chooses (and transcodes) on the new bytes as it would on the original.
+chooses (and transcodes) on the new bytes as it would on the original. The re-encoded object
+has no group length elements (gggg,0000): pydicom's writer drops them (retired, and they would
+be wrong after a change); every other element the steps did not name keeps its value.
 """
 from __future__ import annotations
 
