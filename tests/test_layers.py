@@ -33,7 +33,12 @@ PACKAGE = "fastroute"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fastroute", "fastroute.errors", "fastroute.logsetup"),
     ("fastroute.rulelang",),
+    # issue 15: the content engines (modify, deidentify, their table and records) sit below
+    # config, which parses their sections with them; the per-destination plan reads a Config.
+    ("fastroute.content", "fastroute.content.changes", "fastroute.content.table",
+     "fastroute.content.deidentify", "fastroute.content.modify", "fastroute.content.profiles"),
     ("fastroute.config",),
+    ("fastroute.content.plan",),
     # native.py picks the native or Python twin of each accelerated module; all of them are
     # dicom/'s (the peek and its structure check), so it sits in that layer.
     ("fastroute.dicom", "fastroute.dicom.*", "fastroute.native"),   # never imports spool/ or routing/: the
