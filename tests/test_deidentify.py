@@ -445,3 +445,23 @@ def test_keyed_uid_is_a_valid_deterministic_ui(uid: str, key: bytes) -> None:
 @given(st.sets(uids, min_size=2, max_size=200))
 def test_keyed_uid_is_injective_on_random_uids(batch: set[str]) -> None:
     assert len({keyed_uid(KEY, u) for u in batch}) == len(batch)
+
+
+@pytest.mark.parametrize("options, expect", [((), "19000101"),
+                                              (("retain-longitudinal-full-dates",), "20240131"),
+                                              (("retain-longitudinal-modified-dates",), "shifted")])
+def test_dates_the_table_does_not_list(options: tuple[str, ...], expect: str) -> None:
+    """Instance Creation Date is not in Table E.1-1: it is not left real without a date option."""
+    ds = _probe()
+    ds.InstanceCreationDate = ds.StudyDate = "20240131"
+    out = deid(ds, options)[0]
+    if expect == "shifted":
+        assert out.InstanceCreationDate == out.StudyDate != "20240131"
+    else:
+        assert out.InstanceCreationDate == expect
+
+
+def test_file_meta_follows_the_new_sop_instance_uid() -> None:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    out = deid(ds, ())[0]
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID != ds.SOPInstanceUID

@@ -15,6 +15,8 @@ does here (the choices the standard leaves to an implementation):
   since the codes in them identify and are not themselves in the table.
 - Patient's Name, Patient ID, Accession Number and Study ID (Z in the table) get keyed
   pseudonyms instead of empty values, so a research destination can link a patient's objects.
+- Dates the table does not list (Instance Creation Date, Date of Last Calibration, ...) are
+  not left real: without a date option they get the dummy date (stricter than the table).
 - Retain Longitudinal Modified Dates: every DA/DT value anywhere (in the table or not, e.g.
   Instance Creation Date) is shifted back by a per-patient keyed offset of 1-3650 days (keyed on
   the original Patient ID); DT keeps its time; TM is kept. Longitudinal Temporal Information
@@ -303,8 +305,10 @@ class _Run:
             raw_vr = ds.get_item(btag).VR  # type: ignore[union-attr]
             vr = raw_vr or _vr(tag)
             if act is None or act == KEEP:
-                if d.modified_dates and vr in ("DA", "DT"):
-                    self.apply_one(ds, btag, prefix, CLEAN_DATE, vr)
+                if vr in ("DA", "DT") and not d.full_dates:
+                    # dates the table does not list (Instance Creation Date, ...): shifted with
+                    # modified dates, else dummied, so no real date survives either way
+                    self.apply_one(ds, btag, prefix, CLEAN_DATE if d.modified_dates else DUMMY, vr)
                 elif vr == "SQ":
                     self.recurse(ds, btag, prefix, structured)
                 elif structured and tag == _TEXT_VALUE or tag == _GRAPHIC_TEXT:
@@ -467,6 +471,9 @@ class Deidentifier:
         run = _Run(self, ds)
         run.walk(ds, "", False)
         self._mark(ds, run)
+        meta = getattr(ds, "file_meta", None)   # a file read for a preview; the spool keeps none
+        if meta is not None and "MediaStorageSOPInstanceUID" in meta and "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         return run.changes, ""
 
     def _mark(self, ds: Dataset, run: _Run) -> None:
