@@ -23,8 +23,8 @@ from pydicom.uid import generate_uid
 
 from fastroute.config import loads
 from fastroute.content import table
-from fastroute.content.deidentify import (Deidentifier, DeidentifyConfig, keyed_uid,
-                                          parse_deidentify, resolve_key)
+from fastroute.content.deidentify import (Deidentifier, DeidentifyConfig, deidentifier_for,
+                                          keyed_uid, parse_deidentify, resolve_key)
 from fastroute.errors import ConfigError
 from tests.synth import make_study
 
@@ -37,7 +37,7 @@ EMPTIED_D_SEQ = {0x00080082, 0x00401101}
 PYDICOM_FILES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtstruct.dcm", "rtdose.dcm",
                  "test-SR.dcm"]
 DATA_STORE_FILES = ["MR-SIEMENS-DICOM-WithOverlays.dcm", "US1_UNCR.dcm", "liver.dcm",
-                    "emri_small.dcm", "OT-PAL-8-face.dcm"]
+                    "emri_small.dcm", "OT-PAL-8-face.dcm", "explicit_VR-UN.dcm"]
 
 COLUMN = {"retain-uids": "rtn_uids", "retain-device-identity": "rtn_dev_id",
           "retain-institution-identity": "rtn_inst_id",
@@ -405,6 +405,11 @@ def test_unknown_option_did_you_mean() -> None:
 def test_resolve_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FR_TEST_KEY", "abc")
     assert resolve_key(DeidentifyConfig(key="env:FR_TEST_KEY")) == b"abc"
+    assert deidentifier_for(DeidentifyConfig(key="env:FR_TEST_KEY")).key == b"abc"
+    monkeypatch.delenv("FR_TEST_KEY")
+    with pytest.raises(ConfigError, match="FR_TEST_KEY is not set"):
+        deidentifier_for(DeidentifyConfig(key="env:FR_TEST_KEY"))    # no engine without a key
+    monkeypatch.setenv("FR_TEST_KEY", "abc")
     monkeypatch.setenv("FR_TEST_KEY", "")
     with pytest.raises(ConfigError, match="FR_TEST_KEY is empty"):
         resolve_key(DeidentifyConfig(key="env:FR_TEST_KEY"))
