@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import io
 import re
 from importlib import resources
 from pathlib import Path
@@ -152,6 +153,23 @@ def check_against_table(orig: Dataset, out: Dataset, options: tuple[str, ...]) -
     return checked
 
 
+def reencoded(ds: Dataset) -> Dataset:
+    """``ds`` written as Explicit VR Little Endian with value validation on, and read back."""
+    from pydicom import config
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.RAISE
+    try:
+        write_dataset(buf, ds)
+    finally:
+        config.settings.writing_validation_mode = old
+    return read_dataset(io.BytesIO(buf.getvalue()), is_implicit_VR=False, is_little_endian=True)
+
+
 def _real(name: str, data_dir: Path) -> Dataset:
     p = get_testdata_file(name)
     return dcmread(p if p else data_dir / name, force=True)
@@ -186,6 +204,11 @@ def test_real_file_follows_table(name: str, options: tuple[str, ...], pydicom_da
         assert out.SOPInstanceUID == orig.SOPInstanceUID
     else:
         assert out.SOPInstanceUID != orig.SOPInstanceUID
+    # the sender re-encodes it: explicit VR little endian, values valid for their VRs
+    back = reencoded(out)
+    assert set(back.keys()) == set(out.keys())
+    for kw in ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientName", "StudyDate"):
+        assert str(back.get(kw) or "") == str(out.get(kw) or ""), kw
     # changes name tag paths; every delete is gone from the output
     paths = {p for p, _, _ in walk(out)}
     for ch in changes:

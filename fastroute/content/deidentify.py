@@ -34,7 +34,8 @@ does here (the choices the standard leaves to an implementation):
 - Private elements are removed; with Retain Safe Private, those on ``safe_private`` are kept
   (no built-in list: PS3.15 Table E.3.10-1 is not shipped; list what your devices need).
 - Burned In Annotation YES, or absent for ``burned_in_modalities``: quarantined, unchanged.
-- Pixel Data is never read or changed; the file meta is not part of the dataset.
+- Pixel Data is never read or changed; the file meta is not part of the dataset. Group
+  lengths (gggg,0000), retired and wrong once elements change, are dropped.
 """
 from __future__ import annotations
 
@@ -291,6 +292,9 @@ class _Run:
             if tag == _PIXEL_DATA:
                 continue
             group = tag >> 16
+            if tag & 0xFFFF == 0:          # a (retired) group length: wrong once anything changed
+                del ds[btag]
+                continue
             if group & 1:
                 private_tags.append(tag)
                 continue
