@@ -493,3 +493,39 @@ def test_file_meta_follows_the_new_sop_instance_uid() -> None:
     ds = dcmread(get_testdata_file("CT_small.dcm"))
     out = deid(ds, ())[0]
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID != ds.SOPInstanceUID
+
+
+# -- a real peer accepts what comes out ------------------------------------------------------------
+
+def test_deidentified_study_arrives_at_storescp(storescp: Any, tmp_path: Path) -> None:
+    """De-identified copies written as files and sent by DCMTK storescu to DCMTK storescp: what
+    arrived is the de-identified study (consistent new UIDs, no removed or private attribute,
+    pixel data unchanged), so DCMTK reads and stores the engine's output as it is."""
+    from tests import peers
+    paths = make_study(tmp_path / "in", modality="CT", n_series=1, n_instances=3, tiny=True,
+                       patient_id="E2E-1", patient_name="SMITH^ANNA")
+    origs = [dcmread(p) for p in paths]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for i, ds in enumerate(origs):
+        ds.add_new(0x00291010, "LO", "vendor secret")
+        ds.add_new(0x00290010, "LO", "ACME_01")
+        ds.OperatorsName = "NURSE^NINA"
+        out = deid(ds)[0]
+        out.save_as(out_dir / f"{i}.dcm")
+    scp = storescp("DEID")
+    res = peers.storescu(scp.port, [out_dir], called_ae="DEID")
+    assert res.returncode == 0, res.stderr
+    got = [dcmread(p) for p in scp.wait_for(3)]
+    by_sop = {g.SOPInstanceUID: g for g in got}
+    assert set(by_sop) == {keyed_uid(KEY, o.SOPInstanceUID) for o in origs}
+    assert {g.StudyInstanceUID for g in got} == {keyed_uid(KEY, origs[0].StudyInstanceUID)}
+    for o in origs:
+        g = by_sop[keyed_uid(KEY, o.SOPInstanceUID)]
+        assert g.PixelData == o.PixelData
+        assert str(g.PatientName).startswith("ANON^") and g.PatientID != "E2E-1"
+        assert str(g.OperatorsName).startswith("ANON^")       # X/Z/D → D: pseudonym
+        assert g.PatientIdentityRemoved == "YES"
+        assert not any(t.group % 2 for t in g.keys())
+        text = " ".join(str(e.value) for e in g if e.VR in ("PN", "LO", "SH", "LT", "ST"))
+        assert "SMITH" not in text and "ANNA" not in text and "NINA" not in text
