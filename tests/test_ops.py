@@ -589,3 +589,13 @@ def test_quarantined_state_in_queue_cli_metrics_and_purge(env: Any, capsys: pyte
     assert cli_main(["queue", "-c", p, "--json", "--quarantined", "pacs"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["quarantined"] == [] and by_name(doc["queues"])["pacs"]["quarantined"] == 0
+
+
+def test_quarantined_objects_raise_an_alert_until_purged() -> None:
+    """Issue 15: quarantined objects wait for a person; the alert names the destination and how
+    to list them, and clears when none is left."""
+    cfg = AlertsConfig()
+    [(key, alert)] = [(k, v) for k, v in evaluate(cfg, [Reading("ai", None, 0, quarantined=2)], None).items()]
+    assert key == ("quarantined", "ai") and alert is not None and alert.value == 2
+    assert "fastroute queue --quarantined ai" in alert.message
+    assert evaluate(cfg, [Reading("ai", None, 0, quarantined=0)], None) == {}

@@ -97,7 +97,7 @@ class Plane:
         now = time.time()
         self.history.add(now, self.spool.counters())
         readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0),
-                            q.get("verify_failed_now", 0))
+                            q.get("verify_failed_now", 0), q.get("quarantined", 0))
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
         checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"],
                           certificate_expiry(self.cfg))
