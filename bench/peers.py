@@ -285,6 +285,24 @@ class Router:
             pass
         return {pid: roles.get(pid, f"router {comm(pid)}") for pid in group_members(self.proc.pid)}
 
+    def write_lock(self) -> dict[str, dict[str, float]]:
+        """{``router <process>``: write-lock totals} from the files each router process
+        publishes under ``<spool>/run`` (fastroute.spool.lockstats: every 2 s and at exit),
+        summed over the process's environments; read as JSON, so that a router without them
+        (an older fastroute) just gives nothing."""
+        out: dict[str, dict[str, float]] = {}
+        for path in sorted((self.spool / "run").glob("lockstats-*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                envs = doc["envs"].values()
+                out[f"router {doc['process']}"] = {
+                    "wait_s": round(sum(float(e["wait_s"]) for e in envs), 4),
+                    "hold_s": round(sum(float(e["hold_s"]) for e in envs), 4),
+                    "transactions": float(sum(int(e["transactions"]) for e in envs))}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return out
+
     def build(self) -> dict[str, str]:
         """What the router's listener says it runs (its own log line at start): version, the
         peek twin (native or python) and the package's folder."""
