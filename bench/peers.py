@@ -294,11 +294,12 @@ class Router:
         for path in sorted((self.spool / "run").glob("lockstats-*.json")):
             try:
                 doc = json.loads(path.read_text())
-                envs = doc["envs"].values()
-                out[f"router {doc['process']}"] = {
-                    "wait_s": round(sum(float(e["wait_s"]) for e in envs), 4),
-                    "hold_s": round(sum(float(e["hold_s"]) for e in envs), 4),
-                    "transactions": float(sum(int(e["transactions"]) for e in envs))}
+                row = out.setdefault(f"router {doc['process']}", {"wait_s": 0.0, "hold_s": 0.0,
+                                                                  "transactions": 0.0})
+                for e in doc["envs"].values():     # and over a restarted process's incarnations
+                    row["wait_s"] = round(row["wait_s"] + float(e["wait_s"]), 4)
+                    row["hold_s"] = round(row["hold_s"] + float(e["hold_s"]), 4)
+                    row["transactions"] += int(e["transactions"])
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
         return out
