@@ -174,30 +174,36 @@ def default_layouts() -> list[str]:
 
 def run_spool(work: Path, writers: list[int], duration: float, rounds: int,
               log: Callable[[str], None], layouts: list[str] | None = None) -> dict[str, Any]:
-    """Every (values, W, layout), R rounds each. With one writer, shared and sharded are the
-    same layout (one environment, one writer): measured once, reported under both."""
+    """Every (values, W, layout), R rounds each. A round measures every cell once, the layouts
+    in alternating order, so a noisy minute on a shared machine spreads over the layouts
+    instead of sinking one. With one writer, shared and sharded are the same layout (one
+    environment, one writer): measured once, reported under both."""
     option = sharded_spool_option()
     layouts = layouts or default_layouts()
     if "spool-sharded" in layouts and not option:
         raise RuntimeError("spool-sharded: this fastroute's Spool has no shard option")
+    twins = {"sharded": "shared", "spool-sharded": "spool-shared"}
+    cells = [(kind, w, layout) for kind in VALUES for w in writers for layout in layouts
+             if not (w == 1 and twins.get(layout) in layouts)]
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {c: [] for c in cells}
+    for r in range(rounds):
+        for kind, w, layout in (cells if r % 2 == 0 else _alternated(cells)):
+            log(f"spool bench: round {r + 1}/{rounds}: {layout} {kind} W={w}")
+            runs[(kind, w, layout)].append(run_once(layout, kind, w, duration, work))
     results: list[dict[str, Any]] = []
     for kind in VALUES:
         for w in writers:
             for layout in layouts:
-                twin = {"sharded": "shared", "spool-sharded": "spool-shared"}.get(layout)
-                if w == 1 and twin in layouts:
-                    same = next(r for r in results if (r["layout"], r["values"], r["writers"]) == (twin, kind, 1))
-                    results.append({**same, "layout": layout, "same_as": twin})
+                if (kind, w, layout) not in runs:
+                    same = next(x for x in results if (x["layout"], x["values"], x["writers"])
+                                == (twins[layout], kind, 1))
+                    results.append({**same, "layout": layout, "same_as": twins[layout]})
                     continue
-                runs = []
-                for r in range(rounds):
-                    log(f"spool bench: {layout} {kind} W={w} round {r + 1}/{rounds}")
-                    runs.append(run_once(layout, kind, w, duration, work))
-                rates = [x["objects_per_s"] for x in runs]
-                med = statistics.median(rates)
-                mid = runs[rates.index(sorted(rates)[len(rates) // 2])]
-                results.append({"layout": layout, "values": kind, "writers": w, "objects_per_s": med,
-                                "rounds": rates,
+                mine = runs[(kind, w, layout)]
+                rates = [x["objects_per_s"] for x in mine]
+                mid = mine[rates.index(sorted(rates)[len(rates) // 2])]
+                results.append({"layout": layout, "values": kind, "writers": w,
+                                "objects_per_s": statistics.median(rates), "rounds": rates,
                                 "wait_s": [round(x["wait_s"], 3) for x in mid["writers"]],
                                 "hold_s": [round(x["hold_s"], 3) for x in mid["writers"]],
                                 "commits": [x["commits"] for x in mid["writers"]]})
@@ -206,8 +212,17 @@ def run_spool(work: Path, writers: list[int], duration: float, rounds: int,
             "layouts": layouts, "sharded_spool_option": option, "results": results}
 
 
+def _alternated(cells: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    """The same cells, the layouts of each (values, W) in reverse order."""
+    out: list[tuple[str, int, str]] = []
+    for key in dict.fromkeys((k, w) for k, w, _ in cells):
+        out += reversed([c for c in cells if c[:2] == key])
+    return out
+
+
 def table(doc: dict[str, Any]) -> str:
-    """obj/s per (values, W) and layout, the ratios sharded/shared, per-writer lock times."""
+    """obj/s per (values, W) and layout, the ratios sharded/shared, per-writer lock times,
+    and every round's obj/s (the spread says how noisy the machine was)."""
     res = doc["results"]
     by = {(r["values"], r["writers"], r["layout"]): r for r in res}
     layouts = doc["layouts"]
@@ -229,6 +244,11 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(row)
     if "spool-sharded" not in layouts:
         lines.append("(spool-sharded: not measured, this fastroute's Spool has no shard option)")
+    lines += ["", "every round (obj/s):"]
+    for r in res:
+        if not r.get("same_as"):
+            lines.append(f"  {r['values']:<5} W={r['writers']} {r['layout']:<14} "
+                         + ", ".join(f"{x:,.0f}" for x in r["rounds"]))
     lines += ["", "write lock per writer, seconds waited / held (the median round):"]
     for r in res:
         pairs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["wait_s"], r["hold_s"]))
