@@ -33,10 +33,11 @@ PACKAGE = "fastroute"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fastroute", "fastroute.errors", "fastroute.logsetup"),
     ("fastroute.rulelang",),
-    # Content-change engines (issue 15): config parses their sections, so they sit below it;
-    # the per-destination plan that runs them in the sender is routing's (it uses transcode).
-    ("fastroute.content", "fastroute.content.changes", "fastroute.content.modify",
-     "fastroute.content.deidentify"),
+    # issue 15: the content engines (modify, deidentify, their table and records) sit below
+    # config, which parses their sections with them; the per-destination plan reads a Config.
+    ("fastroute.content", "fastroute.content.changes", "fastroute.content.table",
+     "fastroute.content.deidentify", "fastroute.content.modify", "fastroute.content.profiles"),
+    # (the per-destination plan runs them in the sender with transcode's parse/write: routing's)
     ("fastroute.config",),
     # native.py picks the native or Python twin of each accelerated module; all of them are
     # dicom/'s (the peek and its structure check), so it sits in that layer.

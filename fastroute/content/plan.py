@@ -15,10 +15,11 @@ be wrong after a change); every other element the steps did not name keeps its v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from fastroute.config import Config
 from fastroute.content.changes import Applied, Change
+from fastroute.content.deidentify import deidentifier_for
 from fastroute.content.modify import Modifier
 from fastroute.routing.transcode import DEFLATED, _deflate, _inflate, _parse, _write
 
@@ -59,9 +60,7 @@ class ContentPlan:
             steps.append(_Step(None, Modifier(dest.modify, f"destination:{destination}")))
         deid = None
         if dest is not None and dest.deidentify is not None:
-            from fastroute.content import deidentify
-            resolve: Callable[[Any], bytes] = getattr(deidentify, "resolve_key")
-            deid = deidentify.Deidentifier(dest.deidentify, resolve(dest.deidentify))
+            deid = deidentifier_for(dest.deidentify)
         if not steps and deid is None:
             return None
         return ContentPlan(destination, steps, deid)

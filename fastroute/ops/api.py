@@ -97,7 +97,7 @@ class Plane:
         now = time.time()
         self.history.add(now, self.spool.counters())
         readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0),
-                            q.get("verify_failed_now", 0))
+                            q.get("verify_failed_now", 0), q.get("quarantined", 0))
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
         checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"],
                           certificate_expiry(self.cfg))
@@ -1062,6 +1062,8 @@ def _response_schemas() -> dict[str, Any]:
             "committed": _I, "commit_failed": _I, "commit_waiting": _I, "commit_overdue": _I,
             # verify: find (issue 14): instances verified, studies failed (total, now), studies waiting
             "verified": _I, "verify_failed": _I, "verify_failed_now": _I, "verify_waiting": _I,
+            # issue 15: held back by the destination's de-identification (now, and since the spool began)
+            "quarantined": _I, "quarantined_total": _I,
             "paused": _B, "status": {"type": "string", "enum": sorted(ops.DestinationStatus)},
             "down_since": _NN, "retry_at": _NN, "consecutive_failures": _I, "last_error": _S,
             "last_success": _NN,
@@ -1141,7 +1143,7 @@ def openapi_spec() -> dict[str, Any]:
                                                  extra={"404": "unknown destination"})},
         "/api/queues/{destination}/entries": {"get": _op(
             "Queue entries of one destination in one state", returns=_ref("Entries"), extra=bad, params=(
-                dest, _param("state", description="pending | in_flight | failed | unrouted (default failed)"),
+                dest, _param("state", description="pending | in_flight | failed | unrouted | quarantined (default failed)"),
                 _param("limit", schema={"type": "integer", "default": 100})))},
         "/api/failures": {"get": _op("Recent failed objects with DICOM status codes and their meaning", returns=_ref("Failures"), params=(
             _param("destination", description="only this destination"),
@@ -1356,8 +1358,11 @@ def http_main(cfg: Config, config_path: str | None) -> None:
     """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
     from fastroute.logsetup import set_process_title, setup_logging
 
+    from fastroute.spool.lockstats import start_publishing
+
     setup_logging(cfg.log_level, cfg.log_format, process="http")
     set_process_title("http")
+    start_publishing(cfg.spool, "http")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     code = _run(_serve(cfg, config_path))
     if code:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
+from fastroute.spool.lockstats import SHARED, timed_open
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
@@ -97,9 +98,9 @@ class Spool:
         elif not (self.path / "data.mdb").exists():
             raise SpoolError(f"no spool at {self.path}", hint="check the 'spool:' path of the configuration")
         try:
-            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=32, max_readers=1024,
-                                 subdir=True, readonly=False, lock=True, sync=True,
-                                 metasync=durable, readahead=False, meminit=False)
+            self.env = timed_open(str(self.path), SHARED, map_size=map_size, max_dbs=32, max_readers=1024,
+                                  subdir=True, readonly=False, lock=True, sync=True,
+                                  metasync=durable, readahead=False, meminit=False)
         except lmdb.Error as exc:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
@@ -412,7 +413,9 @@ class Spool:
                     commit_overdue=sum(len(t.instances) for t in mine if t.alerted),
                     verified=counters.of(CounterKind.VERIFIED, dest),
                     verify_failed=counters.of(CounterKind.VERIFY_FAILED, dest),
-                    verify_waiting=v_waiting, verify_failed_now=v_failed))
+                    verify_waiting=v_waiting, verify_failed_now=v_failed,
+                    quarantined=counts[QueueState.QUARANTINED],
+                    quarantined_total=counters.of(CounterKind.QUARANTINED, dest)))
         return out
 
     def entries(self, dest: str, state: QueueState | bytes | str, limit: int = 1000) -> list[QueueEntry]:
