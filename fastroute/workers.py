@@ -6,6 +6,7 @@ SIGTERM/SIGINT asks every child to finish what it has in flight before exiting.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from fastroute import reload
 from fastroute.config import Config, warn_deprecated_engine
+from fastroute.errors import ConfigError
 from fastroute.logsetup import fields, set_process_title, setup_logging
 from fastroute.spool import lockstats, open_spool
 from fastroute.spool.space import space_warnings
@@ -132,7 +134,21 @@ def sender_main(cfg: Config, dest_name: str) -> None:
     dest = cfg.destinations[dest_name]
     stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
     spool = open_spool(cfg, durable=False)   # claims and delivery records: see Spool
-    sender = DestinationSender(cfg, dest, spool)
+    try:
+        sender = DestinationSender(cfg, dest, spool)
+    except ConfigError as exc:
+        # e.g. a de-identifying destination whose key is missing: nothing is sent there (never
+        # an identified copy), the queue keeps its objects, and the reason is shown where the
+        # operator looks; no restart loop, since a restart cannot fix it (a reload can)
+        log.error("destination %s (%s): not sending: %s", dest_name, dest.ae_title, exc,
+                  extra=fields(destination=dest_name))
+        from fastroute.spool.senderstate import DestinationState, SenderState
+        with contextlib.suppress(OSError):
+            DestinationState(dest_name, SenderState.STOPPED, down_since=time.time(),
+                             last_error=f"not sending: {exc}").write(cfg.spool)
+        stop.wait()
+        spool.close()
+        return
     content = sender.content
     if content is not None and content.has_lookups:
         # SIGHUP (relayed by the supervisor, see Supervisor._relay_hup): read the lookup tables

@@ -40,14 +40,15 @@ class Router:
         self.config.update(changes)
         self.path.write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
 
-    def start(self, timeout: float = 60.0) -> "Router":
+    def start(self, timeout: float = 60.0, dests: list[str] | None = None) -> "Router":
+        """Start and wait until it listens and ``dests`` (default: all) have running senders."""
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "fastroute", "serve", "-c", str(self.path)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         log.close()
-        dests = list(self.config.get("destinations") or {})
+        dests = list(self.config.get("destinations") or {}) if dests is None else dests
         wait_until(lambda: self._ready(dests), timeout,
                    message=lambda: f"router did not become ready:\n{self.log_tail()}")
         return self

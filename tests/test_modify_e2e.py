@@ -244,3 +244,33 @@ def test_deidentified_destination_through_the_router_and_burned_in_quarantine(
             assert e["changed_by"] == ["deidentify:basic"]
             assert e["sent_sop_instance_uid"] == keyed_uid(key.encode(), e["sop_instance_uid"])
             assert "(0010,0020)" in e["attributes_changed"] and "CLIN-1" not in json.dumps(e)
+
+
+def test_deidentifying_destination_without_its_key_sends_nothing_and_says_why(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No key, no copy: the sender stops with the reason where operators look (not a restart
+    loop, never an identified object), the object stays queued, the other destination gets it."""
+    import synth
+    monkeypatch.delenv("FASTROUTE_TEST_ABSENT_KEY", raising=False)
+    monkeypatch.setenv("TCP_NODELAY", "1")
+    study = synth.make_study(tmp_path / "ct", modality="CT", n_instances=2, rows=16, cols=16, seed=7)
+    research, plain = storescp("AI", accept="all"), storescp("PLAIN", accept="all")
+    r = router({
+        "destinations": {
+            "research": destination(research.port, "AI", deidentify={
+                "profile": "basic", "key": "env:FASTROUTE_TEST_ABSENT_KEY"}),
+            "plain": destination(plain.port, "PLAIN"),
+        },
+        "rules": [{"name": "all", "match": None, "send_to": ["research", "plain"]}],
+    }, start=False).start(dests=["plain"])
+    res = storescu(r.port, study)
+    assert res.returncode == 0, res.stdout + res.stderr
+    plain.wait_for(2, timeout=60)
+    def stopped() -> dict[str, Any] | None:
+        q = r.queue()["research"]
+        return q if q.get("status") == "stopped" else None
+
+    queue = wait_until(stopped, 30, message=lambda: f"research sender not stopped: {r.queue()['research']}")
+    assert "FASTROUTE_TEST_ABSENT_KEY" in queue["last_error"], queue
+    assert queue["pending"] == 2 and not research.files()
