@@ -22,7 +22,7 @@ import logging
 import re
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -469,7 +469,42 @@ def _destination(ctx: _Ctx, name: str, node: yaml.Node) -> DestinationConfig:
     if kw.get("compress") in ("j2k", "jpeg") and not kw.get("allow_lossy"):
         raise ctx.error(node, f"{key}.compress",
                         f"lossy compression {kw['compress']!r} needs allow_lossy: true")
-    return DestinationConfig(**kw)
+    dest = DestinationConfig(**kw)
+    why = _uid_conflict(dest, kw.get("modify", ()))
+    if why:
+        raise ctx.error(node, f"{key}.modify", f"modify changes {why}", hint=_UID_HINT)
+    return dest
+
+
+_INSTANCE_UIDS = {0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID",
+                  0x00080018: "SOPInstanceUID"}
+_UID_HINT = ("the destination would be asked (storage commitment / verify: find) about UIDs it "
+             "never received; set commitment: off and verify: off for it, or leave the UIDs alone")
+
+
+def _uid_conflict(dest: DestinationConfig, actions: Sequence[ModifyAction]) -> str:
+    """Why ``actions`` may not run for ``dest`` ("" when they may): they change an instance
+    UID while the destination's commitment or verification asks about the UIDs sent."""
+    if dest.commitment == "off" and dest.verify == "off":
+        return ""
+    touched = sorted({_INSTANCE_UIDS[t] for a in actions for t in a.tags() if t in _INSTANCE_UIDS})
+    if not touched:
+        return ""
+    on = " and ".join(f"{k}: {v}" for k, v in (("commitment", dest.commitment), ("verify", dest.verify))
+                      if v != "off")
+    return f"{', '.join(touched)} while destination {dest.name!r} has {on}"
+
+
+def _check_rule_uids(cfg: Config) -> None:
+    """A rule's ``modify`` runs for every destination it sends to: the same check as a
+    destination's own, against each of them (after loading, when both are known)."""
+    for rule in cfg.rules:
+        for name in rule.send_to:
+            dest = cfg.destinations.get(name)
+            why = _uid_conflict(dest, rule.modify) if dest is not None else ""
+            if why:
+                raise ConfigError(f"rule {rule.name!r}: modify changes {why}", source=cfg.source,
+                                  line=rule.line, key=f"rules.{rule.name}.modify", hint=_UID_HINT)
 
 
 def _read_named(ctx: _Ctx, node: yaml.Node, key: str, cls: type, name_field: str,
@@ -1138,7 +1173,9 @@ def loads(text: str, source: str = "<string>") -> Config:
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
     _check_tls(kw, source)
-    return Config(**kw)
+    cfg = Config(**kw)
+    _check_rule_uids(cfg)
+    return cfg
 
 
 def load_users_file(path: Path) -> dict[str, HttpUserConfig]:

@@ -116,6 +116,12 @@ def _value(cfg: Config, key: str) -> object:
     return getattr(cfg, key)
 
 
+def _rule_modify(cfg: Config, destination: str) -> list[tuple[str, object]]:
+    """The rule ``modify`` lists a destination's sender applies, in order (its content plan's
+    rule steps): a change to them restarts that sender, not every sender."""
+    return [(rule.name, rule.modify) for rule in cfg.rules if rule.modify and destination in rule.send_to]
+
+
 def plan(old: Config, new: Config,
          sender_cpus: Callable[[Config, str], tuple[int, ...]] = lambda cfg, name: ()) -> ReloadPlan:
     """``sender_cpus`` gives a destination's effective CPUs (``workers.sender_cpus``)."""
@@ -132,6 +138,8 @@ def plan(old: Config, new: Config,
             out.start.append(name)
             continue
         why = [] if before == dest else [f"destinations.{name}"]
+        if _rule_modify(old, name) != _rule_modify(new, name):
+            why.append("rules (modify)")
         if sender_cpus(old, name) != sender_cpus(new, name) and dest.cpus == before.cpus:
             why.append("sender_cpus")
         why += by_role[_S]

@@ -133,6 +133,14 @@ def sender_main(cfg: Config, dest_name: str) -> None:
     stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
     spool = open_spool(cfg, durable=False)   # claims and delivery records: see Spool
     sender = DestinationSender(cfg, dest, spool)
+    content = sender.content
+    if content is not None and content.has_lookups:
+        # SIGHUP (relayed by the supervisor, see Supervisor._relay_hup): read the lookup tables
+        # again, on a thread of its own so the handler never waits on a file; associations
+        # stay open and a bad file keeps the old table. Other senders keep SIGHUP ignored.
+        signal.signal(signal.SIGHUP, lambda _s, _f: threading.Thread(
+            target=content.reload, name="reload-lookups", daemon=True).start())
+
     def relay_stop() -> None:
         stop.wait()
         sender.stop()
@@ -140,6 +148,14 @@ def sender_main(cfg: Config, dest_name: str) -> None:
     threading.Thread(target=relay_stop, daemon=True).start()
     sender.run()
     spool.close()
+
+
+def has_lookups(cfg: Config, dest_name: str) -> bool:
+    """Whether the destination's content plan reads lookup tables (its sender takes SIGHUP)."""
+    dest = cfg.destinations.get(dest_name)
+    actions = [*(dest.modify if dest is not None else ()),
+               *(a for rule in cfg.rules if dest_name in rule.send_to for a in rule.modify)]
+    return any(a.op == "lookup" for a in actions)
 
 
 @dataclass
@@ -254,7 +270,9 @@ class Supervisor:
         # Same paths, perhaps new contents (a renewed certificate): the processes not restarted
         # read their TLS files again.
         self._relay_hup(listeners=not change.listeners and new.tls is not None,
-                        http=not change.http and new.http is not None and new.http.tls is not None)
+                        http=not change.http and new.http is not None and new.http.tls is not None,
+                        senders=frozenset(name for name in new.destinations
+                                          if name not in change.restart and has_lookups(new, name)))
         old = self.cfg
         if change.listeners and not self._replace_listeners(old, new):
             return
@@ -319,17 +337,20 @@ class Supervisor:
         finally:
             spool.close()
 
-    def _relay_hup(self, *, listeners: bool, http: bool) -> None:
+    def _relay_hup(self, *, listeners: bool, http: bool, senders: frozenset[str] = frozenset()) -> None:
         """Ask each running listener and/or the HTTP process (HTTPS) to read its TLS files
-        again (new connections get them, open ones keep theirs; a bad file keeps the old one)."""
+        again (new connections get them, open ones keep theirs; a bad file keeps the old one),
+        and the senders named (``modify`` lookup tables, issue 15) their CSV files."""
         for c in self.children:
-            wanted = (listeners and c.name.startswith("listener-")) or (http and c.name == "http")
+            wanted = ((listeners and c.name.startswith("listener-")) or (http and c.name == "http")
+                      or c.name in {f"sender-{name}" for name in senders})
             if wanted and c.proc is not None and c.proc.is_alive():
                 try:
                     os.kill(c.proc.pid, signal.SIGHUP)
                 except ProcessLookupError:
                     continue
-                log.info("%s (pid %d): reloading its TLS certificates", c.name, c.proc.pid,
+                log.info("%s (pid %d): reloading its %s", c.name, c.proc.pid,
+                         "lookup tables" if c.name.startswith("sender-") else "TLS certificates",
                          extra=fields(worker=c.name))
 
     def _replace_listeners(self, old: Config, new: Config) -> bool:

@@ -60,6 +60,24 @@ def test_plan_restarts_only_what_reads_the_change(tmp_path: Path) -> None:
     assert logs.listeners and set(logs.restart) == {"a", "b"} and logs.http
 
 
+def test_plan_restarts_the_senders_a_rule_modify_applies_to(tmp_path: Path) -> None:
+    """A rule's ``modify`` runs in the senders of the destinations it sends to (issue 15): a
+    change to it restarts those senders, and only those; a change elsewhere in the rule does not."""
+    fix = [{"set": {"InstitutionName": "General Hospital"}}]
+    base = _cfg(tmp_path, rules=[{"name": "r", "send_to": ["a"], "modify": fix}])
+    same = reload.plan(base, _cfg(tmp_path, rules=[{"name": "r", "send_to": ["a"], "modify": fix}]))
+    assert same.empty()
+    other = [{"set": {"InstitutionName": "Other Hospital"}}]
+    changed = reload.plan(base, _cfg(tmp_path, rules=[{"name": "r", "send_to": ["a"], "modify": other}]))
+    assert changed.listeners == "rules" and list(changed.restart) == ["a"]
+    assert "rules (modify)" in changed.restart["a"]
+    moved = reload.plan(base, _cfg(tmp_path, rules=[{"name": "r", "send_to": ["b"], "modify": fix}]))
+    assert set(moved.restart) == {"a", "b"}
+    match = reload.plan(base, _cfg(tmp_path, rules=[{"name": "r", "match": {"Modality": "CT"},
+                                                     "send_to": ["a"], "modify": fix}]))
+    assert match.listeners == "rules" and not match.restart
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 def _started_pids(r: Router, name: str) -> list[int]:

@@ -28,6 +28,9 @@ from dataclasses import replace
 from typing import Any
 
 from fastroute.config import Config, DestinationConfig, warn_deprecated_engine
+from fastroute.content.changes import Applied
+from fastroute.content.modify import ModifyError
+from fastroute.content.plan import ContentPlan
 from fastroute.errors import NoCodecError, SpoolError, TranscodeError
 from fastroute.logsetup import fields
 from fastroute.dicom.scu import AssociationFailed, Connection, NoContextAccepted, OutcomeUnknown
@@ -117,6 +120,8 @@ class DestinationSender:
         self._progress_dirty = False
         self._progress_written = 0.0
         self.planner = SyntaxPlanner(dest)
+        # issue 15: what this destination changes in an object; None keeps the zero-copy path
+        self.content = ContentPlan.build(cfg, dest.name)
         self._spool_errors = 0        # spool writes failed in a row (a full disk)
         self._unknown_run = 0         # objects whose first try ended without a response, in a row
         self.tally: EventTally | None = None   # association counts for /metrics, set by run()
@@ -489,11 +494,54 @@ class DestinationSender:
             pass                       # a conversion tried on the first chunk alone: redo on the whole
         return self.planner.prepare(conn, item, stored.join())
 
+    def _apply_content(self, item: Claimed, stored: memoryview | ChunkedView
+                       ) -> tuple[Outcome | None, Applied | None]:
+        """The destination's content plan on one object: (an outcome that ends it here, or the
+        changed object; (None, None): send the original). Reads the routing record only when a
+        step depends on the routing rules or on the association's called AE / peer address."""
+        plan = self.content
+        assert plan is not None
+        rules: list[str] = []
+        context = {"calling_ae": item.calling_ae, "called_ae": "", "peer_ip": ""}
+        if plan.needs_rules or plan.needs_context:
+            rec = self.spool.record(item.oid)
+            if rec is not None:
+                rules = rec.rules
+                context.update(called_ae=rec.called_ae, peer_ip=rec.peer)
+        if not plan.applies(rules):
+            return None, None
+        try:
+            applied = plan.apply(stored.join() if isinstance(stored, ChunkedView) else stored,
+                                 item.transfer_syntax, rules, context)
+        except (ModifyError, TranscodeError) as exc:
+            # Deterministic for this object and destination: kept as failed, never sent unchanged.
+            log.error("%s: content change failed, not sent: %s", self._where(item), exc, extra=self._fields(item))
+            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc), cause=FailureCause.NOT_CONVERTIBLE), None
+        if applied is None:
+            return None, None
+        if applied.quarantine:
+            log.warning("%s: quarantined by %s, not sent: %s", self._where(item), ", ".join(applied.by),
+                        applied.quarantine, extra=self._fields(item))
+            return Outcome(item.oid, OutcomeKind.QUARANTINE, error=applied.quarantine), None
+        log.info("%s: changed by %s: %d attribute(s)%s", self._where(item), ", ".join(applied.by),
+                 len({c.path for c in applied.changes}),
+                 f"; sent as SOP Instance UID {applied.sop_instance_uid}"
+                 if applied.sop_instance_uid != item.sop_instance_uid else "", extra=self._fields(item))
+        return None, applied
+
     def _send_view(self, conn: AnyConnection, item: Claimed, stored: memoryview | ChunkedView) -> Outcome:
         """Send one object from its spool buffer (no copy unless it must be transcoded); a
         chunked (large) object as its list of LMDB page views."""
         now = time.time()
         data: bytes | memoryview | list[memoryview]
+        original = stored
+        applied: Applied | None = None
+        if self.content is not None:
+            early, applied = self._apply_content(item, stored)
+            if early is not None:
+                return early
+            if applied is not None:
+                stored = memoryview(applied.data)
         try:
             if isinstance(stored, ChunkedView):
                 cx, data, sent_ts = self._prepare_chunked(conn, item, stored)
@@ -510,7 +558,8 @@ class DestinationSender:
             log.debug("%s: transcoded %s -> %s", self._where(item), syntax_label(item.transfer_syntax),
                       syntax_label(sent_ts), extra=self._fields(item))
         try:
-            result = conn.send_raw(cx, item.sop_class_uid, item.sop_instance_uid, data)
+            result = conn.send_raw(cx, item.sop_class_uid,
+                                   applied.sop_instance_uid if applied else item.sop_instance_uid, data)
         except OutcomeUnknown as exc:
             self._count_association("aborted")
             conn.abort()
@@ -549,10 +598,16 @@ class DestinationSender:
             # bytes, whatever was sent), outside the write lock, rather than on the modality's
             # critical path; once per object, whatever its fan-out. A migration's object always:
             # a later copy of its SOP Instance UID is compared with it (content conflicts).
-            digest = ((item.digest or (digest_parts(stored.parts) if isinstance(stored, ChunkedView)
-                                       else content_digest(stored)))
+            digest = ((item.digest or (digest_parts(original.parts) if isinstance(original, ChunkedView)
+                                       else content_digest(original)))
                       if self.spool.duplicate_window > 0 or item.bulk else b"")
             outcome = replace(outcome, at=time.time(), digest=digest)
+            if applied is not None:
+                outcome = replace(outcome, changed_by=tuple(applied.by),
+                                  changed_tags=tuple(dict.fromkeys(c.path for c in applied.changes)),
+                                  sent_sop_instance_uid=(applied.sop_instance_uid
+                                                         if applied.sop_instance_uid != item.sop_instance_uid
+                                                         else ""))
             if result.status != 0:
                 log.warning("%s: delivered with warning %s %s", self._where(item), status_text(result.status),
                             result.comment, extra=self._fields(item, result.status))

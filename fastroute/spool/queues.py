@@ -186,6 +186,10 @@ class Outcome:
     digest: bytes = b""            # content_digest of the stored bytes, for the duplicate policy
     at: float = 0.0                # when the destination confirmed it (0: when settled)
     cause: str = ""                # for a failure without a DICOM status: why (FailureCause)
+    # issue 15: the content plan changed what was sent (audited on delivery when non-empty)
+    changed_by: tuple[str, ...] = ()       # the steps that changed it ("rule:X", "destination:Y", ...)
+    changed_tags: tuple[str, ...] = ()     # the attributes changed, as tag paths (never values)
+    sent_sop_instance_uid: str = ""        # the SOP Instance UID sent, when the plan replaced it
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,10 +556,17 @@ class Queues:
                         bytes.fromhex(rec.digest) + _AT.pack(at) + _U64.pack(o.oid), db=self._dlv)
             self._incr(txn, _C_DELIVERED_BYTES, dest, rec.size)
             self._observe_latency(txn, dest, at - rec.received_at)
-            self.audit.append(txn, {
+            event: dict[str, Any] = {
                 "action": "delivered", "destination": dest, "status": o.status,
                 "sop_instance_uid": rec.sop_instance_uid, "study_instance_uid": rec.study_instance_uid,
-                "calling_ae": rec.calling_ae, "oid": o.oid}, at)
+                "calling_ae": rec.calling_ae, "oid": o.oid}
+            if o.changed_by:
+                event["changed_by"] = list(o.changed_by)
+            if o.changed_tags:
+                event["attributes_changed"] = list(o.changed_tags)
+            if o.sent_sop_instance_uid:
+                event["sent_sop_instance_uid"] = o.sent_sop_instance_uid
+            self.audit.append(txn, event, at)
         self._incr(txn, _C_DELIVERED, dest)
 
     def _record_failure(self, txn: lmdb.Transaction, oid: int, dest: str, now: float,
