@@ -1173,6 +1173,7 @@ def loads(text: str, source: str = "<string>") -> Config:
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
     _check_tls(kw, source)
+    _check_deidentify(kw, source)
     cfg = Config(**kw)
     _check_rule_uids(cfg)
     return cfg
@@ -1198,6 +1199,22 @@ def load_users_file(path: Path) -> dict[str, HttpUserConfig]:
         raise ConfigErrors(ctx.errors)
     users: dict[str, HttpUserConfig] = fields["users"] if done else {}
     return users
+
+
+def _check_deidentify(kw: dict[str, Any], source: str) -> None:
+    """A de-identified copy carries new SOP Instance UIDs (unless retain-uids), so neither a
+    storage commitment nor a C-FIND verify could ever find the originals there."""
+    for name, d in (kw.get("destinations") or {}).items():
+        de = getattr(d, "deidentify", None)
+        if de is None or "retain-uids" in de.options:
+            continue
+        for what, val in (("commitment", d.commitment), ("verify", d.verify)):
+            if val != "off":
+                raise ConfigError(f"destination {name}: {what}: {val} with deidentify (UIDs replaced): "
+                                  "the destination holds other SOP Instance UIDs than the ones sent for",
+                                  source=source, key=f"destinations.{name}.{what}",
+                                  hint=f"set {what}: off for this destination, or add retain-uids to "
+                                       "its deidentify options")
 
 
 def _check_tls(kw: dict[str, Any], source: str) -> None:

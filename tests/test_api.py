@@ -356,12 +356,13 @@ MUTATING = [("POST", p) for m, p, h in ROUTES if getattr(h, "mutating", False)]
 
 
 def concrete(p: str) -> str:
-    return p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A).replace("{name}", JOB)
+    return (p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A).replace("{name}", JOB)
+            .replace("{id}", "1"))
 
 
 def test_mutating_calls_need_the_token(env: Any) -> None:
     cfg, path, spool, _ = env
-    assert len(MUTATING) == 12
+    assert len(MUTATING) == 14
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
         for _, p in MUTATING:
