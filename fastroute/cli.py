@@ -252,6 +252,12 @@ def cmd_route_test(args: argparse.Namespace) -> int:
         decision = rs.route(attrs, context)
         where = ", ".join(decision.destinations) or "nowhere: kept in the spool as unrouted"
         print(f"  => {where}{' (default route)' if decision.default_used else ''}")
+        if args.diff and decision.destinations:
+            from fastroute.ops.previews import preview_destinations, render
+            print("  what each destination gets:")
+            for line in render(preview_destinations(cfg, data, ts, decision.matched, context,
+                                                    decision.destinations), indent="    "):
+                print(line)
     return 0
 
 
@@ -835,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calling-ae", default="", help="calling AE title to assume")
     sp.add_argument("--called-ae", default="", help="called AE title to assume")
     sp.add_argument("--peer-ip", default="127.0.0.1", help="peer address to assume")
+    sp.add_argument("--diff", action="store_true", help="per destination, each attribute its modify/deidentify "
+                    "would change (old -> new), or unchanged / quarantined")
     sp = cmd("queue", cmd_queue, "per-destination queue depth, age and failures")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--failed", metavar="DEST", help="also list DEST's failed objects")

@@ -249,6 +249,7 @@ SAMPLE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("GET", "/api/lookup"): (f"/api/lookup?study_instance_uid={STUDY_A}", {}),
     ("GET", "/api/studies/{study_instance_uid}"): (f"/api/studies/{STUDY_A}", {}),
     ("GET", "/api/objects/{oid}"): ("/api/objects/{oid}", {}),
+    ("GET", "/api/objects/{oid}/diff"): ("/api/objects/{oid}/diff", {}),
     ("GET", "/api/audit"): ("/api/audit", {}),
     ("GET", "/api/audit/verify"): ("/api/audit/verify", {}),
     ("POST", "/api/config/validate"): ("/api/config/validate", {"config": True}),

@@ -33,6 +33,10 @@ PACKAGE = "fastroute"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fastroute", "fastroute.errors", "fastroute.logsetup"),
     ("fastroute.rulelang",),
+    # issue 15: the content engines sit below config (config parses modify/deidentify with them);
+    # the per-destination plan runs them in the sender, beside routing's transcoder
+    ("fastroute.content", "fastroute.content.changes", "fastroute.content.modify", "fastroute.content.deidentify",
+     "fastroute.content.table", "fastroute.content.profiles"),
     ("fastroute.config",),
     # what a reload may change without a second admin (issue 15): reads config only; the
     # supervisor and the management plane both ask it
@@ -41,7 +45,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # dicom/'s (the peek and its structure check), so it sits in that layer.
     ("fastroute.dicom", "fastroute.dicom.*", "fastroute.native"),   # never imports spool/ or routing/: the
     ("fastroute.spool", "fastroute.spool.*"),        # listener is handed its handlers
-    ("fastroute.routing", "fastroute.routing.*"),
+    ("fastroute.routing", "fastroute.routing.*", "fastroute.content.plan"),
     # PACS migration (issue 13): query/retrieve jobs run on top of the router's data path.
     ("fastroute.migration", "fastroute.migration.*"),
     # The management plane, beside the data plane: above it so that nothing in the data plane

@@ -618,6 +618,14 @@ async def get_object(request: web.Request) -> web.Response:
     return _json(await plane.io(ops.get_object, plane.spool, _oid(request.match_info["oid"])))
 
 
+async def get_object_diff(request: web.Request) -> web.Response:
+    """What each destination gets of one stored object (issue 15): its plan run, nothing written."""
+    from fastroute.ops.previews import object_diff   # pydicom and the content engines: on first use only
+    plane = request.app[PLANE]
+    return _json(await plane.io(object_diff, plane.cfg, plane.spool, _oid(request.match_info["oid"]),
+                                request.query.get("destination", "")))
+
+
 async def get_audit(request: web.Request) -> web.StreamResponse:
     plane = request.app[PLANE]
     q = request.query
@@ -882,6 +890,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/lookup", get_lookup),
     ("GET", "/api/studies/{study_instance_uid}", get_study),
     ("GET", "/api/objects/{oid}", get_object),
+    ("GET", "/api/objects/{oid}/diff", get_object_diff),
     ("GET", "/api/audit", get_audit),
     ("GET", "/api/audit/verify", get_audit_verify),
     ("POST", "/api/config/validate", post_config_validate),
@@ -925,6 +934,7 @@ ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/api/lookup"): VIEW_PHI,
     ("GET", "/api/studies/{study_instance_uid}"): VIEW_PHI,
     ("GET", "/api/objects/{oid}"): VIEW_PHI,
+    ("GET", "/api/objects/{oid}/diff"): VIEW_PHI,     # old and new values of patient attributes
     ("GET", "/api/audit"): ADMIN_PHI,         # who read which patient's data: a security officer's view
     ("GET", "/api/audit/verify"): VIEW,
     ("POST", "/api/config/validate"): ADMINISTER,
@@ -1153,6 +1163,15 @@ def _response_schemas() -> dict[str, Any]:
                           "state": {"type": "string", "enum": sorted(ProposalState)}, "decided_by": _S,
                           "decided_why": _S, "decided_at": _N, "applied_at": _N}),
         "Proposals": _obj({"proposals": _array(_ref("Proposal"))}),
+        "ObjectDiff": _obj({"oid": _I, "sop_instance_uid": _S, "transfer_syntax": _S, "rules": _array(_S),
+                            "destinations": _array(_obj({
+                                "destination": _S, "result": {"type": "string", "enum": [
+                                    "unchanged", "changed", "quarantined", "fails"]},
+                                "by": _array(_S), "sop_instance_uid": _S, "quarantine": _S, "error": _S,
+                                "changes": _array(_obj({"path": _S, "keyword": _S, "action": _S,
+                                                        "old": {"type": "string", "nullable": True},
+                                                        "new": {"type": "string", "nullable": True},
+                                                        "by": _S}))}))}),
         "Proposed": _obj({"applied": _B, "proposed": _B, "proposal": _ref("Proposal"), "hint": _S}),
         "ProposalDecision": _obj({"applied": _B, "proposal": _ref("Proposal")}, {"supervisor_pid": _I}),
         "Retried": _obj({"retried": counts, "count": _I}),
@@ -1211,6 +1230,13 @@ def openapi_spec() -> dict[str, Any]:
                                                          extra={"404": "no such study in the spool"})},
         "/api/objects/{oid}": {"get": _op("One object and its path", returns=_ref("Object"), params=(
             _param("oid", "path", "object id", {"type": "integer"}),), extra=bad)},
+        "/api/objects/{oid}/diff": {"get": _op(
+            "What each destination gets of one object: per destination its modify/deidentify changes "
+            "(old and new values), or unchanged, quarantined, fails; nothing is written",
+            returns=_ref("ObjectDiff"), params=(_param("oid", "path", "object id", {"type": "integer"}),
+                                                _param("destination", description="only this destination "
+                                                       "(default: every configured one it was routed to)")),
+            extra=bad)},
         "/api/audit": {"get": _op("Audit trail events", returns=_ref("AuditEvents"), also=("application/x-ndjson", "text/csv"), extra={"400": "bad time"}, params=(
             _param("since", description="ISO date or datetime (UTC when no zone)"),
             _param("until", description="ISO date (end of that day) or datetime"),
