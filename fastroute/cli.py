@@ -12,7 +12,7 @@ from fastroute import __version__
 from fastroute.config import USER_ROLES, Config, load
 from fastroute.errors import ConfigError, FastrouteError
 
-STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U"}
+STATES = {"pending": b"P", "failed": b"F", "unrouted": b"U", "quarantined": b"Q"}
 
 
 class CliError(FastrouteError):
@@ -269,10 +269,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
     try:
         queues = ops.destination_status(cfg, spool)
         failed = ops.entries(cfg, spool, args.failed, "failed", limit=10000) if args.failed else None
+        held = (ops.entries(cfg, spool, args.quarantined, "quarantined", limit=10000)
+                if args.quarantined else None)
         if args.json:
             doc: dict[str, Any] = {"queues": queues, "usage": spool.usage(), "counters": spool.counters()}
             if failed is not None:
                 doc["failed"] = failed
+            if held is not None:
+                doc["quarantined"] = held
             print(json.dumps(doc, indent=2))
             return 0
         print(f"{'destination':<20} {'state':<12} {'pending':>8} {'in flight':>9} {'failed':>7} "
@@ -287,11 +291,17 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if dc is not None and dc.verify != "off":
                 print(f"{'':<20} verification ({dc.verify}, quiet {dc.verify_quiet:g}s): {q['verified']} verified, "
                       f"{q['verify_waiting']} study(ies) waiting, {q['verify_failed_now']} verify-failed")
+            if q.get("quarantined"):
+                print(f"{'':<20} quarantined (not sent, kept): {q['quarantined']} "
+                      f"(`fastroute queue --quarantined {q['name']}` lists them)")
             if q["last_error"] and q["status"] != "up":
                 print(f"{'':<20} last error: {q['last_error']}")
         for e in failed or []:
             print(f"  oid={e['oid']} sop_instance_uid={e['sop_instance_uid']} study={e['study_instance_uid']} "
                   f"attempts={e['attempts']} status={e['status_text'] or '-'} error={e['error']}")
+        for e in held or []:
+            print(f"  quarantined oid={e['oid']} sop_instance_uid={e['sop_instance_uid']} "
+                  f"study={e['study_instance_uid']} reason={e['error']}")
         return 0
     finally:
         spool.close()
@@ -846,6 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("queue", cmd_queue, "per-destination queue depth, age and failures")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--failed", metavar="DEST", help="also list DEST's failed objects")
+    sp.add_argument("--quarantined", metavar="DEST",
+                    help="also list DEST's quarantined objects (held back by its de-identification)")
     sp = cmd("retry", cmd_retry, "queue failed objects again (a destination's, or a study's)")
     sp.add_argument("destination", nargs="?", default="", help="destination name (optional with --study)")
     sp.add_argument("--study", metavar="UID", help="only this Study Instance UID's failed objects")

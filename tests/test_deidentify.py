@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import io
 import re
 from importlib import resources
 from pathlib import Path
@@ -23,8 +24,8 @@ from pydicom.uid import generate_uid
 
 from fastroute.config import loads
 from fastroute.content import table
-from fastroute.content.deidentify import (Deidentifier, DeidentifyConfig, keyed_uid,
-                                          parse_deidentify, resolve_key)
+from fastroute.content.deidentify import (Deidentifier, DeidentifyConfig, deidentifier_for,
+                                          keyed_uid, parse_deidentify, resolve_key)
 from fastroute.errors import ConfigError
 from tests.synth import make_study
 
@@ -37,7 +38,7 @@ EMPTIED_D_SEQ = {0x00080082, 0x00401101}
 PYDICOM_FILES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtstruct.dcm", "rtdose.dcm",
                  "test-SR.dcm"]
 DATA_STORE_FILES = ["MR-SIEMENS-DICOM-WithOverlays.dcm", "US1_UNCR.dcm", "liver.dcm",
-                    "emri_small.dcm", "OT-PAL-8-face.dcm"]
+                    "emri_small.dcm", "OT-PAL-8-face.dcm", "explicit_VR-UN.dcm"]
 
 COLUMN = {"retain-uids": "rtn_uids", "retain-device-identity": "rtn_dev_id",
           "retain-institution-identity": "rtn_inst_id",
@@ -152,6 +153,23 @@ def check_against_table(orig: Dataset, out: Dataset, options: tuple[str, ...]) -
     return checked
 
 
+def reencoded(ds: Dataset) -> Dataset:
+    """``ds`` written as Explicit VR Little Endian with value validation on, and read back."""
+    from pydicom import config
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.RAISE
+    try:
+        write_dataset(buf, ds)
+    finally:
+        config.settings.writing_validation_mode = old
+    return read_dataset(io.BytesIO(buf.getvalue()), is_implicit_VR=False, is_little_endian=True)
+
+
 def _real(name: str, data_dir: Path) -> Dataset:
     p = get_testdata_file(name)
     return dcmread(p if p else data_dir / name, force=True)
@@ -186,6 +204,11 @@ def test_real_file_follows_table(name: str, options: tuple[str, ...], pydicom_da
         assert out.SOPInstanceUID == orig.SOPInstanceUID
     else:
         assert out.SOPInstanceUID != orig.SOPInstanceUID
+    # the sender re-encodes it: explicit VR little endian, values valid for their VRs
+    back = reencoded(out)
+    assert set(back.keys()) == set(out.keys())
+    for kw in ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientName", "StudyDate"):
+        assert str(back.get(kw) or "") == str(out.get(kw) or ""), kw
     # changes name tag paths; every delete is gone from the output
     paths = {p for p, _, _ in walk(out)}
     for ch in changes:
@@ -405,6 +428,11 @@ def test_unknown_option_did_you_mean() -> None:
 def test_resolve_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FR_TEST_KEY", "abc")
     assert resolve_key(DeidentifyConfig(key="env:FR_TEST_KEY")) == b"abc"
+    assert deidentifier_for(DeidentifyConfig(key="env:FR_TEST_KEY")).key == b"abc"
+    monkeypatch.delenv("FR_TEST_KEY")
+    with pytest.raises(ConfigError, match="FR_TEST_KEY is not set"):
+        deidentifier_for(DeidentifyConfig(key="env:FR_TEST_KEY"))    # no engine without a key
+    monkeypatch.setenv("FR_TEST_KEY", "abc")
     monkeypatch.setenv("FR_TEST_KEY", "")
     with pytest.raises(ConfigError, match="FR_TEST_KEY is empty"):
         resolve_key(DeidentifyConfig(key="env:FR_TEST_KEY"))
@@ -445,3 +473,59 @@ def test_keyed_uid_is_a_valid_deterministic_ui(uid: str, key: bytes) -> None:
 @given(st.sets(uids, min_size=2, max_size=200))
 def test_keyed_uid_is_injective_on_random_uids(batch: set[str]) -> None:
     assert len({keyed_uid(KEY, u) for u in batch}) == len(batch)
+
+
+@pytest.mark.parametrize("options, expect", [((), "19000101"),
+                                              (("retain-longitudinal-full-dates",), "20240131"),
+                                              (("retain-longitudinal-modified-dates",), "shifted")])
+def test_dates_the_table_does_not_list(options: tuple[str, ...], expect: str) -> None:
+    """Instance Creation Date is not in Table E.1-1: it is not left real without a date option."""
+    ds = _probe()
+    ds.InstanceCreationDate = ds.StudyDate = "20240131"
+    out = deid(ds, options)[0]
+    if expect == "shifted":
+        assert out.InstanceCreationDate == out.StudyDate != "20240131"
+    else:
+        assert out.InstanceCreationDate == expect
+
+
+def test_file_meta_follows_the_new_sop_instance_uid() -> None:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    out = deid(ds, ())[0]
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID != ds.SOPInstanceUID
+
+
+# -- a real peer accepts what comes out ------------------------------------------------------------
+
+def test_deidentified_study_arrives_at_storescp(storescp: Any, tmp_path: Path) -> None:
+    """De-identified copies written as files and sent by DCMTK storescu to DCMTK storescp: what
+    arrived is the de-identified study (consistent new UIDs, no removed or private attribute,
+    pixel data unchanged), so DCMTK reads and stores the engine's output as it is."""
+    from tests import peers
+    paths = make_study(tmp_path / "in", modality="CT", n_series=1, n_instances=3, tiny=True,
+                       patient_id="E2E-1", patient_name="SMITH^ANNA")
+    origs = [dcmread(p) for p in paths]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for i, ds in enumerate(origs):
+        ds.add_new(0x00291010, "LO", "vendor secret")
+        ds.add_new(0x00290010, "LO", "ACME_01")
+        ds.OperatorsName = "NURSE^NINA"
+        out = deid(ds)[0]
+        out.save_as(out_dir / f"{i}.dcm")
+    scp = storescp("DEID")
+    res = peers.storescu(scp.port, [out_dir], called_ae="DEID")
+    assert res.returncode == 0, res.stderr
+    got = [dcmread(p) for p in scp.wait_for(3)]
+    by_sop = {g.SOPInstanceUID: g for g in got}
+    assert set(by_sop) == {keyed_uid(KEY, o.SOPInstanceUID) for o in origs}
+    assert {g.StudyInstanceUID for g in got} == {keyed_uid(KEY, origs[0].StudyInstanceUID)}
+    for o in origs:
+        g = by_sop[keyed_uid(KEY, o.SOPInstanceUID)]
+        assert g.PixelData == o.PixelData
+        assert str(g.PatientName).startswith("ANON^") and g.PatientID != "E2E-1"
+        assert str(g.OperatorsName).startswith("ANON^")       # X/Z/D → D: pseudonym
+        assert g.PatientIdentityRemoved == "YES"
+        assert not any(t.group % 2 for t in g.keys())
+        text = " ".join(str(e.value) for e in g if e.VR in ("PN", "LO", "SH", "LT", "ST"))
+        assert "SMITH" not in text and "ANNA" not in text and "NINA" not in text

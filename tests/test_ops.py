@@ -561,3 +561,41 @@ def test_alerts_and_retention_config_values(tmp_path: Path) -> None:
     assert cfg.alerts.spool_min_free == 2 * 1024**3 and cfg.alerts.webhook == "http://127.0.0.1:9/hook"
     assert (cfg.audit_retention, cfg.history_retention) == (365 * 86400, 30 * 86400)
     assert ops.parse_config(config_text(tmp_path / "s").split("alerts:")[0], "<test>").alerts == AlertsConfig()
+
+
+def test_quarantined_state_in_queue_cli_metrics_and_purge(env: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15: a quarantined object is counted and listed by `fastroute queue` (text and
+    --json), exported as a gauge and a counter, and purged with --state quarantined (audited)."""
+    from fastroute.ops.metrics import make_registry, render
+    cfg, path, spool, oids = env
+    [c], _ = spool.claim("pacs", 1)
+    spool.settle("pacs", [Outcome(c.oid, OutcomeKind.QUARANTINE, error="BurnedInAnnotation YES")])
+    text = render(make_registry(cfg, spool)).decode()
+    assert 'fastroute_queue_objects{destination="pacs",state="quarantined"} 1.0' in text
+    assert 'fastroute_quarantined_objects_total{destination="pacs"} 1.0' in text
+    spool.close()
+    p = str(path)
+    assert cli_main(["queue", "-c", p, "--json", "--quarantined", "pacs"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert by_name(doc["queues"])["pacs"]["quarantined"] == 1
+    [q] = doc["quarantined"]
+    assert (q["oid"], q["state"], q["error"]) == (c.oid, "quarantined", "BurnedInAnnotation YES")
+    assert cli_main(["queue", "-c", p, "--quarantined", "pacs"]) == 0
+    out = capsys.readouterr().out
+    assert "quarantined (not sent, kept): 1" in out and f"quarantined oid={c.oid}" in out
+    assert "reason=BurnedInAnnotation YES" in out
+    assert cli_main(["purge", "-c", p, "pacs", "--state", "quarantined", "--reason", "reviewed"]) == 0
+    assert "purged 1" in capsys.readouterr().out
+    assert cli_main(["queue", "-c", p, "--json", "--quarantined", "pacs"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["quarantined"] == [] and by_name(doc["queues"])["pacs"]["quarantined"] == 0
+
+
+def test_quarantined_objects_raise_an_alert_until_purged() -> None:
+    """Issue 15: quarantined objects wait for a person; the alert names the destination and how
+    to list them, and clears when none is left."""
+    cfg = AlertsConfig()
+    [(key, alert)] = [(k, v) for k, v in evaluate(cfg, [Reading("ai", None, 0, quarantined=2)], None).items()]
+    assert key == ("quarantined", "ai") and alert is not None and alert.value == 2
+    assert "fastroute queue --quarantined ai" in alert.message
+    assert evaluate(cfg, [Reading("ai", None, 0, quarantined=0)], None) == {}

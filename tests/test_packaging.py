@@ -163,6 +163,8 @@ def test_wheel_ships_tuning_profiles_and_profile_names_resolve(tmp_path: Path) -
     [wheel] = wheels.glob("fastroute-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert PROFILES and {f"fastroute/tuning/{p}" for p in PROFILES} <= names
+    # issue 15: the content packages and PS3.15 Table E.1-1, read with importlib.resources
+    assert {"fastroute/content/deidentify.py", "fastroute/content/profiles/ps3.15-table-e.1-1.csv"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     # installed (not the checkout): --profile 8-cores is found inside the package
     site = tmp_path / "site"

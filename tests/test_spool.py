@@ -583,3 +583,32 @@ def test_commit_path_forms_agree_with_the_codec() -> None:
     doc = json.loads(raw)
     assert doc["v"] == 2 and doc["delivered"]["x"] == {"at": 0.5, "status": 0, "syntax": "1.2.840.10008.1.2"}
     assert facts.finished and decode_record(raw).delivered["a"] == Delivery(2.0, 0)
+
+
+def test_quarantine_keeps_bytes_lists_audits_and_purges_like_failed(spool: Spool) -> None:
+    """Issue 15: a quarantined object is held (not delivered, bytes kept, listed, counted,
+    audited with its reason) until an operator purges it; other destinations are unaffected."""
+    [res] = spool.put_many([obj("1.1", ("a", "b"))])
+    [c], _ = spool.claim("a", 1)
+    spool.settle("a", [Outcome(c.oid, OutcomeKind.QUARANTINE, None, "BurnedInAnnotation YES")])
+    [e] = spool.entries("a", QueueState.QUARANTINED)
+    assert e.oid == res.oid and e.error == "BurnedInAnnotation YES"
+    assert spool.entries("a", QueueState.FAILED) == []
+    assert spool.claim("a", 10)[0] == []                      # never sent
+    [st] = [s for s in spool.stats(["a"]) if s.destination == "a"]
+    assert (st.quarantined, st.quarantined_total, st.pending, st.failed) == (1, 1, 0, 0)
+    assert spool.counters().of(CounterKind.QUARANTINED, "a") == 1
+    rec = spool.record(res.oid)
+    assert rec is not None and "a" in rec.outstanding and "a" not in rec.delivered
+    [ev] = [ev for ev in spool.audit_events() if ev.get("action") == "quarantined"]
+    assert (ev["destination"], ev["sop_instance_uid"], ev["study_instance_uid"], ev["calling_ae"],
+            ev["oid"], ev["reason"]) == ("a", "1.1", "9.9", "CT1", res.oid, "BurnedInAnnotation YES")
+    # b delivers; the bytes stay for the quarantined entry, and pruning does not take them
+    [cb], _ = spool.claim("b", 1)
+    spool.settle("b", [Outcome(cb.oid, OutcomeKind.DELIVERED, 0)])
+    assert spool.prune_history(before=2e9) == 0
+    assert spool.object_count() == 1 and spool.read(res.oid) == b"1.1" * 10
+    assert spool.entry("a", res.oid) is not None
+    # purge of the quarantined state drops it like a failed entry: the bytes go with it
+    assert spool.purge("a", [QueueState.QUARANTINED], reason="reviewed") == [res.oid]
+    assert spool.object_count() == 0 and spool.entries("a", QueueState.QUARANTINED) == []

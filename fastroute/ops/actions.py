@@ -36,7 +36,8 @@ from fastroute.spool.wakeup import Notifier
 log = logging.getLogger("fastroute.ops")
 
 # The states an operator may purge (in flight belongs to a running sender).
-STATES = {s.value: s for s in (QueueState.PENDING, QueueState.FAILED, QueueState.UNROUTED)}
+STATES = {s.value: s for s in (QueueState.PENDING, QueueState.FAILED, QueueState.UNROUTED,
+                               QueueState.QUARANTINED)}
 LOOKUP_SCAN_LIMIT = 20000   # queue entries read per destination to find a looked-up object's attempts
 
 

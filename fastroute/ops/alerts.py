@@ -34,11 +34,13 @@ class Reading:
     consecutive_failures: int
     commit_overdue: int = 0    # instances whose storage commitment went unanswered twice
     verify_failed: int = 0     # studies verify-failed there now (verify: find)
+    quarantined: int = 0       # objects held in its quarantined state now (issue 15)
 
 
 @dataclass(frozen=True)
 class Alert:
     name: str            # oldest_age | consecutive_failures | spool_free | commit_overdue | verify_failed
+    #                      | quarantined
     destination: str
     value: float
     threshold: float
@@ -78,6 +80,12 @@ def evaluate(cfg: AlertsConfig, readings: Iterable[Reading], disk_free: int | No
                 "verify_failed", r.destination, r.verify_failed, 0,
                 f"destination={r.destination}: {r.verify_failed} study(ies) still miss instances at the "
                 "destination after re-sending them (verify: find); the study trace lists what is missing")
+        if r.quarantined:       # always checked: a person must look at them (they hold spool space)
+            checks[("quarantined", r.destination)] = Alert(
+                "quarantined", r.destination, r.quarantined, 0,
+                f"destination={r.destination}: {r.quarantined} object(s) quarantined by its "
+                "de-identification (burned-in annotation), kept and not sent; review them with "
+                f"`fastroute queue --quarantined {r.destination}`, then purge --state quarantined")
     if cfg.spool_min_free is not None and disk_free is not None:
         checks[("spool_free", "")] = Alert(
             "spool_free", "", disk_free, cfg.spool_min_free,

@@ -99,7 +99,7 @@ class Plane:
         now = time.time()
         self.history.add(now, self.spool.counters())
         readings = [Reading(q["destination"], q["oldest_age"], q["consecutive_failures"], q.get("commit_overdue", 0),
-                            q.get("verify_failed_now", 0))
+                            q.get("verify_failed_now", 0), q.get("quarantined", 0))
                     for q in ops.destination_status(self.cfg, self.spool, now) if q["configured"]]
         checks = evaluate(self.cfg.alerts, readings, self.spool.usage()["disk_free_bytes"],
                           certificate_expiry(self.cfg))
@@ -1116,6 +1116,8 @@ def _response_schemas() -> dict[str, Any]:
             "committed": _I, "commit_failed": _I, "commit_waiting": _I, "commit_overdue": _I,
             # verify: find (issue 14): instances verified, studies failed (total, now), studies waiting
             "verified": _I, "verify_failed": _I, "verify_failed_now": _I, "verify_waiting": _I,
+            # issue 15: held back by the destination's de-identification (now, and since the spool began)
+            "quarantined": _I, "quarantined_total": _I,
             "paused": _B, "status": {"type": "string", "enum": sorted(ops.DestinationStatus)},
             "down_since": _NN, "retry_at": _NN, "consecutive_failures": _I, "last_error": _S,
             "last_success": _NN,
@@ -1213,7 +1215,7 @@ def openapi_spec() -> dict[str, Any]:
                                                  extra={"404": "unknown destination"})},
         "/api/queues/{destination}/entries": {"get": _op(
             "Queue entries of one destination in one state", returns=_ref("Entries"), extra=bad, params=(
-                dest, _param("state", description="pending | in_flight | failed | unrouted (default failed)"),
+                dest, _param("state", description="pending | in_flight | failed | unrouted | quarantined (default failed)"),
                 _param("limit", schema={"type": "integer", "default": 100})))},
         "/api/failures": {"get": _op("Recent failed objects with DICOM status codes and their meaning", returns=_ref("Failures"), params=(
             _param("destination", description="only this destination"),

@@ -74,6 +74,9 @@ _LABELLED = {
     # verify: find (issue 14): "indexed", not "sent"
     CounterKind.VERIFIED: ("fastroute_verified", "Delivered instances the destination listed by C-FIND "
                            "(verify: find)", "destination"),
+    CounterKind.QUARANTINED: ("fastroute_quarantined_objects",
+                              "Objects held back from a destination by its content plan (burned-in "
+                              "annotation under deidentify); kept, never sent", "destination"),
     CounterKind.VERIFY_FAILED: ("fastroute_verify_failed_studies",
                                 "Studies still missing instances at the destination after re-sending them "
                                 "(verify: find)", "destination"),
@@ -243,7 +246,7 @@ class SpoolCollector(Collector):
                                            "their bytes stay in the spool)", labels=["destination"])
         for q in queues:
             name = str(q["name"])
-            for key in ("pending", "in_flight", "failed"):
+            for key in ("pending", "in_flight", "failed", "quarantined"):
                 depth.add_metric([name, key], float(q[key]))
             age.add_metric([name], float(q["oldest_age"] or 0.0))
             if q["configured"]:

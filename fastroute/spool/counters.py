@@ -57,6 +57,7 @@ class CounterKind(enum.StrEnum):
     COMMIT_REQUESTS = "commit_requests"    # per destination: N-ACTION requests sent (re-requests too)
     VERIFIED = "verified"                  # per destination: instances its C-FIND listed (verify: find)
     VERIFY_FAILED = "verify_failed"        # per destination: studies still missing instances after re-sends
+    QUARANTINED = "quarantined"            # per destination: objects its content plan quarantined (issue 15)
 
 
 _GLOBAL = frozenset({CounterKind.SEQ, CounterKind.AUDIT_SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES})

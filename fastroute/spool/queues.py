@@ -66,11 +66,11 @@ UNROUTED = "~unrouted"   # pseudo-destination for objects no rule routed; '~' is
 _U64 = struct.Struct(">Q")
 _AT = struct.Struct("<d")
 DIGEST_BYTES = 16
-_P, _I, _F, _U, _B = (s.code for s in (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED,
-                                        QueueState.UNROUTED, QueueState.BULK))
+_P, _I, _F, _U, _B, _Q = (s.code for s in (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED,
+                                            QueueState.UNROUTED, QueueState.BULK, QueueState.QUARANTINED))
 # Enum members as module constants: the commit paths compare and count several per object.
-_DELIVERED, _RETRY, _FAILED_KIND, _RELEASE = (OutcomeKind.DELIVERED, OutcomeKind.RETRY, OutcomeKind.FAILED,
-                                              OutcomeKind.RELEASE)
+_DELIVERED, _RETRY, _FAILED_KIND, _RELEASE, _QUARANTINE = (
+    OutcomeKind.DELIVERED, OutcomeKind.RETRY, OutcomeKind.FAILED, OutcomeKind.RELEASE, OutcomeKind.QUARANTINE)
 (_C_SEQ, _C_RECEIVED, _C_RECEIVED_BYTES, _C_RECEIVED_FROM, _C_DELIVERED, _C_DELIVERED_BYTES, _C_FAILED,
  _C_FAILED_STATUS, _C_RETRIES, _C_UNKNOWN, _C_TRANSCODED, _C_BUCKET, _C_SUM, _C_COUNT) = (
     CounterKind.SEQ, CounterKind.RECEIVED, CounterKind.RECEIVED_BYTES, CounterKind.RECEIVED_FROM,
@@ -79,7 +79,7 @@ _DELIVERED, _RETRY, _FAILED_KIND, _RELEASE = (OutcomeKind.DELIVERED, OutcomeKind
     CounterKind.LATENCY_SUM_US, CounterKind.LATENCY_COUNT)
 _BUCKETS = tuple((le, bucket_label(le)) for le in LATENCY_BUCKETS)
 _ALL_STATES = (QueueState.PENDING, QueueState.IN_FLIGHT, QueueState.FAILED, QueueState.UNROUTED,
-               QueueState.BULK)
+               QueueState.BULK, QueueState.QUARANTINED)
 _MIGRATION = b'"migration"'     # the routing-record key of a migration's object (see _class_of)
 
 
@@ -212,6 +212,8 @@ class QueueStats:
     verify_failed: int = 0         # ... studies marked verify-failed (counter, since the spool began)
     verify_waiting: int = 0        # studies delivered there and not verified yet
     verify_failed_now: int = 0     # studies verify-failed within the last day (the alert's reading)
+    quarantined: int = 0           # entries held in the quarantined state now (issue 15)
+    quarantined_total: int = 0     # objects quarantined there since the spool began (counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +543,14 @@ class Queues:
                 self._record_failure(txn, o.oid, dest, now, o.status, o.error)
                 self._incr(txn, _C_FAILED, dest)
                 incr(txn, self._info, _C_FAILED_STATUS, dest, status_label(o.status, o.cause))
+            elif o.kind == _QUARANTINE:
+                # held, never sent: the destination stays outstanding on the routing record, so
+                # the bytes are kept (pruning and space never drop outstanding objects) until an
+                # operator purges the entry like a failed one
+                txn.put(qkey(dest, _Q, o.oid), QueueRecord.pack(attempts, now, None, unknown, o.error),
+                        db=self._q)
+                self._record_quarantine(txn, o.oid, dest, now, o.error)
+                self._incr(txn, CounterKind.QUARANTINED, dest)
             else:
                 raise ValueError(f"unknown outcome kind {o.kind!r}")
 
@@ -581,6 +591,24 @@ class Queues:
                 "sop_instance_uid": rec.sop_instance_uid, "study_instance_uid": rec.study_instance_uid,
                 "calling_ae": rec.calling_ae, "oid": oid}, now)
 
+    def _record_quarantine(self, txn: lmdb.Transaction, oid: int, dest: str, now: float,
+                           reason: str) -> None:
+        """The routing record notes why (as a failure without status, so ``fastroute status``
+        and the object view show it), and the audit chain says ``quarantined``."""
+        key = oid_key(oid)
+        raw = txn.get(key, db=self._meta)
+        if raw is None:
+            return
+        new, rec = update_record(raw, dest, failure=Failure(now, None, f"quarantined: {reason}"[:500]))
+        txn.put(key, new, db=self._meta)
+        self.audit.append(txn, {
+            "action": "quarantined", "destination": dest, "reason": reason[:500],
+            "sop_instance_uid": rec.sop_instance_uid, "study_instance_uid": rec.study_instance_uid,
+            "calling_ae": rec.calling_ae, "oid": oid}, now)
+        log.warning("quarantined for %s: %s", dest, reason,
+                    extra=fields(destination=dest, sop_uid=rec.sop_instance_uid,
+                                 study_uid=rec.study_instance_uid or None, oid=oid))
+
     def _observe_latency(self, txn: lmdb.Transaction, dest: str, seconds: float) -> None:
         for le, label in _BUCKETS:
             if seconds <= le:
@@ -616,7 +644,7 @@ class Queues:
         for state in _ALL_STATES:
             n = 0
             for i, (key, _) in enumerate(iter_prefix(txn, qprefix(dest, state.code), self._q)):
-                if i == 0 and state not in (QueueState.FAILED, QueueState.BULK):
+                if i == 0 and state not in (QueueState.FAILED, QueueState.BULK, QueueState.QUARANTINED):
                     first.append(_U64.unpack(key[-8:])[0])
                 n += 1
             counts[state] = n

@@ -416,7 +416,9 @@ class Spool:
                     commit_overdue=sum(len(t.instances) for t in mine if t.alerted),
                     verified=counters.of(CounterKind.VERIFIED, dest),
                     verify_failed=counters.of(CounterKind.VERIFY_FAILED, dest),
-                    verify_waiting=v_waiting, verify_failed_now=v_failed))
+                    verify_waiting=v_waiting, verify_failed_now=v_failed,
+                    quarantined=counts[QueueState.QUARANTINED],
+                    quarantined_total=counters.of(CounterKind.QUARANTINED, dest)))
         return out
 
     def entries(self, dest: str, state: QueueState | bytes | str, limit: int = 1000) -> list[QueueEntry]:

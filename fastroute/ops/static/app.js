@@ -256,7 +256,10 @@ function renderDestinations(queues, series) {
     stateCell(q),
     el("td", { class: "num pending" }, q.pending),
     el("td", { class: "num in_flight" }, q.in_flight),
-    el("td", { class: "num failed" }, q.failed),
+    // quarantined (issue 15): held back by de-identification, under the failed count (no column)
+    el("td", { class: "num failed" }, q.failed, q.quarantined
+      ? el("div", { class: "muted quarantined", title: "held back by de-identification (burned-in annotation); kept, not sent" },
+        `${q.quarantined} quarantined`) : ""),
     el("td", { class: "num oldest" }, age(q.oldest_age)),
     // storage commitment: committed apart from delivered, under it (no column: narrow screens)
     el("td", { class: "num delivered" }, q.delivered, q.committed || q.commit_waiting
