@@ -307,7 +307,7 @@ class Supervisor:
             return None
         spool = open_spool(self.cfg)
         try:
-            approved = spool.proposals.approved_for(gd.new_digest)
+            approved = spool.proposals.approved_for(gd.new_digest, gd.old_digest)
             if approved is not None:
                 return approved.id
             spool.audit_record("config_change_refused", who="supervisor", path=str(self.config_path),

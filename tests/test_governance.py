@@ -27,6 +27,7 @@ from fastroute.ops import proposals as gov
 from fastroute.ops.api import make_app
 from fastroute.ops.auth import hash_token
 from fastroute.spool import Spool
+from fastroute.spool.proposals import ProposalState
 from router import Router, destination
 from test_ops import Hup, config_text
 
@@ -108,6 +109,18 @@ def test_governed_sections_are_named_and_the_rest_is_not_governed(monkeypatch: p
     plain = loads(base.replace("two_person", "off") + rules)
     assert plain.governance == "off"                    # a bare YAML off (a boolean) reads as "off"
     assert not governance.compare(plain, loads(base.replace("two_person", "off") + RESEARCH + rules)).needs_approval
+
+
+def test_an_approval_is_for_one_change_from_one_configuration(env: Any) -> None:
+    cfg, path, spool = env
+    running = path.read_text()
+    made = gov.propose(cfg, spool, str(path), running.replace("port: 1}", "port: 3}"), who="ada")["proposal"]
+    assert spool.proposals.approved_for(made["digest"], made["base_digest"]) is None       # pending
+    spool.proposals.decide(made["id"], ProposalState.PENDING, ProposalState.APPROVED, decided_by="alan")
+    assert spool.proposals.approved_for(made["digest"], made["base_digest"]).id == made["id"]  # type: ignore[union-attr]
+    assert spool.proposals.approved_for(made["digest"], "sha256:another-running-config") is None
+    assert spool.proposals.approved_for(made["base_digest"], made["base_digest"]) is None
+    assert spool.proposals.get("0001").id == made["id"] and spool.proposals.get("x1") is None   # type: ignore[union-attr]
 
 
 # -- the API, two admins ------------------------------------------------------------------------

@@ -123,9 +123,12 @@ class Proposals:
             txn.put(_key(pid), new.encode())
         return new
 
-    def approved_for(self, digest: str) -> Proposal | None:
-        """The newest approved, not yet applied, proposal whose governed part is ``digest``."""
-        hits = [p for p in self.all() if p.state is ProposalState.APPROVED and p.digest == digest]
+    def approved_for(self, digest: str, base_digest: str) -> Proposal | None:
+        """The newest approved, not yet applied, proposal that takes the governed part from
+        ``base_digest`` (what runs now) to ``digest``: an approval is for one change from one
+        configuration, so an old approval cannot bring back what a later one replaced."""
+        hits = [p for p in self.all() if p.state is ProposalState.APPROVED and p.digest == digest
+                and p.base_digest == base_digest]
         return hits[-1] if hits else None
 
 
