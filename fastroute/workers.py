@@ -22,7 +22,7 @@ from typing import Any, Callable
 from fastroute import governance, reload
 from fastroute.config import Config, warn_deprecated_engine
 from fastroute.logsetup import fields, set_process_title, setup_logging
-from fastroute.spool import open_spool
+from fastroute.spool import lockstats, open_spool
 from fastroute.spool.proposals import ProposalState
 from fastroute.spool.space import space_warnings
 
@@ -35,6 +35,7 @@ LISTEN_TIMEOUT = 30.0  # how long a reload waits for its new listeners to listen
 def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Event:
     setup_logging(cfg.log_level, cfg.log_format, process=name)
     set_process_title(name)
+    lockstats.start_publishing(cfg.spool, name)    # its write-lock wait/hold totals, for /metrics
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -423,6 +424,7 @@ class Supervisor:
         # written ahead (spool_prealloc) so that many objects' commits need not grow the file.
         for warning in space_warnings(self.cfg.spool, self.cfg.min_free_bytes, self.cfg.spool_max_bytes):
             log.warning("%s", warning)
+        lockstats.start_publishing(self.cfg.spool, "supervisor", sweep_all=True)
         spool = open_spool(self.cfg)
         try:
             start = time.monotonic()

@@ -202,3 +202,26 @@ def test_lookup_on_missing_fail_raises_from_apply(tmp_path: Path, synth_study: C
         plan.apply(data, ts, [], {})
 
 
+
+
+@pytest.mark.parametrize("ts", [IMPLICIT, EXPLICIT])
+def test_private_creator_delete_on_parsed_bytes(ts: str) -> None:
+    """Private elements read from the wire (raw, implicit VR: no VR known) are found by creator."""
+    from fastroute.routing.transcode import _write
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.PatientID = "P1"
+    ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x08, "CS", "IMAGE NUM 4")
+    ds.private_block(0x0029, "OTHER", create=True).add_new(0x01, "LO", "kept")
+    data = _write(ds, implicit=ts == IMPLICIT, little=True)
+    text = CONFIG.split("rules:")[0].replace(
+        "      - {set: {IssuerOfPatientID: \"GH\"}}\n",
+        "      - {delete: [\"private:SIEMENS CSA HEADER\"]}\n") + "rules:\n  - {name: all, send_to: [pacs]}\n"
+    plan = ContentPlan.build(_cfg(text), "pacs")
+    assert plan is not None
+    got = plan.apply(data, ts, ["all"], {})
+    assert got is not None
+    assert {c.path for c in got.changes if c.action == "delete"} == {"(0029,0010)", "(0029,1008)"}
+    out = _read(got.data, ts)
+    assert 0x00290010 not in out and 0x00291008 not in out
+    assert out[0x00291101].value in ("kept", b"kept")

@@ -33,10 +33,11 @@ PACKAGE = "fastroute"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fastroute", "fastroute.errors", "fastroute.logsetup"),
     ("fastroute.rulelang",),
-    # issue 15: the content engines sit below config (config parses modify/deidentify with them);
-    # the per-destination plan runs them in the sender, beside routing's transcoder
-    ("fastroute.content", "fastroute.content.changes", "fastroute.content.modify", "fastroute.content.deidentify",
-     "fastroute.content.table", "fastroute.content.profiles"),
+    # issue 15: the content engines (modify, deidentify, their table and records) sit below
+    # config, which parses their sections with them; the per-destination plan reads a Config.
+    ("fastroute.content", "fastroute.content.changes", "fastroute.content.table",
+     "fastroute.content.deidentify", "fastroute.content.modify", "fastroute.content.profiles"),
+    # (the per-destination plan runs them in the sender with transcode's parse/write: routing's)
     ("fastroute.config",),
     # what a reload may change without a second admin (issue 15): reads config only; the
     # supervisor and the management plane both ask it

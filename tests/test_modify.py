@@ -254,3 +254,17 @@ rules:
     assert "commitment: off" in (err.value.hint or "")
     assert loads(base % ("'off'", uid, "[]"), "router.yaml").destinations["pacs"].modify
     assert loads(base % ("same-association", "[{set: {InstitutionName: X}}]", "[]"), "router.yaml")
+
+
+def test_non_ascii_values_need_a_character_set_that_can_write_them() -> None:
+    m = _modifier("[{set: {InstitutionName: 'Hôpital Général'}}]")
+    with pytest.raises(ModifyError, match="declares no Specific Character Set"):
+        m.apply(_ds(), {})
+    latin = _ds(SpecificCharacterSet="ISO_IR 100")
+    m.apply(latin, {})
+    assert latin.InstitutionName == "Hôpital Général"
+    with pytest.raises(ModifyError, match=r"'東京' cannot be written in the object's Specific Character Set"):
+        _modifier("[{set: {InstitutionName: '東京'}}]").apply(_ds(SpecificCharacterSet="ISO_IR 100"), {})
+    utf8 = _ds(SpecificCharacterSet="ISO_IR 192")
+    _modifier("[{set: {InstitutionName: '東京'}}]").apply(utf8, {})
+    assert utf8.InstitutionName == "東京"

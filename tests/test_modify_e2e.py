@@ -183,3 +183,64 @@ def test_lookup_on_missing_fail_keeps_the_object_failed_until_sighup_reloads_the
     for f in unknown:
         got = scp.file_for(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
         assert got is not None and pydicom.dcmread(got).PatientID == "R-002"
+
+
+def test_deidentified_destination_through_the_router_and_burned_in_quarantine(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's research destination: its sender de-identifies (keyed UIDs, sent with the new
+    SOP Instance UID), quarantines a burned-in object, and the clinical copy stays the original."""
+    import synth
+    from fastroute.content.deidentify import keyed_uid
+    key = "a research key of enough length"
+    monkeypatch.setenv("FASTROUTE_DEID_KEY", key)
+    monkeypatch.setenv("TCP_NODELAY", "1")
+    study = synth.make_study(tmp_path / "ct", modality="CT", n_instances=3, rows=16, cols=16,
+                             patient_id="CLIN-1", patient_name="DOE^JANE", seed=5)
+    burned = pydicom.dcmread(study[0])
+    burned.SOPInstanceUID = pydicom.uid.generate_uid()
+    burned.file_meta.MediaStorageSOPInstanceUID = burned.SOPInstanceUID
+    burned.BurnedInAnnotation = "YES"
+    burned_path = tmp_path / "burned.dcm"
+    burned.save_as(burned_path, enforce_file_format=True)
+    research, plain = storescp("AI", accept="all"), storescp("PLAIN", accept="all")
+    r = router({
+        "destinations": {
+            "research": destination(research.port, "AI", deidentify={
+                "profile": "basic", "key": "env:FASTROUTE_DEID_KEY", "quarantine_burned_in": True,
+                "options": ["retain-longitudinal-modified-dates", "retain-device-identity", "clean-descriptors"]}),
+            "plain": destination(plain.port, "PLAIN"),
+        },
+        "rules": [{"name": "ct-research", "match": {"Modality": "CT"}, "send_to": ["research", "plain"]}],
+    })
+    res = storescu(r.port, [*study, burned_path])
+    assert res.returncode == 0, res.stdout + res.stderr
+    plain.wait_for(4, timeout=60)
+    research.wait_for(3, timeout=60)
+    wait_until(lambda: r.queue()["research"].get("quarantined") == 1, 30,
+               message=lambda: f"burned-in object not quarantined: {r.queue()['research']}")
+    assert research.file_for(str(burned.SOPInstanceUID)) is None
+    assert research.file_for(keyed_uid(key.encode(), str(burned.SOPInstanceUID))) is None
+    for f in study:
+        original = _sent(f)
+        assert_same_dataset(original, pydicom.dcmread(plain.file_for(str(original.SOPInstanceUID))))
+        got = research.file_for(keyed_uid(key.encode(), str(original.SOPInstanceUID)))
+        assert got is not None, f.name
+        deid = pydicom.dcmread(got)
+        assert deid.SOPInstanceUID == deid.file_meta.MediaStorageSOPInstanceUID   # the C-STORE's UID
+        assert deid.StudyInstanceUID == keyed_uid(key.encode(), str(original.StudyInstanceUID))
+        assert deid.PatientID != "CLIN-1" and "DOE" not in str(deid.PatientName)
+        assert deid.PatientIdentityRemoved == "YES" and deid.PixelData == original.PixelData
+
+    def events() -> list[dict[str, Any]]:
+        got = [e for e in _audit(r) if e["action"] in ("delivered", "quarantined")]
+        return got if len(got) == 8 else []
+
+    audited = wait_until(events, 30, message="deliveries and the quarantine not all audited")
+    research_events = [e for e in audited if e["destination"] == "research"]
+    assert [e["action"] for e in research_events].count("quarantined") == 1
+    for e in research_events:
+        if e["action"] == "delivered":
+            assert e["changed_by"] == ["deidentify:basic"]
+            assert e["sent_sop_instance_uid"] == keyed_uid(key.encode(), e["sop_instance_uid"])
+            assert "(0010,0020)" in e["attributes_changed"] and "CLIN-1" not in json.dumps(e)

@@ -165,6 +165,9 @@ def test_wheel_ships_tuning_profiles_and_profile_names_resolve(tmp_path: Path) -
     assert PROFILES and {f"fastroute/tuning/{p}" for p in PROFILES} <= names
     # issue 15: the content packages and PS3.15 Table E.1-1, read with importlib.resources
     assert {"fastroute/content/deidentify.py", "fastroute/content/profiles/ps3.15-table-e.1-1.csv"} <= names
+    # every package of the checkout (a subpackage missing from pyproject's list installs nothing)
+    packages = {p.relative_to(REPO).as_posix() for p in (REPO / "fastroute").rglob("__init__.py")}
+    assert packages and packages <= names, sorted(packages - names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     # installed (not the checkout): --profile 8-cores is found inside the package
     site = tmp_path / "site"

@@ -3,7 +3,10 @@
 A ``modify:`` list is applied in order; each entry is a mapping with exactly one action key,
 an optional ``when:`` (a rules-language expression, evaluated against the dataset as the
 earlier entries left it; ``missing`` holds for an absent or empty element) and an optional
-``record_original: true`` (the old values go into Original Attributes Sequence (0400,0561)).
+``record_original: true``: the entry appends one Original Attributes Sequence (0400,0561) item
+(PS3.3 C.12.1.1.9: Modified Attributes Sequence with the previous values of the attributes it
+replaced or removed -- an attribute it inserted had none --, Attribute Modification DateTime,
+Modifying System "fastroute", Reason "COERCE").
 
 * ``set: {InstitutionName: "General Hospital", "(0009,1001)": {value: X, vr: LO}}`` -- a
   private or unknown tag needs its VR; a list value is multi-valued;
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pydicom import datadict
+from pydicom import charset, datadict
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -459,6 +462,8 @@ class Modifier:
         if before_elem is not None and new is not None and before_text == after_text \
                 and before_elem.VR == new.VR:
             return None        # the same value: not a change
+        if new is not None and new.VR in _TEXT_VRS:
+            _check_charset(ds, new)
         if before_elem is not None and tag not in old:
             old[tag] = before_elem
         if new is None:
@@ -512,6 +517,32 @@ class Modifier:
                         values.append(text)
                 out.append(self._change(ds, tag, _text_element(ds, tag, elem.VR, values), "lookup", old))
         return [ch for ch in out if ch is not None]
+
+
+def _check_charset(ds: Dataset, elem: DataElement) -> None:
+    """Non-ASCII text must be encodable in the object's Specific Character Set: pydicom's writer
+    would otherwise put "?" in its place (or bytes the declared set does not define)."""
+    texts = [str(v) for v in _values(elem.value)]
+    if all(t.isascii() for t in texts):
+        return
+    what = f"{_keyword(elem.tag) or _tag_name(elem.tag)} of SOP Instance UID {ds.get('SOPInstanceUID', '?')}"
+    declared = ds.get("SpecificCharacterSet")
+    if not declared:
+        raise ModifyError(f"{what}: non-ASCII value {texts!r} but the object declares no Specific "
+                          "Character Set (0008,0005); not sent with a mis-encoded value")
+    encodings = charset.convert_encodings(list(_values(declared)))
+    for t in texts:
+        if not t.isascii() and not any(_encodes(t, enc) for enc in encodings):
+            raise ModifyError(f"{what}: {t!r} cannot be written in the object's Specific Character "
+                              f"Set {declared!r}; not sent with a mis-encoded value")
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def _values(value: Any) -> list[Any]:

@@ -8,15 +8,18 @@ plan (``build`` returns None) and its objects go out zero-copy as before.
 ``apply`` parses the stored bytes once (pydicom, no file meta, in the object's own transfer
 syntax; pixel data stays raw and encapsulated pixel data is kept as it is), runs the steps, and
 re-encodes once in the same syntax only when a step changed something: the syntax planner then
-chooses (and transcodes) on the new bytes as it would on the original.
+chooses (and transcodes) on the new bytes as it would on the original. The re-encoded object
+has no group length elements (gggg,0000): pydicom's writer drops them (retired, and they would
+be wrong after a change); every other element the steps did not name keeps its value.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from fastroute.config import Config
 from fastroute.content.changes import Applied, Change
+from fastroute.content.deidentify import deidentifier_for
 from fastroute.content.modify import Modifier
 from fastroute.routing.transcode import DEFLATED, _deflate, _inflate, _parse, _write
 
@@ -57,9 +60,7 @@ class ContentPlan:
             steps.append(_Step(None, Modifier(dest.modify, f"destination:{destination}")))
         deid = None
         if dest is not None and dest.deidentify is not None:
-            from fastroute.content import deidentify
-            resolve: Callable[[Any], bytes] = getattr(deidentify, "resolve_key")
-            deid = deidentify.Deidentifier(dest.deidentify, resolve(dest.deidentify))
+            deid = deidentifier_for(dest.deidentify)
         if not steps and deid is None:
             return None
         return ContentPlan(destination, steps, deid)

@@ -1454,8 +1454,11 @@ def http_main(cfg: Config, config_path: str | None) -> None:
     """Blocking entry point of the HTTP process (run by the supervisor); SIGTERM stops it."""
     from fastroute.logsetup import set_process_title, setup_logging
 
+    from fastroute.spool.lockstats import start_publishing
+
     setup_logging(cfg.log_level, cfg.log_format, process="http")
     set_process_title("http")
+    start_publishing(cfg.spool, "http")
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor owns Ctrl-C
     code = _run(_serve(cfg, config_path))
     if code:

@@ -28,7 +28,7 @@ from fastroute.dicom.status import meaning
 from fastroute.ops.actions import DestinationStatus, destination_status, display_name
 from fastroute.ops.alerts import AlertBook
 from fastroute.ops.migrations import jobs_of
-from fastroute.spool import CounterKey, CounterKind, Counters, Spool
+from fastroute.spool import CounterKey, CounterKind, Counters, Spool, lockstats
 from fastroute.spool.counters import LATENCY_BUCKETS, FailureCause
 from fastroute.spool.jobs import JobState, StudyState
 
@@ -39,6 +39,7 @@ _CAUSES: dict[str, str] = {
     FailureCause.NO_DECODER: "no decoder installed for the syntax the destination needs converted",
     FailureCause.NOT_CONVERTIBLE: "cannot be converted to a syntax the destination accepts",
     FailureCause.SPOOL_ERROR: "could not be read from the spool",
+    FailureCause.CONTENT_CHANGE: "the destination's modify refused it (e.g. a lookup with on_missing: fail)",
 }
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,6 +112,7 @@ class SpoolCollector(Collector):
         yield from self._queues(queues, counters)
         yield from self._usage()
         yield from self._migrations()
+        yield from self._write_lock()
         if self.alerts is not None:
             yield self._alerts(self.alerts)
 
@@ -305,6 +307,27 @@ class SpoolCollector(Collector):
                 eta.add_metric([name], float(st.eta_s))
             state.add_metric([name, str(st.state)], 1.0)
         yield from (studies, instances, rate, eta, state)
+
+    def _write_lock(self) -> Iterator[Metric]:
+        """Per process and environment: time waiting for LMDB's write lock, time holding it,
+        write transactions (:mod:`fastroute.spool.lockstats`), from the files the running
+        processes publish every 2 s; this process's own totals live. A restarted process
+        starts again from zero (a counter reset)."""
+        labels = ["process", "env"]
+        wait = CounterMetricFamily("fastroute_spool_write_lock_wait_seconds",
+                                   "Seconds spent waiting for the spool's LMDB write lock, by process and "
+                                   "environment", labels=labels)
+        hold = CounterMetricFamily("fastroute_spool_write_lock_hold_seconds",
+                                   "Seconds the spool's LMDB write lock was held (from begin to the end of "
+                                   "commit, fsync included), by process and environment", labels=labels)
+        count = CounterMetricFamily("fastroute_spool_write_transactions",
+                                    "Write transactions committed or aborted on the spool, by process and "
+                                    "environment", labels=labels)
+        for (process, env), st in lockstats.totals(self.cfg.spool / "run").items():
+            wait.add_metric([process, env], st.wait_s)
+            hold.add_metric([process, env], st.hold_s)
+            count.add_metric([process, env], st.transactions)
+        yield from (wait, hold, count)
 
     @staticmethod
     def _alerts(book: AlertBook) -> Metric:

@@ -516,7 +516,8 @@ class DestinationSender:
         except (ModifyError, TranscodeError) as exc:
             # Deterministic for this object and destination: kept as failed, never sent unchanged.
             log.error("%s: content change failed, not sent: %s", self._where(item), exc, extra=self._fields(item))
-            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc), cause=FailureCause.NOT_CONVERTIBLE), None
+            return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc), cause=FailureCause.CONTENT_CHANGE
+                           if isinstance(exc, ModifyError) else FailureCause.NOT_CONVERTIBLE), None
         if applied is None:
             return None, None
         if applied.quarantine:

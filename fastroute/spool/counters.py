@@ -121,6 +121,7 @@ class FailureCause(enum.StrEnum):
     NO_DECODER = "no-decoder"            # another syntax was needed and no installed plugin decodes it
     NOT_CONVERTIBLE = "not-convertible"  # another syntax was needed and the conversion is impossible
     SPOOL_ERROR = "spool-error"          # its bytes could not be read from the spool
+    CONTENT_CHANGE = "content-change"    # its destination's modify refused it (lookup on_missing: fail)
 
 
 def status_label(status: int | None, cause: str = "") -> str:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
+from fastroute.spool.lockstats import SHARED, timed_open
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
@@ -100,9 +101,9 @@ class Spool:
         elif not (self.path / "data.mdb").exists():
             raise SpoolError(f"no spool at {self.path}", hint="check the 'spool:' path of the configuration")
         try:
-            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=32, max_readers=1024,
-                                 subdir=True, readonly=False, lock=True, sync=True,
-                                 metasync=durable, readahead=False, meminit=False)
+            self.env = timed_open(str(self.path), SHARED, map_size=map_size, max_dbs=32, max_readers=1024,
+                                  subdir=True, readonly=False, lock=True, sync=True,
+                                  metasync=durable, readahead=False, meminit=False)
         except lmdb.Error as exc:
             raise SpoolError(f"cannot open spool at {self.path}: {exc}") from exc
         self._dbs = {name: self.env.open_db(name.encode(), dupsort=name == "idx") for name in _DB_NAMES}
