@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def test_route_test_diff_prints_old_and_new_per_destination(setup: tuple[Path, P
     assert "changed by deidentify:basic" in research
     assert any(line.startswith(f"      (0010,0010) PatientName: {str(ds.PatientName)!r} -> ") for line in lines)
     assert "PatientIdentityRemoved: (absent) -> 'YES'" in out
+    # without the key, the research copy is reported as failing there; the others are shown
+    env = {k: v for k, v in os.environ.items() if k != "PREVIEW_DEID_KEY"}
+    nokey = subprocess.run([sys.executable, "-m", "fastroute", "route-test", "-c", str(path), str(ct), "--diff"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert nokey.returncode == 0, nokey.stderr
+    assert "    research: fails, not sent: " in nokey.stdout and "PREVIEW_DEID_KEY is not set" in nokey.stdout
+    assert "    pacs: 3 attribute(s) changed by destination:pacs" in nokey.stdout
     # without --diff: routing only, as before
     plain = subprocess.run([sys.executable, "-m", "fastroute", "route-test", "-c", str(path), str(ct)],
                            capture_output=True, text=True, timeout=120)
