@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import peers

@@ -5,12 +5,10 @@ audited as a read of patient data; the dashboard's object view shows it."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
