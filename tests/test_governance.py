@@ -122,6 +122,17 @@ def test_an_approval_is_for_one_change_from_one_configuration(env: Any) -> None:
     assert spool.proposals.get("0001").id == made["id"] and spool.proposals.get("x1") is None   # type: ignore[union-attr]
 
 
+def test_the_plain_reload_refuses_a_governed_change_under_two_person(env: Any) -> None:
+    """``actions.reload_config`` on its own (not through ``proposals.reload``) never applies it."""
+    cfg, path, spool = env
+    running = path.read_text()
+    with Hup() as hup:
+        with pytest.raises(ops.Conflict, match=r"touches destinations\.research \(added\).*second admin"):
+            ops.reload_config(cfg, spool, str(path), text=running.replace("destinations:\n", "destinations:\n" + RESEARCH),
+                              applied_text=running, who="ada")
+    assert path.read_text() == running and hup.count == 0 and not events(spool, "config_change")
+
+
 # -- the API, two admins ------------------------------------------------------------------------
 
 def serve(cfg: Config, spool: Spool, path: Path, body: Callable[[TestClient], Any]) -> None:  # type: ignore[type-arg]
