@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "vs storescu +tls -> fastroute's TLS listener -> its TLS sender -> the same storescp "
                         "(routed); certificates made with openssl in the work folder. Not with --fanout, "
                         "--orthanc, --storescu, --soak, --migration")
+    r.add_argument("--deidentify", action="store_true",
+                   help="PS3.15 de-identification on the destination (basic profile, the issue's options): "
+                        "routed with it off vs on, alternating in the same run, on the CT workload (--mix, "
+                        "default ct=100); instances/s, ratio, sender CPU ms/instance, and where the time goes "
+                        "(parse / de-identify / re-encode). Measure this checkout: --fastroute checkout")
     r.add_argument("--receiver", choices=("auto", "dcmrecv", "storescp"), default="auto",
                    help="the DCMTK receiver: dcmrecv (one association at a time) or storescp --fork; "
                         "auto: dcmrecv unless the router opens more than one association per destination")
@@ -165,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.deidentify:
+        if args.tls or args.fanout or args.orthanc or args.storescu or args.soak is not None or args.migration \
+                or args.spool:
+            raise SystemExit("bench: --deidentify measures its own two routed paths; drop --tls, --fanout, "
+                             "--orthanc, --storescu, --soak, --migration and --spool")
+        if args.tiny is None:          # the CT studies; --tiny N: N tiny CT objects instead (a smoke test)
+            args.tiny = 0
+        args.mix = args.mix or "ct=100"
     base = QUICK if args.quick else DEFAULTS
     for k, v in base.items():
         if getattr(args, k) is None:
@@ -297,6 +310,8 @@ def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, A
     log = progress.line if progress.tty else (lambda text: None)
     if args.migration:
         return _migration(args, progress, started, out, work, log)
+    if args.deidentify:
+        return _deidentify(args, progress, opts, started, out, work, log)
     if args.spool:
         return _spool(args, progress, started, out, work)
 
@@ -370,6 +385,34 @@ def _migration(args: argparse.Namespace, progress: "Progress", started: dt.datet
     print(text)
     print(f"\nwrote {out / 'bench.json'} ({doc['wall_s']:.0f} s)", file=sys.stderr)
     return 0
+
+
+def _deidentify(args: argparse.Namespace, progress: "Progress", opts: "Options", started: dt.datetime, out: Path,
+                work: Path, log: Any) -> int:
+    """``--deidentify``: routed with and without de-identification (bench/deid_bench.py)."""
+    from . import deid_bench, report, workload
+
+    wl = (workload.tiny_workload(work, args.tiny, args.seed, log) if args.tiny else
+          workload.mix_workload(work, workload.parse_mix(args.mix), max(1, args.studies), args.seed, log))
+    workload.check_disk(work, wl.bytes * 3 + 1024**3, ["3 copies of the studies", "1 GB free-space guard"])
+    args.smoke = SMOKE if args.quick else None
+    t0 = time.monotonic()
+    try:
+        doc, text = deid_bench.run(args, progress, opts, wl, work, log)
+    finally:
+        stop_all()
+        if not args.keep:
+            shutil.rmtree(opts.run_dir, ignore_errors=True)
+    progress.clear()
+    doc["started"] = started.isoformat(timespec="seconds")
+    doc["note"] = args.smoke
+    doc["wall_s"] = round(time.monotonic() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(doc, out / "bench.json")
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {out / 'bench.json'} ({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return 0 if doc["ok"] else 1
 
 
 def _spool(args: argparse.Namespace, progress: "Progress", started: dt.datetime, out: Path,

@@ -81,6 +81,8 @@ class Options:
     run_dir: Path = Path("bench/results/run")
     receiver_dir: Path | None = None      # where receivers write; None: run_dir / "peers"
     tls: Path | None = None               # --tls: the PKI folder (bench/tlspki.py)
+    # --deidentify: dest1's ``deidentify:`` section on the "routed-deid" path (bench/deid_bench.py)
+    deidentify: dict[str, Any] | None = None
 
 
 class Progress:
@@ -190,7 +192,7 @@ class Bench:
 
     # -- the router's configuration ---------------------------------------------------------
 
-    def router_config(self, workdir: Path, targets: Mapping[str, Target]) -> dict[str, Any]:
+    def router_config(self, workdir: Path, targets: Mapping[str, Target], path: str = "routed") -> dict[str, Any]:
         """The profile's keys, then what the harness owns: address, spool, destinations, and
         one catch-all route to every destination."""
         profile = copy.deepcopy(self.opts.profile)
@@ -218,6 +220,9 @@ class Bench:
             for d in dests.values():
                 d["tls"] = {"ca": str(pki / "ca.pem"), "cert": str(pki / "client.pem"),
                             "key": str(pki / "client.key")}
+        if path == "routed-deid":
+            assert self.opts.deidentify is not None
+            dests["dest1"]["deidentify"] = copy.deepcopy(self.opts.deidentify)
         cfg["destinations"] = dests
         cfg["rules"] = []
         cfg["default"] = list(targets)
@@ -240,23 +245,24 @@ class Bench:
         spool = None
         try:
             targets: dict[str, Target] = {}
-            if path in ("reference", "routed"):
+            routed = path in ("routed", "routed-deid")
+            if path in ("reference", "routed", "routed-deid"):
                 targets["dest1"] = self.dest1
-            if path == "routed" and self.dest2 is not None:
+            if routed and self.dest2 is not None:
                 targets["dest2"] = self.dest2
             if path == "reference-storescu":
                 assert self.storescp is not None
                 targets["storescp"] = self.storescp
-            if path == "reference-orthanc" or (path == "routed" and self.opts.orthanc):
+            if path == "reference-orthanc" or (routed and self.opts.orthanc):
                 self.progress.update("starting Orthanc", force=True)
                 orthanc = Orthanc(workdir / "orthanc").start()
                 targets["orthanc"] = orthanc
             for t in targets.values():
                 t.clear()
             dirs = wl.split(self.opts.senders, workdir / "send")
-            if path == "routed":
+            if routed:
                 self.progress.update("starting the router", force=True)
-                cfg = self.router_config(workdir, targets)
+                cfg = self.router_config(workdir, targets, path)
                 rec["router_config"] = {k: v for k, v in cfg.items() if k not in ("spool", "port")}
                 router = Router(workdir, cfg).start()
                 from fastroute.spool import Spool
@@ -287,7 +293,8 @@ class Bench:
                 jobs.append(SendJob(make_argv(port, called, [d]), f"{sender_name}{i}",
                                     workdir / f"{sender_name}{i}.log").start())
             samples: list[tuple[float, int]] = []
-            end = self._wait(wl, path, rnd, t0, jobs, targets, router, spool, samples)
+            end = self._wait(wl, path, rnd, t0, jobs, targets, router, spool, samples,
+                             self.expected_uids(wl, path))
             after = sample(pids())
             cpu1 = self_cpu()
             elapsed = end - t0
@@ -341,14 +348,24 @@ class Bench:
         rec["load_after"] = os.getloadavg()[0]
         return rec
 
+    def expected_uids(self, wl: Workload, path: str) -> set[str]:
+        """The SOP Instance UIDs the receivers must hold: de-identified copies carry the keyed
+        UIDs of the originals (the router's own function, with the bench's key)."""
+        if path != "routed-deid" or self.opts.deidentify is None or \
+                "retain-uids" in (self.opts.deidentify.get("options") or ()):
+            return wl.sop_uids
+        from fastroute.content.deidentify import keyed_uid
+        key = Path(str(self.opts.deidentify["key"]).removeprefix("file:")).read_bytes().strip()
+        return {keyed_uid(key, uid) for uid in wl.sop_uids}
+
     def _wait(self, wl: Workload, path: str, rnd: int, t0: float, jobs: list[SendJob],
               targets: Mapping[str, Target], router: Router | None, spool: Any,
-              samples: list[tuple[float, int]] | None = None) -> float:
+              samples: list[tuple[float, int]] | None = None, expected: set[str] | None = None) -> float:
         """Poll until every destination holds every object; return the monotonic end time.
 
         ``samples`` gets (seconds since t0, objects at every destination) about every
         SAMPLE_EVERY seconds and at the end: the throughput over time."""
-        expected = wl.sop_uids
+        expected = wl.sop_uids if expected is None else expected
         n = len(expected)
         last_state: tuple[Any, ...] | None = None
         last_change = t0

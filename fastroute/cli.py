@@ -252,6 +252,12 @@ def cmd_route_test(args: argparse.Namespace) -> int:
         decision = rs.route(attrs, context)
         where = ", ".join(decision.destinations) or "nowhere: kept in the spool as unrouted"
         print(f"  => {where}{' (default route)' if decision.default_used else ''}")
+        if args.diff and decision.destinations:
+            from fastroute.ops.previews import preview_destinations, render
+            print("  what each destination gets:")
+            for line in render(preview_destinations(cfg, data, ts, decision.matched, context,
+                                                    decision.destinations), indent="    "):
+                print(line)
     return 0
 
 
@@ -643,6 +649,101 @@ def _add_user_commands(sub: Any) -> None:
     sp.set_defaults(func=cmd_user_hash_token, config_required=False)
 
 
+def _governed_config(args: argparse.Namespace) -> tuple[Config, Any, str]:
+    """The router's configuration, its open spool, and the file path (these commands need -c)."""
+    if not getattr(args, "config", None):
+        raise CliError("config commands need the router's configuration: -c FILE")
+    cfg = _config(args)
+    return cfg, _spool(cfg), str(args.config)
+
+
+def cmd_config_propose(args: argparse.Namespace) -> int:
+    from fastroute.ops import proposals as gov
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+    cfg, spool, path = _governed_config(args)
+    try:
+        doc = gov.propose(cfg, spool, path, text, why=args.reason)
+    finally:
+        spool.close()
+    p = doc["proposal"]
+    print(f"proposal {p['id']} by {p['who']}: {', '.join(p['governed_changes']) or 'no governed section changed'}")
+    print(f"waiting for a second admin: fastroute config approve {p['id']} --reason WHY; audited")
+    return 0
+
+
+def cmd_config_proposals(args: argparse.Namespace) -> int:
+    from fastroute.ops import proposals as gov
+    from fastroute.ops.actions import iso
+
+    cfg, spool, _ = _governed_config(args)
+    try:
+        found = gov.proposals(spool, args.state or "")
+    finally:
+        spool.close()
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print("no configuration proposals")
+    for p in found:
+        decided = f", {p['state']} by {p['decided_by']} ({p['decided_why']})" if p["decided_by"] else ""
+        print(f"{p['id']:>4}  {p['state']:<9} {iso(p['created'])}  by {p['who']}: {p['why'] or '-'}{decided}")
+        print(f"      changes: {', '.join(p['governed_changes']) or '(no governed section)'}")
+        if args.diff:
+            print("".join(f"      {line}" for line in p["diff"].splitlines(keepends=True)))
+    return 0
+
+
+def cmd_config_decide(args: argparse.Namespace) -> int:
+    from fastroute.ops import proposals as gov
+
+    cfg, spool, path = _governed_config(args)
+    try:
+        if args.decision == "approve":
+            doc = gov.approve(cfg, spool, path, args.id, why=args.reason)
+        else:
+            doc = gov.reject(spool, args.id, why=args.reason)
+    finally:
+        spool.close()
+    p = doc["proposal"]
+    tail = f": {path} written, supervisor pid {doc['supervisor_pid']} signalled" if args.decision == "approve" else ""
+    print(f"proposal {p['id']} (by {p['who']}) {p['state']} by {p['decided_by']}{tail}; audited")
+    return 0
+
+
+def _add_config_commands(sub: Any) -> None:
+    """``config propose|proposals|approve|reject`` (governance two_person, issue 15); -c at
+    either level. The CLI acts as the OS user (user@host), on the spool directly."""
+    cp = sub.add_parser("config", help="configuration proposals: propose, proposals, approve, reject",
+                        description="two-person governance of configuration changes (governance: two_person)")
+    cp.add_argument("-c", "--config", dest="group_config", metavar="CONFIG", help="the router's YAML configuration")
+    csub = cp.add_subparsers(dest="config_command", required=True, metavar="COMMAND", title="commands")
+
+    def sub_cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        sp = csub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", help="the router's YAML configuration")
+        sp.set_defaults(func=func, config_required=False)
+        return sp
+
+    sp = sub_cmd("propose", cmd_config_propose, "propose a new configuration file for a second admin to approve")
+    sp.add_argument("--file", required=True, metavar="NEW.yaml", help="the proposed configuration")
+    sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    sp = sub_cmd("proposals", cmd_config_proposals, "list configuration proposals, newest first")
+    sp.add_argument("--state", choices=("pending", "approved", "applied", "rejected"))
+    sp.add_argument("--diff", action="store_true", help="print each proposal's diff")
+    sp.add_argument("--json", action="store_true")
+    for decision, help in (("approve", "approve a proposal (not your own): written to the file, applied"),
+                           ("reject", "reject (or withdraw) a proposal")):
+        sp = sub_cmd(decision, cmd_config_decide, help)
+        sp.add_argument("id", help="proposal id")
+        sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+        sp.set_defaults(decision=decision)
+
+
 def _add_migration_commands(sub: Any, cmd: Any) -> None:
     """``migrate ...`` and ``retrieve``; ``-c`` is accepted at every level (its own dest at each,
     folded by parse_args)."""
@@ -750,6 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calling-ae", default="", help="calling AE title to assume")
     sp.add_argument("--called-ae", default="", help="called AE title to assume")
     sp.add_argument("--peer-ip", default="127.0.0.1", help="peer address to assume")
+    sp.add_argument("--diff", action="store_true", help="per destination, each attribute its modify/deidentify "
+                    "would change (old -> new), or unchanged / quarantined")
     sp = cmd("queue", cmd_queue, "per-destination queue depth, age and failures")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--failed", metavar="DEST", help="also list DEST's failed objects")
@@ -788,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--study", metavar="UID", help="only events of this Study Instance UID")
     _add_migration_commands(sub, cmd)
     _add_user_commands(sub)
+    _add_config_commands(sub)
     # Every argument goes to bench's own parser: no prefix character, so '--quick' stays a value.
     sp = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                         help="capacity benchmark (source checkout only; same as python -m bench)")

@@ -114,6 +114,11 @@ def _cidr(v: Any) -> str:
 
 def _choice(*options: str) -> Callable[[Any], str]:
     def conv(v: Any) -> str:
+        # YAML 1.1 reads a bare off/on (also no/yes) as a boolean: `governance: off` means "off"
+        if v is False and "off" in options:
+            return "off"
+        if v is True and "on" in options:
+            return "on"
         if v not in options:
             raise ValueError(f"must be one of {', '.join(options)}")
         return str(v)

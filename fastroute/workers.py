@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastroute import reload
+from fastroute import governance, reload
 from fastroute.config import Config, warn_deprecated_engine
 from fastroute.errors import ConfigError
 from fastroute.logsetup import fields, set_process_title, setup_logging
 from fastroute.spool import lockstats, open_spool
+from fastroute.spool.proposals import ProposalState
 from fastroute.spool.space import space_warnings
 
 log = logging.getLogger("fastroute.workers")
@@ -277,6 +278,10 @@ class Supervisor:
             log.error("reload refused: the spool path cannot change while running (%s -> %s)",
                       self.cfg.spool, new.spool)
             return
+        gd = governance.compare(self.cfg, new, governance.config_base(self.config_path))
+        proposal = self._approved_proposal(gd)
+        if gd.needs_approval and proposal is None:
+            return
         change = reload.plan(self.cfg, new, sender_cpus)
         log.info("reloading configuration from %s: restarting %s", self.config_path, change.describe())
         # Same paths, perhaps new contents (a renewed certificate): the processes not restarted
@@ -308,6 +313,46 @@ class Supervisor:
             self._start(c)
         self.children += fresh
         log.info("reload applied")
+        self._audit_applied(gd, proposal, change.describe())
+
+    def _approved_proposal(self, gd: governance.GovernedDiff) -> str | None:
+        """With governance two_person, a governed change read from the file runs only when a
+        second admin approved a proposal with exactly its governed part (fastroute.ops.proposals):
+        editing the file and sending SIGHUP does not bypass them. The approved proposal's id,
+        or None (refused: logged and audited; the running configuration stays)."""
+        if not gd.needs_approval:
+            return None
+        spool = open_spool(self.cfg)
+        try:
+            approved = spool.proposals.approved_for(gd.new_digest, gd.old_digest)
+            if approved is not None:
+                return approved.id
+            spool.audit_record("config_change_refused", who="supervisor", path=str(self.config_path),
+                               why="governance two_person: no approved proposal for this governed change",
+                               governed_changes=list(gd.changes), digest=gd.new_digest)
+        finally:
+            spool.close()
+        log.error("reload refused, keeping the running configuration: governance is two_person and %s changed "
+                  "(%s) with no approved proposal for it; propose it (fastroute config propose, or POST "
+                  "/api/config/reload) for a second admin to approve", self.config_path, ", ".join(gd.changes),
+                  extra=fields(worker="supervisor"))
+        return None
+
+    def _audit_applied(self, gd: governance.GovernedDiff, proposal: str | None, restarted: str) -> None:
+        """What took effect: the governed sections a reload changed (and the proposal that
+        approved them), so the record holds even for a file edited by hand with governance off."""
+        if not gd.changes:
+            return
+        spool = open_spool(self.cfg)
+        try:
+            if proposal is not None:
+                spool.proposals.decide(proposal, ProposalState.APPROVED, ProposalState.APPLIED,
+                                       applied_at=time.time())
+            spool.audit_record("config_applied", who="supervisor", path=str(self.config_path),
+                               governed_changes=list(gd.changes), digest=gd.new_digest,
+                               proposal=proposal or "", restarted=restarted)
+        finally:
+            spool.close()
 
     def _relay_hup(self, *, listeners: bool, http: bool, senders: frozenset[str] = frozenset()) -> None:
         """Ask each running listener and/or the HTTP process (HTTPS) to read its TLS files

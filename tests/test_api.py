@@ -249,6 +249,7 @@ SAMPLE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("GET", "/api/lookup"): (f"/api/lookup?study_instance_uid={STUDY_A}", {}),
     ("GET", "/api/studies/{study_instance_uid}"): (f"/api/studies/{STUDY_A}", {}),
     ("GET", "/api/objects/{oid}"): ("/api/objects/{oid}", {}),
+    ("GET", "/api/objects/{oid}/diff"): ("/api/objects/{oid}/diff", {}),
     ("GET", "/api/audit"): ("/api/audit", {}),
     ("GET", "/api/audit/verify"): ("/api/audit/verify", {}),
     ("POST", "/api/config/validate"): ("/api/config/validate", {"config": True}),
@@ -271,6 +272,11 @@ SAMPLE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("POST", "/api/migrations/{name}/cancel"): (f"/api/migrations/{JOB}/cancel", {}),
     ("POST", "/api/migrations/{name}/retry"): (f"/api/migrations/{JOB}/retry", {}),
     ("GET", "/api/whoami"): ("/api/whoami", {}),
+    ("GET", "/api/config/proposals"): ("/api/config/proposals", {}),
+    # a second admin with a user of their own (the shared token may not approve: test_governance)
+    ("POST", "/api/config/proposals/{id}/approve"): ("/api/config/proposals/1/approve", {
+        "json": {"why": "second pair of eyes"}, "headers": {"Authorization": "Bearer frt_schema-admin-token-0123"}}),
+    ("POST", "/api/config/proposals/{id}/reject"): ("/api/config/proposals/2/reject", {"json": {"why": "not now"}}),
 }
 
 
@@ -283,6 +289,15 @@ def test_every_2xx_answer_matches_its_schema(env: Any) -> None:
     assert not missing, f"add a sample request (and a response schema) for {missing}"
     (cfg.spool / "run").mkdir(exist_ok=True)
     (cfg.spool / "run" / "supervisor.pid").write_text(str(os.getpid()))   # for the reload
+    from fastroute.config import HttpUserConfig
+    from fastroute.ops import proposals as gov
+    from fastroute.ops.auth import hash_token
+    assert cfg.http is not None
+    cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, users={
+        "ada": HttpUserConfig(role="admin", token_hash=hash_token("frt_schema-admin-token-0123"))}))
+    for port in (2, 3):                    # proposals 1 and 2, by someone else than ada
+        gov.propose(cfg, spool, str(path), path.read_text().replace("port: 1, query", f"port: {port}, query"),
+                    who="gina", why="new PACS port")
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
         await poll(lambda: get_json(c, "/api/throughput"), lambda d: len(d["t"]) >= 1, "a throughput sample")
@@ -342,12 +357,13 @@ MUTATING = [("POST", p) for m, p, h in ROUTES if getattr(h, "mutating", False)]
 
 
 def concrete(p: str) -> str:
-    return p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A).replace("{name}", JOB)
+    return (p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A).replace("{name}", JOB)
+            .replace("{id}", "1"))
 
 
 def test_mutating_calls_need_the_token(env: Any) -> None:
     cfg, path, spool, _ = env
-    assert len(MUTATING) == 12
+    assert len(MUTATING) == 14
 
     async def body(c: TestClient, app: web.Application) -> None:   # type: ignore[type-arg]
         for _, p in MUTATING:

@@ -88,6 +88,35 @@ def test_tls_bench_routes_over_tls_on_both_legs(tmp_path: Path, dcmtk: object) -
     assert bad.returncode != 0 and "--tls measures its own two paths" in bad.stderr
 
 
+def test_deidentify_bench_compares_both_routed_paths_and_splits_the_time(tmp_path: Path, dcmtk: object) -> None:
+    """``--deidentify`` (issue 15): routed with and without de-identification on the destination,
+    alternating in one run; every de-identified copy arrives under its keyed UID (checked by the
+    harness); the sender's CPU per instance and the parse / de-identify / re-encode split."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "bench", "--deidentify", "--quick", "--tiny", "20",
+                          "--rounds", "2", "--fastroute", "checkout", "--work-dir", str(tmp_path / "work"),
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    assert [r["path"] for r in doc["rounds"]] == ["routed", "routed-deid", "routed-deid", "routed"]
+    deid = [r for r in doc["rounds"] if r["path"] == "routed-deid"][0]
+    assert deid["router_config"]["destinations"]["dest1"]["deidentify"]["profile"] == "basic"
+    assert all("deidentify" not in r["router_config"]["destinations"]["dest1"]
+               for r in doc["rounds"] if r["path"] == "routed")
+    s = doc["summary"]
+    assert s["routed"]["inst_per_s"] > 0 and s["routed-deid"]["inst_per_s"] > 0 and s["ratio_deid_to_plain"] > 0
+    assert s["routed-deid"]["sender_cpu_ms_per_inst"] > 0
+    split = doc["where_the_time_goes"]
+    assert split["objects"] == 20 and split["changed"] == 20 and split["quarantined"] == 0
+    assert all(split["split_ms_per_inst"][k] > 0 for k in ("parse", "deidentify", "encode"))
+    assert "ratio routed-deid / routed" in res.stdout and "where the time goes" in res.stdout
+    assert "bench-deidentify-key" not in (out / "bench.json").read_text()     # the key is not reported
+    bad = subprocess.run([sys.executable, "-m", "bench", "--deidentify", "--tls"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--deidentify measures its own two routed paths" in bad.stderr
+
+
 def test_a_sweep_prints_a_scaling_table_and_work_files_go_to_a_temporary_folder(tmp_path: Path,
                                                                                 dcmtk: object) -> None:
     out, tmp = tmp_path / "out", tmp_path / "tmp"

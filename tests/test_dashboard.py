@@ -187,6 +187,12 @@ def test_dashboard_shows_queues_searches_and_refreshes(tmp_path: Path, browser: 
             assert steps["pacs"].get_attribute("data-state") == "delivered"
             assert steps["vna"].get_attribute("data-state") == "pending"
             assert "0xA700" in steps["vna"].text and "1 attempt(s)" in steps["vna"].text
+            # What each destination gets (issue 15): neither changes anything here
+            first.find_element(By.XPATH, './/button[text()="What each destination gets"]').click()
+            wait(browser, lambda d: len(first.find_elements(By.CSS_SELECTOR, ".diff li")) == 2, "the preview")
+            got = {li.find_element(By.TAG_NAME, "strong").text: li.get_attribute("data-result")
+                   for li in first.find_elements(By.CSS_SELECTOR, ".diff li")}
+            assert got == {"pacs": "unchanged", "vna": "unchanged"}
 
             # Live: deliver what pacs has pending and watch the row follow.
             claimed, _ = spool.claim("pacs", 10)

@@ -39,6 +39,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "fastroute.content.deidentify", "fastroute.content.modify", "fastroute.content.profiles"),
     # (the per-destination plan runs them in the sender with transcode's parse/write: routing's)
     ("fastroute.config",),
+    # what a reload may change without a second admin (issue 15): reads config only; the
+    # supervisor and the management plane both ask it
+    ("fastroute.governance",),
     # native.py picks the native or Python twin of each accelerated module; all of them are
     # dicom/'s (the peek and its structure check), so it sits in that layer.
     ("fastroute.dicom", "fastroute.dicom.*", "fastroute.native"),   # never imports spool/ or routing/: the

@@ -77,7 +77,7 @@ def bearer(name: str) -> dict[str, str]:
 
 def concrete(p: str, oid: int) -> str:
     out = (p.replace("{destination}", "pacs").replace("{study_instance_uid}", STUDY_A).replace("{name}", JOB)
-           .replace("{oid}", str(oid)).replace("{filename}", "app.js"))
+           .replace("{oid}", str(oid)).replace("{filename}", "app.js").replace("{id}", "1"))
     assert "{" not in out, f"fill the placeholder of {p} in concrete()"
     return out + ("?patient_id=PAT1" if p == "/api/lookup" else "")
 

@@ -23,6 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
+from fastroute import governance
 from fastroute.config import Config, loads
 from fastroute.dicom.status import describe
 from fastroute.errors import ConfigError, FastrouteError
@@ -54,6 +55,10 @@ class BadRequest(OpsError):
 
 class Conflict(OpsError):
     """The request is valid but the system is not in a state to carry it out."""
+
+
+class Forbidden(OpsError):
+    """The caller may do this kind of thing, but not this one (approving their own proposal)."""
 
 
 # -- names --------------------------------------------------------------------------------------
@@ -657,6 +662,11 @@ def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: s
     if new.spool.resolve() != cfg.spool.resolve():
         raise ConfigError(f"the spool path cannot change while running ({cfg.spool} -> {new.spool})",
                           source=str(path), key="spool", hint="stop fastroute to move the spool")
+    gd = governance.compare(cfg, new, path.parent)
+    if gd.needs_approval:     # the caller should have proposed it (fastroute.ops.proposals.reload)
+        raise Conflict(f"governance is two_person and this change touches {', '.join(gd.changes)}: "
+                       "it must be proposed and approved by a second admin; nothing was changed",
+                       hint="POST /api/config/reload proposes it; or `fastroute config propose`")
     pid = supervisor_pid(cfg)
     if pid is None:
         raise Conflict(f"no running supervisor (no live pid in {cfg.spool / 'run' / 'supervisor.pid'}); "
@@ -665,12 +675,14 @@ def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: s
                                         fromfile=f"{path} (running)", tofile=f"{path} (new)"))
     if text is not None:
         _write_atomically(path, new_text)
+    # governed_changes: which destinations/rules' modify/governance this changes (issue 15)
     spool.audit_record("config_change", who=who, why=why, path=str(path), diff=diff,
-                 source="posted" if text is not None else "file")
+                       source="posted" if text is not None else "file", governed_changes=list(gd.changes))
     os.kill(pid, signal.SIGHUP)
     log.warning("configuration reload requested by %s (%s): supervisor pid %d signalled%s",
                 who or whoami(), path, pid, f": {why}" if why else "")
-    return {"applied": True, "supervisor_pid": pid, "changed": bool(diff), "diff": diff}
+    return {"applied": True, "supervisor_pid": pid, "changed": bool(diff), "diff": diff,
+            "governed_changes": list(gd.changes)}
 
 
 def read_config_text(config_path: str | None) -> str:

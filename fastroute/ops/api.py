@@ -37,6 +37,7 @@ from aiohttp import web
 from fastroute import __version__
 
 from fastroute.ops import actions as ops
+from fastroute.ops import proposals as gov
 from fastroute.ops import migrations as mig
 from fastroute.ops.auth import (ANONYMOUS, LEGACY_USER, Authenticator, Principal, Role, Via, cert_fingerprint,
                                 subject_from_peercert)
@@ -49,6 +50,7 @@ from fastroute.config import HttpTlsConfig, TlsListenerConfig   # HTTPS (issue 1
 from fastroute.dicom import tls
 from fastroute.ops.metrics import CONTENT_TYPE, make_registry, render
 from fastroute.spool import Spool, open_spool
+from fastroute.spool.proposals import ProposalState
 
 log = logging.getLogger("fastroute.api")
 
@@ -482,6 +484,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise _fail(web.HTTPBadRequest, Exception.__str__(exc), exc.hint) from None
     except ops.Conflict as exc:
         raise _fail(web.HTTPConflict, Exception.__str__(exc), exc.hint) from None
+    except ops.Forbidden as exc:
+        raise _fail(web.HTTPForbidden, Exception.__str__(exc), exc.hint) from None
     except ConfigError as exc:
         raise _fail(web.HTTPUnprocessableEntity, str(exc), exc.hint, valid=False,
                     errors=[ops.config_error_view(exc)]) from None
@@ -614,6 +618,14 @@ async def get_object(request: web.Request) -> web.Response:
     return _json(await plane.io(ops.get_object, plane.spool, _oid(request.match_info["oid"])))
 
 
+async def get_object_diff(request: web.Request) -> web.Response:
+    """What each destination gets of one stored object (issue 15): its plan run, nothing written."""
+    from fastroute.ops.previews import object_diff   # pydicom and the content engines: on first use only
+    plane = request.app[PLANE]
+    return _json(await plane.io(object_diff, plane.cfg, plane.spool, _oid(request.match_info["oid"]),
+                                request.query.get("destination", "")))
+
+
 async def get_audit(request: web.Request) -> web.StreamResponse:
     plane = request.app[PLANE]
     q = request.query
@@ -656,9 +668,43 @@ async def post_config_validate(request: web.Request) -> web.Response:
 async def post_config_reload(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
     text, params = await _yaml_body(request)
-    result = await plane.io(ops.reload_config, plane.cfg, plane.spool, plane.config_path, text=text,
+    result = await plane.io(gov.reload, plane.cfg, plane.spool, plane.config_path, text=text,
                             applied_text=plane.applied_text, who=_who(request, params),
                             why=str(params.get("why", "")))
+    return _json(result, status=202 if result.get("proposed") else 200)
+
+
+async def get_config_proposals(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    return _json({"proposals": await plane.io(gov.proposals, plane.spool, request.query.get("state", ""))})
+
+
+def _approver(request: web.Request, body: dict[str, Any]) -> str:
+    """Who decides a proposal: a user of their own (the shared token cannot tell two people apart)."""
+    principal: Principal = request.get(PRINCIPAL, ANONYMOUS)
+    if principal.name == LEGACY_USER:
+        raise ops.Forbidden("the shared http.token cannot decide configuration proposals: two-person "
+                            "governance needs two users of their own",
+                            hint="configure http.users (fastroute user add NAME --role admin)")
+    return _who(request, body)
+
+
+@mutating
+async def post_config_approve(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    result = await plane.io(gov.approve, plane.cfg, plane.spool, plane.config_path, request.match_info["id"],
+                            who=_approver(request, body), why=str(body.get("why") or ""))
+    return _json(result)
+
+
+@mutating
+async def post_config_reject(request: web.Request) -> web.Response:
+    plane = request.app[PLANE]
+    body = await _body(request)
+    # rejecting is the safe direction: the shared token may do it (its audit names say so)
+    result = await plane.io(gov.reject, plane.spool, request.match_info["id"], who=_who(request, body),
+                            why=str(body.get("why") or ""))
     return _json(result)
 
 
@@ -844,10 +890,14 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/lookup", get_lookup),
     ("GET", "/api/studies/{study_instance_uid}", get_study),
     ("GET", "/api/objects/{oid}", get_object),
+    ("GET", "/api/objects/{oid}/diff", get_object_diff),
     ("GET", "/api/audit", get_audit),
     ("GET", "/api/audit/verify", get_audit_verify),
     ("POST", "/api/config/validate", post_config_validate),
     ("POST", "/api/config/reload", post_config_reload),
+    ("GET", "/api/config/proposals", get_config_proposals),
+    ("POST", "/api/config/proposals/{id}/approve", post_config_approve),
+    ("POST", "/api/config/proposals/{id}/reject", post_config_reject),
     ("POST", "/api/queues/{destination}/retry", post_retry),
     ("POST", "/api/queues/{destination}/purge", post_purge),
     ("POST", "/api/queues/{destination}/pause", post_pause),
@@ -884,10 +934,14 @@ ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/api/lookup"): VIEW_PHI,
     ("GET", "/api/studies/{study_instance_uid}"): VIEW_PHI,
     ("GET", "/api/objects/{oid}"): VIEW_PHI,
+    ("GET", "/api/objects/{oid}/diff"): VIEW_PHI,     # old and new values of patient attributes
     ("GET", "/api/audit"): ADMIN_PHI,         # who read which patient's data: a security officer's view
     ("GET", "/api/audit/verify"): VIEW,
     ("POST", "/api/config/validate"): ADMINISTER,
     ("POST", "/api/config/reload"): ADMINISTER,
+    ("GET", "/api/config/proposals"): ADMINISTER,     # whole configuration texts
+    ("POST", "/api/config/proposals/{id}/approve"): ADMINISTER,
+    ("POST", "/api/config/proposals/{id}/reject"): ADMINISTER,
     ("POST", "/api/queues/{destination}/retry"): OPERATE,
     ("POST", "/api/queues/{destination}/purge"): OPERATE,
     ("POST", "/api/queues/{destination}/pause"): OPERATE,
@@ -1104,7 +1158,24 @@ def _response_schemas() -> dict[str, Any]:
         "ConfigValidation": _obj({"valid": _B, "errors": _array({"type": "object"})},
                                  {"summary": _obj({"destinations": _array(_S), "rules": _array(_S),
                                                    "default": _array(_S)})}),
-        "Reload": _obj({"applied": _B, "supervisor_pid": _I, "changed": _B, "diff": _S}),
+        "Reload": _obj({"applied": _B, "supervisor_pid": _I, "changed": _B, "diff": _S,
+                        "governed_changes": _array(_S)}),
+        "Proposal": _obj({"id": _S, "text": _S, "diff": _S, "who": _S, "why": _S, "created": _N, "path": _S,
+                          "digest": _S, "base_digest": _S, "governed_changes": _array(_S),
+                          "state": {"type": "string", "enum": sorted(ProposalState)}, "decided_by": _S,
+                          "decided_why": _S, "decided_at": _N, "applied_at": _N}),
+        "Proposals": _obj({"proposals": _array(_ref("Proposal"))}),
+        "ObjectDiff": _obj({"oid": _I, "sop_instance_uid": _S, "transfer_syntax": _S, "rules": _array(_S),
+                            "destinations": _array(_obj({
+                                "destination": _S, "result": {"type": "string", "enum": [
+                                    "unchanged", "changed", "quarantined", "fails"]},
+                                "by": _array(_S), "sop_instance_uid": _S, "quarantine": _S, "error": _S,
+                                "changes": _array(_obj({"path": _S, "keyword": _S, "action": _S,
+                                                        "old": {"type": "string", "nullable": True},
+                                                        "new": {"type": "string", "nullable": True},
+                                                        "by": _S}))}))}),
+        "Proposed": _obj({"applied": _B, "proposed": _B, "proposal": _ref("Proposal"), "hint": _S}),
+        "ProposalDecision": _obj({"applied": _B, "proposal": _ref("Proposal")}, {"supervisor_pid": _I}),
         "Retried": _obj({"retried": counts, "count": _I}),
         "Purged": _obj({"destination": _S, "states": _array(_S), "purged": _array(_I), "count": _I}),
         "Paused": _obj({"destination": _S, "paused": _B}, {"note": _S}),
@@ -1120,6 +1191,7 @@ def openapi_spec() -> dict[str, Any]:
     dest = _param("destination", "path", "destination name ('unrouted' for objects no rule routed)")
     study = _param("study_instance_uid", "path", "Study Instance UID")
     job = _param("name", "path", "migration job name")
+    proposal = _param("id", "path", "configuration proposal id")
     why = {"type": "string", "description": "recorded in the audit trail"}
     who = {"type": "string", "description": "operator name recorded in the audit trail "
                                             "(or header X-Fastroute-Operator)"}
@@ -1160,6 +1232,13 @@ def openapi_spec() -> dict[str, Any]:
                                                          extra={"404": "no such study in the spool"})},
         "/api/objects/{oid}": {"get": _op("One object and its path", returns=_ref("Object"), params=(
             _param("oid", "path", "object id", {"type": "integer"}),), extra=bad)},
+        "/api/objects/{oid}/diff": {"get": _op(
+            "What each destination gets of one object: per destination its modify/deidentify changes "
+            "(old and new values), or unchanged, quarantined, fails; nothing is written",
+            returns=_ref("ObjectDiff"), params=(_param("oid", "path", "object id", {"type": "integer"}),
+                                                _param("destination", description="only this destination "
+                                                       "(default: every configured one it was routed to)")),
+            extra=bad)},
         "/api/audit": {"get": _op("Audit trail events", returns=_ref("AuditEvents"), also=("application/x-ndjson", "text/csv"), extra={"400": "bad time"}, params=(
             _param("since", description="ISO date or datetime (UTC when no zone)"),
             _param("until", description="ISO date (end of that day) or datetime"),
@@ -1176,6 +1255,20 @@ def openapi_spec() -> dict[str, Any]:
             "change with a diff, and signal the supervisor (SIGHUP); a bad configuration is rejected and the "
             "running one kept", returns=_ref("Reload"), body=yaml_body,
             extra={"409": "no supervisor running, or no configuration file", "422": "invalid configuration"})},
+        "/api/config/proposals": {"get": _op(
+            "Configuration proposals (governance two_person), newest first, with text, diff, who, why and "
+            "decision", returns=_ref("Proposals"), params=(
+                _param("state", description="pending | approved | applied | rejected"),), extra={"400": "bad state"})},
+        "/api/config/proposals/{id}/approve": {"post": _op(
+            "Approve a pending proposal (a different admin than its proposer): written to the file, audited, "
+            "the supervisor signalled", returns=_ref("ProposalDecision"), params=(proposal,),
+            body=_json_body({"why": why}, required=("why",)),
+            extra={"400": "no reason given", "404": "unknown proposal",
+                   "409": "already decided, stale, or no supervisor running", "422": "no longer valid"})},
+        "/api/config/proposals/{id}/reject": {"post": _op(
+            "Reject (or withdraw) a pending proposal (audited)", returns=_ref("ProposalDecision"), params=(proposal,),
+            body=_json_body({"why": why}, required=("why",)),
+            extra={"400": "no reason given", "404": "unknown proposal", "409": "already decided"})},
         "/api/queues/{destination}/retry": {"post": _op(
             "Queue a destination's failed objects again (all, some oids, or one study's)", returns=_ref("Retried"), params=(dest,),
             extra=bad,
@@ -1243,6 +1336,9 @@ def openapi_spec() -> dict[str, Any]:
             extra={"404": "unknown job", "409": "not possible in the job's state"},
             body=_json_body({"why": why, "who": who}))},
     }
+    paths["/api/config/reload"]["post"]["responses"]["202"] = {
+        "description": "governance two_person: a governed change was proposed, not applied; a second admin "
+                       "approves it", "content": {"application/json": {"schema": _ref("Proposed")}}}
     paths["/api/whoami"] = {"get": _op("The user this request is authenticated as, its role and what it may do",
                                        returns=_ref("WhoAmI"))}
     for (method, path), access in ACCESS.items():   # the table auth_middleware enforces

@@ -38,6 +38,7 @@ from fastroute.spool.lockstats import SHARED, timed_open
 from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
+from fastroute.spool.proposals import Proposals
 from fastroute.spool.commitments import Commitments, ModalityRequests
 from fastroute.spool.verifications import Verifications
 from fastroute.spool.jobs import Jobs
@@ -66,7 +67,9 @@ _DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "
              # migration jobs (:mod:`jobs`) and the moves in flight (:mod:`moves`), issue 13
              "mjob", "mstudy", "mstuid", "minst", "mwork", "mmove",
              # storage commitment as SCU (:mod:`commitments`), issue 14
-             "scmt")
+             "scmt",
+             # configuration proposals awaiting a second admin (:mod:`proposals`), issue 15
+             "cprop")
 
 
 def _state(state: QueueState | bytes | str) -> QueueState:
@@ -111,6 +114,7 @@ class Spool:
         self._receipts: dict[tuple[str, str, str, str], list[int]] = {}   # not yet audited
         self._receipts_due = 0.0
         self.moves = MoveTable(self.env, self._dbs["mmove"])
+        self.proposals = Proposals(self.env, self._dbs["cprop"])
         self.jobs = Jobs(self.env, self._dbs)
         self.commitments = Commitments(self.env, self._dbs["scmt"], self._info, self._meta, self.audit,
                                        self.queues)

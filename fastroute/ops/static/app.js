@@ -414,6 +414,34 @@ function stepView(s) {
   return el("li", { class: "step", "data-destination": s.destination, "data-state": s.state }, bits);
 }
 
+// "What each destination gets" (issue 15): the object's content plans run on demand by the API
+// (GET /api/objects/{oid}/diff, nothing written), shown as old -> new per attribute.
+function valueText(v, absent) { return v === null || v === undefined ? absent : JSON.stringify(v); }
+
+function diffView(doc) {
+  return el("ul", { class: "diff" }, doc.destinations.map((d) => {
+    const head = [el("strong", {}, d.destination), " "];
+    if (d.result === "unchanged") return el("li", { "data-result": d.result }, head, "unchanged (sent as received)");
+    if (d.result === "fails") return el("li", { "data-result": d.result }, head, el("span", { class: "error-text" }, `fails, not sent: ${d.error}`));
+    if (d.result === "quarantined") return el("li", { "data-result": d.result }, head, el("span", { class: "error-text" }, `quarantined: ${d.quarantine}`));
+    return el("li", { "data-result": d.result }, head, `${d.changes.length} change(s) by ${d.by.join(", ")}`,
+      el("table", { class: "changes" }, d.changes.map((c) => el("tr", {},
+        el("td", { class: "uid" }, c.path), el("td", {}, c.keyword), el("td", {}, valueText(c.old, "(absent)")),
+        el("td", {}, "→"), el("td", {}, valueText(c.new, "(removed)")), el("td", { class: "muted" }, c.action)))));
+  }));
+}
+
+function diffButton(o) {
+  const box = el("div", { class: "diff-box" });
+  const button = el("button", { type: "button", onclick: async () => {
+    button.disabled = true;
+    try { box.replaceChildren(diffView(await getJSON(`/api/objects/${o.oid}/diff`))); }
+    catch (err) { box.replaceChildren(el("span", { class: "error-text" }, String(err.message || err))); }
+    finally { button.disabled = false; }
+  } }, "What each destination gets");
+  return el("div", {}, button, box);
+}
+
 function objectView(o) {
   const src = o.received_from;
   return el("div", { class: "object", "data-sop": o.sop_instance_uid },
@@ -423,7 +451,8 @@ function objectView(o) {
       `received ${when(o.received_at)} from ${src.calling_ae || "?"} (${src.peer || "?"}) as ${src.called_ae || "?"}`,
       ` · rules: ${o.rules.length ? o.rules.join(", ") : "none (default route)"}`,
       ` · patient ${o.patient_id || "–"} · accession ${o.accession_number || "–"}`),
-    el("ul", { class: "path" }, o.path.length ? o.path.map(stepView) : el("li", { class: "muted" }, "routed nowhere")));
+    el("ul", { class: "path" }, o.path.length ? o.path.map(stepView) : el("li", { class: "muted" }, "routed nowhere")),
+    o.routed_to && o.routed_to.length ? diffButton(o) : null);
 }
 
 // A study rolls up per destination and per series (API: "studies"); each series opens onto its instances,
