@@ -32,6 +32,7 @@ log = logging.getLogger("fastroute.workers")
 
 EXIT_CONFIG = 78      # EX_CONFIG: restarting cannot help (port in use, bad config)
 LISTEN_TIMEOUT = 30.0  # how long a reload waits for its new listeners to listen
+KEY_RETRY = 30.0       # a sender that cannot start (a missing de-identification key) tries again
 
 
 def _child_setup(cfg: Config, name: str, cpus: tuple[int, ...]) -> threading.Event:
@@ -135,21 +136,25 @@ def sender_main(cfg: Config, dest_name: str) -> None:
     dest = cfg.destinations[dest_name]
     stop = _child_setup(cfg, f"sender-{dest_name}", sender_cpus(cfg, dest_name))
     spool = open_spool(cfg, durable=False)   # claims and delivery records: see Spool
-    try:
-        sender = DestinationSender(cfg, dest, spool)
-    except ConfigError as exc:
-        # e.g. a de-identifying destination whose key is missing: nothing is sent there (never
-        # an identified copy), the queue keeps its objects, and the reason is shown where the
-        # operator looks; no restart loop, since a restart cannot fix it (a reload can)
-        log.error("destination %s (%s): not sending: %s", dest_name, dest.ae_title, exc,
-                  extra=fields(destination=dest_name))
-        from fastroute.spool.senderstate import DestinationState, SenderState
-        with contextlib.suppress(OSError):
-            DestinationState(dest_name, SenderState.STOPPED, down_since=time.time(),
-                             last_error=f"not sending: {exc}").write(cfg.spool)
-        stop.wait()
-        spool.close()
-        return
+    since = time.time()
+    while True:
+        try:
+            sender = DestinationSender(cfg, dest, spool)
+            break
+        except ConfigError as exc:
+            # e.g. a de-identifying destination whose key is missing: nothing is sent there
+            # (never an identified copy), the queue keeps its objects, and the reason is shown
+            # where the operator looks. Tried again every KEY_RETRY s (a key file that appears);
+            # an environment variable needs the router restarted with it.
+            from fastroute.spool.senderstate import DestinationState, SenderState
+            log.error("destination %s (%s): not sending: %s; trying again in %g s", dest_name, dest.ae_title,
+                      exc, KEY_RETRY, extra=fields(destination=dest_name))
+            with contextlib.suppress(OSError):
+                DestinationState(dest_name, SenderState.STOPPED, down_since=since,
+                                 last_error=f"not sending: {exc}").write(cfg.spool)
+            if stop.wait(KEY_RETRY):
+                spool.close()
+                return
     content = sender.content
     if content is not None and content.has_lookups:
         # SIGHUP (relayed by the supervisor, see Supervisor._relay_hup): read the lookup tables
