@@ -31,7 +31,7 @@ PACKAGE = "fastroute"
 # loading, so expression errors carry the file and line (and the compiled form stays with the
 # Config); it needs nothing from config.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fastroute", "fastroute.errors", "fastroute.logsetup"),
+    ("fastroute", "fastroute.errors", "fastroute.logsetup", "fastroute.pids"),
     ("fastroute.rulelang",),
     # issue 15: the content engines (modify, deidentify, their table and records) sit below
     # config, which parses their sections with them; the per-destination plan reads a Config.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
 from fastroute import governance
+from fastroute.pids import pid_alive
 from fastroute.config import Config, loads
 from fastroute.dicom.status import describe
 from fastroute.errors import ConfigError, FastrouteError
@@ -85,16 +86,7 @@ def resolve_destination(cfg: Config, spool: Spool, name: str, *, configured_only
 
 # -- queue and destination status ---------------------------------------------------------------
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = pid_alive
 
 
 class DestinationStatus(enum.StrEnum):
@@ -639,6 +631,16 @@ def _write_atomically(path: Path, text: str) -> None:
         os.close(dfd)
 
 
+def config_text(path: Path, text: str | None) -> str:
+    """The posted text, or the file's: what a reload or a proposal is about."""
+    if text is not None:
+        return text
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
+
+
 def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: str | None = None,
                   applied_text: str = "", who: str | None = None, why: str = "") -> dict[str, Any]:
     """Validate, (write,) audit with a diff, then SIGHUP the supervisor.
@@ -651,13 +653,7 @@ def reload_config(cfg: Config, spool: Spool, config_path: str | None, *, text: s
         raise Conflict("fastroute runs on the embedded default configuration; there is no file to reload",
                        hint="start it with `fastroute serve -c FILE`")
     path = Path(config_path)
-    if text is None:
-        try:
-            new_text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
-    else:
-        new_text = text
+    new_text = config_text(path, text)
     new = parse_config(new_text, str(path))
     if new.spool.resolve() != cfg.spool.resolve():
         raise ConfigError(f"the spool path cannot change while running ({cfg.spool} -> {new.spool})",

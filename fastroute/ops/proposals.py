@@ -21,8 +21,8 @@ from typing import Any
 from fastroute import governance
 from fastroute.config import Config
 from fastroute.errors import ConfigError
-from fastroute.ops.actions import (BadRequest, Conflict, Forbidden, NotFound, _write_atomically, parse_config,
-                                   read_config_text, reload_config, supervisor_pid)
+from fastroute.ops.actions import (BadRequest, Conflict, Forbidden, NotFound, _write_atomically, config_text,
+                                   parse_config, read_config_text, reload_config, supervisor_pid)
 from fastroute.spool import Spool
 from fastroute.spool.audit import whoami
 from fastroute.spool.proposals import Proposal, ProposalState
@@ -79,13 +79,7 @@ def reload(cfg: Config, spool: Spool, config_path: str | None, *, text: str | No
     running configuration is two_person and the new one changes a governed part: then proposed
     (the result has ``proposed: true`` and the proposal; the API answers 202)."""
     path = _path(config_path)
-    if text is None:
-        try:
-            text_now = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
-    else:
-        text_now = text
+    text_now = config_text(path, text)
     if cfg.governance == governance.TWO_PERSON:
         new = _parse(cfg, text_now, path)
         if governance.compare(cfg, new, path.parent).needs_approval:

@@ -41,6 +41,8 @@ from typing import Any, cast
 
 import lmdb
 
+from fastroute.pids import pid_alive
+
 log = logging.getLogger("fastroute.spool.lockstats")
 
 PUBLISH_EVERY = 2.0        # seconds between two publications of a process's totals
@@ -211,14 +213,7 @@ def remove_dead(run: Path, process: str | None = None) -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+_alive = pid_alive
 
 
 def read_all(run: Path, *, live_only: bool = True) -> list[ProcessLockStats]:
