@@ -70,6 +70,12 @@ def listener_main(cfg: Config, index: int) -> None:
     signal.signal(signal.SIGHUP, lambda _s, _f: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
     spool = open_spool(cfg)
+    if cfg.spool_shards == "per-listener":
+        # Its objects' bytes go into a shard of its own: its commits do not queue for the
+        # shared environment's write lock with the bytes of other listeners (issue 16).
+        shard = spool.own_shard(index)
+        log.info("listener-%d: writes object bytes into spool shard %d", index, shard.index,
+                 extra=fields(worker=f"listener-{index}"))
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
@@ -429,7 +435,18 @@ class Supervisor:
         self._stopping = True
 
     def _housekeeping(self) -> None:
-        """Retention, when no HTTP process (which does it otherwise) is configured."""
+        """Shards without a listener (see :mod:`fastroute.spool.shards`); retention, when no
+        HTTP process (which does it otherwise) is configured."""
+        try:
+            spool = open_spool(self.cfg)
+            try:
+                n = spool.collect_unowned()
+                if n:
+                    log.info("collected %d spool shard(s) no listener owns", n)
+            finally:
+                spool.close()
+        except Exception as exc:   # never let housekeeping take the router down
+            log.error("collecting unowned spool shards failed: %s", exc)
         if self.cfg.http is not None or not (self.cfg.audit_retention or self.cfg.history_retention):
             return
         from fastroute.ops.actions import apply_retention
