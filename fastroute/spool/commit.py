@@ -157,6 +157,12 @@ class Committer:
         self._q.put(None)
         self._thread.join(timeout=30)
         self._flush_receipts()
+        try:
+            while self.spool.collect_garbage(force=True):
+                pass
+        except Exception:
+            log.exception("deleting delivered objects' bytes from this listener's spool shard failed "
+                          "(done when the shard is next owned)")
 
     def _run(self) -> None:
         stop = False

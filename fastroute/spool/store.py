@@ -182,10 +182,13 @@ class Spool:
             raw = txn.get(hw_key(shard.index), db=self._dbs["shard"])
         linked = _U64.unpack(raw)[0] if raw is not None else 0
         orphans, staged = shard.recover(linked)
-        if orphans or staged:
-            log.warning("spool shard %d: removed %d object(s) written but never linked to a record and "
-                        "%d partly staged large object(s) (a stop between commits; never acknowledged)",
-                        shard.index, orphans, staged)
+        if orphans:
+            log.warning("spool shard %d: removed %d object(s) whose bytes were written but whose records "
+                        "were not (a stop between a group's two commits; never acknowledged)",
+                        shard.index, orphans)
+        if staged:   # the same words as without shards (Committer)
+            log.warning("spool shard %d: removed the staged chunks of %d large object(s) whose listener "
+                        "stopped before they were committed (never acknowledged)", shard.index, staged)
         while collect(shard, self.env, self._dbs["gc"]):
             pass
 
