@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
               python -m bench --fanout --orthanc --storescu
               python -m bench --profile tuning/8-cores.yaml --listeners 1,2 --associations 1,4
               python -m bench --soak 30 --rate 40
+              python -m bench --spool --writers 1,2,4 --fastroute checkout
 
             see bench/README.md for how to read the output."""))
     w = p.add_argument_group("workload")
@@ -94,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the PACS-migration workload. dcmqrscp (loaded with --studies of --mix) "
                         "-> fastroute migrate -> storescp, against movescu moving the same studies from "
                         "dcmqrscp straight to storescp in the same round (bench/migrate_bench.py)")
+    w.add_argument("--spool", action="store_true",
+                   help="instead: the spool micro-benchmark. W writer processes commit groups of values "
+                        "(ct: 4 x 0.5 MB, tiny: 8 x 10 kB) for --duration seconds into one shared LMDB "
+                        "environment vs one each, with write-lock wait/hold per writer (bench/spool_bench.py)")
+    w.add_argument("--writers", type=int_list, default=[1, 2, 4], metavar="W[,W...]",
+                   help="--spool: writer processes, a sweep (default 1,2,4)")
+    w.add_argument("--duration", type=float, default=5.0, metavar="S",
+                   help="--spool: seconds each run commits (default 5)")
+    w.add_argument("--layouts", metavar="L[,L...]",
+                   help="--spool: of shared, sharded, spool-shared, spool-sharded (default: shared,sharded, "
+                        "and the spool-* pair when this fastroute's Spool has shards)")
     r = p.add_argument_group("measurement")
     r.add_argument("--rounds", type=int, metavar="R",
                    help=f"rounds; each measures every path once, alternating their order (default {DEFAULTS['rounds']})")
@@ -285,6 +297,8 @@ def _run_in(args: argparse.Namespace, progress: "Progress", profile: dict[str, A
     log = progress.line if progress.tty else (lambda text: None)
     if args.migration:
         return _migration(args, progress, started, out, work, log)
+    if args.spool:
+        return _spool(args, progress, started, out, work)
 
     mix = workload.parse_mix(args.mix) if args.studies or args.soak_workload == "mix" else {}
     workloads = []
@@ -350,6 +364,37 @@ def _migration(args: argparse.Namespace, progress: "Progress", started: dt.datet
     doc["wall_s"] = round(time.monotonic() - t0, 1)
     text = (f"machine: {machine.one_line(doc['machine'])}\n" + migrate_bench.table(doc["migration"])
             + (f"\n({SMOKE})" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(doc, out / "bench.json")
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {out / 'bench.json'} ({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _spool(args: argparse.Namespace, progress: "Progress", started: dt.datetime, out: Path,
+           work: Path) -> int:
+    """``--spool``: the spool micro-benchmark (bench/spool_bench.py), its own report."""
+    from . import machine, report, spool_bench
+
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()] if args.layouts else None
+    known = {*spool_bench.RAW_LAYOUTS, *spool_bench.SPOOL_LAYOUTS}
+    if layouts and not set(layouts) <= known:
+        raise SystemExit(f"bench: --layouts: unknown {sorted(set(layouts) - known)}; known: {sorted(known)}")
+    doc: dict[str, Any] = {"tool": "fastroute bench --spool", "format": 2,
+                           "started": started.isoformat(timespec="seconds"),
+                           "note": "the machine may be shared: figures are noisy",
+                           "machine": machine.describe(work, False)}
+    t0 = time.monotonic()
+    try:
+        doc["spool"] = spool_bench.run_spool(work / "spool-bench", args.writers, args.duration, args.rounds,
+                                             progress.line, layouts)
+    except RuntimeError as exc:
+        raise BenchError(str(exc))
+    progress.clear()
+    doc["wall_s"] = round(time.monotonic() - t0, 1)
+    doc["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = f"machine: {machine.one_line(doc['machine'])}\n" + spool_bench.table(doc["spool"])
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(doc, out / "bench.json")
     (out / "table.txt").write_text(text + "\n")

@@ -285,6 +285,25 @@ class Router:
             pass
         return {pid: roles.get(pid, f"router {comm(pid)}") for pid in group_members(self.proc.pid)}
 
+    def write_lock(self) -> dict[str, dict[str, float]]:
+        """{``router <process>``: write-lock totals} from the files each router process
+        publishes under ``<spool>/run`` (fastroute.spool.lockstats: every 2 s and at exit),
+        summed over the process's environments; read as JSON, so that a router without them
+        (an older fastroute) just gives nothing."""
+        out: dict[str, dict[str, float]] = {}
+        for path in sorted((self.spool / "run").glob("lockstats-*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                row = out.setdefault(f"router {doc['process']}", {"wait_s": 0.0, "hold_s": 0.0,
+                                                                  "transactions": 0.0})
+                for e in doc["envs"].values():     # and over a restarted process's incarnations
+                    row["wait_s"] = round(row["wait_s"] + float(e["wait_s"]), 4)
+                    row["hold_s"] = round(row["hold_s"] + float(e["hold_s"]), 4)
+                    row["transactions"] += int(e["transactions"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return out
+
     def build(self) -> dict[str, str]:
         """What the router's listener says it runs (its own log line at start): version, the
         peek twin (native or python) and the package's folder."""

@@ -51,12 +51,16 @@ def summarise(records: list[dict[str, Any]], descriptions: dict[str, str], *, sw
                 cpu_med = statistics.median(cpu)
                 procs[role] = {"cpu_s": cpu_med, "cpu_ms_per_object": cpu_med * 1000 / rows[0]["objects"],
                                "peak_rss_mib": max(rss)}
+            locks: dict[str, Any] = {}
+            for role in dict.fromkeys(k for r in ok for k in (r.get("write_lock") or {})):
+                vals = [r["write_lock"][role] for r in ok if role in (r.get("write_lock") or {})]
+                locks[role] = {k: statistics.median(v[k] for v in vals) for k in ("wait_s", "hold_s", "transactions")}
             router_ms = sum(v["cpu_ms_per_object"] for k, v in procs.items() if k.startswith("router "))
             paths[path] = {
                 "description": descriptions.get(path, path), "rounds": len(rows), "ok": len(ok),
                 "router_cpu_ms_per_object": router_ms if path == "routed" and ok else None,
                 "failures": [{"round": r["round"], "error": r["error"]} for r in rows if not r["ok"]],
-                "median": med, "processes": procs,
+                "median": med, "processes": procs, "write_lock": locks,
                 "rounds_inst_per_s": [r["inst_per_s"] for r in ok],
                 "rounds_mb_per_s": [r["mb_per_s"] for r in ok],
                 "router_build": next((r["router_build"] for r in ok if r.get("router_build")), None),
@@ -231,6 +235,7 @@ def table(doc: dict[str, Any]) -> str:
                                  f"{bins[0][0]:.2f} s of the run): {cells}")
         lines.append("")
         lines += _process_table(entry)
+        lines += _lock_table(entry)
         lines.append("")
     if doc.get("scaling"):
         lines += scaling_table(doc["scaling"])
@@ -294,6 +299,18 @@ def _process_table(entry: dict[str, Any]) -> list[str]:
             cells.append(f"{v['cpu_s']:.2f} / {v['cpu_ms_per_object']:.2f} / {v['peak_rss_mib']:.0f}"
                          if v else "")
         lines.append(f"  {role:<42.42}" + "".join(f" {c:>26}" for c in cells))
+    return lines
+
+
+def _lock_table(entry: dict[str, Any]) -> list[str]:
+    """The routed runs' spool write lock per router process (medians of the rounds)."""
+    locks = (entry["paths"].get("routed") or {}).get("write_lock") or {}
+    if not locks:
+        return []
+    lines = [f"  {'spool write lock: s waited / s held / commits':<42} {'routed':>26}"]
+    for role, v in locks.items():
+        cell = f"{v['wait_s']:.2f} / {v['hold_s']:.2f} / {v['transactions']:.0f}"
+        lines.append(f"  {role:<42.42} {cell:>26}")
     return lines
 
 

@@ -280,6 +280,7 @@ class Bench:
                 return named
 
             before = sample(pids())
+            locks_before = router.write_lock() if router is not None else {}
             cpu0 = self_cpu()
             t0 = time.monotonic()
             for i, d in enumerate(dirs):
@@ -318,6 +319,7 @@ class Bench:
                 if code not in (0, None):
                     raise RunFailed(f"the router exited with status {code} on SIGTERM:\n{router.log_tail()}")
                 rec["latency_ms"] = self._latency(router.spool, wl, list(targets))
+                rec["write_lock"] = lock_delta(locks_before, router.write_lock())
                 rec["router_build"] = router.build()     # which fastroute and twin actually ran
             rec["ok"] = True
         except BenchError as exc:
@@ -427,6 +429,16 @@ def tls_storescu_argv(pki: Path, port: int, called_ae: str, paths: Iterable[Path
     argv = storescu_argv(port, called_ae, paths)
     at = argv.index(HOST)
     return [*argv[:at], *tls_client_args(pki), *argv[at:]]
+
+
+def lock_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per router process, its write-lock totals at exit less those published before the first
+    send (up to 2 s old: the idle router's few commits are all that can slip in)."""
+    out = {}
+    for role, a in after.items():
+        b = before.get(role, {})
+        out[role] = {k: round(v - b.get(k, 0.0), 4) for k, v in a.items()}
+    return out
 
 
 def sustained_rate(samples: list[tuple[float, int]], n: int) -> float | None:

@@ -364,7 +364,7 @@ class Supervisor:
         # written ahead (spool_prealloc) so that many objects' commits need not grow the file.
         for warning in space_warnings(self.cfg.spool, self.cfg.min_free_bytes, self.cfg.spool_max_bytes):
             log.warning("%s", warning)
-        lockstats.start_publishing(self.cfg.spool, "supervisor")
+        lockstats.start_publishing(self.cfg.spool, "supervisor", sweep_all=True)
         spool = open_spool(self.cfg)
         try:
             start = time.monotonic()

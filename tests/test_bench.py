@@ -37,7 +37,12 @@ def test_quick_bench_delivers_everything_and_reports_ratios(tmp_path: Path, dcmt
         assert routed["router_cpu_ms_per_object"] > 0
         assert set(routed["median"]["latency_ms"]) >= {"p50", "p95", "p99"}
         assert any(p.startswith("router listener") for p in routed["processes"])
+        # the write lock per router process, from the files it published (issue 16)
+        assert routed["write_lock"]["router listener-0"]["transactions"] > 0
+        assert routed["write_lock"]["router listener-0"]["hold_s"] > 0
+        assert any(p.startswith("router sender-") for p in routed["write_lock"])
     assert "ratio routed/reference" in res.stdout
+    assert "spool write lock: s waited / s held / commits" in res.stdout
     assert (out / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
     assert doc["machine"]
     assert doc["settings"]["receiver_dir"] == str(tmp_path / "received")
@@ -130,3 +135,28 @@ def test_installed_mode_takes_the_checkout_off_the_routers_path(monkeypatch: pyt
     assert peers.python_env()["PYTHONPATH"] == "/elsewhere"
     monkeypatch.setattr(peers, "SOURCE", "checkout")
     assert peers.python_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/elsewhere"]
+
+
+def test_spool_bench_measures_shared_and_sharded_commits_with_their_lock_times(tmp_path: Path) -> None:
+    """``--spool``, tiny: every layout asked for is measured, each writer committed and reports
+    its lock times; two writers in one environment wait for each other (never asserted fast)."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "bench", "--spool", "--fastroute", "checkout",
+                          "--writers", "1,2", "--duration", "0.3", "--rounds", "1",
+                          "--layouts", "shared,sharded,spool-shared",
+                          "--work-dir", str(tmp_path / "work"), "--out", str(out), "--quiet"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    results = {(r["layout"], r["values"], r["writers"]): r for r in doc["spool"]["results"]}
+    assert set(results) == {(lay, v, w) for lay in ("shared", "sharded", "spool-shared")
+                            for v in ("ct", "tiny") for w in (1, 2)}
+    for (layout, _, w), r in results.items():
+        assert r["objects_per_s"] > 0 and len(r["wait_s"]) == len(r["hold_s"]) == w
+        assert all(c > 0 for c in r["commits"]) and all(h > 0 for h in r["hold_s"])
+    assert results[("sharded", "tiny", 1)]["same_as"] == "shared"     # one writer: one layout
+    assert sum(results[("shared", "ct", 2)]["wait_s"]) > 0
+    assert not list((tmp_path / "work" / "spool-bench").iterdir())      # gigabytes not left behind
+    assert "sharded/shared" in res.stdout and "write lock per writer" in res.stdout
+    assert doc["machine"]["usable_cpus"] >= 1

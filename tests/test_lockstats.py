@@ -2,6 +2,7 @@
 ``TimedEnv``, published under ``<spool>/run``, exposed on ``/metrics``."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import threading
@@ -122,7 +123,7 @@ def test_totals_are_published_at_exit_and_a_dead_processes_file_is_not_live(tmp_
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    path = lockstats.stats_path(tmp_path / "run", "listener-7")
+    path = lockstats.stats_path(tmp_path / "run", "listener-7", child.pid)
     assert path.exists()
     [rec] = lockstats.read_all(tmp_path / "run", live_only=False)
     assert rec.process == "listener-7" and rec.pid == child.pid
@@ -130,6 +131,38 @@ def test_totals_are_published_at_exit_and_a_dead_processes_file_is_not_live(tmp_
     assert lockstats.read_all(tmp_path / "run") == []     # its process is gone
     (tmp_path / "run" / "lockstats-broken.json").write_text("{not json")
     assert len(lockstats.read_all(tmp_path / "run", live_only=False)) == 1
+    # the next listener-7 removes its dead predecessor's file; another name's stays
+    other = lockstats.stats_path(tmp_path / "run", "sender-pacs", child.pid)
+    other.write_text(path.read_text().replace("listener-7", "sender-pacs"))
+    pub = lockstats.Publisher(tmp_path / "run", "listener-7").start()
+    pub.close()
+    assert not path.exists() and other.exists()
+    assert lockstats.stats_path(tmp_path / "run", "listener-7").exists()     # this process's
+    lockstats.Publisher(tmp_path / "run", "supervisor").start(sweep_all=True).close()
+    assert not other.exists()
+
+
+def _fake(run: Path, process: str, pid: int, **envs: WriteLockStats) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    lockstats.stats_path(run, process, pid).write_text(json.dumps({
+        "process": process, "pid": pid, "started": 0.0, "at": 0.0,
+        "envs": {k: {"wait_s": v.wait_s, "hold_s": v.hold_s, "transactions": v.transactions}
+                 for k, v in envs.items()}}))
+
+
+def test_totals_sum_live_processes_of_one_name_and_leave_out_dead_ones(tmp_path: Path) -> None:
+    """A reload's handover: the old and the new listener-0 both run for a while."""
+    run = tmp_path / "run"
+    dead = mp.get_context("spawn").Process(target=int)
+    dead.start()
+    dead.join()
+    _fake(run, "listener-0", os.getppid(), shared=WriteLockStats(1.0, 2.0, 3))     # a live process
+    _fake(run, "listener-0", 1, **{"shared": WriteLockStats(0.5, 0.5, 1), "shard-0": WriteLockStats(0, 1, 1)})
+    _fake(run, "listener-0", dead.pid, shared=WriteLockStats(100, 100, 100))
+    t = lockstats.totals(run)
+    assert t[("listener-0", "shared")] == WriteLockStats(1.5, 2.5, 4)
+    assert t[("listener-0", "shard-0")] == WriteLockStats(0, 1, 1)
+    assert lockstats.totals(run, live_only=False)[("listener-0", "shared")] == WriteLockStats(101.5, 102.5, 104)
 
 
 @pytest.mark.peers
@@ -167,4 +200,4 @@ def test_metrics_of_a_running_router_show_the_listener_and_sender_lock_times(
     # every process published one file, named by its role, under the run folder
     names = {rec.process for rec in lockstats.read_all(r.spool_path / "run", live_only=False)}
     assert {"listener-0", "sender-pacs", "http", "supervisor"} <= names
-    assert os.path.exists(r.spool_path / "run" / "lockstats-listener-0.json")
+    assert len(list((r.spool_path / "run").glob("lockstats-listener-0.*.json"))) == 1

@@ -13,7 +13,6 @@ of one per possible state; latency buckets start at 1 ms.
 """
 from __future__ import annotations
 
-import os
 import platform
 from typing import Any, Iterator
 
@@ -320,12 +319,10 @@ class SpoolCollector(Collector):
         count = CounterMetricFamily("fastroute_spool_write_transactions",
                                     "Write transactions committed or aborted on the spool, by process and "
                                     "environment", labels=labels)
-        for rec in lockstats.read_all(self.cfg.spool / "run"):
-            envs = lockstats.snapshot() if rec.pid == os.getpid() else rec.envs
-            for env, st in sorted(envs.items()):
-                wait.add_metric([rec.process, env], st.wait_s)
-                hold.add_metric([rec.process, env], st.hold_s)
-                count.add_metric([rec.process, env], st.transactions)
+        for (process, env), st in lockstats.totals(self.cfg.spool / "run").items():
+            wait.add_metric([process, env], st.wait_s)
+            hold.add_metric([process, env], st.hold_s)
+            count.add_metric([process, env], st.transactions)
         yield from (wait, hold, count)
 
     @staticmethod

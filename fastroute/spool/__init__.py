@@ -7,6 +7,7 @@
 ``audit``   the hash-chained audit trail;
 ``space``   the free-space floor and preallocation;
 ``senderstate`` the state file a destination's sender publishes for the management plane;
+``lockstats`` the write lock's wait and hold times, per process (every write transaction timed);
 ``commit``  the group commit the listeners' C-STOREs go through;
 ``wakeup``  the datagrams that tell a destination's sender that its queue grew.
 """

@@ -13,17 +13,22 @@ shards), kept without locks: two ``perf_counter`` calls and three additions per 
 transaction, under the GIL, which (in CPython 3.11) cannot switch threads inside a ``+=`` of
 floats; a write transaction costs at least a commit's fsync, hundreds of microseconds.
 
-``Publisher`` writes this process's totals to ``<spool>/run/lockstats-<process>.json``
+``Publisher`` writes this process's totals to ``<spool>/run/lockstats-<process>.<pid>.json``
 every two seconds and at exit (atomic replace, JSON), as the senders publish their state
-(:mod:`senderstate`). One file per process name: a restarted process replaces its
-predecessor's file, so the totals are those of the current incarnation (its counters start
-again at zero, which Prometheus' ``rate()`` takes as a counter reset). ``/metrics`` shows the
-files whose process is still running (``read_all(live_only=True)``): a sender removed by a
-reload leaves no series behind; the bench reads them all after the router stopped.
+(:mod:`senderstate`). Stale files: ``/metrics`` shows only the files whose process still runs
+(``totals(live_only=True)``), so the totals are those of the current incarnation: a restarted
+process starts again from zero, which Prometheus' ``rate()`` takes as a counter reset; during
+a reload's listener handover the old and the new ``listener-0`` are summed. A process removes
+its dead predecessors' files when it starts (the supervisor: every dead process's), so a
+sender removed by a reload leaves no series and the folder does not grow; the bench reads
+them all (``live_only=False``) after the router stopped. (A dead process's pid reused by
+another process would show its last totals until the name's next start: pids are rarely
+reused that soon.)
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -178,17 +183,32 @@ class ProcessLockStats:
     envs: dict[str, WriteLockStats] = field(default_factory=dict)
 
 
-def stats_path(run: Path, process: str) -> Path:
-    return run / f"{_PREFIX}{process}{_SUFFIX}"
+def stats_path(run: Path, process: str, pid: int | None = None) -> Path:
+    return run / f"{_PREFIX}{process}.{os.getpid() if pid is None else pid}{_SUFFIX}"
 
 
 def write_stats(run: Path, process: str, started: float, envs: dict[str, WriteLockStats]) -> None:
     """Atomically (write + rename), so a reader never sees half a file."""
     path = stats_path(run, process)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"process": process, "pid": os.getpid(), "started": started, "at": time.time(),
                                "envs": {k: asdict(v) for k, v in envs.items()}}))
     os.replace(tmp, path)
+
+
+def remove_dead(run: Path, process: str | None = None) -> int:
+    """Remove the files of processes that are gone (of ``process`` only, if given); how many."""
+    removed = 0
+    for path in run.glob(f"{_PREFIX}{'*' if process is None else process}.*{_SUFFIX}"):
+        stem = path.name[len(_PREFIX):-len(_SUFFIX)]
+        name, _, pid = stem.rpartition(".")
+        if not pid.isdigit() or (process is not None and name != process):
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -224,6 +244,20 @@ def read_all(run: Path, *, live_only: bool = True) -> list[ProcessLockStats]:
     return out
 
 
+def totals(run: Path, *, live_only: bool = True) -> dict[tuple[str, str], WriteLockStats]:
+    """(process name, environment label) -> totals, summed over the files of that name (the
+    processes of one name alive together: a reload's handover); this process's own live."""
+    out: dict[tuple[str, str], WriteLockStats] = {}
+    for rec in read_all(run, live_only=live_only):
+        envs = snapshot() if rec.pid == os.getpid() else rec.envs
+        for env, st in envs.items():
+            t = out.setdefault((rec.process, env), WriteLockStats())
+            t.wait_s += st.wait_s
+            t.hold_s += st.hold_s
+            t.transactions += st.transactions
+    return dict(sorted(out.items()))
+
+
 class Publisher:
     """Writes this process's totals every ``every`` seconds (when they changed) and at exit."""
 
@@ -234,7 +268,10 @@ class Publisher:
         self._last: dict[str, tuple[float, float, int]] | None = None
         self._thread = threading.Thread(target=self._loop, name="fastroute-lockstats", daemon=True)
 
-    def start(self) -> Publisher:
+    def start(self, *, sweep_all: bool = False) -> Publisher:
+        """Publish now and every ``every`` seconds; remove the files of this name's dead
+        predecessors first (``sweep_all``: of every dead process, for the supervisor)."""
+        remove_dead(self.run, None if sweep_all else self.process)
         self.publish(force=True)
         self._thread.start()
         atexit.register(self.close)
@@ -259,27 +296,28 @@ class Publisher:
         """The last totals (idempotent; also run at exit)."""
         self._stop.set()
         self.publish()
+        atexit.unregister(self.close)
 
 
 _publisher: Publisher | None = None
 
 
-def start_publishing(spool: Path, process: str) -> Publisher:
+def start_publishing(spool: Path, process: str, *, sweep_all: bool = False) -> Publisher:
     """Name this process and publish its totals under ``<spool>/run``: once per process
-    (a second call for another spool or name, as in tests, moves the publication there)."""
+    (a second call for another spool or name, as in tests, moves the publication there).
+    ``sweep_all`` (the supervisor) removes every dead process's file first."""
     global _publisher
     set_process_name(process)
     run = Path(spool) / "run"
     if _publisher is not None and (_publisher.run, _publisher.process) != (run, process):
         _publisher.close()
-        atexit.unregister(_publisher.close)
         _publisher = None
     if _publisher is None:
         run.mkdir(parents=True, exist_ok=True)
-        _publisher = Publisher(run, process).start()
+        _publisher = Publisher(run, process).start(sweep_all=sweep_all)
     return _publisher
 
 
 __all__ = ["TimedEnv", "WriteLockStats", "ProcessLockStats", "Publisher", "SHARED", "PUBLISH_EVERY",
            "set_process_name", "process_name", "stats_for", "snapshot", "stats_path", "write_stats",
-           "read_all", "start_publishing", "timed_open"]
+           "read_all", "totals", "remove_dead", "start_publishing", "timed_open"]

@@ -1,0 +1,239 @@
+"""``python -m bench --spool``: how commits into the spool scale with writer processes.
+
+W writer processes, started together (a Barrier), each commit groups of values as fast as
+they can for D seconds with LMDB's sync on, as listeners do: CT-sized (4 x 0.5 MB per commit)
+and tiny (8 x 10 kB). Layouts:
+
+``shared``         one LMDB environment, every writer commits into it (today's spool);
+``sharded``        one environment per writer (what the sharded spool gives each listener);
+``spool-shared``   the real ``Spool.put_many`` with realistic ``Incoming`` objects, one spool;
+``spool-sharded``  the same through the sharded spool, when this fastroute has one (see
+                   ``sharded_spool_option``; otherwise it is left out, and the output says so).
+
+Every writer's environment is a ``TimedEnv`` (:mod:`fastroute.spool.lockstats`), so each
+reports how long it waited for the write lock and held it. Objects per second is the sum
+over writers of what each committed in its own D seconds; the median of R rounds is
+reported, and the ratio sharded/shared measured in the same run. Each run's files are
+removed when it ends (CT runs write gigabytes).
+"""
+from __future__ import annotations
+
+import inspect
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+VALUES = {"ct": (4, 512 * 1024), "tiny": (8, 10 * 1024)}    # values per commit, bytes each
+RAW_LAYOUTS = ("shared", "sharded")
+SPOOL_LAYOUTS = ("spool-shared", "spool-sharded")
+MAP_SIZE = 64 * 1024**3
+
+
+@dataclass(slots=True)
+class WriterResult:
+    objects: int
+    seconds: float
+    commits: int
+    wait_s: float
+    hold_s: float
+
+
+def sharded_spool_option() -> str | None:
+    """The name of ``Spool``'s constructor option that gives a process its own shard, if this
+    fastroute has one (issue 16: a keyword containing "shard"); None otherwise."""
+    from fastroute.spool import Spool
+
+    names = [n for n in inspect.signature(Spool.__init__).parameters if "shard" in n]
+    return names[0] if names else None
+
+
+def _payload(size: int) -> bytes:
+    """Random-looking bytes (LMDB does not compress; only the length matters)."""
+    block = os.urandom(4096)
+    return (block * (size // len(block) + 1))[:size]
+
+
+def _raw_writer(layout: str, root: str, index: int, kind: str, duration: float, barrier: Any, out: Any) -> None:
+    import lmdb
+
+    from fastroute.spool.lockstats import TimedEnv, stats_for
+
+    per, size = VALUES[kind]
+    path = Path(root) / ("env" if layout == "shared" else f"env-{index}")
+    path.mkdir(parents=True, exist_ok=True)
+    label = "shared" if layout == "shared" else f"shard-{index}"
+    env = TimedEnv(lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=2, sync=True, metasync=True,
+                             readahead=False, meminit=False, max_readers=256), label)
+    db = env.open_db(b"obj")
+    value = _payload(size)
+    prefix = index.to_bytes(2, "big")
+    seq = 0
+    barrier.wait()
+    stats = stats_for(label)
+    w0, h0, n0 = stats.wait_s, stats.hold_s, stats.transactions   # open_db's own commit excluded
+    start = time.perf_counter()
+    end = start + duration
+    while time.perf_counter() < end:
+        with env.begin(write=True, db=db) as txn:
+            for _ in range(per):
+                seq += 1
+                txn.put(prefix + seq.to_bytes(8, "big"), value)
+    elapsed = time.perf_counter() - start
+    out.put((index, asdict(WriterResult(seq, elapsed, stats.transactions - n0, stats.wait_s - w0,
+                                        stats.hold_s - h0))))
+    env.close()
+
+
+def _spool_writer(layout: str, root: str, index: int, kind: str, duration: float, barrier: Any,
+                  out: Any) -> None:
+    from fastroute.spool import Incoming, Spool
+    from fastroute.spool.lockstats import snapshot
+
+    per, size = VALUES[kind]
+    option = sharded_spool_option()
+    kwargs: dict[str, Any] = {option: index} if layout == "spool-sharded" and option else {}
+    spool = Spool(Path(root) / "spool", map_size=MAP_SIZE, **kwargs)
+    value = _payload(size)
+    study = f"1.2.826.0.1.3680043.10.1016.{os.getpid()}.{index}"
+    seq = 0
+    barrier.wait()
+    before = snapshot()
+    start = time.perf_counter()
+    end = start + duration
+    commits = 0
+    while time.perf_counter() < end:
+        items = []
+        for _ in range(per):
+            seq += 1
+            items.append(Incoming(value, "1.2.840.10008.1.2.1", "1.2.840.10008.5.1.4.1.1.2",
+                                  f"{study}.{seq}", ("pacs",),
+                                  {"calling_ae": f"CT{index}", "called_ae": "FASTROUTE", "peer": "127.0.0.1",
+                                   "study_instance_uid": study, "patient_id": f"P{index}",
+                                   "accession_number": f"A{index}", "modality": "CT", "rules": []}))
+        results = spool.put_many(items)
+        bad = [r for r in results if isinstance(r, BaseException)]
+        if bad:
+            raise RuntimeError(f"writer {index}: put_many failed: {bad[0]}")
+        commits += 1
+    elapsed = time.perf_counter() - start
+    after = snapshot()
+    wait = sum(s.wait_s for s in after.values()) - sum(s.wait_s for s in before.values())
+    hold = sum(s.hold_s for s in after.values()) - sum(s.hold_s for s in before.values())
+    out.put((index, asdict(WriterResult(seq, elapsed, commits, wait, hold))))
+    spool.close()
+
+
+def run_once(layout: str, kind: str, writers: int, duration: float, work: Path) -> dict[str, Any]:
+    """One measurement: ``writers`` processes, started together; removed afterwards."""
+    ctx = mp.get_context("spawn")
+    root = work / f"{layout}-{kind}-{writers}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    if layout.startswith("spool-"):       # created once, as the supervisor does before the children
+        from fastroute.spool import Spool
+        Spool(root / "spool", map_size=MAP_SIZE).close()
+    target: Callable[..., None] = _spool_writer if layout.startswith("spool-") else _raw_writer
+    barrier, out = ctx.Barrier(writers), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(layout, str(root), i, kind, duration, barrier, out))
+             for i in range(writers)]
+    try:
+        for p in procs:
+            p.start()
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + duration + 120
+        while len(got) < writers:
+            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError(f"spool bench {layout}/{kind}/W={writers}: a writer failed "
+                                   f"(exit codes {[p.exitcode for p in procs]})")
+            try:
+                i, res = out.get(timeout=1.0)
+            except Exception:           # queue.Empty: check the writers again
+                continue
+            got[i] = res
+        for p in procs:
+            p.join(60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(root, ignore_errors=True)
+    per = [got[i] for i in range(writers)]
+    return {"objects_per_s": sum(r["objects"] / r["seconds"] for r in per), "writers": per}
+
+
+def default_layouts() -> list[str]:
+    """shared and sharded; the real Spool's two as well when this fastroute has shards."""
+    return [*RAW_LAYOUTS, *(SPOOL_LAYOUTS if sharded_spool_option() else ())]
+
+
+def run_spool(work: Path, writers: list[int], duration: float, rounds: int,
+              log: Callable[[str], None], layouts: list[str] | None = None) -> dict[str, Any]:
+    """Every (values, W, layout), R rounds each. With one writer, shared and sharded are the
+    same layout (one environment, one writer): measured once, reported under both."""
+    option = sharded_spool_option()
+    layouts = layouts or default_layouts()
+    if "spool-sharded" in layouts and not option:
+        raise RuntimeError("spool-sharded: this fastroute's Spool has no shard option")
+    results: list[dict[str, Any]] = []
+    for kind in VALUES:
+        for w in writers:
+            for layout in layouts:
+                twin = {"sharded": "shared", "spool-sharded": "spool-shared"}.get(layout)
+                if w == 1 and twin in layouts:
+                    same = next(r for r in results if (r["layout"], r["values"], r["writers"]) == (twin, kind, 1))
+                    results.append({**same, "layout": layout, "same_as": twin})
+                    continue
+                runs = []
+                for r in range(rounds):
+                    log(f"spool bench: {layout} {kind} W={w} round {r + 1}/{rounds}")
+                    runs.append(run_once(layout, kind, w, duration, work))
+                rates = [x["objects_per_s"] for x in runs]
+                med = statistics.median(rates)
+                mid = runs[rates.index(sorted(rates)[len(rates) // 2])]
+                results.append({"layout": layout, "values": kind, "writers": w, "objects_per_s": med,
+                                "rounds": rates,
+                                "wait_s": [round(x["wait_s"], 3) for x in mid["writers"]],
+                                "hold_s": [round(x["hold_s"], 3) for x in mid["writers"]],
+                                "commits": [x["commits"] for x in mid["writers"]]})
+    return {"duration_s": duration, "rounds": rounds, "writers": writers,
+            "values": {k: {"per_commit": n, "bytes": b} for k, (n, b) in VALUES.items()},
+            "layouts": layouts, "sharded_spool_option": option, "results": results}
+
+
+def table(doc: dict[str, Any]) -> str:
+    """obj/s per (values, W) and layout, the ratios sharded/shared, per-writer lock times."""
+    res = doc["results"]
+    by = {(r["values"], r["writers"], r["layout"]): r for r in res}
+    layouts = doc["layouts"]
+    head = f"{'values':<6} {'W':>2} " + " ".join(f"{lay:>14}" for lay in layouts) + f" {'sharded/shared':>15}"
+    if "spool-sharded" in layouts:
+        head += f" {'spool s/s':>10}"
+    lines = [f"spool commits, sync on, {doc['duration_s']:g} s per run, median of {doc['rounds']} round(s) "
+             f"(obj/s; values per commit: ct 4 x 0.5 MB, tiny 8 x 10 kB)", head]
+    for kind in doc["values"]:
+        for w in doc["writers"]:
+            row = f"{kind:<6} {w:>2} "
+            row += " ".join(f"{by[(kind, w, lay)]['objects_per_s']:>14,.0f}" if (kind, w, lay) in by
+                            else f"{'-':>14}" for lay in layouts)
+            sh, sd = by.get((kind, w, "shared")), by.get((kind, w, "sharded"))
+            row += f" {sd['objects_per_s'] / sh['objects_per_s']:>15.2f}" if sh and sd else f" {'-':>15}"
+            ssh, ssd = by.get((kind, w, "spool-shared")), by.get((kind, w, "spool-sharded"))
+            if "spool-sharded" in layouts:
+                row += (f" {ssd['objects_per_s'] / ssh['objects_per_s']:>10.2f}" if ssh and ssd else f" {'-':>10}")
+            lines.append(row)
+    if "spool-sharded" not in layouts:
+        lines.append("(spool-sharded: not measured, this fastroute's Spool has no shard option)")
+    lines += ["", "write lock per writer, seconds waited / held (the median round):"]
+    for r in res:
+        pairs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["wait_s"], r["hold_s"]))
+        lines.append(f"  {r['values']:<5} W={r['writers']} {r['layout']:<14} {pairs}")
+    return "\n".join(lines)
+
+
+__all__ = ["run_spool", "run_once", "table", "sharded_spool_option", "VALUES"]
