@@ -97,7 +97,8 @@ class Spool:
 
     def __init__(self, path: str | Path, *, map_size: int = 64 * 1024**3,
                  min_free_bytes: int = 0, duplicate_window: float = 0.0,
-                 readonly: bool = False, durable: bool = True, audit_key: bytes | None = None) -> None:
+                 readonly: bool = False, durable: bool = True, audit_key: bytes | None = None,
+                 shard: int | None = None) -> None:
         """``durable=False`` (the senders) makes this process's commits skip the second fsync
         (LMDB's MDB_NOMETASYNC): still atomic and consistent, but an OS crash may undo the
         last of them. A sender's commits can afford that: a lost claim is undone by
@@ -105,7 +106,10 @@ class Spool:
         (at-least-once). The next fully synced commit (a listener's) makes them durable.
         Every commit that answers a modality stays fully synced.
 
-        ``audit_key`` keys the audit chain (HMAC-SHA256, see :mod:`audit`)."""
+        ``audit_key`` keys the audit chain (HMAC-SHA256, see :mod:`audit`).
+
+        ``shard``: this process writes object bytes into a shard of its own, that number when
+        free (a listener, see :meth:`own_shard`); None: into the shared environment."""
         self.path = Path(path)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,8 @@ class Spool:
                                                   self.commitments)
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
+        if shard is not None:
+            self.own_shard(shard)
 
     @classmethod
     def from_config(cls, cfg: Config, *, durable: bool = True) -> Spool:
