@@ -28,6 +28,7 @@ from fastroute.spool.space import space_warnings
 log = logging.getLogger("fastroute.workers")
 
 EXIT_CONFIG = 78      # EX_CONFIG: restarting cannot help (port in use, bad config)
+SHARD_COLLECT_EVERY = 60.0  # seconds between two collections of the shards no listener owns
 LISTEN_TIMEOUT = 30.0  # how long a reload waits for its new listeners to listen
 
 
@@ -386,10 +387,13 @@ class Supervisor:
         for child in self.children:
             self._start(child)
         code = 0
-        housekeeping_at = time.monotonic() + 60
+        housekeeping_at = shards_at = time.monotonic() + 60
         try:
             while not self._stopping:
                 now = time.monotonic()
+                if now >= shards_at:
+                    shards_at = now + SHARD_COLLECT_EVERY
+                    self._collect_shards()
                 if now >= housekeeping_at:
                     housekeeping_at = now + 3600
                     self._housekeeping()
@@ -397,7 +401,7 @@ class Supervisor:
                 sentinels += [c.proc.sentinel for c, _ in self._retiring]
                 waits = [c.restart_at - now for c in self.children if c.proc is None]
                 waits += [kill_at - now for _, kill_at in self._retiring]
-                waits.append(housekeeping_at - now)
+                waits += [housekeeping_at - now, shards_at - now]
                 timeout = max(0.0, min(waits)) if waits else None
                 ready = multiprocessing.connection.wait([*sentinels, rsock], timeout)
                 if rsock in ready:
@@ -434,19 +438,23 @@ class Supervisor:
             log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
 
-    def _housekeeping(self) -> None:
-        """Shards without a listener (see :mod:`fastroute.spool.shards`); retention, when no
-        HTTP process (which does it otherwise) is configured."""
+    def _collect_shards(self) -> None:
+        """Spool shards no listener owns (one that crashed, or the old ones after a reload
+        changed the listeners, see :mod:`fastroute.spool.shards`): their crash leftovers and
+        finished objects' bytes are deleted here."""
         try:
             spool = open_spool(self.cfg)
             try:
                 n = spool.collect_unowned()
                 if n:
-                    log.info("collected %d spool shard(s) no listener owns", n)
+                    log.debug("collected %d spool shard(s) no listener owns", n)
             finally:
                 spool.close()
         except Exception as exc:   # never let housekeeping take the router down
             log.error("collecting unowned spool shards failed: %s", exc)
+
+    def _housekeeping(self) -> None:
+        """Retention, when no HTTP process (which does it otherwise) is configured."""
         if self.cfg.http is not None or not (self.cfg.audit_retention or self.cfg.history_retention):
             return
         from fastroute.ops.actions import apply_retention
