@@ -244,3 +244,32 @@ def test_two_listeners_receive_several_associations_and_deliver_everything(
         assert sp.object_count() == 0
     finally:
         sp.close()
+
+
+def test_a_shard_without_owner_is_collected_by_the_supervisors_pass(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    sp = Spool(path, map_size=MAP, shard=3)      # a listener that will be gone (reload, crash)
+    try:
+        assert sp.shards.owner is not None and sp.shards.owner.index == 3
+        assert all(not isinstance(r, BaseException)
+                   for r in sp.put_many([obj(f"5.{i}", payload(f"5.{i}")) for i in range(3)]))
+        assert len(drain(sp)) == 3
+    finally:
+        sp.close()                               # exits without collecting
+    assert shard_entries(path) == {3: 3}
+    other = ShardSet(path, MAP)
+    try:
+        other.take(3)                            # while a listener owns it, it is left alone
+        sup = Spool(path, map_size=MAP)
+        try:
+            assert sup.collect_unowned() == 0
+        finally:
+            sup.close()
+    finally:
+        other.close()
+    sup = Spool(path, map_size=MAP)
+    try:
+        assert sup.collect_unowned() == 1
+        assert {s.index: s.entries() for s in sup.shards.each()} == {3: 0}
+    finally:
+        sup.close()
