@@ -75,8 +75,10 @@ def listener_main(cfg: Config, index: int) -> None:
         # Its objects' bytes go into a shard of its own: its commits do not queue for the
         # shared environment's write lock with the bytes of other listeners (issue 16).
         shard = spool.own_shard(index)
-        log.info("listener-%d: writes object bytes into spool shard %d", index, shard.index,
-                 extra=fields(worker=f"listener-{index}"))
+        # spool_prealloc is shared out: the shards take the bytes, the shared file the records.
+        added = spool.preallocate_shard(cfg.spool_prealloc // cfg.listeners) if cfg.spool_prealloc else 0
+        log.info("listener-%d: writes object bytes into spool shard %d (%d MiB preallocated)", index,
+                 shard.index, added >> 20, extra=fields(worker=f"listener-{index}"))
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)

@@ -52,7 +52,7 @@ from fastroute.spool.staging import ChunkedView, Manifest, StagedData, digest_pa
 
 SHARDS_DIR = "shards"
 GC_BATCH = 4096                 # gc entries one collection pass deletes at most
-_DB_NAMES = ("obj", "objc", "chunk", "stage")
+_DB_NAMES = ("obj", "objc", "chunk", "stage", "info")   # info: preallocation's scratch keys
 _U64 = struct.Struct(">Q")
 _SHARD = struct.Struct(">I")
 _GC = struct.Struct(">IQ")      # shard, key

@@ -265,6 +265,13 @@ class Spool:
     def preallocate(self, nbytes: int, chunk: int = 4 * 1024**2) -> int:
         return preallocate(self.env, self._info, self._dbs.values(), self.space, nbytes, chunk)
 
+    def preallocate_shard(self, nbytes: int, chunk: int = 4 * 1024**2) -> int:
+        """``preallocate`` for this process's own shard, where its objects' bytes go."""
+        shard = self.shards.owner
+        if shard is None:
+            return 0
+        return preallocate(shard.env, shard.dbs["info"], shard.dbs.values(), self.space, nbytes, chunk)
+
     def usage(self) -> dict[str, int]:
         """The shared environment's usage, with the shards' used bytes added (``shard_bytes``
         says how much of ``used_bytes`` is in shards)."""
