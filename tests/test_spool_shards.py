@@ -273,3 +273,18 @@ def test_a_shard_without_owner_is_collected_by_the_supervisors_pass(tmp_path: Pa
         assert {s.index: s.entries() for s in sup.shards.each()} == {3: 0}
     finally:
         sup.close()
+
+
+def test_objects_below_inline_below_stay_in_the_shared_commit(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    try:
+        sp.inline_below = 1000
+        small, large = obj("6.1", payload("6.1", 100)), obj("6.2", payload("6.2", 5000))
+        assert all(not isinstance(r, BaseException) for r in sp.put_many([small, large]))
+        with sp.env.begin() as txn:
+            assert txn.stat(sp._dbs["obj"])["entries"] == 1
+        assert sp.shards.owner is not None and sp.shards.owner.entries() == 1
+        assert drain(sp) == {"6.1": payload("6.1", 100), "6.2": payload("6.2", 5000)}
+        assert sp.collect_garbage(force=True) == 1 and sp.object_count() == 0
+    finally:
+        sp.close()

@@ -80,6 +80,7 @@ _DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "
              "scmt",
              # byte shards (issue 16, :mod:`shards`)
              "gc", "shard")
+SHARD_INLINE_BELOW = 0   # bytes: smaller objects stay in the shared env's obj db (see put_many)
 GC_EVERY = 1.0           # seconds between two collections of a shard owner's finished bytes
 
 
@@ -125,6 +126,7 @@ class Spool:
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
         self.shards = ShardSet(self.path, map_size)
         self._gc_due = 0.0
+        self.inline_below = SHARD_INLINE_BELOW
         self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window, self.shards)
@@ -300,10 +302,17 @@ class Spool:
             return [exc for _ in items]
         owner = self.shards.owner
         locs: Sequence[Location | None] = [None] * len(items)
-        if owner is not None:
+        # Objects below inline_below keep their bytes in the shared commit (one fsync, not two).
+        sharded = [] if owner is None else [
+            i for i, item in enumerate(items)
+            if isinstance(item.data, StagedData) or len(item.data) >= self.inline_below]
+        if owner is not None and sharded:
             # (1) the bytes, into this listener's own shard (see :mod:`shards`)
             try:
-                locs = owner.write([item.data for item in items])
+                written = owner.write([items[i].data for i in sharded])
+                locs = list(locs)
+                for i, loc in zip(sharded, written):
+                    locs[i] = loc
             except lmdb.MapFullError:
                 if len(items) == 1:
                     return [SpoolFullError(f"spool shard {owner.path} is full (spool_max_bytes reached)")]
@@ -316,7 +325,7 @@ class Spool:
             with self.env.begin(write=True) as txn:
                 results: list[PutResult | BaseException] = [
                     self.queues.put(txn, item, now, loc) for item, loc in zip(items, locs)]
-                if owner is not None:
+                if owner is not None and sharded:
                     txn.put(hw_key(owner.index), _U64.pack(max(loc.key for loc in locs if loc is not None)),
                             db=self._dbs["shard"])
                 # Receipts (issue 14) are gathered per sender and study and written with the
