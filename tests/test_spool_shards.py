@@ -29,7 +29,8 @@ def obj(uid: str, data: bytes, dests: tuple[str, ...] = ("a",)) -> Incoming:
     return Incoming(data, TS, CT, uid, dests, {"study_instance_uid": "9.9", "calling_ae": "CT1"})
 
 
-def payload(uid: str, size: int = 20000) -> bytes:
+def payload(uid: str, size: int = 70000) -> bytes:
+    """Above SHARD_INLINE_BELOW (64 KiB): these bytes go to the writer's shard."""
     return (uid.encode() * (size // len(uid) + 1))[:size]
 
 
@@ -223,7 +224,8 @@ def test_a_spool_of_the_one_environment_layout_opens_and_drains_with_shards(tmp_
 @pytest.mark.peers
 def test_two_listeners_receive_several_associations_and_deliver_everything(
         tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
-    batches = [synth.make_tiny(tmp_path / f"tiny{i}", n=40) for i in range(4)]
+    # CT-sized (0.5 MB): their bytes go to the listeners' shards.
+    batches = [synth.make_study(tmp_path / f"ct{i}", modality="CT", n_instances=40) for i in range(4)]
     pacs = storescp("PACS")
     r = router({"listeners": 2,
                 "destinations": {"pacs": destination(pacs.port, "PACS")},
@@ -239,6 +241,8 @@ def test_two_listeners_receive_several_associations_and_deliver_everything(
     sp = Spool(r.spool_path, map_size=64 * 1024**3)
     try:
         assert sp.shards.indexes() == [0, 1]
+        with sp.env.begin() as txn:       # every record here, every byte in a shard
+            assert txn.stat(sp._dbs["meta"])["entries"] == 160 and txn.stat(sp._dbs["obj"])["entries"] == 0
         wait_until(lambda: sum(s.entries() for s in sp.shards.each()) == 0, 30,
                    message="delivered bytes were not collected")
         assert sp.object_count() == 0
@@ -278,13 +282,13 @@ def test_a_shard_without_owner_is_collected_by_the_supervisors_pass(tmp_path: Pa
 def test_objects_below_inline_below_stay_in_the_shared_commit(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
     try:
-        sp.inline_below = 1000
-        small, large = obj("6.1", payload("6.1", 100)), obj("6.2", payload("6.2", 5000))
+        assert sp.inline_below == 64 * 1024                        # the default
+        small, large = obj("6.1", payload("6.1", 100)), obj("6.2", payload("6.2", 70000))
         assert all(not isinstance(r, BaseException) for r in sp.put_many([small, large]))
         with sp.env.begin() as txn:
             assert txn.stat(sp._dbs["obj"])["entries"] == 1
         assert sp.shards.owner is not None and sp.shards.owner.entries() == 1
-        assert drain(sp) == {"6.1": payload("6.1", 100), "6.2": payload("6.2", 5000)}
+        assert drain(sp) == {"6.1": payload("6.1", 100), "6.2": payload("6.2", 70000)}
         assert sp.collect_garbage(force=True) == 1 and sp.object_count() == 0
     finally:
         sp.close()
