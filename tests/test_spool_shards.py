@@ -292,3 +292,24 @@ def test_objects_below_inline_below_stay_in_the_shared_commit(tmp_path: Path) ->
         assert sp.collect_garbage(force=True) == 1 and sp.object_count() == 0
     finally:
         sp.close()
+
+
+def test_bytes_of_a_failed_records_commit_are_undone_but_staged_chunks_kept(tmp_path: Path) -> None:
+    """Commit (2) failing (a full shared map): the group's small bytes are removed at once; a
+    staged object's chunks stay staged, for its retry or discard."""
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    try:
+        shard = sp.shards.owner
+        assert shard is not None
+        sid, owner = b"\x00" * 12 + b"\x02" * 4, b"\x00" * 12
+        sp.stage_chunk(sid, 0, b"x" * 1000, owner)
+        locs = shard.write([payload("7.1"), StagedData(sid, 1000, 1)])
+        with shard.env.begin() as txn:
+            assert txn.get(sid, db=shard.dbs["stage"]) is None         # linked to its key
+        shard.unwrite(locs)
+        assert shard.entries() == 0
+        with shard.env.begin() as txn:
+            assert txn.get(sid, db=shard.dbs["stage"]) == owner        # staged again
+            assert txn.get(chunk_key(sid, 0), db=shard.dbs["chunk"]) == b"x" * 1000
+    finally:
+        sp.close()

@@ -112,6 +112,7 @@ class Shard:
         self.dbs = {name: self.env.open_db(name.encode()) for name in _DB_NAMES}
         self._lock_fd = -1
         self._next = 0
+        self.stage_owner = b"\x00" * 12     # this process's staging owner, once it staged
 
     # -- ownership ------------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class Shard:
         return out
 
     def stage_chunk(self, sid: bytes, chunk: bytes, data: Any, owner: bytes) -> None:
+        self.stage_owner = owner
         with self.env.begin(write=True) as txn:
             txn.put(sid, owner, db=self.dbs["stage"])
             txn.put(chunk, data, db=self.dbs["chunk"])
@@ -159,6 +161,20 @@ class Shard:
             n = sum(1 for k in keys if txn.delete(k, db=self.dbs["chunk"]))
             txn.delete(sid, db=self.dbs["stage"])
         return n
+
+    def unwrite(self, locs: Sequence[Location]) -> None:
+        """Undo :meth:`write` for objects whose records were not committed: small objects'
+        bytes go; a staged object's chunks stay, registered as staged again (its caller
+        retries or discards them, or the next start removes them with its dead owner)."""
+        with self.env.begin(write=True) as txn:
+            for loc in locs:
+                key = _U64.pack(loc.key)
+                if txn.delete(key, db=self.dbs["obj"]):
+                    continue
+                raw = txn.get(key, db=self.dbs["objc"])
+                if raw is not None:
+                    txn.put(Manifest.decode(raw).sid, self.stage_owner, db=self.dbs["stage"])
+                    txn.delete(key, db=self.dbs["objc"])
 
     def delete(self, keys: Sequence[int]) -> int:
         """Delete objects' bytes (small or chunked) by shard key, in one transaction."""

@@ -369,7 +369,7 @@ class Spool:
         if owner is None:
             return
         try:
-            owner.delete([loc.key for loc in locs if loc is not None])
+            owner.unwrite([loc for loc in locs if loc is not None])
         except lmdb.Error:
             log.exception("spool shard %d: could not remove bytes of a failed commit (removed at the "
                           "next start)", owner.index)
