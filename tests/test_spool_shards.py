@@ -313,3 +313,21 @@ def test_bytes_of_a_failed_records_commit_are_undone_but_staged_chunks_kept(tmp_
             assert txn.get(chunk_key(sid, 0), db=shard.dbs["chunk"]) == b"x" * 1000
     finally:
         sp.close()
+
+
+@pytest.mark.peers
+def test_spool_shards_off_writes_every_byte_into_the_shared_environment(
+        tmp_path: Path, router: Callable[..., Router], storescp: Callable[..., peers.StoreSCP]) -> None:
+    files = synth.make_study(tmp_path / "ct", modality="CT", n_instances=5)
+    pacs = storescp("PACS")
+    r = router({"spool_shards": "off", "destinations": {"pacs": destination(pacs.port, "PACS")},
+                "rules": [{"name": "all", "match": None, "send_to": ["pacs"]}]})
+    res = storescu(r.port, files)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(pacs.wait_for(5, timeout=60)) == 5
+    wait_until(lambda: r.queue()["pacs"]["delivered"] == 5, 30, message="not recorded")
+    sp = Spool(r.spool_path, map_size=64 * 1024**3)
+    try:
+        assert sp.shards.indexes() == [] and sp.object_count() == 0
+    finally:
+        sp.close()
