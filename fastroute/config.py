@@ -1054,6 +1054,10 @@ class Config:
     min_free_bytes: int = field(default=512 * 1024**2, metadata=_SIZE)
     # room written into the spool file before the start
     spool_prealloc: int = field(default=0, metadata=_SIZE)
+    # per-listener: each listener writes object bytes into a spool shard of its own
+    # (fastroute.spool.shards, issue 16); off: every byte into the one shared environment
+    spool_shards: str = field(default="per-listener", metadata=key(
+        _choice("per-listener", "off"), "per-listener or off"))
     # AE titles; an entry may bind its AE to a client certificate (CertBinding): such an AE is
     # accepted only over TLS with a certificate that matches one of its bindings
     allowed_calling_aes: tuple[str, ...] | None = field(default=None, metadata=key(

@@ -37,6 +37,7 @@ READERS: dict[str, frozenset[Role]] = {
     "spool_max_bytes": frozenset({_L, _S}),
     "min_free_bytes": _ALL,
     "spool_prealloc": frozenset(),            # applied once, at start
+    "spool_shards": frozenset({_L}),          # a listener takes (or not) a shard at start
     "allowed_calling_aes": frozenset({_L}),
     "calling_ae_certs": frozenset({_L}),      # read with allowed_calling_aes
     "allowed_peers": frozenset({_L}),

@@ -31,6 +31,7 @@ from fastroute.spool.space import space_warnings
 log = logging.getLogger("fastroute.workers")
 
 EXIT_CONFIG = 78      # EX_CONFIG: restarting cannot help (port in use, bad config)
+SHARD_COLLECT_EVERY = 60.0  # seconds between two collections of the shards no listener owns
 LISTEN_TIMEOUT = 30.0  # how long a reload waits for its new listeners to listen
 KEY_RETRY = 30.0       # a sender that cannot start (a missing de-identification key) tries again
 
@@ -74,6 +75,14 @@ def listener_main(cfg: Config, index: int) -> None:
     signal.signal(signal.SIGHUP, lambda _s, _f: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
     spool = open_spool(cfg)
+    if cfg.spool_shards == "per-listener":
+        # Its objects' bytes go into a shard of its own: its commits do not queue for the
+        # shared environment's write lock with the bytes of other listeners (issue 16).
+        shard = spool.own_shard(index)
+        # spool_prealloc is shared out: the shards take the bytes, the shared file the records.
+        added = spool.preallocate_shard(cfg.spool_prealloc // cfg.listeners) if cfg.spool_prealloc else 0
+        log.info("listener-%d: writes object bytes into spool shard %d (%d MiB preallocated)", index,
+                 shard.index, added >> 20, extra=fields(worker=f"listener-{index}"))
     notifier = Notifier(cfg.spool)
     committer = Committer(spool, notifier, gather=cfg.group_commit_delay)
     rules = RuleSet.from_config(cfg)
@@ -467,10 +476,13 @@ class Supervisor:
         for child in self.children:
             self._start(child)
         code = 0
-        housekeeping_at = time.monotonic() + 60
+        housekeeping_at = shards_at = time.monotonic() + 60
         try:
             while not self._stopping:
                 now = time.monotonic()
+                if now >= shards_at:
+                    shards_at = now + SHARD_COLLECT_EVERY
+                    self._collect_shards()
                 if now >= housekeeping_at:
                     housekeeping_at = now + 3600
                     self._housekeeping()
@@ -478,7 +490,7 @@ class Supervisor:
                 sentinels += [c.proc.sentinel for c, _ in self._retiring]
                 waits = [c.restart_at - now for c in self.children if c.proc is None]
                 waits += [kill_at - now for _, kill_at in self._retiring]
-                waits.append(housekeeping_at - now)
+                waits += [housekeeping_at - now, shards_at - now]
                 timeout = max(0.0, min(waits)) if waits else None
                 ready = multiprocessing.connection.wait([*sentinels, rsock], timeout)
                 if rsock in ready:
@@ -514,6 +526,21 @@ class Supervisor:
         if not self._stopping:
             log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
+
+    def _collect_shards(self) -> None:
+        """Spool shards no listener owns (one that crashed, or the old ones after a reload
+        changed the listeners, see :mod:`fastroute.spool.shards`): their crash leftovers and
+        finished objects' bytes are deleted here."""
+        try:
+            spool = open_spool(self.cfg)
+            try:
+                n = spool.collect_unowned()
+                if n:
+                    log.debug("collected %d spool shard(s) no listener owns", n)
+            finally:
+                spool.close()
+        except Exception as exc:   # never let housekeeping take the router down
+            log.error("collecting unowned spool shards failed: %s", exc)
 
     def _housekeeping(self) -> None:
         """Retention, when no HTTP process (which does it otherwise) is configured."""

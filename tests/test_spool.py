@@ -564,7 +564,7 @@ def test_commit_path_forms_agree_with_the_codec() -> None:
                              study_instance_uid="7.7", patient_id="P1", calling_ae="CT1", rules=["ct"],
                              extra={"custom": 1})
     assert decode_record(raw) == expected and keys == expected.index_keys() == [b"s7.7", b"pP1"]
-    assert decode_claim_fields(raw) == (CT, "1.1", TS, 10, "CT1", b"", "7.7")   # the Study UID: for log lines
+    assert decode_claim_fields(raw) == (CT, "1.1", TS, 10, "CT1", b"", "7.7", None)   # the Study UID: for log lines
     raw, facts = update_record(raw, "a", delivery=Delivery(6.0, 0, "1.2.840.10008.1.2"), digest="ab" * 16)
     raw, _ = update_record(raw, "b", failure=Failure(7.0, 0xA700, "busy"))
     raw, facts = update_record(raw, "b", drop=Drop(8.0, DropReason.PURGED, "why"))

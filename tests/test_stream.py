@@ -26,12 +26,20 @@ from test_router import dataset_bytes
 
 
 def entries(spool_path: Path, db: str) -> int:
+    """Entries of a db, the listeners' byte shards' included (fastroute.spool.shards)."""
     spool = Spool(spool_path, map_size=256 * 1024**2, readonly=True)
     try:
         with spool.env.begin() as txn:
-            return int(txn.stat(spool._dbs[db])["entries"])
+            n = int(txn.stat(spool._dbs[db])["entries"])
+        for shard in spool.shards.each() if db in shard_dbs else ():
+            with shard.env.begin() as txn:
+                n += int(txn.stat(shard.dbs[db])["entries"])
+        return n
     finally:
         spool.close()
+
+
+shard_dbs = ("obj", "objc", "chunk", "stage")
 
 
 def large_objects(tmp_path: Path, n: int = 2) -> list[Path]:

@@ -264,7 +264,7 @@ class SpoolCollector(Collector):
     def _usage(self) -> Iterator[Metric]:
         usage = self.spool.usage()
         for key, name, doc in (
-                ("used_bytes", "fastroute_spool_used_bytes", "Bytes used by the spool's LMDB map"),
+                ("used_bytes", "fastroute_spool_used_bytes", "Bytes used by the spool's LMDB maps (shared and shards)"),
                 ("map_size", "fastroute_spool_max_bytes", "Size limit of the spool (spool_max_bytes)"),
                 ("disk_free_bytes", "fastroute_disk_free_bytes", "Free bytes on the spool's disk"),
                 ("disk_total_bytes", "fastroute_disk_total_bytes", "Size of the spool's disk")):

@@ -475,7 +475,7 @@ class DestinationSender:
 
     def _send_one(self, conn: AnyConnection, item: Claimed) -> Outcome:
         try:
-            with self.spool.view(item.oid) as data:
+            with self.spool.view(item.oid, item.loc) as data:
                 return self._send_view(conn, item, data)
         except SpoolError as exc:
             return Outcome(item.oid, OutcomeKind.FAILED, error=str(exc), cause=FailureCause.SPOOL_ERROR)

@@ -10,6 +10,7 @@
 ``lockstats`` the write lock's wait and hold times, per process (every write transaction timed);
 ``commit``  the group commit the listeners' C-STOREs go through;
 ``wakeup``  the datagrams that tell a destination's sender that its queue grew.
+``shards``  the listeners' own environments for object bytes, and their deferred deletes.
 """
 from __future__ import annotations
 

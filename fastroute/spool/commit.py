@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from fastroute.logsetup import fields
 from fastroute.spool.staging import StagedData, StagedFile, Stager
-from fastroute.spool.store import Incoming, PutResult, Spool
+from fastroute.spool.store import GC_EVERY, Incoming, PutResult, Spool
 from fastroute.spool.wakeup import Notifier
 
 log = logging.getLogger("fastroute.commit")
@@ -157,6 +157,12 @@ class Committer:
         self._q.put(None)
         self._thread.join(timeout=30)
         self._flush_receipts()
+        try:
+            while self.spool.collect_garbage(force=True):
+                pass
+        except Exception:
+            log.exception("deleting delivered objects' bytes from this listener's spool shard failed "
+                          "(done when the shard is next owned)")
 
     def _run(self) -> None:
         stop = False
@@ -164,10 +170,15 @@ class Committer:
             try:
                 # Receipts gathered but not yet audited are written once their second is up,
                 # also when no further object comes (an idle router's audit trail is complete).
+                # A shard owner also deletes its finished objects' bytes (see :mod:`shards`)
+                # between groups, and about once a second when idle.
                 wait = self.spool.receipts_pending_for()
+                if self.spool.shards.owner is not None:
+                    wait = GC_EVERY if wait is None else min(wait, GC_EVERY)
                 first = self._q.get(timeout=wait) if wait is not None else self._q.get()
             except queue.Empty:
                 self._flush_receipts()
+                self._collect()
                 continue
             if first is None:
                 break
@@ -211,6 +222,13 @@ class Committer:
                     self.notifier.notify(dest)
             if after is not None:
                 self._job(after)
+            self._collect()
+
+    def _collect(self) -> None:
+        try:
+            self.spool.collect_garbage()
+        except Exception:        # bytes stay listed in gc: collected next time
+            log.exception("deleting delivered objects' bytes from this listener's spool shard failed")
 
     def _flush_receipts(self) -> None:
         try:

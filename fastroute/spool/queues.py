@@ -39,6 +39,7 @@ from fastroute.logsetup import fields
 from fastroute.spool.audit import AuditChain
 from fastroute.spool.commitments import Commitments
 from fastroute.spool.verifications import Verifications
+from fastroute.spool.shards import Location, ShardSet, location_of
 from fastroute.spool.staging import Manifest, StagedData, digest_parts
 from fastroute.spool.counters import LATENCY_BUCKETS, CounterKind, bucket_label, incr, status_label
 from fastroute.spool.records import (
@@ -170,6 +171,7 @@ class Claimed:
     unknown: int = 0               # its deliveries that ended without a response, in a row
     study_instance_uid: str = ""   # from the record the claim decodes anyway: for log lines
     bulk: bool = False             # a migration's (BULK class): its digest is recorded on delivery
+    loc: Location | None = None    # the shard holding its bytes (None: the shared environment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +234,13 @@ class Queues:
     """Every queue operation, each inside one write transaction (the caller's or its own)."""
 
     def __init__(self, env: lmdb.Environment, dbs: dict[str, Any], audit: AuditChain,
-                 duplicate_window: float) -> None:
+                 duplicate_window: float, shards: ShardSet | None = None) -> None:
         self.env = env
+        self.shards = shards
         self._obj, self._meta, self._q = dbs["obj"], dbs["meta"], dbs["q"]
         self._sop, self._dlv, self._idx, self._info = dbs["sop"], dbs["dlv"], dbs["idx"], dbs["info"]
         self._objc, self._chunk, self._stage = dbs["objc"], dbs["chunk"], dbs["stage"]
+        self._gc = dbs["gc"]
         self.audit = audit
         self.duplicate_window = duplicate_window
         self.commitments: Commitments | None = None    # set by the Spool: holds bytes until committed
@@ -247,7 +251,9 @@ class Queues:
 
     # -- receive side ------------------------------------------------------------------------
 
-    def put(self, txn: lmdb.Transaction, item: Incoming, now: float) -> PutResult:
+    def put(self, txn: lmdb.Transaction, item: Incoming, now: float, loc: Location | None = None) -> PutResult:
+        """Queue one object; ``loc``: its bytes are already in a shard there (else they are
+        written here)."""
         oid = self._incr(txn, _C_SEQ)
         key = oid_key(oid)
         digest = b""              # taken only to compare with an earlier delivery
@@ -291,7 +297,11 @@ class Queues:
         if not item.destinations:
             txn.put(qkey(UNROUTED, _U, oid), NEW_ENTRY, db=self._q)
         data = item.data
-        if isinstance(data, StagedData):
+        if loc is not None:
+            meta = {**meta, "loc": loc.to_json()}
+            if not outstanding:
+                txn.put(loc.gc_key, b"", db=self._gc)
+        elif isinstance(data, StagedData):
             # Link the staged chunks to the object (or drop them when nothing wants it).
             txn.delete(data.sid, db=self._stage)
             if outstanding:
@@ -396,14 +406,21 @@ class Queues:
             # another destination's hold (read only when the bytes would go)
             held = held or (facts.finished and commitments.held(txn, oid))
         if facts.finished and not held:
-            self.drop_bytes(txn, oid)
+            self.drop_bytes(txn, oid, raw)
         txn.put(key, new, db=self._meta)
         return facts
 
-    def drop_bytes(self, txn: lmdb.Transaction, oid: int) -> None:
-        """Remove an object's bytes (small or chunked); its routing record stays."""
+    def drop_bytes(self, txn: lmdb.Transaction, oid: int, raw: bytes | memoryview | None = None) -> None:
+        """Remove an object's bytes (small or chunked); its routing record stays. Bytes in a
+        listener's shard are listed in ``gc`` for the shard's owner to delete (a sender never
+        writes into a shard, see :mod:`shards`). ``raw``: its routing record, when read."""
         key = oid_key(oid)
-        if not txn.delete(key, db=self._obj):
+        if txn.delete(key, db=self._obj):
+            return
+        loc = location_of(raw if raw is not None else txn.get(key, db=self._meta))
+        if loc is not None:
+            txn.put(loc.gc_key, b"", db=self._gc)
+        else:
             self._delete_chunked(txn, key)
 
     def requeue(self, txn: lmdb.Transaction, dest: str, oid: int, now: float, error: str) -> None:
@@ -417,6 +434,9 @@ class Queues:
 
     def _content_digest(self, txn: lmdb.Transaction, data: bytes | StagedData) -> bytes:
         if isinstance(data, StagedData):
+            owner = self.shards.owner if self.shards is not None else None
+            if owner is not None:        # staged into this listener's shard
+                return owner.staged_digest(data)
             return digest_parts(txn.get(k, db=self._chunk) for k in data.manifest.keys())
         return content_digest(data)
 
@@ -438,6 +458,9 @@ class Queues:
             return content_digest(stored)
         raw = txn.get(key, db=self._objc)
         if raw is None:
+            loc = location_of(txn.get(key, db=self._meta))
+            if loc is not None and self.shards is not None:
+                return self.shards.digest(loc)
             return b""
         return digest_parts(txn.get(k, db=self._chunk) for k in Manifest.decode(raw).keys())
 
@@ -492,7 +515,7 @@ class Queues:
             attempts, unknown = QueueRecord.counts_of(value)
             out.append(Claimed(oid, f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax,
                                attempts, f.size, f.calling_ae, f.digest, unknown, f.study_instance_uid,
-                               key[-9:-8] == _B))
+                               key[-9:-8] == _B, f.loc))
         return out, earliest
 
     @staticmethod

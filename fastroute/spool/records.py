@@ -22,6 +22,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
+from fastroute.spool.shards import Location
+
 RECORD_VERSION = 2
 
 
@@ -278,13 +280,20 @@ class ClaimFields(NamedTuple):
     calling_ae: str
     digest: bytes
     study_instance_uid: str = ""    # for the sender's log lines (already decoded: no extra read)
+    loc: Location | None = None     # the shard holding its bytes (``loc``; none: the shared env)
 
 
 def decode_claim_fields(raw: bytes | memoryview) -> ClaimFields:
     d = json.loads(bytes(raw))
     return ClaimFields(d["sop_class_uid"], d["sop_instance_uid"], d["transfer_syntax"], int(d.get("size", 0)),
                        d.get("calling_ae") or "", bytes.fromhex(d.get("digest") or ""),
-                       d.get("study_instance_uid") or "")
+                       d.get("study_instance_uid") or "", _location(d.get("loc")))
+
+
+def _location(raw: Any) -> Location | None:
+    """A record's ``loc`` ([shard, key], written by a shard owner's put); absent in records
+    written without shards, whose bytes are in the shared environment."""
+    return Location(int(raw[0]), int(raw[1])) if raw else None
 
 
 class RecordFacts(NamedTuple):
