@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -331,3 +332,24 @@ def test_spool_shards_off_writes_every_byte_into_the_shared_environment(
         assert sp.shards.indexes() == [] and sp.object_count() == 0
     finally:
         sp.close()
+
+
+def test_a_senders_threads_opening_one_shard_at_once_share_one_environment(tmp_path: Path) -> None:
+    """A sender's worker threads read the same shard on first use together (the bench's four
+    associations did): LMDB refuses a second open of one environment in a process, which
+    failed an object ("already open in this process") before opening was serialised."""
+    writer = ShardSet(tmp_path, MAP)
+    writer.take(0)
+    writer.close()
+    for _ in range(20):
+        readers = ShardSet(tmp_path, MAP)
+        barrier = threading.Barrier(8)
+
+        def open_it() -> object:
+            barrier.wait()
+            return readers.get(0)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda _i: open_it(), range(8)))
+        assert all(s is got[0] for s in got)
+        readers.close()

@@ -40,6 +40,7 @@ import fcntl
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -283,6 +284,9 @@ class ShardSet:
         self.root = Path(spool_path) / SHARDS_DIR
         self.map_size = map_size
         self._open: dict[int, Shard] = {}
+        # a sender's worker threads read the same shard at once on first use, and LMDB
+        # refuses to open one environment twice in a process: opening is serialised
+        self._opening = threading.Lock()
         self.owner: Shard | None = None
 
     def indexes(self) -> list[int]:
@@ -294,7 +298,10 @@ class ShardSet:
     def get(self, index: int, *, create: bool = False) -> Shard:
         shard = self._open.get(index)
         if shard is None:
-            shard = self._open[index] = Shard(self.root, index, self.map_size, create=create)
+            with self._opening:
+                shard = self._open.get(index)
+                if shard is None:
+                    shard = self._open[index] = Shard(self.root, index, self.map_size, create=create)
         return shard
 
     def try_lock(self, index: int) -> int:
