@@ -49,7 +49,8 @@ import lmdb
 
 from fastroute.errors import SpoolError
 from fastroute.spool.lockstats import timed_open
-from fastroute.spool.staging import ChunkedView, Manifest, StagedData, digest_parts, owner_alive
+from fastroute.spool.staging import (ChunkedView, Manifest, StagedData, digest_parts, owner_alive,
+                                      stored_view)
 
 SHARDS_DIR = "shards"
 GC_BATCH = 4096                 # gc entries one collection pass deletes at most
@@ -223,30 +224,9 @@ class Shard:
 
     @contextlib.contextmanager
     def view(self, loc: Location, oid: int) -> Iterator[memoryview | ChunkedView]:
-        key = _U64.pack(loc.key)
-        with self.env.begin(buffers=True) as txn:
-            data = txn.get(key, db=self.dbs["obj"])
-            if data is not None:
-                view = memoryview(data)
-                try:
-                    yield view
-                finally:
-                    view.release()
-                return
-            raw = txn.get(key, db=self.dbs["objc"])
-            if raw is None:
-                raise SpoolError(f"object {oid} has no data in spool shard {loc.shard} (purged?)")
-            parts = []
-            for k in Manifest.decode(bytes(raw)).keys():
-                part = txn.get(k, db=self.dbs["chunk"])
-                if part is None:
-                    raise SpoolError(f"object {oid} is missing a chunk in spool shard {loc.shard}")
-                parts.append(memoryview(part))
-            try:
-                yield ChunkedView(parts)
-            finally:
-                for p in parts:
-                    p.release()
+        with stored_view(self.env, _U64.pack(loc.key), self.dbs["obj"], self.dbs["objc"], self.dbs["chunk"],
+                         f"spool shard {loc.shard}", oid) as view:
+            yield view
 
     def digest(self, loc: Location) -> bytes:
         """content_digest of the bytes at ``loc``; b"" when gone."""

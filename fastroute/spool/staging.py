@@ -27,6 +27,7 @@ one PDU), and the committer one ``CHUNK`` at a time while it copies.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import mmap
@@ -34,7 +35,9 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+from fastroute.errors import SpoolError
 
 CHUNK = 4 * 1024 * 1024            # bytes per LMDB value of a staged object (a multiple of the page size)
 STAGING_DIR = "staging"
@@ -251,3 +254,34 @@ def _open_unlinked(directory: Path) -> int:
 
 __all__ = ["CHUNK", "Manifest", "StagedData", "ChunkedView", "StagedFile", "Stager", "chunk_key",
            "digest_parts", "owner_alive"]
+
+
+@contextlib.contextmanager
+def stored_view(env: Any, key: bytes, obj_db: Any, objc_db: Any, chunk_db: Any,
+                where: str, oid: int) -> Iterator[memoryview | ChunkedView]:
+    """An object's bytes in ``env`` as a memoryview into the map (valid inside the block only),
+    or a chunked one's as a :class:`ChunkedView`: the one reader of both layouts, for the shared
+    environment and for a shard (``where`` names it in errors)."""
+    with env.begin(buffers=True) as txn:
+        data = txn.get(key, db=obj_db)
+        if data is not None:
+            view = memoryview(data)
+            try:
+                yield view
+            finally:
+                view.release()
+            return
+        raw = txn.get(key, db=objc_db)
+        if raw is None:
+            raise SpoolError(f"object {oid} has no data in {where} (purged?)")
+        parts = []
+        for k in Manifest.decode(bytes(raw)).keys():
+            part = txn.get(k, db=chunk_db)
+            if part is None:
+                raise SpoolError(f"object {oid} is missing a chunk in {where}")
+            parts.append(memoryview(part))
+        try:
+            yield ChunkedView(parts)
+        finally:
+            for p in parts:
+                p.release()

@@ -66,7 +66,7 @@ from fastroute.spool.queues import (
 )
 from fastroute.spool.records import QueueState, RoutingRecord, decode_record
 from fastroute.spool.shards import Location, Shard, ShardSet, collect, hw_key, location_of, split_gc_key
-from fastroute.spool.staging import ChunkedView, Manifest, StagedData, chunk_key, owner_alive
+from fastroute.spool.staging import ChunkedView, StagedData, chunk_key, owner_alive, stored_view
 
 if TYPE_CHECKING:
     from fastroute.config import Config
@@ -434,30 +434,9 @@ class Spool:
             with self.shards.view(loc, oid) as sharded:
                 yield sharded
             return
-        key = oid_key(oid)
-        with self.env.begin(buffers=True) as txn:
-            data = txn.get(key, db=self._obj)
-            if data is not None:
-                view = memoryview(data)
-                try:
-                    yield view
-                finally:
-                    view.release()
-                return
-            raw = txn.get(key, db=self._dbs["objc"])
-            if raw is None:
-                raise SpoolError(f"object {oid} has no data in the spool (purged?)")
-            parts = []
-            for k in Manifest.decode(bytes(raw)).keys():
-                part = txn.get(k, db=self._dbs["chunk"])
-                if part is None:
-                    raise SpoolError(f"object {oid} is missing a chunk in the spool")
-                parts.append(memoryview(part))
-            try:
-                yield ChunkedView(parts)
-            finally:
-                for p in parts:
-                    p.release()
+        with stored_view(self.env, oid_key(oid), self._obj, self._dbs["objc"], self._dbs["chunk"],
+                         "the spool", oid) as view:
+            yield view
 
     # -- staging of large objects (see :mod:`staging`): the listeners' committer thread -------
 
