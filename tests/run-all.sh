@@ -42,6 +42,6 @@ FASTROUTE_REQUIRE_EXTENSIONS=1 "$PYTHON" -m pytest "$@"
 TWIN_TESTS=(tests/test_peek.py tests/test_attrs.py tests/test_structure.py tests/test_transcode.py
             tests/test_scp.py tests/test_scp_defences.py tests/test_fuzz_scp.py tests/test_router.py
             tests/test_stream.py tests/test_poison.py tests/test_moves.py tests/test_spool.py
-            tests/test_schedule.py tests/test_cli.py)
+            tests/test_schedule.py tests/test_cli.py tests/test_spool_shards.py)
 echo "== pytest: pure-Python twins (FASTROUTE_NO_EXTENSIONS=1), receive-path tests =="
 FASTROUTE_NO_EXTENSIONS=1 "$PYTHON" -m pytest -m "not slow" "${TWIN_TESTS[@]}" "$@"
