@@ -14,6 +14,8 @@ import yaml
 
 from peers import free_port, is_listening, wait_until
 
+from fastroute.pids import pid_alive
+
 
 class Router:
     """`fastroute serve -c <generated yaml>` on a free port; stopped by PID (its process group)."""
@@ -63,7 +65,7 @@ class Router:
     def _state(self, dest: str) -> str | None:
         try:
             doc = json.loads((self.spool_path / "run" / f"{dest}.state").read_text())
-            if not _pid_alive(int(doc.get("pid", 0))):
+            if not pid_alive(int(doc.get("pid", 0))):
                 return None
             return str(doc.get("state"))
         except (OSError, ValueError):
@@ -144,16 +146,6 @@ class Router:
             self.stop()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def destination(port: int, ae_title: str = "STORESCP", **extra: Any) -> dict[str, Any]:
