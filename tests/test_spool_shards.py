@@ -1,6 +1,8 @@
-"""Byte shards (issue 16): listeners write object bytes into LMDB environments of their own,
-the records stay in the shared one; crashes between the two commits, deferred deletes, large
-objects, a spool of the one-environment layout, and a two-listener router end to end."""
+"""Byte shards and the receive journal (issue 16): listeners commit object bytes and journal
+entries into LMDB environments of their own and answer then; the records are applied to the
+shared one off the acknowledgement path. Crashes before the apply, a spool written before the
+journal, deferred deletes, large objects, the one-environment layout, and a two-listener
+router end to end."""
 from __future__ import annotations
 
 import multiprocessing
@@ -31,7 +33,7 @@ def obj(uid: str, data: bytes, dests: tuple[str, ...] = ("a",)) -> Incoming:
 
 
 def payload(uid: str, size: int = 70000) -> bytes:
-    """Above SHARD_INLINE_BELOW (64 KiB): these bytes go to the writer's shard."""
+    """An object's bytes (CT-sized by default); every size goes to the writer's shard."""
     return (uid.encode() * (size // len(uid) + 1))[:size]
 
 
@@ -72,7 +74,8 @@ def _listener(path: str, index: int, n: int) -> None:
 
 
 def _crash_between_commits(path: str) -> None:
-    """A listener that wrote a group's bytes into its shard and died before the records."""
+    """A listener of the layout before the journal (bytes, then records in a second commit)
+    that wrote a group's bytes into its shard and died before the records."""
     sp = Spool(path, map_size=MAP)
     shard = sp.own_shard(0)
     shard.write([payload("orphan-1"), payload("orphan-2")])
@@ -280,17 +283,18 @@ def test_a_shard_without_owner_is_collected_by_the_supervisors_pass(tmp_path: Pa
         sup.close()
 
 
-def test_objects_below_inline_below_stay_in_the_shared_commit(tmp_path: Path) -> None:
+def test_objects_of_every_size_go_to_the_shard_with_their_journal_entry(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
     try:
-        assert sp.inline_below == 64 * 1024                        # the default
         small, large = obj("6.1", payload("6.1", 100)), obj("6.2", payload("6.2", 70000))
         assert all(not isinstance(r, BaseException) for r in sp.put_many([small, large]))
         with sp.env.begin() as txn:
-            assert txn.stat(sp._dbs["obj"])["entries"] == 1
-        assert sp.shards.owner is not None and sp.shards.owner.entries() == 1
+            assert txn.stat(sp._dbs["obj"])["entries"] == 0
+        assert sp.shards.owner is not None and sp.shards.owner.entries() == 2
         assert drain(sp) == {"6.1": payload("6.1", 100), "6.2": payload("6.2", 70000)}
-        assert sp.collect_garbage(force=True) == 1 and sp.object_count() == 0
+        assert sp.collect_garbage(force=True) == 2 and sp.object_count() == 0
+        with sp.shards.owner.env.begin() as txn:          # journal entries go with their bytes
+            assert txn.stat(sp.shards.owner.dbs["log"])["entries"] == 0
     finally:
         sp.close()
 

@@ -334,9 +334,11 @@ class StoreService:
             result = fut.result()
             study = _study_uid(item)
             routed = ",".join(result.queued) or "unrouted"
-            log.debug("C-STORE from %s@%s to %s sop_instance_uid=%s study_instance_uid=%s stored oid=%d "
+            where = (f"oid={result.oid}" if result.oid or result.loc is None
+                     else f"journalled in shard {result.loc.shard} key {result.loc.key}")
+            log.debug("C-STORE from %s@%s to %s sop_instance_uid=%s study_instance_uid=%s stored %s "
                       "-> %s%s (status 0x0000)", peer.calling_ae, peer.ip, peer.called_ae, sop_uid, study or "",
-                      result.oid, routed,
+                      where, routed,
                       f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "",
                       extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
                                    sop_uid=sop_uid, study_uid=study, destination=routed,

@@ -6,6 +6,10 @@ does not cost one fsync per object; the C-STORE is answered only when its commit
 The same thread writes the chunks of large objects as they arrive (:mod:`staging`), each in
 a transaction of its own, in order with the commits, and commits such an object once its
 last chunk is staged (``seal``) and it passed its checks (``commit_staged``).
+
+A listener that owns a spool shard commits into the shard only (its bytes and journal,
+:mod:`journal`) and answers then; its :class:`Applier` thread queues the objects in the
+shared environment, so this thread never waits for another process's commit.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from fastroute.logsetup import fields
+from fastroute.spool.journal import Applier, Journaled, journaled_results
 from fastroute.spool.staging import StagedData, StagedFile, Stager
 from fastroute.spool.store import GC_EVERY, Incoming, PutResult, Spool
 from fastroute.spool.wakeup import Notifier
@@ -49,6 +54,9 @@ class Committer:
             log.warning("removed the staged chunks of %d large object(s) whose listener stopped before "
                         "they were committed (never acknowledged)", removed)
         self._owner = b""
+        self.applier: Applier | None = None
+        if spool.shards.owner is not None:
+            self.applier = Applier(spool, notifier.notify if notifier is not None else None, gc_every=GC_EVERY)
         self._thread = threading.Thread(target=self._run, name="fastroute-committer", daemon=True)
         self._thread.start()
         self.commits = 0
@@ -138,7 +146,7 @@ class Committer:
             item = Incoming(StagedData(f.sid, f.size, f.staged), checked.transfer_syntax,
                             checked.sop_class_uid, checked.sop_instance_uid, checked.destinations,
                             checked.meta)
-            [res] = self.spool.put_many([item])
+            [res] = self._commit([item])
             self.commits += 1
             self.objects += 1
             if isinstance(res, BaseException):
@@ -147,22 +155,33 @@ class Committer:
                 return
             f.close()
             fut.set_result(res)
-            if self.notifier is not None:
+            if self.notifier is not None and self.applier is None:
                 for dest in res.queued:
                     self.notifier.notify(dest)
         self._q.put(lambda: _run_into(fut, job))
         return fut
 
+    def _commit(self, items: list[Incoming]) -> list[PutResult | BaseException]:
+        """One group's commit: journalled into this listener's shard and handed to the applier,
+        or (without a shard) queued in the shared environment at once."""
+        if self.applier is None:
+            return self.spool.put_many(items)
+        done = self.spool.journal(items)
+        self.applier.add([d for d in done if isinstance(d, Journaled)])
+        return journaled_results(done)
+
+    def wait_applied(self, timeout: float | None = None) -> bool:
+        """Everything answered so far is queued in the shared environment (True at once
+        without a shard); for tests and tools that look at the queues right after a send."""
+        return self.applier is None or self.applier.wait_applied(timeout)
+
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=30)
+        if self.applier is not None:
+            self.applier.close()      # applies what is journalled, flushes receipts, collects
+            return
         self._flush_receipts()
-        try:
-            while self.spool.collect_garbage(force=True):
-                pass
-        except Exception:
-            log.exception("deleting delivered objects' bytes from this listener's spool shard failed "
-                          "(done when the shard is next owned)")
 
     def _run(self) -> None:
         stop = False
@@ -172,13 +191,10 @@ class Committer:
                 # also when no further object comes (an idle router's audit trail is complete).
                 # A shard owner also deletes its finished objects' bytes (see :mod:`shards`)
                 # between groups, and about once a second when idle.
-                wait = self.spool.receipts_pending_for()
-                if self.spool.shards.owner is not None:
-                    wait = GC_EVERY if wait is None else min(wait, GC_EVERY)
+                wait = self.spool.receipts_pending_for() if self.applier is None else None
                 first = self._q.get(timeout=wait) if wait is not None else self._q.get()
             except queue.Empty:
                 self._flush_receipts()
-                self._collect()
                 continue
             if first is None:
                 break
@@ -205,7 +221,7 @@ class Committer:
                 batch.append(nxt)
                 size += len(nxt[0].data)
             try:
-                results = self.spool.put_many([b[0] for b in batch])
+                results = self._commit([b[0] for b in batch])
             except BaseException as exc:   # never leave a C-STORE waiting forever
                 results = [exc for _ in batch]
             self.commits += 1
@@ -217,18 +233,11 @@ class Committer:
                 else:
                     fut.set_result(res)
                     woken.update(res.queued)
-            if self.notifier is not None:
+            if self.notifier is not None and self.applier is None:
                 for dest in woken:
                     self.notifier.notify(dest)
             if after is not None:
                 self._job(after)
-            self._collect()
-
-    def _collect(self) -> None:
-        try:
-            self.spool.collect_garbage()
-        except Exception:        # bytes stay listed in gc: collected next time
-            log.exception("deleting delivered objects' bytes from this listener's spool shard failed")
 
     def _flush_receipts(self) -> None:
         try:

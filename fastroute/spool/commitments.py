@@ -25,7 +25,7 @@ import logging
 import os
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import lmdb
 
@@ -390,6 +390,8 @@ class ModalityRequests:
     def __init__(self, env: lmdb.Environment, db: Any, sop: Any, meta: Any, commitments: Commitments) -> None:
         self.env, self.db, self._sop, self._meta = env, db, sop, meta
         self.commitments = commitments
+        # SOP Instance UIDs acknowledged but still in a listener's journal (:mod:`journal`)
+        self.unapplied: Callable[[], set[str]] | None = None
 
     def add(self, req: ModalityRequest) -> None:
         with self.env.begin(write=True, db=self.db) as txn:
@@ -425,7 +427,14 @@ class ModalityRequests:
     def states(self, sop_instance_uids: Iterable[str], commit_when: str) -> dict[str, InstanceState]:
         """:meth:`state` of each, in one read transaction."""
         with self.env.begin() as txn:
-            return {uid: self._state(txn, uid, commit_when) for uid in sop_instance_uids}
+            out = {uid: self._state(txn, uid, commit_when) for uid in sop_instance_uids}
+        if self.unapplied is not None and InstanceState.UNKNOWN in out.values():
+            # acknowledged, not yet queued (applied within milliseconds): waiting, not unknown
+            journalled = self.unapplied()
+            for uid, state in out.items():
+                if state == InstanceState.UNKNOWN and uid in journalled:
+                    out[uid] = InstanceState.WAITING
+        return out
 
     def _state(self, txn: lmdb.Transaction, sop_instance_uid: str, commit_when: str) -> InstanceState:
         raw_oid = txn.get(sop_instance_uid.encode(), db=self._sop)

@@ -154,6 +154,7 @@ class PutResult:
     queued: tuple[str, ...]        # destinations it was queued for
     superseded: tuple[int, ...]    # older oids whose pending copies it replaced
     suppressed: tuple[str, ...]    # destinations that already have these exact bytes
+    loc: Location | None = None    # where its bytes are; oid 0: journalled, not yet applied (:mod:`journal`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +272,7 @@ class Queues:
         if job:
             pending = _B
             if old_oid is not None:   # a re-received instance (rare): compare the contents
-                digest, conflict = self._content_conflict(txn, old_oid, item)
+                digest, conflict = self._content_conflict(txn, old_oid, item, loc)
                 if conflict is not None:
                     meta = {**meta, "content_conflict": conflict}
                     self._conflict(txn, oid, item, str(job), conflict, now)
@@ -279,7 +280,7 @@ class Queues:
             # Off (0, the default): no lookup and no hash on the receive path.
             last = txn.get(dest.encode() + b"\x00" + sop, db=self._dlv) if window > 0 else None
             if last is not None and now - _AT.unpack_from(last, DIGEST_BYTES)[0] < window:
-                digest = digest or self._content_digest(txn, item.data)
+                digest = digest or self._content_digest(txn, item.data, loc)
                 if last[:DIGEST_BYTES] == digest:
                     suppressed.append(dest)
                     duplicate_of[dest] = earlier = _earlier_delivery(last)
@@ -322,10 +323,10 @@ class Queues:
         self._incr(txn, _C_RECEIVED)
         self._incr(txn, _C_RECEIVED_BYTES, by=len(item.data))
         incr(txn, self._info, _C_RECEIVED_FROM, extra=item.meta.get("calling_ae") or "")
-        return PutResult(oid, tuple(queued), tuple(superseded), tuple(suppressed))
+        return PutResult(oid, tuple(queued), tuple(superseded), tuple(suppressed), loc)
 
-    def _content_conflict(self, txn: lmdb.Transaction, old_oid: int,
-                          item: Incoming) -> tuple[bytes, dict[str, Any] | None]:
+    def _content_conflict(self, txn: lmdb.Transaction, old_oid: int, item: Incoming,
+                          loc: Location | None = None) -> tuple[bytes, dict[str, Any] | None]:
         """A migration object re-received while ``old_oid`` holds the same SOP Instance UID:
         (its digest, the conflict to record or None). The old copy's digest is taken from its
         bytes, or from its routing record once the bytes are gone (delivered); with neither,
@@ -337,7 +338,7 @@ class Queues:
             if not recorded:
                 return b"", None
             other = bytes.fromhex(recorded)
-        digest = self._content_digest(txn, item.data)
+        digest = self._content_digest(txn, item.data, loc)
         if digest == other:
             return digest, None
         return digest, {"with_oid": old_oid, "digest": digest.hex(), "other_digest": other.hex()}
@@ -432,7 +433,10 @@ class Queues:
 
     # -- chunked (large) objects, see :mod:`staging` ------------------------------------------
 
-    def _content_digest(self, txn: lmdb.Transaction, data: bytes | StagedData) -> bytes:
+    def _content_digest(self, txn: lmdb.Transaction, data: bytes | StagedData,
+                        loc: Location | None = None) -> bytes:
+        if isinstance(data, StagedData) and loc is not None and self.shards is not None:
+            return self.shards.digest(loc)   # linked in its shard (any process may apply a journal)
         if isinstance(data, StagedData):
             owner = self.shards.owner if self.shards is not None else None
             if owner is not None:        # staged into this listener's shard

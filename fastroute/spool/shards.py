@@ -54,7 +54,9 @@ from fastroute.spool.staging import (ChunkedView, Manifest, StagedData, digest_p
 
 SHARDS_DIR = "shards"
 GC_BATCH = 4096                 # gc entries one collection pass deletes at most
-_DB_NAMES = ("obj", "objc", "chunk", "stage", "info")   # info: preallocation's scratch keys
+# info: preallocation's scratch keys; log: the journal (an object's records until applied,
+# under its bytes' key, see :mod:`journal`)
+_DB_NAMES = ("obj", "objc", "chunk", "stage", "info", "log")
 _U64 = struct.Struct(">Q")
 _SHARD = struct.Struct(">I")
 _GC = struct.Struct(">IQ")      # shard, key
@@ -133,14 +135,15 @@ class Shard:
 
     # -- the owner's writes ---------------------------------------------------------------------
 
-    def write(self, items: Sequence[Any]) -> list[Location]:
+    def write(self, items: Sequence[Any], journal: Sequence[bytes] | None = None) -> list[Location]:
         """Commit the bytes of ``items`` (bytes, or StagedData already staged here) in one synced
-        transaction; their locations, in order."""
-        obj, objc, stage = self.dbs["obj"], self.dbs["objc"], self.dbs["stage"]
+        transaction, with each one's ``journal`` entry (its records, until applied) when given;
+        their locations, in order."""
+        obj, objc, stage, log_db = self.dbs["obj"], self.dbs["objc"], self.dbs["stage"], self.dbs["log"]
         out = []
         with self.env.begin(write=True) as txn:
             seq = self._next
-            for data in items:
+            for n, data in enumerate(items):
                 seq += 1
                 key = _U64.pack(seq)
                 if isinstance(data, StagedData):
@@ -148,9 +151,38 @@ class Shard:
                     txn.delete(data.sid, db=stage)     # the chunks now belong to this key
                 else:
                     txn.put(key, data, db=obj, append=True)
+                if journal is not None:
+                    txn.put(key, journal[n], db=log_db, append=True)
                 out.append(Location(self.index, seq))
         self._next = seq
         return out
+
+    def journal_after(self, linked: int, limit: int = 1 << 30) -> list[tuple[int, bytes]]:
+        """The journal entries above ``linked`` (written and acknowledged, not yet applied to
+        the shared records), in order: (key, entry)."""
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs["log"])
+            if cur.set_range(_U64.pack(linked + 1)):
+                for k, v in cur:
+                    out.append((_U64.unpack(k)[0], bytes(v)))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def data_at(self, key: int) -> bytes | StagedData | None:
+        """An object's bytes as :meth:`write` took them (bytes, or a chunked one's StagedData):
+        what replaying its journal entry needs. None when gone."""
+        k = _U64.pack(key)
+        with self.env.begin() as txn:
+            raw = txn.get(k, db=self.dbs["obj"])
+            if raw is not None:
+                return bytes(raw)
+            raw = txn.get(k, db=self.dbs["objc"])
+        if raw is None:
+            return None
+        m = Manifest.decode(raw)
+        return StagedData(m.sid, m.size, m.chunks)
 
     def stage_chunk(self, sid: bytes, chunk: bytes, data: Any, owner: bytes) -> None:
         self.stage_owner = owner
@@ -171,6 +203,7 @@ class Shard:
         with self.env.begin(write=True) as txn:
             for loc in locs:
                 key = _U64.pack(loc.key)
+                txn.delete(key, db=self.dbs["log"])
                 if txn.delete(key, db=self.dbs["obj"]):
                     continue
                 raw = txn.get(key, db=self.dbs["objc"])
@@ -187,6 +220,7 @@ class Shard:
         return n
 
     def _delete(self, txn: lmdb.Transaction, key: bytes) -> int:
+        txn.delete(key, db=self.dbs["log"])
         if txn.delete(key, db=self.dbs["obj"]):
             return 1
         raw = txn.get(key, db=self.dbs["objc"])
@@ -198,15 +232,19 @@ class Shard:
         return 1
 
     def recover(self, linked: int) -> tuple[int, int]:
-        """As a new owner: delete the bytes above ``linked`` (written, never linked: a crash
-        between a group's two commits) and the staged chunks of dead processes; returns
-        (orphan objects, orphan staged objects). Sets the sequence past ``linked``."""
-        obj, objc, chunk, stage = (self.dbs[n] for n in ("obj", "objc", "chunk", "stage"))
+        """As a new owner: delete the bytes above ``linked`` that have no journal entry
+        (written, never linked: a crash between the two commits of a spool written before the
+        journal) and the staged chunks of dead processes; returns (orphan objects, orphan
+        staged objects). Journalled objects above ``linked`` stay: they were acknowledged, and
+        the caller applies them. Sets the sequence past every key in use."""
+        obj, objc, chunk, stage, log_db = (self.dbs[n] for n in ("obj", "objc", "chunk", "stage", "log"))
         start = _U64.pack(linked + 1)
         with self.env.begin(write=True) as txn:
-            orphans = [bytes(k) for db in (obj, objc) for k in _keys_from(txn, db, start)]
+            above = [bytes(k) for db in (obj, objc) for k in _keys_from(txn, db, start)]
+            orphans = {k for k in above if txn.get(k, db=log_db) is None}
             for key in orphans:
                 self._delete(txn, key)
+            kept = [_U64.unpack(k)[0] for k in above if k not in orphans]
             dead = [bytes(k) for k, owner in txn.cursor(db=stage) if not owner_alive(bytes(owner))]
             for sid in dead:
                 doomed = []
@@ -217,7 +255,7 @@ class Shard:
                 for k in doomed:
                     txn.delete(k, db=chunk)
                 txn.delete(sid, db=stage)
-            self._next = linked
+            self._next = max([linked, *kept])
         return len(orphans), len(dead)
 
     # -- reads (any process) --------------------------------------------------------------------

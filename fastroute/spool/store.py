@@ -27,8 +27,10 @@ Layout (named sub-databases in one LMDB environment):
           (:mod:`jobs`). ``mmove``: the C-MOVEs in flight, by Move Originator (:mod:`moves`).
 
 With ``spool_shards: per-listener`` (the default) each listener writes the bytes (``obj``,
-and ``objc``/``chunk``/``stage`` of large objects) into a shard of its own instead, and the
-routing record says where (:mod:`shards`); every other db stays here.
+and ``objc``/``chunk``/``stage`` of large objects) into a shard of its own instead, with a
+journal entry per object, and acknowledges then; the journal is applied to the records here
+off the acknowledgement path (:mod:`journal`), and the routing record says where the bytes
+are (:mod:`shards`); every other db stays here.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence, cast
 
 import lmdb
 
@@ -65,6 +67,8 @@ from fastroute.spool.queues import (
     paused_key,
 )
 from fastroute.spool.records import QueueState, RoutingRecord, decode_record
+from fastroute.spool.journal import (APPLY_BATCH, Journaled, decode_entry, encode_entry,
+                                     entry_sop_instance_uid)
 from fastroute.spool.shards import Location, Shard, ShardSet, collect, hw_key, location_of, split_gc_key
 from fastroute.spool.staging import ChunkedView, StagedData, chunk_key, owner_alive, stored_view
 
@@ -83,11 +87,6 @@ _DB_NAMES = ("obj", "meta", "q", "sop", "dlv", "idx", "info", "audit", "objc", "
              "cprop",
              # byte shards (issue 16, :mod:`shards`)
              "gc", "shard")
-# Objects smaller than this keep their bytes in the shared commit, as without shards: one
-# fsync instead of two. Measured here (2 cores, real put_many, groups of 8 x 10 kB, obj/s,
-# median of 3 x 5 s): one writer 10,062 inline vs 6,710 sharded; 2 writers 8,133 vs 8,578;
-# 4 writers 7,644 vs 6,687. A 0.5 MB CT image is far above it and goes to the shard.
-SHARD_INLINE_BELOW = 64 * 1024
 GC_EVERY = 1.0           # seconds between two collections of a shard owner's finished bytes
 
 
@@ -133,7 +132,6 @@ class Spool:
         self._obj, self._meta, self._info = self._dbs["obj"], self._dbs["meta"], self._dbs["info"]
         self.shards = ShardSet(self.path, map_size)
         self._gc_due = 0.0
-        self.inline_below = SHARD_INLINE_BELOW
         self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window, self.shards)
@@ -149,6 +147,7 @@ class Spool:
         self.queues.verifications = self.verifications
         self.modality_requests = ModalityRequests(self.env, self._dbs["scmt"], self._dbs["sop"], self._meta,
                                                   self.commitments)
+        self.modality_requests.unapplied = self.unapplied_sop_instance_uids
         if audit_key is not None and not readonly:
             self.audit.ensure_keyed()
         if shard is not None:
@@ -198,6 +197,10 @@ class Spool:
             raw = txn.get(hw_key(shard.index), db=self._dbs["shard"])
         linked = _U64.unpack(raw)[0] if raw is not None else 0
         orphans, staged = shard.recover(linked)
+        replayed = self._replay(shard, linked)
+        if replayed:
+            log.warning("spool shard %d: queued %d acknowledged object(s) that its last owner had journalled "
+                        "but not yet applied (it stopped first)", shard.index, replayed)
         if orphans:
             log.warning("spool shard %d: removed %d object(s) whose bytes were written but whose records "
                         "were not (a stop between a group's two commits; never acknowledged)",
@@ -207,6 +210,44 @@ class Spool:
                         "stopped before they were committed (never acknowledged)", shard.index, staged)
         while collect(shard, self.env, self._dbs["gc"]):
             pass
+
+    def _replay(self, shard: Shard, linked: int) -> int:
+        """Apply the journal entries above ``linked`` (see :mod:`journal`); how many."""
+        n = 0
+        while True:
+            entries = shard.journal_after(linked, APPLY_BATCH)
+            if not entries:
+                return n
+            done = []
+            for key, raw in entries:
+                data = shard.data_at(key)
+                if data is None:      # cannot happen: the journal entry goes with its bytes
+                    log.error("spool shard %d: journal entry %d has no bytes; skipped", shard.index, key)
+                    continue
+                done.append(decode_entry(raw, data, Location(shard.index, key)))
+            if done:
+                self.apply(done)
+            if not done or done[-1].loc.key < entries[-1][0]:
+                # mark the skipped ones applied too, or they would be looked at forever
+                with self.env.begin(write=True) as txn:
+                    txn.put(hw_key(shard.index), _U64.pack(entries[-1][0]), db=self._dbs["shard"])
+            n += len(done)
+            linked = entries[-1][0]
+
+    def unapplied_sop_instance_uids(self) -> set[str]:
+        """SOP Instance UIDs journalled in a shard (acknowledged) and not yet applied: a
+        storage commitment request must not call them unknown."""
+        out: set[str] = set()
+        with self.env.begin(db=self._dbs["shard"]) as txn:
+            marks = {index: txn.get(hw_key(index)) for index in self.shards.indexes()}
+        for index, raw in marks.items():
+            linked = _U64.unpack(raw)[0] if raw is not None else 0
+            try:
+                entries = self.shards.get(index).journal_after(linked)
+            except SpoolError:
+                continue
+            out.update(entry_sop_instance_uid(e) for _, e in entries)
+        return out
 
     def collect_garbage(self, now: float | None = None, *, force: bool = False) -> int:
         """The shard owner's deferred deletes (at most every GC_EVERY seconds unless ``force``):
@@ -294,68 +335,35 @@ class Spool:
     # -- receive side ------------------------------------------------------------------------
 
     def put_many(self, items: Sequence[Incoming], now: float | None = None) -> list[PutResult | BaseException]:
-        """Commit a group of objects durably in one transaction (group commit).
+        """Commit a group of objects durably and queue them (group commit).
 
         Returns one result per item, in order: a PutResult, or the exception for that item.
         When the map is full the batch is retried item by item so that what fits is kept and
-        only what does not fit is refused.
+        only what does not fit is refused. A shard owner journals the group into its shard and
+        applies it at once (a listener's :class:`Committer` answers after the journal and lets
+        its :class:`Applier` apply); a group whose records cannot be applied is taken back.
         """
         if not items:
             return []
         now = time.time() if now is None else now
+        owner = self.shards.owner
+        if owner is not None:
+            done = self.journal(items, now)
+            ok = [d for d in done if isinstance(d, Journaled)]
+            try:
+                applied = iter(self.apply(ok))
+            except SpoolError as exc:
+                self._unwrite(owner, [d.loc for d in ok])
+                return [d if isinstance(d, BaseException) else exc for d in done]
+            return [d if isinstance(d, BaseException) else next(applied) for d in done]
         try:
             # A staged object's chunks were checked and written as they came: not counted twice.
             self.space.check(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
         except SpoolFullError as exc:
             return [exc for _ in items]
-        owner = self.shards.owner
-        locs: Sequence[Location | None] = [None] * len(items)
-        # Objects below inline_below keep their bytes in the shared commit (one fsync, not two).
-        sharded = [] if owner is None else [
-            i for i, item in enumerate(items)
-            if isinstance(item.data, StagedData) or len(item.data) >= self.inline_below]
-        if owner is not None and sharded:
-            # (1) the bytes, into this listener's own shard (see :mod:`shards`)
-            try:
-                written = owner.write([items[i].data for i in sharded])
-                locs = list(locs)
-                for i, loc in zip(sharded, written):
-                    locs[i] = loc
-            except lmdb.MapFullError:
-                if len(items) == 1:
-                    return [SpoolFullError(f"spool shard {owner.path} is full (spool_max_bytes reached)")]
-                return [r for item in items for r in self.put_many([item], now)]
-            except lmdb.Error as exc:
-                err = SpoolError(f"spool shard write failed: {exc}")
-                return [err for _ in items]
         try:
-            # (2) the records; the C-STOREs are answered after this commit only
-            with self.env.begin(write=True) as txn:
-                results: list[PutResult | BaseException] = [
-                    self.queues.put(txn, item, now, loc) for item, loc in zip(items, locs)]
-                if owner is not None and sharded:
-                    txn.put(hw_key(owner.index), _U64.pack(max(loc.key for loc in locs if loc is not None)),
-                            db=self._dbs["shard"])
-                # Receipts (issue 14) are gathered per sender and study and written with the
-                # first commit a second after the last ones: one audit event per study batch
-                # of a second, not per commit (one association commits object by object; an
-                # event each cost 12 % of tiny-object throughput). A crash can lose the last
-                # second's receipt events; the objects' own records keep who sent them.
-                batch: dict[tuple[str, str, str, str], list[int]] = {}
-                self.audit.gather_receipts(batch, items, results)
-                flush = bool(batch or self._receipts) and now >= self._receipts_due
-                if flush:
-                    self.audit.append_receipt_groups(txn, _merged(self._receipts, batch), now)
-            # Committed: only now are these oids real (an aborted commit gathered nothing).
-            if flush:
-                self._receipts = {}
-                self._receipts_due = now + RECEIPT_EVERY
-            else:
-                for k, v in batch.items():
-                    self._receipts.setdefault(k, []).extend(v)
-            return results
+            return self._records(items, [None] * len(items), [now] * len(items), now)
         except lmdb.MapFullError:
-            self._unwrite(owner, locs)
             if len(items) == 1:
                 return [SpoolFullError(f"spool {self.path} is full (spool_max_bytes reached)")]
             out: list[PutResult | BaseException] = []
@@ -363,20 +371,92 @@ class Spool:
                 out.extend(self.put_many([item], now))
             return out
         except lmdb.Error as exc:
-            self._unwrite(owner, locs)
             err = SpoolError(f"spool write failed: {exc}")
             return [err for _ in items]
 
+    def journal(self, items: Sequence[Incoming], now: float | None = None) -> list[Journaled | BaseException]:
+        """The owner's receive commit (see :mod:`journal`): each object's bytes and journal
+        entry into this process's shard, in one synced transaction that no other listener's
+        commit waits for. Durable on return; queued once :meth:`apply` took them."""
+        owner = self.shards.owner
+        if owner is None:
+            raise SpoolError("journal() needs a spool shard of this process's own (own_shard)")
+        now = time.time() if now is None else now
+        try:
+            self.space.check(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
+        except SpoolFullError as exc:
+            return [exc for _ in items]
+        try:
+            locs = owner.write([i.data for i in items], [encode_entry(i, now) for i in items])
+        except lmdb.MapFullError:
+            if len(items) == 1:
+                return [SpoolFullError(f"spool shard {owner.path} is full (spool_max_bytes reached)")]
+            return [r for item in items for r in self.journal([item], now)]
+        except lmdb.Error as exc:
+            err = SpoolError(f"spool shard write failed: {exc}")
+            return [err for _ in items]
+        return [Journaled(loc, item, now) for loc, item in zip(locs, items)]
+
+    def apply(self, done: Sequence[Journaled], now: float | None = None) -> list[PutResult]:
+        """Queue journalled objects: their records, and their shards' applied marks, in one
+        transaction. Raises SpoolError (SpoolFullError when the shared map is full); nothing
+        is applied then and the journal still holds them."""
+        if not done:
+            return []
+        now = time.time() if now is None else now
+        try:
+            return cast(list[PutResult], self._records(
+                [d.item for d in done], [d.loc for d in done], [d.at for d in done], now))
+        except lmdb.MapFullError as exc:
+            raise SpoolFullError(f"spool {self.path} is full (spool_max_bytes reached) applying "
+                                 f"{len(done)} journalled object(s)") from exc
+        except lmdb.Error as exc:
+            raise SpoolError(f"spool write failed applying {len(done)} journalled object(s): {exc}") from exc
+
+    def _records(self, items: Sequence[Incoming], locs: Sequence[Location | None], ats: Sequence[float],
+                 now: float) -> list[PutResult | BaseException]:
+        """The shared commit of a group: its routing records and queue entries, the applied
+        marks of the shards its bytes are in, and receipts that are due."""
+        with self.env.begin(write=True) as txn:
+            results: list[PutResult | BaseException] = [
+                self.queues.put(txn, item, at, loc) for item, loc, at in zip(items, locs, ats)]
+            marks: dict[int, int] = {}
+            for loc in locs:
+                if loc is not None and loc.key > marks.get(loc.shard, 0):
+                    marks[loc.shard] = loc.key
+            for index, key in marks.items():
+                raw = txn.get(hw_key(index), db=self._dbs["shard"])
+                if raw is None or _U64.unpack(raw)[0] < key:
+                    txn.put(hw_key(index), _U64.pack(key), db=self._dbs["shard"])
+            # Receipts (issue 14) are gathered per sender and study and written with the
+            # first commit a second after the last ones: one audit event per study batch
+            # of a second, not per commit (one association commits object by object; an
+            # event each cost 12 % of tiny-object throughput). A crash can lose the last
+            # second's receipt events; the objects' own records keep who sent them.
+            batch: dict[tuple[str, str, str, str], list[int]] = {}
+            self.audit.gather_receipts(batch, items, results)
+            flush = bool(batch or self._receipts) and now >= self._receipts_due
+            if flush:
+                self.audit.append_receipt_groups(txn, _merged(self._receipts, batch), now)
+        # Committed: only now are these oids real (an aborted commit gathered nothing).
+        if flush:
+            self._receipts = {}
+            self._receipts_due = now + RECEIPT_EVERY
+        else:
+            for k, v in batch.items():
+                self._receipts.setdefault(k, []).extend(v)
+        return results
+
     def _unwrite(self, owner: Shard | None, locs: Sequence[Location | None]) -> None:
-        """Remove bytes written in (1) whose records were not committed (else the owner's next
-        start does: they lie above the linked mark)."""
+        """Take back journalled objects whose records were not committed (put_many's caller is
+        told they failed; left, they would be applied at the owner's next start)."""
         if owner is None:
             return
         try:
             owner.unwrite([loc for loc in locs if loc is not None])
         except lmdb.Error:
-            log.exception("spool shard %d: could not remove bytes of a failed commit (removed at the "
-                          "next start)", owner.index)
+            log.exception("spool shard %d: could not take back the objects of a failed commit (they are "
+                          "queued when the shard is next owned)", owner.index)
 
     # -- send side ---------------------------------------------------------------------------
 

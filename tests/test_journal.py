@@ -1,0 +1,249 @@
+"""The receive journal (issue 16): a listener's commit goes into its own shard only (bytes and
+journal entries) and is answered then; the records are applied to the shared environment by
+the applier, after a crash by the shard's next owner or the supervisor, exactly once."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from fastroute.errors import SpoolError, SpoolFullError
+from fastroute.spool import Incoming, Outcome, OutcomeKind, Spool
+from fastroute.spool import lockstats
+from fastroute.spool.commit import Committer
+from fastroute.spool.commitments import InstanceState
+from fastroute.spool.journal import Journaled, decode_entry, encode_entry
+from fastroute.spool.shards import Location
+from fastroute.spool.staging import ChunkedView
+
+TS = "1.2.840.10008.1.2.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MAP = 256 * 1024**2
+
+
+def obj(uid: str, size: int = 3000, dests: tuple[str, ...] = ("a",)) -> Incoming:
+    data = (uid.encode() * (size // len(uid) + 1))[:size]
+    return Incoming(data, TS, CT, uid, dests, {"study_instance_uid": "9.9", "calling_ae": "CT1",
+                                                "patient_id": "P1"})
+
+
+def records(sp: Spool) -> int:
+    with sp.env.begin() as txn:
+        return int(txn.stat(sp._dbs["meta"])["entries"])
+
+
+def drain(sp: Spool, dest: str = "a") -> dict[str, bytes]:
+    got: dict[str, bytes] = {}
+    while True:
+        batch, _ = sp.claim(dest, 50)
+        if not batch:
+            return got
+        for item in batch:
+            with sp.view(item.oid, item.loc) as data:
+                got[item.sop_instance_uid] = data.join() if isinstance(data, ChunkedView) else bytes(data)
+        sp.settle(dest, [Outcome(i.oid, OutcomeKind.DELIVERED, status=0) for i in batch])
+
+
+def _journal_and_die(path: str, shard: int, uids: list[str]) -> None:
+    """A listener that acknowledged ``uids`` (journalled) and died before applying them."""
+    sp = Spool(path, map_size=MAP)
+    sp.own_shard(shard)
+    done = sp.journal([obj(u) for u in uids])
+    assert all(isinstance(d, Journaled) for d in done)
+    os._exit(0)
+
+
+def _crashed(path: Path, shard: int, uids: list[str]) -> None:
+    Spool(path, map_size=MAP).close()
+    p = multiprocessing.get_context("spawn").Process(target=_journal_and_die, args=(str(path), shard, uids))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+
+
+def test_the_receive_commit_writes_only_into_the_shard(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    try:
+        before = {k: v.transactions for k, v in lockstats.snapshot().items()}
+        done = sp.journal([obj("1.1"), obj("1.2", 600_000)])
+        after = {k: v.transactions for k, v in lockstats.snapshot().items()}
+        # one write transaction, in the shard: no turn at the shared environment's write lock
+        assert after.get(lockstats.SHARED, 0) == before.get(lockstats.SHARED, 0)
+        assert after["shard-0"] == before.get("shard-0", 0) + 1
+        assert all(isinstance(d, Journaled) for d in done)
+        assert records(sp) == 0 and sp.stats(["a"])[0].pending == 0      # not queued yet
+        results = sp.apply([d for d in done if isinstance(d, Journaled)])
+        assert [r.oid for r in results] == [1, 2] and all(r.queued == ("a",) for r in results)
+        rec = sp.record(1)
+        assert rec is not None and rec.extra["loc"] == [0, 1]
+        assert sp.stats(["a"])[0].pending == 2
+        assert drain(sp) == {"1.1": obj("1.1").data, "1.2": obj("1.2", 600_000).data}
+    finally:
+        sp.close()
+
+
+def test_a_journal_entry_round_trips_everything_but_the_bytes() -> None:
+    item = obj("2.1", dests=("a", "b"))
+    got = decode_entry(encode_entry(item, 1234.5), item.data, Location(3, 7))
+    assert got == Journaled(Location(3, 7), item, 1234.5)
+
+
+def test_acknowledged_objects_of_a_crashed_listener_are_queued_once_by_the_next_owner(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    uids = [f"3.{i}" for i in range(5)]
+    _crashed(path, 0, uids)
+    sp = Spool(path, map_size=MAP)
+    try:
+        assert records(sp) == 0
+        assert sp.unapplied_sop_instance_uids() == set(uids)
+        sp.own_shard(0)                               # the restarted listener
+        assert records(sp) == 5 and sp.unapplied_sop_instance_uids() == set()
+        assert [r.sop_instance_uid for _, r in sp.lookup(patient_id="P1")] == uids   # in arrival order
+    finally:
+        sp.close()
+    again = Spool(path, map_size=MAP, shard=0)        # owning it again applies nothing twice
+    try:
+        assert records(again) == 5
+        [res] = again.put_many([obj("3.new")])        # new keys follow the journalled ones
+        assert not isinstance(res, BaseException) and res.loc == Location(0, 6)
+        assert drain(again) == {u: obj(u).data for u in [*uids, "3.new"]}
+    finally:
+        again.close()
+
+
+def test_the_supervisors_pass_applies_the_journal_of_a_shard_no_listener_owns(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    _crashed(path, 2, ["4.1", "4.2"])
+    sup = Spool(path, map_size=MAP)
+    try:
+        assert sup.collect_unowned() == 1
+        assert records(sup) == 2 and sup.stats(["a"])[0].pending == 2
+        assert sup.collect_unowned() == 1 and records(sup) == 2
+    finally:
+        sup.close()
+
+
+def test_the_committer_answers_from_the_journal_and_the_applier_queues(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    woken: list[str] = []
+
+    class Notified:
+        def notify(self, dest: str) -> None:
+            woken.append(dest)
+
+        def close(self) -> None:
+            pass
+
+    committer = Committer(sp, Notified())  # type: ignore[arg-type]
+    try:
+        res = committer.submit(obj("5.1"))
+        assert res.oid == 0 and res.loc == Location(0, 1) and res.queued == ("a",)
+        assert committer.wait_applied(10)
+        assert records(sp) == 1 and sp.stats(["a"])[0].pending == 1
+        assert woken == ["a"]
+        futs = [committer.submit_nowait(obj(f"5.{i}")) for i in range(2, 40)]
+        assert all(f.result(10).oid == 0 for f in futs)
+    finally:
+        committer.close()                 # applies what is still waiting
+    try:
+        assert records(sp) == 39
+    finally:
+        sp.close()
+
+
+def test_an_apply_that_fails_is_retried_and_loses_nothing(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    real = sp.apply
+    fails = [SpoolFullError("spool full (test)"), SpoolError("disk error (test)")]
+
+    def flaky(done: list[Journaled], now: float | None = None) -> list:  # type: ignore[type-arg]
+        if fails:
+            raise fails.pop(0)
+        return real(done, now)
+
+    sp.apply = flaky  # type: ignore[method-assign]
+    committer = Committer(sp, None)
+    try:
+        assert committer.submit(obj("6.1")).oid == 0       # acknowledged: durable in the shard
+        assert committer.wait_applied(10)
+        assert committer.applier is not None and committer.applier.failures == 2
+        assert records(sp) == 1
+        assert "durable in the shard, retried" in caplog.text
+    finally:
+        committer.close()
+        sp.close()
+
+
+def test_put_many_takes_back_a_group_whose_records_fail(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    try:
+        def broken(done: list[Journaled], now: float | None = None) -> list:  # type: ignore[type-arg]
+            raise SpoolError("disk error (test)")
+        sp.apply = broken  # type: ignore[method-assign]
+        results = sp.put_many([obj("7.1"), obj("7.2")])
+        assert all(isinstance(r, SpoolError) for r in results)
+        shard = sp.shards.owner
+        assert shard is not None and shard.entries() == 0
+        with shard.env.begin() as txn:
+            assert txn.stat(shard.dbs["log"])["entries"] == 0
+    finally:
+        sp.close()
+
+
+def test_a_storage_commitment_never_calls_an_acknowledged_object_unknown(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    try:
+        done = sp.journal([obj("8.1")])
+        states = sp.modality_requests.states(["8.1", "8.404"], "spooled")
+        assert states == {"8.1": InstanceState.WAITING, "8.404": InstanceState.UNKNOWN}
+        sp.apply([d for d in done if isinstance(d, Journaled)])
+        assert sp.modality_requests.states(["8.1"], "spooled") == {"8.1": InstanceState.DONE}
+    finally:
+        sp.close()
+
+
+def test_two_processes_journal_at_once_into_their_own_shards(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    Spool(path, map_size=MAP).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_journal_and_die, args=(str(path), i, [f"9.{i}.{j}" for j in range(20)]))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    sup = Spool(path, map_size=MAP)
+    try:
+        assert sup.collect_unowned() == 2 and records(sup) == 40
+        assert len(drain(sup)) == 40
+    finally:
+        sup.close()
+
+
+def test_the_commit_thread_never_writes_into_the_shared_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journal mode: only the applier thread takes turns at the shared write lock."""
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    seen: set[str] = set()
+    real_begin = lockstats.TimedEnv.begin
+
+    def begin(self: lockstats.TimedEnv, *args: object, **kwargs: object) -> object:
+        if kwargs.get("write") and self.label == lockstats.SHARED:
+            seen.add(threading.current_thread().name)
+        return real_begin(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lockstats.TimedEnv, "begin", begin)
+    committer = Committer(sp, None)
+    try:
+        for i in range(20):
+            committer.submit(obj(f"10.{i}"))
+        assert committer.wait_applied(10)
+    finally:
+        committer.close()
+        sp.close()
+    assert "fastroute-committer" not in seen and "fastroute-applier" in seen
