@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--duration", type=float, default=5.0, metavar="S",
                    help="--spool: seconds each run commits (default 5)")
     w.add_argument("--layouts", metavar="L[,L...]",
-                   help="--spool: of shared, sharded, spool-shared, spool-sharded (default: shared,sharded, "
-                        "and the spool-* pair when this fastroute's Spool has shards)")
+                   help="--spool: of shared, sharded, spool-shared, spool-sharded, spool-journal (default: "
+                        "shared,sharded, and the spool-* ones this fastroute's Spool has)")
     r = p.add_argument_group("measurement")
     r.add_argument("--rounds", type=int, metavar="R",
                    help=f"rounds; each measures every path once, alternating their order (default {DEFAULTS['rounds']})")

@@ -8,7 +8,13 @@ and tiny (8 x 10 kB). Layouts:
 ``sharded``        one environment per writer (what the sharded spool gives each listener);
 ``spool-shared``   the real ``Spool.put_many`` with realistic ``Incoming`` objects, one spool;
 ``spool-sharded``  the same through the sharded spool, when this fastroute has one (see
-                   ``sharded_spool_option``; otherwise it is left out, and the output says so).
+                   ``sharded_spool_option``; otherwise it is left out, and the output says so):
+                   each group's bytes into the writer's shard and its records into the shared
+                   environment before the call returns (the acknowledgement waited for both);
+``spool-journal``  what a listener does since the receive journal (``fastroute.spool.journal``):
+                   ``Spool.journal`` into its shard (the acknowledgement), an ``Applier`` thread
+                   queueing the records in the shared environment. Its objects per second count
+                   until the last object is *applied* (queued), not merely acknowledged.
 
 Every writer's environment is a ``TimedEnv`` (:mod:`fastroute.spool.lockstats`), so each
 reports how long it waited for the write lock and held it. Objects per second is the sum
@@ -30,7 +36,7 @@ from typing import Any, Callable
 
 VALUES = {"ct": (4, 512 * 1024), "tiny": (8, 10 * 1024)}    # values per commit, bytes each
 RAW_LAYOUTS = ("shared", "sharded")
-SPOOL_LAYOUTS = ("spool-shared", "spool-sharded")
+SPOOL_LAYOUTS = ("spool-shared", "spool-sharded", "spool-journal")
 MAP_SIZE = 64 * 1024**3
 
 
@@ -96,8 +102,12 @@ def _spool_writer(layout: str, root: str, index: int, kind: str, duration: float
 
     per, size = VALUES[kind]
     option = sharded_spool_option()
-    kwargs: dict[str, Any] = {option: index} if layout == "spool-sharded" and option else {}
+    kwargs: dict[str, Any] = {option: index} if layout in ("spool-sharded", "spool-journal") and option else {}
     spool = Spool(Path(root) / "spool", map_size=MAP_SIZE, **kwargs)
+    applier = None
+    if layout == "spool-journal":
+        from fastroute.spool.journal import Applier, Journaled
+        applier = Applier(spool, None)
     value = _payload(size)
     study = f"1.2.826.0.1.3680043.10.1016.{os.getpid()}.{index}"
     seq = 0
@@ -115,12 +125,21 @@ def _spool_writer(layout: str, root: str, index: int, kind: str, duration: float
                                   {"calling_ae": f"CT{index}", "called_ae": "FASTROUTE", "peer": "127.0.0.1",
                                    "study_instance_uid": study, "patient_id": f"P{index}",
                                    "accession_number": f"A{index}", "modality": "CT", "rules": []}))
-        results = spool.put_many(items)
+        if applier is not None:
+            done = spool.journal(items)
+            applier.add([d for d in done if isinstance(d, Journaled)])
+            results: list[Any] = list(done)
+        else:
+            results = spool.put_many(items)
         bad = [r for r in results if isinstance(r, BaseException)]
         if bad:
             raise RuntimeError(f"writer {index}: put_many failed: {bad[0]}")
         commits += 1
+    if applier is not None:                 # counted until the last one is queued
+        applier.wait_applied()
     elapsed = time.perf_counter() - start
+    if applier is not None:
+        applier.close()
     after = snapshot()
     wait = sum(s.wait_s for s in after.values()) - sum(s.wait_s for s in before.values())
     hold = sum(s.hold_s for s in after.values()) - sum(s.hold_s for s in before.values())
@@ -172,6 +191,14 @@ def default_layouts() -> list[str]:
     return [*RAW_LAYOUTS, *(SPOOL_LAYOUTS if sharded_spool_option() else ())]
 
 
+def has_journal() -> bool:
+    try:
+        from fastroute.spool.journal import Applier  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_spool(work: Path, writers: list[int], duration: float, rounds: int,
               log: Callable[[str], None], layouts: list[str] | None = None) -> dict[str, Any]:
     """Every (values, W, layout), R rounds each. A round measures every cell once, the layouts
@@ -179,8 +206,13 @@ def run_spool(work: Path, writers: list[int], duration: float, rounds: int,
     instead of sinking one. With one writer, shared and sharded are the same layout (one
     environment, one writer): measured once, reported under both."""
     option = sharded_spool_option()
-    layouts = layouts or default_layouts()
-    if "spool-sharded" in layouts and not option:
+    chosen = layouts is not None
+    layouts = list(layouts or default_layouts())
+    if "spool-journal" in layouts and not has_journal():
+        if chosen:
+            raise RuntimeError("spool-journal: this fastroute has no receive journal")
+        layouts.remove("spool-journal")
+    if ("spool-sharded" in layouts or "spool-journal" in layouts) and not option:
         raise RuntimeError("spool-sharded: this fastroute's Spool has no shard option")
     twins = {"sharded": "shared", "spool-sharded": "spool-shared"}
     cells = [(kind, w, layout) for kind in VALUES for w in writers for layout in layouts
@@ -229,6 +261,8 @@ def table(doc: dict[str, Any]) -> str:
     head = f"{'values':<6} {'W':>2} " + " ".join(f"{lay:>14}" for lay in layouts) + f" {'sharded/shared':>15}"
     if "spool-sharded" in layouts:
         head += f" {'spool s/s':>10}"
+    if "spool-journal" in layouts:
+        head += f" {'journal/s':>10}"
     lines = [f"spool commits, sync on, {doc['duration_s']:g} s per run, median of {doc['rounds']} round(s) "
              f"(obj/s; values per commit: ct 4 x 0.5 MB, tiny 8 x 10 kB)", head]
     for kind in doc["values"]:
@@ -241,6 +275,9 @@ def table(doc: dict[str, Any]) -> str:
             ssh, ssd = by.get((kind, w, "spool-shared")), by.get((kind, w, "spool-sharded"))
             if "spool-sharded" in layouts:
                 row += (f" {ssd['objects_per_s'] / ssh['objects_per_s']:>10.2f}" if ssh and ssd else f" {'-':>10}")
+            sj = by.get((kind, w, "spool-journal"))
+            if "spool-journal" in layouts:
+                row += (f" {sj['objects_per_s'] / ssh['objects_per_s']:>10.2f}" if ssh and sj else f" {'-':>10}")
             lines.append(row)
     if "spool-sharded" not in layouts:
         lines.append("(spool-sharded: not measured, this fastroute's Spool has no shard option)")

@@ -26,7 +26,7 @@ from fastroute.errors import ConfigError
 from fastroute.logsetup import fields, set_process_title, setup_logging
 from fastroute.spool import lockstats, open_spool
 from fastroute.spool.proposals import ProposalState
-from fastroute.spool.space import space_warnings
+from fastroute.spool.space import prealloc_split, space_warnings
 
 log = logging.getLogger("fastroute.workers")
 
@@ -80,7 +80,7 @@ def listener_main(cfg: Config, index: int) -> None:
         # shared environment's write lock with the bytes of other listeners (issue 16).
         shard = spool.own_shard(index)
         # spool_prealloc is shared out: the shards take the bytes, the shared file the records.
-        added = spool.preallocate_shard(cfg.spool_prealloc // cfg.listeners) if cfg.spool_prealloc else 0
+        added = spool.preallocate_shard(prealloc_split(cfg.spool_prealloc, cfg.listeners, True)[1])
         log.info("listener-%d: writes object bytes into spool shard %d (%d MiB preallocated)", index,
                  shard.index, added >> 20, extra=fields(worker=f"listener-{index}"))
     notifier = Notifier(cfg.spool)
@@ -458,7 +458,8 @@ class Supervisor:
         spool = open_spool(self.cfg)
         try:
             start = time.monotonic()
-            added = spool.preallocate(self.cfg.spool_prealloc)
+            added = spool.preallocate(prealloc_split(self.cfg.spool_prealloc, self.cfg.listeners,
+                                                     self.cfg.spool_shards == "per-listener")[0])
             if added:
                 log.info("spool %s: %d MiB preallocated in %.1fs (spool_prealloc)", self.cfg.spool,
                          added // 1024**2, time.monotonic() - start)

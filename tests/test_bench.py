@@ -172,14 +172,14 @@ def test_spool_bench_measures_shared_and_sharded_commits_with_their_lock_times(t
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "bench", "--spool", "--fastroute", "checkout",
                           "--writers", "1,2", "--duration", "0.3", "--rounds", "1",
-                          "--layouts", "shared,sharded,spool-shared",
+                          "--layouts", "shared,sharded,spool-shared,spool-journal",
                           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--quiet"],
                          cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads((out / "bench.json").read_text())
     results = {(r["layout"], r["values"], r["writers"]): r for r in doc["spool"]["results"]}
-    assert set(results) == {(lay, v, w) for lay in ("shared", "sharded", "spool-shared")
+    assert set(results) == {(lay, v, w) for lay in ("shared", "sharded", "spool-shared", "spool-journal")
                             for v in ("ct", "tiny") for w in (1, 2)}
     for (layout, _, w), r in results.items():
         assert r["objects_per_s"] > 0 and len(r["wait_s"]) == len(r["hold_s"]) == w
@@ -188,4 +188,5 @@ def test_spool_bench_measures_shared_and_sharded_commits_with_their_lock_times(t
     assert sum(results[("shared", "ct", 2)]["wait_s"]) > 0
     assert not list((tmp_path / "work" / "spool-bench").iterdir())      # gigabytes not left behind
     assert "sharded/shared" in res.stdout and "write lock per writer" in res.stdout
+    assert "journal/s" in res.stdout            # the receive journal against one shared spool
     assert doc["machine"]["usable_cpus"] >= 1

@@ -247,3 +247,71 @@ def test_the_commit_thread_never_writes_into_the_shared_environment(
         committer.close()
         sp.close()
     assert "fastroute-committer" not in seen and "fastroute-applier" in seen
+
+
+def _fill(path: str, limit: int, n: int) -> None:
+    """Another listener: ``n`` MiB into shard 0, then gone (its bytes stay)."""
+    sp = Spool(path, map_size=limit, shard=0)
+    for i in range(n):
+        [res] = sp.put_many([obj(f"11.0.{i}", 1024**2)])
+        assert not isinstance(res, BaseException), res
+    sp.close()
+
+
+def test_spool_max_bytes_bounds_the_shared_file_and_every_shard_together(tmp_path: Path) -> None:
+    """Each environment's map is spool_max_bytes; the limit is their sum of live pages."""
+    path = tmp_path / "spool"
+    limit = 24 * 1024**2
+    Spool(path, map_size=limit).close()
+    p = multiprocessing.get_context("spawn").Process(target=_fill, args=(str(path), limit, 14))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    two = Spool(path, map_size=limit, shard=1)
+    try:
+        two.budget.interval = 0.0
+        refused = None
+        for i in range(24):                      # shard 1 alone would take 24 MiB
+            [res] = two.put_many([obj(f"11.1.{i}", 1024**2)])
+            if isinstance(res, BaseException):
+                refused = (i, res)
+                break
+        assert refused is not None and isinstance(refused[1], SpoolFullError)
+        assert 5 <= refused[0] <= 10, refused    # what was left of the 24 MiB, not 24
+        assert "spool_max_bytes" in str(refused[1])
+        assert len(drain(two)) == 14 + refused[0]
+        two.collect_unowned()                    # shard 0's delivered bytes deleted: room again
+        two.collect_garbage(force=True)
+        [res] = two.put_many([obj("11.1.again", 1024**2)])
+        assert not isinstance(res, BaseException), res
+    finally:
+        two.close()
+
+
+def test_spool_prealloc_is_shared_out_between_the_shared_file_and_the_shards() -> None:
+    from fastroute.spool.space import prealloc_split
+    assert prealloc_split(8 * 1024**3, 4, True) == (1024**3, 7 * 1024**3 // 4)
+    assert prealloc_split(8 * 1024**3, 4, False) == (8 * 1024**3, 0)
+    assert prealloc_split(0, 2, True) == (0, 0)
+
+
+def test_metrics_show_what_is_acknowledged_and_not_yet_queued(tmp_path: Path) -> None:
+    from fastroute.config import loads
+    from fastroute.ops.metrics import make_registry, render
+    from test_metrics import scrape, value
+
+    cfg = loads(f"spool: {tmp_path / 'spool'}\ndestinations: {{a: {{ae_title: PACS, host: 127.0.0.1, "
+                f"port: 11112}}}}\nrules: []\ndefault: [a]\n")
+    sp = Spool(cfg.spool, map_size=MAP, shard=0)
+    try:
+        done = sp.journal([obj("12.1"), obj("12.2")], now=1000.0)
+        assert sp.journal_backlog(now=1030.0) == {0: (2, 30.0)}
+        s = scrape(render(make_registry(cfg, sp)).decode())
+        assert value(s, "fastroute_spool_journal_unapplied_objects", shard="0") == 2
+        assert value(s, "fastroute_spool_journal_oldest_unapplied_seconds", shard="0") > 60
+        sp.apply([d for d in done if isinstance(d, Journaled)])
+        s = scrape(render(make_registry(cfg, sp)).decode())
+        assert value(s, "fastroute_spool_journal_unapplied_objects", shard="0") == 0
+        assert value(s, "fastroute_spool_journal_oldest_unapplied_seconds", shard="0") == 0
+    finally:
+        sp.close()

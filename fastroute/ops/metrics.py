@@ -271,6 +271,17 @@ class SpoolCollector(Collector):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(usage[key]))
             yield g
+        unapplied = GaugeMetricFamily("fastroute_spool_journal_unapplied_objects",
+                                      "Objects acknowledged into a listener's spool shard and not yet queued "
+                                      "(normally 0: applied within milliseconds)", labels=["shard"])
+        unapplied_age = GaugeMetricFamily("fastroute_spool_journal_oldest_unapplied_seconds",
+                                          "Age of the oldest object acknowledged into a shard and not yet "
+                                          "queued (0 when none)", labels=["shard"])
+        for index, (count, age) in sorted(self.spool.journal_backlog().items()):
+            unapplied.add_metric([str(index)], float(count))
+            unapplied_age.add_metric([str(index)], age)
+        yield unapplied
+        yield unapplied_age
         floor = GaugeMetricFamily("fastroute_min_free_bytes",
                                   "Free-space floor below which new objects are refused (0xA700)")
         floor.add_metric([], float(self.cfg.min_free_bytes))

@@ -70,6 +70,10 @@ def entry_sop_instance_uid(raw: bytes) -> str:
     return str(json.loads(raw)["si"])
 
 
+def entry_received_at(raw: bytes) -> float:
+    return float(json.loads(raw)["t"])
+
+
 class Applier:
     """A listener's thread that applies its shard's journal to the shared records.
 
@@ -208,4 +212,5 @@ def journaled_results(done: Iterable[Journaled | BaseException]) -> list[PutResu
             for d in done]
 
 
-__all__ = ["Applier", "Journaled", "decode_entry", "encode_entry", "entry_sop_instance_uid", "journaled_results"]
+__all__ = ["Applier", "Journaled", "decode_entry", "encode_entry", "entry_received_at", "entry_sop_instance_uid",
+           "journaled_results"]

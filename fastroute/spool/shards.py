@@ -381,6 +381,10 @@ def collect(shard: Shard, shared_env: lmdb.Environment, gc_db: Any,
                 keys.append(k)
     if not keys:
         return 0
+    # Senders settle without syncing the meta page (Spool(durable=False)): an OS crash could
+    # undo the settles that listed these bytes and make their objects due again. Make them
+    # durable before the bytes go (one fdatasync a pass, about once a second).
+    shared_env.sync(True)
     shard.delete([split_gc_key(k).key for k in keys])
     with shared_env.begin(write=True, db=gc_db) as txn:
         for k in keys:

@@ -46,7 +46,7 @@ import lmdb
 
 from fastroute.errors import SpoolError, SpoolFullError
 from fastroute.spool.lockstats import SHARED, timed_open
-from fastroute.spool.space import SpaceGuard, preallocate, reusable_bytes
+from fastroute.spool.space import SpaceGuard, SpoolBudget, preallocate, reusable_bytes
 from fastroute.spool.audit import AuditChain, AuditReport, read_key, whoami
 from fastroute.spool.moves import MoveTable
 from fastroute.spool.proposals import Proposals
@@ -68,7 +68,7 @@ from fastroute.spool.queues import (
 )
 from fastroute.spool.records import QueueState, RoutingRecord, decode_record
 from fastroute.spool.journal import (APPLY_BATCH, Journaled, decode_entry, encode_entry,
-                                     entry_sop_instance_uid)
+                                     entry_received_at, entry_sop_instance_uid)
 from fastroute.spool.shards import Location, Shard, ShardSet, collect, hw_key, location_of, split_gc_key
 from fastroute.spool.staging import ChunkedView, StagedData, chunk_key, owner_alive, stored_view
 
@@ -133,6 +133,7 @@ class Spool:
         self.shards = ShardSet(self.path, map_size)
         self._gc_due = 0.0
         self.space = SpaceGuard(self.path, min_free_bytes, self.reusable_bytes)
+        self.budget = SpoolBudget(map_size, self._envs, str(self.path))
         self.audit = AuditChain(self.env, self._dbs["audit"], self._info, audit_key)
         self.queues = Queues(self.env, self._dbs, self.audit, duplicate_window, self.shards)
         self._receipts: dict[tuple[str, str, str, str], list[int]] = {}   # not yet audited
@@ -234,19 +235,32 @@ class Spool:
             n += len(done)
             linked = entries[-1][0]
 
-    def unapplied_sop_instance_uids(self) -> set[str]:
-        """SOP Instance UIDs journalled in a shard (acknowledged) and not yet applied: a
-        storage commitment request must not call them unknown."""
-        out: set[str] = set()
+    def _unapplied(self) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+        """Per shard on disk: its journal entries above its applied mark."""
         with self.env.begin(db=self._dbs["shard"]) as txn:
             marks = {index: txn.get(hw_key(index)) for index in self.shards.indexes()}
         for index, raw in marks.items():
             linked = _U64.unpack(raw)[0] if raw is not None else 0
             try:
-                entries = self.shards.get(index).journal_after(linked)
+                yield index, self.shards.get(index).journal_after(linked)
             except SpoolError:
                 continue
-            out.update(entry_sop_instance_uid(e) for _, e in entries)
+
+    def unapplied_sop_instance_uids(self) -> set[str]:
+        """SOP Instance UIDs journalled in a shard (acknowledged) and not yet applied: a
+        storage commitment request must not call them unknown."""
+        return {entry_sop_instance_uid(e) for _, entries in self._unapplied() for _, e in entries}
+
+    def journal_backlog(self, now: float | None = None) -> dict[int, tuple[int, float]]:
+        """Per shard: acknowledged objects not yet queued, and the age in seconds of the oldest
+        (0 when none). Normally zero: milliseconds' worth; growing means its listener's applier
+        cannot write the shared records (it logs why), or its listener is gone (the supervisor's
+        pass applies them within a minute)."""
+        now = time.time() if now is None else now
+        out = {}
+        for index, entries in self._unapplied():
+            oldest = min((entry_received_at(e) for _, e in entries), default=now)
+            out[index] = (len(entries), max(0.0, now - oldest))
         return out
 
     def collect_garbage(self, now: float | None = None, *, force: bool = False) -> int:
@@ -308,6 +322,18 @@ class Spool:
     def check_space(self, incoming_bytes: int) -> None:
         self.space.check(incoming_bytes)
 
+    def _envs(self) -> Iterator[tuple[lmdb.Environment, Iterable[Any]]]:
+        yield self.env, self._dbs.values()
+        for shard in self.shards.each():
+            yield shard.env, shard.dbs.values()
+
+    def check_room(self, incoming_bytes: int) -> None:
+        """The receive path's check before a write: the disk's free-space floor, and
+        spool_max_bytes across the shared file and every shard (SpoolFullError)."""
+        self.space.check(incoming_bytes)
+        if self.shards.owner is not None:    # one environment alone: its map is the limit
+            self.budget.check(incoming_bytes)
+
     def reusable_bytes(self) -> int:
         """Free pages of the shared file and of every shard's (LMDB reuses them in place)."""
         return reusable_bytes(self.env, self._dbs.values()) + sum(
@@ -358,7 +384,7 @@ class Spool:
             return [d if isinstance(d, BaseException) else next(applied) for d in done]
         try:
             # A staged object's chunks were checked and written as they came: not counted twice.
-            self.space.check(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
+            self.check_room(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
         except SpoolFullError as exc:
             return [exc for _ in items]
         try:
@@ -383,7 +409,7 @@ class Spool:
             raise SpoolError("journal() needs a spool shard of this process's own (own_shard)")
         now = time.time() if now is None else now
         try:
-            self.space.check(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
+            self.check_room(sum(len(i.data) for i in items if not isinstance(i.data, StagedData)))
         except SpoolFullError as exc:
             return [exc for _ in items]
         try:
@@ -523,7 +549,7 @@ class Spool:
     def stage_chunk(self, sid: bytes, index: int, data: Any, owner: bytes) -> None:
         """Write one chunk of a staged object in a transaction of its own (registering the
         staging id with its owner, so a crash's leftovers can be found)."""
-        self.space.check(len(data))
+        self.check_room(len(data))
         try:
             shard = self.shards.owner
             if shard is not None:
