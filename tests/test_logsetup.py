@@ -320,11 +320,17 @@ def test_router_receive_delivery_and_refusal_lines_carry_fields(
     docs = _json_lines(r.log_text())
     keys = ("calling_ae", "sop_uid", "study_uid", "destination", "status", "oid")
     received = next(d for d in docs if d["logger"] == "fastroute.intake" and d.get("sop_uid") == sop)
+    # Acknowledged from the listener's journal (no oid yet); the applier's line gives the oid.
+    queued = next(d for d in docs if d["logger"] == "fastroute.journal" and d.get("sop_uid") == sop)
     delivered = next(d for d in docs if d["logger"] == "fastroute.schedule" and d.get("sop_uid") == sop)
+    assert "oid" not in received and "journalled in shard 0" in str(received["message"])
+    assert queued["oid"] == delivered["oid"] and f"oid={delivered['oid']}" in str(queued["message"])
+    assert {k: queued.get(k) for k in ("calling_ae", "sop_uid", "study_uid", "destination")} == {
+        "calling_ae": "MODALITY", "sop_uid": sop, "study_uid": study, "destination": "pacs"}
     for line in (received, delivered):
         assert {k: line.get(k) for k in keys} == {
             "calling_ae": "MODALITY", "sop_uid": sop, "study_uid": study, "destination": "pacs",
-            "status": 0, "oid": received["oid"]}, line
+            "status": 0, "oid": None if line is received else delivered["oid"]}, line
         assert study in str(line["message"])           # text logs have no fields: the message names it
     assert received["called_ae"] == "FASTROUTE" and delivered["called_ae"] == "PACS"
     accepted = next(d for d in docs if d["logger"] == "fastroute.scp" and "accepted" in str(d["message"]))

@@ -342,7 +342,7 @@ class StoreService:
                       f" suppressed for {','.join(result.suppressed)}" if result.suppressed else "",
                       extra=fields(calling_ae=peer.calling_ae, called_ae=peer.called_ae, peer=peer.ip,
                                    sop_uid=sop_uid, study_uid=study, destination=routed,
-                                   status=Status.SUCCESS, oid=result.oid))
+                                   status=Status.SUCCESS, oid=result.oid or None))
         return _SUCCESS
 
     @staticmethod

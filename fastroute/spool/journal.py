@@ -30,14 +30,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from fastroute.errors import SpoolError
+from fastroute.logsetup import fields
 from fastroute.spool.queues import Incoming, PutResult
 from fastroute.spool.shards import Location
-
-if TYPE_CHECKING:
-    from fastroute.spool.store import Spool
 
 log = logging.getLogger("fastroute.journal")
 
@@ -74,6 +72,15 @@ def entry_received_at(raw: bytes) -> float:
     return float(json.loads(raw)["t"])
 
 
+class AppliedSpool(Protocol):
+    """What the applier needs of :class:`~fastroute.spool.store.Spool` (which imports this module)."""
+
+    def apply(self, done: Sequence[Journaled], now: float | None = None) -> list[PutResult]: ...
+    def receipts_pending_for(self) -> float | None: ...
+    def flush_receipts(self) -> int: ...
+    def collect_garbage(self, now: float | None = None, *, force: bool = False) -> int: ...
+
+
 class Applier:
     """A listener's thread that applies its shard's journal to the shared records.
 
@@ -84,7 +91,7 @@ class Applier:
     objects stay durable in the shard meanwhile and are said to be waiting in the log.
     """
 
-    def __init__(self, spool: Spool, notify: Callable[[str], None] | None, *,
+    def __init__(self, spool: AppliedSpool, notify: Callable[[str], None] | None, *,
                  gc_every: float = 1.0) -> None:
         self.spool = spool
         self.notify = notify
@@ -189,6 +196,15 @@ class Applier:
         if self.notify is not None:
             for dest in {d for r in results for d in r.queued}:
                 self.notify(dest)
+        if log.isEnabledFor(logging.DEBUG):     # the receive line had no oid yet: this one links them
+            for d, r in zip(batch, results):
+                study = str(d.item.meta.get("study_instance_uid") or "")
+                log.debug("sop_instance_uid=%s study_instance_uid=%s journalled in shard %d key %d: queued "
+                          "as oid=%d -> %s", d.item.sop_instance_uid, study, d.loc.shard, d.loc.key, r.oid,
+                          ",".join(r.queued) or "unrouted",
+                          extra=fields(calling_ae=str(d.item.meta.get("calling_ae") or "") or None,
+                                       sop_uid=d.item.sop_instance_uid, study_uid=study or None,
+                                       destination=",".join(r.queued) or None, oid=r.oid))
         return True
 
     def _housekeeping(self, force: bool = False) -> None:

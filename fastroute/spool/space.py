@@ -140,7 +140,7 @@ class SpoolBudget:
             self._used += incoming_bytes        # until the next reading
         if self._used + incoming_bytes > self.max_bytes:
             raise SpoolFullError(
-                f"spool {self.where} is full (spool_max_bytes {self.max_bytes} reached: {self._used} bytes "
+                f"spool {self.where} is full (spool_max_bytes reached: {self._used} of {self.max_bytes} bytes "
                 f"live across the shared file and its shards)")
 
 
