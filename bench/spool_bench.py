@@ -47,6 +47,7 @@ class WriterResult:
     commits: int
     wait_s: float
     hold_s: float
+    by_env: dict[str, list[float]] | None = None    # "shared" / "shard": [wait_s, hold_s] (spool-* only)
 
 
 def sharded_spool_option() -> str | None:
@@ -143,7 +144,13 @@ def _spool_writer(layout: str, root: str, index: int, kind: str, duration: float
     after = snapshot()
     wait = sum(s.wait_s for s in after.values()) - sum(s.wait_s for s in before.values())
     hold = sum(s.hold_s for s in after.values()) - sum(s.hold_s for s in before.values())
-    out.put((index, asdict(WriterResult(seq, elapsed, commits, wait, hold))))
+    by_env: dict[str, list[float]] = {}
+    for label, st in after.items():         # shard-N -> "shard": a writer owns one
+        old = before.get(label)
+        key = "shared" if label == "shared" else "shard"
+        w, h = by_env.setdefault(key, [0.0, 0.0])
+        by_env[key] = [w + st.wait_s - (old.wait_s if old else 0.0), h + st.hold_s - (old.hold_s if old else 0.0)]
+    out.put((index, asdict(WriterResult(seq, elapsed, commits, wait, hold, by_env))))
     spool.close()
 
 
@@ -238,6 +245,8 @@ def run_spool(work: Path, writers: list[int], duration: float, rounds: int,
                                 "objects_per_s": statistics.median(rates), "rounds": rates,
                                 "wait_s": [round(x["wait_s"], 3) for x in mid["writers"]],
                                 "hold_s": [round(x["hold_s"], 3) for x in mid["writers"]],
+                                "by_env": [{k: [round(v, 3) for v in wh] for k, wh in (x.get("by_env") or {}).items()}
+                                           for x in mid["writers"]],
                                 "commits": [x["commits"] for x in mid["writers"]]})
     return {"duration_s": duration, "rounds": rounds, "writers": writers,
             "values": {k: {"per_commit": n, "bytes": b} for k, (n, b) in VALUES.items()},
@@ -286,9 +295,13 @@ def table(doc: dict[str, Any]) -> str:
         if not r.get("same_as"):
             lines.append(f"  {r['values']:<5} W={r['writers']} {r['layout']:<14} "
                          + ", ".join(f"{x:,.0f}" for x in r["rounds"]))
-    lines += ["", "write lock per writer, seconds waited / held (the median round):"]
+    lines += ["", "write lock per writer, seconds waited / held (the median round); spool-* layouts by "
+              "environment (shard: the writer's own; shared: the records, for spool-journal its applier thread)"]
     for r in res:
         pairs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["wait_s"], r["hold_s"]))
+        envs = r.get("by_env") or []
+        if any(envs):
+            pairs = ", ".join(" ".join(f"{k} {wh[0]:.2f}/{wh[1]:.2f}" for k, wh in sorted(e.items())) for e in envs)
         lines.append(f"  {r['values']:<5} W={r['writers']} {r['layout']:<14} {pairs}")
     return "\n".join(lines)
 
