@@ -315,3 +315,32 @@ def test_metrics_show_what_is_acknowledged_and_not_yet_queued(tmp_path: Path) ->
         assert value(s, "fastroute_spool_journal_oldest_unapplied_seconds", shard="0") == 0
     finally:
         sp.close()
+
+
+def test_an_object_that_cannot_be_queued_is_kept_unrouted_and_the_rest_go_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug that fails one object's records (not the spool) must not hold up the journal."""
+    sp = Spool(tmp_path / "spool", map_size=MAP, shard=0)
+    real_put = sp.queues.put
+
+    def put(txn: object, item: Incoming, now: float, loc: object = None) -> object:
+        if item.sop_instance_uid == "13.2" and item.destinations:
+            raise ValueError("a rule produced something the record cannot hold (test)")
+        return real_put(txn, item, now, loc)  # type: ignore[arg-type]
+
+    sp.queues.put = put  # type: ignore[method-assign,assignment]
+    committer = Committer(sp, None)
+    try:
+        for i in range(1, 5):
+            committer.submit(obj(f"13.{i}"))
+        assert committer.wait_applied(10)
+        assert records(sp) == 4
+        stats = {q.destination: q for q in sp.stats(["a"])}
+        assert stats["a"].pending == 3 and stats["~unrouted"].pending == 1
+        [(oid, rec)] = [(o, r) for o, r in sp.lookup(patient_id="P1") if r.sop_instance_uid == "13.2"]
+        assert "ValueError" in rec.extra["apply_error"]
+        assert sp.read(oid) == obj("13.2").data                 # its bytes are kept
+        assert "could not be queued" in caplog.text
+    finally:
+        committer.close()
+        sp.close()

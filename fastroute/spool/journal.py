@@ -143,8 +143,6 @@ class Applier:
         while True:
             wait = self.spool.receipts_pending_for()
             wait = self.gc_every if wait is None else min(wait, self.gc_every)
-            if delay:
-                wait = min(wait, delay)
             try:
                 if not self._waiting and not stopping:
                     got = self._q.get(timeout=wait)
@@ -180,12 +178,23 @@ class Applier:
         batch = self._waiting[:APPLY_BATCH]
         try:
             results = self.spool.apply(batch)
-        except Exception as exc:   # the objects stay in the journal: retried
+        except SpoolError as exc:  # the shared environment (full, disk): all wait, retried
             self.failures += 1
             log.error("spool shard %d: applying %d acknowledged object(s) to the shared records failed "
-                      "(they are durable in the shard, retried): %s", batch[0].loc.shard, len(batch), exc,
-                      exc_info=not isinstance(exc, SpoolError))
+                      "(they are durable in the shard, retried): %s", batch[0].loc.shard, len(batch), exc)
             return False
+        except Exception as exc:   # an object our code cannot queue (a bug): it must not hold up the rest
+            self.failures += 1
+            batch = batch[:1]
+            try:
+                results = self.spool.apply(batch)      # the head alone: the culprit may be further on
+            except SpoolError:
+                return False
+            except Exception:
+                kept = self._quarantine(batch[0], exc)
+                if kept is None:
+                    return False
+                results = kept
         del self._waiting[:len(batch)]
         self.passes += 1
         self.applied += len(batch)
@@ -206,6 +215,27 @@ class Applier:
                                        sop_uid=d.item.sop_instance_uid, study_uid=study or None,
                                        destination=",".join(r.queued) or None, oid=r.oid))
         return True
+
+    def _quarantine(self, d: Journaled, exc: BaseException) -> list[PutResult] | None:
+        """Queue an object whose records could not be made as routed to nowhere (``~unrouted``,
+        where `fastroute queue` lists it and `retry`/`purge` act on it), with the error in its
+        record: kept and visible, not lost, and the journal behind it moves on."""
+        log.critical("sop_instance_uid=%s journalled in shard %d key %d: could not be queued (%r); kept as "
+                     "unrouted with the error in its record, the objects after it go on", d.item.sop_instance_uid,
+                     d.loc.shard, d.loc.key, exc, exc_info=exc,
+                     extra=fields(sop_uid=d.item.sop_instance_uid,
+                                  calling_ae=str(d.item.meta.get("calling_ae") or "") or None))
+        item = d.item
+        meta = {k: item.meta[k] for k in ("calling_ae", "called_ae", "peer", "study_instance_uid", "patient_id",
+                                          "accession_number") if isinstance(item.meta.get(k), str)}
+        meta["apply_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        safe = Incoming(item.data, item.transfer_syntax, item.sop_class_uid, item.sop_instance_uid, (), meta)
+        try:
+            return self.spool.apply([Journaled(d.loc, safe, d.at)])
+        except Exception:
+            log.exception("sop_instance_uid=%s: could not be kept as unrouted either; retried",
+                          d.item.sop_instance_uid, extra=fields(sop_uid=d.item.sop_instance_uid))
+            return None
 
     def _housekeeping(self, force: bool = False) -> None:
         try:
