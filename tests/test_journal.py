@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from fastroute.errors import SpoolError, SpoolFullError
-from fastroute.spool import Incoming, Outcome, OutcomeKind, Spool
+from fastroute.spool import Incoming, Spool
 from fastroute.spool import lockstats
 from fastroute.spool.commit import Committer
 from fastroute.spool.commitments import InstanceState
 from fastroute.spool.journal import Journaled, decode_entry, encode_entry
 from fastroute.spool.shards import Location
-from fastroute.spool.staging import ChunkedView
+from test_spool_shards import drain
 
 TS = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -33,18 +33,6 @@ def obj(uid: str, size: int = 3000, dests: tuple[str, ...] = ("a",)) -> Incoming
 def records(sp: Spool) -> int:
     with sp.env.begin() as txn:
         return int(txn.stat(sp._dbs["meta"])["entries"])
-
-
-def drain(sp: Spool, dest: str = "a") -> dict[str, bytes]:
-    got: dict[str, bytes] = {}
-    while True:
-        batch, _ = sp.claim(dest, 50)
-        if not batch:
-            return got
-        for item in batch:
-            with sp.view(item.oid, item.loc) as data:
-                got[item.sop_instance_uid] = data.join() if isinstance(data, ChunkedView) else bytes(data)
-        sp.settle(dest, [Outcome(i.oid, OutcomeKind.DELIVERED, status=0) for i in batch])
 
 
 def _journal_and_die(path: str, shard: int, uids: list[str]) -> None:
