@@ -39,6 +39,7 @@ from fastroute.dicom.status import describe as status_text
 from fastroute.spool import Claimed, Outcome, OutcomeKind, Spool, content_digest
 from fastroute.spool.counters import CounterKind, EventTally, FailureCause
 from fastroute.spool.senderstate import DestinationState, SenderState, read_send_now
+from fastroute.spool.settlegroup import SettleGroup
 from fastroute.spool.staging import ChunkedView, digest_parts
 from fastroute.routing.commitment import KEEP_OPEN_POLL, Requester
 from fastroute.routing.verify import Verifier
@@ -110,6 +111,8 @@ class DestinationSender:
         self.cfg = cfg
         self.dest = dest
         self.spool = spool
+        # the associations' settle+claim commits, grouped when they finish together (issue 16)
+        self.settler = SettleGroup(spool, dest.name)
         self.rng = rng or random.Random()
         self.stop_event = threading.Event()
         self.cv = threading.Condition()
@@ -338,7 +341,7 @@ class DestinationSender:
                     paused = self.dest.paused or self.spool.is_paused(name)
                     if held and (paused or now < self.down_until):
                         try:
-                            self.spool.settle(name, held)
+                            self.settler.settle(held)
                         except SpoolError as exc:
                             self._spool_failed(exc)
                             continue
@@ -358,7 +361,7 @@ class DestinationSender:
                 if not batch:
                     try:
                         if held:
-                            batch, earliest = self.spool.settle(name, held, claim=size)
+                            batch, earliest = self.settler.settle(held, claim=size)
                             held = []
                         else:
                             batch, earliest = self.spool.claim(name, size)
@@ -401,13 +404,13 @@ class DestinationSender:
                 # objects. An empty claim is not carried: the next round claims again after
                 # reading ``generation``, so a wake-up in between is not lost.
                 try:
-                    carried, _ = self.spool.settle(name, outcomes, claim=more)
+                    carried, _ = self.settler.settle(outcomes, claim=more)
                 except SpoolError as exc:
                     held = outcomes   # kept in flight; recorded by the next round's settle
                     self._spool_failed(exc)
             if held or carried:       # stopping: record what was delivered, hand back the rest
                 try:
-                    self.spool.settle(name, held + [Outcome(i.oid, OutcomeKind.RELEASE) for i in carried])
+                    self.settler.settle(held + [Outcome(i.oid, OutcomeKind.RELEASE) for i in carried])
                 except SpoolError as exc:
                     log.error("destination=%s: %s; %d object(s) stay in flight and are resent after "
                               "the restart (at-least-once)", name, exc, len(held) + len(carried),

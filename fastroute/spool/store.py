@@ -516,6 +516,28 @@ class Spool:
             raise SpoolError(f"spool write failed settling for {dest}: {exc}") from exc
         return [], None
 
+    def settle_many(self, dest: str, requests: Sequence[tuple[Sequence[Outcome], int]],
+                    now: float | None = None) -> list[tuple[list[Claimed], float | None]]:
+        """Several :meth:`settle` calls (outcomes, claim) in one transaction, in order: a
+        sender's associations finishing together commit once (:class:`SettleGroup`)."""
+        now = time.time() if now is None else now
+        out: list[tuple[list[Claimed], float | None]] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                paused: bool | None = None
+                for outcomes, claim in requests:
+                    self.queues.settle(txn, dest, outcomes, now)
+                    if claim > 0:
+                        if paused is None:
+                            paused = txn.get(paused_key(dest), db=self._info) is not None
+                        if not paused:
+                            out.append(self.queues.claim(txn, dest, claim, now))
+                            continue
+                    out.append(([], None))
+        except lmdb.Error as exc:     # aborted whole: every caller keeps its outcomes and retries
+            raise SpoolError(f"spool write failed settling for {dest}: {exc}") from exc
+        return out
+
     def read(self, oid: int, loc: Location | None = None) -> bytes:
         """The object's bytes, in memory (a chunked one assembled)."""
         with self.view(oid, loc) as data:
