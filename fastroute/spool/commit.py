@@ -189,8 +189,7 @@ class Committer:
             try:
                 # Receipts gathered but not yet audited are written once their second is up,
                 # also when no further object comes (an idle router's audit trail is complete).
-                # A shard owner also deletes its finished objects' bytes (see :mod:`shards`)
-                # between groups, and about once a second when idle.
+                # A shard owner's applier does that, and deletes finished bytes, instead.
                 wait = self.spool.receipts_pending_for() if self.applier is None else None
                 first = self._q.get(timeout=wait) if wait is not None else self._q.get()
             except queue.Empty:
